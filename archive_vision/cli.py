@@ -1,0 +1,46 @@
+"""The `archive-vision` console script: one subcommand per job, each module owning its own flags."""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import List, Optional
+
+# subcommand -> (module with main(argv), one-line help). Imported lazily: `--help` must not load TensorFlow.
+SUBCOMMANDS = {
+    "ingest": ("pipelines.ingest", "Beam job: image archive -> TFRecord shards + manifest + errors"),
+    "train": ("trainer.task", "fine-tune a frozen backbone with class and orientation heads"),
+    "export": ("serving.export", "export a trained model as a TF Serving SavedModel version"),
+    "serve": ("serving.server", "local TF-Serving-compatible gRPC server"),
+    "score": ("pipelines.score", "Beam job: classify and orient an archive through a model"),
+    "report": ("pipelines.report", "write the HTML report of a score run"),
+    "demo": ("archive_vision.demo", "build a sample archive and run the whole chain end to end"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: archive-vision <command> [options]   (archive-vision <command> --help)", "", "commands:"]
+    for name, (module, text) in SUBCOMMANDS.items():
+        lines.append(f"  {name:<8} {text}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from archive_vision import __version__
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"archive-vision: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    result = module.main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

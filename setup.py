@@ -1,0 +1,27 @@
+"""archive-vision: classify and orient scanned image archives at scale."""
+from setuptools import find_packages, setup
+
+setup(
+    name="archive-vision",
+    version="0.1.0",
+    description="Beam ingest/score, tf.distribute transfer-learning trainer and TF Serving export for scanned archives",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["archive_vision*", "pipelines*", "trainer*", "serving*"]),
+    package_data={"archive_vision": ["data/*"], "trainer": ["data/*"], "serving": ["data/*"]},
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "apache-beam[gcp]>=2.77,<2.78",
+        "tensorflow-serving-api>=2.21,<2.22",
+        "pyarrow>=14",
+        "google-cloud-storage>=2.10",
+        "Pillow>=10.0",
+        "grpcio>=1.60",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "scikit-image>=0.22", "pyyaml>=6", "gcp-storage-emulator>=2024.8.3", "selenium>=4.20"],
+    },
+    entry_points={"console_scripts": ["archive-vision=archive_vision.cli:main"]},
+)

@@ -1,0 +1,40 @@
+"""The one TensorFlow preprocessing path shared by training input and the serving graph.
+
+Contract: a model built by `trainer.backbones` takes float32 RGB pixels in [0, 255] of shape
+[N, size, size, 3]; normalisation (ImageNet mean/std, [-1, 1], caffe BGR, ...) lives inside the
+backbone model, so the same bytes -> pixels function serves both paths and they cannot drift.
+
+Aspect handling is letterboxing (`tf.image.resize_with_pad`): the whole image stays visible and a
+rot90 of the padded square equals the padded square of the rotated image, which keeps orientation
+labels exact. Ingest stores padded squares already, so at training time the pad is a no-op.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+DEFAULT_IMAGE_SIZE = 224
+
+
+def decode_image_bytes(image_bytes: tf.Tensor) -> tf.Tensor:
+    """Decode one JPEG/PNG/GIF/BMP string to uint8 RGB [H, W, 3] (first frame of a GIF)."""
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def resize_for_model(image: tf.Tensor, image_size: int = DEFAULT_IMAGE_SIZE) -> tf.Tensor:
+    """Letterbox an RGB image (any dtype) to float32 [image_size, image_size, 3] in [0, 255]."""
+    image = tf.cast(image, tf.float32)
+    image = tf.image.resize_with_pad(image, image_size, image_size, method="bilinear", antialias=True)
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def preprocess_image_bytes(image_bytes: tf.Tensor, image_size: int = DEFAULT_IMAGE_SIZE) -> tf.Tensor:
+    """Bytes -> model-ready float32 pixels [image_size, image_size, 3]; the train/serve shared path."""
+    return resize_for_model(decode_image_bytes(image_bytes), image_size)
+
+
+def preprocess_batch(image_bytes: tf.Tensor, image_size: int = DEFAULT_IMAGE_SIZE) -> tf.Tensor:
+    """Vectorised preprocess_image_bytes over a [N] string tensor -> [N, size, size, 3] float32."""
+    return tf.map_fn(lambda b: preprocess_image_bytes(b, image_size), image_bytes,
+                     fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
