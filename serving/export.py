@@ -1,0 +1,275 @@
+"""Export a trained Keras model as a TF Serving SavedModel version, with bytes-in signatures.
+
+Layout written (what `tensorflow_model_server` expects):
+
+    EXPORT_BASE/models.config, batching_parameters.txt, monitoring.config
+    EXPORT_BASE/<model_name>/<version>/saved_model.pb, variables/, assets.extra/tf_serving_warmup_requests
+
+Signatures (decoding + letterbox resize inside the graph via trainer.preprocessing.preprocess_batch,
+the same function the trainer's input path uses):
+
+- `serving_default`: `images` DT_STRING [-1] encoded JPEG/PNG/GIF/BMP bytes ->
+  `class_probabilities` [-1,N], `class_ids` [-1], `class_names` [-1] (when the model has a class head),
+  `orientation_probabilities` [-1,4], `orientation_degrees` [-1] (= argmax * 90, clockwise turn of the input).
+- `tf_example`: `examples` DT_STRING [-1] serialized tf.Example (schema `image/encoded`) -> the same outputs.
+- `classify`: `inputs` serialized tf.Example -> `classes`, `scores`, method `tensorflow/serving/classify`
+  (class head when present, else the four orientations), for TF Serving's Classify RPC.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+from serving import configs
+from serving.errors import ExportError
+
+DEFAULT_MODEL_NAME = "archive_vision"
+PREDICT_SIGNATURE = "serving_default"
+EXAMPLE_SIGNATURE = "tf_example"
+CLASSIFY_SIGNATURE = "classify"
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+IMAGES_INPUT = "images"
+EXAMPLES_INPUT = "examples"
+CLASSIFY_INPUT = "inputs"
+CLASS_PROBABILITIES = "class_probabilities"
+ORIENTATION_PROBABILITIES = "orientation_probabilities"
+ORIENTATION_LABELS = ("0", "90", "180", "270")
+EXPORT_METADATA = "archive_vision_export.json"
+
+
+def next_version(model_dir: str, now: Optional[float] = None) -> int:
+    """A timestamp version strictly greater than every numeric version already under model_dir."""
+    existing = existing_versions(model_dir)
+    stamp = int(time.time() if now is None else now)
+    return max([stamp] + [v + 1 for v in existing])
+
+
+def existing_versions(model_dir: str) -> List[int]:
+    """The numeric version directories under model_dir, ascending (TF Serving ignores other names)."""
+    if not os.path.isdir(model_dir):
+        return []
+    return sorted(int(n) for n in os.listdir(model_dir)
+                  if n.isdigit() and os.path.isdir(os.path.join(model_dir, n)))
+
+
+def _sample_images(image_size: int) -> List[bytes]:
+    """A synthetic JPEG and PNG used as warmup requests (the real server runs them before serving)."""
+    import numpy as np
+    import tensorflow as tf
+
+    y, x = np.mgrid[0:image_size, 0:image_size // 2]
+    pixels = np.stack([x * 2 % 256, y % 256, (x + y) % 256], axis=-1).astype(np.uint8)
+    return [tf.io.encode_jpeg(pixels).numpy(), tf.io.encode_png(pixels).numpy()]
+
+
+def _build_module(model, class_names: Optional[List[str]], image_size: int):
+    """A tf.Module owning the model and the three signature functions."""
+    import tensorflow as tf
+
+    from pipelines import schema
+    from trainer.preprocessing import preprocess_batch
+
+    probe = model(tf.zeros([1, image_size, image_size, 3], tf.float32), training=False)
+    if not isinstance(probe, dict):
+        raise ExportError("the model must return a dict with class_probabilities and/or "
+                          f"orientation_probabilities, got {type(probe).__name__}")
+    has_class = CLASS_PROBABILITIES in probe
+    has_orientation = ORIENTATION_PROBABILITIES in probe
+    if not (has_class or has_orientation):
+        raise ExportError(f"the model outputs {sorted(probe)} include neither {CLASS_PROBABILITIES} "
+                          f"nor {ORIENTATION_PROBABILITIES}")
+    if has_orientation and probe[ORIENTATION_PROBABILITIES].shape[-1] != 4:
+        raise ExportError(f"{ORIENTATION_PROBABILITIES} must have 4 columns, "
+                          f"got {probe[ORIENTATION_PROBABILITIES].shape}")
+    if has_class:
+        num_classes = int(probe[CLASS_PROBABILITIES].shape[-1])
+        if class_names is None:
+            class_names = [f"class_{i}" for i in range(num_classes)]
+        if len(class_names) != num_classes:
+            raise ExportError(f"{len(class_names)} class names for a class head of {num_classes} outputs")
+
+    module = tf.Module()
+    module.model = model
+    module.class_names = tf.Variable(class_names or [""], trainable=False, dtype=tf.string)
+    module.orientation_labels = tf.Variable(list(ORIENTATION_LABELS), trainable=False, dtype=tf.string)
+
+    def outputs_from_bytes(image_bytes: tf.Tensor) -> Dict[str, tf.Tensor]:
+        pixels = preprocess_batch(image_bytes, image_size)
+        raw = module.model(pixels, training=False)
+        out: Dict[str, tf.Tensor] = {}
+        if has_class:
+            probs = tf.cast(raw[CLASS_PROBABILITIES], tf.float32)
+            ids = tf.argmax(probs, axis=-1, output_type=tf.int64)
+            out[CLASS_PROBABILITIES] = probs
+            out["class_ids"] = ids
+            out["class_names"] = tf.gather(module.class_names, ids)
+        if has_orientation:
+            probs = tf.cast(raw[ORIENTATION_PROBABILITIES], tf.float32)
+            out[ORIENTATION_PROBABILITIES] = probs
+            out["orientation_degrees"] = tf.argmax(probs, axis=-1, output_type=tf.int64) * 90
+        return out
+
+    def image_bytes_from_examples(serialized: tf.Tensor) -> tf.Tensor:
+        spec = {schema.IMAGE_ENCODED: tf.io.FixedLenFeature([], tf.string)}
+        return tf.io.parse_example(serialized, spec)[schema.IMAGE_ENCODED]
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGES_INPUT)])
+    def serve_images(images):
+        return outputs_from_bytes(images)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
+    def serve_examples(examples):
+        return outputs_from_bytes(image_bytes_from_examples(examples))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUT)])
+    def classify(inputs):
+        out = outputs_from_bytes(image_bytes_from_examples(inputs))
+        scores = out[CLASS_PROBABILITIES] if has_class else out[ORIENTATION_PROBABILITIES]
+        labels = module.class_names if has_class else module.orientation_labels
+        classes = tf.tile(tf.expand_dims(labels, 0), [tf.shape(scores)[0], 1])
+        return {"classes": classes, "scores": scores}
+
+    module.serve_images = serve_images
+    module.serve_examples = serve_examples
+    module.classify = classify
+    signatures = {PREDICT_SIGNATURE: serve_images.get_concrete_function(),
+                  EXAMPLE_SIGNATURE: serve_examples.get_concrete_function(),
+                  CLASSIFY_SIGNATURE: classify.get_concrete_function()}
+    return module, signatures, class_names if has_class else None
+
+
+def set_signature_method_name(saved_model_dir: str, signature: str, method_name: str) -> None:
+    """Rewrite saved_model.pb so `signature` carries `method_name` (TF2 saving always writes .../predict)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = os.path.join(saved_model_dir, "saved_model.pb")
+    saved = saved_model_pb2.SavedModel()
+    with open(path, "rb") as f:
+        saved.ParseFromString(f.read())
+    for meta_graph in saved.meta_graphs:
+        if signature not in meta_graph.signature_def:
+            raise ExportError(f"signature {signature!r} not in {path}")
+        meta_graph.signature_def[signature].method_name = method_name
+    with open(path, "wb") as f:
+        f.write(saved.SerializeToString())
+    try:  # keep fingerprint.pb's checksum matching the edited graph; not every TF build exposes this
+        from tensorflow.python.saved_model import fingerprinting_utils
+        fingerprinting_utils.write_fingerprint(saved_model_dir)
+    except Exception:  # noqa: BLE001 - the fingerprint is informational, loading never checks it
+        pass
+
+
+def export_model(model, export_base: str, *, model_name: str = DEFAULT_MODEL_NAME,
+                 class_names: Optional[List[str]] = None, image_size: int,
+                 version: Optional[int] = None, extra_assets: Optional[Dict[str, str]] = None) -> str:
+    """Write EXPORT_BASE/<model_name>/<version>/ (SavedModel + TF Serving files); return the version dir.
+
+    `extra_assets` maps file names to text contents, written under the version's assets.extra/.
+    """
+    import tensorflow as tf
+
+    model_dir = os.path.join(export_base, model_name)
+    os.makedirs(model_dir, exist_ok=True)
+    if version is None:
+        version = next_version(model_dir)
+    elif version in existing_versions(model_dir):
+        raise ExportError(f"version {version} already exists under {model_dir}")
+    module, signatures, class_names = _build_module(model, list(class_names) if class_names else None, image_size)
+
+    # Saved under a non-numeric name first: a polling server ignores it until the rename makes it whole.
+    tmp_dir = os.path.join(model_dir, f".tmp-{version}-{os.getpid()}")
+    tf.saved_model.save(module, tmp_dir, signatures=signatures)
+    set_signature_method_name(tmp_dir, CLASSIFY_SIGNATURE, CLASSIFY_METHOD)
+    configs.write_warmup_requests(tmp_dir, model_name, _sample_images(image_size))
+    extra_dir = os.path.join(tmp_dir, "assets.extra")
+    metadata = {"model_name": model_name, "version": version, "image_size": image_size,
+                "class_names": class_names, "signatures": sorted(signatures)}
+    with open(os.path.join(extra_dir, EXPORT_METADATA), "w", encoding="utf-8") as f:
+        json.dump(metadata, f, indent=2)
+    for name, text in (extra_assets or {}).items():
+        if os.path.basename(name) != name:
+            raise ExportError(f"extra asset names must be plain file names, got {name!r}")
+        with open(os.path.join(extra_dir, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    version_dir = os.path.join(model_dir, str(version))
+    os.rename(tmp_dir, version_dir)
+
+    configs.write_models_config(export_base, model_name, model_dir)
+    if not os.path.exists(os.path.join(export_base, configs.BATCHING_PARAMETERS)):
+        configs.write_batching_parameters(export_base)
+    if not os.path.exists(os.path.join(export_base, configs.MONITORING_CONFIG)):
+        configs.write_monitoring_config(export_base)
+    return version_dir
+
+
+def load_keras_model(path: str):
+    """Load a trainer-saved Keras model from a .keras file or a job/checkpoint dir holding one."""
+    import importlib
+
+    import keras
+
+    if os.path.isdir(path):
+        candidates = sorted(glob.glob(os.path.join(path, "**", "*.keras"), recursive=True), key=os.path.getmtime)
+        if not candidates:
+            raise ExportError(f"no .keras model file under {path}")
+        path = candidates[-1]
+    if not os.path.isfile(path):
+        raise ExportError(f"model file {path} does not exist")
+    # The trainer's custom layers register themselves with Keras when their modules are imported.
+    for module_name in ("trainer.backbones", "trainer.heads", "trainer.model"):
+        try:
+            importlib.import_module(module_name)
+        except ImportError:
+            pass
+    return keras.models.load_model(path, compile=False), path
+
+
+def _class_names_for(model_path: str, labels_path: Optional[str]) -> Optional[List[str]]:
+    """Class names from --labels, else a labels.json beside the model file, else None."""
+    candidates = [labels_path] if labels_path else [os.path.join(os.path.dirname(model_path), "labels.json")]
+    for candidate in candidates:
+        if candidate and os.path.exists(candidate):
+            with open(candidate, encoding="utf-8") as f:
+                data = json.load(f)
+            return list(data["classes"] if isinstance(data, dict) else data) or None
+    if labels_path:
+        raise ExportError(f"labels file {labels_path} does not exist")
+    return None
+
+
+def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="archive-vision export", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="Keras .keras file, or a job dir holding one")
+    parser.add_argument("--export_base", required=True, help="base dir; writes <export_base>/<model_name>/<version>")
+    parser.add_argument("--model_name", default=DEFAULT_MODEL_NAME)
+    parser.add_argument("--labels", help="labels.json ({'classes': [...]}); default: labels.json beside the model")
+    parser.add_argument("--image_size", type=int, help="model input size; default: read from the model")
+    parser.add_argument("--version", type=int, help="version number; default: a timestamp above existing ones")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`archive-vision export`: write a new SavedModel version of a trained Keras model."""
+    args = _parse_args(argv)
+    try:
+        model, model_path = load_keras_model(args.model)
+        image_size = args.image_size or model.inputs[0].shape[1]
+        if not image_size:
+            raise ExportError("the model's input size is not fixed; pass --image_size")
+        version_dir = export_model(model, args.export_base, model_name=args.model_name,
+                                   class_names=_class_names_for(model_path, args.labels),
+                                   image_size=int(image_size), version=args.version)
+    except ExportError as e:
+        print(f"archive-vision export: {e}", file=sys.stderr)
+        return 2
+    print(version_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

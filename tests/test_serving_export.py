@@ -1,0 +1,216 @@
+"""Export: the SavedModel answers like the in-memory model, lists its signatures, and brings TF Serving's files."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from serving import configs, export
+from serving.errors import ExportError
+
+IMAGE_SIZE = 32
+CLASS_NAMES = ["document", "photo", "map"]
+
+
+def limit_tf_threads() -> None:
+    """Keep TF to one thread each way: the test machine's two cores are shared."""
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # already initialised by an earlier test module
+        pass
+
+
+limit_tf_threads()
+
+
+def make_tiny_model(image_size: int = IMAGE_SIZE, num_classes: int | None = 3, seed: int = 0):
+    """A few conv layers following the MODEL CONTRACT: float pixels in [0,255] -> dict of softmax heads."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    pixels = keras.Input((image_size, image_size, 3), name="pixels")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(pixels)
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = {"orientation_probabilities": keras.layers.Dense(4, activation="softmax", name="orientation")(x)}
+    if num_classes:
+        outputs["class_probabilities"] = keras.layers.Dense(num_classes, activation="softmax", name="classes")(x)
+    return keras.Model(pixels, outputs)
+
+
+def encoded_image(width: int, height: int, fmt: str, seed: int) -> bytes:
+    """A structured (not flat) picture encoded as JPEG/PNG/GIF/BMP, so that wrong resizing changes outputs."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)),
+                       rng.integers(0, 255, size=(height, width))], axis=-1).astype(np.uint8)
+    pixels[: height // 3, : width // 4] = [255, 0, 0]
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def sample_images() -> list[bytes]:
+    """Real encoded JPEG, PNG, GIF and BMP bytes of different aspect ratios."""
+    return [encoded_image(48, 30, "JPEG", 1), encoded_image(20, 40, "PNG", 2),
+            encoded_image(64, 64, "JPEG", 3), encoded_image(33, 17, "PNG", 4),
+            encoded_image(40, 24, "GIF", 5), encoded_image(24, 40, "BMP", 6)]
+
+
+def expected_outputs(model, images: list[bytes]) -> dict:
+    """The in-memory model's answer through the shared preprocessing path."""
+    from trainer.preprocessing import preprocess_batch
+
+    raw = model(preprocess_batch(tf.constant(images), IMAGE_SIZE), training=False)
+    return {k: v.numpy() for k, v in raw.items()}
+
+
+def test_saved_model_matches_in_memory_model_on_jpeg_png_gif_bmp(tmp_path):
+    model = make_tiny_model()
+    version_dir = export.export_model(model, str(tmp_path), class_names=CLASS_NAMES, image_size=IMAGE_SIZE)
+    images = sample_images()
+    want = expected_outputs(model, images)
+
+    got = tf.saved_model.load(version_dir).signatures["serving_default"](images=tf.constant(images))
+
+    assert set(got) == {"class_probabilities", "class_ids", "class_names",
+                        "orientation_probabilities", "orientation_degrees"}
+    np.testing.assert_allclose(got["class_probabilities"].numpy(), want["class_probabilities"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["orientation_probabilities"].numpy(), want["orientation_probabilities"],
+                               rtol=1e-5, atol=1e-6)
+    ids = want["class_probabilities"].argmax(-1)
+    np.testing.assert_array_equal(got["class_ids"].numpy(), ids)
+    assert [n.decode() for n in got["class_names"].numpy()] == [CLASS_NAMES[i] for i in ids]
+    np.testing.assert_array_equal(got["orientation_degrees"].numpy(),
+                                  want["orientation_probabilities"].argmax(-1) * 90)
+    assert got["orientation_degrees"].dtype == tf.int64 and got["class_ids"].dtype == tf.int64
+
+
+def test_example_and_classify_signatures_agree_with_bytes_signature(tmp_path):
+    from pipelines import schema
+
+    model = make_tiny_model()
+    loaded = tf.saved_model.load(export.export_model(model, str(tmp_path), class_names=CLASS_NAMES,
+                                                     image_size=IMAGE_SIZE))
+    images = sample_images()[:3]
+    examples = [tf.train.Example(features=tf.train.Features(feature={
+        schema.IMAGE_ENCODED: tf.train.Feature(bytes_list=tf.train.BytesList(value=[img])),
+        schema.ORIENTATION: tf.train.Feature(int64_list=tf.train.Int64List(value=[90]))})).SerializeToString()
+        for img in images]
+
+    by_bytes = loaded.signatures["serving_default"](images=tf.constant(images))
+    by_example = loaded.signatures["tf_example"](examples=tf.constant(examples))
+    classified = loaded.signatures["classify"](inputs=tf.constant(examples))
+
+    np.testing.assert_allclose(by_example["class_probabilities"], by_bytes["class_probabilities"], rtol=1e-6)
+    np.testing.assert_allclose(classified["scores"], by_bytes["class_probabilities"], rtol=1e-6)
+    assert classified["classes"].numpy().tolist() == [[n.encode() for n in CLASS_NAMES]] * 3
+
+
+def test_orientation_only_model_lacks_class_outputs(tmp_path):
+    model = make_tiny_model(num_classes=None)
+    loaded = tf.saved_model.load(export.export_model(model, str(tmp_path), class_names=None, image_size=IMAGE_SIZE))
+    images = sample_images()[:2]
+
+    got = loaded.signatures["serving_default"](images=tf.constant(images))
+    classified = loaded.signatures["classify"](inputs=tf.constant([
+        tf.train.Example(features=tf.train.Features(feature={"image/encoded": tf.train.Feature(
+            bytes_list=tf.train.BytesList(value=[images[0]]))})).SerializeToString()]))
+
+    assert set(got) == {"orientation_probabilities", "orientation_degrees"}
+    np.testing.assert_allclose(got["orientation_probabilities"], expected_outputs(model, images)[
+        "orientation_probabilities"], rtol=1e-5, atol=1e-6)
+    assert classified["classes"].numpy().tolist() == [[b"0", b"90", b"180", b"270"]]
+
+
+def test_saved_model_cli_lists_signatures_and_classify_method(tmp_path):
+    version_dir = export.export_model(make_tiny_model(), str(tmp_path), class_names=CLASS_NAMES,
+                                      image_size=IMAGE_SIZE)
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+
+    shown = subprocess.run([cli, "show", "--all", "--dir", version_dir], capture_output=True, text=True,
+                           timeout=120, check=True).stdout
+
+    for signature in ("serving_default", "tf_example", "classify"):
+        assert f"signature_def['{signature}']" in shown
+    assert "inputs['images'] tensor_info:" in shown and "outputs['orientation_degrees'] tensor_info:" in shown
+    classify_block = shown.split("signature_def['classify']")[1].split("signature_def[")[0]
+    assert "Method name is: tensorflow/serving/classify" in classify_block
+    default_block = shown.split("signature_def['serving_default']")[1].split("signature_def[")[0]
+    assert "Method name is: tensorflow/serving/predict" in default_block
+
+
+def test_versions_increase_past_existing_ones(tmp_path):
+    model = make_tiny_model()
+    future = 9_999_999_999
+    os.makedirs(tmp_path / "archive_vision" / str(future))
+
+    first = export.export_model(model, str(tmp_path), class_names=CLASS_NAMES, image_size=IMAGE_SIZE)
+    second = export.export_model(model, str(tmp_path), class_names=CLASS_NAMES, image_size=IMAGE_SIZE)
+
+    assert int(os.path.basename(first)) == future + 1
+    assert int(os.path.basename(second)) == future + 2
+    assert not [n for n in os.listdir(tmp_path / "archive_vision") if n.startswith(".tmp")]
+    with pytest.raises(ExportError):
+        export.export_model(model, str(tmp_path), class_names=CLASS_NAMES, image_size=IMAGE_SIZE, version=future)
+
+
+def test_tf_serving_side_files_are_written_and_readable(tmp_path):
+    version_dir = export.export_model(make_tiny_model(), str(tmp_path), model_name="scans",
+                                      class_names=CLASS_NAMES, image_size=IMAGE_SIZE,
+                                      extra_assets={"labels.json": json.dumps({"classes": CLASS_NAMES})})
+    export.export_model(make_tiny_model(num_classes=None), str(tmp_path), model_name="orient", class_names=None,
+                        image_size=IMAGE_SIZE)
+
+    config = configs.read_models_config(str(tmp_path / "models.config"))
+    entries = {c.name: c for c in config.model_config_list.config}
+    assert set(entries) == {"scans", "orient"}
+    assert entries["scans"].base_path == str(tmp_path / "scans") and entries["scans"].model_platform == "tensorflow"
+    params = configs.parse_batching_parameters((tmp_path / "batching_parameters.txt").read_text())
+    assert params == configs.BatchingParameters()
+    assert "prometheus_config" in (tmp_path / "monitoring.config").read_text()
+    warmup = list(configs.read_warmup_requests(version_dir))
+    assert warmup and warmup[0].predict_log.request.model_spec.name == "scans"
+    assert len(warmup[0].predict_log.request.inputs["images"].string_val) == 2
+    assert json.loads(open(os.path.join(version_dir, "assets.extra", "labels.json")).read())["classes"] == CLASS_NAMES
+
+
+def test_batching_parameters_parse_tf_serving_text(tmp_path):
+    text = ("# tuned for CPU\nmax_batch_size { value: 64 }\nbatch_timeout_micros { value: 500 }\n"
+            "num_batch_threads { value: 4 }\nallowed_batch_sizes: 16\nallowed_batch_sizes: 64\n")
+    params = configs.parse_batching_parameters(text)
+    assert (params.max_batch_size, params.batch_timeout_micros, params.num_batch_threads) == (64, 500, 4)
+    assert params.allowed_batch_sizes == (16, 64)
+    assert configs.parse_batching_parameters(params.to_text()) == params
+
+
+def test_cli_exports_a_trainer_keras_file_with_its_labels(tmp_path):
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    make_tiny_model().save(str(job_dir / "model.keras"))
+    (job_dir / "labels.json").write_text(json.dumps({"classes": CLASS_NAMES, "source": "folders"}))
+
+    assert export.main(["--model", str(job_dir), "--export_base", str(tmp_path / "export")]) == 0
+
+    (version,) = export.existing_versions(str(tmp_path / "export" / "archive_vision"))
+    loaded = tf.saved_model.load(str(tmp_path / "export" / "archive_vision" / str(version)))
+    names = loaded.signatures["serving_default"](images=tf.constant(sample_images()[:2]))["class_names"]
+    assert set(n.decode() for n in names.numpy()) <= set(CLASS_NAMES)
+
+
+def test_model_without_contract_outputs_is_refused(tmp_path):
+    import keras
+
+    pixels = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+    model = keras.Model(pixels, {"logits": keras.layers.Dense(2)(keras.layers.Flatten()(pixels))})
+    with pytest.raises(ExportError, match="neither"):
+        export.export_model(model, str(tmp_path), class_names=None, image_size=IMAGE_SIZE)
