@@ -1,0 +1,138 @@
+"""Generated archives for the trainer tests (`write_archive`) and tests of the trainer's input pipeline."""
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines import schema
+
+CLASS_NAMES = ["warm", "cool"]
+
+
+def turn_clockwise_np(image: np.ndarray, degrees: int) -> np.ndarray:
+    """numpy twin of trainer.input.turn_clockwise (np.rot90 turns counter-clockwise too)."""
+    return np.rot90(image, k=(4 - degrees // 90) % 4).copy()
+
+
+def upright_image(rng: np.random.Generator, size: int, class_index: int) -> np.ndarray:
+    """An upright picture whose class shows in its colour and whose orientation shows in a strong asymmetry.
+
+    A bright bar along the top and a dark block in the bottom-left corner: every quarter turn moves
+    both to a different side, so the turn is easy to tell apart; warm (red) vs cool (blue) is the class.
+    """
+    base = np.array([170, 90, 60] if class_index == 0 else [60, 100, 170], np.float32)
+    img = base + rng.normal(0, 18, (size, size, 3))
+    bar = max(2, size // 6)
+    img[:bar, :, :] = 245
+    img[size - 2 * bar:, : 2 * bar, :] = 10
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """PNG bytes (lossless, so exact turns stay exact)."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_archive(directory: str, counts: Optional[Dict[str, int]] = None, size: int = 32,
+                  labelled: bool = True, stored_turns: Sequence[int] = (0,), unknown_orientation_every: int = 0,
+                  shards_per_split: int = 2, gzip: bool = False, seed: int = 0) -> str:
+    """Write DIR/<split>-NNNNN-of-MMMMM.tfrecord[.gz] + labels.json like `archive-vision ingest` does.
+
+    stored_turns: orientations the images are stored in (cycled); every `unknown_orientation_every`-th
+    record gets orientation -1 (0: none does).
+    """
+    import tensorflow as tf
+
+    counts = counts or {"train": 32, "val": 16, "test": 8}
+    rng = np.random.default_rng(seed)
+    os.makedirs(directory, exist_ok=True)
+    for split, n in counts.items():
+        suffix = ".tfrecord.gz" if gzip else ".tfrecord"
+        options = tf.io.TFRecordOptions(compression_type="GZIP" if gzip else "")
+        writers = [tf.io.TFRecordWriter(os.path.join(directory, f"{split}-{i:05d}-of-{shards_per_split:05d}{suffix}"),
+                                        options) for i in range(shards_per_split)]
+        for i in range(n):
+            cls = i % 2
+            stored = stored_turns[i % len(stored_turns)]
+            pixels = turn_clockwise_np(upright_image(rng, size, cls), stored)
+            if unknown_orientation_every and i % unknown_orientation_every == unknown_orientation_every - 1:
+                stored = -1
+            record = schema.ImageRecord(
+                encoded=encode_png(pixels), format="png", height=size, width=size,
+                source_uri=f"file:///archive/{split}/{i:04d}.png", page=0, sha256=f"{i:064x}",
+                original_height=size, original_width=size, exif_orientation=0,
+                label_index=cls if labelled else -1, label_name=CLASS_NAMES[cls] if labelled else "",
+                orientation=stored, split=split)
+            writers[i % shards_per_split].write(schema.make_example(record).SerializeToString())
+        for w in writers:
+            w.close()
+    with open(os.path.join(directory, "labels.json"), "w") as f:
+        json.dump({"classes": CLASS_NAMES if labelled else [], "source": "folders" if labelled else "none"}, f)
+    return directory
+
+
+# ------------------------------------------------------------------------------------------------
+# input pipeline tests
+# ------------------------------------------------------------------------------------------------
+
+def _cfg(data: str, **kw):
+    from trainer.config import TrainConfig
+
+    base = dict(data=data, job_dir="/unused", backbone="tiny", weights="none", image_size=32, batch_size=4)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_turned_copies_carry_exact_clockwise_labels_from_any_stored_orientation(tmp_path):
+    from trainer import input as train_input
+
+    data = write_archive(str(tmp_path / "a"), {"val": 4}, stored_turns=(0, 90, 180, 270), shards_per_split=1)
+    cfg = _cfg(data)
+    rng = np.random.default_rng(0)
+    uprights = [upright_image(rng, 32, i % 2) for i in range(4)]
+    examples = list(train_input.example_dataset(data, "val", cfg, training=False).as_numpy_iterator())
+    assert len(examples) == 16
+    for e in examples:
+        i = int(e["source_uri"].decode()[-8:-4])
+        label_degrees = int(e["orientation_label"]) * 90
+        # (stored + extra) % 360 and the pixels really are the upright image turned that far clockwise.
+        assert label_degrees == (int(e["stored_orientation"]) + int(e["turn"])) % 360
+        np.testing.assert_array_equal(e["pixels"].astype(np.uint8), turn_clockwise_np(uprights[i], label_degrees))
+
+
+def test_unknown_orientation_records_train_only_the_class_head(tmp_path):
+    from trainer import input as train_input
+
+    data = write_archive(str(tmp_path / "a"), {"train": 6}, unknown_orientation_every=3, shards_per_split=1)
+    cfg = _cfg(data, rotations="all")
+    examples = list(train_input.example_dataset(data, "train", cfg, training=True).as_numpy_iterator())
+    unknown = [e for e in examples if e["stored_orientation"] == -1]
+    known = [e for e in examples if e["stored_orientation"] != -1]
+    assert len(unknown) == 2 and len(known) == 16  # 2 unknown kept once, 4 known turned 4 ways
+    assert all(e["orientation_weight"] == 0 and e["class_weight"] == 1 and e["turn"] == 0 for e in unknown)
+    assert train_input.count_split(data, "train", cfg).examples == 18
+
+    orientation_only = _cfg(data, tasks=("orientation",))
+    assert train_input.count_split(data, "train", orientation_only).examples == 16
+    assert all(e["stored_orientation"] != -1 for e in
+               train_input.example_dataset(data, "train", orientation_only, training=True).as_numpy_iterator())
+
+
+def test_eval_batches_are_never_partial_and_padding_carries_no_weight(tmp_path):
+    from trainer import input as train_input
+
+    data = write_archive(str(tmp_path / "a"), {"val": 5}, shards_per_split=2, gzip=True)
+    cfg = _cfg(data)
+    ds = train_input.example_dataset(data, "val", cfg, training=False)
+    batches = list(train_input.batch_for_replicas(ds, 8, training=False).as_numpy_iterator())
+    assert len(batches) == 3  # 20 examples -> 3 full batches of 8, the last one padded with 4
+    assert all(b["pixels"].shape[0] == 8 for b in batches)
+    assert sum(float(b["orientation_weight"].sum()) for b in batches) == 20.0

@@ -1,0 +1,243 @@
+"""tf.data input: shards -> parsed records -> pixels with exact rot90 orientation labels -> batches.
+
+Orientation convention (shared with serving): label d means the stored image is the upright image turned
+d degrees clockwise. A record stored with known orientation d and turned a further r degrees clockwise is
+labelled (d + r) % 360. `tf.image.rot90(x, k)` turns counter-clockwise, so a clockwise turn by d is
+`rot90(x, (4 - d // 90) % 4)`. Records whose orientation is unknown (-1) are never turned and only train
+the class head (orientation sample weight 0); records without a class label (-1) only train orientation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Dict, List, Optional, Tuple
+
+import tensorflow as tf
+
+from pipelines import schema
+from trainer import preprocessing
+from trainer.config import TrainConfig
+
+CLASS_OUTPUT = "class_probabilities"
+ORIENTATION_OUTPUT = "orientation_probabilities"
+TURNS = (0, 90, 180, 270)
+LABELS_FILENAME = "labels.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSize:
+    """How many records a split holds and how many examples they make once turned."""
+
+    records: int
+    examples: int
+
+
+def list_shards(data_dir: str, split: str) -> List[str]:
+    """Sorted shard files of one split: DIR/<split>-NNNNN-of-MMMMM.tfrecord[.gz]."""
+    files = tf.io.gfile.glob(os.path.join(data_dir, f"{split}-*.tfrecord")) + \
+        tf.io.gfile.glob(os.path.join(data_dir, f"{split}-*.tfrecord.gz"))
+    return sorted(files)
+
+
+def read_class_names(data_dir: str) -> List[str]:
+    """Class names from DIR/labels.json (index = position); [] for an unlabelled archive or no file."""
+    path = os.path.join(data_dir, LABELS_FILENAME)
+    if not tf.io.gfile.exists(path):
+        return []
+    with tf.io.gfile.GFile(path) as f:
+        return list(json.load(f).get("classes", []))
+
+
+def _read_records(files: List[str], shuffle_files: bool, seed: int) -> tf.data.Dataset:
+    """Interleaved raw records of the given files; GZIP detected per file by its suffix."""
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle_files:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+
+    def open_file(path: tf.Tensor) -> tf.data.Dataset:
+        compression = tf.where(tf.strings.regex_full_match(path, r".*\.gz"), "GZIP", "")
+        return tf.data.TFRecordDataset(path, compression_type=compression)
+
+    return ds.interleave(open_file, cycle_length=max(1, min(len(files), 8)),
+                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle_files)
+
+
+def _parse(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
+    spec = schema.tf_feature_spec()
+    keys = (schema.IMAGE_ENCODED, schema.LABEL_INDEX, schema.ORIENTATION, schema.SOURCE_URI, schema.PAGE)
+    parsed = tf.io.parse_single_example(serialized, {k: spec[k] for k in keys})
+    return {
+        "encoded": parsed[schema.IMAGE_ENCODED],
+        "class_label": tf.cast(parsed[schema.LABEL_INDEX], tf.int32),
+        "stored_orientation": tf.cast(parsed[schema.ORIENTATION], tf.int32),
+        "source_uri": parsed[schema.SOURCE_URI],
+        "page": tf.cast(parsed[schema.PAGE], tf.int32),
+    }
+
+
+def _usable(record: Dict[str, tf.Tensor], cfg: TrainConfig) -> tf.Tensor:
+    """A record is used when at least one active head has a label for it."""
+    has_class = tf.logical_and(tf.constant(cfg.uses_classes), record["class_label"] >= 0)
+    has_turn = tf.logical_and(tf.constant(cfg.uses_orientation), record["stored_orientation"] >= 0)
+    return tf.logical_or(has_class, has_turn)
+
+
+def turn_clockwise(image: tf.Tensor, degrees: tf.Tensor) -> tf.Tensor:
+    """Exact clockwise turn of an [H, W, C] image by a multiple of 90 degrees (no interpolation)."""
+    return tf.image.rot90(image, k=(4 - (degrees // 90) % 4) % 4)
+
+
+def _shift(image: tf.Tensor, max_shift: float, size: int) -> tf.Tensor:
+    """Random translation by up to max_shift of the side: mirror-pad, then crop back at a random offset."""
+    pad = int(round(max_shift * size))
+    if pad <= 0:
+        return image
+    padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="SYMMETRIC")
+    return tf.image.random_crop(padded, [size, size, 3])
+
+
+def _examples_of_record(record: Dict[str, tf.Tensor], cfg: TrainConfig, training: bool,
+                        all_turns: bool) -> Dict[str, tf.Tensor]:
+    """Stack of the examples one record makes: up to 4 turned copies, each with labels and weights."""
+    size = cfg.image_size
+    pixels = preprocessing.preprocess_image_bytes(record["encoded"], size)
+    stored = record["stored_orientation"]
+    known = tf.logical_and(tf.constant(cfg.uses_orientation), stored >= 0)
+    stored_or_zero = tf.where(stored >= 0, stored, 0)
+    # Augment the upright image, so a mirror or shift cannot disagree with the orientation label.
+    upright = tf.image.rot90(pixels, k=(stored_or_zero // 90) % 4)
+    if training and cfg.allow_flip:
+        upright = tf.image.random_flip_left_right(upright)
+    if training and cfg.max_shift > 0:
+        upright = _shift(upright, cfg.max_shift, size)
+
+    if all_turns:
+        extra = tf.constant(TURNS, tf.int32)
+    else:
+        extra = tf.random.uniform([1], 0, 4, dtype=tf.int32) * 90
+    # Unknown orientation: keep the record as stored (one copy, no turn), class head only.
+    extra = tf.cond(known, lambda: extra, lambda: tf.zeros([1], tf.int32))
+    final = (stored_or_zero + extra) % 360
+    images = tf.map_fn(lambda t: turn_clockwise(upright, t), final, fn_output_signature=tf.float32)
+    n = tf.shape(extra)[0]
+    class_label = record["class_label"]
+    has_class = tf.logical_and(tf.constant(cfg.uses_classes), class_label >= 0)
+    return {
+        "pixels": tf.ensure_shape(images, [None, size, size, 3]),
+        "class_label": tf.fill([n], tf.maximum(class_label, 0)),
+        "class_weight": tf.fill([n], tf.cast(has_class, tf.float32)),
+        "orientation_label": tf.where(known, final // 90, tf.zeros_like(final)),
+        "orientation_weight": tf.fill([n], tf.cast(known, tf.float32)),
+        "turn": tf.where(known, extra, tf.zeros_like(extra)),
+        "stored_orientation": tf.fill([n], stored),
+        "source_uri": tf.fill([n], record["source_uri"]),
+        "page": tf.fill([n], record["page"]),
+    }
+
+
+def example_dataset(data_dir: str, split: str, cfg: TrainConfig, training: bool,
+                    all_turns: Optional[bool] = None, files: Optional[List[str]] = None) -> tf.data.Dataset:
+    """Unbatched examples (dicts: pixels, labels, weights, source_uri, page, turn) of one split."""
+    files = files if files is not None else list_shards(data_dir, split)
+    if not files:
+        raise FileNotFoundError(f"no {split}-*.tfrecord[.gz] shards in {data_dir}")
+    all_turns = (cfg.rotations == "all" or not training) if all_turns is None else all_turns
+    ds = _read_records(files, shuffle_files=training, seed=cfg.seed)
+    ds = ds.map(_parse, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.filter(lambda r: _usable(r, cfg))
+    if training:
+        ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed, reshuffle_each_iteration=True)
+    ds = ds.map(lambda r: _examples_of_record(r, cfg, training, all_turns),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
+    return ds.unbatch()
+
+
+def count_split(data_dir: str, split: str, cfg: TrainConfig, all_turns: Optional[bool] = None) -> SplitSize:
+    """Records and examples of a split, from the label fields only (no image decoding)."""
+    files = list_shards(data_dir, split)
+    if not files:
+        return SplitSize(0, 0)
+    all_turns = (cfg.rotations == "all" or split != "train") if all_turns is None else all_turns
+    spec = schema.tf_feature_spec()
+    keys = {k: spec[k] for k in (schema.LABEL_INDEX, schema.ORIENTATION)}
+    ds = _read_records(files, shuffle_files=False, seed=0).batch(1024).map(
+        lambda s: tf.io.parse_example(s, keys))
+    records = examples = 0
+    for batch in ds.as_numpy_iterator():
+        label, turn = batch[schema.LABEL_INDEX], batch[schema.ORIENTATION]
+        has_class = (label >= 0) & cfg.uses_classes
+        has_turn = (turn >= 0) & cfg.uses_orientation
+        usable = has_class | has_turn
+        records += int(usable.sum())
+        examples += int((has_turn * (4 if all_turns else 1)).sum() + (usable & ~has_turn).sum())
+    return SplitSize(records, examples)
+
+
+def training_tuple(example: Dict[str, tf.Tensor], cfg: TrainConfig, features_key: str = "pixels"
+                   ) -> Tuple[tf.Tensor, Dict[str, tf.Tensor], Dict[str, tf.Tensor]]:
+    """(inputs, targets, sample_weights) keyed by the model's output names, active heads only."""
+    targets, weights = {}, {}
+    if cfg.uses_classes:
+        targets[CLASS_OUTPUT] = example["class_label"]
+        weights[CLASS_OUTPUT] = example["class_weight"]
+    if cfg.uses_orientation:
+        targets[ORIENTATION_OUTPUT] = example["orientation_label"]
+        weights[ORIENTATION_OUTPUT] = example["orientation_weight"]
+    return example[features_key], targets, weights
+
+
+def padding_examples(element_spec: Dict[str, tf.TensorSpec], count: int) -> tf.data.Dataset:
+    """`count` all-zero examples with weight 0: fill the last batch so every replica gets a full one."""
+    zeros = {k: tf.zeros([d if d is not None else 1 for d in s.shape], s.dtype)
+             for k, s in element_spec.items()}
+    return tf.data.Dataset.from_tensors(zeros).repeat(count)
+
+
+def batch_for_replicas(ds: tf.data.Dataset, global_batch: int, training: bool) -> tf.data.Dataset:
+    """Batch with no partial batch ever: training repeats forever, evaluation pads with weight-0 examples.
+
+    A partial final batch leaves some replicas of a MirroredStrategy empty, which crashes the step.
+    Appending global_batch - 1 padding examples and dropping the remainder keeps every real example
+    while only padding can be dropped.
+    """
+    if training:
+        return ds.repeat().batch(global_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds = ds.concatenate(padding_examples(ds.element_spec, global_batch - 1))
+    return ds.batch(global_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def with_shard_policy(ds: tf.data.Dataset, policy: tf.data.experimental.AutoShardPolicy) -> tf.data.Dataset:
+    """Set how a multi-worker strategy splits the dataset between workers."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = policy
+    return ds.with_options(options)
+
+
+def make_fit_datasets(cfg: TrainConfig, global_batch: int, num_workers: int
+                      ) -> Tuple[tf.data.Dataset, int, Optional[tf.data.Dataset], Optional[int]]:
+    """(train dataset, steps per epoch, val dataset or None, val steps) of (x, y, w) batches for fit()."""
+    train_size = count_split(cfg.data, "train", cfg)
+    if train_size.examples == 0:
+        raise ValueError(f"no usable train records in {cfg.data} for tasks {','.join(cfg.tasks)}")
+    train = example_dataset(cfg.data, "train", cfg, training=True)
+    train = batch_for_replicas(train, global_batch, training=True)
+    train = train.map(lambda e: training_tuple(e, cfg))
+    # By file, so workers read disjoint shards; fall back to by-record when there are too few files.
+    n_train_files = len(list_shards(cfg.data, "train"))
+    policy = tf.data.experimental.AutoShardPolicy
+    train = with_shard_policy(train, policy.FILE if n_train_files >= num_workers else policy.DATA)
+    steps = max(1, train_size.examples // global_batch)
+
+    val_size = count_split(cfg.data, "val", cfg)
+    if val_size.examples == 0:
+        return train, steps, None, None
+    val = example_dataset(cfg.data, "val", cfg, training=False)
+    val = batch_for_replicas(val, global_batch, training=False).map(lambda e: training_tuple(e, cfg))
+    val_steps = math.ceil(val_size.examples / global_batch)
+    if num_workers > 1:
+        # Workers may hold different shard counts; a fixed step count on a repeated stream keeps
+        # their collective ops in lock step (the exact val/test metrics come from evaluate.py).
+        val = with_shard_policy(val.repeat(), policy.DATA)
+    return train, steps, val, val_steps

@@ -1,0 +1,87 @@
+"""Choosing the tf.distribute strategy, and what this process's role in the cluster is."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Dict, Optional
+
+import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerRole:
+    """This process's place in a (possibly one-process) training cluster."""
+
+    task_type: str
+    task_index: int
+    num_workers: int
+
+    @property
+    def is_chief(self) -> bool:
+        """The chief writes the shared outputs (best checkpoint, evaluation, export)."""
+        # TF's own rule: without a "chief" entry in the cluster, worker 0 is the chief.
+        return self.task_type == "chief" or (
+            self.task_type == "worker" and self.task_index == 0 and not _has_explicit_chief())
+
+    def private_dir(self, job_dir: str) -> str:
+        """Where this worker writes files no other worker may touch (job_dir itself for the chief)."""
+        if self.is_chief:
+            return job_dir
+        return os.path.join(job_dir, "workers", f"{self.task_type}-{self.task_index}")
+
+
+def _tf_config() -> Dict[str, Any]:
+    text = os.environ.get("TF_CONFIG", "")
+    return json.loads(text) if text.strip() else {}
+
+
+def _has_explicit_chief() -> bool:
+    return bool(_tf_config().get("cluster", {}).get("chief"))
+
+
+def cluster_size() -> int:
+    """Number of training processes TF_CONFIG names (chief + workers), 0 when there is no cluster."""
+    cluster = _tf_config().get("cluster", {})
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+
+
+def worker_role() -> WorkerRole:
+    """Role from TF_CONFIG; a process without TF_CONFIG is the single chief."""
+    cfg = _tf_config()
+    task = cfg.get("task", {})
+    if not cfg.get("cluster") or not task:
+        return WorkerRole("chief", 0, 1)
+    return WorkerRole(task.get("type", "worker"), int(task.get("index", 0)), max(cluster_size(), 1))
+
+
+def make_strategy(name: str = "auto", devices: Optional[list] = None) -> tf.distribute.Strategy:
+    """Build the strategy: auto = multi-worker if TF_CONFIG names a cluster, mirrored over >1 GPU, else one device.
+
+    Must run before any other TensorFlow op in the process: MultiWorkerMirroredStrategy configures the
+    collective runtime, which cannot change once TensorFlow has initialised.
+    """
+    if name == "auto":
+        if cluster_size() > 1:
+            name = "multi_worker"
+        elif len(tf.config.list_physical_devices("GPU")) > 1:
+            name = "mirrored"
+        else:
+            name = "one_device"
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored":
+        if devices is None:
+            gpus = tf.config.list_logical_devices("GPU")
+            # Without GPUs, mirror over the logical CPUs (tests split one CPU into several this way).
+            devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if name == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    raise ValueError(f"unknown strategy {name!r}")
+
+
+def describe(strategy: tf.distribute.Strategy) -> str:
+    """One line naming the strategy and its replica count, for the logs."""
+    return f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)"
