@@ -236,8 +236,11 @@ def make_fit_datasets(cfg: TrainConfig, global_batch: int, num_workers: int
     val = example_dataset(cfg.data, "val", cfg, training=False)
     val = batch_for_replicas(val, global_batch, training=False).map(lambda e: training_tuple(e, cfg))
     val_steps = math.ceil(val_size.examples / global_batch)
+    # Keras keeps one validation iterator across epochs when validation_steps is given, so the stream
+    # repeats; one pass is exactly val_steps padded batches, so every epoch sees each example once.
+    val = val.repeat()
     if num_workers > 1:
-        # Workers may hold different shard counts; a fixed step count on a repeated stream keeps
-        # their collective ops in lock step (the exact val/test metrics come from evaluate.py).
-        val = with_shard_policy(val.repeat(), policy.DATA)
+        # Workers may hold different shard counts: a fixed step count on a repeated stream keeps their
+        # collective ops in lock step (the exact val/test metrics come from evaluate.py on the chief).
+        val = with_shard_policy(val, policy.DATA)
     return train, steps, val, val_steps

@@ -1,0 +1,295 @@
+"""`archive-vision train` / `python -m trainer.task`: train the heads (and optionally fine-tune), evaluate, export.
+
+Job dir layout (the chief's; other workers of a cluster write under JOB/workers/<type>-<index>/):
+  training_config.json  resolved config + replicas      labels.json       copy of the archive's label map
+  backup/<phase>/       BackupAndRestore state           checkpoints/      best_<phase>.weights.h5, phase markers
+  tensorboard/<phase>/  TensorBoard logs                 history_<phase>.csv   per-epoch metrics
+  feature_cache/        with --cache-features (disk)     eval/             metrics JSON, PNGs, misclassified
+  export/<model>/<version>/  the SavedModel (serving.export)   run_summary.json
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+log = logging.getLogger("trainer")
+
+PHASE_HEADS = "heads"
+PHASE_FINE_TUNE = "fine_tune"
+
+
+def _progress_callback_class():
+    import keras
+
+    from trainer.model import mean_accuracy
+
+    class EpochProgress(keras.callbacks.Callback):
+        """One line per epoch on stdout (placed after BackupAndRestore, so a printed epoch is backed up)."""
+
+        def __init__(self, phase: str, epochs: int, tasks: Sequence[str], prefix: str = ""):
+            super().__init__()
+            self.phase, self.epochs, self.tasks, self.prefix = phase, epochs, tuple(tasks), prefix
+            self._started = 0.0
+
+        def on_train_begin(self, logs=None):
+            start = getattr(self.model, "_initial_epoch", None) or 0
+            if start:
+                print(f"{self.prefix}[{self.phase}] resuming from backup at epoch {start + 1}/{self.epochs}",
+                      flush=True)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._started = time.time()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            parts = [f"{k}={float(v):.4f}" for k, v in sorted(logs.items()) if isinstance(v, (int, float))
+                     or hasattr(v, "__float__")]
+            print(f"{self.prefix}[{self.phase}] epoch {epoch + 1}/{self.epochs} " + " ".join(parts)
+                  + f" ({time.time() - self._started:.1f}s)", flush=True)
+
+    return EpochProgress
+
+
+def _stop_at_accuracy_class():
+    import keras
+
+    from trainer.model import mean_accuracy
+
+    class StopAtAccuracy(keras.callbacks.Callback):
+        """Stop once the mean accuracy of the active heads (val when present) reaches the threshold."""
+
+        def __init__(self, threshold: float, tasks: Sequence[str], validation: bool):
+            super().__init__()
+            self.threshold, self.tasks, self.validation = threshold, tuple(tasks), validation
+
+        def on_epoch_end(self, epoch, logs=None):
+            accuracy = mean_accuracy(logs or {}, self.tasks, self.validation)
+            if accuracy is not None and accuracy >= self.threshold:
+                print(f"[stop] accuracy {accuracy:.4f} >= {self.threshold}: stopping after epoch {epoch + 1}",
+                      flush=True)
+                self.model.stop_training = True
+
+    return StopAtAccuracy
+
+
+def _tensorboard_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def _callbacks(cfg, phase: str, epochs: int, private_dir: str, has_val: bool, prefix: str) -> List[Any]:
+    import keras
+
+    monitor = "val_loss" if has_val else "loss"
+    callbacks: List[Any] = [
+        # First, so that every later callback (and the progress line) runs after the epoch is backed up.
+        keras.callbacks.BackupAndRestore(os.path.join(private_dir, "backup", phase)),
+        keras.callbacks.ModelCheckpoint(os.path.join(private_dir, "checkpoints", f"best_{phase}.weights.h5"),
+                                        monitor=monitor, save_best_only=True, save_weights_only=True),
+        keras.callbacks.CSVLogger(os.path.join(private_dir, f"history_{phase}.csv"), append=True),
+    ]
+    if _tensorboard_installed():
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(private_dir, "tensorboard", phase),
+                                                     write_graph=False, profile_batch=0))
+    else:
+        log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+    if cfg.early_stopping_patience > 0:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.early_stopping_patience))
+    if cfg.stop_at_accuracy is not None:
+        callbacks.append(_stop_at_accuracy_class()(cfg.stop_at_accuracy, cfg.tasks, has_val))
+    callbacks.append(_progress_callback_class()(phase, epochs, cfg.tasks, prefix))
+    return callbacks
+
+
+def read_history(private_dir: str) -> List[Dict[str, float]]:
+    """Per-epoch metrics of all phases in order, epochs numbered 1.. across phases."""
+    rows: List[Dict[str, float]] = []
+    for phase in (PHASE_HEADS, PHASE_FINE_TUNE):
+        path = os.path.join(private_dir, f"history_{phase}.csv")
+        if not os.path.exists(path):
+            continue
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("epoch") in (None, "", "epoch"):
+                    continue
+                clean: Dict[str, Any] = {"phase": phase}
+                for k, v in row.items():
+                    try:
+                        clean[k] = float(v)
+                    except (TypeError, ValueError):
+                        pass
+                clean["epoch"] = len(rows) + 1
+                rows.append(clean)
+    return rows
+
+
+def _marker(private_dir: str, phase: str) -> str:
+    return os.path.join(private_dir, "checkpoints", f"{phase}.done")
+
+
+def _run_phase(fit_model, cfg, phase: str, epochs: int, train_ds, steps: int, val_ds, val_steps,
+               private_dir: str, prefix: str) -> None:
+    """fit() one phase with backup/restore, then keep its best weights (by val loss, or train loss)."""
+    os.makedirs(os.path.join(private_dir, "checkpoints"), exist_ok=True)
+    callbacks = _callbacks(cfg, phase, epochs, private_dir, val_ds is not None, prefix)
+    fit_model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
+                  validation_steps=val_steps, callbacks=callbacks, verbose=cfg.verbose)
+    best = os.path.join(private_dir, "checkpoints", f"best_{phase}.weights.h5")
+    if os.path.exists(best):
+        fit_model.load_weights(best)
+
+
+def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
+    """The whole job after the strategy exists: fit, evaluate and export (the last two on the chief only)."""
+    import keras
+    import tensorflow as tf
+
+    from trainer import backbones, evaluate, features
+    from trainer import input as train_input
+    from trainer import model as model_lib
+    from trainer import strategy as strategy_lib
+
+    class_names = train_input.read_class_names(cfg.data)
+    if cfg.uses_classes and len(class_names) < 2:
+        raise ValueError(f"{cfg.data}/labels.json names {len(class_names)} classes; the class head needs 2 or "
+                         f"more (train an unlabelled archive with --tasks orientation)")
+    num_classes = len(class_names) if cfg.uses_classes else 0
+    replicas = strategy.num_replicas_in_sync
+    global_batch = cfg.batch_size * replicas
+    private_dir = role.private_dir(cfg.job_dir)
+    os.makedirs(private_dir, exist_ok=True)
+    prefix = "" if role.is_chief else f"({role.task_type}-{role.task_index}) "
+    log.info("strategy: %s, global batch %d, role %s-%d", strategy_lib.describe(strategy), global_batch,
+             role.task_type, role.task_index)
+    facts = {"replicas": replicas, "global_batch": global_batch, "num_workers": role.num_workers,
+             "strategy_class": type(strategy).__name__, "class_names": class_names}
+    config_path = cfg.write(private_dir, facts)
+    labels_path = os.path.join(private_dir, "labels.json")
+    with open(labels_path, "w") as f:
+        json.dump({"classes": class_names, "orientations": evaluate.ORIENTATION_NAMES}, f, indent=2)
+
+    keras.utils.set_random_seed(cfg.seed)
+    with strategy.scope():
+        backbone = backbones.build_backbone(cfg.backbone, cfg.weights, cfg.image_size)
+        full_model, heads = model_lib.build_model(
+            backbone, num_classes, cfg.tasks, cfg.dropout, cfg.orientation_grid, cfg.orientation_hidden_units,
+            name=cfg.model_name)
+    log.info("backbone %s: feature map %s", cfg.backbone, tuple(backbone.output.shape[1:]))
+
+    heads_weights = os.path.join(private_dir, "checkpoints", "heads_final.weights.h5")
+    if os.path.exists(_marker(private_dir, PHASE_HEADS)) and os.path.exists(heads_weights):
+        print(f"{prefix}[{PHASE_HEADS}] already complete in this job dir; loading its weights", flush=True)
+        heads.load_weights(heads_weights)
+    elif cfg.epochs > 0:
+        if cfg.cache_features:
+            if cfg.augments_pixels:
+                log.warning("--cache-features: flip/shift augmentation cannot be cached and is ignored")
+            root = private_dir if cfg.cache_location == "disk" else None
+            started = time.time()
+            train_cache = features.compute_feature_cache(backbone, cfg, "train", root)
+            val_cache = features.compute_feature_cache(backbone, cfg, "val", root)
+            print(f"{prefix}[cache] features of {len(train_cache)} train and "
+                  f"{len(val_cache) if val_cache else 0} val examples in {time.time() - started:.1f}s", flush=True)
+            train_ds, steps = features.cache_dataset(train_cache, cfg, global_batch, training=True)
+            val_ds, val_steps = (features.cache_dataset(val_cache, cfg, global_batch, training=False)
+                                 if val_cache is not None and len(val_cache) else (None, None))
+            fit_model = heads
+        else:
+            train_ds, steps, val_ds, val_steps = train_input.make_fit_datasets(cfg, global_batch, role.num_workers)
+            fit_model = full_model
+        with strategy.scope():
+            model_lib.compile_for_tasks(fit_model, cfg.tasks, cfg.learning_rate)
+        _run_phase(fit_model, cfg, PHASE_HEADS, cfg.epochs, train_ds, steps, val_ds, val_steps, private_dir,
+                   prefix)
+        heads.save_weights(heads_weights)
+        with open(_marker(private_dir, PHASE_HEADS), "w") as f:
+            f.write("done\n")
+
+    if cfg.fine_tune_layers > 0 and cfg.fine_tune_epochs > 0:
+        with strategy.scope():
+            unfrozen = backbones.unfreeze_top_layers(backbone, cfg.fine_tune_layers)
+            model_lib.compile_for_tasks(full_model, cfg.tasks, cfg.fine_tune_learning_rate)
+        print(f"{prefix}[{PHASE_FINE_TUNE}] {unfrozen} backbone layers trainable, "
+              f"learning rate {cfg.fine_tune_learning_rate}", flush=True)
+        train_ds, steps, val_ds, val_steps = train_input.make_fit_datasets(cfg, global_batch, role.num_workers)
+        _run_phase(full_model, cfg, PHASE_FINE_TUNE, cfg.fine_tune_epochs, train_ds, steps, val_ds, val_steps,
+                   private_dir, prefix)
+
+    # Copy the trained values into a plain model built outside the strategy: evaluation and export then
+    # involve no distributed variables and no collective ops, so only the chief needs to do them.
+    trained = full_model.get_weights()
+    summary: Dict[str, Any] = {"job_dir": cfg.job_dir, "is_chief": role.is_chief, "replicas": replicas,
+                               "history": read_history(private_dir)}
+    if not role.is_chief:
+        print(f"{prefix}training done; evaluation and export are left to the chief", flush=True)
+        return summary
+    plain_backbone = backbones.build_backbone(cfg.backbone, "none", cfg.image_size)
+    plain_model, _ = model_lib.build_model(plain_backbone, num_classes, cfg.tasks, cfg.dropout,
+                                           cfg.orientation_grid, cfg.orientation_hidden_units, name=cfg.model_name)
+    plain_model.set_weights(trained)
+
+    eval_dir = os.path.join(cfg.job_dir, "eval")
+    if cfg.evaluate:
+        summary["eval"] = {}
+        for split in ("val", "test"):
+            report = evaluate.evaluate_split(plain_model, cfg, split, class_names, eval_dir)
+            if report is not None:
+                summary["eval"][split] = {task: report[task]["accuracy"] for task in ("classes", "orientation")
+                                          if task in report}
+                print(f"[eval] {split}: " + " ".join(f"{k}_accuracy={v:.4f}" for k, v in
+                                                     summary["eval"][split].items() if v is not None), flush=True)
+        evaluate.draw_training_curves(summary["history"], os.path.join(eval_dir, "training_curves.png"))
+
+    summary["export_dir"] = None
+    if cfg.export:
+        try:
+            from serving import export as serving_export
+        except ImportError as e:
+            print(f"[export] skipped: serving.export is not available ({e})", flush=True)
+        else:
+            summary["export_dir"] = serving_export.export_model(
+                plain_model, os.path.join(cfg.job_dir, "export"), model_name=cfg.model_name,
+                class_names=class_names or None, image_size=cfg.image_size,
+                extra_assets={"training_config.json": config_path, "labels.json": labels_path})
+            print(f"[export] {summary['export_dir']}", flush=True)
+    with open(os.path.join(cfg.job_dir, "run_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    return summary
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Parse flags, pick the strategy (before any other TF op), train, evaluate, export."""
+    from trainer.config import config_from_args
+
+    try:
+        cfg = config_from_args(argv)
+    except ValueError as e:
+        print(f"archive-vision train: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import tensorflow as tf
+
+    if cfg.threads > 0:
+        tf.config.threading.set_intra_op_parallelism_threads(cfg.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(cfg.threads)
+    from trainer import strategy as strategy_lib
+
+    strategy = strategy_lib.make_strategy(cfg.strategy)
+    role = strategy_lib.worker_role()
+    try:
+        train_and_export(cfg, strategy, role)
+    except (ValueError, FileNotFoundError) as e:
+        log.error("%s", e)
+        print(f"archive-vision train: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
