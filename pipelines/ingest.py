@@ -1,0 +1,527 @@
+"""`archive-vision ingest`: the Beam job that turns an image archive into TFRecord shards.
+
+    archive -> ListArchive -> DecodeImages (records | errors) -> WriteShards -> manifest.parquet
+                                                              \\-> errors.parquet
+
+Outputs in DST: `<split>-NNNNN-of-MMMMM.tfrecord[.gz]`, manifest.parquet (one row per record, with its
+shard), errors.parquet (one row per failed input or page), labels.json, run.json.
+Every input file ends in the manifest or in errors: the run checks that and says so in run.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+import uuid
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
+
+from pipelines import imaging, schema, sources
+from pipelines.tables import ERRORS_SCHEMA, MANIFEST_SCHEMA, read_table, write_table_from_rows
+
+LOG = logging.getLogger("archive_vision.ingest")
+COUNTER_NAMESPACE = "ingest"
+ERROR_STAGES = ("list", "read", "decode", "resize", "encode")
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestOptions:
+    """The job's own flags (everything else on the command line is a Beam pipeline option)."""
+
+    input: str
+    output: str
+    size: int = 256
+    resize_mode: str = "pad"
+    image_format: str = "jpeg"
+    quality: int = 90
+    max_pixels: int = imaging.DEFAULT_MAX_PIXELS
+    max_file_mb: float = 1024.0
+    max_pages: int = 1000
+    labels: str = "auto"
+    classes: Tuple[str, ...] = ()
+    assume_upright: bool = False
+    split_fractions: Tuple[float, float, float] = (0.8, 0.1, 0.1)
+    augment_copies: int = 0
+    max_shift: float = 0.1
+    text_archive: bool = False
+    no_flip_classes: Tuple[str, ...] = ()
+    compression: str = "none"
+    shard_mb: float = 128.0
+    num_shards: int = 0
+    exclude: Tuple[str, ...] = ()
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.resize_mode not in imaging.RESIZE_MODES:
+            raise ValueError(f"--resize-mode must be one of {imaging.RESIZE_MODES}")
+        if self.image_format not in imaging.OUTPUT_FORMATS:
+            raise ValueError(f"--format must be one of {imaging.OUTPUT_FORMATS}")
+        if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
+            raise ValueError(f"--split-fractions must be three non-negative numbers summing to 1, got {self.split_fractions}")
+        if self.compression not in ("none", "gzip"):
+            raise ValueError("--compression must be none or gzip")
+        if self.size < 8:
+            raise ValueError("--size must be at least 8 pixels")
+
+    @property
+    def shard_suffix(self) -> str:
+        return ".tfrecord.gz" if self.compression == "gzip" else ".tfrecord"
+
+
+def error_row(uri: str, stage: str, error_type: str, message: str, page: int = -1, sha256: str = "") -> dict:
+    """One row of errors.parquet."""
+    return {"uri": uri, "page": page, "stage": stage, "error_type": error_type, "message": message[:2000],
+            "sha256": sha256}
+
+
+class DecodeImagesFn(beam.DoFn):
+    """Read one input file and emit a record per page (plus augmented copies), or error rows.
+
+    A thin shell over `pipelines.imaging`: it adds counters, progress lines and failure routing.
+    """
+
+    ERRORS = "errors"
+
+    def __init__(self, options: IngestOptions):
+        self._options = options
+        self._inputs = Metrics.counter(COUNTER_NAMESPACE, "inputs")
+        self._records = Metrics.counter(COUNTER_NAMESPACE, "records")
+        self._errors = Metrics.counter(COUNTER_NAMESPACE, "errors")
+        self._failed_inputs = Metrics.counter(COUNTER_NAMESPACE, "failed_inputs")
+        self._bytes_read = Metrics.counter(COUNTER_NAMESPACE, "bytes_read")
+
+    def setup(self):
+        self._started = time.monotonic()
+        self._last_log = self._started
+        self._seen = 0
+
+    def _progress(self):
+        self._seen += 1
+        now = time.monotonic()
+        if now - self._last_log >= 10.0:
+            self._last_log = now
+            LOG.info("ingest progress: %d inputs on this worker, %.1f inputs/s", self._seen,
+                     self._seen / max(now - self._started, 1e-9))
+
+    def _fail(self, uri, stage, kind, message, page=-1, sha=""):
+        self._errors.inc()
+        Metrics.counter(COUNTER_NAMESPACE, f"errors_{kind}").inc()
+        return beam.pvalue.TaggedOutput(self.ERRORS, error_row(uri, stage, kind, message, page, sha))
+
+    def process(self, entry: sources.SourceEntry, classes: Sequence[str]):
+        self._inputs.inc()
+        self._progress()
+        opts = self._options
+        if entry.error:
+            self._failed_inputs.inc()
+            yield self._fail(entry.uri, "list", "bad_manifest_row", entry.error)
+            return
+        label_index = schema.UNKNOWN
+        if entry.label:
+            if entry.label not in classes:
+                self._failed_inputs.inc()
+                yield self._fail(entry.uri, "list", "unknown_label",
+                                 f"label {entry.label!r} is not one of --classes {list(classes)}")
+                return
+            label_index = list(classes).index(entry.label)
+        max_bytes = int(opts.max_file_mb * 1024 * 1024)
+        if entry.size_bytes > max_bytes:
+            self._failed_inputs.inc()
+            yield self._fail(entry.uri, "read", "too_large",
+                             f"file is {entry.size_bytes / 1e6:.1f} MB, over --max-file-mb {opts.max_file_mb}")
+            return
+        try:
+            with FileSystems.open(entry.uri, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+                data = handle.read(max_bytes + 1)
+        except Exception as e:  # a missing file, broken symlink, permission or network failure is data here
+            self._failed_inputs.inc()
+            yield self._fail(entry.uri, "read", "unreadable", f"{type(e).__name__}: {e}")
+            return
+        if len(data) > max_bytes:
+            self._failed_inputs.inc()
+            yield self._fail(entry.uri, "read", "too_large", f"file is over --max-file-mb {opts.max_file_mb}")
+            return
+        self._bytes_read.inc(len(data))
+        sha = imaging.content_sha256(data)
+        split = entry.split or imaging.split_for(sha, opts.split_fractions)
+        orientation = entry.orientation
+        if orientation == schema.UNKNOWN and opts.assume_upright:
+            orientation = 0
+        emitted = 0
+        try:
+            for page in imaging.decode_pages(data, max_pixels=opts.max_pixels, max_pages=opts.max_pages,
+                                             draft_for=(opts.size, opts.resize_mode)):
+                for record in self._records_for_page(entry, page, sha, split, label_index,
+                                                     classes, orientation):
+                    emitted += 1
+                    self._records.inc()
+                    yield record
+        except imaging.ImageError as e:
+            if emitted == 0:
+                self._failed_inputs.inc()
+            yield self._fail(entry.uri, "decode", e.kind, str(e), e.page, sha)
+        except Exception as e:  # anything Pillow throws that we did not foresee still becomes a row
+            if emitted == 0:
+                self._failed_inputs.inc()
+            yield self._fail(entry.uri, "decode", "corrupt", f"{type(e).__name__}: {e}", -1, sha)
+
+    def _records_for_page(self, entry, page, sha, split, label_index, classes, orientation):
+        opts = self._options
+        resized = imaging.resize(page.image, opts.size, opts.resize_mode)
+        label_name = classes[label_index] if label_index >= 0 else ""
+        copies = opts.augment_copies if split == "train" else 0
+        allow_flip = not opts.text_archive and label_name not in opts.no_flip_classes
+        for index in range(copies + 1):
+            pixels = resized
+            if index:
+                seed = int(hashlib.sha256(f"{sha}:{page.page}:{index}".encode()).hexdigest()[:12], 16)
+                pixels = imaging.augment(resized, seed, allow_flip=allow_flip, max_shift=opts.max_shift)
+            yield schema.ImageRecord(
+                encoded=imaging.encode(pixels, opts.image_format, opts.quality), format=opts.image_format,
+                height=pixels.size[1], width=pixels.size[0], source_uri=entry.uri, page=page.page, sha256=sha,
+                original_height=page.original_height, original_width=page.original_width,
+                exif_orientation=page.exif_orientation, label_index=label_index, label_name=label_name,
+                orientation=orientation, split=split, augment_index=index)
+
+
+def shard_name(split: str, index: int, total: int, suffix: str) -> str:
+    """`train-00003-of-00010.tfrecord`: the naming tf.data users and TFDS expect."""
+    return f"{split}-{index:05d}-of-{total:05d}{suffix}"
+
+
+def _record_key(record: schema.ImageRecord) -> str:
+    return f"{record.sha256}:{record.source_uri}:{record.page}:{record.augment_index}"
+
+
+class _WriteShardFn(beam.DoFn):
+    """Write one (split, shard) group to a temporary file; the finalize step renames it into place."""
+
+    ROWS = "rows"
+
+    def __init__(self, temp_dir: str, compression: str):
+        self._temp_dir = temp_dir
+        self._compression = compression
+
+    def process(self, element):
+        from apache_beam.io.tfrecordio import _TFRecordUtil  # the same framing WriteToTFRecord uses
+
+        (split, shard), records = element
+        records = sorted(records, key=_record_key)  # deterministic shard contents for the same input
+        path = FileSystems.join(self._temp_dir, f"{split}-{shard:05d}-{uuid.uuid4().hex}")
+        compression = CompressionTypes.GZIP if self._compression == "gzip" else CompressionTypes.UNCOMPRESSED
+        handle = FileSystems.create(path, compression_type=compression)
+        try:
+            for record in records:
+                _TFRecordUtil.write_record(handle, schema.serialize_example(record))
+        finally:
+            handle.close()
+        for record in records:
+            row = record.manifest_row()
+            row["shard_key"] = f"{split}/{shard}"
+            yield beam.pvalue.TaggedOutput(self.ROWS, row)
+        yield {"split": split, "shard": shard, "temp_path": path, "records": len(records)}
+
+
+def _finalize_shards(written: List[dict], output: str, suffix: str) -> Dict[str, str]:
+    """Rename every temp shard to its final name at once: shards only ever appear complete."""
+    by_split: Dict[str, List[dict]] = {}
+    for item in written:
+        by_split.setdefault(item["split"], []).append(item)
+    sources_, destinations, names = [], [], {}
+    for split, items in by_split.items():
+        items.sort(key=lambda item: item["shard"])
+        for index, item in enumerate(items):
+            name = shard_name(split, index, len(items), suffix)
+            names[f"{split}/{item['shard']}"] = name
+            sources_.append(item["temp_path"])
+            destinations.append(FileSystems.join(output, name))
+    if sources_:
+        FileSystems.rename(sources_, destinations)
+    return names
+
+
+class WriteShards(beam.PTransform):
+    """Records -> `<split>-NNNNN-of-MMMMM.tfrecord` shards of about `shard_mb` each, plus manifest rows."""
+
+    def __init__(self, options: IngestOptions, temp_dir: str):
+        super().__init__()
+        self._options = options
+        self._temp_dir = temp_dir
+
+    def expand(self, records):
+        opts = self._options
+        target = max(1, int(opts.shard_mb * 1024 * 1024))
+        split_bytes = (records
+                       | "SplitBytes" >> beam.Map(lambda r: (r.split, len(r.encoded) + 64))
+                       | "SumSplitBytes" >> beam.CombinePerKey(sum))
+
+        def assign(record, totals):
+            total = opts.num_shards or max(1, math.ceil(totals.get(record.split, 0) / target))
+            digest = int(hashlib.sha256(_record_key(record).encode()).hexdigest()[:8], 16)
+            return (record.split, digest % total), record
+
+        written = (records
+                   | "AssignShard" >> beam.Map(assign, beam.pvalue.AsDict(split_bytes))
+                   | "GroupShards" >> beam.GroupByKey()
+                   | "WriteTempShards" >> beam.ParDo(_WriteShardFn(self._temp_dir, opts.compression))
+                   .with_outputs(_WriteShardFn.ROWS, main="written"))
+        names = (written.written
+                 | "AllShards" >> beam.combiners.ToList()
+                 | "FinalizeShards" >> beam.Map(_finalize_shards, opts.output, opts.shard_suffix))
+
+        def name_row(row, shard_names):
+            row = dict(row)
+            row["shard"] = shard_names[row.pop("shard_key")]
+            return row
+
+        return written[_WriteShardFn.ROWS] | "NameShards" >> beam.Map(name_row, beam.pvalue.AsSingleton(names))
+
+
+def _write_labels(classes: Sequence[str], output: str, source: str) -> None:
+    payload = json.dumps({"classes": list(classes), "source": source}, indent=2).encode()
+    with FileSystems.create(FileSystems.join(output, "labels.json")) as handle:
+        handle.write(payload)
+
+
+class IngestArchive(beam.PTransform):
+    """archive path -> {records, errors, manifest_rows, classes}: the whole ingest graph but the table writes."""
+
+    def __init__(self, options: IngestOptions, temp_dir: str):
+        super().__init__()
+        self._options = options
+        self._temp_dir = temp_dir
+
+    def expand(self, pbegin) -> Dict[str, beam.PCollection]:
+        opts = self._options
+        label_mode = sources.resolve_label_mode(opts.input, opts.labels)
+        entries = (pbegin
+                   | "Source" >> beam.Create([opts.input])
+                   | "ListArchive" >> beam.FlatMap(sources.list_archive, label_mode, list(opts.exclude))
+                   | "Distribute" >> beam.Reshuffle())
+        if opts.classes:
+            classes = pbegin | "PinnedClasses" >> beam.Create([list(opts.classes)])
+        else:
+            classes = (entries
+                       | "Labels" >> beam.FlatMap(lambda e: [e.label] if e.label and not e.error else [])
+                       | "DistinctLabels" >> beam.Distinct()
+                       | "SortedClasses" >> beam.combiners.ToList()
+                       | "Sort" >> beam.Map(sorted))
+        _ = classes | "WriteLabels" >> beam.Map(_write_labels, opts.output, label_mode)
+        decoded = entries | "DecodeImages" >> beam.ParDo(
+            DecodeImagesFn(opts), beam.pvalue.AsSingleton(classes)).with_outputs(DecodeImagesFn.ERRORS,
+                                                                                 main="records")
+        rows = decoded.records | "WriteShards" >> WriteShards(opts, self._temp_dir)
+        return {"records": decoded.records, "errors": decoded[DecodeImagesFn.ERRORS], "manifest_rows": rows,
+                "classes": classes}
+
+
+def build_pipeline(pipeline: beam.Pipeline, opts: IngestOptions, temp_dir: str) -> Dict[str, beam.PCollection]:
+    """Wire ingest and its table writes onto `pipeline`; returns the IngestArchive outputs for tests."""
+    outputs = pipeline | "Ingest" >> IngestArchive(opts, temp_dir)
+    _ = outputs["manifest_rows"] | "WriteManifest" >> write_table_from_rows(
+        FileSystems.join(opts.output, "manifest"), MANIFEST_SCHEMA)
+    _ = outputs["errors"] | "WriteErrors" >> write_table_from_rows(
+        FileSystems.join(opts.output, "errors"), ERRORS_SCHEMA)
+    return outputs
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> Tuple[IngestOptions, List[str]]:
+    """Split the job's flags from Beam's pipeline options (`parse_known_args`, as Beam examples do)."""
+    parser = argparse.ArgumentParser(
+        prog="archive-vision ingest",
+        description="Turn an image archive (folder, gs:// prefix, glob, or CSV/Parquet manifest with a 'uri' "
+                    "column) into TFRecord shards + manifest.parquet + errors.parquet. Unknown flags are passed "
+                    "to Beam (e.g. --runner DataflowRunner --project P --region R --temp_location gs://...).")
+    parser.add_argument("--input", required=True, help="folder, gs://bucket/prefix, glob, or manifest .csv/.parquet")
+    parser.add_argument("--output", required=True, help="output folder (local or gs://)")
+    parser.add_argument("--size", type=int, default=256, help="output side in pixels (square; default 256)")
+    parser.add_argument("--resize-mode", choices=imaging.RESIZE_MODES, default="pad",
+                        help="pad: letterbox, whole image kept (default); crop: centre crop; stretch")
+    parser.add_argument("--format", dest="image_format", choices=imaging.OUTPUT_FORMATS, default="jpeg")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of stored images")
+    parser.add_argument("--max-pixels", type=int, default=imaging.DEFAULT_MAX_PIXELS,
+                        help="refuse images larger than this many pixels before decoding (decompression bombs)")
+    parser.add_argument("--max-file-mb", type=float, default=1024.0, help="refuse input files larger than this")
+    parser.add_argument("--max-pages", type=int, default=1000, help="most pages taken from one multi-page TIFF")
+    parser.add_argument("--labels", choices=sources.LABEL_MODES, default="auto",
+                        help="where class labels come from (auto: manifest column, or folder names when the "
+                             "input folder holds only sub-folders)")
+    parser.add_argument("--classes", default="", help="comma-separated class names, pinning their order")
+    parser.add_argument("--assume-upright", action="store_true",
+                        help="the archive is upright: record orientation 0 where the manifest does not say")
+    parser.add_argument("--split-fractions", default="0.8,0.1,0.1", help="train,val,test fractions")
+    parser.add_argument("--augment-copies", type=int, default=0, help="extra augmented copies per train image")
+    parser.add_argument("--max-shift", type=float, default=0.1, help="largest augmentation shift, fraction of size")
+    parser.add_argument("--text-archive", action="store_true", help="the archive is text: never flip")
+    parser.add_argument("--no-flip-classes", default="", help="comma-separated classes holding text: never flipped")
+    parser.add_argument("--compression", choices=("none", "gzip"), default="none")
+    parser.add_argument("--shard-mb", type=float, default=128.0, help="target shard size in MB")
+    parser.add_argument("--num-shards", type=int, default=0, help="fixed shards per split (0: from --shard-mb)")
+    parser.add_argument("--exclude", action="append", default=[], help="file-name glob to skip (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier run in --output")
+    known, beam_args = parser.parse_known_args(argv)
+    fractions = tuple(float(x) for x in known.split_fractions.split(","))
+    if len(fractions) != 3:
+        parser.error("--split-fractions takes three numbers")
+
+    def names(text):
+        return tuple(x.strip() for x in text.split(",") if x.strip())
+
+    try:
+        opts = IngestOptions(
+            input=known.input, output=known.output.rstrip("/"), size=known.size, resize_mode=known.resize_mode,
+            image_format=known.image_format, quality=known.quality, max_pixels=known.max_pixels,
+            max_file_mb=known.max_file_mb, max_pages=known.max_pages, labels=known.labels,
+            classes=names(known.classes), assume_upright=known.assume_upright, split_fractions=fractions,
+            augment_copies=known.augment_copies, max_shift=known.max_shift, text_archive=known.text_archive,
+            no_flip_classes=names(known.no_flip_classes), compression=known.compression, shard_mb=known.shard_mb,
+            num_shards=known.num_shards, exclude=tuple(known.exclude), overwrite=known.overwrite)
+    except ValueError as e:
+        parser.error(str(e))
+    return opts, beam_args
+
+
+def default_pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
+    """Beam options; on the DirectRunner default to multi-processing over every local core."""
+    beam_args = list(beam_args)
+    options = PipelineOptions(beam_args)
+    runner = options.view_as(StandardOptions).runner
+    if runner in (None, "DirectRunner", "direct") and not any(a.startswith("--direct_running_mode") for a in beam_args):
+        beam_args += ["--direct_running_mode=multi_processing"]
+        if not any(a.startswith("--direct_num_workers") for a in beam_args):
+            beam_args += ["--direct_num_workers=0"]  # 0: one worker per core
+        options = PipelineOptions(beam_args)
+    options.view_as(SetupOptions).save_main_session = False  # every DoFn lives in an importable module
+    return options
+
+
+def existing_shards(output: str) -> List[str]:
+    """Shard files an earlier run left in `output`."""
+    found = []
+    for split in schema.SPLITS:
+        for match in FileSystems.match([FileSystems.join(output, f"{split}-*-of-*.tfrecord*")]):
+            found.extend(m.path for m in match.metadata_list)
+    return found
+
+
+def summarize(output: str, opts: IngestOptions, elapsed: float, metrics: Dict[str, int]) -> dict:
+    """run.json: options, versions, counts per split and error kind, and whether they reconcile."""
+    import platform
+
+    import PIL
+
+    manifest = read_table(FileSystems.join(output, "manifest.parquet"), MANIFEST_SCHEMA)
+    errors = read_table(FileSystems.join(output, "errors.parquet"), ERRORS_SCHEMA)
+    ok_uris = set(manifest.column("source_uri").to_pylist())
+    failed_uris = set(errors.column("uri").to_pylist()) - ok_uris
+    per_split: Dict[str, int] = {}
+    for split in manifest.column("split").to_pylist():
+        per_split[split] = per_split.get(split, 0) + 1
+    per_kind: Dict[str, int] = {}
+    for kind in errors.column("error_type").to_pylist():
+        per_kind[kind] = per_kind.get(kind, 0) + 1
+    inputs = metrics.get("inputs", len(ok_uris) + len(failed_uris))
+    counts = {
+        "inputs": inputs, "inputs_ok": len(ok_uris), "inputs_failed": len(failed_uris),
+        "records": manifest.num_rows, "errors": errors.num_rows, "records_per_split": per_split,
+        "errors_per_type": per_kind,
+        "augmented_records": sum(1 for i in manifest.column("augment_index").to_pylist() if i > 0),
+    }
+    counts["reconciled"] = counts["inputs"] == counts["inputs_ok"] + counts["inputs_failed"]
+    return {
+        "job": "ingest", "options": dataclasses.asdict(opts), "counts": counts, "elapsed_seconds": round(elapsed, 3),
+        "images_per_second": round(inputs / elapsed, 2) if elapsed > 0 else None,
+        "versions": {"archive_vision": _version(), "apache_beam": beam.__version__, "pillow": PIL.__version__,
+                     "python": platform.python_version()},
+    }
+
+
+def _version() -> str:
+    from archive_vision import __version__
+    return __version__
+
+
+def _metric_totals(result) -> Dict[str, int]:
+    try:
+        query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(COUNTER_NAMESPACE))
+    except Exception:  # some runners do not report metrics; the tables are the ground truth anyway
+        return {}
+    totals: Dict[str, int] = {}
+    for counter in query["counters"]:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + int(value or 0)
+    return totals
+
+
+def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None,
+        extend_pipeline=None) -> dict:
+    """Run the ingest job and return the run.json summary.
+
+    `extend_pipeline(outputs)` may add checks (e.g. `assert_that`) to the graph before it runs.
+    """
+    opts, beam_args = parse_args(argv)
+    FileSystems.mkdirs(opts.output) if not FileSystems.exists(opts.output) else None
+    stale = existing_shards(opts.output)
+    if stale:
+        if not opts.overwrite:
+            raise SystemExit(f"archive-vision ingest: {opts.output} already holds {len(stale)} shards from an earlier "
+                             f"run; pass --overwrite to replace them")
+        FileSystems.delete(stale)
+    temp_dir = FileSystems.join(opts.output, f".temp-ingest-{uuid.uuid4().hex[:12]}")
+    FileSystems.mkdirs(temp_dir)
+    started = time.time()
+    pipeline = test_pipeline or beam.Pipeline(options=default_pipeline_options(beam_args))
+    outputs = build_pipeline(pipeline, opts, temp_dir)
+    if extend_pipeline is not None:
+        extend_pipeline(outputs)
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    finally:
+        try:
+            FileSystems.delete([temp_dir])
+        except Exception:  # nothing left to clean once every shard was renamed
+            pass
+    summary = summarize(opts.output, opts, time.time() - started, _metric_totals(result))
+    with FileSystems.create(FileSystems.join(opts.output, "run.json")) as handle:
+        handle.write(json.dumps(summary, indent=2, default=str).encode())
+    return summary
+
+
+def format_summary(summary: dict, output: str) -> str:
+    """The few lines a person reads after the run."""
+    c = summary["counts"]
+    splits = ", ".join(f"{k} {v}" for k, v in sorted(c["records_per_split"].items())) or "none"
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(c["errors_per_type"].items())) or "none"
+    lines = [
+        f"ingest finished in {summary['elapsed_seconds']:.1f}s ({summary['images_per_second']} inputs/s)",
+        f"  inputs   {c['inputs']}  (ok {c['inputs_ok']}, failed {c['inputs_failed']})"
+        f"  {'reconciled' if c['reconciled'] else 'NOT RECONCILED'}",
+        f"  records  {c['records']}  ({splits}; {c['augmented_records']} augmented)",
+        f"  errors   {c['errors']}  ({kinds})",
+        f"  output   {output}  (manifest.parquet, errors.parquet, labels.json, run.json)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("apache_beam", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    summary = run(argv)
+    print(format_summary(summary, summary["options"]["output"]))
+    return 0 if summary["counts"]["reconciled"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Listing an archive: a local folder (recursive), a gs:// prefix, a glob, or a CSV/Parquet manifest.
+
+Listing is pure (no Beam transforms) so it is unit-tested directly; the ingest and score jobs run it
+inside the pipeline. A row that cannot become an input (a manifest row without a URI, an unknown
+orientation value) is still returned, with `error` set, so it reaches errors.parquet.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import io
+import os
+import posixpath
+from typing import Iterator, List, Optional, Sequence
+
+from pipelines import schema
+
+MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
+SPLIT_DIR_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
+LABEL_MODES = ("auto", "folders", "manifest", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceEntry:
+    """One input file (or one bad manifest row) with what the archive says about it."""
+
+    uri: str
+    label: str = ""
+    split: str = ""
+    orientation: int = schema.UNKNOWN
+    size_bytes: int = -1
+    error: str = ""
+
+
+def is_manifest(src: str) -> bool:
+    """A CSV/Parquet manifest of URIs rather than a folder of images."""
+    return src.lower().endswith(MANIFEST_SUFFIXES)
+
+
+def is_remote(src: str) -> bool:
+    return "://" in src
+
+
+def resolve_label_mode(src: str, mode: str) -> str:
+    """`auto`: the manifest's label column, else folder names when a local root holds only folders."""
+    if mode not in LABEL_MODES:
+        raise ValueError(f"--labels must be one of {LABEL_MODES}")
+    if mode != "auto":
+        return mode
+    if is_manifest(src):
+        return "manifest"
+    if is_remote(src) or any(ch in src for ch in "*?["):
+        return "none"
+    if not os.path.isdir(src):
+        return "none"
+    entries = list(os.scandir(src))
+    has_dirs = any(e.is_dir() for e in entries)
+    has_files = any(e.is_file() or e.is_symlink() for e in entries if not e.name.startswith("."))
+    return "folders" if has_dirs and not has_files else "none"
+
+
+def _folder_label_and_split(rel_path: str) -> tuple:
+    """Keras flow_from_directory layout: <label>/file or <split>/<label>/file."""
+    parts = rel_path.replace(os.sep, "/").split("/")[:-1]
+    split = ""
+    if parts and parts[0].lower() in SPLIT_DIR_NAMES:
+        split = SPLIT_DIR_NAMES[parts[0].lower()]
+        parts = parts[1:]
+    return (parts[0] if parts else ""), split
+
+
+def _excluded(path: str, exclude: Sequence[str]) -> bool:
+    name = posixpath.basename(path.replace(os.sep, "/"))
+    return any(fnmatch.fnmatch(name, pattern) for pattern in exclude)
+
+
+def _list_local_dir(root: str, label_mode: str, exclude: Sequence[str]) -> Iterator[SourceEntry]:
+    root = os.path.abspath(root)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if _excluded(path, exclude):
+                continue
+            label, split = _folder_label_and_split(os.path.relpath(path, root))
+            try:
+                size = os.stat(path).st_size  # follows symlinks: a broken one fails later, as a read error
+            except OSError:
+                size = -1
+            yield SourceEntry(uri=path, label=label if label_mode == "folders" else "", split=split, size_bytes=size)
+
+
+def _list_pattern(pattern: str, root: str, label_mode: str, exclude: Sequence[str]) -> Iterator[SourceEntry]:
+    from apache_beam.io.filesystems import FileSystems
+
+    for match in FileSystems.match([pattern]):
+        for meta in sorted(match.metadata_list, key=lambda m: m.path):
+            if meta.path.endswith("/") or _excluded(meta.path, exclude):
+                continue
+            rel = meta.path[len(root):].lstrip("/") if root and meta.path.startswith(root) else posixpath.basename(meta.path)
+            label, split = _folder_label_and_split(rel)
+            yield SourceEntry(uri=meta.path, label=label if label_mode == "folders" else "", split=split,
+                              size_bytes=meta.size_in_bytes)
+
+
+def read_manifest_table(src: str):
+    """The manifest as a pyarrow Table (local or gs://), every column read as given."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(src) as handle:
+        data = handle.read()
+    if src.lower().endswith(".csv"):
+        # Strings stay strings: a label "01" must not become the integer 1.
+        options = pacsv.ConvertOptions(column_types={"uri": "string", "label": "string", "split": "string"})
+        return pacsv.read_csv(io.BytesIO(data), convert_options=options)
+    return pq.read_table(io.BytesIO(data))
+
+
+def _manifest_orientation(value) -> tuple:
+    if value is None or value == "":
+        return schema.UNKNOWN, ""
+    try:
+        number = int(float(value))
+    except (TypeError, ValueError):
+        return schema.UNKNOWN, f"orientation {value!r} is not a number"
+    if number not in schema.ORIENTATIONS and number != schema.UNKNOWN:
+        return schema.UNKNOWN, f"orientation {number} is not one of 0/90/180/270 (or -1 for unknown)"
+    return number, ""
+
+
+def _list_manifest(src: str, label_mode: str) -> Iterator[SourceEntry]:
+    table = read_manifest_table(src)
+    if "uri" not in table.column_names:
+        raise ValueError(f"manifest {src} has no 'uri' column (columns: {table.column_names})")
+    base = src.rsplit("/", 1)[0] if "/" in src else "."
+    rows = table.to_pylist()
+    first_row = {}
+    for number, row in enumerate(rows, start=1):
+        uri = row.get("uri")
+        uri = "" if uri is None else str(uri).strip()
+        if not uri:
+            yield SourceEntry(uri=f"{src}#row={number}", error="manifest row has an empty uri")
+            continue
+        if not is_remote(uri) and not os.path.isabs(uri):
+            uri = posixpath.join(base, uri) if is_remote(base) else os.path.normpath(os.path.join(base, uri))
+        if uri in first_row:
+            # Two rows for one file would give it two labels or splits: the later row is an error.
+            yield SourceEntry(uri=f"{uri}#row={number}",
+                              error=f"duplicate uri, first listed on manifest row {first_row[uri]}")
+            continue
+        first_row[uri] = number
+        split = str(row.get("split") or "").strip().lower()
+        error = ""
+        if split and split not in SPLIT_DIR_NAMES:
+            error = f"split {split!r} is not one of train/val/test"
+        split = SPLIT_DIR_NAMES.get(split, "")
+        orientation, orientation_error = _manifest_orientation(row.get("orientation"))
+        label = row.get("label")
+        label = "" if label is None or label_mode != "manifest" else str(label).strip()
+        yield SourceEntry(uri=uri, label=label, split=split, orientation=orientation,
+                          error=error or orientation_error)
+
+
+def list_archive(src: str, label_mode: str = "auto", exclude: Sequence[str] = ()) -> Iterator[SourceEntry]:
+    """Every input of an archive, in a stable order."""
+    label_mode = resolve_label_mode(src, label_mode)
+    if is_manifest(src):
+        yield from _list_manifest(src, label_mode)
+    elif not is_remote(src) and os.path.isdir(src):
+        yield from _list_local_dir(src, label_mode, exclude)
+    elif any(ch in src for ch in "*?["):
+        root = src.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
+        root = root.rsplit("/", 1)[0] + "/" if "/" in root else ""
+        yield from _list_pattern(src, root, label_mode, exclude)
+    elif is_remote(src):
+        prefix = src.rstrip("/") + "/"
+        yield from _list_pattern(prefix + "**", prefix, label_mode, exclude)
+    elif os.path.isfile(src) or os.path.islink(src):
+        yield SourceEntry(uri=os.path.abspath(src))
+    else:
+        raise FileNotFoundError(f"input {src!r} is not a folder, file, glob, gs:// prefix or manifest")
+
+
+def class_names(entries: Sequence[SourceEntry], pinned: Optional[Sequence[str]] = None) -> List[str]:
+    """Stable class order: the pinned list, else sorted label names (as Keras does for folders)."""
+    if pinned:
+        return list(pinned)
+    return sorted({e.label for e in entries if e.label and not e.error})

@@ -1,0 +1,49 @@
+"""The Parquet tables the jobs write (manifest, errors, results): their schemas and Beam writers."""
+from __future__ import annotations
+
+import io
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+MANIFEST_SCHEMA = pa.schema([
+    ("source_uri", pa.string()), ("page", pa.int64()), ("augment_index", pa.int64()), ("sha256", pa.string()),
+    ("split", pa.string()), ("shard", pa.string()), ("label_index", pa.int64()), ("label_name", pa.string()),
+    ("orientation", pa.int64()), ("exif_orientation", pa.int64()), ("format", pa.string()),
+    ("height", pa.int64()), ("width", pa.int64()), ("original_height", pa.int64()),
+    ("original_width", pa.int64()), ("encoded_bytes", pa.int64()),
+])
+
+ERRORS_SCHEMA = pa.schema([
+    ("uri", pa.string()), ("page", pa.int64()), ("stage", pa.string()), ("error_type", pa.string()),
+    ("message", pa.string()), ("sha256", pa.string()),
+])
+
+
+class WriteTable(beam.PTransform):
+    """Rows (dicts) -> exactly one `<prefix>.parquet` file, written atomically by Beam's file sink,
+    present (with its schema) even when there are no rows, so readers never guess."""
+
+    def __init__(self, prefix: str, schema: pa.Schema):
+        super().__init__()
+        self._prefix = prefix
+        self._schema = schema
+
+    def expand(self, rows):
+        return rows | beam.io.WriteToParquet(self._prefix, self._schema, file_name_suffix=".parquet",
+                                              num_shards=1, shard_name_template="")
+
+
+def write_table_from_rows(prefix: str, schema: pa.Schema) -> WriteTable:
+    """The Beam transform writing `<prefix>.parquet`."""
+    return WriteTable(prefix, schema)
+
+
+def read_table(path: str, schema: pa.Schema) -> pa.Table:
+    """A table written by a job (local or gs://); an absent file reads as an empty table of `schema`."""
+    if not FileSystems.exists(path):
+        return schema.empty_table()
+    with FileSystems.open(path) as handle:
+        return pq.read_table(io.BytesIO(handle.read()))

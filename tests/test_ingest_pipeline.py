@@ -1,0 +1,269 @@
+"""The ingest Beam job: records, error rows, counts, shards, manifests; read back with tf.data."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from PIL import Image
+
+from pipelines import imaging, ingest, schema
+from tests.image_factory import encode_array, make_asymmetric_image, make_random_image, multipage_tiff, \
+    write_sample_archive
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_ingest(args, extend=None):
+    pipeline = TestPipeline()
+    summary = ingest.run(args, test_pipeline=pipeline, extend_pipeline=extend)
+    return summary, pipeline
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    root = tmp_path_factory.mktemp("archive")
+    archive = write_sample_archive(str(root / "in"))
+    out = str(root / "out")
+    checks = {}
+
+    def extend(outputs):
+        error_kinds = outputs["errors"] | "ErrorKinds" >> __import__("apache_beam").Map(
+            lambda row: (row["uri"], row["error_type"]))
+        assert_that(error_kinds, equal_to(sorted(archive["bad"].items())), label="ErrorsAsExpected")
+        checks["asserted"] = True
+
+    summary, pipeline = run_ingest(["--input", str(root / "in"), "--output", out, "--size", "64",
+                                    "--num-shards", "2"], extend)
+    return {"archive": archive, "out": out, "summary": summary, "checks": checks}
+
+
+def test_every_input_is_a_record_or_an_error_row(sample):
+    counts = sample["summary"]["counts"]
+    n_good, n_bad = len(sample["archive"]["good"]), len(sample["archive"]["bad"])
+    assert counts["inputs"] == n_good + n_bad
+    assert counts["inputs_ok"] == n_good and counts["inputs_failed"] == n_bad
+    assert counts["records"] == n_good and counts["errors"] == n_bad
+    assert counts["reconciled"] is True
+    assert sample["checks"]["asserted"]
+
+
+def test_error_table_says_uri_stage_type_and_why(sample):
+    errors = pq.read_table(os.path.join(sample["out"], "errors.parquet")).to_pylist()
+    by_uri = {row["uri"]: row for row in errors}
+    assert set(by_uri) == set(sample["archive"]["bad"])
+    for uri, kind in sample["archive"]["bad"].items():
+        row = by_uri[uri]
+        assert row["error_type"] == kind
+        assert row["stage"] in ("read", "decode")
+        assert row["message"]
+    assert "No such file" in by_uri[[u for u, k in sample["archive"]["bad"].items() if k == "unreadable"][0]]["message"]
+
+
+def test_labels_come_from_folder_names_in_stable_order(sample):
+    labels = json.load(open(os.path.join(sample["out"], "labels.json")))
+    assert labels == {"classes": ["document", "photo"], "source": "folders"}
+    manifest = pq.read_table(os.path.join(sample["out"], "manifest.parquet")).to_pylist()
+    for row in manifest:
+        expected = os.path.basename(os.path.dirname(row["source_uri"]))
+        assert row["label_name"] == expected
+        assert row["label_index"] == labels["classes"].index(expected)
+        assert row["orientation"] == schema.UNKNOWN
+
+
+def test_manifest_names_each_records_shard_and_the_shards_hold_them(sample):
+    import tensorflow as tf
+
+    manifest = pq.read_table(os.path.join(sample["out"], "manifest.parquet")).to_pylist()
+    shard_files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(sample["out"], "*.tfrecord")))
+    assert set(row["shard"] for row in manifest) == set(shard_files)
+    for name in shard_files:
+        split, _, rest = name.partition("-")
+        index, _, total = rest.split(".")[0].partition("-of-")
+        assert split in schema.SPLITS and int(index) < int(total)
+    for name in shard_files:
+        uris = sorted(schema.record_from_example(tf.train.Example.FromString(raw.numpy())).source_uri
+                      for raw in tf.data.TFRecordDataset(os.path.join(sample["out"], name)))
+        assert uris == sorted(row["source_uri"] for row in manifest if row["shard"] == name)
+    assert not glob.glob(os.path.join(sample["out"], ".temp-*"))  # temp shards renamed away
+
+
+def test_shards_read_back_with_tf_data_give_the_pure_function_pixels(sample):
+    import tensorflow as tf
+
+    from trainer.preprocessing import decode_image_bytes
+
+    files = sorted(glob.glob(os.path.join(sample["out"], "*.tfrecord")))
+    dataset = tf.data.TFRecordDataset(files).map(lambda raw: tf.io.parse_single_example(raw, schema.tf_feature_spec()))
+    seen = 0
+    for features in dataset:
+        uri = features[schema.SOURCE_URI].numpy().decode()
+        pixels = decode_image_bytes(features[schema.IMAGE_ENCODED]).numpy().astype(float)
+        assert pixels.shape == (64, 64, 3)
+        assert features[schema.IMAGE_HEIGHT].numpy() == 64 and features[schema.IMAGE_FORMAT].numpy() == b"jpeg"
+        with open(uri, "rb") as f:
+            data = f.read()
+        assert features[schema.SHA256].numpy().decode() == imaging.content_sha256(data)
+        page = next(imaging.decode_pages(data, draft_for=(64, "pad")))
+        expected = np.asarray(imaging.resize(page.image, 64, "pad"), dtype=float)
+        assert np.abs(pixels - expected).mean() < 5.0, uri  # JPEG q90 with 4:2:0 chroma at 64 px; a wrong image is ~50
+        seen += 1
+    assert seen == len(sample["archive"]["good"])
+
+
+def test_run_json_records_options_versions_and_counts(sample):
+    run = json.load(open(os.path.join(sample["out"], "run.json")))
+    assert run["options"]["size"] == 64
+    assert run["versions"]["apache_beam"]
+    assert run["counts"]["inputs"] == sample["summary"]["counts"]["inputs"]
+    assert run["elapsed_seconds"] > 0
+
+
+def test_a_second_run_refuses_to_mix_with_earlier_shards(sample):
+    with pytest.raises(SystemExit, match="--overwrite"):
+        ingest.run(["--input", os.path.dirname(sample["archive"]["good"][0]), "--output", sample["out"]],
+                   test_pipeline=TestPipeline())
+
+
+def test_manifest_input_with_labels_splits_orientation_and_bad_rows(tmp_path):
+    images = tmp_path / "scans"
+    images.mkdir()
+    rows = []
+    for i in range(6):
+        name = f"scan{i}.png"
+        (images / name).write_bytes(encode_array(make_random_image(40, 30, seed=i), "PNG"))
+        rows.append({"uri": f"scans/{name}", "label": ["map", "letter"][i % 2], "split": ["train", "test"][i % 2],
+                     "orientation": [0, 90, 180, 270, "", 0][i]})
+    rows.append({"uri": "", "label": "map", "split": "train", "orientation": 0})
+    rows.append({"uri": "scans/scan6.png", "label": "map", "split": "holdout", "orientation": 0})
+    rows.append({"uri": "scans/scan7.png", "label": "map", "split": "train", "orientation": 45})
+    rows.append({"uri": "scans/scan0.png", "label": "letter", "split": "test", "orientation": 0})
+    manifest = tmp_path / "manifest.csv"
+    with open(manifest, "w") as f:
+        f.write("uri,label,split,orientation\n")
+        for row in rows:
+            f.write(f"{row['uri']},{row['label']},{row['split']},{row['orientation']}\n")
+    out = str(tmp_path / "out")
+    summary, pipeline = run_ingest(["--input", str(manifest), "--output", out, "--size", "32"])
+    assert summary["counts"]["records"] == 6 and summary["counts"]["errors"] == 4
+    assert summary["counts"]["reconciled"]
+    table = {r["source_uri"]: r for r in pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist()}
+    for i in range(6):
+        row = table[str(images / f"scan{i}.png")]
+        assert row["label_name"] == ["map", "letter"][i % 2]
+        assert row["split"] == ["train", "test"][i % 2]
+        assert row["orientation"] == [0, 90, 180, 270, -1, 0][i]
+    assert json.load(open(os.path.join(out, "labels.json")))["classes"] == ["letter", "map"]
+    messages = " | ".join(r["message"] for r in pq.read_table(os.path.join(out, "errors.parquet")).to_pylist())
+    assert "empty uri" in messages and "holdout" in messages and "45" in messages
+    assert "duplicate uri, first listed on manifest row 1" in messages
+
+
+def test_parquet_manifest_and_pinned_class_order(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(encode_array(make_random_image(30, 30), "JPEG"))
+    (tmp_path / "b.jpg").write_bytes(encode_array(make_random_image(30, 30, seed=3), "JPEG"))
+    pq.write_table(pa.table({"uri": [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")], "label": ["z", "unknown"]}),
+                   tmp_path / "m.parquet")
+    out = str(tmp_path / "out")
+    summary, _ = run_ingest(["--input", str(tmp_path / "m.parquet"), "--output", out, "--classes", "z,y"])
+    assert json.load(open(os.path.join(out, "labels.json")))["classes"] == ["z", "y"]
+    assert summary["counts"]["records"] == 1
+    assert pq.read_table(os.path.join(out, "errors.parquet")).to_pylist()[0]["error_type"] == "unknown_label"
+
+
+def test_multipage_tiff_pages_become_records_in_one_split(tmp_path):
+    pages = [Image.fromarray(make_random_image(50, 40, seed=s)) for s in range(3)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bundle.tif").write_bytes(multipage_tiff(pages))
+    out = str(tmp_path / "out")
+    summary, _ = run_ingest(["--input", str(tmp_path / "in"), "--output", out, "--size", "32"])
+    manifest = pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist()
+    assert sorted(r["page"] for r in manifest) == [0, 1, 2]
+    assert len({r["split"] for r in manifest}) == 1
+    assert summary["counts"]["inputs"] == 1 and summary["counts"]["reconciled"]
+
+
+def test_duplicates_share_a_split_and_augmented_copies_only_in_train(tmp_path):
+    (tmp_path / "in").mkdir()
+    data = [encode_array(make_random_image(40, 40, seed=s), "PNG") for s in range(12)]
+    for i, d in enumerate(data):
+        (tmp_path / "in" / f"img{i}.png").write_bytes(d)
+        (tmp_path / "in" / f"copy_of_img{i}.png").write_bytes(d)
+    out = str(tmp_path / "out")
+    summary, pipeline = run_ingest(["--input", str(tmp_path / "in"), "--output", out, "--size", "32",
+                                    "--augment-copies", "2", "--split-fractions", "0.5,0.25,0.25"])
+    manifest = pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist()
+    splits_by_hash = {}
+    for row in manifest:
+        splits_by_hash.setdefault(row["sha256"], set()).add(row["split"])
+        if row["augment_index"] > 0:
+            assert row["split"] == "train"
+    assert all(len(s) == 1 for s in splits_by_hash.values())
+    originals = [r for r in manifest if r["augment_index"] == 0]
+    train_originals = sum(1 for r in originals if r["split"] == "train")
+    assert len(originals) == 24
+    assert summary["counts"]["augmented_records"] == 2 * train_originals
+    assert summary["counts"]["inputs"] == 24
+
+
+def test_gzip_shards_are_readable_by_tf_data(tmp_path):
+    import tensorflow as tf
+
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        (tmp_path / "in" / f"{i}.jpg").write_bytes(encode_array(make_random_image(30, 30, seed=i), "JPEG"))
+    out = str(tmp_path / "out")
+    run_ingest(["--input", str(tmp_path / "in"), "--output", out, "--compression", "gzip",
+                "--split-fractions", "1,0,0"])
+    files = glob.glob(os.path.join(out, "train-*.tfrecord.gz"))
+    assert len(files) == 1
+    assert sum(1 for _ in tf.data.TFRecordDataset(files, compression_type="GZIP")) == 3
+
+
+def test_stored_pixels_are_upright_after_exif(tmp_path):
+    from tests.image_factory import jpeg_with_exif_orientation
+
+    upright = make_asymmetric_image(60, 80)
+    stored = np.asarray(Image.fromarray(upright).transpose(Image.Transpose.ROTATE_270))  # camera held sideways: tag 8
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "sideways.jpg").write_bytes(jpeg_with_exif_orientation(stored, 8))
+    out = str(tmp_path / "out")
+    run_ingest(["--input", str(tmp_path / "in"), "--output", out, "--size", "80", "--resize-mode", "stretch",
+                "--assume-upright"])
+    row = pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist()[0]
+    assert row["exif_orientation"] == 8 and row["orientation"] == 0
+    assert (row["original_width"], row["original_height"]) == (80, 60)
+    import tensorflow as tf
+
+    raw = next(iter(tf.data.TFRecordDataset(glob.glob(os.path.join(out, "*.tfrecord")))))
+    pixels = tf.io.decode_jpeg(tf.io.parse_single_example(raw, schema.tf_feature_spec())[schema.IMAGE_ENCODED])
+    top_left = pixels.numpy()[5, 5]
+    assert top_left[0] > 200 and top_left[2] < 80  # the red block is back in the top-left corner
+
+
+def test_cli_runs_multiprocess_direct_runner_and_prints_a_summary(tmp_path):
+    archive = write_sample_archive(str(tmp_path / "in"), n_per_class=2)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "archive_vision.cli", "ingest", "--input", str(tmp_path / "in"),
+                           "--output", str(out), "--size", "48"], capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reconciled" in proc.stdout
+    n = len(archive["good"]) + len(archive["bad"])
+    assert f"inputs   {n}" in proc.stdout
+    run = json.load(open(out / "run.json"))
+    assert run["counts"]["errors"] == len(archive["bad"])
+
+
+def test_help_lists_the_job_flags():
+    proc = subprocess.run([sys.executable, "-m", "archive_vision.cli", "ingest", "--help"], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0
+    for flag in ("--input", "--output", "--resize-mode", "--augment-copies", "--max-pixels", "--split-fractions"):
+        assert flag in proc.stdout
