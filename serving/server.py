@@ -458,6 +458,7 @@ class ModelManager:
 def _validate_inputs(signature_def, inputs_proto, model_name: str) -> Tuple[Dict[str, np.ndarray], Optional[int]]:
     """Check names, dtypes, shapes and image bytes against the SignatureDef; return arrays and the batch rows."""
     import tensorflow as tf
+    from tensorflow.core.framework import types_pb2
 
     wanted = set(signature_def.inputs)
     sent = set(inputs_proto)
@@ -471,8 +472,8 @@ def _validate_inputs(signature_def, inputs_proto, model_name: str) -> Tuple[Dict
         proto = inputs_proto[alias]
         if proto.dtype != info.dtype:
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"Expected input {alias} to be {tf.dtypes.as_dtype(info.dtype).name} "
-                             f"but got {tf.dtypes.as_dtype(proto.dtype).name}")
+                             f"Expected input {alias} to be {types_pb2.DataType.Name(info.dtype)} "
+                             f"but got {types_pb2.DataType.Name(proto.dtype)}")
         try:
             array = tf.make_ndarray(proto)
         except Exception as error:  # noqa: BLE001 - a malformed TensorProto is the caller's error
