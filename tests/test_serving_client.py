@@ -1,0 +1,149 @@
+"""Client policy (batching, in-flight limit, retries, waiting, error mapping) over a scripted fake transport."""
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from serving.client import GrpcModelServerClient, ModelServerClient, map_grpc_error
+from serving.errors import (DeadlineExceededError, ImageTooLargeError, InvalidInputError, ModelNotFoundError,
+                            ResourceExhaustedError, ServerUnavailableError)
+
+
+class ScriptedClient(ModelServerClient):
+    """Answers Predict with each image's length; `failures` are raised first, one per call."""
+
+    def __init__(self, failures=(), states=(), **policy):
+        policy.setdefault("initial_backoff_s", 0.001)
+        super().__init__("m", **policy)
+        self.failures = list(failures)
+        self.states = list(states)
+        self.calls: list[int] = []
+        self.active = 0
+        self.most_active = 0
+        self._lock = threading.Lock()
+        self.max_rows_accepted = None
+
+    def _rpc_predict(self, images, timeout_s):
+        with self._lock:
+            self.calls.append(len(images))
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+            failure = self.failures.pop(0) if self.failures else None
+        try:
+            time.sleep(0.005)
+            if failure:
+                raise failure
+            if self.max_rows_accepted and len(images) > self.max_rows_accepted:
+                raise ResourceExhaustedError("too big")
+            return {"size": np.array([len(i) for i in images], np.int64),
+                    "name": np.array([i[:3] for i in images], dtype=object),
+                    "probabilities": np.tile(np.array([[0.25, 0.75]], np.float32), (len(images), 1))}
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def _rpc_model_states(self, timeout_s):
+        state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+        if isinstance(state, Exception):
+            raise state
+        return state
+
+    def _rpc_metadata(self, timeout_s):
+        return {"version": 1, "signatures": {}}
+
+
+def images(n: int) -> list[bytes]:
+    return [b"img" + b"x" * i for i in range(n)]
+
+
+def test_predict_returns_one_row_per_image_in_order_within_the_in_flight_limit():
+    client = ScriptedClient(max_batch_images=4, max_in_flight=3)
+    rows = client.predict(images(30))
+
+    assert [r["size"] for r in rows] == [len(i) for i in images(30)]
+    assert rows[0]["name"] == "img" and isinstance(rows[0]["size"], int)
+    np.testing.assert_allclose(rows[5]["probabilities"], [0.25, 0.75])
+    assert client.calls and max(client.calls) <= 4 and sum(client.calls) == 30
+    assert 1 < client.most_active <= 3
+
+
+def test_batches_respect_the_message_limit_and_refuse_an_oversized_image():
+    client = ScriptedClient(max_batch_images=100, max_message_bytes=4096 + 3 * 120)
+    batches = client.split_batches([b"x" * 100] * 10)
+    assert [len(b) for b in batches] == [3, 3, 3, 1]
+    with pytest.raises(ImageTooLargeError):
+        client.split_batches([b"x" * 10, b"x" * 5000])
+    assert client.predict([]) == []
+
+
+def test_retryable_failures_are_retried_with_backoff_then_succeed():
+    client = ScriptedClient(failures=[ServerUnavailableError("down"), DeadlineExceededError("slow")])
+    rows = client.predict(images(2))
+    assert len(rows) == 2 and client.retries == 2 and len(client.calls) == 3
+
+
+def test_retries_stop_after_max_attempts_and_bad_input_is_never_retried():
+    exhausted = ScriptedClient(failures=[ServerUnavailableError("down")] * 5, max_attempts=3)
+    with pytest.raises(ServerUnavailableError):
+        exhausted.predict(images(1))
+    assert len(exhausted.calls) == 3
+
+    invalid = ScriptedClient(failures=[InvalidInputError("images[0] is not an image")])
+    with pytest.raises(InvalidInputError):
+        invalid.predict(images(1))
+    assert len(invalid.calls) == 1
+
+
+def test_a_batch_over_the_servers_limit_is_halved_until_it_fits():
+    client = ScriptedClient(max_batch_images=8, max_attempts=1)
+    client.max_rows_accepted = 2
+    rows = client.predict(images(8))
+    assert [r["size"] for r in rows] == [len(i) for i in images(8)]
+    assert client.calls == [8, 4, 2, 2, 4, 2, 2]  # each refused batch is split in two
+
+
+def test_wait_until_available_polls_through_not_found_and_loading():
+    client = ScriptedClient(states=[ModelNotFoundError("not yet"), {1: "LOADING"}, {1: "AVAILABLE"}])
+    assert client.wait_until_available(5.0) == {1: "AVAILABLE"}
+
+    pinned = ScriptedClient(states=[{1: "AVAILABLE"}], version=2, max_backoff_s=0.01)
+    start = time.monotonic()
+    with pytest.raises(ServerUnavailableError, match="not AVAILABLE"):
+        pinned.wait_until_available(0.3)
+    assert time.monotonic() - start < 3.0
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code):
+        self._code = code
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return "details from the server"
+
+
+@pytest.mark.parametrize("code, kind", [
+    (grpc.StatusCode.INVALID_ARGUMENT, InvalidInputError), (grpc.StatusCode.NOT_FOUND, ModelNotFoundError),
+    (grpc.StatusCode.FAILED_PRECONDITION, ModelNotFoundError), (grpc.StatusCode.UNAVAILABLE, ServerUnavailableError),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, DeadlineExceededError),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhaustedError)])
+def test_grpc_status_codes_map_to_project_errors(code, kind):
+    error = map_grpc_error(FakeRpcError(code), "Predict m")
+    assert type(error) is kind and "details from the server" in str(error)
+
+
+def test_grpc_client_pickles_without_a_channel_and_rejects_double_pinning():
+    client = GrpcModelServerClient("127.0.0.1:1", "m", version=3)
+    client._stubs()
+    revived = pickle.loads(pickle.dumps(client))
+    assert revived._channel is None and revived.version == 3 and revived.address == "127.0.0.1:1"
+    client.close()
+    with pytest.raises(ValueError):
+        GrpcModelServerClient("127.0.0.1:1", "m", version=3, version_label="stable")
