@@ -135,6 +135,8 @@ def compile_for_tasks(model: keras.Model, tasks: Sequence[str], learning_rate: f
 def accuracy_keys(tasks: Sequence[str], validation: bool) -> List[str]:
     """History/log keys of each active head's accuracy, e.g. val_orientation_probabilities_accuracy."""
     prefix = "val_" if validation else ""
+    if len([t for t in tasks if t in ("classes", "orientation")]) == 1:
+        return [f"{prefix}accuracy"]  # Keras drops the output name when the model has a single output
     keys = []
     if "classes" in tasks:
         keys.append(f"{prefix}{CLASS_OUTPUT}_accuracy")

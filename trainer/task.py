@@ -276,8 +276,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     import tensorflow as tf
 
     if cfg.threads > 0:
-        tf.config.threading.set_intra_op_parallelism_threads(cfg.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(cfg.threads)
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(cfg.threads)
+            tf.config.threading.set_inter_op_parallelism_threads(cfg.threads)
+        except RuntimeError:  # TF already initialised in this process (e.g. main() called twice)
+            log.warning("--threads ignored: TensorFlow is already initialised in this process")
     from trainer import strategy as strategy_lib
 
     strategy = strategy_lib.make_strategy(cfg.strategy)

@@ -1,0 +1,136 @@
+"""End-to-end `trainer.task.main` runs on tiny generated archives (one device, in process)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.test_trainer_data import write_archive
+
+# Small and quick: tiny random-init CNN backbone on 32 px images.
+TINY = ["--backbone", "tiny", "--weights", "none", "--image-size", "32", "--batch-size", "16", "--threads", "2",
+        "--early-stopping-patience", "0"]
+
+
+def _history(job: str, phase: str = "heads"):
+    with open(os.path.join(job, f"history_{phase}.csv"), newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _run(argv):
+    from trainer import task
+
+    return task.main(argv)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """64 train / 16 val / 8 test labelled images, stored in mixed orientations, in 2 shards per split."""
+    return write_archive(str(tmp_path_factory.mktemp("archive")), {"train": 64, "val": 16, "test": 8},
+                         stored_turns=(0, 90, 0, 270), unknown_orientation_every=8)
+
+
+@pytest.fixture(scope="module")
+def trained_job(archive, tmp_path_factory):
+    job = str(tmp_path_factory.mktemp("job"))
+    assert _run(["--data", archive, "--job-dir", job, "--epochs", "8", *TINY]) == 0
+    return job
+
+
+def test_training_lowers_the_loss_and_learns_orientation_well_above_chance(trained_job):
+    history = _history(trained_job)
+    assert len(history) == 8
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+    with open(os.path.join(trained_job, "eval", "test_metrics.json")) as f:
+        test = json.load(f)
+    assert test["orientation"]["accuracy"] >= 0.9      # chance is 0.25
+    assert test["classes"]["accuracy"] is not None
+    # every test image is evaluated in all four turns, the unknown-orientation one for its class only
+    assert test["orientation"]["examples"] == 7 * 4 and test["classes"]["examples"] == 7 * 4 + 1
+
+
+def test_evaluation_writes_metrics_json_confusion_pngs_curves_and_misclassified_list(trained_job):
+    from PIL import Image
+
+    eval_dir = os.path.join(trained_job, "eval")
+    with open(os.path.join(eval_dir, "val_metrics.json")) as f:
+        val = json.load(f)
+    cm = np.array(val["classes"]["confusion_matrix"])
+    assert cm.shape == (2, 2) and cm.sum() == val["classes"]["examples"]
+    assert set(val["classes"]["per_class"]) == {"warm", "cool"}
+    assert set(val["orientation"]["per_class"]) == {"0", "90", "180", "270"}
+    for name in ("confusion_val_classes.png", "confusion_val_orientation.png", "confusion_test_orientation.png",
+                 "training_curves.png"):
+        with Image.open(os.path.join(eval_dir, name)) as img:
+            assert img.format == "PNG" and img.size[0] > 100
+    with open(os.path.join(eval_dir, "misclassified_val.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == val["misclassified_count"]
+    for row in rows:
+        assert row["source_uri"].startswith("file:///archive/val/")
+
+
+def test_job_dir_holds_resolved_config_best_checkpoint_and_export(trained_job):
+    with open(os.path.join(trained_job, "training_config.json")) as f:
+        config = json.load(f)
+    assert config["backbone"] == "tiny" and config["epochs"] == 8 and config["replicas"] == 1
+    assert config["class_names"] == ["warm", "cool"]
+    assert os.path.exists(os.path.join(trained_job, "checkpoints", "best_heads.weights.h5"))
+    assert os.listdir(os.path.join(trained_job, "tensorboard", "heads"))
+    with open(os.path.join(trained_job, "run_summary.json")) as f:
+        summary = json.load(f)
+    if summary["export_dir"] is None:
+        pytest.skip("serving.export not available in this tree")
+    assert summary["export_dir"].startswith(os.path.join(trained_job, "export", "archive_vision"))
+    assert os.path.exists(os.path.join(summary["export_dir"], "saved_model.pb"))
+
+
+def test_feature_cache_reaches_the_same_accuracy_as_recomputing_the_backbone(archive, tmp_path):
+    common = ["--data", archive, "--epochs", "6", "--dropout", "0", "--export", "false", *TINY]
+    assert _run([*common, "--job-dir", str(tmp_path / "plain")]) == 0
+    assert _run([*common, "--job-dir", str(tmp_path / "cached"), "--cache-features"]) == 0
+    plain, cached = _history(str(tmp_path / "plain")), _history(str(tmp_path / "cached"))
+    for key in ("val_orientation_probabilities_accuracy", "val_class_probabilities_accuracy"):
+        assert abs(plain[-1][key] - cached[-1][key]) <= 0.1, key
+    assert os.listdir(tmp_path / "cached" / "feature_cache")
+    with open(tmp_path / "cached" / "eval" / "test_metrics.json") as f:
+        assert json.load(f)["orientation"]["accuracy"] >= 0.9
+
+
+def test_unlabelled_archive_trains_orientation_only(tmp_path):
+    data = write_archive(str(tmp_path / "unlabelled"), {"train": 32, "val": 8}, labelled=False)
+    job = str(tmp_path / "job")
+    # Asking for the class head on an archive without classes is a clear usage error, not a crash.
+    assert _run(["--data", data, "--job-dir", job, "--epochs", "1", *TINY]) == 2
+    assert _run(["--data", data, "--job-dir", job, "--epochs", "6", "--tasks", "orientation", *TINY]) == 0
+    with open(os.path.join(job, "eval", "val_metrics.json")) as f:
+        val = json.load(f)
+    assert "classes" not in val and val["orientation"]["accuracy"] >= 0.9
+    with open(os.path.join(job, "training_config.json")) as f:
+        assert json.load(f)["tasks"] == ["orientation"]
+
+
+def test_stop_at_accuracy_ends_training_early(archive, tmp_path):
+    job = str(tmp_path / "job")
+    assert _run(["--data", archive, "--job-dir", job, "--epochs", "40", "--tasks", "orientation",
+                 "--stop-at-accuracy", "0.95", "--export", "false", *TINY]) == 0
+    history = _history(job)
+    assert len(history) < 40
+    assert history[-1]["val_accuracy"] >= 0.95  # a single-head model logs plain "accuracy"
+
+
+def test_fine_tune_phase_runs_after_the_heads_with_its_own_history(archive, tmp_path):
+    job = str(tmp_path / "job")
+    assert _run(["--data", archive, "--job-dir", job, "--epochs", "2", "--fine-tune-layers", "2",
+                 "--fine-tune-epochs", "2", "--export", "false", *TINY]) == 0
+    assert len(_history(job, "heads")) == 2 and len(_history(job, "fine_tune")) == 2
+
+
+def test_help_exits_cleanly(capsys):
+    with pytest.raises(SystemExit) as e:
+        _run(["--help"])
+    assert e.value.code == 0
+    assert "--cache-features" in capsys.readouterr().out
