@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 import uuid
@@ -31,6 +32,7 @@ from pipelines.tables import ERRORS_SCHEMA, MANIFEST_SCHEMA, read_table, write_t
 
 LOG = logging.getLogger("archive_vision.ingest")
 COUNTER_NAMESPACE = "ingest"
+PROGRESS_SECONDS = float(os.environ.get("ARCHIVE_VISION_PROGRESS_SECONDS", "5"))
 ERROR_STAGES = ("list", "read", "decode", "resize", "encode")
 
 
@@ -108,10 +110,12 @@ class DecodeImagesFn(beam.DoFn):
     def _progress(self):
         self._seen += 1
         now = time.monotonic()
-        if now - self._last_log >= 10.0:
+        if now - self._last_log >= PROGRESS_SECONDS:
             self._last_log = now
-            LOG.info("ingest progress: %d inputs on this worker, %.1f inputs/s", self._seen,
-                     self._seen / max(now - self._started, 1e-9))
+            # Straight to stderr: worker processes inherit the launcher's terminal, while their
+            # logging is re-wrapped by the runner and filtered with the rest of Beam's chatter.
+            print(f"  [ingest worker {os.getpid()}] {self._seen} inputs read, "
+                  f"{self._seen / max(now - self._started, 1e-9):.1f} inputs/s", file=sys.stderr, flush=True)
 
     def _fail(self, uri, stage, kind, message, page=-1, sha=""):
         self._errors.inc()
@@ -518,6 +522,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("apache_beam", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Worker-side warnings relayed by the local job service are start-up chatter; errors still show.
+    logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
     summary = run(argv)
     print(format_summary(summary, summary["options"]["output"]))
     return 0 if summary["counts"]["reconciled"] else 1

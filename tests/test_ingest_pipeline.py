@@ -252,9 +252,10 @@ def test_cli_runs_multiprocess_direct_runner_and_prints_a_summary(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "archive_vision.cli", "ingest", "--input", str(tmp_path / "in"),
                            "--output", str(out), "--size", "48"], capture_output=True, text=True, timeout=300,
-                          cwd=REPO)
+                          cwd=REPO, env={**os.environ, "ARCHIVE_VISION_PROGRESS_SECONDS": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reconciled" in proc.stdout
+    assert "inputs read" in proc.stderr  # the per-worker progress display
     n = len(archive["good"]) + len(archive["bad"])
     assert f"inputs   {n}" in proc.stdout
     run = json.load(open(out / "run.json"))
