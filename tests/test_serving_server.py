@@ -42,27 +42,23 @@ def free_port() -> int:
 class RunningServer:
     """`python -m serving.server` in a subprocess, with its ports and log."""
 
-    def __init__(self, export_base: str, log_path: str, *extra: str):
+    def __init__(self, log_path: str, flags: list[str]):
         self.port, self.rest_port = free_port(), free_port()
         self.log_path = log_path
         command = [sys.executable, "-m", "serving.server", "--port", str(self.port),
-                   "--rest_api_port", str(self.rest_port),
-                   "--model_config_file", os.path.join(export_base, configs.MODELS_CONFIG),
-                   "--file_system_poll_wait_seconds", "0.5", "--enable_batching",
-                   "--batching_parameters_file", os.path.join(export_base, configs.BATCHING_PARAMETERS),
-                   "--max_message_bytes", str(MAX_MESSAGE_BYTES), "--tensorflow_intra_op_parallelism", "1",
-                   "--tensorflow_inter_op_parallelism", "1", *extra]
+                   "--rest_api_port", str(self.rest_port), "--max_message_bytes", str(MAX_MESSAGE_BYTES),
+                   "--tensorflow_intra_op_parallelism", "1", "--tensorflow_inter_op_parallelism", "1", *flags]
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO_ROOT)
         self._log = open(log_path, "w")
         self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.address = f"127.0.0.1:{self.port}"
 
-    def wait_until_available(self, deadline_s: float = 120.0) -> None:
-        client = GrpcModelServerClient(self.address, MODEL)
+    def wait_until_available(self, model: str = MODEL, deadline_s: float = 120.0, **client_options) -> None:
+        client = GrpcModelServerClient(self.address, model, **client_options)
         try:
             client.wait_until_available(deadline_s)
-        except ServerUnavailableError:
-            pytest.fail(f"server did not come up; exit={self.process.poll()} log:\n{self.log()}")
+        except ServerUnavailableError as error:
+            pytest.fail(f"server did not come up ({error}); exit={self.process.poll()} log:\n{self.log()}")
         finally:
             client.close()
 
@@ -96,7 +92,9 @@ def served(tmp_path_factory):
     # A long batch window so that concurrent requests visibly merge on two shared cores.
     configs.write_batching_parameters(base, configs.BatchingParameters(max_batch_size=32,
                                                                        batch_timeout_micros=100_000))
-    server = RunningServer(base, os.path.join(base, "server.log"))
+    server = RunningServer(os.path.join(base, "server.log"), [
+        "--model_config_file", os.path.join(base, configs.MODELS_CONFIG), "--file_system_poll_wait_seconds", "0.5",
+        "--enable_batching", "--batching_parameters_file", os.path.join(base, configs.BATCHING_PARAMETERS)])
     try:
         server.wait_until_available()
         yield {"server": server, "base": base, "version_dir": version_dir, "model": model}
@@ -346,6 +344,28 @@ def test_unreachable_server_raises_unavailable_within_the_deadline():
     client.close()
     assert isinstance(caught.value.__cause__, grpc.RpcError)
     assert client.retries == 1
+
+
+def test_tls_server_with_single_model_flags_answers_only_tls_clients(served, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True,
+                   timeout=60)
+    server = RunningServer(str(tmp_path / "tls.log"), [
+        "--model_name", "scans", "--model_base_path", os.path.dirname(served["version_dir"]),
+        "--file_system_poll_wait_seconds", "0", "--ssl_cert_file", str(cert), "--ssl_key_file", str(key)])
+    try:
+        server.wait_until_available("scans", root_certificates=cert.read_bytes())
+        with GrpcModelServerClient(server.address, "scans", root_certificates=cert.read_bytes()) as client:
+            rows = client.predict(sample_images()[:2])
+        plain = GrpcModelServerClient(server.address, "scans", max_attempts=1, timeout_s=5)
+        with pytest.raises(ServerUnavailableError):
+            plain.predict(sample_images()[:1])
+        plain.close()
+    finally:
+        server.stop()
+    assert [r["class_names"] in CLASS_NAMES for r in rows] == [True, True]
 
 
 def test_hot_swap_under_load_fails_no_request_and_switches_version(served):
