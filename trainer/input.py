@@ -60,8 +60,9 @@ def _read_records(files: List[str], shuffle_files: bool, seed: int) -> tf.data.D
         compression = tf.where(tf.strings.regex_full_match(path, r".*\.gz"), "GZIP", "")
         return tf.data.TFRecordDataset(path, compression_type=compression)
 
+    # Deterministic order (given the seed): runs are reproducible and strategies comparable.
     return ds.interleave(open_file, cycle_length=max(1, min(len(files), 8)),
-                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle_files)
+                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _parse(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
@@ -149,8 +150,7 @@ def example_dataset(data_dir: str, split: str, cfg: TrainConfig, training: bool,
     ds = ds.filter(lambda r: _usable(r, cfg))
     if training:
         ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed, reshuffle_each_iteration=True)
-    ds = ds.map(lambda r: _examples_of_record(r, cfg, training, all_turns),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
+    ds = ds.map(lambda r: _examples_of_record(r, cfg, training, all_turns), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.unbatch()
 
 

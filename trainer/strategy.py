@@ -85,3 +85,50 @@ def make_strategy(name: str = "auto", devices: Optional[list] = None) -> tf.dist
 def describe(strategy: tf.distribute.Strategy) -> str:
     """One line naming the strategy and its replica count, for the logs."""
     return f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)"
+
+
+def prepare_model_for_strategy(model, strategy: tf.distribute.Strategy) -> None:
+    """Work around Keras 3 building a model under MultiWorkerMirroredStrategy.
+
+    Keras (3.15) builds the compiled metrics from the first distributed batch by reducing it across
+    replicas with `strategy.reduce` in eager mode, which fails for a multi-worker PerReplica
+    ("Attempt to convert a value (PerReplica ...) to a Tensor"). Only the batch's shapes matter for
+    that build, so this replaces the step with one that takes this worker's local batch instead.
+    It also makes Keras reduce the per-step scalar logs across workers with axis=None: its
+    multi-worker branch reduces with axis=0, which rejects scalars ("Invalid reduction dimension 0").
+    Other strategies are left untouched.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    import keras
+    from keras.src.backend.tensorflow import trainer as keras_tf_trainer
+
+    if not getattr(keras_tf_trainer.reduce_per_replica, "_archive_vision_scalar_safe", False):
+        keras_reduce = keras_tf_trainer.reduce_per_replica
+
+        def reduce_per_replica(values, strat, reduction):
+            if reduction not in ("auto", "mean") or not isinstance(strat, tf.distribute.MultiWorkerMirroredStrategy):
+                return keras_reduce(values, strat, reduction)
+
+            def mean(v):
+                local = strat.experimental_local_results(v)[0] if isinstance(v, tf.distribute.DistributedValues) else v
+                return strat.reduce("MEAN", v, axis=None if local.shape.rank == 0 else 0)
+
+            return keras.tree.map_structure(mean, values)
+
+        reduce_per_replica._archive_vision_scalar_safe = True
+        # Keras looks the function up in its module at trace time, so replacing the attribute suffices.
+        keras_tf_trainer.reduce_per_replica = reduce_per_replica
+
+    def symbolic_build_from_local_batch(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, it in iterator:
+                batch = next(it)
+                data_batch = keras.tree.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0]
+                    if isinstance(v, tf.distribute.DistributedValues) else v, batch)
+                break
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    model._maybe_symbolic_build = symbolic_build_from_local_batch

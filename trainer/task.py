@@ -205,6 +205,7 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
             fit_model = full_model
         with strategy.scope():
             model_lib.compile_for_tasks(fit_model, cfg.tasks, cfg.learning_rate)
+        strategy_lib.prepare_model_for_strategy(fit_model, strategy)
         _run_phase(fit_model, cfg, PHASE_HEADS, cfg.epochs, train_ds, steps, val_ds, val_steps, private_dir,
                    prefix)
         heads.save_weights(heads_weights)
@@ -215,6 +216,7 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
         with strategy.scope():
             unfrozen = backbones.unfreeze_top_layers(backbone, cfg.fine_tune_layers)
             model_lib.compile_for_tasks(full_model, cfg.tasks, cfg.fine_tune_learning_rate)
+        strategy_lib.prepare_model_for_strategy(full_model, strategy)
         print(f"{prefix}[{PHASE_FINE_TUNE}] {unfrozen} backbone layers trainable, "
               f"learning rate {cfg.fine_tune_learning_rate}", flush=True)
         train_ds, steps, val_ds, val_steps = train_input.make_fit_datasets(cfg, global_batch, role.num_workers)
@@ -287,8 +289,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     role = strategy_lib.worker_role()
     try:
         train_and_export(cfg, strategy, role)
-    except (ValueError, FileNotFoundError) as e:
-        log.error("%s", e)
+    except (FileNotFoundError) as e:
+        log.debug("usage error", exc_info=True)
         print(f"archive-vision train: {e}", file=sys.stderr)
         return 2
     return 0
