@@ -1,0 +1,925 @@
+"""`archive-vision score`: the Beam job that classifies and orients every image of an archive through a model.
+
+    archive -> ListArchive -> PrepareImages (items | reused | errors) -> ScoreImages (scored | errors)
+            -> Decide (+ corrected copies) -> results.parquet/.csv, errors.parquet, run.json, report.html
+
+Scoring is remote (batched gRPC Predict through serving.client, `--endpoint`) or in-process (Beam RunInference
+with the exported SavedModel, `--model`); both call the same `serving_default` signature on the same bytes, so
+they give the same answers. Every input file ends in the results or in errors: run.json says whether they
+reconcile.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+
+from pipelines import imaging, sources
+from pipelines.ingest import default_pipeline_options, error_row
+from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, read_table, write_table_from_rows
+
+LOG = logging.getLogger("archive_vision.score")
+COUNTER_NAMESPACE = "score"
+DECISIONS = ("auto_rotate", "review", "ok")
+SKIPPED = "skipped"  # a file an ingest manifest already knew: listed, not scored, no prediction
+TURNS = (0, 90, 180, 270)
+EXPORT_METADATA = "archive_vision_export.json"  # written by serving.export beside each version
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreOptions:
+    """The job's own flags (everything else on the command line is a Beam pipeline option)."""
+
+    input: str
+    output: str
+    endpoint: str = ""
+    model: str = ""
+    model_name: str = "archive_vision"
+    labels: str = ""
+    size: int = 256
+    resize_mode: str = "pad"
+    quality: int = 90
+    max_pixels: int = imaging.DEFAULT_MAX_PIXELS
+    max_file_mb: float = 1024.0
+    max_pages: int = 1000
+    exclude: Tuple[str, ...] = ()
+    batch_size: int = 32
+    timeout_s: float = 30.0
+    max_attempts: int = 5
+    wait_s: float = 120.0
+    rotate_threshold: float = 0.8
+    ok_threshold: float = 0.5
+    class_threshold: float = 0.0
+    tta: bool = False
+    tta_min_agreement: float = 0.75
+    write_corrected: str = ""
+    skip_known: str = ""
+    truth: str = ""
+    report: bool = True
+    tf_threads: int = 0
+
+    def __post_init__(self):
+        if bool(self.endpoint) == bool(self.model):
+            raise ValueError("pass exactly one of --endpoint HOST:PORT and --model PATH")
+        if self.resize_mode not in imaging.RESIZE_MODES:
+            raise ValueError(f"--resize-mode must be one of {imaging.RESIZE_MODES}")
+        for name in ("rotate_threshold", "ok_threshold", "class_threshold", "tta_min_agreement"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1")
+        if self.batch_size < 1:
+            raise ValueError("--batch-size must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """Which model answers: name, version, class names (when known), and where it lives."""
+
+    name: str
+    version: int
+    class_names: Tuple[str, ...] = ()
+    version_dir: str = ""
+    endpoint: str = ""
+
+
+# ---------------------------------------------------------------- pure functions (tested without Beam)
+
+
+def turn_clockwise(image, degrees: int):
+    """The Pillow image turned `degrees` (0/90/180/270) clockwise."""
+    from PIL import Image
+
+    ops = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
+    return image if degrees % 360 == 0 else image.transpose(ops[degrees % 360])
+
+
+def make_upright(image, orientation_degrees: int):
+    """Undo a clockwise turn of `orientation_degrees` (the MODEL CONTRACT's label): turn it back counter-clockwise."""
+    return turn_clockwise(image, (360 - orientation_degrees) % 360)
+
+
+def combine_turned(copies: Sequence[Dict[str, Any]], turns: Sequence[int]) -> Dict[str, Any]:
+    """One prediction from predictions of the same image turned a further `turns[i]` degrees clockwise.
+
+    A copy turned t more degrees has orientation d + t, so its probability for d sits at column (d + t) / 90:
+    shifting each copy's orientation vector back by t/90 makes the four comparable; they are then averaged.
+    Class probabilities are averaged as they are. `tta_agreement` is the share of copies whose own
+    shifted-back answer equals the combined answer (1.0: all agree).
+    """
+    combined: Dict[str, Any] = {}
+    if copies and "orientation_probabilities" in copies[0]:
+        shifted = [np.roll(np.asarray(c["orientation_probabilities"], np.float64), -(t // 90))
+                   for c, t in zip(copies, turns)]
+        mean = np.mean(shifted, axis=0)
+        best = int(np.argmax(mean))
+        combined["orientation_probabilities"] = mean
+        combined["orientation_degrees"] = best * 90
+        combined["tta_agreement"] = float(np.mean([int(np.argmax(s)) == best for s in shifted]))
+    if copies and "class_probabilities" in copies[0]:
+        mean = np.mean([np.asarray(c["class_probabilities"], np.float64) for c in copies], axis=0)
+        best = int(np.argmax(mean))
+        combined["class_probabilities"] = mean
+        combined["class_ids"] = best
+        names = {int(c["class_ids"]): c.get("class_names", "") for c in copies if "class_ids" in c}
+        combined["class_names"] = names.get(best, "")
+    return combined
+
+
+def decide(prediction: Dict[str, Any], opts: ScoreOptions) -> Tuple[str, str]:
+    """(decision, reason): auto_rotate when rotated and sure, ok when upright and sure, else review."""
+    reasons = []
+    if "class_probabilities" in prediction and opts.class_threshold > 0:
+        confidence = float(np.max(prediction["class_probabilities"]))
+        if confidence < opts.class_threshold:
+            reasons.append(f"class confidence {confidence:.2f} < {opts.class_threshold:.2f}")
+    if "tta_agreement" in prediction and prediction["tta_agreement"] < opts.tta_min_agreement:
+        reasons.append(f"turned copies agree {prediction['tta_agreement']:.2f} < {opts.tta_min_agreement:.2f}")
+    if "orientation_probabilities" not in prediction:
+        return ("review", "; ".join(reasons)) if reasons else ("ok", "")
+    degrees = int(prediction["orientation_degrees"])
+    confidence = float(np.max(prediction["orientation_probabilities"]))
+    needed = opts.ok_threshold if degrees == 0 else opts.rotate_threshold
+    if confidence < needed:
+        reasons.append(f"orientation {degrees} confidence {confidence:.2f} < {needed:.2f}")
+    if reasons:
+        return "review", "; ".join(reasons)
+    return ("ok" if degrees == 0 else "auto_rotate"), ""
+
+
+def prediction_rows(outputs: Dict[str, Any], count: int) -> List[Dict[str, Any]]:
+    """Batch outputs (alias -> array of `count` rows) -> one dict per image, like serving.client.predict."""
+    rows: List[Dict[str, Any]] = [{} for _ in range(count)]
+    for alias, array in outputs.items():
+        array = np.asarray(array)
+        for i in range(count):
+            value = array[i]
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "replace")
+            elif isinstance(value, np.generic):
+                value = value.item()
+            rows[i][alias] = value
+    return rows
+
+
+def predict_isolating(items: Sequence[dict], predict: Callable[[List[bytes]], List[Dict[str, Any]]],
+                      fatal: Tuple[type, ...] = ()) -> List[Tuple[dict, Optional[Dict[str, Any]], str]]:
+    """(item, combined prediction or None, error) for every item; a failing batch is halved until the bad image
+    is alone, so one bad image never fails its neighbours. Errors of a `fatal` type (server gone) are not split.
+    """
+    images = [image for item in items for image in item["images"]]
+    try:
+        rows = predict(images)
+        if len(rows) != len(images):
+            raise RuntimeError(f"{len(rows)} predictions for {len(images)} images")
+    except Exception as error:  # any failure is data; split to find the culprit
+        message = f"{type(error).__name__}: {error}"
+        if len(items) == 1 or isinstance(error, fatal):
+            return [(item, None, message) for item in items]
+        half = len(items) // 2
+        return (predict_isolating(items[:half], predict, fatal)
+                + predict_isolating(items[half:], predict, fatal))
+    out, start = [], 0
+    for item in items:
+        copies = rows[start:start + len(item["images"])]
+        start += len(item["images"])
+        out.append((item, combine_turned(copies, item["turns"]), ""))
+    return out
+
+
+def result_row(item: dict, prediction: Dict[str, Any], model: ModelInfo, opts: ScoreOptions) -> dict:
+    """One row of results.parquet from a prepared item and its (combined) prediction."""
+    decision, reason = decide(prediction, opts)
+    row = {key: item[key] for key in ("uri", "page", "sha256", "format", "width", "height", "exif_orientation")}
+    row.update(class_name="", class_id=-1, class_confidence=None, class_probabilities=None,
+               orientation_degrees=-1, orientation_confidence=None, orientation_probabilities=None,
+               tta_agreement=prediction.get("tta_agreement"), decision=decision, review_reason=reason,
+               model_name=model.name, model_version=model.version, reused=False, corrected_uri="",
+               corrected_method="")
+    if "class_probabilities" in prediction:
+        probs = np.asarray(prediction["class_probabilities"], np.float32)
+        class_id = int(prediction.get("class_ids", int(np.argmax(probs))))
+        name = prediction.get("class_names") or ""
+        if not name and 0 <= class_id < len(model.class_names):
+            name = model.class_names[class_id]
+        row.update(class_name=name or f"class_{class_id}", class_id=class_id,
+                   class_confidence=float(probs[class_id]), class_probabilities=probs.tolist())
+    if "orientation_probabilities" in prediction:
+        probs = np.asarray(prediction["orientation_probabilities"], np.float32)
+        degrees = int(prediction["orientation_degrees"])
+        row.update(orientation_degrees=degrees, orientation_confidence=float(probs[degrees // 90]),
+                   orientation_probabilities=probs.tolist())
+    return row
+
+
+def load_known(path: str, model: ModelInfo) -> Dict[str, List[dict]]:
+    """sha256 -> rows to reuse, from a previous results table (same model name and version only) or an
+    ingest manifest (its files are listed as `skipped`, not scored)."""
+    import pyarrow.parquet as pq
+
+    table = (sources.read_manifest_table(path) if path.lower().endswith(".csv")
+             else pq.read_table(io.BytesIO(FileSystems.open(path).read())))
+    columns = set(table.column_names)
+    if "sha256" not in columns:
+        raise ValueError(f"--skip-known {path} has no sha256 column (columns: {sorted(columns)})")
+    known: Dict[str, List[dict]] = {}
+    if {"model_name", "model_version", "decision"} <= columns:
+        for row in table.to_pylist():
+            if row["model_name"] == model.name and int(row["model_version"]) == model.version \
+                    and row["decision"] in DECISIONS:
+                known.setdefault(row["sha256"], []).append(
+                    {name: _csv_value(name, row.get(name)) for name in RESULTS_SCHEMA.names})
+    else:  # an ingest manifest: one row per page (augmented copies collapse onto their page)
+        for row in table.to_pylist():
+            pages = known.setdefault(row["sha256"], [])
+            page = int(row.get("page") or 0)
+            if all(p["page"] != page for p in pages):
+                pages.append(_skipped_row(row, page, model))
+    for rows in known.values():
+        rows.sort(key=lambda r: r["page"])
+    return known
+
+
+def _skipped_row(row: dict, page: int, model: ModelInfo) -> dict:
+    out = {name: None for name in RESULTS_SCHEMA.names}
+    out.update(uri=row.get("source_uri") or row.get("uri") or "", page=page, sha256=row["sha256"],
+               format=row.get("format") or "", width=row.get("original_width") or -1,
+               height=row.get("original_height") or -1, exif_orientation=row.get("exif_orientation") or 0,
+               class_name="", class_id=-1, orientation_degrees=-1, decision=SKIPPED,
+               review_reason="already in the --skip-known manifest", model_name=model.name,
+               model_version=model.version, corrected_uri="", corrected_method="")
+    return out
+
+
+def _csv_value(name: str, value):
+    """Undo results.csv's flattening of probability lists (a ;-joined string) when a CSV is reused."""
+    if name in ("class_probabilities", "orientation_probabilities") and isinstance(value, str):
+        return [float(x) for x in value.split(";") if x] or None
+    return value
+
+
+def resolve_version_dir(path: str) -> str:
+    """`--model` as a version dir (holds saved_model.pb), a model dir of numeric versions (latest taken), or an
+    export base holding one model dir."""
+    path = path.rstrip("/")
+    if os.path.exists(os.path.join(path, "saved_model.pb")):
+        return path
+    versions = sorted((int(n) for n in os.listdir(path) if n.isdigit()
+                       and os.path.exists(os.path.join(path, n, "saved_model.pb")))) if os.path.isdir(path) else []
+    if versions:
+        return os.path.join(path, str(versions[-1]))
+    models = [n for n in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, n)) and not n.startswith(".")] \
+        if os.path.isdir(path) else []
+    candidates = [m for m in models if any(v.isdigit() for v in os.listdir(os.path.join(path, m)))]
+    if len(candidates) == 1:
+        return resolve_version_dir(os.path.join(path, candidates[0]))
+    raise FileNotFoundError(f"--model {path}: no SavedModel version there (want a version dir with saved_model.pb, "
+                            f"a model dir of numeric versions, or an export base with one model)")
+
+
+def local_model_info(path: str) -> ModelInfo:
+    """Name, version and class names of an exported version, from serving.export's metadata file."""
+    version_dir = resolve_version_dir(path)
+    meta_path = os.path.join(version_dir, "assets.extra", EXPORT_METADATA)
+    meta = {}
+    if os.path.exists(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    name = meta.get("model_name") or os.path.basename(os.path.dirname(version_dir))
+    version = int(meta.get("version") or os.path.basename(version_dir))
+    return ModelInfo(name=name, version=version, class_names=tuple(meta.get("class_names") or ()),
+                     version_dir=os.path.abspath(version_dir))
+
+
+def remote_model_info(opts: ScoreOptions) -> ModelInfo:
+    """Wait for the served model, then ask it which version answers."""
+    from serving.client import GrpcModelServerClient
+
+    with GrpcModelServerClient(opts.endpoint, opts.model_name, timeout_s=opts.timeout_s,
+                               max_attempts=opts.max_attempts) as client:
+        client.wait_until_available(opts.wait_s)
+        version = int(client.metadata()["version"])
+    return ModelInfo(name=opts.model_name, version=version, class_names=_class_names_file(opts.labels),
+                     endpoint=opts.endpoint)
+
+
+def _class_names_file(path: str) -> Tuple[str, ...]:
+    if not path:
+        return ()
+    with FileSystems.open(path) as handle:
+        data = json.loads(handle.read())
+    return tuple(data["classes"] if isinstance(data, dict) else data)
+
+
+# ---------------------------------------------------------------- Beam shells
+
+
+class PrepareImagesFn(beam.DoFn):
+    """Read one input file: reuse known results by content hash, else emit one small JPEG item per page
+    (four turned copies with --tta); unreadable inputs leave as error rows."""
+
+    ERRORS = "errors"
+    REUSED = "reused"
+
+    def __init__(self, options: ScoreOptions):
+        self._options = options
+        self._inputs = Metrics.counter(COUNTER_NAMESPACE, "inputs")
+        self._items = Metrics.counter(COUNTER_NAMESPACE, "pages_prepared")
+        self._reused = Metrics.counter(COUNTER_NAMESPACE, "inputs_reused")
+        self._failed = Metrics.counter(COUNTER_NAMESPACE, "inputs_failed_decode")
+
+    def _fail(self, uri, stage, kind, message, page=-1, sha=""):
+        Metrics.counter(COUNTER_NAMESPACE, f"errors_{kind}").inc()
+        return beam.pvalue.TaggedOutput(self.ERRORS, error_row(uri, stage, kind, message, page, sha))
+
+    def process(self, entry: sources.SourceEntry, known: Dict[str, List[dict]]):
+        self._inputs.inc()
+        opts = self._options
+        if entry.error:
+            yield self._fail(entry.uri, "list", "bad_manifest_row", entry.error)
+            return
+        max_bytes = int(opts.max_file_mb * 1024 * 1024)
+        if entry.size_bytes > max_bytes:
+            yield self._fail(entry.uri, "read", "too_large", f"file is over --max-file-mb {opts.max_file_mb}")
+            return
+        try:
+            with FileSystems.open(entry.uri, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+                data = handle.read(max_bytes + 1)
+        except Exception as e:  # a missing file, broken symlink, permission or network failure is data here
+            yield self._fail(entry.uri, "read", "unreadable", f"{type(e).__name__}: {e}")
+            return
+        if len(data) > max_bytes:
+            yield self._fail(entry.uri, "read", "too_large", f"file is over --max-file-mb {opts.max_file_mb}")
+            return
+        sha = imaging.content_sha256(data)
+        if sha in known:
+            self._reused.inc()
+            for row in known[sha]:
+                yield beam.pvalue.TaggedOutput(self.REUSED, dict(row, uri=entry.uri, reused=True))
+            return
+        fmt = imaging.sniff_format(data) or ""
+        turns = TURNS if opts.tta else (0,)
+        emitted = 0
+        try:
+            for page in imaging.decode_pages(data, max_pixels=opts.max_pixels, max_pages=opts.max_pages,
+                                             draft_for=(opts.size, opts.resize_mode)):
+                small = imaging.resize(page.image, opts.size, opts.resize_mode)
+                emitted += 1
+                self._items.inc()
+                yield {"uri": entry.uri, "page": page.page, "sha256": sha, "format": fmt,
+                       "width": page.original_width, "height": page.original_height,
+                       "exif_orientation": page.exif_orientation, "turns": turns,
+                       "images": [imaging.encode(turn_clockwise(small, t), "jpeg", opts.quality) for t in turns]}
+        except imaging.ImageError as e:
+            if emitted == 0:
+                self._failed.inc()
+            yield self._fail(entry.uri, "decode", e.kind, str(e), e.page, sha)
+        except Exception as e:  # anything Pillow throws that we did not foresee still becomes a row
+            if emitted == 0:
+                self._failed.inc()
+            yield self._fail(entry.uri, "decode", "corrupt", f"{type(e).__name__}: {e}", -1, sha)
+
+
+class _PredictionRouting:
+    """Turns (item, prediction, error) into a result row or an error row, with counters."""
+
+    def __init__(self, model: ModelInfo, options: ScoreOptions):
+        self._model = model
+        self._options = options
+        self._scored = Metrics.counter(COUNTER_NAMESPACE, "pages_scored")
+        self._failed = Metrics.counter(COUNTER_NAMESPACE, "pages_failed_predict")
+
+    def route(self, item: dict, prediction: Optional[dict], error: str):
+        if prediction is None:
+            self._failed.inc()
+            return beam.pvalue.TaggedOutput(
+                "errors", error_row(item["uri"], "predict", "predict_failed", error, item["page"], item["sha256"]))
+        self._scored.inc()
+        return result_row(item, prediction, self._model, self._options)
+
+
+class RemotePredictFn(beam.DoFn):
+    """A batch of items -> result rows through gRPC Predict; one channel per worker, opened in setup()."""
+
+    def __init__(self, model: ModelInfo, options: ScoreOptions):
+        self._model = model
+        self._options = options
+        self._routing = _PredictionRouting(model, options)
+        self._retries = Metrics.counter(COUNTER_NAMESPACE, "rpc_retries")
+        self._rpc_ms = Metrics.counter(COUNTER_NAMESPACE, "predict_ms")
+
+    def setup(self):
+        from serving.client import GrpcModelServerClient
+
+        opts = self._options
+        self._client = GrpcModelServerClient(opts.endpoint, self._model.name, version=self._model.version,
+                                             max_batch_images=opts.batch_size * (4 if opts.tta else 1),
+                                             timeout_s=opts.timeout_s, max_attempts=opts.max_attempts)
+
+    def process(self, items: List[dict]):
+        from serving.errors import RetryableServingError
+
+        started = time.monotonic()
+        before = self._client.retries
+        # After the client's own retries, a retryable failure means the server is gone: splitting cannot help.
+        outcomes = predict_isolating(items, self._client.predict, fatal=(RetryableServingError,))
+        self._retries.inc(self._client.retries - before)
+        self._rpc_ms.inc(int((time.monotonic() - started) * 1000))
+        for item, prediction, error in outcomes:
+            yield self._routing.route(item, prediction, error)
+
+    def teardown(self):
+        client = getattr(self, "_client", None)
+        if client is not None:
+            client.close()
+
+
+class ServingSignatureModelHandler(ModelHandler):
+    """RunInference handler for an exported SavedModel: items in, PredictionResult(item, (prediction, error)) out.
+
+    RunInference loads the model once per worker through shared.Shared; run_inference isolates bad images
+    the same way the remote path does, so a failure never takes its batch down.
+    """
+
+    def __init__(self, version_dir: str, *, batch_size: int = 32, tf_threads: int = 0):
+        super().__init__(min_batch_size=1, max_batch_size=batch_size)
+        self._version_dir = version_dir
+        self._tf_threads = tf_threads
+
+    def load_model(self):
+        import tensorflow as tf
+
+        if self._tf_threads:
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(self._tf_threads)
+                tf.config.threading.set_inter_op_parallelism_threads(self._tf_threads)
+            except RuntimeError:  # TF already initialised in this process; keep its pools
+                pass
+        loaded = tf.saved_model.load(self._version_dir)
+        return loaded  # keeps the variables alive; the signature is looked up per call
+
+    def run_inference(self, batch: Sequence[dict], model, inference_args: Optional[dict] = None
+                      ) -> Iterable[PredictionResult]:
+        import tensorflow as tf
+
+        signature = model.signatures["serving_default"]
+
+        def predict(images: List[bytes]) -> List[Dict[str, Any]]:
+            outputs = signature(images=tf.constant(images, dtype=tf.string))
+            return prediction_rows({k: v.numpy() for k, v in outputs.items()}, len(images))
+
+        for item, prediction, error in predict_isolating(list(batch), predict):
+            yield PredictionResult(example=item, inference=(prediction, error), model_id=self._version_dir)
+
+    def get_num_bytes(self, batch: Sequence[dict]) -> int:
+        return sum(len(image) for item in batch for image in item["images"])
+
+    def get_metrics_namespace(self) -> str:
+        return "score_inference"
+
+
+class _RouteInferenceFn(beam.DoFn):
+    def __init__(self, model: ModelInfo, options: ScoreOptions):
+        self._routing = _PredictionRouting(model, options)
+
+    def process(self, result: PredictionResult):
+        prediction, error = result.inference
+        yield self._routing.route(result.example, prediction, error)
+
+
+def _failed_batch_rows(element) -> Iterable[dict]:
+    """RunInference's dead letter (batch, exception) -> one error row per page of the batch."""
+    batch, exception = element
+    for item in batch:
+        yield error_row(item["uri"], "predict", "predict_failed", f"{type(exception).__name__}: {exception}",
+                        item["page"], item["sha256"])
+
+
+class ScoreImages(beam.PTransform):
+    """Prepared items -> {rows, errors}: remote gRPC batches or in-process RunInference."""
+
+    def __init__(self, model: ModelInfo, options: ScoreOptions):
+        super().__init__()
+        self._model = model
+        self._options = options
+
+    def expand(self, items) -> Dict[str, beam.PCollection]:
+        opts = self._options
+        if opts.endpoint:
+            scored = (items
+                      | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=opts.batch_size)
+                      | "PredictRemote" >> beam.ParDo(RemotePredictFn(self._model, opts)).with_outputs(
+                          "errors", main="rows"))
+            return {"rows": scored.rows, "errors": scored.errors}
+        handler = ServingSignatureModelHandler(self._model.version_dir, batch_size=opts.batch_size,
+                                               tf_threads=opts.tf_threads)
+        main, dead = items | "RunInference" >> RunInference(handler).with_exception_handling()
+        routed = main | "Route" >> beam.ParDo(_RouteInferenceFn(self._model, opts)).with_outputs(
+            "errors", main="rows")
+        batch_errors = dead.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch_rows)
+        errors = (routed.errors, batch_errors) | "AllPredictErrors" >> beam.Flatten()
+        return {"rows": routed.rows, "errors": errors}
+
+
+# ---------------------------------------------------------------- corrected copies
+
+
+def jpegtran_path() -> Optional[str]:
+    """The jpegtran binary (Debian: libjpeg-turbo-progs), or None."""
+    return shutil.which("jpegtran")
+
+
+def corrected_path(uri: str, input_root: str, corrected_dir: str, page: int, page_count_hint: int = 1) -> str:
+    """Where the upright copy of `uri` goes: its path under the input folder (or its full path) below the dir."""
+    if input_root and not sources.is_remote(uri) and os.path.abspath(uri).startswith(input_root.rstrip("/") + "/"):
+        rel = os.path.relpath(os.path.abspath(uri), input_root)
+    else:
+        rel = uri.split("://", 1)[-1].lstrip("/")
+    if page > 0 or page_count_hint > 1:
+        stem, ext = os.path.splitext(rel)
+        rel = f"{stem}.page{page}{ext}"
+    return FileSystems.join(corrected_dir, rel) if sources.is_remote(corrected_dir) else os.path.join(corrected_dir, rel)
+
+
+def upright_bytes(data: bytes, page: int, orientation_degrees: int, fmt: str) -> Tuple[bytes, str, str]:
+    """(bytes, extension, method) of the page turned upright, in its original format where possible.
+
+    JPEG without an EXIF turn goes through `jpegtran -perfect` (lossless); when that is impossible (no binary,
+    partial edge blocks, an EXIF turn to fold in) it is re-encoded at quality 95 and the method says so.
+    """
+    from PIL import Image, ImageOps, ImageSequence
+
+    back = (360 - orientation_degrees) % 360
+    if fmt == "jpeg":
+        image = Image.open(io.BytesIO(data))
+        exif_turn = int(image.getexif().get(imaging.EXIF_ORIENTATION_TAG, 0) or 0)
+        tool = jpegtran_path()
+        if tool and exif_turn in (0, 1):
+            done = subprocess.run([tool, "-copy", "all", "-perfect", "-rotate", str(back)], input=data,
+                                  capture_output=True, timeout=120)
+            if done.returncode == 0 and done.stdout:
+                return done.stdout, ".jpg", "jpegtran_lossless"
+        upright = make_upright(ImageOps.exif_transpose(image).convert("RGB"), orientation_degrees)
+        buffer = io.BytesIO()
+        upright.save(buffer, "JPEG", quality=95, subsampling=0)
+        reason = "no_jpegtran" if not tool else ("exif_turn" if exif_turn not in (0, 1) else "not_mcu_aligned")
+        return buffer.getvalue(), ".jpg", f"reencoded_q95_{reason}"
+    image = Image.open(io.BytesIO(data))
+    if fmt == "tiff":
+        for index, frame in enumerate(ImageSequence.Iterator(image)):
+            if index == page:
+                image = frame.copy()
+                break
+    upright = make_upright(ImageOps.exif_transpose(image), orientation_degrees)
+    buffer = io.BytesIO()
+    if fmt in ("png", "tiff", "bmp"):
+        upright.save(buffer, {"png": "PNG", "tiff": "TIFF", "bmp": "BMP"}[fmt])
+        return buffer.getvalue(), {"png": ".png", "tiff": ".tif", "bmp": ".bmp"}[fmt], "lossless_pixels"
+    if fmt == "webp":
+        upright.save(buffer, "WEBP", lossless=True)
+        return buffer.getvalue(), ".webp", "lossless_pixels"
+    # GIF (palette) and anything else: PNG keeps every pixel exactly.
+    upright.save(buffer, "PNG")
+    return buffer.getvalue(), ".png", "png_lossless_pixels"
+
+
+class WriteCorrectedFn(beam.DoFn):
+    """auto_rotate rows -> an upright copy under --write-corrected (never over an original); other rows pass."""
+
+    def __init__(self, corrected_dir: str, input_root: str):
+        self._dir = corrected_dir
+        self._root = input_root
+        self._written = Metrics.counter(COUNTER_NAMESPACE, "corrected_written")
+
+    def process(self, row: dict):
+        if row["decision"] != "auto_rotate":
+            yield row
+            return
+        try:
+            with FileSystems.open(row["uri"], compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+                data = handle.read()
+            if imaging.content_sha256(data) != row["sha256"]:
+                raise RuntimeError("the file changed since it was scored")
+            payload, ext, method = upright_bytes(data, row["page"], row["orientation_degrees"], row["format"])
+            target = os.path.splitext(corrected_path(row["uri"], self._root, self._dir, row["page"]))[0] + ext
+            if not sources.is_remote(target):
+                if os.path.exists(target) and os.path.samefile(target, row["uri"]):
+                    raise RuntimeError(f"refusing to overwrite the original {row['uri']}")
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                # Write beside, then rename: a reader never sees half a file.
+                fd, temp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".corrected-")
+                with os.fdopen(fd, "wb") as f:
+                    f.write(payload)
+                os.replace(temp, target)
+            else:
+                with FileSystems.create(target) as handle:
+                    handle.write(payload)
+            self._written.inc()
+            yield dict(row, corrected_uri=target, corrected_method=method)
+        except Exception as e:  # a failed copy does not lose the prediction; it says why in the row
+            Metrics.counter(COUNTER_NAMESPACE, "corrected_failed").inc()
+            yield dict(row, corrected_method=f"failed: {type(e).__name__}: {e}"[:500])
+
+
+# ---------------------------------------------------------------- the job
+
+
+class ScoreArchive(beam.PTransform):
+    """archive path -> {results, errors}: the whole score graph but the table writes."""
+
+    def __init__(self, options: ScoreOptions, model: ModelInfo, known: Dict[str, List[dict]]):
+        super().__init__()
+        self._options = options
+        self._model = model
+        self._known = known
+
+    def expand(self, pbegin) -> Dict[str, beam.PCollection]:
+        opts = self._options
+        entries = (pbegin
+                   | "Source" >> beam.Create([opts.input])
+                   | "ListArchive" >> beam.FlatMap(sources.list_archive, "none", list(opts.exclude))
+                   | "Distribute" >> beam.Reshuffle())
+        known = pbegin | "Known" >> beam.Create(sorted(self._known.items()))
+        prepared = entries | "PrepareImages" >> beam.ParDo(
+            PrepareImagesFn(opts), beam.pvalue.AsDict(known)).with_outputs(
+            PrepareImagesFn.ERRORS, PrepareImagesFn.REUSED, main="items")
+        scored = prepared.items | "Score" >> ScoreImages(self._model, opts)
+        rows = scored["rows"]
+        if opts.write_corrected:
+            root = os.path.abspath(opts.input) if not sources.is_remote(opts.input) and os.path.isdir(opts.input) \
+                else ""
+            rows = rows | "WriteCorrected" >> beam.ParDo(WriteCorrectedFn(opts.write_corrected, root))
+        results = (rows, prepared[PrepareImagesFn.REUSED]) | "AllResults" >> beam.Flatten()
+        errors = (prepared[PrepareImagesFn.ERRORS], scored["errors"]) | "AllErrors" >> beam.Flatten()
+        return {"results": results, "errors": errors}
+
+
+def build_pipeline(pipeline: beam.Pipeline, opts: ScoreOptions, model: ModelInfo,
+                   known: Dict[str, List[dict]]) -> Dict[str, beam.PCollection]:
+    """Wire the score job and its table writes onto `pipeline`; returns the ScoreArchive outputs for tests."""
+    outputs = pipeline | "ScoreArchive" >> ScoreArchive(opts, model, known)
+    _ = outputs["results"] | "WriteResults" >> write_table_from_rows(
+        FileSystems.join(opts.output, "results"), RESULTS_SCHEMA)
+    _ = outputs["errors"] | "WriteErrors" >> write_table_from_rows(
+        FileSystems.join(opts.output, "errors"), ERRORS_SCHEMA)
+    return outputs
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
+    """Split the job's flags from Beam's pipeline options."""
+    parser = argparse.ArgumentParser(
+        prog="archive-vision score",
+        description="Classify and orient every image of an archive through an exported model: remotely over "
+                    "TF Serving's gRPC API (--endpoint) or in-process with Beam RunInference (--model). Writes "
+                    "results.parquet/.csv, errors.parquet, run.json and report.html in --output. Unknown flags go "
+                    "to Beam (e.g. --runner DataflowRunner --project P --region R --temp_location gs://...).")
+    parser.add_argument("--input", required=True, help="folder, gs://bucket/prefix, glob, or manifest .csv/.parquet")
+    parser.add_argument("--output", required=True, help="output folder (local or gs://)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--endpoint", default="", help="HOST:PORT of TF Serving or `archive-vision serve`")
+    where.add_argument("--model", default="", help="exported SavedModel: a version dir, or a dir whose latest "
+                                                   "numeric version is taken")
+    parser.add_argument("--model-name", default="archive_vision", help="served model name (with --endpoint)")
+    parser.add_argument("--labels", default="", help="labels.json naming the classes (with --endpoint, for the "
+                                                    "report's top guesses; the in-process model knows its own)")
+    parser.add_argument("--size", type=int, default=256, help="side of the square sent to the model; use the "
+                                                               "ingest --size the model was trained on (default 256)")
+    parser.add_argument("--resize-mode", choices=imaging.RESIZE_MODES, default="pad")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the images sent")
+    parser.add_argument("--max-pixels", type=int, default=imaging.DEFAULT_MAX_PIXELS)
+    parser.add_argument("--max-file-mb", type=float, default=1024.0)
+    parser.add_argument("--max-pages", type=int, default=1000)
+    parser.add_argument("--exclude", action="append", default=[], help="file-name glob to skip (repeatable)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per Predict call / RunInference batch")
+    parser.add_argument("--timeout-s", type=float, default=30.0, help="deadline of one Predict call")
+    parser.add_argument("--max-attempts", type=int, default=5, help="tries per Predict call (retryable errors)")
+    parser.add_argument("--wait-s", type=float, default=120.0, help="how long to wait for the server's model")
+    parser.add_argument("--rotate-threshold", type=float, default=0.8,
+                        help="auto_rotate when a non-zero turn has at least this confidence (else review)")
+    parser.add_argument("--ok-threshold", type=float, default=0.5,
+                        help="ok when upright with at least this confidence (else review)")
+    parser.add_argument("--class-threshold", type=float, default=0.0,
+                        help="review when the class confidence is below this (0: class never sends to review)")
+    parser.add_argument("--tta", action="store_true", help="also score each image turned 90/180/270 and combine")
+    parser.add_argument("--tta-min-agreement", type=float, default=0.75,
+                        help="with --tta: review when fewer than this share of the four copies agree")
+    parser.add_argument("--write-corrected", default="", help="write upright copies of auto_rotate images here")
+    parser.add_argument("--skip-known", default="", help="previous results.parquet/.csv (or an ingest manifest): "
+                                                         "files whose sha256 was scored by this model version "
+                                                         "are copied over (reused=True), not scored again")
+    parser.add_argument("--truth", default="", help="labelled manifest (uri + label and/or orientation) for the "
+                                                    "report's confusion matrices")
+    parser.add_argument("--no-report", dest="report", action="store_false", help="do not write report.html")
+    parser.add_argument("--tf-threads", type=int, default=0, help="cap TF threads per worker (0: TF's default)")
+    known, beam_args = parser.parse_known_args(argv)
+    try:
+        opts = ScoreOptions(
+            input=known.input, output=known.output.rstrip("/"), endpoint=known.endpoint, model=known.model,
+            model_name=known.model_name, labels=known.labels, size=known.size, resize_mode=known.resize_mode,
+            quality=known.quality, max_pixels=known.max_pixels, max_file_mb=known.max_file_mb,
+            max_pages=known.max_pages, exclude=tuple(known.exclude), batch_size=known.batch_size,
+            timeout_s=known.timeout_s, max_attempts=known.max_attempts, wait_s=known.wait_s,
+            rotate_threshold=known.rotate_threshold, ok_threshold=known.ok_threshold,
+            class_threshold=known.class_threshold, tta=known.tta, tta_min_agreement=known.tta_min_agreement,
+            write_corrected=known.write_corrected.rstrip("/"), skip_known=known.skip_known, truth=known.truth,
+            report=known.report, tf_threads=known.tf_threads)
+    except ValueError as e:
+        parser.error(str(e))
+    _check_corrected_dir(opts, parser)
+    return opts, beam_args
+
+
+def _check_corrected_dir(opts: ScoreOptions, parser: argparse.ArgumentParser) -> None:
+    """Corrected copies must never land on the originals, nor inside the archive (the next run would score them)."""
+    if not opts.write_corrected or sources.is_remote(opts.write_corrected) or sources.is_remote(opts.input):
+        return
+    target = os.path.realpath(opts.write_corrected)
+    root = os.path.realpath(opts.input if os.path.isdir(opts.input) else os.path.dirname(opts.input) or ".")
+    if sources.is_manifest(opts.input):
+        return
+    if target == root or target.startswith(root + os.sep):
+        parser.error(f"--write-corrected {opts.write_corrected} is inside the input archive {opts.input}; "
+                     f"pick a folder outside it (originals are never overwritten)")
+
+
+def _metric_totals(result) -> Dict[str, int]:
+    try:
+        query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(COUNTER_NAMESPACE))
+    except Exception:  # some runners do not report metrics; the tables are the ground truth anyway
+        return {}
+    totals: Dict[str, int] = {}
+    for counter in query["counters"]:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + int(value or 0)
+    return totals
+
+
+def write_results_csv(output: str) -> str:
+    """results.csv beside results.parquet, probability lists flattened to `p0;p1;...` for spreadsheets."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    table = read_table(FileSystems.join(output, "results.parquet"), RESULTS_SCHEMA)
+    columns = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if pa.types.is_list(column.type):
+            column = pa.array([";".join(f"{p:.6f}" for p in v) if v is not None else None
+                               for v in column.to_pylist()], pa.string())
+        columns[name] = column
+    buffer = io.BytesIO()
+    pacsv.write_csv(pa.table(columns), buffer)
+    path = FileSystems.join(output, "results.csv")
+    with FileSystems.create(path) as handle:
+        handle.write(buffer.getvalue())
+    return path
+
+
+def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dict[str, int],
+              known_count: int, corrected_tool: str) -> dict:
+    """run.json: options, model, counts per decision/class/error kind, TTA disagreement, timings, reconciliation."""
+    import platform
+
+    results = read_table(FileSystems.join(opts.output, "results.parquet"), RESULTS_SCHEMA)
+    errors = read_table(FileSystems.join(opts.output, "errors.parquet"), ERRORS_SCHEMA)
+    rows = results.to_pylist()
+    ok_uris = {r["uri"] for r in rows}
+    error_uris = {e.split("#row=")[0] if "#row=" in e else e for e in errors.column("uri").to_pylist()}
+    failed_uris = set(errors.column("uri").to_pylist()) - ok_uris
+    per_decision: Dict[str, int] = {}
+    per_class: Dict[str, int] = {}
+    for r in rows:
+        per_decision[r["decision"]] = per_decision.get(r["decision"], 0) + 1
+        if r["class_name"]:
+            per_class[r["class_name"]] = per_class.get(r["class_name"], 0) + 1
+    per_kind: Dict[str, int] = {}
+    for kind in errors.column("error_type").to_pylist():
+        per_kind[kind] = per_kind.get(kind, 0) + 1
+    inputs = metrics.get("inputs", len(ok_uris) + len(failed_uris))
+    scored = [r for r in rows if not r["reused"]]
+    tta = [r["tta_agreement"] for r in scored if r["tta_agreement"] is not None]
+    counts = {
+        "inputs": inputs, "inputs_ok": len(ok_uris), "inputs_failed": len(failed_uris),
+        "inputs_reused": len({r["uri"] for r in rows if r["reused"]}),
+        "results": len(rows), "pages_scored": len(scored), "pages_reused": len(rows) - len(scored),
+        "errors": errors.num_rows, "errors_per_type": per_kind, "per_decision": per_decision,
+        "per_class": per_class, "known_hashes": known_count,
+        "corrected_written": sum(1 for r in rows if r["corrected_uri"] and not r["reused"]),
+        "corrected_failed": sum(1 for r in rows if (r["corrected_method"] or "").startswith("failed")),
+        "inputs_with_some_failed_page": len(error_uris & ok_uris),
+    }
+    counts["reconciled"] = counts["inputs"] == counts["inputs_ok"] + counts["inputs_failed"]
+    predict_s = metrics.get("predict_ms", 0) / 1000.0
+    return {
+        "job": "score", "options": dataclasses.asdict(opts),
+        "model": {"name": model.name, "version": model.version, "class_names": list(model.class_names),
+                  "source": model.endpoint or model.version_dir, "mode": "grpc" if model.endpoint else "in_process"},
+        "counts": counts,
+        "tta": {"enabled": opts.tta, "images": len(tta),
+                "disagreement_rate": round(sum(1 for a in tta if a < 1.0) / len(tta), 4) if tta else None,
+                "mean_agreement": round(float(np.mean(tta)), 4) if tta else None},
+        "timings": {"elapsed_seconds": round(elapsed, 3),
+                    "pages_per_second": round(len(scored) / elapsed, 2) if elapsed > 0 else None,
+                    "predict_seconds_total": round(predict_s, 3) if predict_s else None,
+                    "rpc_retries": metrics.get("rpc_retries", 0)},
+        "corrected": {"dir": opts.write_corrected, "jpeg_tool": corrected_tool},
+        "versions": {"apache_beam": beam.__version__, "python": platform.python_version()},
+    }
+
+
+def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None,
+        extend_pipeline=None) -> dict:
+    """Run the score job (and the report) and return the run.json summary."""
+    opts, beam_args = parse_args(argv)
+    if not FileSystems.exists(opts.output):
+        FileSystems.mkdirs(opts.output)
+    model = remote_model_info(opts) if opts.endpoint else local_model_info(opts.model)
+    if not model.class_names and opts.labels:
+        model = dataclasses.replace(model, class_names=_class_names_file(opts.labels))
+    known = load_known(opts.skip_known, model) if opts.skip_known else {}
+    LOG.info("scoring %s with %s v%d (%s); %d known hashes", opts.input, model.name, model.version,
+             model.endpoint or model.version_dir, len(known))
+    started = time.time()
+    pipeline = test_pipeline or beam.Pipeline(options=default_pipeline_options(beam_args))
+    outputs = build_pipeline(pipeline, opts, model, known)
+    if extend_pipeline is not None:
+        extend_pipeline(outputs)
+    result = pipeline.run()
+    result.wait_until_finish()
+    elapsed = time.time() - started
+    write_results_csv(opts.output)
+    tool = ("jpegtran" if jpegtran_path() else "none (JPEG re-encoded at quality 95)") if opts.write_corrected else ""
+    summary = summarize(opts, model, elapsed, _metric_totals(result), len(known), tool)
+    with FileSystems.create(FileSystems.join(opts.output, "run.json")) as handle:
+        handle.write(json.dumps(summary, indent=2, default=str).encode())
+    if opts.report:
+        from pipelines import report
+
+        try:
+            summary["report"] = report.write_report(opts.output, truth=opts.truth or None)
+        except Exception as e:  # the tables are the product; a report failure is said, not fatal
+            LOG.exception("report failed")
+            summary["report_error"] = f"{type(e).__name__}: {e}"
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The few lines a person reads after the run."""
+    c = summary["counts"]
+    decisions = ", ".join(f"{k} {v}" for k, v in sorted(c["per_decision"].items())) or "none"
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(c["errors_per_type"].items())) or "none"
+    m = summary["model"]
+    lines = [
+        f"score finished in {summary['timings']['elapsed_seconds']:.1f}s "
+        f"({summary['timings']['pages_per_second']} pages/s) with {m['name']} v{m['version']} ({m['mode']})",
+        f"  inputs   {c['inputs']}  (ok {c['inputs_ok']}, failed {c['inputs_failed']}, reused {c['inputs_reused']})"
+        f"  {'reconciled' if c['reconciled'] else 'NOT RECONCILED'}",
+        f"  results  {c['results']}  ({decisions})",
+        f"  errors   {c['errors']}  ({kinds})",
+    ]
+    if summary["tta"]["enabled"]:
+        lines.append(f"  tta      disagreement rate {summary['tta']['disagreement_rate']}")
+    if summary["corrected"]["dir"]:
+        lines.append(f"  corrected {c['corrected_written']} upright copies in {summary['corrected']['dir']} "
+                     f"(JPEG: {summary['corrected']['jpeg_tool']})")
+    out = summary["options"]["output"]
+    lines.append(f"  output   {out}  (results.parquet, results.csv, errors.parquet, run.json"
+                 f"{', report.html' if summary.get('report') else ''})")
+    if summary.get("report_error"):
+        lines.append(f"  report   FAILED: {summary['report_error']}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("apache_beam", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        summary = run(argv)
+    except Exception as e:  # a chain that cannot start (no server, no model) says why and exits non-zero
+        from serving.errors import ServingError
+
+        if isinstance(e, (ServingError, FileNotFoundError, ValueError)):
+            print(f"archive-vision score: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        raise
+    print(format_summary(summary))
+    return 0 if summary["counts"]["reconciled"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
