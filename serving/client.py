@@ -180,6 +180,19 @@ def _rows(outputs: Dict[str, np.ndarray], count: int) -> List[Dict[str, Any]]:
     return rows
 
 
+def describe_signature_defs(signature_defs) -> Dict[str, Any]:
+    """SignatureDef protos -> {name: {method_name, inputs, outputs}} with dtype names and shapes (-1: any)."""
+    import tensorflow as tf
+
+    def tensors(infos) -> Dict[str, Dict[str, Any]]:
+        return {alias: {"dtype": tf.dtypes.as_dtype(info.dtype).name,
+                        "shape": None if info.tensor_shape.unknown_rank else [d.size for d in info.tensor_shape.dim]}
+                for alias, info in infos.items()}
+
+    return {name: {"method_name": sig.method_name, "inputs": tensors(sig.inputs), "outputs": tensors(sig.outputs)}
+            for name, sig in signature_defs.items()}
+
+
 def map_grpc_error(error: Exception, what: str) -> ServingError:
     """The serving.errors exception for a grpc.RpcError (callers `raise map_grpc_error(e, ...) from e`)."""
     import grpc
@@ -288,7 +301,6 @@ class GrpcModelServerClient(ModelServerClient):
         return {s.version: name(s.state) for s in response.model_version_status}
 
     def _rpc_metadata(self, timeout_s: float) -> Dict[str, Any]:
-        import tensorflow as tf
         from tensorflow_serving.apis import get_model_metadata_pb2
 
         prediction, _ = self._stubs()
@@ -297,14 +309,72 @@ class GrpcModelServerClient(ModelServerClient):
         response = self._call(prediction.GetModelMetadata, request, timeout_s, "GetModelMetadata")
         signature_map = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signature_map)
-
-        def tensors(infos) -> Dict[str, Dict[str, Any]]:
-            return {alias: {"dtype": tf.dtypes.as_dtype(info.dtype).name,
-                            "shape": None if info.tensor_shape.unknown_rank
-                            else [d.size for d in info.tensor_shape.dim]}
-                    for alias, info in infos.items()}
-
         return {"version": response.model_spec.version.value,
-                "signatures": {name: {"method_name": sig.method_name, "inputs": tensors(sig.inputs),
-                                      "outputs": tensors(sig.outputs)}
-                               for name, sig in signature_map.signature_def.items()}}
+                "signatures": describe_signature_defs(signature_map.signature_def)}
+
+
+class InProcessModelClient(ModelServerClient):
+    """Transport that calls an exported SavedModel version inside this process: the same policy and rows
+    as the gRPC client, for jobs that score without a server (the model loads lazily, once per process)."""
+
+    def __init__(self, version_dir: str, model_name: str = "archive_vision", **policy: Any):
+        policy.setdefault("max_in_flight", 1)
+        super().__init__(model_name, **policy)
+        self.version_dir = version_dir
+        self._lock = threading.Lock()
+        self._loaded = None
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_lock"] = state["_loaded"] = None
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _signature(self, name: str):
+        import tensorflow as tf
+
+        with self._lock:
+            if self._loaded is None:
+                try:
+                    self._loaded = tf.saved_model.load(self.version_dir)
+                except (OSError, ValueError) as error:
+                    raise ModelNotFoundError(f"cannot load {self.version_dir}: {error}") from error
+            signatures = self._loaded.signatures
+        if name not in signatures:
+            raise ModelNotFoundError(f'Serving signature key "{name}" not found in {self.version_dir}')
+        return signatures[name]
+
+    def close(self) -> None:
+        """Drop the loaded model."""
+        with self._lock:
+            self._loaded = None
+
+    def _rpc_predict(self, images: Sequence[bytes], timeout_s: float) -> Dict[str, np.ndarray]:
+        import tensorflow as tf
+
+        signature = self._signature(self.signature_name)
+        try:
+            outputs = signature(**{self.input_name: tf.constant(list(images), tf.string)})
+        except tf.errors.InvalidArgumentError as error:
+            raise InvalidInputError(f"Predict {self.version_dir}: {error.message.splitlines()[0]}") from error
+        return {k: v.numpy() for k, v in outputs.items()}
+
+    def _rpc_model_states(self, timeout_s: float) -> Dict[int, str]:
+        self._signature(self.signature_name)
+        name = self.version_dir.rstrip("/").rsplit("/", 1)[-1]
+        return {int(name) if name.isdigit() else 0: "AVAILABLE"}
+
+    def _rpc_metadata(self, timeout_s: float) -> Dict[str, Any]:
+        import os
+
+        from tensorflow.core.protobuf import saved_model_pb2
+
+        saved = saved_model_pb2.SavedModel()
+        with open(os.path.join(self.version_dir, "saved_model.pb"), "rb") as f:
+            saved.ParseFromString(f.read())
+        signature_defs = {k: v for k, v in saved.meta_graphs[0].signature_def.items() if not k.startswith("__")}
+        return {"version": next(iter(self._rpc_model_states(timeout_s))),
+                "signatures": describe_signature_defs(signature_defs)}

@@ -39,6 +39,8 @@ CLASSIFY_METHOD = "tensorflow/serving/classify"
 IMAGE_INPUT_ALIASES = ("images", "image_bytes")
 IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# A version copied in non-atomically can fail to load at first; TF Serving also retries (max_num_load_retries).
+MAX_LOAD_ATTEMPTS = 5
 
 
 class RpcFailure(Exception):
@@ -313,7 +315,7 @@ class ModelManager:
         self._lock = threading.Lock()
         self._available: Dict[str, Dict[int, ServableVersion]] = {e.name: {} for e in entries}
         self._states: Dict[str, Dict[int, Tuple[int, int, str]]] = {e.name: {} for e in entries}
-        self._failed: Dict[str, set] = {e.name: set() for e in entries}
+        self._load_failures: Dict[str, Dict[int, int]] = {e.name: {} for e in entries}
         self._stop = threading.Event()
         self._poller: Optional[threading.Thread] = None
         self.on_change: Callable[[], None] = lambda: None
@@ -340,7 +342,7 @@ class ModelManager:
             with self._lock:
                 loaded = set(self._available[entry.name])
             for version in wanted:
-                if version in loaded or version in self._failed[entry.name]:
+                if version in loaded or self._load_failures[entry.name].get(version, 0) >= MAX_LOAD_ATTEMPTS:
                     continue
                 self._load(entry, version)
             with self._lock:
@@ -365,7 +367,8 @@ class ModelManager:
                 servable.warm_up()
         except Exception as error:  # noqa: BLE001 - a broken version must not take the server down
             LOG.error("failed to load %s version %d: %s", entry.name, version, error)
-            self._failed[entry.name].add(version)
+            failures = self._load_failures[entry.name]
+            failures[version] = failures.get(version, 0) + 1
             self._set_state(entry.name, version, "END", 3, f"failed to load: {error}")
             return
         with self._lock:

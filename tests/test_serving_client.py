@@ -147,3 +147,28 @@ def test_grpc_client_pickles_without_a_channel_and_rejects_double_pinning():
     client.close()
     with pytest.raises(ValueError):
         GrpcModelServerClient("127.0.0.1:1", "m", version=3, version_label="stable")
+
+
+def test_in_process_client_gives_the_same_rows_as_the_saved_model(tmp_path):
+    import tensorflow as tf
+
+    from serving import export
+    from serving.client import InProcessModelClient
+    from tests.test_serving_export import CLASS_NAMES, IMAGE_SIZE, make_tiny_model, sample_images
+
+    version_dir = export.export_model(make_tiny_model(), str(tmp_path), class_names=CLASS_NAMES,
+                                      image_size=IMAGE_SIZE, version=5)
+    pictures = sample_images()
+    want = tf.saved_model.load(version_dir).signatures["serving_default"](images=tf.constant(pictures))
+    client = pickle.loads(pickle.dumps(InProcessModelClient(version_dir, max_batch_images=4)))
+
+    assert client.wait_until_available(10) == {5: "AVAILABLE"}
+    rows = client.predict(pictures)
+    assert client.metadata()["signatures"]["classify"]["method_name"] == "tensorflow/serving/classify"
+    with pytest.raises(InvalidInputError):
+        client.predict([b"\xff\xd8\xff\xe0broken"])
+    client.close()
+
+    np.testing.assert_allclose(np.stack([r["class_probabilities"] for r in rows]), want["class_probabilities"],
+                               rtol=1e-5, atol=1e-6)
+    assert [r["orientation_degrees"] for r in rows] == want["orientation_degrees"].numpy().tolist()

@@ -423,3 +423,33 @@ def test_hot_swap_under_load_fails_no_request_and_switches_version(served):
     assert states == {1: get_model_status_pb2.ModelVersionStatus.END,
                       2: get_model_status_pb2.ModelVersionStatus.AVAILABLE}
     assert pinned_old.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_broken_new_version_is_reported_and_the_served_one_stays(served):
+    """After the hot swap: version 2 serves; a corrupt version 3 must not replace it."""
+    server, base = served["server"], served["base"]
+    broken_dir = os.path.join(base, MODEL, "3")
+    os.makedirs(broken_dir)
+    with open(os.path.join(broken_dir, "saved_model.pb"), "wb") as f:
+        f.write(b"this is not a SavedModel")
+    channel = grpc.insecure_channel(server.address)
+    status_request = get_model_status_pb2.GetModelStatusRequest()
+    status_request.model_spec.name = MODEL
+    status_request.model_spec.version.value = 3
+    deadline = time.monotonic() + 60
+    status = None
+    while time.monotonic() < deadline:
+        try:
+            status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(status_request, timeout=10)
+            if status.model_version_status[0].status.error_code != 0:
+                break
+        except grpc.RpcError:
+            pass  # version 3 not seen yet
+        time.sleep(0.2)
+    response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+        predict_request(sample_images()[:1]), timeout=30)
+    channel.close()
+
+    assert status is not None and status.model_version_status[0].status.error_code != 0
+    assert "failed to load" in status.model_version_status[0].status.error_message
+    assert response.model_spec.version.value == 2
