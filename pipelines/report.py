@@ -1,0 +1,601 @@
+"""`archive-vision report`: one self-contained HTML page about a score run, and pictures of what the backbone sees.
+
+    archive-vision report DST [--truth manifest.csv|parquet]      -> DST/report.html
+    archive-vision report --activations IMAGE... --model PATH      -> OUT/activations.html (+ one PNG per image)
+
+The page inlines every picture as base64 (no files beside it, nothing fetched): counts per decision and class,
+contact sheets of auto_rotate images before/after, review images with their top guesses, a sample of ok
+images, the errors, and, when a labelled manifest is given, confusion matrices (as pictures) and per-class
+accuracy. Thumbnails are made from the original files; a file that is gone shows as a grey tile.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import os
+import random
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+ORIENTATION_NAMES = ("0", "90", "180", "270")
+THUMB_SIZE = 160
+DEFAULT_PER_SECTION = 48
+
+
+# ---------------------------------------------------------------- pictures
+
+
+def _png_data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _jpeg_data_uri(image: Image.Image, quality: int = 80) -> str:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def load_page(uri: str, page: int, max_side: int = THUMB_SIZE) -> Optional[Image.Image]:
+    """The page as the model saw it (EXIF applied, RGB), shrunk to `max_side`; None when it cannot be read."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipelines import imaging
+
+    try:
+        with FileSystems.open(uri) as handle:
+            data = handle.read()
+        for decoded in imaging.decode_pages(data, draft_for=(max_side, "pad"), max_pages=max(page, 0) + 1):
+            if decoded.page == max(page, 0):
+                image = decoded.image.copy()
+                image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+                return image
+    except Exception:  # a thumbnail is a courtesy: a missing or broken original shows as a grey tile
+        return None
+    return None
+
+
+def _font(size: int = 12):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType sizing
+        return ImageFont.load_default()
+
+
+def confusion_picture(matrix: np.ndarray, labels: Sequence[str], title: str, cell: int = 44) -> Image.Image:
+    """A confusion matrix drawn as a picture: rows are the truth, columns the prediction, shade = row share."""
+    n = len(labels)
+    font, small = _font(13), _font(11)
+    texts = [str(label)[:16] for label in labels]
+    cell = max(cell, 10 + max(int(small.getlength(t)) for t in texts))
+    margin_left = 20 + max(int(small.getlength(t)) for t in texts + ["truth (rows)"])
+    margin_top = 60
+    width = max(margin_left + n * cell + 20, 20 + int(font.getlength(title)),
+                margin_left + 20 + int(small.getlength("predicted (columns)")))
+    height = margin_top + n * cell + 20
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 8), title, fill="black", font=font)
+    draw.text((margin_left, 28), "predicted (columns)", fill="#444", font=small)
+    draw.text((10, 28), "truth (rows)", fill="#444", font=small)
+    totals = matrix.sum(axis=1, keepdims=True).clip(min=1)
+    share = matrix / totals
+    for j, text in enumerate(texts):
+        draw.text((margin_left + j * cell + 4, margin_top - 16), text, fill="black", font=small)
+    for i, text in enumerate(texts):
+        y = margin_top + i * cell
+        draw.text((10, y + cell // 2 - 6), text, fill="black", font=small)
+        for j in range(n):
+            x = margin_left + j * cell
+            s = float(share[i, j])
+            # Right answers shade green, wrong ones red: the eye finds the off-diagonal mass at once.
+            colour = (int(255 - 200 * s), 255, int(255 - 200 * s)) if i == j else \
+                (255, int(255 - 190 * s), int(255 - 190 * s))
+            draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=colour, outline="#999")
+            draw.text((x + 6, y + cell // 2 - 7), str(int(matrix[i, j])), fill="black", font=font)
+    return image
+
+
+_MAGMA = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
+                   [250, 193, 39], [252, 253, 191]], np.float64)
+
+
+def colour_map(values: np.ndarray) -> np.ndarray:
+    """[h, w] floats in [0, 1] -> [h, w, 3] uint8 through a magma-like ramp (no matplotlib needed)."""
+    x = np.clip(values, 0, 1) * (len(_MAGMA) - 1)
+    low = np.floor(x).astype(int).clip(0, len(_MAGMA) - 2)
+    t = (x - low)[..., None]
+    return (_MAGMA[low] * (1 - t) + _MAGMA[low + 1] * t).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- tables
+
+
+def read_run(output: str) -> Tuple[List[dict], List[dict], dict]:
+    """(result rows, error rows, run.json) of a score output folder."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, read_table
+
+    results = read_table(FileSystems.join(output, "results.parquet"), RESULTS_SCHEMA).to_pylist()
+    errors = read_table(FileSystems.join(output, "errors.parquet"), ERRORS_SCHEMA).to_pylist()
+    run_path = FileSystems.join(output, "run.json")
+    run = json.loads(FileSystems.open(run_path).read()) if FileSystems.exists(run_path) else {}
+    return results, errors, run
+
+
+def read_truth(path: str) -> Dict[Tuple[str, int], Dict[str, Any]]:
+    """(uri, page) -> {"label": str or "", "orientation": int or -1} from a labelled manifest.
+
+    Accepts the score/ingest column names: uri or source_uri, label or label_name, orientation, optional page;
+    relative URIs are taken relative to the manifest's folder, as ingest does.
+    """
+    from pipelines import sources
+
+    table = sources.read_manifest_table(path) if path.lower().endswith(".csv") else _read_parquet(path)
+    cols = set(table.column_names)
+    uri_col = "uri" if "uri" in cols else "source_uri"
+    label_col = "label" if "label" in cols else ("label_name" if "label_name" in cols else None)
+    if uri_col not in cols:
+        raise ValueError(f"--truth {path} has no uri/source_uri column (columns: {sorted(cols)})")
+    base = os.path.dirname(path) or "."
+    truth: Dict[Tuple[str, int], Dict[str, Any]] = {}
+    for row in table.to_pylist():
+        uri = str(row[uri_col] or "").strip()
+        if not uri:
+            continue
+        if "://" not in uri and not os.path.isabs(uri):
+            uri = os.path.normpath(os.path.join(base, uri))
+        orientation = row.get("orientation")
+        try:
+            orientation = int(float(orientation)) if orientation not in (None, "") else -1
+        except (TypeError, ValueError):
+            orientation = -1
+        label = str(row.get(label_col) or "").strip() if label_col else ""
+        truth[(uri, int(row.get("page") or 0))] = {"label": label, "orientation": orientation}
+    return truth
+
+
+def _read_parquet(path: str):
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    return pq.read_table(io.BytesIO(FileSystems.open(path).read()))
+
+
+def truth_metrics(results: List[dict], truth: Dict[Tuple[str, int], Dict[str, Any]]) -> Dict[str, Any]:
+    """Confusion matrices and per-class accuracy of the results that have a known truth."""
+    out: Dict[str, Any] = {}
+    pairs_o, pairs_c = [], []
+    for row in results:
+        t = truth.get((row["uri"], row["page"])) or (truth.get((row["uri"], 0)) if row["page"] == 0 else None)
+        if t is None or row["decision"] == "skipped":
+            continue
+        if t["orientation"] in (0, 90, 180, 270) and row["orientation_degrees"] in (0, 90, 180, 270):
+            pairs_o.append((t["orientation"], row["orientation_degrees"]))
+        if t["label"] and row["class_name"]:
+            pairs_c.append((t["label"], row["class_name"]))
+    if pairs_o:
+        m = np.zeros((4, 4), int)
+        for a, b in pairs_o:
+            m[a // 90, b // 90] += 1
+        out["orientation"] = {"labels": list(ORIENTATION_NAMES), "matrix": m}
+    if pairs_c:
+        labels = sorted({a for a, _ in pairs_c} | {b for _, b in pairs_c})
+        m = np.zeros((len(labels), len(labels)), int)
+        for a, b in pairs_c:
+            m[labels.index(a), labels.index(b)] += 1
+        out["class"] = {"labels": labels, "matrix": m}
+    return out
+
+
+# ---------------------------------------------------------------- the page
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;background:#fafafa}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+.meta{color:#666;font-size:13px} table{border-collapse:collapse;margin:6px 0;font-size:13px;background:white}
+td,th{border:1px solid #ddd;padding:4px 10px;text-align:left} th{background:#f0f0f0}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+.sheet{display:flex;flex-wrap:wrap;gap:10px}
+figure.thumb{margin:0;background:white;border:1px solid #ddd;padding:6px;width:auto;font-size:11px}
+figure.thumb img{display:block;max-width:160px;max-height:160px;margin:auto}
+figure.pair .imgs{display:flex;gap:6px;align-items:center}
+figcaption{max-width:330px;overflow-wrap:anywhere;margin-top:4px;color:#333}
+.missing{width:120px;height:120px;background:#ccc;display:flex;align-items:center;justify-content:center;color:#555}
+.pill{display:inline-block;border-radius:9px;padding:0 7px;color:white;font-size:11px}
+.auto_rotate{background:#c05621}.review{background:#b7791f}.ok{background:#2f855a}.skipped{background:#718096}
+.bars{display:flex;height:18px;width:520px;border:1px solid #ccc;margin:6px 0}
+.bars div{height:100%}
+"""
+
+
+def _img_tag(image: Optional[Image.Image], alt: str) -> str:
+    if image is None:
+        return f'<div class="missing" title="{html.escape(alt)}">unavailable</div>'
+    return f'<img src="{_jpeg_data_uri(image)}" alt="{html.escape(alt)}">'
+
+
+def _short(uri: str) -> str:
+    return uri if len(uri) <= 60 else "…" + uri[-58:]
+
+
+def _top_guesses(probabilities, names: Sequence[str], k: int = 3) -> str:
+    if probabilities is None:
+        return ""
+    probs = np.asarray(probabilities, np.float64)
+    order = np.argsort(-probs)[:k]
+    return ", ".join(f"{names[i] if i < len(names) else f'class_{i}'} {probs[i]:.2f}" for i in order)
+
+
+def _class_names(results: List[dict], run: dict) -> List[str]:
+    names = list((run.get("model") or {}).get("class_names") or [])
+    for row in results:  # a served model tells only the winning name: learn the rest from the rows
+        cid = row.get("class_id")
+        if cid is not None and cid >= 0 and row.get("class_name"):
+            while len(names) <= cid:
+                names.append(f"class_{len(names)}")
+            if names[cid].startswith("class_"):
+                names[cid] = row["class_name"]
+    return names
+
+
+def _count_table(title: str, counts: Dict[str, int], css_pills: bool = False) -> str:
+    def label(key: str) -> str:
+        key = html.escape(key)
+        return f'<span class="pill {key}">{key}</span>' if css_pills else key
+
+    rows = "".join(f"<tr><td>{label(k)}</td><td class=n>{v}</td></tr>"
+                   for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return f'<table class="counts"><tr><th>{html.escape(title)}</th><th>count</th></tr>{rows}</table>'
+
+
+def build_report_html(results: List[dict], errors: List[dict], run: dict, *, title: str,
+                      truth: Optional[Dict[Tuple[str, int], Dict[str, Any]]] = None,
+                      per_section: int = DEFAULT_PER_SECTION, seed: int = 0) -> str:
+    """The whole page as one string (thumbnails read from the original files)."""
+    names = _class_names(results, run)
+    per_decision: Dict[str, int] = {}
+    per_class: Dict[str, int] = {}
+    for row in results:
+        per_decision[row["decision"]] = per_decision.get(row["decision"], 0) + 1
+        if row["class_name"]:
+            per_class[row["class_name"]] = per_class.get(row["class_name"], 0) + 1
+    per_error: Dict[str, int] = {}
+    for row in errors:
+        per_error[row["error_type"]] = per_error.get(row["error_type"], 0) + 1
+    counts = run.get("counts", {})
+    model = run.get("model", {})
+    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    meta = [f"model <b>{html.escape(str(model.get('name', '?')))}</b> version {model.get('version', '?')} "
+            f"({html.escape(str(model.get('mode', '?')))})"]
+    if counts:
+        meta.append(f"{counts.get('inputs', '?')} inputs: {counts.get('inputs_ok', '?')} scored or reused, "
+                    f"{counts.get('inputs_failed', '?')} failed, {counts.get('inputs_reused', 0)} reused; "
+                    f"{'counts reconcile' if counts.get('reconciled') else 'COUNTS DO NOT RECONCILE'}")
+    tta = run.get("tta") or {}
+    if tta.get("enabled"):
+        meta.append(f"test-time turns: disagreement rate {tta.get('disagreement_rate')}")
+    timings = run.get("timings") or {}
+    if timings:
+        meta.append(f"{timings.get('elapsed_seconds')} s, {timings.get('pages_per_second')} pages/s")
+    parts.append("<p class=meta>" + "<br>".join(meta) + "</p>")
+
+    total = max(1, len(results))
+    colours = {"auto_rotate": "#c05621", "review": "#b7791f", "ok": "#2f855a", "skipped": "#718096"}
+    bars = "".join(f'<div style="width:{100 * v / total:.2f}%;background:{colours.get(k, "#555")}" '
+                   f'title="{html.escape(k)} {v}"></div>' for k, v in sorted(per_decision.items()))
+    parts.append(f'<h2 id="summary">Summary</h2><div class="bars">{bars}</div><div style="display:flex;gap:24px;'
+                 f'flex-wrap:wrap">{_count_table("decision", per_decision, True)}'
+                 f'{_count_table("class", per_class) if per_class else ""}'
+                 f'{_count_table("error", per_error) if per_error else ""}</div>')
+
+    def figure(row: dict, body: str, extra: str, css: str = "thumb") -> str:
+        caption = (f"<span class='pill {row['decision']}'>{row['decision']}</span> "
+                   f"{html.escape(_short(row['uri']))}{' p' + str(row['page']) if row['page'] else ''}<br>{extra}")
+        return f'<figure class="{css}" data-uri="{html.escape(row["uri"])}">{body}<figcaption>{caption}</figcaption></figure>'
+
+    def describe(row: dict) -> str:
+        bits = []
+        if row["orientation_degrees"] is not None and row["orientation_degrees"] >= 0:
+            bits.append(f"turned {row['orientation_degrees']}° ({row['orientation_confidence']:.2f})")
+        if row["class_name"]:
+            bits.append(f"{html.escape(row['class_name'])} ({row['class_confidence']:.2f})")
+        if row.get("reused"):
+            bits.append("reused")
+        return ", ".join(bits)
+
+    auto = sorted((r for r in results if r["decision"] == "auto_rotate"),
+                  key=lambda r: -(r["orientation_confidence"] or 0))
+    sheet = []
+    for row in auto[:per_section]:
+        from pipelines.score import make_upright
+
+        before = load_page(row["uri"], row["page"])
+        after = make_upright(before, row["orientation_degrees"]) if before is not None else None
+        body = (f'<div class="imgs">{_img_tag(before, "before")}<span>→</span>{_img_tag(after, "after")}</div>')
+        extra = describe(row) + (f"<br>copy: {html.escape(_short(row['corrected_uri']))}"
+                                 if row.get("corrected_uri") else "")
+        sheet.append(figure(row, body, extra, "thumb pair"))
+    parts.append(f'<h2 id="auto-rotate">Turned upright automatically ({len(auto)}'
+                 f'{f", first {per_section} shown" if len(auto) > per_section else ""})</h2>'
+                 f'<p class=meta>before (as stored) and after (turned upright)</p>'
+                 f'<div class="sheet">{"".join(sheet) or "<p>none</p>"}</div>')
+
+    review = sorted((r for r in results if r["decision"] == "review"),
+                    key=lambda r: (r["orientation_confidence"] or 0))
+    sheet = []
+    for row in review[:per_section]:
+        guesses = []
+        if row["orientation_probabilities"] is not None:
+            guesses.append("turn: " + _top_guesses(row["orientation_probabilities"], [f"{d}°" for d in
+                                                                                      ORIENTATION_NAMES]))
+        if row["class_probabilities"] is not None:
+            guesses.append("class: " + html.escape(_top_guesses(row["class_probabilities"], names)))
+        reason = f"<br><i>{html.escape(row['review_reason'])}</i>" if row.get("review_reason") else ""
+        sheet.append(figure(row, _img_tag(load_page(row["uri"], row["page"]), "review"),
+                            "<br>".join(guesses) + reason))
+    parts.append(f'<h2 id="review">For a person to look at ({len(review)}'
+                 f'{f", first {per_section} shown" if len(review) > per_section else ""})</h2>'
+                 f'<div class="sheet">{"".join(sheet) or "<p>none</p>"}</div>')
+
+    ok = [r for r in results if r["decision"] == "ok"]
+    sample = random.Random(seed).sample(ok, min(len(ok), per_section))
+    sample.sort(key=lambda r: (r["uri"], r["page"]))
+    sheet = [figure(row, _img_tag(load_page(row["uri"], row["page"]), "ok"), describe(row)) for row in sample]
+    parts.append(f'<h2 id="ok">Upright and sure: a sample ({len(sample)} of {len(ok)})</h2>'
+                 f'<div class="sheet">{"".join(sheet) or "<p>none</p>"}</div>')
+
+    if truth:
+        metrics = truth_metrics(results, truth)
+        section = ['<h2 id="truth">Against the known truth</h2>']
+        for key, heading in (("orientation", "orientation (degrees clockwise)"), ("class", "class")):
+            if key not in metrics:
+                continue
+            m, labels = metrics[key]["matrix"], metrics[key]["labels"]
+            accuracy = np.trace(m) / max(1, m.sum())
+            rows = "".join(f"<tr><td>{html.escape(str(label))}</td><td class=n>{int(m[i].sum())}</td>"
+                           f"<td class=n>{(m[i, i] / m[i].sum() if m[i].sum() else float('nan')):.2f}</td></tr>"
+                           for i, label in enumerate(labels))
+            picture = confusion_picture(m, labels, f"{heading}: accuracy {accuracy:.2f} on {int(m.sum())}")
+            section.append(f'<div style="display:flex;gap:24px;align-items:flex-start;flex-wrap:wrap">'
+                           f'<img class="confusion" src="{_png_data_uri(picture)}" alt="{key} confusion matrix">'
+                           f'<table><tr><th>{key} (truth)</th><th>images</th><th>accuracy</th></tr>{rows}'
+                           f'</table></div>')
+        if len(section) == 1:
+            section.append("<p>no result matched a labelled row of the truth manifest</p>")
+        parts.append("".join(section))
+
+    if errors:
+        rows = "".join(f"<tr><td>{html.escape(_short(e['uri']))}</td><td>{e['page']}</td>"
+                       f"<td>{html.escape(e['stage'])}</td><td>{html.escape(e['error_type'])}</td>"
+                       f"<td>{html.escape(e['message'][:200])}</td></tr>" for e in errors[:200])
+        parts.append(f'<h2 id="errors">Errors ({len(errors)})</h2><table><tr><th>uri</th><th>page</th>'
+                     f'<th>stage</th><th>type</th><th>message</th></tr>{rows}</table>')
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def write_report(output: str, truth: Optional[str] = None, per_section: int = DEFAULT_PER_SECTION) -> str:
+    """Write OUTPUT/report.html from the score tables; returns its path."""
+    from apache_beam.io.filesystems import FileSystems
+
+    results, errors, run = read_run(output)
+    truth_rows = read_truth(truth) if truth else None
+    page = build_report_html(results, errors, run, title=f"archive-vision report: {output}", truth=truth_rows,
+                             per_section=per_section)
+    path = FileSystems.join(output, "report.html")
+    with FileSystems.create(path) as handle:
+        handle.write(page.encode("utf-8"))
+    return path
+
+
+# ---------------------------------------------------------------- activations
+
+
+def _backbone_from(path: str, backbone: str, image_size: int):
+    """A Keras model to look into: a .keras file / job dir, else the backbone named in an export's
+    training_config.json (the trainer freezes it, so its feature maps are the trained model's), else `backbone`."""
+    import keras
+
+    from trainer import backbones
+
+    if path and (path.endswith(".keras") or (os.path.isdir(path) and any(
+            f.endswith(".keras") for _, _, files in os.walk(path) for f in files))):
+        from serving.export import load_keras_model
+
+        model, _ = load_keras_model(path)
+        return model, int(model.inputs[0].shape[1])
+    weights = "imagenet"
+    if path:
+        from pipelines.score import resolve_version_dir
+
+        config_path = os.path.join(resolve_version_dir(path), "assets.extra", "training_config.json")
+        if os.path.exists(config_path):
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+            config = config.get("config", config)
+            backbone = config.get("backbone", backbone)
+            weights = config.get("weights", weights)
+            image_size = int(config.get("image_size", image_size))
+    model = backbones.build_backbone(backbone, weights=weights, image_size=image_size)
+    assert isinstance(model, keras.Model)
+    return model, image_size
+
+
+def feature_map_layers(model) -> List[Tuple[Tuple[str, ...], Any]]:
+    """(path of nested model names, layer) for every layer with a 4-D output, nested models flattened."""
+    import keras
+
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            out.extend(((layer.name,) + path, inner) for path, inner in feature_map_layers(layer))
+            continue
+        try:
+            shape = layer.output.shape
+        except (AttributeError, ValueError):
+            continue
+        if len(shape) == 4 and not isinstance(layer, keras.layers.InputLayer):
+            out.append(((), layer))
+    return out
+
+
+def _tap(model, path: Tuple[str, ...], layer_name: str):
+    """pixels -> that layer's output, for a layer inside nested models (each level cut at its input)."""
+    import keras
+
+    if not path:
+        return keras.Model(model.inputs, model.get_layer(layer_name).output)
+    inner = model.get_layer(path[0])
+    # The tensor that feeds the nested model in this graph: everything before it, as a model of its own.
+    feeding = inner._inbound_nodes[0].input_tensors
+    before = keras.Model(model.inputs, feeding[0] if len(feeding) == 1 else feeding)
+    inside = _tap(inner, path[1:], layer_name)
+    return lambda pixels: inside(before(pixels))
+
+
+def choose_layers(model, names: Sequence[str], count: int = 4) -> List[Tuple[Tuple[str, ...], Any]]:
+    """The named layers, or `count` convolution outputs spread evenly from the first to the last."""
+    import keras
+
+    found = feature_map_layers(model)
+    if names:
+        by_name = {layer.name: (path, layer) for path, layer in found}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise ValueError(f"no 4-D layer named {missing}; some are: {[l.name for _, l in found][:40]}")
+        return [by_name[n] for n in names]
+    convs = [(p, l) for p, l in found if isinstance(l, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))] \
+        or found
+    if len(convs) <= count:
+        return convs
+    picks = np.linspace(0, len(convs) - 1, count).round().astype(int)
+    return [convs[i] for i in sorted(set(picks))]
+
+
+def feature_grid(maps: np.ndarray, tiles: int = 16, tile: int = 64) -> Image.Image:
+    """[h, w, C] activations -> a grid of the `tiles` most active channels, each scaled to its own range."""
+    order = np.argsort(-maps.mean(axis=(0, 1)))[:tiles]
+    cols = int(np.ceil(np.sqrt(len(order))))
+    rows = int(np.ceil(len(order) / cols))
+    grid = Image.new("RGB", (cols * (tile + 2), rows * (tile + 2)), "white")
+    for k, channel in enumerate(order):
+        m = maps[..., channel]
+        m = (m - m.min()) / (m.max() - m.min() + 1e-9)
+        picture = Image.fromarray(colour_map(m)).resize((tile, tile), Image.Resampling.NEAREST)
+        grid.paste(picture, ((k % cols) * (tile + 2), (k // cols) * (tile + 2)))
+    return grid
+
+
+def energy_overlay(image: Image.Image, maps: np.ndarray) -> Image.Image:
+    """The image with the mean activation of a (late) layer laid over it: where the network responds."""
+    energy = np.abs(maps).mean(axis=-1)
+    energy = (energy - energy.min()) / (energy.max() - energy.min() + 1e-9)
+    heat = Image.fromarray(colour_map(energy)).resize(image.size, Image.Resampling.BILINEAR)
+    return Image.blend(image.convert("RGB"), heat, 0.5)
+
+
+def write_activations(images: Sequence[str], output: str, *, model_path: str = "", backbone: str = "",
+                      layers: Sequence[str] = (), image_size: int = 224) -> str:
+    """OUTPUT/activations.html (self-contained) + OUTPUT/<image>.activations.png; returns the HTML path."""
+    from pipelines import imaging
+    from trainer.backbones import DEFAULT_BACKBONE
+
+    model, size = _backbone_from(model_path, backbone or DEFAULT_BACKBONE, image_size)
+    chosen = choose_layers(model, layers)
+    taps = [(layer.name, _tap(model, path, layer.name)) for path, layer in chosen]
+    os.makedirs(output, exist_ok=True)
+    sections = []
+    for path in images:
+        with open(path, "rb") as f:
+            page = next(imaging.decode_pages(f.read()))
+        square = imaging.resize(page.image, size, "pad")
+        pixels = np.asarray(square, np.float32)[None]
+        figures, panels = [], [square]
+        last = None
+        for name, tap in taps:
+            maps = np.asarray(tap(pixels))[0]
+            last = maps
+            grid = feature_grid(maps)
+            panels.append(grid)
+            figures.append(f'<figure class="thumb"><img style="max-width:280px;max-height:280px" '
+                           f'src="{_png_data_uri(grid)}" alt="{html.escape(name)}"><figcaption>{html.escape(name)} '
+                           f'{maps.shape[0]}x{maps.shape[1]}x{maps.shape[2]} (16 most active channels)'
+                           f'</figcaption></figure>')
+        overlay = energy_overlay(square, last) if last is not None else square
+        figures.insert(0, f'<figure class="thumb"><img src="{_jpeg_data_uri(overlay)}" alt="overlay">'
+                          f'<figcaption>mean activation of {html.escape(taps[-1][0])} over the image</figcaption>'
+                          f'</figure>')
+        strip_height = 280
+        strip = Image.new("RGB", (sum(int(p.width * strip_height / p.height) + 8 for p in panels + [overlay]),
+                                  strip_height), "white")
+        x = 0
+        for panel in [square, overlay] + panels[1:]:
+            w = int(panel.width * strip_height / panel.height)
+            strip.paste(panel.resize((w, strip_height)), (x, 0))
+            x += w + 8
+        strip.save(os.path.join(output, os.path.basename(path) + ".activations.png"))
+        sections.append(f'<h2>{html.escape(os.path.basename(path))}</h2><div class="sheet">{"".join(figures)}</div>')
+    page_html = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>archive-vision activations"
+                 f"</title><style>{_CSS}</style></head><body><h1>What the backbone sees</h1><p class=meta>"
+                 f"{html.escape(model.name)}, layers {', '.join(html.escape(n) for n, _ in taps)}</p>"
+                 f"{''.join(sections)}</body></html>")
+    out_path = os.path.join(output, "activations.html")
+    with open(out_path, "w", encoding="utf-8") as f:
+        f.write(page_html)
+    return out_path
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="archive-vision report",
+        description="Write DST/report.html for a score run (one self-contained page), or with --activations the "
+                    "feature maps of backbone layers for some images.")
+    parser.add_argument("output", nargs="?", help="the score --output folder (holds results.parquet)")
+    parser.add_argument("--truth", help="labelled manifest (.csv/.parquet: uri + label and/or orientation) for "
+                                        "confusion matrices and per-class accuracy")
+    parser.add_argument("--per-section", type=int, default=DEFAULT_PER_SECTION, help="most thumbnails per sheet")
+    parser.add_argument("--activations", nargs="+", metavar="IMAGE", help="images to show feature maps for")
+    parser.add_argument("--model", default="", help="with --activations: an export (version dir or base; its "
+                                                    "training_config.json names the backbone) or a .keras model")
+    parser.add_argument("--backbone", default="", help="with --activations and no --model: a backbone name")
+    parser.add_argument("--layers", default="", help="comma-separated layer names (default: 4 spread out)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--activations-dir", default="", help="where activations.html goes (default: OUTPUT or "
+                                                             "./activations)")
+    args = parser.parse_args(argv)
+    if not args.activations and not args.output:
+        parser.error("pass the score output folder, or --activations IMAGE...")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`archive-vision report`."""
+    args = _parse_args(argv)
+    if args.activations:
+        out = args.activations_dir or args.output or "activations"
+        path = write_activations(args.activations, out, model_path=args.model, backbone=args.backbone,
+                                 layers=[n.strip() for n in args.layers.split(",") if n.strip()],
+                                 image_size=args.image_size)
+        print(f"activations: {path}")
+        return 0
+    path = write_report(args.output, truth=args.truth, per_section=args.per_section)
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
