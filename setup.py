@@ -18,6 +18,8 @@ setup(
         "google-cloud-storage>=2.10",
         "Pillow>=10.0",
         "grpcio>=1.60",
+        # grpc.health.v1; 1.81+ needs protobuf 7, which TensorFlow 2.21 and Beam 2.77 do not accept.
+        "grpcio-health-checking>=1.76,<1.81",
         "numpy>=1.26",
     ],
     extras_require={
