@@ -422,7 +422,12 @@ def _backbone_from(path: str, backbone: str, image_size: int):
         config_path = os.path.join(resolve_version_dir(path), "assets.extra", "training_config.json")
         if os.path.exists(config_path):
             with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
+                text = f.read()
+            if not text.lstrip().startswith("{") and os.path.exists(text.strip()):
+                # Some exports stored the config's path instead of its contents: follow it.
+                with open(text.strip(), encoding="utf-8") as f:
+                    text = f.read()
+            config = json.loads(text)
             config = config.get("config", config)
             backbone = config.get("backbone", backbone)
             weights = config.get("weights", weights)
@@ -511,6 +516,9 @@ def write_activations(images: Sequence[str], output: str, *, model_path: str = "
     from pipelines import imaging
     from trainer.backbones import DEFAULT_BACKBONE
 
+    import warnings
+
+    warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")  # Keras' list-vs-tensor note
     model, size = _backbone_from(model_path, backbone or DEFAULT_BACKBONE, image_size)
     chosen = choose_layers(model, layers)
     taps = [(layer.name, _tap(model, path, layer.name)) for path, layer in chosen]

@@ -870,11 +870,22 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         from pipelines import report
 
         try:
-            summary["report"] = report.write_report(opts.output, truth=opts.truth or None)
+            summary["report"] = report.write_report(opts.output, truth=opts.truth or _labelled_input(opts.input))
         except Exception as e:  # the tables are the product; a report failure is said, not fatal
             LOG.exception("report failed")
             summary["report_error"] = f"{type(e).__name__}: {e}"
     return summary
+
+
+def _labelled_input(src: str) -> Optional[str]:
+    """The input manifest itself, when it carries a label or orientation column (the report's truth)."""
+    if not sources.is_manifest(src):
+        return None
+    try:
+        columns = set(sources.read_manifest_table(src).column_names)
+    except Exception:  # an unreadable manifest already failed the listing; no truth then
+        return None
+    return src if columns & {"label", "label_name", "orientation"} else None
 
 
 def format_summary(summary: dict) -> str:
