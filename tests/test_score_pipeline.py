@@ -241,3 +241,33 @@ def test_local_grpc_server_and_in_process_give_the_same_answers(tmp_path):
     assert local["model"]["mode"] == "in_process" and remote["model"]["mode"] == "grpc"
     assert local["counts"]["errors"] == remote["counts"]["errors"] == 3
     assert remote["counts"]["reconciled"] and remote["model"]["version"] == 7
+
+
+def test_pages_of_a_tiff_and_an_exif_turned_jpeg_are_scored_as_displayed(tmp_path, red_corner_export):
+    from tests.image_factory import jpeg_with_exif_orientation, multipage_tiff
+
+    archive = str(tmp_path / "archive")
+    os.makedirs(archive)
+    upright = make_asymmetric_image(128, 160)
+    with open(os.path.join(archive, "two_pages.tif"), "wb") as f:
+        f.write(multipage_tiff([Image.fromarray(upright), Image.fromarray(sf.turned(upright, 180))]))
+    # Stored pixels turned 270 with EXIF 6 ("show turned 90 clockwise"): displayed upright, so it is ok.
+    with open(os.path.join(archive, "exif_upright.jpg"), "wb") as f:
+        f.write(jpeg_with_exif_orientation(sf.turned(upright, 270), 6))
+    # Stored upright, EXIF 6: displayed turned 90 clockwise, which the copy must undo.
+    with open(os.path.join(archive, "exif_turned.jpg"), "wb") as f:
+        f.write(jpeg_with_exif_orientation(upright, 6))
+    output, fixed = str(tmp_path / "out"), str(tmp_path / "fixed")
+
+    run_score(["--input", archive, "--output", output, "--model", red_corner_export, "--write-corrected", fixed])
+
+    rows = pq.read_table(os.path.join(output, "results.parquet")).to_pylist()
+    seen = {(os.path.basename(r["uri"]), r["page"]): (r["orientation_degrees"], r["decision"]) for r in rows}
+    assert seen == {("two_pages.tif", 0): (0, "ok"), ("two_pages.tif", 1): (180, "auto_rotate"),
+                    ("exif_upright.jpg", 0): (0, "ok"), ("exif_turned.jpg", 0): (90, "auto_rotate")}
+    page_copy = np.asarray(Image.open(os.path.join(fixed, "two_pages.page1.tif")).convert("RGB"))
+    assert np.array_equal(page_copy, upright)
+    exif_row = next(r for r in rows if r["uri"].endswith("exif_turned.jpg"))
+    assert exif_row["corrected_method"].startswith("reencoded_q95")
+    exif_copy = np.asarray(Image.open(exif_row["corrected_uri"]).convert("RGB")).astype(int)
+    assert exif_copy.shape == upright.shape and np.abs(exif_copy - upright).mean() < 4
