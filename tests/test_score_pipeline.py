@@ -3,6 +3,7 @@ are upright, --skip-known, --tta, and the same answers through a real local gRPC
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipelines import score
 from serving import export
@@ -268,6 +269,26 @@ def test_pages_of_a_tiff_and_an_exif_turned_jpeg_are_scored_as_displayed(tmp_pat
     page_copy = np.asarray(Image.open(os.path.join(fixed, "two_pages.page1.tif")).convert("RGB"))
     assert np.array_equal(page_copy, upright)
     exif_row = next(r for r in rows if r["uri"].endswith("exif_turned.jpg"))
-    assert exif_row["corrected_method"].startswith("reencoded_q95")
-    exif_copy = np.asarray(Image.open(exif_row["corrected_uri"]).convert("RGB")).astype(int)
+    if shutil.which("jpegtran"):  # the EXIF turn folded into one lossless transform, the tag reset
+        assert exif_row["corrected_method"] == "jpegtran_lossless"
+    copy = Image.open(exif_row["corrected_uri"])
+    assert copy.getexif().get(0x0112, 1) == 1
+    exif_copy = np.asarray(ImageOps.exif_transpose(copy).convert("RGB")).astype(int)
     assert exif_copy.shape == upright.shape and np.abs(exif_copy - upright).mean() < 4
+
+
+@pytest.mark.parametrize("exif", range(1, 9))
+@pytest.mark.parametrize("degrees", [0, 90, 180, 270])
+@pytest.mark.skipif(shutil.which("jpegtran") is None, reason="jpegtran (libjpeg-turbo-progs) is not installed")
+def test_lossless_jpeg_turn_matches_the_decoded_pixels(exif, degrees):
+    """Every EXIF tag x every turn: the lossless copy shows what decoding + turning upright shows."""
+    from tests.image_factory import jpeg_with_exif_orientation
+
+    from pipelines import imaging
+
+    data = jpeg_with_exif_orientation(make_asymmetric_image(64, 96), exif)
+    expected = np.asarray(score.make_upright(next(imaging.decode_pages(data)).image, degrees)).astype(int)
+    payload, _, method = score.upright_bytes(data, 0, degrees, "jpeg")
+    assert method == "jpegtran_lossless"
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(payload))).convert("RGB")).astype(int)
+    assert shown.shape == expected.shape and np.abs(shown - expected).mean() < 2
