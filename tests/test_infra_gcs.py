@@ -1,0 +1,180 @@
+"""gs:// end to end against gcp-storage-emulator on 127.0.0.1: ingest gs:// -> gs:// through Beam's GCS IO,
+training from gs:// shards into a gs:// job dir through the staging cache (train-staged), and the nightly
+incremental score run writing gs:// results (scheduled-score). Everything is checked with the real
+google-cloud-storage client, which (like Beam's GCS IO, built on it) honours STORAGE_EMULATOR_HOST.
+
+TensorFlow's own gs:// filesystem cannot be pointed at an emulator (its endpoint is fixed), which is why the
+trainer sees the gs:// data through the local cache that archive_vision.cluster.train_staged fills."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from archive_vision import cluster
+from tests.image_factory import write_sample_archive
+
+pytestmark = pytest.mark.slow
+BUCKET = "archive-vision-test"
+TINY = ["--backbone", "tiny", "--weights", "none", "--image-size", "32", "--batch-size", "16", "--epochs", "2",
+        "--threads", "1", "--early-stopping-patience", "0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """A gcp-storage-emulator process with one bucket; STORAGE_EMULATOR_HOST points this process at it."""
+    port = free_port()
+    root = tmp_path_factory.mktemp("gcs")
+    binary = os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
+    log = open(root / "emulator.log", "wb")
+    process = subprocess.Popen([binary, "-d", str(root / "data"), "start", "--host", "127.0.0.1", "--port", str(port),
+                                "--default-bucket", BUCKET, "-q"], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            break
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"gcp-storage-emulator did not start: {(root / 'emulator.log').read_text()[-2000:]}")
+        time.sleep(0.2)
+    saved = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if saved is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = saved
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def bucket(emulator):
+    """The test bucket through the real google-cloud-storage client."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    return storage.Client(project="test", credentials=AnonymousCredentials()).bucket(BUCKET)
+
+
+def upload_dir(bucket, local: str, prefix: str) -> dict:
+    """Upload the regular files of `local` (symlinks have no GCS equivalent) -> {local path: gs:// uri}."""
+    uris = {}
+    for root, _, files in os.walk(local):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                continue
+            key = f"{prefix}/{os.path.relpath(path, local)}"
+            bucket.blob(key).upload_from_filename(path)
+            uris[path] = f"gs://{BUCKET}/{key}"
+    return uris
+
+
+def names_under(bucket, prefix: str) -> list:
+    return sorted(b.name[len(prefix) + 1:] for b in bucket.client.list_blobs(bucket, prefix=prefix + "/"))
+
+
+def read_parquet(bucket, key: str) -> list:
+    return pq.read_table(io.BytesIO(bucket.blob(key).download_as_bytes())).to_pylist()
+
+
+def test_ingest_reads_a_gs_archive_and_writes_shards_and_tables_to_gs(bucket, tmp_path):
+    from pipelines import ingest
+
+    archive = write_sample_archive(str(tmp_path / "scans"))
+    uris = upload_dir(bucket, str(tmp_path / "scans"), "scans")
+    summary = ingest.run(["--input", f"gs://{BUCKET}/scans", "--output", f"gs://{BUCKET}/ingested", "--labels",
+                          "folders", "--size", "48", "--num-shards", "2", "--direct_running_mode=in_memory"])
+
+    names = names_under(bucket, "ingested")
+    assert {"manifest.parquet", "errors.parquet", "labels.json", "run.json"} <= set(names)
+    assert any(n.startswith("train-") and n.endswith(".tfrecord") for n in names)
+    assert not [n for n in names if n.startswith(".temp-ingest-")]  # temp shards were renamed or cleaned up
+    manifest = read_parquet(bucket, "ingested/manifest.parquet")
+    assert sorted(r["source_uri"] for r in manifest) == sorted(uris[p] for p in archive["good"])
+    assert all(r["label_name"] == r["source_uri"].split("/")[-2] for r in manifest)
+    errors = {r["uri"]: r["error_type"] for r in read_parquet(bucket, "ingested/errors.parquet")}
+    assert errors == {uris[p]: kind for p, kind in archive["bad"].items() if p in uris}
+    assert json.loads(bucket.blob("ingested/labels.json").download_as_bytes())["classes"] == ["document", "photo"]
+    assert summary["counts"]["reconciled"] and json.loads(
+        bucket.blob("ingested/run.json").download_as_bytes())["counts"] == summary["counts"]
+
+
+def test_training_reads_gs_shards_through_the_cache_and_uploads_the_job_dir(bucket, tmp_path):
+    from tests.test_trainer_data import write_archive
+
+    shards = write_archive(str(tmp_path / "shards"), {"train": 32, "val": 8, "test": 8},
+                           stored_turns=(0, 90, 180, 270))
+    upload_dir(bucket, shards, "shards")
+    job = f"gs://{BUCKET}/jobs/run1"
+    cache = str(tmp_path / "cache")
+
+    assert cluster.train_staged(["--cache", cache, "--", "--data", f"gs://{BUCKET}/shards", "--job-dir", job,
+                                 *TINY]) == 0
+
+    names = names_under(bucket, "jobs/run1")
+    exported = [n for n in names if n.startswith("export/archive_vision/") and n.endswith("/saved_model.pb")]
+    assert len(exported) == 1
+    assert {"training_config.json", "run_summary.json", "labels.json", "eval/test_metrics.json"} <= set(names)
+    assert sorted(os.listdir(os.path.join(cache, "data"))) == sorted(os.listdir(shards))  # shards + labels.json
+    config = json.loads(bucket.blob("jobs/run1/training_config.json").download_as_bytes())
+    assert config["class_names"] == ["warm", "cool"] and config["epochs"] == 2
+
+    # A restarted pod starts from what the gs:// job dir holds: the finished phase is not trained again.
+    shutil.rmtree(cache)
+    assert cluster.train_staged(["--cache", cache, "--", "--data", f"gs://{BUCKET}/shards", "--job-dir", job,
+                                 *TINY]) == 0
+    history = bucket.blob("jobs/run1/history_heads.csv").download_as_text().strip().splitlines()
+    assert len(history) == 1 + 2  # header + the 2 epochs of the first run, none added by the restart
+
+
+def test_nightly_score_writes_gs_results_and_reuses_the_previous_night(bucket, tmp_path):
+    from serving import export
+    from tests import score_fixtures as sf
+
+    model_base = str(tmp_path / "export")
+    export.export_model(sf.make_red_corner_model(), model_base, class_names=sf.CLASS_NAMES,
+                        image_size=sf.IMAGE_SIZE, version=3)
+    local = str(tmp_path / "night-archive")
+    sf.write_turned_archive(local, {"a": 0, "b": 90})
+    upload_dir(bucket, local, "nightly")
+    flags = ["--", "--input", f"gs://{BUCKET}/nightly", "--model", model_base, "--no-report",
+             "--direct_running_mode=in_memory"]
+    root = f"gs://{BUCKET}/scores"
+
+    assert cluster.scheduled_score(["--results-root", root, "--run-name", "2026-01-01", *flags]) == 0
+    first = {r["uri"].rsplit("/", 1)[1]: r for r in read_parquet(bucket, "scores/2026-01-01/results.parquet")}
+    assert {n: r["orientation_degrees"] for n, r in first.items()} == {"a.png": 0, "b.png": 90}
+    assert not any(r["reused"] for r in first.values())
+
+    sf.write_turned_archive(local, {"c": 270})
+    upload_dir(bucket, local, "nightly")
+    assert cluster.scheduled_score(["--results-root", root, "--run-name", "2026-01-02", *flags]) == 0
+    second = {r["uri"].rsplit("/", 1)[1]: r for r in read_parquet(bucket, "scores/2026-01-02/results.parquet")}
+    assert {n for n, r in second.items() if r["reused"]} == {"a.png", "b.png"}
+    assert {n for n, r in second.items() if not r["reused"]} == {"c.png"} and second["c.png"][
+        "orientation_degrees"] == 270
+    assert {"results.csv", "errors.parquet", "run.json"} <= set(names_under(bucket, "scores/2026-01-02"))
+    assert cluster.latest_results(root, "2026-01-03") == f"{root}/2026-01-02/results.parquet"
