@@ -131,6 +131,17 @@ def rotation_outcome(results: List[dict], truth_rows: Dict[str, int]) -> Dict[st
     return outcome
 
 
+def held_out_accuracy(results: List[dict], truth_rows: Dict[str, int], manifest_path: str) -> Dict[str, int]:
+    """How often the predicted turn is right on the images ingest put in val/test (never trained on)."""
+    import pyarrow.parquet as pq
+
+    manifest = pq.read_table(manifest_path, columns=["source_uri", "split"]).to_pylist()
+    held = {os.path.normpath(r["source_uri"]) for r in manifest if r["split"] in ("val", "test")}
+    rows = [r for r in results if r["page"] == 0 and os.path.normpath(r["uri"]) in held and r["uri"] in truth_rows]
+    return {"images": len(rows),
+            "right_turn": sum(1 for r in rows if r["orientation_degrees"] == truth_rows[r["uri"]])}
+
+
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="archive-vision demo", description=__doc__.split("\n")[0])
     parser.add_argument("--output", default="demo-out", help="folder for everything the demo writes")
@@ -227,15 +238,19 @@ def run_demo(args: argparse.Namespace) -> int:
         problems.append(f"no report: {scored.get('report_error')}")
 
     with open(os.path.join(out, "demo.json"), "w", encoding="utf-8") as f:
-        json.dump({"outcome": outcome, "problems": problems, "seconds": round(time.monotonic() - overall, 1),
+        json.dump({"outcome": outcome, "held_out": held_out_accuracy(
+                       results, truth_rows, os.path.join(ingest_dir, "manifest.parquet")), "problems": problems, "seconds": round(time.monotonic() - overall, 1),
                    "export": version_dir}, f, indent=2)
     print("\n== result")
     print(f"   report: {scored.get('report')}")
     print(f"   turned images found: {outcome['found']} of {outcome['turned_on_purpose']} turned on purpose "
           f"({outcome['found_right_turn']} with the right turn); {outcome['sent_to_review']} more sent to review, "
           f"{outcome['missed']} missed; {outcome['false_alarms']} upright images wrongly marked auto_rotate")
-    print(f"   corrupt inputs in errors.parquet: {len(set(sample.corrupt) & failed_uris)} of {len(sample.corrupt)}; "
-          f"the model was trained on this same archive's train split, so these figures flatter it")
+    held_out = held_out_accuracy(results, truth_rows, os.path.join(ingest_dir, "manifest.parquet"))
+    print(f"   corrupt inputs in errors.parquet: {len(set(sample.corrupt) & failed_uris)} of {len(sample.corrupt)}")
+    print(f"   the model trained on this archive's train split, so the figures above flatter it; on the "
+          f"{held_out['images']} images ingest held out (val+test) the predicted turn was right for "
+          f"{held_out['right_turn']}")
     print(f"   whole demo: {time.monotonic() - overall:.0f}s")
     if problems:
         for problem in problems:
