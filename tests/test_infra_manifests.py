@@ -92,6 +92,37 @@ def test_every_manifest_parses_into_named_kubernetes_objects():
                      "ServiceAccount"}
 
 
+def missing_after_round_trip(original, typed, path=""):
+    """Keys of `original` that the typed Kubernetes model dropped: misspelled or misplaced fields."""
+    if isinstance(original, dict) and isinstance(typed, dict):
+        missing = []
+        for key, value in original.items():
+            if key not in typed:
+                missing.append(f"{path}.{key}")
+            else:
+                missing += missing_after_round_trip(value, typed[key], f"{path}.{key}")
+        return missing
+    if isinstance(original, list) and isinstance(typed, list) and len(original) == len(typed):
+        return [m for i, (a, b) in enumerate(zip(original, typed)) for m in missing_after_round_trip(a, b, f"{path}[{i}]")]
+    return []
+
+
+def test_every_object_matches_the_kubernetes_api_schema_field_for_field(capsys):
+    kubernetes = pytest.importorskip("kubernetes")
+    api = kubernetes.client.ApiClient()
+    docs = [doc for path in manifest_files() for doc in load(path)]
+    docs += cluster.render_training_jobs(cluster.TrainingJob(name="t", data="gs://b/d", job_dir="gs://b/j",
+                                                             accelerator="nvidia-l4"))
+    pod_templates = [w["template"] for d in cluster.render_tfjob(cluster.TrainingJob(
+        name="t", data="gs://b/d", job_dir="gs://b/j")) for w in d["spec"]["tfReplicaSpecs"].values()]
+    checked = [(f"V{doc['apiVersion'].split('/')[-1][1:]}{doc['kind']}", doc) for doc in docs]
+    checked += [("V1PodTemplateSpec", template) for template in pod_templates]
+    for model, doc in checked:
+        typed = api.sanitize_for_serialization(api._ApiClient__deserialize(doc, model))
+        assert missing_after_round_trip(doc, typed) == [], (model, doc["metadata"]["name"] if "metadata" in doc
+                                                             and "name" in doc["metadata"] else model)
+
+
 def test_images_are_the_project_image_at_the_package_version_or_tf_serving_at_the_api_version():
     images = [c["image"] for path in manifest_files() for c in containers(load(path))]
     vertex = load(os.path.join(INFRA, "vertex", "custom_job.yaml"))[0]
