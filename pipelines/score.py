@@ -543,13 +543,14 @@ def jpegtran_path() -> Optional[str]:
     return shutil.which("jpegtran")
 
 
-def corrected_path(uri: str, input_root: str, corrected_dir: str, page: int, page_count_hint: int = 1) -> str:
-    """Where the upright copy of `uri` goes: its path under the input folder (or its full path) below the dir."""
+def corrected_path(uri: str, input_root: str, corrected_dir: str, page: int) -> str:
+    """Where the upright copy of `uri` goes: its path under the input folder (or its full path) below the dir;
+    page N > 0 of a multi-page file becomes `<stem>.pageN<ext>`."""
     if input_root and not sources.is_remote(uri) and os.path.abspath(uri).startswith(input_root.rstrip("/") + "/"):
         rel = os.path.relpath(os.path.abspath(uri), input_root)
     else:
         rel = uri.split("://", 1)[-1].lstrip("/")
-    if page > 0 or page_count_hint > 1:
+    if page > 0:
         stem, ext = os.path.splitext(rel)
         rel = f"{stem}.page{page}{ext}"
     return FileSystems.join(corrected_dir, rel) if sources.is_remote(corrected_dir) else os.path.join(corrected_dir, rel)
@@ -857,8 +858,8 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
     errors = read_table(FileSystems.join(opts.output, "errors.parquet"), ERRORS_SCHEMA)
     rows = results.to_pylist()
     ok_uris = {r["uri"] for r in rows}
-    error_uris = {e.split("#row=")[0] if "#row=" in e else e for e in errors.column("uri").to_pylist()}
-    failed_uris = set(errors.column("uri").to_pylist()) - ok_uris
+    error_uris = set(errors.column("uri").to_pylist())
+    failed_uris = error_uris - ok_uris
     per_decision: Dict[str, int] = {}
     per_class: Dict[str, int] = {}
     for r in rows:
