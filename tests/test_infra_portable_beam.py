@@ -21,10 +21,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list:
+    """Ports nothing listens on, all different (held together while the kernel picks them)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 90.0) -> None:
@@ -87,7 +93,7 @@ def test_ingest_through_job_service_and_external_worker_pool_matches_the_direct_
     direct_out = str(tmp_path / "direct")
     ingest.run([*job_flags, "--output", direct_out, "--direct_running_mode=in_memory"])
 
-    job_port, pool_port = free_port(), free_port()
+    job_port, pool_port = free_ports(2)
     portable_out = str(tmp_path / "portable")
     env = venv_env(JOB_ENDPOINT=f"localhost:{job_port}", ENVIRONMENT_TYPE="EXTERNAL",
                    ENVIRONMENT_CONFIG=f"localhost:{pool_port}", PARALLELISM="1")
