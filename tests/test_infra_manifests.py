@@ -43,11 +43,14 @@ def pod_specs(doc: dict) -> list:
         return [doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]]
     if kind == "TFJob":
         return [spec["template"]["spec"] for spec in doc["spec"]["tfReplicaSpecs"].values()]
+    if kind == "FlinkDeployment":
+        return [doc["spec"]["taskManager"]["podTemplate"]["spec"]]
     return []
 
 
 def containers(docs: list) -> list:
-    return [c for doc in docs for spec in pod_specs(doc) for c in spec["containers"]]
+    """Containers with an image of their own (the Flink operator fills in its main container's)."""
+    return [c for doc in docs for spec in pod_specs(doc) for c in spec["containers"] if "image" in c]
 
 
 def after_double_dash(command: list) -> list:
@@ -76,7 +79,7 @@ def serving_container() -> dict:
 def test_every_manifest_parses_into_named_kubernetes_objects():
     files = manifest_files()
     assert {os.path.basename(f) for f in files} >= {"serving.yaml", "score-cronjob.yaml", "training-multiworker.yaml",
-                                                    "service-account.yaml"}
+                                                    "service-account.yaml", "flink-session.yaml"}
     kinds = set()
     for path in files:
         docs = load(path)
@@ -115,8 +118,11 @@ def test_every_object_matches_the_kubernetes_api_schema_field_for_field(capsys):
                                                              accelerator="nvidia-l4"))
     pod_templates = [w["template"] for d in cluster.render_tfjob(cluster.TrainingJob(
         name="t", data="gs://b/d", job_dir="gs://b/j")) for w in d["spec"]["tfReplicaSpecs"].values()]
-    checked = [(f"V{doc['apiVersion'].split('/')[-1][1:]}{doc['kind']}", doc) for doc in docs]
-    checked += [("V1PodTemplateSpec", template) for template in pod_templates]
+    # custom resources have no typed model here; the pod templates inside them do
+    pod_templates += [d["spec"]["taskManager"]["podTemplate"] for d in docs if d["kind"] == "FlinkDeployment"]
+    checked = [(f"V{doc['apiVersion'].split('/')[-1][1:]}{doc['kind']}", doc) for doc in docs
+               if doc["apiVersion"].split("/")[0] in ("v1", "apps", "batch", "autoscaling")]
+    checked += [("V1PodTemplateSpec" if "kind" not in t else "V1Pod", t) for t in pod_templates]
     for model, doc in checked:
         typed = api.sanitize_for_serialization(api._ApiClient__deserialize(doc, model))
         assert missing_after_round_trip(doc, typed) == [], (model, doc["metadata"]["name"] if "metadata" in doc
@@ -128,10 +134,13 @@ def test_images_are_the_project_image_at_the_package_version_or_tf_serving_at_th
     vertex = load(os.path.join(INFRA, "vertex", "custom_job.yaml"))[0]
     images += [pool["containerSpec"]["imageUri"] for pool in vertex["workerPoolSpecs"]]
     serving_api = metadata.version("tensorflow-serving-api")
+    beam_version = metadata.version("apache-beam")
     for image in images:
         repo, _, tag = image.rpartition(":")
         if repo == "tensorflow/serving":
             assert tag.split(".")[:2] == serving_api.split(".")[:2], image
+        elif repo.startswith("apache/beam_flink"):
+            assert tag == beam_version, image  # the job server speaks the launcher's Beam version
         else:
             assert (repo, tag) == (PROJECT_IMAGE_REPO, __version__), image
     assert "tensorflow/serving:" in " ".join(images) and cluster.DEFAULT_IMAGE in images
@@ -377,6 +386,24 @@ def test_flink_launch_builds_a_portable_runner_command_score_and_beam_accept():
     portable = PipelineOptions(beam_args).view_as(PortableOptions)
     assert (portable.job_endpoint, portable.environment_type, portable.environment_config) == (
         "flink-js:8099", "EXTERNAL", "localhost:50000")
+
+
+def test_flink_session_serves_the_launch_scripts_defaults():
+    docs = load(os.path.join(K8S, "flink-session.yaml"))
+    (flink,) = by_kind(docs, "FlinkDeployment")
+    jobserver = containers(by_kind(docs, "Deployment"))[0]
+    flink_version = re.search(r"beam_flink(\d+\.\d+)_job_server", jobserver["image"]).group(1)
+    assert flink["spec"]["flinkVersion"] == "v" + flink_version.replace(".", "_")
+    assert flink["spec"]["image"] == f"flink:{flink_version}"
+    master = [a for a in jobserver["args"] if a.startswith("--flink-master=")][0]
+    assert master.split("=")[1].split(":")[0] == f"{flink['metadata']['name']}-rest"  # the operator's REST Service
+    pool = [c for c in containers([flink]) if c["name"] == "beam-worker-pool"][0]
+    assert pool["image"] == cluster.DEFAULT_IMAGE and pool["args"] == ["--worker_pool"]
+    argv = _dry_run("flink/launch.sh", ["ingest", "--input", "a", "--output", "b"])
+    assert argv[argv.index("--environment_config") + 1] == f"localhost:{pool['ports'][0]['containerPort']}"
+    (service,) = by_kind(docs, "Service")
+    job_port = {p["name"]: p["port"] for p in service["spec"]["ports"]}["job"]
+    assert argv[argv.index("--job_endpoint") + 1] == f"localhost:{job_port}"  # through kubectl port-forward
 
 
 def test_launch_scripts_refuse_unknown_jobs_and_missing_settings():
