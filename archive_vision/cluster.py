@@ -242,8 +242,17 @@ def _is_remote(path: str) -> bool:
     return "://" in path
 
 
-def download_prefix(remote: str, local: str, patterns: Sequence[str] = ("*",), recursive: bool = False) -> List[str]:
-    """Copy the files under `remote` (gs://..., any Beam filesystem) matching `patterns` into `local`."""
+def _skipped(relative: str, skip_prefixes: Sequence[str]) -> bool:
+    return any(relative.startswith(prefix) for prefix in skip_prefixes)
+
+
+def download_prefix(remote: str, local: str, patterns: Sequence[str] = ("*",), recursive: bool = False,
+                    skip_prefixes: Sequence[str] = ()) -> List[str]:
+    """Copy the files under `remote` (gs://..., any Beam filesystem) matching `patterns` into `local`.
+
+    `recursive` takes every file below `remote` instead; relative paths starting with one of `skip_prefixes`
+    are left out.
+    """
     from apache_beam.io.filesystems import FileSystems
 
     remote = remote.rstrip("/")
@@ -253,7 +262,7 @@ def download_prefix(remote: str, local: str, patterns: Sequence[str] = ("*",), r
     for match in FileSystems.match(globs):
         for meta in match.metadata_list:
             relative = meta.path[len(remote) + 1:]
-            if not relative or relative.endswith("/"):
+            if not relative or relative.endswith("/") or _skipped(relative, skip_prefixes):
                 continue
             target = os.path.join(local, *relative.split("/"))
             os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -264,7 +273,7 @@ def download_prefix(remote: str, local: str, patterns: Sequence[str] = ("*",), r
     return copied
 
 
-def upload_tree(local: str, remote: str) -> List[str]:
+def upload_tree(local: str, remote: str, skip_prefixes: Sequence[str] = ()) -> List[str]:
     """Copy every file under the local dir `local` to the same relative path under `remote`."""
     from apache_beam.io.filesystems import FileSystems
 
@@ -273,10 +282,12 @@ def upload_tree(local: str, remote: str) -> List[str]:
     for root, _, files in os.walk(local):
         for name in sorted(files):
             path = os.path.join(root, name)
-            target = f"{remote}/{os.path.relpath(path, local).replace(os.sep, '/')}"
-            with open(path, "rb") as src, FileSystems.create(target) as dst:
+            relative = os.path.relpath(path, local).replace(os.sep, "/")
+            if _skipped(relative, skip_prefixes):
+                continue
+            with open(path, "rb") as src, FileSystems.create(f"{remote}/{relative}") as dst:
                 shutil.copyfileobj(src, dst, 8 << 20)
-            written.append(target)
+            written.append(f"{remote}/{relative}")
     return written
 
 
@@ -305,44 +316,61 @@ def _flag_value(argv: Sequence[str], flag: str) -> str:
     raise ValueError(f"the trainer flags need {flag}")
 
 
+def _private_job_part() -> Tuple[str, Tuple[str, ...]]:
+    """(this pod's part of the job dir, relative; sub-paths of it that belong to other pods).
+
+    The chief owns the job dir but the workers/ tree; worker i owns workers/worker-i (trainer.strategy's rule).
+    Each pod stages only its own part, so a late worker never writes stale copies of the chief's files back.
+    """
+    from trainer.strategy import worker_role
+
+    role = worker_role()
+    if role.is_chief:
+        return "", ("workers/",)
+    return f"workers/{role.task_type}-{role.task_index}", ()
+
+
 def train_staged(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m archive_vision.cluster train-staged [--cache DIR] -- <trainer flags>`.
 
-    gs:// --data is downloaded into the cache, a gs:// --job-dir is trained locally (starting from whatever the
-    gs:// job dir already holds, so a restarted pod resumes from its backup) and uploaded when training ends.
+    gs:// --data is downloaded into the cache; a gs:// --job-dir is trained locally, starting from what this
+    pod's part of the gs:// job dir already holds (a restarted pod resumes from its backup), and uploaded when
+    training ends (only the backup state when it fails).
     """
     parser = argparse.ArgumentParser(prog="python -m archive_vision.cluster train-staged",
                                      description=train_staged.__doc__.split("\n")[0])
     parser.add_argument("--cache", default=DEFAULT_CACHE, help="local dir for the staged data and job dir")
     parser.add_argument("trainer_flags", nargs=argparse.REMAINDER, help="-- then the flags of trainer.task")
     args = parser.parse_args(argv)
-    flags = [a for a in args.trainer_flags if a != "--"] if args.trainer_flags[:1] == ["--"] else args.trainer_flags
-    data, job_dir = _flag_value(flags, "--data"), _flag_value(flags, "--job-dir")
+    flags = args.trainer_flags[1:] if args.trainer_flags[:1] == ["--"] else list(args.trainer_flags)
+    data, job_dir = _flag_value(flags, "--data"), _flag_value(flags, "--job-dir").rstrip("/")
     if _is_remote(data):
         local_data = os.path.join(args.cache, "data")
         copied = download_prefix(data, local_data, _DATA_PATTERNS)
         print(f"[staging] {len(copied)} files of {data} -> {local_data}", flush=True)
         flags = _replace_flag(flags, "--data", local_data)
-    local_job = None
-    if _is_remote(job_dir):
-        local_job = os.path.join(args.cache, "job")
-        resumed = download_prefix(job_dir, local_job, recursive=True)
-        if resumed:
-            print(f"[staging] resuming from {len(resumed)} files already in {job_dir}", flush=True)
-        flags = _replace_flag(flags, "--job-dir", local_job)
     from trainer import task
 
-    status = task.main(flags)
-    if local_job is not None and os.path.isdir(local_job):
+    if not _is_remote(job_dir):
+        return int(task.main(flags) or 0)
+    local_job = os.path.join(args.cache, "job")
+    part, others = _private_job_part()
+    remote_part = f"{job_dir}/{part}" if part else job_dir
+    local_part = os.path.join(local_job, *part.split("/")) if part else local_job
+    resumed = download_prefix(remote_part, local_part, recursive=True, skip_prefixes=others)
+    if resumed:
+        print(f"[staging] resuming from {len(resumed)} files already in {remote_part}", flush=True)
+    status = 1
+    try:
+        status = int(task.main(_replace_flag(flags, "--job-dir", local_job)) or 0)
+    finally:
         if status == 0:
-            written = upload_tree(local_job, job_dir)
-            print(f"[staging] {len(written)} files of the job dir -> {job_dir}", flush=True)
-        else:
+            written = upload_tree(local_part, remote_part, skip_prefixes=others)
+            print(f"[staging] {len(written)} files of the job dir -> {remote_part}", flush=True)
+        elif os.path.isdir(os.path.join(local_part, "backup")):
             # A failed run still leaves its backup state where a restarted pod will look for it.
-            backup = os.path.join(local_job, "backup")
-            if os.path.isdir(backup):
-                upload_tree(backup, job_dir.rstrip("/") + "/backup")
-    return int(status or 0)
+            upload_tree(os.path.join(local_part, "backup"), f"{remote_part}/backup")
+    return status
 
 
 # --------------------------------------------------------------------------------------------- scheduled score

@@ -122,32 +122,53 @@ def test_ingest_reads_a_gs_archive_and_writes_shards_and_tables_to_gs(bucket, tm
         bucket.blob("ingested/run.json").download_as_bytes())["counts"] == summary["counts"]
 
 
-def test_training_reads_gs_shards_through_the_cache_and_uploads_the_job_dir(bucket, tmp_path):
+def test_two_pods_train_from_gs_shards_into_one_gs_job_dir_and_a_restart_resumes(bucket, emulator, tmp_path):
     from tests.test_trainer_data import write_archive
 
     shards = write_archive(str(tmp_path / "shards"), {"train": 32, "val": 8, "test": 8},
                            stored_turns=(0, 90, 180, 270))
     upload_dir(bucket, shards, "shards")
     job = f"gs://{BUCKET}/jobs/run1"
-    cache = str(tmp_path / "cache")
-
-    assert cluster.train_staged(["--cache", cache, "--", "--data", f"gs://{BUCKET}/shards", "--job-dir", job,
-                                 *TINY]) == 0
+    trainer_flags = ["--data", f"gs://{BUCKET}/shards", "--job-dir", job, *TINY]
+    # What each worker pod runs (the container command of the rendered Jobs), with the TF_CONFIG it gets.
+    addresses = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    pods = []
+    for index in range(2):
+        env = {**os.environ, "STORAGE_EMULATOR_HOST": emulator, "TF_CPP_MIN_LOG_LEVEL": "2",
+               "TF_CONFIG": json.dumps(cluster.build_tf_config(addresses, index))}
+        log = open(tmp_path / f"pod-{index}.log", "wb")
+        pods.append((subprocess.Popen([sys.executable, "-m", "archive_vision.cluster", "train-staged", "--cache",
+                                       str(tmp_path / f"cache-{index}"), "--", *trainer_flags],
+                                      env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    try:
+        codes = [pod.wait(timeout=420) for pod, _ in pods]
+    finally:
+        for pod, log in pods:
+            if pod.poll() is None:
+                pod.kill()
+                pod.wait(timeout=10)
+            log.close()
+    assert codes == [0, 0], "\n\n".join((tmp_path / f"pod-{i}.log").read_text(errors="replace")[-3000:]
+                                        for i in range(2))
 
     names = names_under(bucket, "jobs/run1")
-    exported = [n for n in names if n.startswith("export/archive_vision/") and n.endswith("/saved_model.pb")]
-    assert len(exported) == 1
-    assert {"training_config.json", "run_summary.json", "labels.json", "eval/test_metrics.json"} <= set(names)
-    assert sorted(os.listdir(os.path.join(cache, "data"))) == sorted(os.listdir(shards))  # shards + labels.json
+    exported = [n for n in names if n.endswith("/saved_model.pb")]
+    assert len(exported) == 1 and exported[0].startswith("export/archive_vision/")
+    assert {"training_config.json", "run_summary.json", "labels.json", "eval/test_metrics.json",
+            "workers/worker-1/history_heads.csv"} <= set(names)
+    assert not [n for n in names if n.startswith("workers/worker-1/export")]
     config = json.loads(bucket.blob("jobs/run1/training_config.json").download_as_bytes())
-    assert config["class_names"] == ["warm", "cool"] and config["epochs"] == 2
+    assert config["num_workers"] == 2 and config["replicas"] == 2 and config["class_names"] == ["warm", "cool"]
+    assert sorted(os.listdir(tmp_path / "cache-0" / "data")) == sorted(os.listdir(shards))  # shards + labels.json
+    assert os.listdir(tmp_path / "cache-1" / "job") == ["workers"]  # worker 1 staged only its own part
 
-    # A restarted pod starts from what the gs:// job dir holds: the finished phase is not trained again.
-    shutil.rmtree(cache)
+    # A restarted chief starts from what the gs:// job dir holds: the finished phase is not trained again.
+    cache = str(tmp_path / "cache-restart")
     assert cluster.train_staged(["--cache", cache, "--", "--data", f"gs://{BUCKET}/shards", "--job-dir", job,
                                  *TINY]) == 0
     history = bucket.blob("jobs/run1/history_heads.csv").download_as_text().strip().splitlines()
     assert len(history) == 1 + 2  # header + the 2 epochs of the first run, none added by the restart
+    assert not os.path.exists(os.path.join(cache, "job", "workers"))  # the chief leaves the workers' files alone
 
 
 def test_nightly_score_writes_gs_results_and_reuses_the_previous_night(bucket, tmp_path):
