@@ -106,7 +106,8 @@ def missing_after_round_trip(original, typed, path=""):
                 missing += missing_after_round_trip(value, typed[key], f"{path}.{key}")
         return missing
     if isinstance(original, list) and isinstance(typed, list) and len(original) == len(typed):
-        return [m for i, (a, b) in enumerate(zip(original, typed)) for m in missing_after_round_trip(a, b, f"{path}[{i}]")]
+        return [m for i, (a, b) in enumerate(zip(original, typed))
+                for m in missing_after_round_trip(a, b, f"{path}[{i}]")]
     return []
 
 
