@@ -4,10 +4,9 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from pipelines import schema
@@ -136,3 +135,29 @@ def test_eval_batches_are_never_partial_and_padding_carries_no_weight(tmp_path):
     assert len(batches) == 3  # 20 examples -> 3 full batches of 8, the last one padded with 4
     assert all(b["pixels"].shape[0] == 8 for b in batches)
     assert sum(float(b["orientation_weight"].sum()) for b in batches) == 20.0
+
+
+def test_flip_and_shift_augmentation_keeps_orientation_labels_true(tmp_path):
+    from trainer import input as train_input
+
+    data = write_archive(str(tmp_path / "a"), {"train": 8}, stored_turns=(0, 90, 180, 270), shards_per_split=1)
+    cfg = _cfg(data, allow_flip=True, max_shift=0.1, rotations="random")
+    examples = list(train_input.example_dataset(data, "train", cfg, training=True).as_numpy_iterator())
+    assert len(examples) == 8
+    for e in examples:
+        # Turn the example back by its label: the bright bar of the upright picture must be on top again.
+        upright = np.rot90(e["pixels"], k=int(e["orientation_label"])).astype(np.float32)
+        top, bottom = upright[:4].mean(), upright[-4:].mean()
+        assert top > bottom + 50, (int(e["stored_orientation"]), int(e["turn"]))
+
+
+def test_eval_path_is_deterministic_and_unaugmented(tmp_path):
+    from trainer import input as train_input
+
+    data = write_archive(str(tmp_path / "a"), {"val": 4}, shards_per_split=2)
+    cfg = _cfg(data, allow_flip=True, max_shift=0.2)
+    first = [e["pixels"] for e in train_input.example_dataset(data, "val", cfg, training=False).as_numpy_iterator()]
+    second = [e["pixels"] for e in train_input.example_dataset(data, "val", cfg, training=False).as_numpy_iterator()]
+    assert len(first) == 16
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)

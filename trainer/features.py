@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import keras
 import numpy as np
@@ -62,11 +62,23 @@ def _load(directory: str) -> Optional[FeatureCache]:
     return FeatureCache(features, labels, directory)
 
 
+def make_extractor(backbone: keras.Model) -> Callable[[tf.Tensor], tf.Tensor]:
+    """One traced inference-mode forward pass of the backbone, shared by every split's cache."""
+
+    @tf.function(reduce_retracing=True)
+    def extract(pixels):
+        return backbone(pixels, training=False)
+
+    return extract
+
+
 def compute_feature_cache(backbone: keras.Model, cfg: TrainConfig, split: str, root: Optional[str] = None,
-                          batch_size: int = 64) -> Optional[FeatureCache]:
+                          batch_size: int = 64, extract: Optional[Callable[[tf.Tensor], tf.Tensor]] = None
+                          ) -> Optional[FeatureCache]:
     """Features of every example (all four turns) of a split; None when the split has no shards.
 
     root=None keeps the cache in memory; otherwise it is written to (or reused from) a directory under root.
+    Pass the same `extract` (make_extractor) for several splits to trace the backbone only once.
     """
     if not train_input.list_shards(cfg.data, split):
         return None
@@ -77,10 +89,7 @@ def compute_feature_cache(backbone: keras.Model, cfg: TrainConfig, split: str, r
             log.info("feature cache: reusing %s (%d examples)", directory, len(cached))
             return cached
 
-    @tf.function(reduce_retracing=True)
-    def extract(pixels):
-        return backbone(pixels, training=False)
-
+    extract = extract or make_extractor(backbone)
     ds = train_input.example_dataset(cfg.data, split, cfg, training=False, all_turns=True)
     ds = ds.map(lambda e: (e["pixels"], {k: e[k] for k in LABEL_FIELDS})).batch(batch_size)
     chunks: List[np.ndarray] = []

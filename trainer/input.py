@@ -26,6 +26,10 @@ TURNS = (0, 90, 180, 270)
 LABELS_FILENAME = "labels.json"
 
 
+class DataError(ValueError):
+    """The data directory cannot feed the requested training (no shards, no usable records, no classes)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitSize:
     """How many records a split holds and how many examples they make once turned."""
@@ -143,7 +147,7 @@ def example_dataset(data_dir: str, split: str, cfg: TrainConfig, training: bool,
     """Unbatched examples (dicts: pixels, labels, weights, source_uri, page, turn) of one split."""
     files = files if files is not None else list_shards(data_dir, split)
     if not files:
-        raise FileNotFoundError(f"no {split}-*.tfrecord[.gz] shards in {data_dir}")
+        raise DataError(f"no {split}-*.tfrecord[.gz] shards in {data_dir}")
     all_turns = (cfg.rotations == "all" or not training) if all_turns is None else all_turns
     ds = _read_records(files, shuffle_files=training, seed=cfg.seed)
     ds = ds.map(_parse, num_parallel_calls=tf.data.AUTOTUNE)
@@ -220,7 +224,7 @@ def make_fit_datasets(cfg: TrainConfig, global_batch: int, num_workers: int
     """(train dataset, steps per epoch, val dataset or None, val steps) of (x, y, w) batches for fit()."""
     train_size = count_split(cfg.data, "train", cfg)
     if train_size.examples == 0:
-        raise ValueError(f"no usable train records in {cfg.data} for tasks {','.join(cfg.tasks)}")
+        raise DataError(f"no usable train records in {cfg.data} for tasks {','.join(cfg.tasks)}")
     train = example_dataset(cfg.data, "train", cfg, training=True)
     train = batch_for_replicas(train, global_batch, training=True)
     train = train.map(lambda e: training_tuple(e, cfg))

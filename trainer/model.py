@@ -122,14 +122,20 @@ def build_model(backbone: keras.Model, num_classes: int, tasks: Sequence[str], d
     return assemble(backbone, heads, name), heads
 
 
-def compile_for_tasks(model: keras.Model, tasks: Sequence[str], learning_rate: float) -> None:
-    """Adam + sparse cross-entropy per head; accuracy as a weighted metric so masked/padded rows don't count."""
+def compile_for_tasks(model: keras.Model, tasks: Sequence[str], learning_rate: float,
+                      steps_per_execution: int = 1) -> None:
+    """Adam + sparse cross-entropy per head; accuracy as a weighted metric so masked/padded rows don't count.
+
+    steps_per_execution > 1 runs that many steps per graph call: for the small head model on cached features
+    the per-step Python overhead would otherwise cost more than the step itself.
+    """
     losses, metrics = {}, {}
     for task, key in (("classes", CLASS_OUTPUT), ("orientation", ORIENTATION_OUTPUT)):
         if task in tasks:
             losses[key] = keras.losses.SparseCategoricalCrossentropy()
             metrics[key] = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=losses, weighted_metrics=metrics)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=losses, weighted_metrics=metrics,
+                  steps_per_execution=steps_per_execution)
 
 
 def accuracy_keys(tasks: Sequence[str], validation: bool) -> List[str]:

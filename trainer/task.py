@@ -26,8 +26,6 @@ PHASE_FINE_TUNE = "fine_tune"
 def _progress_callback_class():
     import keras
 
-    from trainer.model import mean_accuracy
-
     class EpochProgress(keras.callbacks.Callback):
         """One line per epoch on stdout (placed after BackupAndRestore, so a printed epoch is backed up)."""
 
@@ -109,12 +107,14 @@ def _callbacks(cfg, phase: str, epochs: int, private_dir: str, has_val: bool, pr
 
 def read_history(private_dir: str) -> List[Dict[str, float]]:
     """Per-epoch metrics of all phases in order, epochs numbered 1.. across phases."""
+    import tensorflow as tf
+
     rows: List[Dict[str, float]] = []
     for phase in (PHASE_HEADS, PHASE_FINE_TUNE):
         path = os.path.join(private_dir, f"history_{phase}.csv")
-        if not os.path.exists(path):
+        if not tf.io.gfile.exists(path):
             continue
-        with open(path, newline="") as f:
+        with tf.io.gfile.GFile(path) as f:
             for row in csv.DictReader(f):
                 if row.get("epoch") in (None, "", "epoch"):
                     continue
@@ -136,12 +136,14 @@ def _marker(private_dir: str, phase: str) -> str:
 def _run_phase(fit_model, cfg, phase: str, epochs: int, train_ds, steps: int, val_ds, val_steps,
                private_dir: str, prefix: str) -> None:
     """fit() one phase with backup/restore, then keep its best weights (by val loss, or train loss)."""
-    os.makedirs(os.path.join(private_dir, "checkpoints"), exist_ok=True)
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(os.path.join(private_dir, "checkpoints"))
     callbacks = _callbacks(cfg, phase, epochs, private_dir, val_ds is not None, prefix)
     fit_model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds,
                   validation_steps=val_steps, callbacks=callbacks, verbose=cfg.verbose)
     best = os.path.join(private_dir, "checkpoints", f"best_{phase}.weights.h5")
-    if os.path.exists(best):
+    if tf.io.gfile.exists(best):
         fit_model.load_weights(best)
 
 
@@ -157,13 +159,13 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
 
     class_names = train_input.read_class_names(cfg.data)
     if cfg.uses_classes and len(class_names) < 2:
-        raise ValueError(f"{cfg.data}/labels.json names {len(class_names)} classes; the class head needs 2 or "
+        raise train_input.DataError(f"{cfg.data}/labels.json names {len(class_names)} classes; the class head needs 2 or "
                          f"more (train an unlabelled archive with --tasks orientation)")
     num_classes = len(class_names) if cfg.uses_classes else 0
     replicas = strategy.num_replicas_in_sync
     global_batch = cfg.batch_size * replicas
     private_dir = role.private_dir(cfg.job_dir)
-    os.makedirs(private_dir, exist_ok=True)
+    tf.io.gfile.makedirs(private_dir)
     prefix = "" if role.is_chief else f"({role.task_type}-{role.task_index}) "
     log.info("strategy: %s, global batch %d, role %s-%d", strategy_lib.describe(strategy), global_batch,
              role.task_type, role.task_index)
@@ -171,7 +173,7 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
              "strategy_class": type(strategy).__name__, "class_names": class_names}
     config_path = cfg.write(private_dir, facts)
     labels_path = os.path.join(private_dir, "labels.json")
-    with open(labels_path, "w") as f:
+    with tf.io.gfile.GFile(labels_path, "w") as f:
         json.dump({"classes": class_names, "orientations": evaluate.ORIENTATION_NAMES}, f, indent=2)
 
     keras.utils.set_random_seed(cfg.seed)
@@ -183,17 +185,20 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
     log.info("backbone %s: feature map %s", cfg.backbone, tuple(backbone.output.shape[1:]))
 
     heads_weights = os.path.join(private_dir, "checkpoints", "heads_final.weights.h5")
-    if os.path.exists(_marker(private_dir, PHASE_HEADS)) and os.path.exists(heads_weights):
+    if tf.io.gfile.exists(_marker(private_dir, PHASE_HEADS)) and tf.io.gfile.exists(heads_weights):
         print(f"{prefix}[{PHASE_HEADS}] already complete in this job dir; loading its weights", flush=True)
         heads.load_weights(heads_weights)
     elif cfg.epochs > 0:
         if cfg.cache_features:
             if cfg.augments_pixels:
                 log.warning("--cache-features: flip/shift augmentation cannot be cached and is ignored")
-            root = private_dir if cfg.cache_location == "disk" else None
+            root = private_dir if cfg.cache_location == "disk" and "://" not in private_dir else None
+            if cfg.cache_location == "disk" and root is None:
+                log.info("--cache-location disk needs a local job dir; keeping the feature cache in memory")
             started = time.time()
-            train_cache = features.compute_feature_cache(backbone, cfg, "train", root)
-            val_cache = features.compute_feature_cache(backbone, cfg, "val", root)
+            extract = features.make_extractor(backbone)
+            train_cache = features.compute_feature_cache(backbone, cfg, "train", root, extract=extract)
+            val_cache = features.compute_feature_cache(backbone, cfg, "val", root, extract=extract)
             print(f"{prefix}[cache] features of {len(train_cache)} train and "
                   f"{len(val_cache) if val_cache else 0} val examples in {time.time() - started:.1f}s", flush=True)
             train_ds, steps = features.cache_dataset(train_cache, cfg, global_batch, training=True)
@@ -204,12 +209,13 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
             train_ds, steps, val_ds, val_steps = train_input.make_fit_datasets(cfg, global_batch, role.num_workers)
             fit_model = full_model
         with strategy.scope():
-            model_lib.compile_for_tasks(fit_model, cfg.tasks, cfg.learning_rate)
+            model_lib.compile_for_tasks(fit_model, cfg.tasks, cfg.learning_rate,
+                                        steps_per_execution=min(steps, 32) if cfg.cache_features else 1)
         strategy_lib.prepare_model_for_strategy(fit_model, strategy)
         _run_phase(fit_model, cfg, PHASE_HEADS, cfg.epochs, train_ds, steps, val_ds, val_steps, private_dir,
                    prefix)
         heads.save_weights(heads_weights)
-        with open(_marker(private_dir, PHASE_HEADS), "w") as f:
+        with tf.io.gfile.GFile(_marker(private_dir, PHASE_HEADS), "w") as f:
             f.write("done\n")
 
     if cfg.fine_tune_layers > 0 and cfg.fine_tune_epochs > 0:
@@ -260,7 +266,7 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
                 class_names=class_names or None, image_size=cfg.image_size,
                 extra_assets={"training_config.json": config_path, "labels.json": labels_path})
             print(f"[export] {summary['export_dir']}", flush=True)
-    with open(os.path.join(cfg.job_dir, "run_summary.json"), "w") as f:
+    with tf.io.gfile.GFile(os.path.join(cfg.job_dir, "run_summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     return summary
 
@@ -284,12 +290,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         except RuntimeError:  # TF already initialised in this process (e.g. main() called twice)
             log.warning("--threads ignored: TensorFlow is already initialised in this process")
     from trainer import strategy as strategy_lib
+    from trainer.input import DataError
 
     strategy = strategy_lib.make_strategy(cfg.strategy)
     role = strategy_lib.worker_role()
     try:
         train_and_export(cfg, strategy, role)
-    except (FileNotFoundError) as e:
+    except DataError as e:
         log.debug("usage error", exc_info=True)
         print(f"archive-vision train: {e}", file=sys.stderr)
         return 2
