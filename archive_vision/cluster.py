@@ -338,7 +338,8 @@ def train_staged(argv: Optional[Sequence[str]] = None) -> int:
     training ends (only the backup state when it fails).
     """
     parser = argparse.ArgumentParser(prog="python -m archive_vision.cluster train-staged",
-                                     description=train_staged.__doc__.split("\n")[0])
+                                     description="Run trainer.task with gs:// --data and --job-dir staged "
+                                                 "through a local cache (what each training pod runs).")
     parser.add_argument("--cache", default=DEFAULT_CACHE, help="local dir for the staged data and job dir")
     parser.add_argument("trainer_flags", nargs=argparse.REMAINDER, help="-- then the flags of trainer.task")
     args = parser.parse_args(argv)
@@ -396,7 +397,9 @@ def scheduled_score(argv: Optional[Sequence[str]] = None) -> int:
     import datetime
 
     parser = argparse.ArgumentParser(prog="python -m archive_vision.cluster scheduled-score",
-                                     description=scheduled_score.__doc__.split("\n")[0])
+                                     description="One incremental `archive-vision score` run: output in "
+                                                 "RESULTS_ROOT/<run>, --skip-known at the newest earlier run's "
+                                                 "results.parquet (what the nightly CronJob runs).")
     parser.add_argument("--results-root", required=True, help="dir (gs://...) holding one sub-dir per run")
     parser.add_argument("--run-name", default="", help="this run's sub-dir (default: UTC date-time, sortable)")
     parser.add_argument("score_flags", nargs=argparse.REMAINDER, help="-- then the flags of archive-vision score")
