@@ -23,7 +23,9 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8", "scikit-image>=0.22", "pyyaml>=6", "gcp-storage-emulator>=2024.8.3", "selenium>=4.20"],
+        "test": ["pytest>=8", "scikit-image>=0.22", "pyyaml>=6", "gcp-storage-emulator>=2024.8.3",
+                 # 37+ pulls python-dateutil 4, which apache-beam 2.77 refuses.
+                 "kubernetes>=30,<37"],
     },
     entry_points={"console_scripts": ["archive-vision=archive_vision.cli:main"]},
 )

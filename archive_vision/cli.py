@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "score": ("pipelines.score", "Beam job: classify and orient an archive through a model"),
     "report": ("pipelines.report", "write the HTML report of a score run"),
     "demo": ("archive_vision.demo", "build a sample archive and run the whole chain end to end"),
+    "submit": ("archive_vision.cluster", "render / submit a multi-worker training job to Kubernetes"),
 }
 
 
