@@ -1,6 +1,6 @@
 """Trainer benchmark: head training with the frozen-feature cache vs recomputing the frozen backbone every epoch.
 
-    python bench/train.py [--train 64] [--val 32] [--epochs 20] [--image-size 64] [--backbone mobilenet_v2_torchvision]
+    python bench/train.py [--train 48] [--val 16] [--epochs 20] [--image-size 128] [--backbone mobilenet_v2_torchvision]
 
 Both runs train the same heads on the same generated archive (every image in its four turns each epoch,
 no pixel augmentation, same seed) through `trainer.task.main`, each in its own fresh process, one after the
@@ -43,10 +43,10 @@ def _last_val_accuracies(job: str) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train", type=int, default=64, help="train images (each trained in 4 turns)")
-    p.add_argument("--val", type=int, default=32)
+    p.add_argument("--train", type=int, default=48, help="train images (each trained in 4 turns)")
+    p.add_argument("--val", type=int, default=16)
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--backbone", default="mobilenet_v2_torchvision")
     p.add_argument("--weights", default="imagenet")
