@@ -12,6 +12,7 @@ setup(
     package_data={"archive_vision": ["data/*"], "trainer": ["data/*"], "serving": ["data/*"]},
     install_requires=[
         "tensorflow>=2.21,<2.22",
+        "tensorboard>=2.21,<2.22",  # tf.summary needs it; tensorflow no longer pulls it in
         "apache-beam[gcp]>=2.77,<2.78",
         "tensorflow-serving-api>=2.21,<2.22",
         "pyarrow>=14",

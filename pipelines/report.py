@@ -422,12 +422,7 @@ def _backbone_from(path: str, backbone: str, image_size: int):
         config_path = os.path.join(resolve_version_dir(path), "assets.extra", "training_config.json")
         if os.path.exists(config_path):
             with open(config_path, encoding="utf-8") as f:
-                text = f.read()
-            if not text.lstrip().startswith("{") and os.path.exists(text.strip()):
-                # Some exports stored the config's path instead of its contents: follow it.
-                with open(text.strip(), encoding="utf-8") as f:
-                    text = f.read()
-            config = json.loads(text)
+                config = json.load(f)
             config = config.get("config", config)
             backbone = config.get("backbone", backbone)
             weights = config.get("weights", weights)

@@ -82,10 +82,16 @@ def test_job_dir_holds_resolved_config_best_checkpoint_and_export(trained_job):
     assert os.listdir(os.path.join(trained_job, "tensorboard", "heads"))
     with open(os.path.join(trained_job, "run_summary.json")) as f:
         summary = json.load(f)
-    if summary["export_dir"] is None:
-        pytest.skip("serving.export not available in this tree")
     assert summary["export_dir"].startswith(os.path.join(trained_job, "export", "archive_vision"))
     assert os.path.exists(os.path.join(summary["export_dir"], "saved_model.pb"))
+    # The version carries the resolved config and label map themselves, not paths into the job dir.
+    assets = os.path.join(summary["export_dir"], "assets.extra")
+    with open(os.path.join(assets, "training_config.json")) as f:
+        exported = json.load(f)
+    with open(os.path.join(trained_job, "training_config.json")) as f:
+        assert exported == json.load(f)
+    with open(os.path.join(assets, "labels.json")) as f:
+        assert "classes" in json.load(f)
 
 
 def test_feature_cache_reaches_the_same_accuracy_as_recomputing_the_backbone(archive, tmp_path):

@@ -261,10 +261,14 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
         except ImportError as e:
             print(f"[export] skipped: serving.export is not available ({e})", flush=True)
         else:
+            # export_model takes file contents (name -> text), so the version carries the files themselves.
+            assets = {}
+            for name, path in (("training_config.json", config_path), ("labels.json", labels_path)):
+                with tf.io.gfile.GFile(path) as f:
+                    assets[name] = f.read()
             summary["export_dir"] = serving_export.export_model(
                 plain_model, os.path.join(cfg.job_dir, "export"), model_name=cfg.model_name,
-                class_names=class_names or None, image_size=cfg.image_size,
-                extra_assets={"training_config.json": config_path, "labels.json": labels_path})
+                class_names=class_names or None, image_size=cfg.image_size, extra_assets=assets)
             print(f"[export] {summary['export_dir']}", flush=True)
     with tf.io.gfile.GFile(os.path.join(cfg.job_dir, "run_summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
