@@ -161,21 +161,6 @@ def decide(prediction: Dict[str, Any], opts: ScoreOptions) -> Tuple[str, str]:
     return ("ok" if degrees == 0 else "auto_rotate"), ""
 
 
-def prediction_rows(outputs: Dict[str, Any], count: int) -> List[Dict[str, Any]]:
-    """Batch outputs (alias -> array of `count` rows) -> one dict per image, like serving.client.predict."""
-    rows: List[Dict[str, Any]] = [{} for _ in range(count)]
-    for alias, array in outputs.items():
-        array = np.asarray(array)
-        for i in range(count):
-            value = array[i]
-            if isinstance(value, bytes):
-                value = value.decode("utf-8", "replace")
-            elif isinstance(value, np.generic):
-                value = value.item()
-            rows[i][alias] = value
-    return rows
-
-
 def predict_isolating(items: Sequence[dict], predict: Callable[[List[bytes]], List[Dict[str, Any]]],
                       fatal: Tuple[type, ...] = ()) -> List[Tuple[dict, Optional[Dict[str, Any]], str]]:
     """(item, combined prediction or None, error) for every item; a failing batch is halved until the bad image
@@ -475,6 +460,8 @@ class ServingSignatureModelHandler(ModelHandler):
     def run_inference(self, batch: Sequence[dict], model, inference_args: Optional[dict] = None
                       ) -> Iterable[PredictionResult]:
         import tensorflow as tf
+
+        from serving.client import prediction_rows
 
         signature = model.signatures["serving_default"]
 

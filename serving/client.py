@@ -117,7 +117,7 @@ class ModelServerClient(abc.ABC):
                 results = list(pool.map(self._predict_batch, batches))
         rows: List[Dict[str, Any]] = []
         for batch, outputs in zip(batches, results):
-            rows.extend(_rows(outputs, len(batch)))
+            rows.extend(prediction_rows(outputs, len(batch)))
         return rows
 
     def split_batches(self, images: Sequence[bytes]) -> List[List[bytes]]:
@@ -167,9 +167,11 @@ class ModelServerClient(abc.ABC):
         return random.uniform(0, min(self.max_backoff_s, self.initial_backoff_s * (2 ** attempt)))
 
 
-def _rows(outputs: Dict[str, np.ndarray], count: int) -> List[Dict[str, Any]]:
+def prediction_rows(outputs: Dict[str, Any], count: int) -> List[Dict[str, Any]]:
+    """Batch outputs (alias -> array of `count` rows) -> one dict per image, as `predict` returns them."""
     rows: List[Dict[str, Any]] = [{} for _ in range(count)]
     for alias, array in outputs.items():
+        array = np.asarray(array)
         for i in range(count):
             value = array[i]
             if isinstance(value, bytes):
