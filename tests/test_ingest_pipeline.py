@@ -268,3 +268,16 @@ def test_help_lists_the_job_flags():
     assert proc.returncode == 0
     for flag in ("--input", "--output", "--resize-mode", "--augment-copies", "--max-pixels", "--split-fractions"):
         assert flag in proc.stdout
+
+
+def test_files_over_the_size_limit_are_refused_before_reading(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "small.png").write_bytes(encode_array(make_random_image(8, 8), "PNG"))
+    (tmp_path / "in" / "huge.bmp").write_bytes(encode_array(make_random_image(400, 400), "BMP"))  # ~480 KB
+    out = str(tmp_path / "out")
+    summary, _ = run_ingest(["--input", str(tmp_path / "in"), "--output", out, "--max-file-mb", "0.1"])
+    errors = pq.read_table(os.path.join(out, "errors.parquet")).to_pylist()
+    assert [(os.path.basename(e["uri"]), e["stage"], e["error_type"]) for e in errors] == \
+        [("huge.bmp", "read", "too_large")]
+    assert "--max-file-mb" in errors[0]["message"]
+    assert summary["counts"]["records"] == 1 and summary["counts"]["reconciled"]
