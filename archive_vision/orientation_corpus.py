@@ -1,0 +1,178 @@
+"""The orientation training corpus (photos + document pages built by build_train.sh) as a split table.
+
+The corpus folder holds `photos/*.jpg` + `photos/manifest.tsv` (upright photos, with the package and member
+each came from) and `docs/<group>/*.png` + `docs/manifest.tsv` (rendered pages, with their PDF). Held-out
+data must be split by where an image came from, never by rotation, or near-duplicates leak across splits:
+photos are grouped by their source file (the folder inside an archive such as a .rcc/.pdf, since those
+hold series of near-identical shots), pages by their PDF. A group's split is a hash of its key, so the
+split is the same on every machine and does not move when images are added to other groups.
+
+`archive-vision`'s ingest reads a CSV manifest (uri,label,split,orientation); `write_ingest_manifest`
+writes one for the training part, and the photo/page kind goes to a side table for per-kind metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence
+
+PHOTO, PAGE = "photo", "page"
+TRAIN, VAL, TEST = "train", "val", "test"
+
+# Fractions of source groups per split. `test` is the project's held-out benchmark (bench/quality.py);
+# `val` picks training settings and fits the temperature; never train or tune on `test`.
+SPLIT_FRACTIONS = ((TEST, 0.25), (VAL, 0.15), (TRAIN, 0.60))
+
+# Items that are not free to reuse: never train a shipped model on them, nor benchmark with them.
+# (The CC-BY-NC-SA penguin in jigzo-data; Microsoft's Tulips and Penguins sample photos inside a PDF.)
+NON_FREE_MEMBERS = frozenset({
+    "usr/share/games/jigzo/puzzles/00_default/penguin-3x2.pzl!full",
+    "usr/share/doc/texlive-doc/latex/uestcthesis/doc/uestcthesis-doc.pdf!p29/img-000.png",
+    "usr/share/doc/texlive-doc/latex/uestcthesis/doc/uestcthesis-doc.pdf!p29/img-001.png",
+})
+
+# Packages whose own licence is not free to reuse (found while recording licences): jquery.fancybox 2.x is
+# CC-BY-NC-3.0, and its demo photos ship under it.
+NON_FREE_PACKAGES = frozenset({"jquery.fancybox@2.1.5"})
+
+# Reserved for independent evaluation (shared/data/README.md): never part of this corpus.
+RESERVED_PACKAGES = frozenset({
+    "scratch", "mate-backgrounds", "plasma-workspace-wallpapers", "palapeli-data", "opencv-doc",
+    "python3-skimage", "texlive-humanities-doc", "texlive-latex-recommended-doc",
+})
+
+
+@dataclass(frozen=True)
+class CorpusImage:
+    """One upright corpus image with where it came from and its held-out split."""
+
+    path: str
+    kind: str  # PHOTO or PAGE
+    package: str
+    member: str
+    group: str  # the source key the split is drawn by
+    split: str
+    tag: str = ""  # photos: scene / object-plain-bg / weak-orientation ...; pages: document group
+
+
+def is_reserved(package: str) -> bool:
+    """True for packages kept for independent evaluation (lomiri-wallpapers* included)."""
+    name = package.split("@")[0].split("==")[0]
+    return name in RESERVED_PACKAGES or name.startswith("lomiri-wallpapers") or name in (
+        "scikit-image", "scikit-learn", "matplotlib")
+
+
+def split_for_group(group: str) -> str:
+    """Deterministic split of a source group: a stable hash mapped onto SPLIT_FRACTIONS."""
+    digest = hashlib.sha256(group.encode("utf-8")).digest()
+    position = int.from_bytes(digest[:8], "big") / 2.0 ** 64
+    edge = 0.0
+    for split, fraction in SPLIT_FRACTIONS:
+        edge += fraction
+        if position < edge:
+            return split
+    return SPLIT_FRACTIONS[-1][0]
+
+
+def photo_group(package: str, member: str) -> str:
+    """Source key of a photo: the archive file it sits in plus the folder inside (series stay together)."""
+    outer, _, inner = member.partition("!")
+    if inner:
+        return f"{package}:{outer}!{posixpath.dirname(inner)}"
+    return f"{package}:{member}"
+
+
+def page_group(package: str, member: str) -> str:
+    """Source key of a page: its PDF (all pages of one PDF share a split)."""
+    return f"{package}:{member}"
+
+
+def _read_tsv(path: str) -> List[Dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def load_corpus(root: str, kinds: Sequence[str] = (PHOTO, PAGE)) -> List[CorpusImage]:
+    """All usable corpus images under root (non-free and reserved items left out), sorted by path."""
+    images: List[CorpusImage] = []
+    photo_manifest = os.path.join(root, "photos", "manifest.tsv")
+    if PHOTO in kinds and os.path.exists(photo_manifest):
+        for row in _read_tsv(photo_manifest):
+            package, member = row["container"], row["member"]
+            if member in NON_FREE_MEMBERS or package in NON_FREE_PACKAGES or is_reserved(package):
+                continue
+            path = os.path.join(root, "photos", row["file"])
+            if not os.path.exists(path):
+                continue
+            group = photo_group(package, member)
+            images.append(CorpusImage(path, PHOTO, package, member, group, split_for_group(group), row["tag"]))
+    page_manifest = os.path.join(root, "docs", "manifest.tsv")
+    if PAGE in kinds and os.path.exists(page_manifest):
+        for row in _read_tsv(page_manifest):
+            package, member = row["container"], row["member"]
+            if member in NON_FREE_MEMBERS or is_reserved(package):
+                continue
+            path = os.path.join(root, row["file"])
+            if not os.path.exists(path):
+                continue  # the page renderer may still be running
+            group = page_group(package, member)
+            images.append(CorpusImage(path, PAGE, package, member, group, split_for_group(group), row["group"]))
+    return sorted(images, key=lambda image: image.path)
+
+
+def select(images: Iterable[CorpusImage], splits: Sequence[str] = (TRAIN,),
+           kinds: Sequence[str] = (PHOTO, PAGE)) -> List[CorpusImage]:
+    """The images of the given splits and kinds."""
+    return [i for i in images if i.split in splits and i.kind in kinds]
+
+
+def write_ingest_manifest(images: Sequence[CorpusImage], path: str, kinds_path: Optional[str] = None) -> str:
+    """CSV for `archive-vision ingest` (uri,label,split,orientation=0: all corpus images are upright).
+
+    The photo/page kind goes to kinds_path (uri,kind,package,group,tag), a side table for per-kind metrics.
+    """
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["uri", "label", "split", "orientation"])
+        for image in images:
+            writer.writerow([image.path, "", image.split, 0])
+    if kinds_path:
+        with open(kinds_path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["uri", "kind", "package", "group", "tag"])
+            for image in images:
+                writer.writerow([image.path, image.kind, image.package, image.group, image.tag])
+    return path
+
+
+def summary(images: Sequence[CorpusImage]) -> Dict[str, Dict[str, int]]:
+    """{kind: {split: count}}."""
+    counts: Dict[str, Dict[str, int]] = {}
+    for image in images:
+        counts.setdefault(image.kind, {}).setdefault(image.split, 0)
+        counts[image.kind][image.split] += 1
+    return counts
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Write the ingest manifest + kinds side table of the corpus; print the split counts."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", required=True, help="folder build_train.sh wrote (photos/, docs/)")
+    parser.add_argument("--output", required=True, help="ingest manifest CSV to write")
+    parser.add_argument("--kinds-output", default=None, help="side table CSV (uri,kind,...); default: beside")
+    parser.add_argument("--splits", default="train,val", help="splits to include (test is the benchmark's)")
+    args = parser.parse_args(argv)
+    images = select(load_corpus(args.corpus), splits=args.splits.split(","))
+    kinds_path = args.kinds_output or os.path.splitext(args.output)[0] + ".kinds.csv"
+    write_ingest_manifest(images, args.output, kinds_path)
+    for kind, counts in sorted(summary(images).items()):
+        print(kind, ", ".join(f"{s}: {n}" for s, n in sorted(counts.items())))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

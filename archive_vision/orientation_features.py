@@ -1,0 +1,139 @@
+"""Frozen-backbone features of corpus images under all four turns, cached on disk once per image x variant.
+
+Feature extraction is the whole cost of training an orientation head on a CPU (the head itself trains in
+seconds), so every image is decoded with the shared serving path (trainer.preprocessing), turned 0/90/180/270
+degrees clockwise, run through the frozen MobileNetV2 and pooled to the OrientationHead's grid, and the
+result [4, grid, grid, 1280] float16 is saved as one .npy per image and variant. Pooling first is exact:
+the head's first step is that same average pooling, so a head trained on the pooled grid runs unchanged on
+the full [7, 7, 1280] map inside the model.
+
+Variants (each measured in archive_vision.train_default's experiments):
+- "pad224": the whole image letterboxed to 224 (the serving path; what the shipped model sees);
+- "flip224": the mirror image, letterboxed to 224 (a mirrored upright photo is still upright: augmentation);
+- "pad320": the same at 320 (the backbone is fully convolutional; the grid pooling absorbs the size);
+- "crop224": the central square cropped, resized to 224 (no padding, loses the edges);
+- "tiles448": pages only: the image letterboxed to 448 and cut into four 224 tiles (2x2), so glyphs keep
+  twice the resolution; the four tiles' grids are stored side by side as [4, 4 tiles, grid, grid, 1280].
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+GRID = 3
+VARIANTS = ("pad224", "flip224", "pad320", "crop224", "tiles448")
+
+
+def turn_clockwise_tf(pixels, degrees: int):
+    """[..., H, W, C] tensor turned `degrees` clockwise (the MODEL CONTRACT's label direction)."""
+    import tensorflow as tf
+
+    return tf.image.rot90(pixels, k=(4 - degrees // 90) % 4)
+
+
+def _variant_pixels(image, variant: str):
+    """The decoded uint8 image -> float32 [n_views, S, S, 3] in [0, 255] for the variant (upright)."""
+    import tensorflow as tf
+
+    from trainer.preprocessing import resize_for_model
+
+    if variant == "pad224":
+        return resize_for_model(image, 224)[None]
+    if variant == "flip224":
+        return resize_for_model(image[:, ::-1], 224)[None]
+    if variant == "pad320":
+        return resize_for_model(image, 320)[None]
+    if variant == "crop224":
+        shape = tf.shape(image)
+        side = tf.minimum(shape[0], shape[1])
+        top, left = (shape[0] - side) // 2, (shape[1] - side) // 2
+        square = image[top:top + side, left:left + side]
+        return tf.clip_by_value(tf.image.resize(tf.cast(square, tf.float32), (224, 224), antialias=True),
+                                0.0, 255.0)[None]
+    if variant == "tiles448":
+        big = resize_for_model(image, 448)
+        return tf.stack([big[r:r + 224, c:c + 224] for r in (0, 224) for c in (0, 224)])
+    raise ValueError(f"unknown variant {variant!r}; one of {VARIANTS}")
+
+
+def cache_path(cache_dir: str, variant: str, image_path: str) -> str:
+    """Where one image's features for a variant live."""
+    key = hashlib.sha1(os.path.abspath(image_path).encode("utf-8")).hexdigest()[:20]
+    return os.path.join(cache_dir, variant, key + ".npy")
+
+
+class FeatureExtractor:
+    """The frozen torchvision MobileNetV2 followed by the head's grid pooling, one compiled call per batch."""
+
+    def __init__(self, grid: int = GRID):
+        import tensorflow as tf
+
+        from trainer.model import AdaptiveGridPooling
+        from trainer.torchvision_mobilenet import build_mobilenet_v2_torchvision
+
+        self.backbones: Dict[int, object] = {}
+        self._build = build_mobilenet_v2_torchvision
+        self.pool = AdaptiveGridPooling(grid)
+        self._calls: Dict[int, Callable] = {}
+        self._tf = tf
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """float32 [N, S, S, 3] -> float16 [N, grid, grid, 1280]."""
+        size = int(pixels.shape[1])
+        if size not in self._calls:
+            backbone = self._build(weights="default", include_top=False, input_size=size)
+            backbone.trainable = False
+            pool = self.pool
+            self._calls[size] = self._tf.function(
+                lambda x: pool(backbone(x, training=False)), reduce_retracing=True)
+        out = []
+        for start in range(0, len(pixels), 32):
+            out.append(self._calls[size](self._tf.constant(pixels[start:start + 32])).numpy())
+        return np.concatenate(out).astype(np.float16)
+
+
+def image_features(extractor: FeatureExtractor, image_bytes: bytes, variant: str) -> np.ndarray:
+    """Features of one image under the four clockwise turns: [4, (tiles,) grid, grid, C] float16."""
+    import tensorflow as tf
+
+    from trainer.preprocessing import decode_image_bytes
+
+    views = _variant_pixels(decode_image_bytes(tf.constant(image_bytes)), variant)  # [V, S, S, 3]
+    batch = []
+    for degrees in (0, 90, 180, 270):
+        turned = turn_clockwise_tf(views, degrees)
+        if variant == "tiles448" and degrees:
+            # Tiles of the turned page = the turned tiles, moved: rebuild the page, turn it, re-cut.
+            page = tf.concat([tf.concat([views[0], views[1]], axis=1), tf.concat([views[2], views[3]], axis=1)], 0)
+            page = turn_clockwise_tf(page, degrees)
+            turned = tf.stack([page[r:r + 224, c:c + 224] for r in (0, 224) for c in (0, 224)])
+        batch.append(turned)
+    features = extractor(tf.concat(batch, axis=0).numpy())
+    views_per_turn = int(views.shape[0])
+    features = features.reshape((4, views_per_turn) + features.shape[1:])
+    return features[:, 0] if views_per_turn == 1 else features
+
+
+def cached_features(paths: Sequence[str], variant: str, cache_dir: str,
+                    extractor: Optional[FeatureExtractor] = None, progress: bool = True) -> np.ndarray:
+    """[N, 4, ...] features of the images (computed and saved where missing), in the order of paths."""
+    rows: List[np.ndarray] = []
+    os.makedirs(os.path.join(cache_dir, variant), exist_ok=True)
+    for index, path in enumerate(paths):
+        target = cache_path(cache_dir, variant, path)
+        if os.path.exists(target):
+            rows.append(np.load(target))
+            continue
+        if extractor is None:
+            extractor = FeatureExtractor()
+        with open(path, "rb") as f:
+            features = image_features(extractor, f.read(), variant)
+        np.save(target + ".tmp.npy", features)
+        os.replace(target + ".tmp.npy", target)
+        rows.append(features)
+        if progress and index % 100 == 0:
+            print(f"  features {variant}: {index + 1}/{len(paths)}", flush=True)
+    return np.stack(rows) if rows else np.zeros((0, 4), np.float16)

