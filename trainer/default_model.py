@@ -31,11 +31,19 @@ def head_metadata(path: str = HEAD_WEIGHTS) -> Dict[str, object]:
         return json.loads(str(data["config"]))
 
 
-def load_head_weights(head, path: str = HEAD_WEIGHTS) -> None:
-    """Put the shipped weights into an OrientationHead built with the shipped config (e.g. for --init default)."""
+def load_head_weights(head, path: str = HEAD_WEIGHTS, calibrated: bool = True) -> None:
+    """Put the shipped weights into an OrientationHead built with the shipped config (e.g. for --init default).
+
+    calibrated=False undoes the folded-in temperature (logits times T): the start for further training,
+    which then learns at temperature 1 like any head.
+    """
+    temperature = 1.0 if calibrated else float(head_metadata(path)["temperature"])
     with np.load(path) as data:
         for layer_name in ("project", "hidden", "logits"):
-            getattr(head, layer_name).set_weights([data[f"{layer_name}/kernel"], data[f"{layer_name}/bias"]])
+            kernel, bias = data[f"{layer_name}/kernel"], data[f"{layer_name}/bias"]
+            if layer_name == "logits":
+                kernel, bias = kernel * temperature, bias * temperature
+            getattr(head, layer_name).set_weights([kernel, bias])
 
 
 def build_default_orientation_head(path: str = HEAD_WEIGHTS):

@@ -1,0 +1,272 @@
+"""Orientation quality benchmark on the corpus' held-out `test` split: the default model vs Tesseract OSD and docorient.
+
+    python bench/quality.py --corpus /work/corpus/data [--peer-images 60] [--cores 1]
+
+Every held-out image (photos split by source file, pages by PDF; see archive_vision.orientation_corpus) is
+turned 0/90/180/270 degrees clockwise and each method must name the turn (4-way accuracy over all turns).
+Rows, side by side in one run:
+
+- default model: the shipped head on the frozen MobileNetV2 (trainer.default_model), 224 px letterbox;
+- + test-time turns: each image also turned 90/180/270 more, answers rolled back and averaged (score --tta);
+- archive-tuned: the default head re-fitted, without labels, on one half of the held-out sources (their
+  images taken as upright, the usual state of an archive), measured on the other half beside the default
+  model on that same half;
+- Tesseract OSD (`tesseract IMG - --psm 0`) and docorient, on the first --peer-images photos and pages of
+  the split (they are slow), beside the default model on the same images.
+
+images/s is end to end (file bytes -> answer) with the process pinned to --cores cores. The `auto_rotate`
+columns use score's default thresholds (rotate when the turn is not 0 and p >= 0.8): the share of turned
+images that land there and how many of those are right.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from archive_vision import orientation_corpus as corpus  # noqa: E402
+from archive_vision import train_default  # noqa: E402
+
+TURNS = (0, 90, 180, 270)
+
+
+def tuning_half(image: corpus.CorpusImage) -> bool:
+    """Which half of the held-out sources the archive-tuning row learns from (by source, like the split)."""
+    return hashlib.sha256(("tune:" + image.group).encode()).digest()[0] < 128
+
+
+class DefaultModelRunner:
+    """The shipped model as backbone + head, so the bench can also read the pooled features for tuning."""
+
+    def __init__(self):
+        import keras
+        import tensorflow as tf
+
+        from trainer import default_model
+        from trainer.model import AdaptiveGridPooling
+        from trainer.torchvision_mobilenet import build_mobilenet_v2_torchvision
+
+        self.tf = tf
+        self.backbone = build_mobilenet_v2_torchvision(weights="default", include_top=False, input_size=224)
+        self.head = default_model.build_default_orientation_head()
+        self.meta = default_model.head_metadata()
+        pool = AdaptiveGridPooling(int(self.meta["grid"]))
+        backbone, head = self.backbone, self.head
+        self._run = tf.function(lambda x: self._outputs(backbone, head, pool, x), reduce_retracing=True)
+        model = default_model.build_default_orientation_model()
+        from trainer.preprocessing import preprocess_batch
+
+        # One compiled graph from bytes to probabilities, as the exported serving signature runs it.
+        self._answer = tf.function(lambda blobs: model(preprocess_batch(blobs, 224), training=False),
+                                   reduce_retracing=True)
+        del keras
+
+    @staticmethod
+    def _outputs(backbone, head, pool, pixels):
+        features = backbone(pixels, training=False)
+        return head(features, training=False), pool(features)
+
+    def turned_pixels(self, image_bytes: bytes):
+        """[4, 224, 224, 3]: the letterboxed image turned 0/90/180/270 clockwise (exact on the square)."""
+        from trainer.preprocessing import preprocess_image_bytes
+
+        square = preprocess_image_bytes(self.tf.constant(image_bytes), 224)
+        return self.tf.stack([self.tf.image.rot90(square, k=(4 - d // 90) % 4) for d in TURNS])
+
+    def probabilities_and_features(self, paths: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+        """([N, 4 turns, 4], [N, 4 turns, grid, grid, 1280]) for the images at paths."""
+        probs, feats = [], []
+        for path in paths:
+            with open(path, "rb") as f:
+                p, g = self._run(self.turned_pixels(f.read()))
+            probs.append(p.numpy())
+            feats.append(g.numpy().astype(np.float16))
+        return np.stack(probs), np.stack(feats)
+
+    def answer_bytes(self, images: Sequence[bytes]) -> List[int]:
+        """End-to-end answers (degrees) for encoded images, as the score job's in-process path runs them."""
+        out = self._answer(self.tf.constant(list(images)))
+        return [int(i) * 90 for i in np.argmax(out["orientation_probabilities"].numpy(), -1)]
+
+
+def turned_image(path: str, degrees: int):
+    """The corpus image (upright) turned `degrees` clockwise, as an RGB Pillow image."""
+    from PIL import Image
+
+    ops = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
+    image = Image.open(path).convert("RGB")
+    return image if degrees == 0 else image.transpose(ops[degrees])
+
+
+def encode_png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def tesseract_answer(image, workdir: str) -> Optional[int]:
+    """Tesseract OSD's clockwise turn of the image (None when it gives no answer, e.g. no text)."""
+    path = os.path.join(workdir, "page.png")
+    image.save(path, "PNG", compress_level=1)
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    result = subprocess.run(["tesseract", path, "-", "--psm", "0"], capture_output=True, text=True, env=env,
+                            timeout=120, check=False)
+    for line in (result.stdout + result.stderr).splitlines():
+        if line.startswith("Orientation in degrees:"):
+            return int(line.split(":")[1]) % 360  # checked: an upright page turned 90 cw reads 90
+    return None
+
+
+def docorient_answer(image) -> Optional[int]:
+    """docorient's clockwise turn of the image (its `angle`: an upright page turned 90 cw reads 90)."""
+    import docorient
+
+    return int(docorient.detect_orientation(image).angle) % 360
+
+
+def peer_accuracy(answer: Callable[[object], Optional[int]], paths: Sequence[str]) -> Tuple[float, float]:
+    """(4-way accuracy, images/s) of a peer over all turns of the images (no answer counts as wrong)."""
+    right, count, spent = 0, 0, 0.0
+    for path in paths:
+        for degrees in TURNS:
+            # Decoding the file is on the clock, as it is for the default model (bytes -> answer).
+            started = time.perf_counter()
+            got = answer(turned_image(path, degrees))
+            spent += time.perf_counter() - started
+            right += int(got == degrees)
+            count += 1
+    return (right / count if count else float("nan")), (count / spent if spent else float("nan"))
+
+
+def default_speed(runner: DefaultModelRunner, paths: Sequence[str], batch: int = 16) -> float:
+    """images/s of the default model from encoded bytes (PNG for pages, as stored), batched like score."""
+    blobs = []
+    for path in paths:
+        with open(path, "rb") as f:
+            blobs.append(f.read())
+    runner.answer_bytes(blobs[:batch])  # trace once outside the clock
+    started = time.perf_counter()
+    for start in range(0, len(blobs), batch):
+        runner.answer_bytes(blobs[start:start + batch])
+    return len(blobs) / (time.perf_counter() - started)
+
+
+def archive_tune(runner: DefaultModelRunner, feats: np.ndarray, epochs: int = 8) -> Callable[[np.ndarray], np.ndarray]:
+    """Re-fit a copy of the default head on unlabelled images taken as upright (their 4 turns are the labels)."""
+    import keras
+
+    from trainer.default_model import load_head_weights
+
+    model, head = train_default.build_pooled_head({k: runner.meta[k] for k in train_default.HEAD_CONFIG})
+    load_head_weights(head)
+    temperature = float(runner.meta["temperature"])
+    x, y, w = train_default.turned_rows(feats)
+    # The shipped logits are divided by T; train at T = 1 and fold T back in afterwards, as train_default does.
+    kernel, bias = head.logits.get_weights()
+    head.logits.set_weights([kernel * temperature, bias * temperature])
+    model.compile(optimizer=keras.optimizers.Adam(3e-4), loss=keras.losses.SparseCategoricalCrossentropy())
+    keras.utils.set_random_seed(0)
+    model.fit(x, y, sample_weight=w, epochs=epochs, batch_size=64, verbose=0)
+    kernel, bias = head.logits.get_weights()
+    head.logits.set_weights([kernel / temperature, bias / temperature])
+    return lambda f: train_default.predict_turns(model, f)
+
+
+def _pct(value: float) -> str:
+    return "n/a" if value != value else f"{100 * value:.1f}%"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Print the quality table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", required=True, help="folder build_train.sh wrote (photos/, docs/)")
+    parser.add_argument("--peer-images", type=int, default=60,
+                        help="photos and pages (each) the slow peers see; 0 skips the peers")
+    parser.add_argument("--cores", type=int, default=1, help="pin the process to this many cores")
+    parser.add_argument("--speed-images", type=int, default=48, help="images per kind timed end to end")
+    args = parser.parse_args(argv)
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:args.cores]))
+    os.environ["OMP_NUM_THREADS"] = str(args.cores)
+    train_default.limit_tf_threads(args.cores)
+
+    test = corpus.select(corpus.load_corpus(args.corpus), splits=(corpus.TEST,))
+    kinds = np.array([i.kind for i in test])
+    print(f"held-out test split: {int(np.sum(kinds == corpus.PHOTO))} photos, {int(np.sum(kinds == corpus.PAGE))} "
+          f"pages, each under 4 turns", flush=True)
+    runner = DefaultModelRunner()
+    started = time.time()
+    probs, feats = runner.probabilities_and_features([i.path for i in test])
+    print(f"default model over the split: {time.time() - started:.0f}s", flush=True)
+    tta = train_default.test_time_turns(probs)
+
+    speed = {k: default_speed(runner, [i.path for i in test if i.kind == k][:args.speed_images])
+             for k in (corpus.PHOTO, corpus.PAGE)}
+    rows: List[Tuple[str, ...]] = []
+
+    def add(name: str, p: np.ndarray, k: np.ndarray, photo_speed: float, page_speed: float, bands=True):
+        stats = train_default.band_stats(p) if bands else {}
+        rows.append((name, _pct(train_default.accuracy(p[k == corpus.PHOTO])),
+                     _pct(train_default.accuracy(p[k == corpus.PAGE])), f"{photo_speed:.1f}", f"{page_speed:.1f}",
+                     _pct(stats.get("auto_rotate_share_of_rotated", float("nan"))),
+                     _pct(stats.get("auto_rotate_right", float("nan")))))
+
+    add("default model", probs, kinds, speed[corpus.PHOTO], speed[corpus.PAGE])
+    add("default + test-time turns", tta, kinds, speed[corpus.PHOTO] / 4, speed[corpus.PAGE] / 4)
+
+    tune_mask = np.array([tuning_half(i) for i in test])
+    tuned_predict = archive_tune(runner, feats[tune_mask])
+    evaluation = ~tune_mask
+    add(f"default, eval half ({int(evaluation.sum())} images)", probs[evaluation], kinds[evaluation],
+        speed[corpus.PHOTO], speed[corpus.PAGE])
+    add("archive-tuned on the other half, eval half", tuned_predict(feats[evaluation]), kinds[evaluation],
+        speed[corpus.PHOTO], speed[corpus.PAGE])
+    add("archive-tuned + test-time turns, eval half",
+        train_default.test_time_turns(tuned_predict(feats[evaluation])), kinds[evaluation],
+        speed[corpus.PHOTO] / 4, speed[corpus.PAGE] / 4)
+
+    if args.peer_images > 0:
+        subset = ([i for i, image in enumerate(test) if image.kind == corpus.PHOTO][:args.peer_images]
+                  + [i for i, image in enumerate(test) if image.kind == corpus.PAGE][:args.peer_images])
+        sub_paths = {k: [test[i].path for i in subset if test[i].kind == k] for k in (corpus.PHOTO, corpus.PAGE)}
+        add(f"default model, peers' subset ({len(subset)} images)", probs[subset], kinds[subset],
+            speed[corpus.PHOTO], speed[corpus.PAGE])
+        with tempfile.TemporaryDirectory() as workdir:
+            for name, answer in (("Tesseract OSD --psm 0", lambda im: tesseract_answer(im, workdir)),
+                                 ("docorient", docorient_answer)):
+                results = {k: peer_accuracy(answer, sub_paths[k]) for k in (corpus.PHOTO, corpus.PAGE)}
+                rows.append((name + ", peers' subset", _pct(results[corpus.PHOTO][0]), _pct(results[corpus.PAGE][0]),
+                             f"{results[corpus.PHOTO][1]:.1f}", f"{results[corpus.PAGE][1]:.1f}", "n/a", "n/a"))
+                print(f"{name}: done", flush=True)
+
+    for name, p in (("default", probs), ("default + test-time turns", tta)):
+        cells = []
+        for threshold in (0.8, 0.9, 0.95, 0.98):
+            stats = train_default.band_stats(p, rotate_threshold=threshold)
+            cells.append(f"p >= {threshold}: {_pct(stats['auto_rotate_share_of_rotated'])} of turned images, "
+                         f"{_pct(stats['auto_rotate_right'])} right")
+        print(f"auto_rotate band, {name}: " + "; ".join(cells))
+    header = ("method", "photos 4-way", "pages 4-way", "photos img/s", "pages img/s",
+              "turned images in auto_rotate", "auto_rotate right")
+    print(f"\n{args.cores} core(s); temperature {runner.meta['temperature']:.2f} folded into the shipped head\n")
+    print("| " + " | ".join(header) + " |")
+    print("| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
