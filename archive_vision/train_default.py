@@ -14,8 +14,8 @@ One command from the corpus build_train.sh wrote to the shipped head weights:
    and fold it into the logits layer: softmax(z / T) is the same head with the last layer divided by T.
 5. Write the head's weights + config as .npz (trainer.default_model loads it onto the backbone).
 
-`--experiments` instead prints val accuracy for the variants measured for issue 7 (input size, pad vs
-crop, page tiles, test-time turns, photo weighting), all on cached features.
+`--experiments` instead prints val accuracy for variants measured for issue 7 (photo weighting, extra
+photo views: mirror / centre crop / 320 px, page tiles, test-time turns), all on cached features.
 """
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ def _per_kind(probs: np.ndarray, kinds: np.ndarray) -> str:
 
 
 def run_experiments(images: Sequence[corpus.CorpusImage], cache: str) -> None:
-    """Val accuracy of each variant (train on train, measure on val); the test split stays untouched."""
+    """Val accuracy of the measured variants (train on train, measure on val); the test split stays untouched."""
     train, train_kinds = _split_data(images, corpus.TRAIN, "pad224", cache)
     val, val_kinds = _split_data(images, corpus.VAL, "pad224", cache)
     for photo_weight in (1.0, PHOTO_WEIGHT):
@@ -210,6 +210,29 @@ def run_experiments(images: Sequence[corpus.CorpusImage], cache: str) -> None:
         print(f"pad224 photo_weight={photo_weight}: {_per_kind(probs, val_kinds)}; with test-time turns "
               f"{_per_kind(test_time_turns(probs), val_kinds)}; best epoch {int(np.argmax(history)) + 1} "
               f"of {len(history)}; T={t:.2f}; bands {band_stats(with_temperature(probs, t))}", flush=True)
+    views, views_kinds = _training_views(images, (corpus.TRAIN,), cache)
+    model, _, _ = fit_head(views, _weights(views_kinds, PHOTO_WEIGHT))
+    probs = predict_turns(model, val)
+    print(f"+ photo views {TRAIN_VIEWS[corpus.PHOTO]}: {_per_kind(probs, val_kinds)}; with test-time turns "
+          f"{_per_kind(test_time_turns(probs), val_kinds)}", flush=True)
+    # Pages: a head on 224 px tiles of the page letterboxed to 448 (2x2), averaged in log space with the
+    # whole-page head (the glyph detail that tells 0 from 180 survives at the tiles' resolution).
+    pages_train = [i.path for i in images if i.kind == corpus.PAGE and i.split == corpus.TRAIN]
+    pages_val = [i.path for i in images if i.kind == corpus.PAGE and i.split == corpus.VAL]
+    tiles_train = features.cached_features(pages_train, "tiles448", cache)  # [N, 4 turns, 4 tiles, g, g, C]
+    tiles_val = features.cached_features(pages_val, "tiles448", cache)
+    tile_model, _, _ = fit_head(tiles_train.transpose(0, 2, 1, 3, 4, 5).reshape((-1, 4) + tiles_train.shape[3:]))
+    n = len(tiles_val)
+    tile_probs = predict_turns(tile_model, tiles_val.transpose(0, 2, 1, 3, 4, 5).reshape(
+        (-1, 4) + tiles_val.shape[3:])).reshape(n, 4, 4, 4)
+    whole_model, _, _ = fit_head(features.cached_features(pages_train, "pad224", cache))
+    whole = predict_turns(whole_model, features.cached_features(pages_val, "pad224", cache))
+    fused = np.log(whole + 1e-9) + np.log(tile_probs + 1e-9).mean(axis=1)
+    fused = np.exp(fused - fused.max(-1, keepdims=True))
+    fused /= fused.sum(-1, keepdims=True)
+    print(f"pages whole 224: {100 * accuracy(whole):.1f}% (test-time turns {100 * accuracy(test_time_turns(whole)):.1f}%)"
+          f"; whole + 2x2 tiles of 448: {100 * accuracy(fused):.1f}% "
+          f"(test-time turns {100 * accuracy(test_time_turns(fused)):.1f}%)", flush=True)
 
 
 def train_default(corpus_root: str, cache: str, out: str, epochs: int = DEFAULT_EPOCHS,
