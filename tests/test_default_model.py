@@ -96,10 +96,18 @@ def test_test_time_turns_agree_up_to_the_known_turn(model, turned_images):
         assert int(np.argmax(combined)) == 0, f"{name}: {combined}"
 
 
-def test_export_serves_the_same_answer_from_image_bytes(tmp_path, model, turned_images):
-    version_dir = default_model.default_export_dir(str(tmp_path))
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    """$ARCHIVE_VISION_CACHE for this module: the default model is exported once and shared by the tests."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def test_export_serves_the_same_answer_from_image_bytes(monkeypatch, cache_root, model, turned_images):
+    monkeypatch.setenv("ARCHIVE_VISION_CACHE", cache_root)
+    version_dir = default_model.default_export_dir()
+    assert version_dir.startswith(cache_root)
     assert os.path.exists(os.path.join(version_dir, "saved_model.pb"))
-    assert default_model.default_export_dir(str(tmp_path)) == version_dir  # exported once, then reused
+    assert default_model.default_export_dir() == version_dir  # exported once, then reused
     serve = tf.saved_model.load(version_dir).signatures["serving_default"]
     images = turned_images[:4]
     served = serve(images=tf.constant([data for _, _, data in images]))
@@ -107,3 +115,51 @@ def test_export_serves_the_same_answer_from_image_bytes(tmp_path, model, turned_
                                atol=1e-4)
     assert list(served["orientation_degrees"].numpy()) == [
         int(np.argmax(p)) * 90 for p in _probabilities(model, images)]
+
+
+def test_score_without_a_model_uses_the_built_in_one_with_test_time_turns(monkeypatch, cache_root, tmp_path,
+                                                                           turned_images):
+    """`archive-vision score --input A --output B`: no model, no server, and the turned photo and page are found."""
+    import json
+
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    from pipelines import score
+
+    monkeypatch.setenv("ARCHIVE_VISION_CACHE", cache_root)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for name, degrees, data in turned_images:
+        if name in ("astronaut", "page"):
+            (archive / f"{name}_{degrees}.jpg").write_bytes(data)
+    output = tmp_path / "out"
+    summary = score.run(["--input", str(archive), "--output", str(output), "--no-report"],
+                        test_pipeline=TestPipeline())
+    assert summary["model"]["name"] == default_model.DEFAULT_MODEL_NAME
+    assert summary["model"]["source"].startswith(cache_root)
+    assert summary["options"]["tta"] is True and summary["options"]["rotate_threshold"] == 0.9
+    assert summary["counts"]["reconciled"] and summary["counts"]["results"] == 8
+    with open(output / "run.json") as f:
+        assert json.load(f)["tta"]["enabled"] is True
+    import pyarrow.parquet as pq
+
+    rows = {os.path.basename(r["uri"]): r for r in pq.read_table(output / "results.parquet").to_pylist()}
+    for file_name, row in rows.items():
+        truth = int(file_name.rsplit("_", 1)[1].split(".")[0])
+        assert row["orientation_degrees"] == truth, (file_name, row)
+        assert row["decision"] == ("ok" if truth == 0 else "auto_rotate") or row["decision"] == "review", row
+    print({n: (r["decision"], r["orientation_confidence"], r["tta_agreement"], r["review_reason"]) for n, r in rows.items()})
+    assert sum(r["decision"] == "auto_rotate" for r in rows.values()) >= 3  # at least the turned page's three
+
+
+def test_score_refuses_both_a_model_and_an_endpoint(tmp_path):
+    from pipelines import score
+
+    with pytest.raises(SystemExit):
+        score.parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--model", "m",
+                          "--endpoint", "127.0.0.1:1"])
+    opts, _ = score.parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--model", "m"])
+    assert opts.tta is False and opts.rotate_threshold == 0.8  # a user's own model keeps the plain defaults
+    opts, _ = score.parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--no-tta",
+                                "--rotate-threshold", "0.7"])
+    assert opts.tta is False and opts.rotate_threshold == 0.7  # explicit flags win over the built-in defaults

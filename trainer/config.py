@@ -11,6 +11,7 @@ TASKS = ("classes", "orientation")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 ROTATION_MODES = ("all", "random")
 CACHE_LOCATIONS = ("disk", "memory")
+INIT_CHOICES = ("none", "default")
 CONFIG_FILENAME = "training_config.json"
 
 
@@ -30,6 +31,7 @@ class TrainConfig:
     dropout: float = 0.2
     orientation_grid: int = 3                  # OrientationHead pools the feature map to grid x grid cells
     orientation_hidden_units: int = 256
+    init: str = "none"                         # none | default: start the orientation head from the shipped one
     rotations: str = "all"                     # all: each image in its 4 turns per epoch; random: one turn
     allow_flip: bool = False                   # mirror only where the archive allows it (never for text)
     max_shift: float = 0.0                     # random shift, fraction of the image side (train only)
@@ -100,8 +102,26 @@ class TrainConfig:
             raise ValueError("--batch-size >= 1, --epochs >= 0 and --image-size >= 32 are required")
         if not 0.0 <= self.max_shift < 0.5:
             raise ValueError("--max-shift is a fraction of the image side in [0, 0.5)")
+        if self.init not in INIT_CHOICES:
+            raise ValueError(f"--init must be one of {INIT_CHOICES}")
+        if self.init == "default":
+            if not self.uses_orientation:
+                raise ValueError("--init default starts the orientation head: --tasks must include orientation")
+            if self.backbone != "mobilenet_v2_torchvision" or not (self.weights == "imagenet"
+                                                                     or self.weights.endswith(".pth")):
+                raise ValueError("--init default needs the backbone the default head was trained on: "
+                                 "--backbone mobilenet_v2_torchvision --weights imagenet")
         if self.stop_at_accuracy is not None and not 0.0 < self.stop_at_accuracy <= 1.0:
             raise ValueError("--stop-at-accuracy is a fraction in (0, 1]")
+
+
+def with_default_head_shape(cfg: TrainConfig) -> TrainConfig:
+    """--init default: the orientation head takes the shipped head's grid and hidden units (and its backbone)."""
+    from trainer.default_model import head_metadata
+
+    meta = head_metadata()
+    return dataclasses.replace(cfg, orientation_grid=int(meta["grid"]),
+                               orientation_hidden_units=int(meta["hidden_units"]))
 
 
 def _bool(text: str) -> bool:
@@ -133,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--orientation-grid", type=int, default=d.orientation_grid)
     p.add_argument("--orientation-hidden-units", type=int, default=d.orientation_hidden_units)
+    p.add_argument("--init", choices=INIT_CHOICES, default=d.init,
+                   help="default: start the orientation head from the shipped default model (its grid and "
+                        "sizes are taken over) to tune it on this archive, e.g. --tasks orientation on an "
+                        "unlabelled, mostly upright archive")
     p.add_argument("--rotations", choices=ROTATION_MODES, default=d.rotations,
                    help="all: every train image in all 4 turns each epoch; random: one random turn")
     p.add_argument("--allow-flip", type=_bool, default=d.allow_flip, help="random left-right mirror (train only)")
@@ -164,5 +188,7 @@ def config_from_args(argv: Optional[Sequence[str]]) -> TrainConfig:
     values = vars(ns)
     tasks: List[str] = [t.strip() for t in values.pop("tasks").split(",") if t.strip()]
     cfg = TrainConfig(tasks=tuple(tasks), **values)
+    if cfg.init == "default":
+        cfg = with_default_head_shape(cfg)
     cfg.validate()
     return cfg
