@@ -14,20 +14,14 @@ import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
+from archive_vision.local_processes import free_port, stop_process
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def free_port() -> int:
-    """A port nothing listens on right now at 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalServer:
@@ -78,13 +72,7 @@ class LocalServer:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it does not leave within 20 s."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process)
         self._log.close()
 
     def __enter__(self) -> "LocalServer":

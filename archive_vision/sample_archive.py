@@ -115,7 +115,7 @@ def render_page(seed: int, landscape: bool = False) -> Image.Image:
                 y += line_height  # paragraph break
                 continue
             indent = 24 if rng.random() < 0.15 else 0
-            words, text = [], ""
+            text = ""
             limit = column_width - indent - rng.randint(0, column_width // 3)  # ragged right edge
             while True:
                 candidate = (text + " " + rng.choice(WORDS)).strip()

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 import uuid
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -28,7 +28,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
 from pipelines import imaging, schema, sources
-from pipelines.tables import ERRORS_SCHEMA, MANIFEST_SCHEMA, read_table, write_table_from_rows
+from pipelines.tables import ERRORS_SCHEMA, MANIFEST_SCHEMA, read_table, write_job_tables
 
 LOG = logging.getLogger("archive_vision.ingest")
 COUNTER_NAMESPACE = "ingest"
@@ -332,10 +332,8 @@ class IngestArchive(beam.PTransform):
 def build_pipeline(pipeline: beam.Pipeline, opts: IngestOptions, temp_dir: str) -> Dict[str, beam.PCollection]:
     """Wire ingest and its table writes onto `pipeline`; returns the IngestArchive outputs for tests."""
     outputs = pipeline | "Ingest" >> IngestArchive(opts, temp_dir)
-    _ = outputs["manifest_rows"] | "WriteManifest" >> write_table_from_rows(
-        FileSystems.join(opts.output, "manifest"), MANIFEST_SCHEMA)
-    _ = outputs["errors"] | "WriteErrors" >> write_table_from_rows(
-        FileSystems.join(opts.output, "errors"), ERRORS_SCHEMA)
+    write_job_tables(outputs, opts.output, [("manifest_rows", "manifest", MANIFEST_SCHEMA),
+                                            ("errors", "errors", ERRORS_SCHEMA)])
     return outputs
 
 

@@ -32,7 +32,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 
 from pipelines import imaging, sources
 from pipelines.ingest import default_pipeline_options, error_row
-from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, read_table, write_table_from_rows
+from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, read_table, write_job_tables
 
 LOG = logging.getLogger("archive_vision.score")
 COUNTER_NAMESPACE = "score"
@@ -736,10 +736,7 @@ def build_pipeline(pipeline: beam.Pipeline, opts: ScoreOptions, model: ModelInfo
                    known: Dict[str, List[dict]]) -> Dict[str, beam.PCollection]:
     """Wire the score job and its table writes onto `pipeline`; returns the ScoreArchive outputs for tests."""
     outputs = pipeline | "ScoreArchive" >> ScoreArchive(opts, model, known)
-    _ = outputs["results"] | "WriteResults" >> write_table_from_rows(
-        FileSystems.join(opts.output, "results"), RESULTS_SCHEMA)
-    _ = outputs["errors"] | "WriteErrors" >> write_table_from_rows(
-        FileSystems.join(opts.output, "errors"), ERRORS_SCHEMA)
+    write_job_tables(outputs, opts.output, [("results", "results", RESULTS_SCHEMA), ("errors", "errors", ERRORS_SCHEMA)])
     return outputs
 
 

@@ -55,6 +55,14 @@ def write_table_from_rows(prefix: str, schema: pa.Schema) -> WriteTable:
     return WriteTable(prefix, schema)
 
 
+def write_job_tables(outputs, output_dir: str, tables) -> None:
+    """Write each `outputs[key]` PCollection of rows to `output_dir/<name>.parquet`, for (key, name, schema) in
+    `tables`; the step is labelled `Write<Name>` (stable labels keep Dataflow job updates possible)."""
+    for key, name, schema in tables:
+        _ = outputs[key] | f"Write{name.capitalize()}" >> write_table_from_rows(
+            FileSystems.join(output_dir, name), schema)
+
+
 def read_table(path: str, schema: pa.Schema) -> pa.Table:
     """A table written by a job (local or gs://); an absent file reads as an empty table of `schema`."""
     if not FileSystems.exists(path):

@@ -21,17 +21,13 @@ import pytest
 
 from archive_vision import cluster
 from tests.image_factory import write_sample_archive
+from archive_vision.local_processes import free_port, stop_process
 
 pytestmark = pytest.mark.slow
 BUCKET = "archive-vision-test"
 TINY = ["--backbone", "tiny", "--weights", "none", "--image-size", "32", "--batch-size", "16", "--epochs", "2",
         "--threads", "1", "--early-stopping-patience", "0"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +56,7 @@ def emulator(tmp_path_factory):
             os.environ.pop("STORAGE_EMULATOR_HOST", None)
         else:
             os.environ["STORAGE_EMULATOR_HOST"] = saved
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process, grace_s=10)
         log.close()
 
 

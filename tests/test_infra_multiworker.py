@@ -6,7 +6,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,22 +13,13 @@ import pytest
 
 from archive_vision import cluster
 from tests.test_trainer_data import write_archive
+from archive_vision.local_processes import free_ports
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 TINY = ["--backbone", "tiny", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--epochs", "2",
         "--threads", "1", "--early-stopping-patience", "0"]
 
-
-def free_ports(count: int) -> list:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def test_two_workers_with_built_tf_config_train_one_model_and_only_the_chief_exports(tmp_path):

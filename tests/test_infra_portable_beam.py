@@ -16,21 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.image_factory import write_sample_archive
+from archive_vision.local_processes import free_ports, stop_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
-
-def free_ports(count: int) -> list:
-    """Ports nothing listens on, all different (held together while the kernel picks them)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 90.0) -> None:
@@ -58,12 +48,7 @@ def started(args: list, port: int, log_path: str):
         wait_for_port(port, process)
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process)
 
 
 def outputs(out: str) -> dict:

@@ -13,15 +13,11 @@ import urllib.request
 
 import pytest
 import yaml
+from archive_vision.local_processes import free_port, stop_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_status(url: str) -> int:
@@ -87,12 +83,7 @@ def test_deployment_flags_serve_the_model_and_its_probes_answer(tmp_path):
         scrape = (tmp_path / "config" / "monitoring.config").read_text().split('path: "')[1].split('"')[0]
         assert http_status(f"http://127.0.0.1:{rest_port}{scrape}") == 200
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
+        stop_process(server)
         log.close()
     # the server stopped on SIGTERM (what Kubernetes sends first) within the grace period
     assert server.returncode == 0

@@ -3,7 +3,6 @@ confusion matrices when the truth is known; plus the activation pictures."""
 from __future__ import annotations
 
 import csv
-import io
 import os
 import re
 import shutil

@@ -5,7 +5,6 @@ import base64
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from serving import configs, export
 from serving.client import GrpcModelServerClient
 from serving.errors import ImageTooLargeError, InvalidInputError, ModelNotFoundError, ServerUnavailableError
 from tests.test_serving_export import CLASS_NAMES, IMAGE_SIZE, make_tiny_model, sample_images
+from archive_vision.local_processes import free_port, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -31,12 +31,6 @@ MODEL = "archive_vision"
 MAX_MESSAGE_BYTES = 256 * 1024
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def free_port() -> int:
-    """A port nothing listens on right now at 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RunningServer:
@@ -72,12 +66,7 @@ class RunningServer:
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        stop_process(self.process)
         self._log.close()
 
 

@@ -7,7 +7,6 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ import time
 import pytest
 
 from tests.test_trainer_data import write_archive
+from archive_vision.local_processes import free_ports as _free_ports
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--backbone", "tiny", "--weights", "none", "--image-size", "32", "--early-stopping-patience", "0",
@@ -33,15 +33,6 @@ def _history(job: str, phase: str = "heads"):
     with open(os.path.join(job, f"history_{phase}.csv"), newline="") as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
-
-def _free_ports(n: int):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")
