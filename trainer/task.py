@@ -186,10 +186,12 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
     if cfg.init == "default":
         # The shipped head's weights at temperature 1 (its folded calibration undone): the start of the
         # archive tuning. A resumed job then overwrites them from its backup or finished-phase weights.
-        from trainer.default_model import load_head_weights
+        from trainer.default_model import load_backbone_overrides, load_head_weights
 
         load_head_weights(heads.get_layer(model_lib.ORIENTATION_OUTPUT), calibrated=False)
-        print(f"{prefix}[init] orientation head starts from the shipped default model", flush=True)
+        replaced = load_backbone_overrides(backbone)
+        print(f"{prefix}[init] orientation head (and {replaced} fine-tuned backbone layers) from the shipped "
+              f"default model", flush=True)
 
     heads_weights = os.path.join(private_dir, "checkpoints", "heads_final.weights.h5")
     if tf.io.gfile.exists(_marker(private_dir, PHASE_HEADS)) and tf.io.gfile.exists(heads_weights):
