@@ -249,20 +249,42 @@ def encode(image: Image.Image, fmt: str = "jpeg", quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def augment(image: Image.Image, seed: int, *, allow_flip: bool, max_shift: float = 0.1) -> Image.Image:
-    """A deterministic augmented copy: optional horizontal flip and a width/height shift with black fill.
+def augment_copy(image: Image.Image, seed: int, *, allow_flip: bool,
+                 max_shift: float = 0.1) -> Tuple[Image.Image, bool]:
+    """A deterministic augmented copy and whether it was mirrored left-right.
 
-    Flips are only allowed where the caller says so: mirrored text is not text.
+    Optional horizontal flip, then a width/height shift with black fill. Flips are only allowed where
+    the caller says so: mirrored text is not text. A mirrored copy needs its orientation label changed
+    (see `mirrored_orientation`); the shift never changes it.
     """
     rng = random.Random(seed)
-    if allow_flip and rng.random() < 0.5:
+    mirrored = bool(allow_flip and rng.random() < 0.5)
+    if mirrored:
         image = ImageOps.mirror(image)
     w, h = image.size
     dx = int(round(rng.uniform(-max_shift, max_shift) * w))
     dy = int(round(rng.uniform(-max_shift, max_shift) * h))
     shifted = Image.new("RGB", (w, h), (0, 0, 0))
     shifted.paste(image, (dx, dy))
-    return shifted
+    return shifted, mirrored
+
+
+def augment(image: Image.Image, seed: int, *, allow_flip: bool, max_shift: float = 0.1) -> Image.Image:
+    """The pixels of `augment_copy` (same seed, same copy)."""
+    return augment_copy(image, seed, allow_flip=allow_flip, max_shift=max_shift)[0]
+
+
+def mirrored_orientation(orientation: int) -> int:
+    """The orientation label of a left-right mirrored copy of an image stored turned `orientation`.
+
+    Labels are the clockwise turn of the stored image from upright. Mirroring reverses the sense of a
+    turn: mirror(turn_cw(U, d)) == turn_cw(mirror(U), -d). The mirrored upright is a valid upright
+    picture, so the copy's label is (360 - d) % 360: 90 <-> 270, while 0, 180 and unknown (-1) stay.
+    (An up-down flip would instead give (180 - d) % 360; no augmentation here makes one.)
+    """
+    if orientation < 0:
+        return orientation
+    return (360 - orientation) % 360
 
 
 def split_for(sha256_hex: str, fractions: Tuple[float, float, float]) -> str:

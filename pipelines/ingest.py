@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import uuid
@@ -34,6 +35,36 @@ LOG = logging.getLogger("archive_vision.ingest")
 COUNTER_NAMESPACE = "ingest"
 PROGRESS_SECONDS = float(os.environ.get("ARCHIVE_VISION_PROGRESS_SECONDS", "5"))
 ERROR_STAGES = ("list", "read", "decode", "resize", "encode")
+
+# Words that make a class a document class: its pictures hold text, and mirrored text is not a real
+# scan, so its augmented copies are never flipped (the issue: "flip off by default for documents").
+# Matched per word of the class name, plural "s" dropped: "handwritten_letters", "NewsPapers", "docs".
+# Erring towards "document" only costs a flip augmentation; the other way trains on mirrored text.
+DOCUMENT_CLASS_WORDS = frozenset({
+    "document", "doc", "page", "text", "letter", "newspaper", "magazine", "manuscript", "typescript",
+    "handwriting", "handwritten", "book", "form", "receipt", "invoice", "certificate", "map",
+})
+
+
+def is_document_class(name: str) -> bool:
+    """Whether a class name says its images are documents (any word of it is in DOCUMENT_CLASS_WORDS)."""
+    words = re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", name) + re.findall(r"[a-z]+", name.lower())
+    for word in words:  # camel-case words ("HandwrittenLetters") and whole runs of letters ("NewsPapers")
+        word = word.lower()
+        if word in DOCUMENT_CLASS_WORDS or (word.endswith("s") and word[:-1] in DOCUMENT_CLASS_WORDS):
+            return True
+    return False
+
+
+def flip_allowed(label_name: str, text_archive: bool, no_flip_classes: Sequence[str]) -> bool:
+    """May augmented copies of an image of class `label_name` be mirrored?
+
+    Never in a text archive, for a class in --no-flip-classes, or for a document class (by name).
+    Unlabelled images ("") are flipped unless the archive is declared text.
+    """
+    if text_archive or label_name in no_flip_classes:
+        return False
+    return not (label_name and is_document_class(label_name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +159,7 @@ class DecodeImagesFn(beam.DoFn):
         opts = self._options
         if entry.error:
             self._failed_inputs.inc()
-            yield self._fail(entry.uri, "list", "bad_manifest_row", entry.error)
+            yield self._fail(entry.uri, "list", entry.error_type or "bad_manifest_row", entry.error)
             return
         label_index = schema.UNKNOWN
         if entry.label:
@@ -184,18 +215,22 @@ class DecodeImagesFn(beam.DoFn):
         resized = imaging.resize(page.image, opts.size, opts.resize_mode)
         label_name = classes[label_index] if label_index >= 0 else ""
         copies = opts.augment_copies if split == "train" else 0
-        allow_flip = not opts.text_archive and label_name not in opts.no_flip_classes
+        allow_flip = flip_allowed(label_name, opts.text_archive, opts.no_flip_classes)
         for index in range(copies + 1):
-            pixels = resized
+            pixels, copy_orientation = resized, orientation
             if index:
                 seed = int(hashlib.sha256(f"{sha}:{page.page}:{index}".encode()).hexdigest()[:12], 16)
-                pixels = imaging.augment(resized, seed, allow_flip=allow_flip, max_shift=opts.max_shift)
+                pixels, mirrored = imaging.augment_copy(resized, seed, allow_flip=allow_flip,
+                                                        max_shift=opts.max_shift)
+                if mirrored:
+                    # A mirrored copy of a page stored turned 90 is a mirrored upright turned 270.
+                    copy_orientation = imaging.mirrored_orientation(orientation)
             yield schema.ImageRecord(
                 encoded=imaging.encode(pixels, opts.image_format, opts.quality), format=opts.image_format,
                 height=pixels.size[1], width=pixels.size[0], source_uri=entry.uri, page=page.page, sha256=sha,
                 original_height=page.original_height, original_width=page.original_width,
                 exif_orientation=page.exif_orientation, label_index=label_index, label_name=label_name,
-                orientation=orientation, split=split, augment_index=index)
+                orientation=copy_orientation, split=split, augment_index=index)
 
 
 def shard_name(split: str, index: int, total: int, suffix: str) -> str:
@@ -365,7 +400,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[IngestOptions, List[str]]
     parser.add_argument("--augment-copies", type=int, default=0, help="extra augmented copies per train image")
     parser.add_argument("--max-shift", type=float, default=0.1, help="largest augmentation shift, fraction of size")
     parser.add_argument("--text-archive", action="store_true", help="the archive is text: never flip")
-    parser.add_argument("--no-flip-classes", default="", help="comma-separated classes holding text: never flipped")
+    parser.add_argument("--no-flip-classes", default="",
+                        help="comma-separated classes holding text, never flipped; added to the document classes "
+                             "that are never flipped anyway (names with a word such as document, page, text, "
+                             "letter, newspaper, manuscript, book, form, map)")
     parser.add_argument("--compression", choices=("none", "gzip"), default="none")
     parser.add_argument("--shard-mb", type=float, default=128.0, help="target shard size in MB")
     parser.add_argument("--num-shards", type=int, default=0, help="fixed shards per split (0: from --shard-mb)")
@@ -440,8 +478,18 @@ def summarize(output: str, opts: IngestOptions, elapsed: float, metrics: Dict[st
         "augmented_records": sum(1 for i in manifest.column("augment_index").to_pylist() if i > 0),
     }
     counts["reconciled"] = counts["inputs"] == counts["inputs_ok"] + counts["inputs_failed"]
+    classes: List[str] = []
+    labels_path = FileSystems.join(output, "labels.json")
+    if FileSystems.exists(labels_path):
+        with FileSystems.open(labels_path) as handle:
+            classes = json.loads(handle.read().decode())["classes"]
+    # Which classes' copies may be mirrored, resolved from the flags and the document-class rule.
+    never_flipped = [c for c in classes if not flip_allowed(c, opts.text_archive, opts.no_flip_classes)]
     return {
         "job": "ingest", "options": dataclasses.asdict(opts), "counts": counts, "elapsed_seconds": round(elapsed, 3),
+        "augmentation": {"copies_per_train_image": opts.augment_copies,
+                         "flip_unlabelled": flip_allowed("", opts.text_archive, opts.no_flip_classes),
+                         "never_flipped_classes": never_flipped},
         "images_per_second": round(inputs / elapsed, 2) if elapsed > 0 else None,
         "versions": {"archive_vision": _version(), "apache_beam": beam.__version__, "pillow": PIL.__version__,
                      "python": platform.python_version()},

@@ -2,19 +2,22 @@
 
 Listing is pure (no Beam transforms) so it is unit-tested directly; the ingest and score jobs run it
 inside the pipeline. A row that cannot become an input (a manifest row without a URI, an unknown
-orientation value) is still returned, with `error` set, so it reaches errors.parquet.
+orientation value, a folder that cannot be listed) is still returned, with `error` set, so it reaches
+errors.parquet.
 """
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
 import io
+import logging
 import os
 import posixpath
 from typing import Iterator, List, Optional, Sequence
 
 from pipelines import schema
 
+LOG = logging.getLogger("archive_vision.sources")
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 SPLIT_DIR_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
 LABEL_MODES = ("auto", "folders", "manifest", "none")
@@ -30,6 +33,7 @@ class SourceEntry:
     orientation: int = schema.UNKNOWN
     size_bytes: int = -1
     error: str = ""
+    error_type: str = ""  # errors.parquet's error_type for `error`; empty means bad_manifest_row
 
 
 def is_manifest(src: str) -> bool:
@@ -55,7 +59,8 @@ def resolve_label_mode(src: str, mode: str) -> str:
         return "none"
     entries = list(os.scandir(src))
     has_dirs = any(e.is_dir() for e in entries)
-    has_files = any(e.is_file() or e.is_symlink() for e in entries if not e.name.startswith("."))
+    # is_dir() follows links: a link to a folder is a folder (listing follows it), a broken link is a file.
+    has_files = any(not e.is_dir() for e in entries if not e.name.startswith("."))
     return "folders" if has_dirs and not has_files else "none"
 
 
@@ -75,9 +80,41 @@ def _excluded(path: str, exclude: Sequence[str]) -> bool:
 
 
 def _list_local_dir(root: str, label_mode: str, exclude: Sequence[str]) -> Iterator[SourceEntry]:
+    """Every file under `root`, plus one error entry (`unreadable_dir`) per folder that cannot be listed.
+
+    A folder os.walk cannot read (permissions, I/O error, a vanished mount) would otherwise drop its
+    files without a trace; here it becomes one failed input, so the run's counts still reconcile and
+    errors.parquet names the folder and the OS error.
+
+    Symlinked folders are followed: archives are often assembled from links (`SRC/photo -> /mnt/nas/...`),
+    and not following them would lose those files silently. Loops (a link to an ancestor) and second
+    paths to a folder already listed are not descended again, keyed on the real (device, inode), so
+    every file is listed once, under the first path the sorted walk reaches it by.
+    """
     root = os.path.abspath(root)
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    walk_errors: List[OSError] = []
+    seen = set()
+    try:
+        info = os.stat(root)
+        seen.add((info.st_dev, info.st_ino))
+    except OSError:
+        pass  # os.walk reports it through onerror below
+    for dirpath, dirnames, filenames in os.walk(root, onerror=walk_errors.append, followlinks=True):
+        yield from _unlisted_dirs(walk_errors, root)
         dirnames.sort()
+        for name in list(dirnames):
+            child = os.path.join(dirpath, name)
+            try:
+                info = os.stat(child)
+            except OSError:
+                continue  # os.walk meets the same failure when it lists the child, and reports it
+            key = (info.st_dev, info.st_ino)
+            if key in seen:
+                LOG.warning("not listing %s again: it is a link to a folder already listed (%s)",
+                            child, os.path.realpath(child))
+                dirnames.remove(name)
+            else:
+                seen.add(key)
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
             if _excluded(path, exclude):
@@ -88,6 +125,17 @@ def _list_local_dir(root: str, label_mode: str, exclude: Sequence[str]) -> Itera
             except OSError:
                 size = -1
             yield SourceEntry(uri=path, label=label if label_mode == "folders" else "", split=split, size_bytes=size)
+    yield from _unlisted_dirs(walk_errors, root)
+
+
+def _unlisted_dirs(walk_errors: List[OSError], root: str) -> Iterator[SourceEntry]:
+    """Drain os.walk's onerror list into error entries (one per folder that could not be listed)."""
+    while walk_errors:
+        error = walk_errors.pop(0)
+        path = error.filename or root
+        yield SourceEntry(uri=os.fspath(path), error_type="unreadable_dir",
+                          error=f"folder could not be listed, its files are not in this run: "
+                                f"{type(error).__name__}: {error}")
 
 
 def _list_pattern(pattern: str, root: str, label_mode: str, exclude: Sequence[str]) -> Iterator[SourceEntry]:

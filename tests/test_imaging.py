@@ -3,7 +3,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipelines import imaging
 from tests.image_factory import (encode_array, jpeg_with_exif_orientation, make_asymmetric_image, make_random_image,
@@ -221,3 +221,34 @@ def test_split_is_a_pure_function_of_the_content_hash():
     assert splits == [imaging.split_for(h, (0.8, 0.1, 0.1)) for h in hashes]
     share = {s: splits.count(s) / len(splits) for s in ("train", "val", "test")}
     assert 0.76 < share["train"] < 0.84 and 0.07 < share["val"] < 0.13 and 0.07 < share["test"] < 0.13
+
+
+def _turn_cw(array, degrees):
+    """Pixels turned `degrees` clockwise (np.rot90 turns counter-clockwise)."""
+    return np.rot90(array, k=(4 - degrees // 90) % 4)
+
+
+def test_a_mirrored_copy_of_a_turned_image_is_the_mirrored_upright_turned_the_other_way():
+    upright = make_asymmetric_image(48, 64)
+    mirrored_upright = upright[:, ::-1]
+    for degrees in (0, 90, 180, 270):
+        copy = np.asarray(ImageOps.mirror(Image.fromarray(_turn_cw(upright, degrees))))
+        label = imaging.mirrored_orientation(degrees)
+        assert np.array_equal(copy, _turn_cw(mirrored_upright, label)), degrees
+        if degrees in (90, 270):  # keeping the stored label would be wrong for sideways scans
+            assert not np.array_equal(copy, _turn_cw(mirrored_upright, degrees))
+    assert [imaging.mirrored_orientation(d) for d in (0, 90, 180, 270, -1)] == [0, 270, 180, 90, -1]
+
+
+def test_augment_copy_says_whether_it_mirrored():
+    image = Image.fromarray(make_asymmetric_image(64, 64))
+    seen = set()
+    for seed in range(20):
+        pixels, mirrored = imaging.augment_copy(image, seed, allow_flip=True, max_shift=0.0)
+        expected = np.asarray(image)[:, ::-1] if mirrored else np.asarray(image)
+        assert np.array_equal(np.asarray(pixels), expected)
+        assert np.array_equal(np.asarray(pixels), np.asarray(imaging.augment(image, seed, allow_flip=True,
+                                                                             max_shift=0.0)))
+        seen.add(mirrored)
+        assert imaging.augment_copy(image, seed, allow_flip=False)[1] is False
+    assert seen == {True, False}

@@ -281,3 +281,127 @@ def test_files_over_the_size_limit_are_refused_before_reading(tmp_path):
         [("huge.bmp", "read", "too_large")]
     assert "--max-file-mb" in errors[0]["message"]
     assert summary["counts"]["records"] == 1 and summary["counts"]["reconciled"]
+
+
+def _turn_cw(array, degrees):
+    """Pixels turned `degrees` clockwise (np.rot90 turns counter-clockwise)."""
+    return np.ascontiguousarray(np.rot90(array, k=(4 - degrees // 90) % 4))
+
+
+def read_records(out):
+    """Every record in `out`'s shards with its decoded pixels: [(ImageRecord, HxWx3 uint8 array)]."""
+    import io
+
+    import tensorflow as tf
+
+    found = []
+    for raw in tf.data.TFRecordDataset(sorted(glob.glob(os.path.join(out, "*.tfrecord")))):
+        record = schema.record_from_example(tf.train.Example.FromString(raw.numpy()))
+        found.append((record, np.asarray(Image.open(io.BytesIO(record.encoded)).convert("RGB"))))
+    return found
+
+
+def mirrored_copies(out):
+    """{label_name: [was each augmented copy a mirror of its original?]} (copies made with --max-shift 0)."""
+    records = read_records(out)
+    originals = {(r.source_uri, r.page): pixels for r, pixels in records if r.augment_index == 0}
+    found = {}
+    for record, pixels in records:
+        if record.augment_index:
+            original = originals[(record.source_uri, record.page)]
+            assert np.array_equal(pixels, original) or np.array_equal(pixels, original[:, ::-1])
+            found.setdefault(record.label_name, []).append(np.array_equal(pixels, original[:, ::-1]))
+    return found
+
+
+def test_flipped_copies_of_turned_scans_carry_the_mirrored_orientation_label(tmp_path):
+    upright = make_asymmetric_image(48, 48)
+    (tmp_path / "scans").mkdir()
+    with open(tmp_path / "manifest.csv", "w") as f:
+        f.write("uri,label,split,orientation\n")
+        for degrees in (0, 90, 180, 270):
+            (tmp_path / "scans" / f"turned{degrees}.png").write_bytes(encode_array(_turn_cw(upright, degrees), "PNG"))
+            f.write(f"scans/turned{degrees}.png,photo,train,{degrees}\n")
+    out = str(tmp_path / "out")
+    summary, _ = run_ingest(["--input", str(tmp_path / "manifest.csv"), "--output", out, "--size", "48",
+                             "--format", "png", "--augment-copies", "6", "--max-shift", "0"])
+    assert summary["counts"]["records"] == 4 * 7 and summary["counts"]["reconciled"]
+    mirrored_sideways = 0
+    for record, pixels in read_records(out):
+        stored = int(os.path.basename(record.source_uri)[len("turned"):-len(".png")])
+        is_mirror = not np.array_equal(pixels, _turn_cw(upright, stored))
+        # Turning the record back by its label gives the upright picture, or its mirror for a flipped copy.
+        back_upright = np.array_equal(pixels, _turn_cw(upright[:, ::-1] if is_mirror else upright,
+                                                       record.orientation))
+        assert back_upright, (record.source_uri, record.augment_index, is_mirror, record.orientation)
+        assert record.orientation == ((360 - stored) % 360 if is_mirror else stored)
+        mirrored_sideways += is_mirror and stored in (90, 270)
+    assert mirrored_sideways > 0  # the case the old labels got wrong is really exercised
+
+
+@pytest.fixture(scope="module")
+def photo_and_document_archive(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flip_archive") / "in"
+    for name in ("photo", "document"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            seed = 10 * len(name) + i
+            (root / name / f"{name}{i}.png").write_bytes(encode_array(make_random_image(40, 40, seed=seed), "PNG"))
+    return str(root)
+
+
+FLIP_RUN_ARGS = ["--size", "40", "--format", "png", "--augment-copies", "6", "--max-shift", "0",
+                 "--split-fractions", "1,0,0"]
+
+
+def test_by_default_document_copies_are_never_mirrored_and_photo_copies_are(photo_and_document_archive, tmp_path):
+    out = str(tmp_path / "out")
+    summary, _ = run_ingest(["--input", photo_and_document_archive, "--output", out] + FLIP_RUN_ARGS)
+    mirrored = mirrored_copies(out)
+    assert len(mirrored["document"]) == 18 and not any(mirrored["document"])
+    assert len(mirrored["photo"]) == 18 and any(mirrored["photo"])
+    assert summary["augmentation"]["never_flipped_classes"] == ["document"]
+    assert json.load(open(os.path.join(out, "run.json")))["augmentation"]["never_flipped_classes"] == ["document"]
+
+
+@pytest.mark.parametrize("flags,never_flipped", [(["--text-archive"], ["document", "photo"]),
+                                                 (["--no-flip-classes", "photo"], ["document", "photo"])])
+def test_text_archive_and_no_flip_classes_stop_every_mirror(photo_and_document_archive, tmp_path, flags,
+                                                            never_flipped):
+    out = str(tmp_path / "out")
+    summary, _ = run_ingest(["--input", photo_and_document_archive, "--output", out] + FLIP_RUN_ARGS + flags)
+    mirrored = mirrored_copies(out)
+    assert len(mirrored["photo"]) == 18 and not any(mirrored["photo"])
+    assert not any(mirrored["document"])
+    assert summary["augmentation"]["never_flipped_classes"] == never_flipped
+
+
+@pytest.mark.parametrize("name,document", [("document", True), ("Documents", True), ("handwritten_letters", True),
+                                           ("NewsPapers", True), ("page", True), ("photo", False),
+                                           ("urban", False), ("rural", False), ("textile", False)])
+def test_which_class_names_count_as_documents(name, document):
+    assert ingest.is_document_class(name) is document
+
+
+def test_an_unlistable_folder_is_a_failed_input_in_the_errors_table(tmp_path, monkeypatch):
+    for name in ("photo", "document"):
+        (tmp_path / "in" / name).mkdir(parents=True)
+        (tmp_path / "in" / name / "a.png").write_bytes(encode_array(make_random_image(30, 30), "PNG"))
+    (tmp_path / "in" / "document" / "boxes").mkdir()
+    (tmp_path / "in" / "document" / "boxes" / "b.png").write_bytes(encode_array(make_random_image(30, 30), "PNG"))
+    locked = str(tmp_path / "in" / "document" / "boxes")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what an unreadable folder does (chmod 000 cannot stop root, so simulate it)
+        if not isinstance(path, int) and os.path.abspath(os.fspath(path)) == locked:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    out = str(tmp_path / "out")
+    summary, _ = run_ingest(["--input", str(tmp_path / "in"), "--output", out, "--size", "32"])
+    errors = pq.read_table(os.path.join(out, "errors.parquet")).to_pylist()
+    assert [(e["uri"], e["stage"], e["error_type"]) for e in errors] == [(locked, "list", "unreadable_dir")]
+    assert "Permission denied" in errors[0]["message"]
+    counts = summary["counts"]
+    assert (counts["inputs"], counts["records"], counts["inputs_failed"]) == (3, 2, 1) and counts["reconciled"]

@@ -60,3 +60,51 @@ def test_manifest_without_uri_column_is_refused(tmp_path):
 def test_manifest_labels_stay_strings(tmp_path):
     (tmp_path / "m.csv").write_text("uri,label\na.jpg,01\nb.jpg,2\n")
     assert [e.label for e in sources.list_archive(str(tmp_path / "m.csv"))] == ["01", "2"]
+
+
+def _refuse_to_list(monkeypatch, folder):
+    """Make os.scandir fail on `folder` the way an unreadable folder does (chmod cannot, for root)."""
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if not isinstance(path, int) and os.path.abspath(os.fspath(path)) == os.path.abspath(str(folder)):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_entry_not_a_silent_gap(tmp_path, monkeypatch):
+    touch(str(tmp_path / "photo" / "a.jpg"))
+    touch(str(tmp_path / "photo" / "locked" / "b.jpg"))
+    touch(str(tmp_path / "photo" / "locked" / "c.jpg"))
+    _refuse_to_list(monkeypatch, tmp_path / "photo" / "locked")
+    entries = list(sources.list_archive(str(tmp_path)))
+    good = [os.path.basename(e.uri) for e in entries if not e.error]
+    bad = [e for e in entries if e.error]
+    assert good == ["a.jpg"]
+    assert [(e.uri, e.error_type) for e in bad] == [(str(tmp_path / "photo" / "locked"), "unreadable_dir")]
+    assert "Permission denied" in bad[0].error and "not in this run" in bad[0].error
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root reads a chmod 000 folder anyway; the monkeypatched test covers it")
+def test_a_chmod_000_folder_is_an_error_entry(tmp_path):
+    touch(str(tmp_path / "a.jpg"))
+    touch(str(tmp_path / "locked" / "b.jpg"))
+    os.chmod(tmp_path / "locked", 0)
+    try:
+        entries = list(sources.list_archive(str(tmp_path)))
+    finally:
+        os.chmod(tmp_path / "locked", 0o755)
+    assert [(os.path.basename(e.uri), e.error_type) for e in entries] == [("a.jpg", ""), ("locked", "unreadable_dir")]
+
+
+def test_symlinked_folders_are_followed_once_and_loops_end(tmp_path):
+    touch(str(tmp_path / "outside" / "photos" / "p.jpg"))
+    touch(str(tmp_path / "archive" / "document" / "d.jpg"))
+    os.symlink(str(tmp_path / "outside" / "photos"), str(tmp_path / "archive" / "photo"))  # assembled from a link
+    os.symlink(str(tmp_path / "archive"), str(tmp_path / "archive" / "document" / "loop"))  # a cycle
+    entries = list(sources.list_archive(str(tmp_path / "archive")))
+    assert [(os.path.relpath(e.uri, tmp_path / "archive"), e.label, e.error) for e in entries] == \
+        [("document/d.jpg", "document", ""), ("photo/p.jpg", "photo", "")]
