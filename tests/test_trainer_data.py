@@ -161,3 +161,81 @@ def test_eval_path_is_deterministic_and_unaugmented(tmp_path):
     assert len(first) == 16
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
+
+
+def test_every_active_head_needs_labelled_train_records(tmp_path):
+    """A plain ingest (orientation -1 everywhere) must not train, and then export, an orientation head that never
+    saw a label: the check names the task and both fixes; --tasks classes (or --init default) goes through."""
+    import pytest
+
+    from trainer import input as train_input
+
+    plain = write_archive(str(tmp_path / "plain"), {"train": 6}, unknown_orientation_every=1, shards_per_split=1)
+    size = train_input.count_split(plain, "train", _cfg(plain))
+    assert (size.records, size.class_records, size.orientation_records) == (6, 6, 0)
+    with pytest.raises(train_input.DataError) as e:
+        train_input.check_task_labels(_cfg(plain))
+    assert "'orientation'" in str(e.value) and "--assume-upright" in str(e.value)
+    assert "--tasks classes" in str(e.value)
+    assert train_input.check_task_labels(_cfg(plain, tasks=("classes",))).class_records == 6
+    assert train_input.check_task_labels(_cfg(plain, init="default")).orientation_records == 0
+
+    unlabelled = write_archive(str(tmp_path / "unlabelled"), {"train": 4}, labelled=False, shards_per_split=1)
+    with pytest.raises(train_input.DataError) as e:
+        train_input.check_task_labels(_cfg(unlabelled))
+    assert "'classes'" in str(e.value) and "--tasks orientation" in str(e.value)
+    with pytest.raises(train_input.DataError, match="shards"):
+        train_input.check_task_labels(_cfg(unlabelled), "val")
+
+
+def test_disk_feature_cache_streams_batch_by_batch_and_equals_the_memory_cache(tmp_path):
+    """The disk cache is written into features.npy batch by batch while the backbone runs (earlier batches are on
+    disk before later ones are computed, and no COMPLETE marker until the end), then read back as a memmap; its
+    features, labels and training batches equal the in-memory cache's."""
+    import glob
+
+    from trainer import backbones, features
+
+    data = write_archive(str(tmp_path / "a"), {"train": 6}, stored_turns=(0, 90, 180), unknown_orientation_every=3,
+                         shards_per_split=2)
+    cfg = _cfg(data, rotations="all")
+    backbone = backbones.build_backbone("tiny", "none", 32)
+    extract = features.make_extractor(backbone)
+    memory = features.compute_feature_cache(backbone, cfg, "train", None, batch_size=4, extract=extract)
+    assert len(memory) == 18 and memory.location is None  # 4 known x 4 turns + 2 unknown once
+
+    root = str(tmp_path / "job")
+    returned = []
+
+    def watching_extract(pixels):
+        on_disk = glob.glob(os.path.join(root, "feature_cache", "train-*", "features.npy"))
+        if returned:
+            # Every batch computed so far is already in the file, before this one is computed.
+            assert len(on_disk) == 1 and not glob.glob(os.path.join(root, "feature_cache", "train-*", "COMPLETE"))
+            partial = np.load(on_disk[0], mmap_mode="r")
+            assert partial.shape[0] == 18
+            np.testing.assert_array_equal(partial[:sum(len(b) for b in returned)], np.concatenate(returned))
+        out = extract(pixels)
+        returned.append(out.numpy())
+        return out
+
+    disk = features.compute_feature_cache(backbone, cfg, "train", root, batch_size=4, extract=watching_extract)
+    assert len(returned) == 5  # 18 examples in batches of 4
+    assert isinstance(disk.features, np.memmap) and disk.location and len(disk) == 18
+    np.testing.assert_allclose(disk.features, memory.features, rtol=1e-6, atol=1e-6)
+    for k in features.LABEL_FIELDS:
+        np.testing.assert_array_equal(disk.labels[k], memory.labels[k])
+    # A second call reuses the finished cache instead of running the backbone again.
+    assert len(features.compute_feature_cache(backbone, cfg, "train", root, batch_size=4,
+                                              extract=watching_extract)) == 18 and len(returned) == 5
+
+    # Read back as tf.data batches: the same (features, targets, weights) as from memory.
+    for training in (False, True):
+        ds_disk, steps = features.cache_dataset(disk, cfg, 8, training=training)
+        ds_memory, steps_memory = features.cache_dataset(memory, cfg, 8, training=training)
+        assert steps == steps_memory == (2 if training else 3)
+        for (xd, yd, wd), (xm, ym, wm) in zip(ds_disk.take(steps), ds_memory.take(steps)):
+            np.testing.assert_allclose(xd.numpy(), xm.numpy(), rtol=1e-6, atol=1e-6)
+            for k in yd:
+                np.testing.assert_array_equal(yd[k].numpy(), ym[k].numpy())
+                np.testing.assert_array_equal(wd[k].numpy(), wm[k].numpy())

@@ -101,8 +101,14 @@ def test_two_process_multi_worker_run_completes_and_only_the_chief_exports(archi
     assert os.path.isdir(worker_dir) and not os.path.exists(os.path.join(worker_dir, "export"))
     with open(os.path.join(job, "run_summary.json")) as f:
         summary = json.load(f)
-    if summary["export_dir"] is not None:
-        assert os.path.exists(os.path.join(summary["export_dir"], "saved_model.pb"))
+    # The chief must export (no --export false here): a failed or skipped export is a failure, not a pass.
+    assert summary["is_chief"] is True and summary["export_dir"] is not None, summary
+    assert summary["export_dir"].startswith(os.path.join(job, "export", "archive_vision") + os.sep)
+    assert os.path.exists(os.path.join(summary["export_dir"], "saved_model.pb"))
+    assert f"[export] {summary['export_dir']}" in outputs[0]
+    # One model: the only SavedModel in the job dir is the chief's.
+    saved = [os.path.join(d, "saved_model.pb") for d, _, files in os.walk(job) if "saved_model.pb" in files]
+    assert saved == [os.path.join(summary["export_dir"], "saved_model.pb")]
     assert os.path.exists(os.path.join(job, "eval", "val_metrics.json"))
 
 

@@ -121,8 +121,8 @@ def test_hub_savedmodel_backbone_trains_and_exports(tmp_path):
         assert json.load(f)["orientation"]["accuracy"] >= 0.75
     with open(os.path.join(job, "run_summary.json")) as f:
         export_dir = json.load(f)["export_dir"]
-    if export_dir is not None:
-        assert os.path.exists(os.path.join(export_dir, "saved_model.pb"))
+    assert export_dir is not None and export_dir.startswith(os.path.join(job, "export") + os.sep)
+    assert os.path.exists(os.path.join(export_dir, "saved_model.pb"))
 
 
 def test_default_backbone_is_the_pretrained_torchvision_mobilenet_and_trains(tmp_path):

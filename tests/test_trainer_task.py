@@ -119,6 +119,22 @@ def test_unlabelled_archive_trains_orientation_only(tmp_path):
         assert json.load(f)["tasks"] == ["orientation"]
 
 
+def test_plain_ingest_without_orientations_is_refused_before_training(tmp_path, capsys):
+    """Default tasks on an archive ingested without --assume-upright (orientation -1 everywhere): the orientation
+    head would never see a label, so the job stops before building or training anything and names the fixes."""
+    data = write_archive(str(tmp_path / "plain"), {"train": 16, "val": 8}, unknown_orientation_every=1)
+    job = str(tmp_path / "job")
+    assert _run(["--data", data, "--job-dir", job, "--epochs", "1", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "task 'orientation'" in err and "--assume-upright" in err and "--tasks classes" in err
+    assert not os.path.exists(os.path.join(job, "history_heads.csv")) and not os.path.exists(
+        os.path.join(job, "export"))
+    # The fix it names works: the class head alone trains on the same data.
+    assert _run(["--data", data, "--job-dir", job, "--epochs", "1", "--tasks", "classes", "--export", "false",
+                 "--evaluate", "false", *TINY]) == 0
+    assert len(_history(job)) == 1
+
+
 def test_stop_at_accuracy_ends_training_early(archive, tmp_path):
     job = str(tmp_path / "job")
     assert _run(["--data", archive, "--job-dir", job, "--epochs", "40", "--tasks", "orientation",

@@ -3,7 +3,9 @@
 With a frozen backbone (inference-mode BatchNorm) and no pixel augmentation, every epoch would compute the
 same features again; caching them makes head training a small fraction of the work. All four turns of each
 image with a known orientation are cached. On disk the cache sits in JOB/feature_cache/<split>-<fingerprint>/
-and is reused by a restarted job when backbone, weights, image size, tasks and shards are unchanged.
+and is reused by a restarted job when backbone, weights, image size, tasks and shards are unchanged. The disk
+cache streams both ways: features.npy is a memmap written batch by batch while the backbone runs, and training
+reads only each batch's rows from it, so a split's features never have to fit in RAM.
 """
 from __future__ import annotations
 
@@ -77,7 +79,8 @@ def compute_feature_cache(backbone: keras.Model, cfg: TrainConfig, split: str, r
                           ) -> Optional[FeatureCache]:
     """Features of every example (all four turns) of a split; None when the split has no shards.
 
-    root=None keeps the cache in memory; otherwise it is written to (or reused from) a directory under root.
+    root=None keeps the cache in memory; otherwise it is written to (or reused from) a directory under root,
+    batch by batch into a features.npy memmap sized from count_split, and read back as a memmap.
     Pass the same `extract` (make_extractor) for several splits to trace the backbone only once.
     """
     if not train_input.list_shards(cfg.data, split):
@@ -90,34 +93,54 @@ def compute_feature_cache(backbone: keras.Model, cfg: TrainConfig, split: str, r
             return cached
 
     extract = extract or make_extractor(backbone)
+    # The count is known from the label fields alone, so the features can go straight into a preallocated
+    # array: a .npy memmap on disk (each batch written as it comes, never the whole split in RAM) or, for
+    # --cache-location memory, one array in RAM (no list of chunks to concatenate, so no doubled peak).
+    n = train_input.count_split(cfg.data, split, cfg, all_turns=True).examples
+    if n == 0:
+        return None
     ds = train_input.example_dataset(cfg.data, split, cfg, training=False, all_turns=True)
     ds = ds.map(lambda e: (e["pixels"], {k: e[k] for k in LABEL_FIELDS})).batch(batch_size)
-    chunks: List[np.ndarray] = []
+    if directory:
+        os.makedirs(directory, exist_ok=True)  # no COMPLETE marker here (_load above found none)
+    features: Optional[np.ndarray] = None
     labels: Dict[str, List[np.ndarray]] = {k: [] for k in LABEL_FIELDS}
+    done = 0
     for pixels, batch_labels in ds:
-        chunks.append(extract(pixels).numpy().astype(np.float32))
+        batch = extract(pixels).numpy()
+        if features is None:
+            shape = (n,) + tuple(batch.shape[1:])
+            features = (np.lib.format.open_memmap(os.path.join(directory, "features.npy"), mode="w+",
+                                                  dtype=np.float32, shape=shape)
+                        if directory else np.empty(shape, np.float32))
+        if done + len(batch) > n:
+            raise RuntimeError(f"feature cache of {split}: the shards yield more than the {n} examples counted")
+        features[done:done + len(batch)] = batch
+        done += len(batch)
         for k in LABEL_FIELDS:
             labels[k].append(batch_labels[k].numpy())
-    if not chunks:
-        return None
-    features = np.concatenate(chunks)
+    if done != n:
+        raise RuntimeError(f"feature cache of {split}: {done} examples computed, {n} counted")
     label_arrays = {k: np.concatenate(v) for k, v in labels.items()}
     if directory is None:
         return FeatureCache(features, label_arrays, None)
-    os.makedirs(directory, exist_ok=True)
-    np.save(os.path.join(directory, "features.npy"), features)
+    feature_shape = list(features.shape[1:])
+    features.flush()
+    del features  # closes the memmap
     np.savez(os.path.join(directory, "labels.npz"), **label_arrays)
     # Written last: a job killed mid-write leaves no COMPLETE marker, so the cache is recomputed.
     with open(os.path.join(directory, "COMPLETE"), "w") as f:
-        f.write(json.dumps({"examples": int(features.shape[0]), "shape": list(features.shape[1:])}))
-    del features
+        f.write(json.dumps({"examples": n, "shape": feature_shape}))
     log.info("feature cache: wrote %s", directory)
     return _load(directory)
 
 
 def cache_dataset(cache: FeatureCache, cfg: TrainConfig, global_batch: int, training: bool
                   ) -> Tuple[tf.data.Dataset, int]:
-    """(dataset of (features, targets, weights) batches, steps per pass) over a cache, never a partial batch."""
+    """(dataset of (features, targets, weights) batches, steps per pass) over a cache, never a partial batch.
+
+    Each batch gathers only its own rows (from the memmap when the cache is on disk).
+    """
     n = len(cache)
     feature_shape = tuple(cache.features.shape[1:])
 

@@ -32,10 +32,16 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SplitSize:
-    """How many records a split holds and how many examples they make once turned."""
+    """How many records a split holds and how many examples they make once turned.
+
+    class_records / orientation_records: how many of the usable records carry a label for that head
+    (a class index >= 0, a known stored orientation >= 0), counted for the active heads only.
+    """
 
     records: int
     examples: int
+    class_records: int = 0
+    orientation_records: int = 0
 
 
 def list_shards(data_dir: str, split: str) -> List[str]:
@@ -168,7 +174,7 @@ def count_split(data_dir: str, split: str, cfg: TrainConfig, all_turns: Optional
     keys = {k: spec[k] for k in (schema.LABEL_INDEX, schema.ORIENTATION)}
     ds = _read_records(files, shuffle_files=False, seed=0).batch(1024).map(
         lambda s: tf.io.parse_example(s, keys))
-    records = examples = 0
+    records = examples = class_records = orientation_records = 0
     for batch in ds.as_numpy_iterator():
         label, turn = batch[schema.LABEL_INDEX], batch[schema.ORIENTATION]
         has_class = (label >= 0) & cfg.uses_classes
@@ -176,7 +182,43 @@ def count_split(data_dir: str, split: str, cfg: TrainConfig, all_turns: Optional
         usable = has_class | has_turn
         records += int(usable.sum())
         examples += int((has_turn * (4 if all_turns else 1)).sum() + (usable & ~has_turn).sum())
-    return SplitSize(records, examples)
+        class_records += int(has_class.sum())
+        orientation_records += int(has_turn.sum())
+    return SplitSize(records, examples, class_records, orientation_records)
+
+
+def check_task_labels(cfg: TrainConfig, split: str = "train") -> SplitSize:
+    """Refuse a job in which an active head would never see a label, before anything is trained.
+
+    Orientation labels exist only for records stored with a known orientation (>= 0): `ingest --assume-upright`
+    (or an orientation column in the manifest) gives them; the trainer then turns each such image into its
+    four exact rot90 copies. A plain ingest stores -1 everywhere, and training would export an orientation
+    head that never saw a label. Likewise a class head with no class-labelled record. The one exception:
+    `--init default` starts the orientation head from the shipped one, which then ships unchanged (the
+    caller says so). Returns the split's counts.
+    """
+    if not list_shards(cfg.data, split):
+        raise DataError(f"no {split}-*.tfrecord[.gz] shards in {cfg.data}")
+    size = count_split(cfg.data, split, cfg)
+
+    def others(task: str) -> str:
+        rest = [t for t in cfg.tasks if t != task]
+        return f", or train without this head: --tasks {','.join(rest)}" if rest else ""
+
+    if cfg.uses_orientation and size.orientation_records == 0 and cfg.init != "default":
+        raise DataError(
+            f"task 'orientation': no {split} record in {cfg.data} has a known orientation (all are stored with "
+            f"orientation -1), so the orientation head would never see a label and would be exported untrained. "
+            f"Re-run `archive-vision ingest` with --assume-upright if the scans are upright (or give an "
+            f"orientation column in the manifest){others('orientation')}")
+    if cfg.uses_classes and size.class_records == 0:
+        raise DataError(
+            f"task 'classes': no {split} record in {cfg.data} has a class label, so the class head would never "
+            f"see a label and would be exported untrained. Ingest with class labels (class folders or a label "
+            f"column){others('classes')}")
+    if size.records == 0:
+        raise DataError(f"no usable {split} records in {cfg.data} for tasks {','.join(cfg.tasks)}")
+    return size
 
 
 def training_tuple(example: Dict[str, tf.Tensor], cfg: TrainConfig, features_key: str = "pixels"

@@ -162,6 +162,11 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
         raise train_input.DataError(f"{cfg.data}/labels.json names {len(class_names)} classes; the class head needs 2 or "
                          f"more (train an unlabelled archive with --tasks orientation)")
     num_classes = len(class_names) if cfg.uses_classes else 0
+    # Before any model is built or trained: every active head must have labelled train records.
+    train_size = train_input.check_task_labels(cfg, "train")
+    if cfg.uses_orientation and train_size.orientation_records == 0:  # only reached with --init default
+        print(f"[data] no train record in {cfg.data} has a known orientation: the orientation head is not tuned "
+              f"on this archive and ships as the default model's head (--init default)", flush=True)
     replicas = strategy.num_replicas_in_sync
     global_batch = cfg.batch_size * replicas
     private_dir = role.private_dir(cfg.job_dir)
