@@ -33,6 +33,8 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 from pipelines import imaging, sources
 from pipelines.ingest import default_pipeline_options, error_row
 from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, read_table, write_job_tables
+from serving.configs import SERVED_VERSIONS
+from serving.errors import ModelNotFoundError, RetryableServingError
 
 LOG = logging.getLogger("archive_vision.score")
 COUNTER_NAMESPACE = "score"
@@ -167,9 +169,12 @@ def decide(prediction: Dict[str, Any], opts: ScoreOptions) -> Tuple[str, str]:
 
 
 def predict_isolating(items: Sequence[dict], predict: Callable[[List[bytes]], List[Dict[str, Any]]],
-                      fatal: Tuple[type, ...] = ()) -> List[Tuple[dict, Optional[Dict[str, Any]], str]]:
+                      fatal: Tuple[type, ...] = (), abort: Tuple[type, ...] = ()
+                      ) -> List[Tuple[dict, Optional[Dict[str, Any]], str]]:
     """(item, combined prediction or None, error) for every item; a failing batch is halved until the bad image
     is alone, so one bad image never fails its neighbours. Errors of a `fatal` type (server gone) are not split.
+    Errors of an `abort` type (the model itself is gone: no image could be scored) are raised, not turned into
+    rows: the run fails instead of writing an error row for every remaining image.
     """
     images = [image for item in items for image in item["images"]]
     try:
@@ -177,12 +182,14 @@ def predict_isolating(items: Sequence[dict], predict: Callable[[List[bytes]], Li
         if len(rows) != len(images):
             raise RuntimeError(f"{len(rows)} predictions for {len(images)} images")
     except Exception as error:  # any failure is data; split to find the culprit
+        if isinstance(error, abort):
+            raise
         message = f"{type(error).__name__}: {error}"
         if len(items) == 1 or isinstance(error, fatal):
             return [(item, None, message) for item in items]
         half = len(items) // 2
-        return (predict_isolating(items[:half], predict, fatal)
-                + predict_isolating(items[half:], predict, fatal))
+        return (predict_isolating(items[:half], predict, fatal, abort)
+                + predict_isolating(items[half:], predict, fatal, abort))
     out, start = [], 0
     for item in items:
         copies = rows[start:start + len(item["images"])]
@@ -352,7 +359,7 @@ class PrepareImagesFn(beam.DoFn):
         self._inputs.inc()
         opts = self._options
         if entry.error:
-            yield self._fail(entry.uri, "list", "bad_manifest_row", entry.error)
+            yield self._fail(entry.uri, "list", entry.error_type or "bad_manifest_row", entry.error)
             return
         max_bytes = int(opts.max_file_mb * 1024 * 1024)
         if entry.size_bytes > max_bytes:
@@ -414,8 +421,37 @@ class _PredictionRouting:
         return result_row(item, prediction, self._model, self._options)
 
 
+class PinnedVersionGoneError(ModelNotFoundError):
+    """The model version the run pinned at launch is no longer served (or answers NOT_FOUND for its signature):
+    the whole run fails, since no image could be scored, rather than every remaining image becoming an error row."""
+
+
+def version_gone_message(model: ModelInfo, error: Exception, states: Optional[Dict[int, str]] = None) -> str:
+    """Why the run stopped and what to do, from the server's NOT_FOUND and (when known) its version states now."""
+    available = sorted(v for v, state in (states or {}).items() if state == "AVAILABLE")
+    if model.version in available:  # the version is there; what it lacks (e.g. the signature) fails every image
+        return (f"model {model.name!r} version {model.version} at {model.endpoint} cannot score any image: {error}")
+    newer = [v for v in available if v > model.version]
+    if newer:
+        cause = f"version {newer[-1]} was published mid-run and the server unloaded version {model.version}"
+    elif states is not None and not available:
+        cause = "the server serves no version of it now"
+    else:
+        cause = "a newer version was probably published mid-run"
+    now = f"; versions served now: {', '.join(map(str, available))}" if available else ""
+    return (f"model {model.name!r} version {model.version} is no longer served at {model.endpoint} ({cause}{now}). "
+            f"Rerun the job (it pins the version served at launch), or keep version {model.version} loaded through "
+            f"rollouts with `model_version_policy {{ latest {{ num_versions: {SERVED_VERSIONS} }} }}` in "
+            f"models.config. Server said: {error}")
+
+
 class RemotePredictFn(beam.DoFn):
-    """A batch of items -> result rows through gRPC Predict; one channel per worker, opened in setup()."""
+    """A batch of items -> result rows through gRPC Predict; one channel per worker, opened in setup().
+
+    Every call pins the version seen at launch, so one run's rows all come from one model version. If that
+    version disappears (NOT_FOUND: a newer one was published and the old one unloaded), the run fails with
+    PinnedVersionGoneError instead of writing an error row for every remaining image.
+    """
 
     def __init__(self, model: ModelInfo, options: ScoreOptions):
         self._model = model
@@ -433,16 +469,30 @@ class RemotePredictFn(beam.DoFn):
                                              timeout_s=opts.timeout_s, max_attempts=opts.max_attempts)
 
     def process(self, items: List[dict]):
-        from serving.errors import RetryableServingError
-
         started = time.monotonic()
         before = self._client.retries
-        # After the client's own retries, a retryable failure means the server is gone: splitting cannot help.
-        outcomes = predict_isolating(items, self._client.predict, fatal=(RetryableServingError,))
-        self._retries.inc(self._client.retries - before)
-        self._rpc_ms.inc(int((time.monotonic() - started) * 1000))
+        try:
+            # After the client's own retries, a retryable failure means the server is gone: splitting cannot
+            # help. NOT_FOUND (the pinned version, the model or its signature is not served) would fail every
+            # image of every batch alike: the run stops.
+            outcomes = predict_isolating(items, self._client.predict, fatal=(RetryableServingError,),
+                                         abort=(ModelNotFoundError,))
+        except ModelNotFoundError as error:
+            raise PinnedVersionGoneError(version_gone_message(self._model, error, self._served_states())) from error
+        finally:
+            self._retries.inc(self._client.retries - before)
+            self._rpc_ms.inc(int((time.monotonic() - started) * 1000))
         for item, prediction, error in outcomes:
             yield self._routing.route(item, prediction, error)
+
+    def _served_states(self) -> Optional[Dict[int, str]]:
+        """The model's version states now (for the error message), or None when the server does not say."""
+        try:
+            return self._client._rpc_model_states(self._options.timeout_s)  # all versions: the client is pinned
+        except ModelNotFoundError:  # GetModelStatus' NOT_FOUND: no version of the model at all
+            return {}
+        except Exception:  # noqa: BLE001 - only a detail of the message
+            return None
 
     def teardown(self):
         client = getattr(self, "_client", None)

@@ -16,6 +16,10 @@ BATCHING_PARAMETERS = "batching_parameters.txt"
 MONITORING_CONFIG = "monitoring.config"
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
+# Versions served at once in the models.config the project writes (model_version_policy latest): publishing a
+# new version keeps the previous one loaded, so a batch job that pinned it at launch (`archive-vision score
+# --endpoint`) finishes on it. Requests that name no version get the newest, as with TF Serving's default of 1.
+SERVED_VERSIONS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,17 +70,23 @@ def parse_batching_parameters(text: str) -> BatchingParameters:
     return BatchingParameters(allowed_batch_sizes=tuple(allowed), **kwargs)
 
 
-def models_config_text(models: Dict[str, str], version_labels: Optional[Dict[str, Dict[str, int]]] = None) -> str:
-    """A ModelServerConfig text proto serving every `name -> base_path` in `models` (latest version each)."""
+def models_config_text(models: Dict[str, str], version_labels: Optional[Dict[str, Dict[str, int]]] = None,
+                       num_versions: int = 1) -> str:
+    """A ModelServerConfig text proto serving every `name -> base_path` in `models` (the latest `num_versions`
+    versions each; 1, TF Serving's default policy, writes no model_version_policy)."""
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
+    if num_versions < 1:
+        raise ValueError("num_versions must be at least 1")
     config = model_server_config_pb2.ModelServerConfig()
     for name, base_path in sorted(models.items()):
         entry = config.model_config_list.config.add()
         entry.name = name
         entry.base_path = base_path
         entry.model_platform = "tensorflow"
+        if num_versions != 1:
+            entry.model_version_policy.latest.num_versions = num_versions
         for label, version in sorted((version_labels or {}).get(name, {}).items()):
             entry.version_labels[label] = version
     return text_format.MessageToString(config)
@@ -91,8 +101,10 @@ def read_models_config(path: str):
         return text_format.Parse(f.read(), model_server_config_pb2.ModelServerConfig())
 
 
-def write_models_config(export_base: str, model_name: str, model_base_path: str) -> str:
-    """Add or update `model_name` in EXPORT_BASE/models.config, keeping the other models listed there."""
+def write_models_config(export_base: str, model_name: str, model_base_path: str,
+                        num_versions: int = SERVED_VERSIONS) -> str:
+    """Add or update `model_name` in EXPORT_BASE/models.config, keeping the other models listed there; every
+    model serves its latest `num_versions` versions (SERVED_VERSIONS: the previous one stays through a rollout)."""
     path = os.path.join(export_base, MODELS_CONFIG)
     models: Dict[str, str] = {}
     labels: Dict[str, Dict[str, int]] = {}
@@ -101,7 +113,7 @@ def write_models_config(export_base: str, model_name: str, model_base_path: str)
             models[entry.name] = entry.base_path
             labels[entry.name] = dict(entry.version_labels)
     models[model_name] = os.path.abspath(model_base_path)
-    _write_text(path, models_config_text(models, labels))
+    _write_text(path, models_config_text(models, labels, num_versions))
     return path
 
 

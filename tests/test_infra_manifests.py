@@ -196,7 +196,7 @@ def test_serving_config_files_are_what_serving_configs_writes(tmp_path):
                                            configs.MONITORING_CONFIG)}
     assert set(config_map) == names
     assert config_map["models.config"] == configs.models_config_text(
-        {"archive_vision": "gs://BUCKET/models/archive_vision"})
+        {"archive_vision": "gs://BUCKET/models/archive_vision"}, num_versions=configs.SERVED_VERSIONS)
     assert config_map["batching_parameters.txt"] == configs.BatchingParameters().to_text()
     with open(configs.write_monitoring_config(str(tmp_path)), encoding="utf-8") as f:
         assert config_map["monitoring.config"] == f.read()

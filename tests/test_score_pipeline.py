@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pyarrow.csv as pacsv
@@ -196,6 +197,234 @@ def test_a_server_that_is_gone_fails_the_batch_without_splitting():
 
     outcomes = score.predict_isolating(items, predict, fatal=(ServerUnavailableError,))
     assert calls == [8] and all(o[1] is None and "UNAVAILABLE" in o[2] for o in outcomes)
+
+
+def test_a_model_that_is_not_served_aborts_without_splitting_or_error_rows():
+    from serving.errors import InvalidInputError, ModelNotFoundError, RetryableServingError
+
+    items = [{"uri": f"u{i}", "page": 0, "sha256": "", "images": [b"x"], "turns": (0,)} for i in range(8)]
+    calls = []
+
+    def predict(images):
+        calls.append(len(images))
+        raise ModelNotFoundError("NOT_FOUND: Servable not found for request: Specific(archive_vision, 3)")
+
+    with pytest.raises(ModelNotFoundError, match="Specific"):
+        score.predict_isolating(items, predict, fatal=(RetryableServingError,), abort=(ModelNotFoundError,))
+    assert calls == [8]
+
+    def reject_one(images):  # INVALID_ARGUMENT is about an image: still isolated with abort= given
+        if b"poison" in images:
+            raise InvalidInputError("INVALID_ARGUMENT: cannot decode")
+        return [{"orientation_probabilities": np.array([0.7, 0.1, 0.1, 0.1]), "orientation_degrees": 0}
+                for _ in images]
+
+    items[5] = dict(items[5], images=[b"poison"])
+    outcomes = score.predict_isolating(items, reject_one, fatal=(RetryableServingError,),
+                                       abort=(ModelNotFoundError,))
+    assert [o[1] is None for o in outcomes] == [i == 5 for i in range(8)]
+    assert "INVALID_ARGUMENT" in outcomes[5][2]
+
+
+def test_version_gone_message_says_what_happened_and_what_to_do():
+    model = score.ModelInfo("archive_vision", 3, endpoint="serving:8500")
+    error = "Predict archive_vision at serving:8500: NOT_FOUND: Servable not found for request: Specific(...)"
+    published = score.version_gone_message(model, Exception(error), {3: "END", 4: "AVAILABLE"})
+    assert published.startswith("model 'archive_vision' version 3 is no longer served at serving:8500 (version 4 "
+                                "was published mid-run and the server unloaded version 3; versions served now: 4)")
+    assert "Rerun" in published and "num_versions: 2" in published and "NOT_FOUND" in published
+    assert "probably published mid-run" in score.version_gone_message(model, Exception(error), None)
+    assert "serves no version of it now" in score.version_gone_message(model, Exception(error), {})
+    signature = score.version_gone_message(model, Exception("FAILED_PRECONDITION: signature"), {3: "AVAILABLE"})
+    assert "cannot score any image" in signature and "num_versions" not in signature
+
+
+class _ScriptedRpcError(Exception):
+    """A grpc.RpcError's code() and details(), for serving.client.map_grpc_error."""
+
+    def __init__(self, code, details):
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+class ScriptedServer:
+    """What a TF Serving answers, scripted: it serves `versions`, publishes version 4 (unloading the others, TF
+    Serving's default policy) after `publish_after` answered Predicts, and rejects black images as
+    INVALID_ARGUMENT. `predicts` records (version asked, images, answered)."""
+
+    def __init__(self, versions=(3,), publish_after=None):
+        import threading
+
+        self.served = set(versions)
+        self.publish_after = publish_after
+        self.predicts = []
+        self._lock = threading.Lock()
+
+    def predict(self, client, images):
+        import grpc
+
+        from serving.client import map_grpc_error
+
+        with self._lock:
+            answered = sum(1 for _, _, ok in self.predicts if ok)
+            if self.publish_after is not None and answered >= self.publish_after:
+                self.served = {4}
+            ok = client.version in self.served and not any(_is_black(i) for i in images)
+            self.predicts.append((client.version, len(images), ok))
+        where = f"Predict {client.model_name} at {client.address}"
+        if client.version not in self.served:
+            raise map_grpc_error(_ScriptedRpcError(grpc.StatusCode.NOT_FOUND, "Servable not found for request: "
+                                                   f"Specific({client.model_name}, {client.version})"), where)
+        if not ok:
+            raise map_grpc_error(_ScriptedRpcError(grpc.StatusCode.INVALID_ARGUMENT, "Invalid JPEG data"), where)
+        upright = np.tile(np.array([[0.97, 0.01, 0.01, 0.01]], np.float32), (len(images), 1))
+        return {"orientation_probabilities": upright, "orientation_degrees": np.zeros(len(images), np.int64)}
+
+
+def _is_black(jpeg: bytes) -> bool:
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("L")).mean() < 10
+
+
+@pytest.fixture()
+def scripted_server(monkeypatch):
+    """`--endpoint scripted:8500` reaches a ScriptedServer through the real client policy (batching, retries,
+    gRPC status -> serving.errors); set `.served` / `.publish_after` on it before the run."""
+    from serving import client as client_module
+
+    server = ScriptedServer()
+
+    class ScriptedGrpcClient(client_module.ModelServerClient):
+        def __init__(self, address, model_name="archive_vision", **policy):
+            policy.setdefault("initial_backoff_s", 0.001)
+            super().__init__(model_name, **policy)
+            self.address = address
+
+        def _rpc_predict(self, images, timeout_s):
+            return server.predict(self, images)
+
+        def _rpc_model_states(self, timeout_s):
+            return {v: "AVAILABLE" if v in server.served else "END" for v in sorted(server.served | {3})}
+
+        def _rpc_metadata(self, timeout_s):
+            return {"version": max(server.served), "signatures": {}}
+
+    monkeypatch.setattr(client_module, "GrpcModelServerClient", ScriptedGrpcClient)
+    return server
+
+
+def test_remote_run_fails_clearly_when_the_pinned_version_is_unloaded_mid_run(tmp_path, scripted_server):
+    archive, output = str(tmp_path / "archive"), str(tmp_path / "out")
+    sf.write_turned_archive(archive, {f"scan{i}": 0 for i in range(8)})
+    scripted_server.publish_after = 1  # the first batch is scored on version 3, then version 4 replaces it
+
+    with pytest.raises(Exception) as raised:
+        run_score(["--input", archive, "--output", output, "--endpoint", "scripted:8500", "--batch-size", "2",
+                   "--model-name", "archive_vision"])
+
+    message = str(raised.value)
+    assert "PinnedVersionGoneError" in f"{type(raised.value).__name__} {message}"
+    assert ("model 'archive_vision' version 3 is no longer served at scripted:8500 (version 4 was published "
+            "mid-run and the server unloaded version 3; versions served now: 4)") in message
+    assert "Rerun the job" in message and "model_version_policy { latest { num_versions: 2 } }" in message
+    assert "NOT_FOUND: Servable not found for request: Specific(archive_vision, 3)" in message
+    refused = [(version, n) for version, n, ok in scripted_server.predicts if not ok]
+    assert refused == [(3, refused[0][1])]  # one refusal stops the run: no splitting down to single images
+    assert refused[0][1] >= 1 and all(version == 3 for version, _, _ in scripted_server.predicts)
+    errors_path = os.path.join(output, "errors.parquet")
+    assert not os.path.exists(errors_path) or pq.read_table(errors_path).num_rows == 0
+
+
+def test_remote_run_still_isolates_a_rejected_image_and_reconciles(tmp_path, scripted_server):
+    archive, output = str(tmp_path / "archive"), str(tmp_path / "out")
+    sf.write_turned_archive(archive, {f"scan{i}": 0 for i in range(6)})
+    with open(os.path.join(archive, "black.png"), "wb") as f:
+        f.write(encode_array(np.zeros((64, 64, 3), np.uint8), "PNG"))
+
+    summary = run_score(["--input", archive, "--output", output, "--endpoint", "scripted:8500", "--batch-size",
+                         "4"])
+
+    rows = results_by_name(output)
+    assert sorted(rows) == [f"scan{i}.png" for i in range(6)]
+    assert all(r["decision"] == "ok" and r["model_version"] == 3 for r in rows.values())
+    errors = pq.read_table(os.path.join(output, "errors.parquet")).to_pylist()
+    assert [(os.path.basename(e["uri"]), e["error_type"]) for e in errors] == [("black.png", "predict_failed")]
+    assert "InvalidInputError" in errors[0]["message"] and "INVALID_ARGUMENT" in errors[0]["message"]
+    assert all(version == 3 for version, _, _ in scripted_server.predicts)
+    assert summary["counts"]["reconciled"] and summary["counts"]["inputs_failed"] == 1
+
+
+def test_exported_models_config_keeps_the_previous_version_through_a_rollout(tmp_path):
+    """serving.configs writes latest { num_versions: 2 }; the local server (like TF Serving) then keeps the
+    version a run pinned loaded after the next one is published, and answers unpinned requests with the newest."""
+    from serving import configs, server
+
+    path = configs.write_models_config(str(tmp_path), "archive_vision", str(tmp_path / "archive_vision"))
+    (entry,) = configs.read_models_config(path).model_config_list.config
+    assert entry.model_version_policy.latest.num_versions == configs.SERVED_VERSIONS == 2
+    (model,) = server.model_entries(server._parse_args(["--model_config_file", path]))
+    assert model.wanted([3, 4]) == [3, 4] and model.wanted([3, 4, 5]) == [4, 5]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["default_latest_1", "exported_models_config"])
+def test_publishing_a_version_mid_run_on_the_local_server(tmp_path, red_corner_export, monkeypatch, policy):
+    """The real local server: version 4 is published after the run pinned version 3. With TF Serving's default
+    policy version 3 is unloaded and the run fails with the clear error (no error row per image); with the
+    models.config serving.configs writes, version 3 stays loaded and the run finishes on it."""
+    from archive_vision.demo import LocalServer
+    from serving import configs
+    from serving.client import GrpcModelServerClient
+
+    base = str(tmp_path / "models")
+    shutil.copytree(os.path.join(red_corner_export, "archive_vision"), os.path.join(base, "archive_vision"))
+    flags = ["--file_system_poll_wait_seconds", "0.2"]
+    if policy == "exported_models_config":
+        flags += ["--model_config_file",
+                  configs.write_models_config(base, "archive_vision", os.path.join(base, "archive_vision"))]
+    archive, output = str(tmp_path / "archive"), str(tmp_path / "out")
+    sf.write_turned_archive(archive, {"upright": 0, "turned90": 90, "turned180": 180, "turned270": 270})
+    launch = score.remote_model_info
+
+    with LocalServer(os.path.join(base, "archive_vision"), "archive_vision", str(tmp_path / "server.log"),
+                     threads=1, extra_flags=flags) as server:
+        server.wait_until_available(120)
+
+        def launch_then_publish(opts):
+            model = launch(opts)  # the run pins version 3 here
+            hidden = os.path.join(base, "archive_vision", ".publishing")
+            shutil.copytree(os.path.join(base, "archive_vision", "3"), hidden)
+            os.rename(hidden, os.path.join(base, "archive_vision", "4"))  # atomically, as serving.export does
+            wanted = {3: "END" if policy == "default_latest_1" else "AVAILABLE", 4: "AVAILABLE"}
+            with GrpcModelServerClient(server.address, "archive_vision", timeout_s=5.0) as client:
+                deadline, states = time.monotonic() + 60, {}
+                while states != wanted and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    states = client._rpc_model_states(5.0)
+                assert states == wanted, server.log()[-3000:]
+                assert int(client.metadata()["version"]) == 4  # requests that name no version get the newest
+            return model
+
+        monkeypatch.setattr(score, "remote_model_info", launch_then_publish)
+        args = ["--input", archive, "--output", output, "--endpoint", server.address, "--batch-size", "2"]
+        if policy == "default_latest_1":
+            with pytest.raises(score.PinnedVersionGoneError, match="version 3 is no longer served at .*version 4 "
+                                                                   "was published mid-run.*num_versions: 2"):
+                run_score(args)
+            errors_path = os.path.join(output, "errors.parquet")
+            assert not os.path.exists(errors_path) or pq.read_table(errors_path).num_rows == 0
+        else:
+            summary = run_score(args)
+            rows = results_by_name(output)
+            assert {n: r["orientation_degrees"] for n, r in rows.items()} == {
+                "upright.png": 0, "turned90.png": 90, "turned180.png": 180, "turned270.png": 270}
+            assert all(r["model_version"] == 3 for r in rows.values())
+            assert summary["counts"]["reconciled"] and summary["counts"]["errors"] == 0
 
 
 def test_turned_copies_are_shifted_back_before_combining():
