@@ -214,3 +214,64 @@ def test_model_without_contract_outputs_is_refused(tmp_path):
     model = keras.Model(pixels, {"logits": keras.layers.Dense(2)(keras.layers.Flatten()(pixels))})
     with pytest.raises(ExportError, match="neither"):
         export.export_model(model, str(tmp_path), class_names=None, image_size=IMAGE_SIZE)
+
+
+PYTHON_CALLBACK_OPS = {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
+
+
+def saved_graph_ops(saved_model) -> set[str]:
+    """Every op type in a SavedModel proto: each MetaGraphDef's graph nodes and every function of its library.
+
+    A node whose op is the name of a library function (a direct function call) is a call, not an op: left out.
+    """
+    ops = set()
+    for meta_graph in saved_model.meta_graphs:
+        library = meta_graph.graph_def.library
+        function_names = {f.signature.name for f in library.function}
+        ops |= {n.op for n in meta_graph.graph_def.node}
+        for function in library.function:
+            ops |= {n.op for n in function.node_def}
+        ops -= function_names
+    return ops
+
+
+def non_standard_ops(ops: set[str]) -> list[str]:
+    """Ops TF Serving's stock server could not run: Python callbacks, or types TensorFlow itself does not register."""
+    from tensorflow.python.framework import op_def_registry
+
+    return sorted(op for op in ops if op in PYTHON_CALLBACK_OPS
+                  or op_def_registry.get(op) is None or not hasattr(tf.raw_ops, op))
+
+
+def read_saved_model(directory: str):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    with open(os.path.join(directory, "saved_model.pb"), "rb") as f:
+        saved.ParseFromString(f.read())
+    return saved
+
+
+def test_exported_graph_has_only_standard_tf_ops(tmp_path):
+    # README (Export): decoding and letterboxing run inside the graph, "only standard TF ops", so a stock
+    # tensorflow_model_server (no Python, no custom op libraries) can load every version we write.
+    version_dir = export.export_model(make_tiny_model(), str(tmp_path), class_names=CLASS_NAMES,
+                                      image_size=IMAGE_SIZE)
+    saved = read_saved_model(version_dir)
+    ops = saved_graph_ops(saved)
+
+    assert {"DecodeImage", "Conv2D", "ParseExampleV2"} <= ops  # the walk reached the signatures' functions
+    assert non_standard_ops(ops) == []
+
+
+def test_standard_op_check_catches_python_callbacks_and_unregistered_ops(tmp_path):
+    # the check above must be able to fail: a graph calling back into Python, or an op TF does not know
+    module = tf.Module()
+    module.serve = tf.function(lambda x: tf.numpy_function(lambda v: v * 2, [x], tf.float32),
+                               input_signature=[tf.TensorSpec([None], tf.float32)])
+    tf.saved_model.save(module, str(tmp_path / "py"), signatures=module.serve.get_concrete_function())
+    saved = read_saved_model(str(tmp_path / "py"))
+    assert non_standard_ops(saved_graph_ops(saved)) == ["PyFunc"]
+
+    saved.meta_graphs[0].graph_def.library.function[0].node_def.add(name="custom", op="ArchiveVisionCustomOp")
+    assert non_standard_ops(saved_graph_ops(saved)) == ["ArchiveVisionCustomOp", "PyFunc"]

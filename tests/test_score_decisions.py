@@ -1,0 +1,149 @@
+"""`score.decide`: the ok / auto_rotate / review bands that README's score section documents.
+
+README: `auto_rotate` (turned and confidence >= --rotate-threshold), `ok` (upright and confidence >= --ok-threshold),
+otherwise `review`; --class-threshold also sends low-confidence classes to review; with --tta, fewer than
+--tta-min-agreement of the four turned copies agreeing sends it to review. Each review carries a reason
+(`review_reason` in results.parquet) naming what was short.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.score import ScoreOptions, decide, parse_args
+
+
+def options(**overrides) -> ScoreOptions:
+    """The job's defaults for an explicit --model (rotate 0.8, ok 0.5, class 0 = off, tta agreement 0.75)."""
+    return ScoreOptions(input="in", output="out", **overrides)
+
+
+def prediction(degrees: int, confidence: float, *, class_confidence: float | None = None,
+               tta_agreement: float | None = None) -> dict:
+    """A model answer shaped like serving_default's: `confidence` on `degrees`, the rest spread over the others."""
+    rest = (1.0 - confidence) / 3
+    orientation = np.full(4, rest)
+    orientation[degrees // 90] = confidence
+    answer = {"orientation_probabilities": orientation, "orientation_degrees": degrees}
+    if class_confidence is not None:
+        answer["class_probabilities"] = np.array([class_confidence, (1 - class_confidence) / 2,
+                                                  (1 - class_confidence) / 2])
+        answer["class_ids"] = 0
+    if tta_agreement is not None:
+        answer["tta_agreement"] = tta_agreement
+    return answer
+
+
+def test_upright_and_confident_is_ok_without_a_reason():
+    assert decide(prediction(0, 0.97), options()) == ("ok", "")
+
+
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_turned_and_above_the_rotate_threshold_is_auto_rotate(degrees):
+    assert decide(prediction(degrees, 0.95), options(rotate_threshold=0.8)) == ("auto_rotate", "")
+
+
+def test_turned_exactly_at_the_rotate_threshold_is_auto_rotate():
+    # README: "turned and confidence >= --rotate-threshold"
+    assert decide(prediction(90, 0.8), options(rotate_threshold=0.8))[0] == "auto_rotate"
+
+
+def test_turned_below_the_rotate_threshold_goes_to_review_saying_why():
+    decision, reason = decide(prediction(180, 0.7), options(rotate_threshold=0.8))
+    assert decision == "review"
+    assert reason == "orientation 180 confidence 0.70 < 0.80"
+
+
+def test_the_rotate_threshold_flag_moves_the_band():
+    # the same answer flips between bands only because of --rotate-threshold
+    answer = prediction(270, 0.85)
+    assert decide(answer, options(rotate_threshold=0.8))[0] == "auto_rotate"
+    assert decide(answer, options(rotate_threshold=0.9)) == ("review", "orientation 270 confidence 0.85 < 0.90")
+
+
+def test_upright_below_the_ok_threshold_goes_to_review_saying_why():
+    decision, reason = decide(prediction(0, 0.4), options(ok_threshold=0.5))
+    assert decision == "review"
+    assert reason == "orientation 0 confidence 0.40 < 0.50"
+
+
+def test_upright_is_held_to_the_ok_threshold_not_the_rotate_threshold():
+    # 0.6 is under --rotate-threshold 0.8 but over --ok-threshold 0.5: an upright answer needs only the latter
+    assert decide(prediction(0, 0.6), options(rotate_threshold=0.8, ok_threshold=0.5)) == ("ok", "")
+    assert decide(prediction(90, 0.6), options(rotate_threshold=0.8, ok_threshold=0.5))[0] == "review"
+
+
+def test_low_class_confidence_sends_a_confident_upright_image_to_review():
+    decision, reason = decide(prediction(0, 0.99, class_confidence=0.4), options(class_threshold=0.6))
+    assert decision == "review"
+    assert reason == "class confidence 0.40 < 0.60"
+
+
+def test_low_class_confidence_also_stops_an_auto_rotate():
+    decision, reason = decide(prediction(90, 0.99, class_confidence=0.4), options(class_threshold=0.6))
+    assert (decision, reason) == ("review", "class confidence 0.40 < 0.60")
+
+
+def test_class_confidence_is_ignored_when_the_class_threshold_is_off_or_met():
+    answer = prediction(0, 0.99, class_confidence=0.4)
+    assert decide(answer, options(class_threshold=0.0)) == ("ok", "")  # the default: class never sends to review
+    assert decide(answer, options(class_threshold=0.4)) == ("ok", "")
+
+
+def test_turned_copies_disagreeing_send_a_confident_turn_to_review():
+    decision, reason = decide(prediction(90, 0.99, tta_agreement=0.5), options(tta_min_agreement=0.75))
+    assert decision == "review"
+    assert reason == "turned copies agree 0.50 < 0.75"
+
+
+def test_turned_copies_disagreeing_send_a_confident_upright_image_to_review():
+    decision, reason = decide(prediction(0, 0.99, tta_agreement=0.5), options(tta_min_agreement=0.75))
+    assert (decision, reason) == ("review", "turned copies agree 0.50 < 0.75")
+
+
+def test_enough_turned_copies_agreeing_keeps_the_confident_decision():
+    # three of four copies agree (0.75) meets the default --tta-min-agreement 0.75
+    assert decide(prediction(90, 0.99, tta_agreement=0.75), options()) == ("auto_rotate", "")
+    assert decide(prediction(0, 0.99, tta_agreement=1.0), options()) == ("ok", "")
+
+
+def test_every_shortfall_is_named_in_the_reason():
+    decision, reason = decide(prediction(180, 0.6, class_confidence=0.4, tta_agreement=0.25),
+                              options(rotate_threshold=0.8, class_threshold=0.5))
+    assert decision == "review"
+    assert reason.split("; ") == ["class confidence 0.40 < 0.50", "turned copies agree 0.25 < 0.75",
+                                  "orientation 180 confidence 0.60 < 0.80"]
+
+
+def test_class_only_model_is_ok_unless_its_class_confidence_is_low():
+    answer = {"class_probabilities": np.array([0.45, 0.35, 0.2]), "class_ids": 0}
+    assert decide(answer, options()) == ("ok", "")
+    assert decide(answer, options(class_threshold=0.5)) == ("review", "class confidence 0.45 < 0.50")
+
+
+def test_command_line_flags_reach_the_decision():
+    opts, _ = parse_args(["--input", "in", "--output", "out", "--model", "some/export", "--rotate-threshold",
+                          "0.95", "--ok-threshold", "0.7", "--class-threshold", "0.5", "--tta",
+                          "--tta-min-agreement", "1.0"])
+    assert decide(prediction(90, 0.9), opts) == ("review", "orientation 90 confidence 0.90 < 0.95")
+    assert decide(prediction(0, 0.65), opts) == ("review", "orientation 0 confidence 0.65 < 0.70")
+    assert decide(prediction(0, 0.99, class_confidence=0.45), opts) == ("review", "class confidence 0.45 < 0.50")
+    assert decide(prediction(90, 0.99, tta_agreement=0.75), opts) == ("review", "turned copies agree 0.75 < 1.00")
+    assert decide(prediction(90, 0.99, class_confidence=0.9, tta_agreement=1.0), opts) == ("auto_rotate", "")
+
+
+@pytest.mark.parametrize("flag", ["rotate_threshold", "ok_threshold", "class_threshold", "tta_min_agreement"])
+def test_thresholds_outside_zero_to_one_are_refused(flag):
+    with pytest.raises(ValueError, match=flag.replace("_", "-")):
+        options(**{flag: 1.5})
+
+
+def test_builtin_model_defaults_to_turned_copies_and_the_stricter_rotate_band():
+    # README: with the built-in model, score turns on --tta and uses --rotate-threshold 0.9 unless told otherwise
+    builtin, _ = parse_args(["--input", "in", "--output", "out"])
+    explicit, _ = parse_args(["--input", "in", "--output", "out", "--model", "some/export"])
+    assert (builtin.tta, builtin.rotate_threshold) == (True, 0.9)
+    assert (explicit.tta, explicit.rotate_threshold) == (False, 0.8)
+    answer = prediction(90, 0.85, tta_agreement=1.0)
+    assert decide(answer, builtin) == ("review", "orientation 90 confidence 0.85 < 0.90")
+    assert decide(answer, explicit) == ("auto_rotate", "")
