@@ -70,6 +70,15 @@ class DefaultModelRunner:
         # One compiled graph from bytes to probabilities, as the exported serving signature runs it.
         self._answer = tf.function(lambda blobs: model(preprocess_batch(blobs, 224), training=False),
                                    reduce_retracing=True)
+
+        def answer_tta(blobs):
+            pixels = preprocess_batch(blobs, 224)
+            # The copy turned j more clockwise answers "stored turn d" at column d + j: roll back by j and average.
+            turned = [model(tf.image.rot90(pixels, k=(4 - j) % 4), training=False)["orientation_probabilities"]
+                      for j in range(4)]
+            return tf.add_n([tf.roll(p, shift=-j, axis=-1) for j, p in enumerate(turned)]) / 4.0
+
+        self._answer_tta = tf.function(answer_tta, reduce_retracing=True)
         del keras
 
     @staticmethod
@@ -93,6 +102,11 @@ class DefaultModelRunner:
             probs.append(p.numpy())
             feats.append(g.numpy().astype(np.float16))
         return np.stack(probs), np.stack(feats)
+
+    def answer_bytes_tta(self, images: Sequence[bytes]) -> List[int]:
+        """End-to-end answers with test-time turns: each image decoded once, its four turns in one batch."""
+        out = self._answer_tta(self.tf.constant(list(images)))
+        return [int(i) * 90 for i in np.argmax(out.numpy(), -1)]
 
     def answer_bytes(self, images: Sequence[bytes]) -> List[int]:
         """End-to-end answers (degrees) for encoded images, as the score job's in-process path runs them."""
@@ -149,17 +163,32 @@ def peer_accuracy(answer: Callable[[object], Optional[int]], paths: Sequence[str
     return (right / count if count else float("nan")), (count / spent if spent else float("nan"))
 
 
-def default_speed(runner: DefaultModelRunner, paths: Sequence[str], batch: int = 16) -> float:
-    """images/s of the default model from encoded bytes (PNG for pages, as stored), batched like score."""
+def default_speed(runner: DefaultModelRunner, paths: Sequence[str], batch: int = 16, tta: bool = False) -> float:
+    """images/s of the default model from encoded bytes (PNG for pages, as stored), batched like score; with
+    tta, each image's four turns are scored (decoded once) and combined, as score --tta does."""
+    answer = runner.answer_bytes_tta if tta else runner.answer_bytes
     blobs = []
     for path in paths:
         with open(path, "rb") as f:
             blobs.append(f.read())
-    runner.answer_bytes(blobs[:batch])  # trace once outside the clock
+    answer(blobs[:batch])  # trace once outside the clock
     started = time.perf_counter()
     for start in range(0, len(blobs), batch):
-        runner.answer_bytes(blobs[start:start + batch])
+        answer(blobs[start:start + batch])
     return len(blobs) / (time.perf_counter() - started)
+
+
+def calibration(probs: np.ndarray, bins: int = 15) -> Tuple[float, float]:
+    """(negative log-likelihood, expected calibration error over `bins` confidence bins) of [N, 4 turns, 4]."""
+    flat = probs.reshape(-1, 4)
+    truth = np.tile(np.arange(4), len(probs))
+    nll = float(-np.mean(np.log(np.clip(flat[np.arange(len(flat)), truth], 1e-12, 1.0))))
+    confidence, right = flat.max(-1), (flat.argmax(-1) == truth)
+    edges = np.linspace(0.25, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges) - 1, 0, bins - 1)
+    ece = sum(abs(confidence[which == b].mean() - right[which == b].mean()) * np.mean(which == b)
+              for b in range(bins) if np.any(which == b))
+    return nll, float(ece)
 
 
 def archive_tune(runner: DefaultModelRunner, feats: np.ndarray, epochs: int = 8) -> Callable[[np.ndarray], np.ndarray]:
@@ -213,6 +242,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     speed = {k: default_speed(runner, [i.path for i in test if i.kind == k][:args.speed_images])
              for k in (corpus.PHOTO, corpus.PAGE)}
+    tta_speed = {k: default_speed(runner, [i.path for i in test if i.kind == k][:args.speed_images], tta=True)
+                 for k in (corpus.PHOTO, corpus.PAGE)}
     rows: List[Tuple[str, ...]] = []
 
     def add(name: str, p: np.ndarray, k: np.ndarray, photo_speed: float, page_speed: float, bands=True):
@@ -223,7 +254,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      _pct(stats.get("auto_rotate_right", float("nan")))))
 
     add("default model", probs, kinds, speed[corpus.PHOTO], speed[corpus.PAGE])
-    add("default + test-time turns", tta, kinds, speed[corpus.PHOTO] / 4, speed[corpus.PAGE] / 4)
+    add("default + test-time turns", tta, kinds, tta_speed[corpus.PHOTO], tta_speed[corpus.PAGE])
 
     tune_mask = np.array([tuning_half(i) for i in test])
     tuned_predict = archive_tune(runner, feats[tune_mask])
@@ -234,7 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         speed[corpus.PHOTO], speed[corpus.PAGE])
     add("archive-tuned + test-time turns, eval half",
         train_default.test_time_turns(tuned_predict(feats[evaluation])), kinds[evaluation],
-        speed[corpus.PHOTO] / 4, speed[corpus.PAGE] / 4)
+        tta_speed[corpus.PHOTO], tta_speed[corpus.PAGE])
 
     if args.peer_images > 0:
         subset = ([i for i, image in enumerate(test) if image.kind == corpus.PHOTO][:args.peer_images]
@@ -250,6 +281,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              f"{results[corpus.PHOTO][1]:.1f}", f"{results[corpus.PAGE][1]:.1f}", "n/a", "n/a"))
                 print(f"{name}: done", flush=True)
 
+    temperature = float(runner.meta["temperature"])
+    for name, p in (("shipped (T folded in)", probs), ("same logits at T = 1", train_default.with_temperature(
+            probs, 1.0 / temperature))):
+        nll, ece = calibration(p)
+        print(f"calibration, {name}: NLL {nll:.3f}, ECE {100 * ece:.1f}%")
     for name, p in (("default", probs), ("default + test-time turns", tta)):
         cells = []
         for threshold in (0.8, 0.9, 0.95, 0.98):
