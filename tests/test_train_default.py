@@ -1,0 +1,60 @@
+"""archive_vision.train_default's measuring tools: the numbers in the README's quality section come from these."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from archive_vision import train_default
+from pipelines.score import combine_turned
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_bench_test_time_turns_combine_exactly_like_score_tta():
+    """The bench's TTA figures must be what `score --tta` would answer, copy for copy."""
+    rng = np.random.default_rng(0)
+    probs = _softmax(rng.normal(size=(5, 4, 4)) * 3)  # [image, stored turn, 4 probabilities]
+    combined = train_default.test_time_turns(probs)
+    for n in range(5):
+        for d in range(4):
+            # score turns the stored file j more clockwise: that copy is the upright turned d + j.
+            copies = [{"orientation_probabilities": probs[n, (d + j) % 4]} for j in range(4)]
+            scored = combine_turned(copies, [90 * j for j in range(4)])
+            np.testing.assert_allclose(scored["orientation_probabilities"], combined[n, d], atol=1e-12)
+
+
+def test_fit_temperature_recovers_the_overconfidence_it_is_meant_to_undo():
+    rng = np.random.default_rng(1)
+    n = 3000
+    logits = rng.normal(size=(n, 4)) * 2.0
+    truth = _softmax(logits)
+    labels = np.array([rng.choice(4, p=p) for p in truth])
+    overconfident = _softmax(3.0 * logits)  # a model whose logits are 3x too sharp
+    # Lay the rows out as train_default does: row d of an image is answered right at column d.
+    rows = np.stack([np.roll(overconfident[i], -labels[i] + (i % 4)) for i in range(n)])
+    probs = rows[: n - n % 4].reshape(-1, 4, 4)
+    temperature = train_default.fit_temperature(probs)
+    assert temperature == pytest.approx(3.0, rel=0.12)
+    calibrated = train_default.with_temperature(probs, temperature)
+    # Calibrated: the mean confidence now matches the accuracy (it did not before).
+    accuracy = train_default.accuracy(probs)
+    assert abs(calibrated.max(-1).mean() - accuracy) < 0.03 < abs(probs.max(-1).mean() - accuracy)
+
+
+def test_band_stats_count_the_auto_rotate_band_like_score():
+    upright_sure = [0.97, 0.01, 0.01, 0.01]
+    image = np.array([
+        upright_sure,               # stored 0: ok
+        [0.05, 0.90, 0.03, 0.02],   # stored 90: auto_rotate, right
+        [0.10, 0.85, 0.03, 0.02],   # stored 180: auto_rotate, wrong (says 90)
+        [0.30, 0.10, 0.10, 0.50],   # stored 270: right but p 0.5 < 0.8, review
+    ])
+    stats = train_default.band_stats(image[None])
+    assert stats["auto_rotate_count"] == 2
+    assert stats["auto_rotate_share_of_rotated"] == pytest.approx(2 / 3)
+    assert stats["auto_rotate_right"] == pytest.approx(0.5)
+    assert stats["ok_right"] == 1.0
+    assert train_default.band_stats(image[None], rotate_threshold=0.88)["auto_rotate_right"] == 1.0
