@@ -666,9 +666,12 @@ class ModelServicer:
 
     @_rpc
     def GetModelStatus(self, request, context):
+        return self.status_response(request.model_spec)
+
+    def status_response(self, spec):
+        """The GetModelStatusResponse for a ModelSpec (gRPC and REST answer with the same proto)."""
         from tensorflow_serving.apis import get_model_status_pb2
 
-        spec = request.model_spec
         version = spec.version.value if spec.WhichOneof("version_choice") == "version" else None
         response = get_model_status_pb2.GetModelStatusResponse()
         for number, state, error_code, message in self.manager.statuses(spec.name, version):
@@ -712,6 +715,8 @@ class RestHandler(BaseHTTPRequestHandler):
             raise RpcFailure(grpc.StatusCode.NOT_FOUND, f"Malformed request: {path}")
         spec = model_pb2.ModelSpec(name=parts[2])
         if len(parts) >= 5 and parts[3] == "versions":
+            if not parts[4].isdigit():  # TF Serving's path pattern takes only digits here
+                raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"Malformed request: {self.command} {path}")
             spec.version.value = int(parts[4])
         elif len(parts) >= 5 and parts[3] == "labels":
             spec.version_label = parts[4]
@@ -729,22 +734,18 @@ class RestHandler(BaseHTTPRequestHandler):
         try:
             spec, parts = self._spec(self.path)
             if parts[-1] == "metadata":
+                # As TF Serving prints GetModelMetadataResponse: proto field names, default values included.
+                from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2
                 servable = self.predictions.manager.acquire(spec)
                 servable.release()
-                from google.protobuf import json_format
-                from tensorflow_serving.apis import get_model_metadata_pb2
                 signature_map = get_model_metadata_pb2.SignatureDefMap(signature_def=servable.signature_defs)
-                self._send(200, {"model_spec": {"name": spec.name, "version": str(servable.version)},
-                                 "metadata": {"signature_def": json_format.MessageToDict(signature_map)}})
+                model_spec = model_pb2.ModelSpec(name=servable.model_name)
+                model_spec.version.value = servable.version
+                self._send(200, {"model_spec": _proto_json(model_spec),
+                                 "metadata": {"signature_def": _proto_json(signature_map)}})
                 return
-            version = spec.version.value if spec.WhichOneof("version_choice") == "version" else None
-            from tensorflow_serving.apis import get_model_status_pb2
-            state_name = get_model_status_pb2.ModelVersionStatus.State.Name
-            rows = self.predictions.manager.statuses(spec.name, version)
-            self._send(200, {"model_version_status": [
-                {"version": str(v), "state": state_name(s),
-                 "status": {"error_code": "OK" if code == 0 else str(code), "error_message": message}}
-                for v, s, code, message in rows]})
+            # TF Serving prints GetModelStatusResponse with its JSON names (model_version_status, error_code).
+            self._send(200, _proto_json(self.models.status_response(spec), proto_names=False))
         except RpcFailure as failure:
             self._fail(failure)
 
@@ -775,6 +776,14 @@ class RestHandler(BaseHTTPRequestHandler):
         else:
             rows = len(next(iter(listed.values())))
             self._send(200, {"predictions": [{k: v[i] for k, v in listed.items()} for i in range(rows)]})
+
+
+def _proto_json(message, proto_names: bool = True) -> dict:
+    """A proto as TF Serving's REST API prints it (fields with default values included)."""
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(message, preserving_proto_field_name=proto_names,
+                                     always_print_fields_with_no_presence=True)
 
 
 def _decode_b64(value):

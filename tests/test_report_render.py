@@ -2,7 +2,9 @@
 confusion matrices when the truth is known; plus the activation pictures."""
 from __future__ import annotations
 
+import collections
 import csv
+import html
 import os
 import re
 import shutil
@@ -16,6 +18,7 @@ from PIL import Image
 from pipelines import report, score
 from serving import export
 from tests import score_fixtures as sf
+from tests.image_factory import encode_array, make_asymmetric_image
 from tests.test_serving_export import limit_tf_threads
 
 limit_tf_threads()
@@ -25,12 +28,19 @@ TURNS = {"upright_a": 0, "upright_b": 0, "turned90": 90, "turned180": 180, "turn
 
 
 @pytest.fixture(scope="module")
-def scored_run(tmp_path_factory):
-    """A score output over five turned asymmetric images and three bad files, with a truth manifest."""
-    root = tmp_path_factory.mktemp("report")
-    base = str(root / "export")
+def red_corner_export(tmp_path_factory):
+    """Export v2 of the red-corner model (it really finds the turn of the asymmetric image)."""
+    base = str(tmp_path_factory.mktemp("export"))
     export.export_model(sf.make_red_corner_model(), base, class_names=sf.CLASS_NAMES, image_size=sf.IMAGE_SIZE,
                         version=2)
+    return base
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory, red_corner_export):
+    """A score output over five turned asymmetric images and three bad files, with a truth manifest."""
+    root = tmp_path_factory.mktemp("report")
+    base = red_corner_export
     archive = str(root / "archive")
     sf.write_turned_archive(archive, TURNS)
     sf.write_bad_files(archive)
@@ -56,6 +66,113 @@ def test_score_writes_a_self_contained_report(scored_run):
     assert not re.search(r'(href|src)="(https?:)?//', page)
     assert page.count('class="thumb pair"') == 3  # the three auto_rotate images, before/after
     assert page.count('class="confusion"') == 2  # orientation and class matrices
+
+
+@pytest.fixture(scope="module")
+def review_run(tmp_path_factory, red_corner_export):
+    """A score output with every decision band and errors, at the default thresholds: one upright (ok), one turned
+    (auto_rotate), two the model cannot call (review): a blank page, where every turn is equally likely, and the
+    asymmetric image with red blocks in three corners, where three turns tie; plus three unreadable files."""
+    archive = str(tmp_path_factory.mktemp("review_archive"))
+    paths = sf.write_turned_archive(archive, {"upright": 0, "turned90": 90})
+    bad = sf.write_bad_files(archive)
+    blank = os.path.join(archive, "blank.png")
+    with open(blank, "wb") as f:
+        f.write(encode_array(np.full((120, 160, 3), 255, np.uint8), "PNG"))
+    corners = make_asymmetric_image()
+    corners[:40, -40:] = (255, 0, 0)
+    corners[-40:, -40:] = (255, 0, 0)
+    three_corners = os.path.join(archive, "three_corners.png")
+    with open(three_corners, "wb") as f:
+        f.write(encode_array(corners, "PNG"))
+    output = str(tmp_path_factory.mktemp("review_out"))
+    summary = score.run(["--input", archive, "--output", output, "--model", red_corner_export],
+                        test_pipeline=TestPipeline())
+    results, errors, _ = report.read_run(output)
+    with open(summary["report"], encoding="utf-8") as f:
+        page = f.read()
+    return {"page": page, "results": {r["uri"]: r for r in results}, "errors": errors, "bad": bad,
+            "review": [blank, three_corners], "ok": paths["upright"], "auto_rotate": paths["turned90"]}
+
+
+def _section(page: str, section_id: str) -> str:
+    """The page from <h2 id=section_id> to the next <h2> (or the end)."""
+    start = page.index(f'<h2 id="{section_id}"')
+    end = page.find("<h2 ", start + 1)
+    return page[start:end if end >= 0 else len(page)]
+
+
+def _figures(section: str) -> dict:
+    """data-uri -> the figure's html, in page order."""
+    return {html.unescape(uri): body for uri, body in
+            re.findall(r'<figure class="thumb[^"]*" data-uri="([^"]+)">(.*?)</figure>', section, re.S)}
+
+
+def _expected_guesses(probabilities, names) -> str:
+    probs = np.asarray(probabilities, np.float64)
+    return ", ".join(f"{names[i]} {probs[i]:.2f}" for i in np.argsort(-probs, kind="stable")[:3])
+
+
+def _count_tables(page: str) -> dict:
+    """{table heading: {key: count}} of the summary's count tables."""
+    tables = {}
+    for heading, body in re.findall(r'<table class="counts"><tr><th>([^<]+)</th><th>count</th></tr>(.*?)</table>',
+                                    page, re.S):
+        rows = re.findall(r"<tr><td>(?:<span[^>]*>)?([^<]+)(?:</span>)?</td><td class=n>(\d+)</td></tr>", body)
+        tables[heading] = {key: int(count) for key, count in rows}
+    return tables
+
+
+def test_report_review_sheet_shows_each_uncertain_image_with_its_guesses_and_reason(review_run):
+    page, results = review_run["page"], review_run["results"]
+    assert [results[uri]["decision"] for uri in review_run["review"]] == ["review", "review"]
+    section = _section(page, "review")
+    figures = _figures(section)
+
+    assert section.startswith('<h2 id="review">For a person to look at (2)</h2>')
+    # Least sure first: the blank page (0.25 for every turn) before the three-corner image (about a third each).
+    assert list(figures) == review_run["review"]
+    for uri, figure in figures.items():
+        row = results[uri]
+        assert "<span class='pill review'>review</span>" in figure
+        assert re.search(r'<img src="data:image/jpeg;base64,[^"]+" alt="review">', figure)  # a real thumbnail
+        assert 'class="missing"' not in figure
+        assert f"<i>{html.escape(row['review_reason'])}</i>" in figure
+        turns = _expected_guesses(row["orientation_probabilities"], [f"{d}°" for d in report.ORIENTATION_NAMES])
+        assert f"turn: {turns}<br>" in figure
+        assert f"class: {html.escape(_expected_guesses(row['class_probabilities'], sf.CLASS_NAMES))}<br>" in figure
+    blank, corners = (figures[uri] for uri in review_run["review"])
+    assert "<i>orientation 0 confidence 0.25 &lt; 0.50</i>" in blank
+    assert "turn: 0° 0.25, 90° 0.25, 180° 0.25" in blank and "class: photo 0.50, document 0.50" in blank
+    assert re.search(r"<i>orientation (0|90|180) confidence 0\.3\d &lt; 0\.[58]0</i>", corners)
+    assert "class: photo 0.98, document 0.02" in corners  # three red blocks: surely the red class
+    # The other sheets do not show them, and the review sheet shows nothing else.
+    for other in ("auto-rotate", "ok"):
+        assert not set(_figures(_section(page, other))) & set(review_run["review"])
+    assert list(_figures(_section(page, "auto-rotate"))) == [review_run["auto_rotate"]]
+    assert list(_figures(_section(page, "ok"))) == [review_run["ok"]]
+
+
+def test_report_lists_errors_and_counts_decisions_and_classes(review_run):
+    page, results, errors = review_run["page"], review_run["results"], review_run["errors"]
+    section = _section(page, "errors")
+    rows = [re.findall(r"<td>(.*?)</td>", row, re.S) for row in re.findall(r"<tr>(<td>.*?)</tr>", section, re.S)]
+
+    assert section.startswith('<h2 id="errors">Errors (3)</h2>')
+    assert re.findall(r"<th>([^<]+)</th>", section) == ["uri", "page", "stage", "type", "message"]
+    by_uri = {html.unescape(cells[0]): cells for cells in rows}
+    assert set(by_uri) == set(review_run["bad"])
+    for error in errors:
+        cells = by_uri[error["uri"]]
+        assert cells[3] == review_run["bad"][error["uri"]] == error["error_type"]
+        assert html.unescape(cells[4]) == error["message"][:200] and error["message"]
+
+    tables = _count_tables(_section(page, "summary"))
+    assert tables["decision"] == {"ok": 1, "auto_rotate": 1, "review": 2}
+    assert tables["class"] == dict(collections.Counter(r["class_name"] for r in results.values()))
+    assert sum(tables["class"].values()) == 4 and set(tables["class"]) <= set(sf.CLASS_NAMES)
+    assert tables["error"] == {"empty": 1, "truncated": 1, "unknown_format": 1}
+    assert "7 inputs: 4 scored or reused, 3 failed, 0 reused; counts reconcile" in page
 
 
 def test_truth_metrics_count_what_matched():
@@ -98,6 +215,19 @@ def test_report_renders_in_headless_chromium(scored_run, tmp_path):
     # The red blocks of the thumbnails and the orange auto_rotate pills really were drawn.
     red = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
     assert red.sum() > 500
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs the chromium package)")
+def test_review_sheet_renders_in_headless_chromium(review_run, tmp_path):
+    path = str(tmp_path / "report.html")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(review_run["page"])
+
+    dom = _chromium("--dump-dom", "file://" + path, user_dir=str(tmp_path / "profile"))
+
+    rendered = _section(dom.stdout.decode("utf-8", errors="replace"), "review")
+    assert list(_figures(rendered)) == review_run["review"], dom.stderr.decode(errors="replace")[-2000:]
+    assert rendered.count("<i>orientation ") == 2 and rendered.count("turn: ") == 2
 
 
 def test_report_command_rewrites_the_page(scored_run):

@@ -11,10 +11,13 @@ import threading
 import time
 import urllib.request
 
+import urllib.error
+
 import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
                                      model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc)
@@ -60,10 +63,13 @@ class RunningServer:
         with open(self.log_path) as f:
             return f.read()
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, **labels: str) -> float:
+        """A counter from the Prometheus endpoint, summed over the series carrying all of `labels`."""
         url = f"http://127.0.0.1:{self.rest_port}{configs.PROMETHEUS_PATH}"
         text = urllib.request.urlopen(url, timeout=10).read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+        wanted = [f'{k}="{v}"' for k, v in labels.items()]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + "{") and all(w in line.rsplit(" ", 1)[0] for w in wanted))
 
     def stop(self) -> None:
         stop_process(self.process)
@@ -323,6 +329,108 @@ def test_rest_api_status_and_b64_predict(served):
     assert len(predictions[0]["orientation_probabilities"]) == 4
 
 
+def rest_get(url: str) -> tuple[int, dict]:
+    """(HTTP status, JSON body) of a GET, error statuses included."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def proto_json(message) -> dict:
+    """A proto as TF Serving's REST API prints it: proto field names, default-valued fields included."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+
+
+def test_rest_api_status_of_one_version_matches_tf_serving(served, stubs):
+    _, model_service, _ = stubs
+    server = served["server"]
+    base = f"http://127.0.0.1:{server.rest_port}/v1/models/{MODEL}"
+    status_request = get_model_status_pb2.GetModelStatusRequest()
+    status_request.model_spec.name = MODEL
+    status_request.model_spec.version.value = 1
+    grpc_status = model_service.GetModelStatus(status_request, timeout=30)
+
+    one = rest_get(base + "/versions/1")
+    every = rest_get(base)
+    unknown_version = rest_get(base + "/versions/7")
+    unknown_model = rest_get(f"http://127.0.0.1:{server.rest_port}/v1/models/no_such_model/versions/1")
+    not_a_number = rest_get(base + "/versions/latest")
+
+    want = {"model_version_status": [
+        {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+    assert one == (200, want)
+    assert one[1] == json_format.MessageToDict(grpc_status, always_print_fields_with_no_presence=True)
+    assert every == (200, want)  # only version 1 is on disk yet
+    assert unknown_version[0] == 404 and list(unknown_version[1]) == ["error"]
+    assert "version 7" in unknown_version[1]["error"]
+    assert unknown_model[0] == 404 and "no_such_model" in unknown_model[1]["error"]
+    assert not_a_number[0] == 400 and list(not_a_number[1]) == ["error"]  # TF Serving: "Malformed request"
+    assert server.process.poll() is None
+
+
+def test_rest_api_metadata_matches_tf_serving(served, stubs):
+    prediction, _, _ = stubs
+    server = served["server"]
+    base = f"http://127.0.0.1:{server.rest_port}/v1/models/{MODEL}"
+    metadata_request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    metadata_request.model_spec.name = MODEL
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    prediction.GetModelMetadata(metadata_request, timeout=30).metadata["signature_def"].Unpack(signature_map)
+
+    latest = rest_get(base + "/metadata")
+    pinned = rest_get(base + "/versions/1/metadata")
+    labelled = rest_get(base + "/labels/stable/metadata")
+    unknown_version = rest_get(base + "/versions/7/metadata")
+    unknown_label = rest_get(base + "/labels/canary/metadata")
+
+    assert latest[0] == 200 and sorted(latest[1]) == ["metadata", "model_spec"]
+    assert latest[1]["model_spec"] == {"name": MODEL, "signature_name": "", "version": "1"}
+    assert list(latest[1]["metadata"]) == ["signature_def"]
+    assert latest[1]["metadata"]["signature_def"] == proto_json(signature_map)
+    signatures = latest[1]["metadata"]["signature_def"]["signature_def"]
+    assert {"serving_default", "tf_example", "classify"} <= set(signatures)
+    assert signatures["serving_default"]["method_name"] == "tensorflow/serving/predict"
+    assert signatures["classify"]["method_name"] == "tensorflow/serving/classify"
+    images = signatures["serving_default"]["inputs"]["images"]
+    assert images["dtype"] == "DT_STRING" and images["tensor_shape"]["dim"] == [{"size": "-1", "name": ""}]
+    assert signatures["serving_default"]["outputs"]["orientation_probabilities"]["dtype"] == "DT_FLOAT"
+    assert pinned == latest and labelled == latest
+    assert unknown_version[0] == 404 and "7" in unknown_version[1]["error"]
+    assert unknown_label[0] == 400 and "canary" in unknown_label[1]["error"]
+
+
+def test_warmup_records_are_replayed_when_a_version_loads(served):
+    """--enable_model_warmup is on by default, as in TF Serving: the fixture's server replayed the export's
+    assets.extra/tf_serving_warmup_requests before version 1 went AVAILABLE."""
+    records = list(configs.read_warmup_requests(served["version_dir"]))
+    assert records and all(r.HasField("predict_log") for r in records)  # the export writes them
+
+    replayed = served["server"].metric("archive_vision_serving_warmup_calls_total", model=MODEL, version="1")
+
+    assert replayed == len(records)
+
+
+def test_warmup_disabled_replays_nothing(served, tmp_path):
+    server = RunningServer(str(tmp_path / "no_warmup.log"), [
+        "--model_name", "scans", "--model_base_path", os.path.dirname(served["version_dir"]),
+        "--file_system_poll_wait_seconds", "0", "--enable_model_warmup=false"])
+    try:
+        server.wait_until_available("scans")
+        calls_at_load = server.metric("archive_vision_serving_model_calls_total")
+        warmup_at_load = server.metric("archive_vision_serving_warmup_calls_total")
+        with GrpcModelServerClient(server.address, "scans") as client:
+            rows = client.predict(sample_images()[:1])
+        calls_after = server.metric("archive_vision_serving_model_calls_total", model="scans", version="1")
+    finally:
+        server.stop()
+
+    assert warmup_at_load == 0 and calls_at_load == 0
+    assert len(rows) == 1 and calls_after == 1  # the counters do count on this server: one real call
+
+
 def test_unreachable_server_raises_unavailable_within_the_deadline():
     client = GrpcModelServerClient(f"127.0.0.1:{free_port()}", MODEL, max_attempts=2, timeout_s=2,
                                    initial_backoff_s=0.01)
@@ -438,7 +546,12 @@ def test_a_broken_new_version_is_reported_and_the_served_one_stays(served):
     response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
         predict_request(sample_images()[:1]), timeout=30)
     channel.close()
+    rest = rest_get(f"http://127.0.0.1:{server.rest_port}/v1/models/{MODEL}/versions/3")
 
     assert status is not None and status.model_version_status[0].status.error_code != 0
     assert "failed to load" in status.model_version_status[0].status.error_message
     assert response.model_spec.version.value == 2
+    # REST prints the same status as TF Serving does: the error code by its name, as in the proto's JSON.
+    assert rest == (200, json_format.MessageToDict(status, always_print_fields_with_no_presence=True))
+    assert rest[1]["model_version_status"][0]["state"] == "END"
+    assert rest[1]["model_version_status"][0]["status"]["error_code"] not in ("OK", "0", "3")
