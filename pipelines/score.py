@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1040,6 +1041,21 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def run_failure_reason(error: BaseException) -> str:
+    """One line for a run that failed for a reason the user can act on (no server, no model, the pinned version
+    gone), '' otherwise. Runners wrap a worker's exception (the multi-process DirectRunner re-raises it as a
+    RuntimeError holding the worker's traceback text), so the chain and, failing that, the text are searched."""
+    from serving.errors import ServingError
+
+    seen = error
+    while seen is not None:
+        if isinstance(seen, (ServingError, FileNotFoundError, ValueError)):
+            return f"{type(seen).__name__}: {seen}"
+        seen = seen.__cause__ or seen.__context__
+    match = re.search(rf"{PinnedVersionGoneError.__name__}: (.+)", str(error))
+    return f"{PinnedVersionGoneError.__name__}: {match.group(1).strip()}" if match else ""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("apache_beam", "absl"):
@@ -1047,10 +1063,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         summary = run(argv)
     except Exception as e:  # a chain that cannot start (no server, no model) says why and exits non-zero
-        from serving.errors import ServingError
-
-        if isinstance(e, (ServingError, FileNotFoundError, ValueError)):
-            print(f"archive-vision score: {type(e).__name__}: {e}", file=sys.stderr)
+        reason = run_failure_reason(e)
+        if reason:
+            print(f"archive-vision score: {reason}", file=sys.stderr)
             return 2
         raise
     print(format_summary(summary))

@@ -73,7 +73,8 @@ def test_deployment_flags_serve_the_model_and_its_probes_answer(tmp_path):
             time.sleep(0.5)
         with urllib.request.urlopen(ready_url, timeout=5) as response:
             metadata = json.load(response)
-        assert metadata["model_spec"] == {"name": "archive_vision", "version": "3"}
+        # as TF Serving prints it (proto field names, defaults included)
+        assert metadata["model_spec"] == {"name": "archive_vision", "signature_name": "", "version": "3"}
         # liveness: a TCP connection to the gRPC port (the probe's port is --port, see test_infra_manifests)
         with socket.create_connection(("127.0.0.1", grpc_port), timeout=5):
             pass

@@ -147,3 +147,26 @@ def test_builtin_model_defaults_to_turned_copies_and_the_stricter_rotate_band():
     answer = prediction(90, 0.85, tta_agreement=1.0)
     assert decide(answer, builtin) == ("review", "orientation 90 confidence 0.85 < 0.90")
     assert decide(answer, explicit) == ("auto_rotate", "")
+
+
+def test_a_failed_run_says_why_in_one_line_even_when_the_runner_wraps_the_error():
+    from pipelines.score import PinnedVersionGoneError, run_failure_reason
+    from serving.errors import ServingError
+
+    gone = ("model 'archive_vision' version 3 is no longer served at 127.0.0.1:8500 (version 4 was published "
+            "mid-run); rerun the job")
+    # In process: the exception itself, or one chained under a runner's own.
+    assert run_failure_reason(PinnedVersionGoneError(gone)) == f"PinnedVersionGoneError: {gone}"
+    try:
+        try:
+            raise PinnedVersionGoneError(gone)
+        except PinnedVersionGoneError as inner:
+            raise RuntimeError("bundle failed") from inner
+    except RuntimeError as wrapped:
+        assert run_failure_reason(wrapped) == f"PinnedVersionGoneError: {gone}"
+    # The multi-process DirectRunner re-raises only the worker's traceback text.
+    text = ("Traceback (most recent call last):\n  File \"worker.py\", line 1, in process\n"
+            f"pipelines.score.PinnedVersionGoneError: {gone}\n")
+    assert run_failure_reason(RuntimeError(text)) == f"PinnedVersionGoneError: {gone}"
+    assert issubclass(PinnedVersionGoneError, ServingError)
+    assert run_failure_reason(RuntimeError("something else broke")) == ""  # not ours: the traceback stays
