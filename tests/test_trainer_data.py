@@ -239,3 +239,17 @@ def test_disk_feature_cache_streams_batch_by_batch_and_equals_the_memory_cache(t
             for k in yd:
                 np.testing.assert_array_equal(yd[k].numpy(), ym[k].numpy())
                 np.testing.assert_array_equal(wd[k].numpy(), wm[k].numpy())
+
+
+def test_a_split_with_missing_shards_is_refused_not_half_read(tmp_path):
+    """An ingest that died while renaming its shards into place leaves part of a numbered set."""
+    import pytest
+
+    from trainer import input as train_input
+
+    data = write_archive(str(tmp_path / "data"), counts={"train": 12, "val": 4}, shards_per_split=3)
+    assert len(train_input.list_shards(data, "train")) == 3
+    os.remove(os.path.join(data, "train-00001-of-00003.tfrecord"))
+    with pytest.raises(train_input.DataError, match=r"train shards are not a whole set.*missing: 00001"):
+        train_input.list_shards(data, "train")
+    assert len(train_input.list_shards(data, "val")) == 3  # the whole split still reads

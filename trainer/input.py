@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from typing import Dict, List, Optional, Tuple
 
 import tensorflow as tf
@@ -45,10 +46,25 @@ class SplitSize:
 
 
 def list_shards(data_dir: str, split: str) -> List[str]:
-    """Sorted shard files of one split: DIR/<split>-NNNNN-of-MMMMM.tfrecord[.gz]."""
-    files = tf.io.gfile.glob(os.path.join(data_dir, f"{split}-*.tfrecord")) + \
-        tf.io.gfile.glob(os.path.join(data_dir, f"{split}-*.tfrecord.gz"))
-    return sorted(files)
+    """Sorted shard files of one split: DIR/<split>-NNNNN-of-MMMMM.tfrecord[.gz].
+
+    A numbered set must be whole: ingest renames its shards into place one by one at the end, so a job that died
+    there (or a copy that stopped half way) leaves some of them, and training on those would silently drop data.
+    """
+    files = sorted(tf.io.gfile.glob(os.path.join(data_dir, f"{split}-*.tfrecord")) +
+                   tf.io.gfile.glob(os.path.join(data_dir, f"{split}-*.tfrecord.gz")))
+    pattern = rf"^{re.escape(split)}-(\d+)-of-(\d+)\.tfrecord(\.gz)?$"
+    numbered = [re.match(pattern, os.path.basename(f)) for f in files]
+    totals = {int(m.group(2)) for m in numbered if m}
+    if totals:
+        found = {int(m.group(1)) for m in numbered if m}
+        missing = sorted(set(range(max(totals))) - found)
+        if len(totals) > 1 or missing:
+            shown = ", ".join(f"{i:05d}" for i in missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise DataError(f"{data_dir}: the {split} shards are not a whole set (of {sorted(totals)}; missing: "
+                            f"{shown or 'none'}): an ingest that did not finish, or an incomplete copy; rerun ingest "
+                            f"into an empty folder")
+    return files
 
 
 def read_class_names(data_dir: str) -> List[str]:
