@@ -26,6 +26,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BACKBONE = "mobilenet_v2_torchvision"
 DEFAULT_WEIGHTS = "imagenet"
 
+
 class LocalServer:
     """`python -m serving.server` over one model's version folders, as a subprocess on a free local port."""
 

@@ -159,7 +159,7 @@ class DecodeImagesFn(beam.DoFn):
         opts = self._options
         if entry.error:
             self._failed_inputs.inc()
-            yield self._fail(entry.uri, "list", entry.error_type or "bad_manifest_row", entry.error)
+            yield self._fail(entry.uri, "list", entry.error_type, entry.error)
             return
         label_index = schema.UNKNOWN
         if entry.label:

@@ -360,7 +360,7 @@ class PrepareImagesFn(beam.DoFn):
         self._inputs.inc()
         opts = self._options
         if entry.error:
-            yield self._fail(entry.uri, "list", entry.error_type or "bad_manifest_row", entry.error)
+            yield self._fail(entry.uri, "list", entry.error_type, entry.error)
             return
         max_bytes = int(opts.max_file_mb * 1024 * 1024)
         if entry.size_bytes > max_bytes:
@@ -489,7 +489,7 @@ class RemotePredictFn(beam.DoFn):
     def _served_states(self) -> Optional[Dict[int, str]]:
         """The model's version states now (for the error message), or None when the server does not say."""
         try:
-            return self._client._rpc_model_states(self._options.timeout_s)  # all versions: the client is pinned
+            return self._client.model_states()  # all versions, though the client is pinned
         except ModelNotFoundError:  # GetModelStatus' NOT_FOUND: no version of the model at all
             return {}
         except Exception:  # noqa: BLE001 - only a detail of the message

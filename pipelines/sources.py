@@ -33,7 +33,7 @@ class SourceEntry:
     orientation: int = schema.UNKNOWN
     size_bytes: int = -1
     error: str = ""
-    error_type: str = ""  # errors.parquet's error_type for `error`; empty means bad_manifest_row
+    error_type: str = "bad_manifest_row"  # errors.parquet's error_type for `error` (read only when error is set)
 
 
 def is_manifest(src: str) -> bool:

@@ -75,6 +75,10 @@ class ModelServerClient(abc.ABC):
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def model_states(self) -> Dict[int, str]:
+        """Version -> state of every version of the model the server knows now (the pin does not filter)."""
+        return self._rpc_model_states(self.timeout_s)
+
     def wait_until_available(self, deadline_s: float) -> Dict[int, str]:
         """Poll the model status until a (the pinned) version is AVAILABLE or deadline_s seconds pass."""
         end = time.monotonic() + deadline_s

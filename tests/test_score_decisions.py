@@ -73,14 +73,9 @@ def test_upright_is_held_to_the_ok_threshold_not_the_rotate_threshold():
     assert decide(prediction(90, 0.6), options(rotate_threshold=0.8, ok_threshold=0.5))[0] == "review"
 
 
-def test_low_class_confidence_sends_a_confident_upright_image_to_review():
-    decision, reason = decide(prediction(0, 0.99, class_confidence=0.4), options(class_threshold=0.6))
-    assert decision == "review"
-    assert reason == "class confidence 0.40 < 0.60"
-
-
-def test_low_class_confidence_also_stops_an_auto_rotate():
-    decision, reason = decide(prediction(90, 0.99, class_confidence=0.4), options(class_threshold=0.6))
+@pytest.mark.parametrize("turn", [0, 90], ids=["confident_upright", "confident_turn"])
+def test_low_class_confidence_sends_a_confident_answer_to_review(turn):
+    decision, reason = decide(prediction(turn, 0.99, class_confidence=0.4), options(class_threshold=0.6))
     assert (decision, reason) == ("review", "class confidence 0.40 < 0.60")
 
 
@@ -90,14 +85,9 @@ def test_class_confidence_is_ignored_when_the_class_threshold_is_off_or_met():
     assert decide(answer, options(class_threshold=0.4)) == ("ok", "")
 
 
-def test_turned_copies_disagreeing_send_a_confident_turn_to_review():
-    decision, reason = decide(prediction(90, 0.99, tta_agreement=0.5), options(tta_min_agreement=0.75))
-    assert decision == "review"
-    assert reason == "turned copies agree 0.50 < 0.75"
-
-
-def test_turned_copies_disagreeing_send_a_confident_upright_image_to_review():
-    decision, reason = decide(prediction(0, 0.99, tta_agreement=0.5), options(tta_min_agreement=0.75))
+@pytest.mark.parametrize("turn", [90, 0], ids=["confident_turn", "confident_upright"])
+def test_turned_copies_disagreeing_send_a_confident_answer_to_review(turn):
+    decision, reason = decide(prediction(turn, 0.99, tta_agreement=0.5), options(tta_min_agreement=0.75))
     assert (decision, reason) == ("review", "turned copies agree 0.50 < 0.75")
 
 

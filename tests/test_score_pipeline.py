@@ -185,10 +185,15 @@ def test_one_bad_image_does_not_fail_its_batch():
     assert all(o[1]["orientation_degrees"] == 90 for i, o in enumerate(outcomes) if i != 3)
 
 
+def _one_image_items(n: int):
+    """n scoring items of one (placeholder) image each, as PrepareImagesFn emits them."""
+    return [{"uri": f"u{i}", "page": 0, "sha256": "", "images": [b"x"], "turns": (0,)} for i in range(n)]
+
+
 def test_a_server_that_is_gone_fails_the_batch_without_splitting():
     from serving.errors import ServerUnavailableError
 
-    items = [{"uri": f"u{i}", "page": 0, "sha256": "", "images": [b"x"], "turns": (0,)} for i in range(8)]
+    items = _one_image_items(8)
     calls = []
 
     def predict(images):
@@ -202,7 +207,7 @@ def test_a_server_that_is_gone_fails_the_batch_without_splitting():
 def test_a_model_that_is_not_served_aborts_without_splitting_or_error_rows():
     from serving.errors import InvalidInputError, ModelNotFoundError, RetryableServingError
 
-    items = [{"uri": f"u{i}", "page": 0, "sha256": "", "images": [b"x"], "turns": (0,)} for i in range(8)]
+    items = _one_image_items(8)
     calls = []
 
     def predict(images):

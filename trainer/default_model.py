@@ -55,26 +55,17 @@ def fine_tuned_backbone_layers(path: str = HEAD_WEIGHTS) -> Tuple[str, ...]:
         return tuple(sorted({key.split("/")[1] for key in data.files if key.startswith(BACKBONE_PREFIX)}))
 
 
-def _find_layer(model, name: str):
-    """The layer called `name` in model or in any model nested in it (the trainer wraps the MobileNetV2)."""
-    for layer in model.layers:
-        if layer.name == name:
-            return layer
-        if hasattr(layer, "layers"):
-            found = _find_layer(layer, name)
-            if found is not None:
-                return found
-    return None
-
-
 def load_backbone_overrides(backbone, path: str = HEAD_WEIGHTS) -> int:
     """Put the shipped fine-tuned weights into the top blocks of a torchvision MobileNetV2 built by
     trainer.torchvision_mobilenet (layer names match; the model may be nested in a wrapper); returns how many
     layers were replaced."""
+    from trainer.backbones import leaf_layers  # nested models flattened: the trainer wraps the MobileNetV2
+
+    layers = {layer.name: layer for layer in leaf_layers(backbone)}
     replaced = 0
     with np.load(path) as data:
         for name in fine_tuned_backbone_layers(path):
-            layer = _find_layer(backbone, name)
+            layer = layers.get(name)
             if layer is None:
                 raise ValueError(f"{path} fine-tunes backbone layer {name!r}, which {backbone.name} does not have")
             values = [data[f"{BACKBONE_PREFIX}{name}/{i}"] for i in range(len(layer.weights))]

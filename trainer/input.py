@@ -277,10 +277,14 @@ def with_shard_policy(ds: tf.data.Dataset, policy: tf.data.experimental.AutoShar
     return ds.with_options(options)
 
 
-def make_fit_datasets(cfg: TrainConfig, global_batch: int, num_workers: int
+def make_fit_datasets(cfg: TrainConfig, global_batch: int, num_workers: int,
+                      train_size: Optional[SplitSize] = None
                       ) -> Tuple[tf.data.Dataset, int, Optional[tf.data.Dataset], Optional[int]]:
-    """(train dataset, steps per epoch, val dataset or None, val steps) of (x, y, w) batches for fit()."""
-    train_size = count_split(cfg.data, "train", cfg)
+    """(train dataset, steps per epoch, val dataset or None, val steps) of (x, y, w) batches for fit().
+
+    train_size: the train split's count_split when the caller already has it (check_task_labels), saving a pass.
+    """
+    train_size = train_size or count_split(cfg.data, "train", cfg)
     if train_size.examples == 0:
         raise DataError(f"no usable train records in {cfg.data} for tasks {','.join(cfg.tasks)}")
     train = example_dataset(cfg.data, "train", cfg, training=True)

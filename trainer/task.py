@@ -220,7 +220,8 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
                                  if val_cache is not None and len(val_cache) else (None, None))
             fit_model = heads
         else:
-            train_ds, steps, val_ds, val_steps = train_input.make_fit_datasets(cfg, global_batch, role.num_workers)
+            train_ds, steps, val_ds, val_steps = train_input.make_fit_datasets(cfg, global_batch, role.num_workers,
+                                                                               train_size)
             fit_model = full_model
         with strategy.scope():
             model_lib.compile_for_tasks(fit_model, cfg.tasks, cfg.learning_rate,
@@ -239,7 +240,8 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
         strategy_lib.prepare_model_for_strategy(full_model, strategy)
         print(f"{prefix}[{PHASE_FINE_TUNE}] {unfrozen} backbone layers trainable, "
               f"learning rate {cfg.fine_tune_learning_rate}", flush=True)
-        train_ds, steps, val_ds, val_steps = train_input.make_fit_datasets(cfg, global_batch, role.num_workers)
+        train_ds, steps, val_ds, val_steps = train_input.make_fit_datasets(cfg, global_batch, role.num_workers,
+                                                                           train_size)
         _run_phase(full_model, cfg, PHASE_FINE_TUNE, cfg.fine_tune_epochs, train_ds, steps, val_ds, val_steps,
                    private_dir, prefix)
 
