@@ -30,5 +30,5 @@ setup(
         # bench/quality.py's peer (Tesseract OSD comes from apt: tesseract-ocr tesseract-ocr-osd).
         "bench": ["docorient==0.4.1"],
     },
-    entry_points={"console_scripts": ["archive-vision=archive_vision.cli:main"]},
+    entry_points={"console_scripts": ["archive-vision=archive_vision.cli:entry"]},
 )

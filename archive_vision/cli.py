@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -43,5 +44,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     return int(result or 0)
 
 
+def entry() -> None:
+    """The `archive-vision` console script: main(), then leave without interpreter teardown.
+
+    Beam's portable runner client, gRPC and TensorFlow leave native threads behind; tearing the interpreter down
+    under them can abort the process (SIGABRT, "terminate called without an active exception") after the job
+    has finished and written everything, turning a good run into a failed exit status. Once main() has
+    returned, its outputs are closed; flush what Python still buffers and exit with main()'s status directly.
+    """
+    import logging
+
+    try:
+        code = main()
+    except SystemExit as stop:  # argparse --help / errors
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if stop.code is not None and not isinstance(stop.code, int):
+            print(stop.code, file=sys.stderr)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
