@@ -40,6 +40,10 @@ CLASS_PROBABILITIES = "class_probabilities"
 ORIENTATION_PROBABILITIES = "orientation_probabilities"
 ORIENTATION_LABELS = ("0", "90", "180", "270")
 EXPORT_METADATA = "archive_vision_export.json"
+# Bumped when the exported graph changes for the same weights (2: BatchNorm folded into the convolutions), so a
+# cached export of the default model is redone.
+EXPORT_FORMAT = 2
+FOLD_TOLERANCE = 1e-3  # largest output difference accepted between the folded and the trained model
 
 
 def next_version(model_dir: str, now: Optional[float] = None) -> int:
@@ -65,6 +69,25 @@ def _sample_images(image_size: int) -> List[bytes]:
     y, x = np.mgrid[0:image_size, 0:image_size // 2]
     pixels = np.stack([x * 2 % 256, y % 256, (x + y) % 256], axis=-1).astype(np.uint8)
     return [tf.io.encode_jpeg(pixels).numpy(), tf.io.encode_png(pixels).numpy()]
+
+
+def inference_model(model, image_size: int):
+    """(model to serve, BatchNorms folded): `model` with its conv+BN pairs folded, checked to answer as it does."""
+    import numpy as np
+    import tensorflow as tf
+
+    from trainer.inference import fold_batch_norms
+
+    folded, count = fold_batch_norms(model)
+    if count:
+        pixels = tf.constant(np.random.default_rng(0).uniform(0, 255, (2, image_size, image_size, 3)), tf.float32)
+        trained, served = model(pixels, training=False), folded(pixels, training=False)
+        for key in (trained if isinstance(trained, dict) else {}):
+            gap = float(np.max(np.abs(np.asarray(trained[key]) - np.asarray(served[key]))))
+            if gap > FOLD_TOLERANCE:
+                raise ExportError(f"folding {count} BatchNorm layers changed {key} by {gap:.2g}; export the "
+                                  "model unfolded (this is a bug in trainer.inference)")
+    return folded, count
 
 
 def _build_module(model, class_names: Optional[List[str]], image_size: int):
@@ -179,7 +202,8 @@ def export_model(model, export_base: str, *, model_name: str = DEFAULT_MODEL_NAM
         version = next_version(model_dir)
     elif version in existing_versions(model_dir):
         raise ExportError(f"version {version} already exists under {model_dir}")
-    module, signatures, class_names = _build_module(model, list(class_names) if class_names else None, image_size)
+    served, folded = inference_model(model, image_size)
+    module, signatures, class_names = _build_module(served, list(class_names) if class_names else None, image_size)
 
     # Saved under a non-numeric name first: a polling server ignores it until the rename makes it whole.
     tmp_dir = os.path.join(model_dir, f".tmp-{version}-{os.getpid()}")
@@ -188,6 +212,7 @@ def export_model(model, export_base: str, *, model_name: str = DEFAULT_MODEL_NAM
     configs.write_warmup_requests(tmp_dir, model_name, _sample_images(image_size))
     extra_dir = os.path.join(tmp_dir, "assets.extra")
     metadata = {"model_name": model_name, "version": version, "image_size": image_size,
+                "export_format": EXPORT_FORMAT, "batch_norms_folded": folded,
                 "class_names": class_names, "signatures": sorted(signatures)}
     with open(os.path.join(extra_dir, EXPORT_METADATA), "w", encoding="utf-8") as f:
         json.dump(metadata, f, indent=2)

@@ -95,6 +95,45 @@ def test_saved_model_matches_in_memory_model_on_jpeg_png_gif_bmp(tmp_path):
     assert got["orientation_degrees"].dtype == tf.int64 and got["class_ids"].dtype == tf.int64
 
 
+def test_export_folds_batch_norms_and_still_answers_like_the_trained_model(tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(7)
+    pixels = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3), name="pixels")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(pixels)
+    for _ in range(2):
+        x = keras.layers.Conv2D(8, 3, strides=2, use_bias=False)(x)
+        x = keras.layers.BatchNormalization(epsilon=1e-3)(x)
+        x = keras.layers.ReLU(6.0)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(pixels, {"orientation_probabilities": keras.layers.Dense(4, activation="softmax")(x)})
+    rng = np.random.default_rng(0)
+    for layer in model.layers:  # trained-looking statistics: fresh BNs are an identity and hide a wrong fold
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 0.3, 8))
+            layer.moving_variance.assign(rng.uniform(0.2, 2.0, 8))
+            layer.gamma.assign(rng.uniform(0.5, 2.0, 8))
+
+    version_dir = export.export_model(model, str(tmp_path), class_names=None, image_size=IMAGE_SIZE)
+    loaded = tf.saved_model.load(version_dir)
+    got = loaded.signatures["serving_default"](images=tf.constant(sample_images()))
+
+    with open(os.path.join(version_dir, "assets.extra", export.EXPORT_METADATA)) as f:
+        metadata = json.load(f)
+    assert metadata["batch_norms_folded"] == 2 and metadata["export_format"] == export.EXPORT_FORMAT
+    saved = [name for name, _ in tf.train.list_variables(os.path.join(version_dir, "variables", "variables"))]
+    unfolded = tf.train.Checkpoint(model=model)
+    unfolded_dir = str(tmp_path / "unfolded")
+    unfolded.write(os.path.join(unfolded_dir, "ckpt"))
+    trained = [name for name, _ in tf.train.list_variables(os.path.join(unfolded_dir, "ckpt"))]
+    saved, trained = ([n for n in names if n.startswith("model/") and "VARIABLE_VALUE" in n] for names in (saved, trained))
+    assert not [n for n in saved if "moving_" in n] and len([n for n in trained if "moving_" in n]) == 4
+    assert len(saved) == len(trained) - 2 * 4 + 2  # each BN's 4 variables gone, each folded conv gained a bias
+    np.testing.assert_allclose(got["orientation_probabilities"].numpy(),
+                               expected_outputs(model, sample_images())["orientation_probabilities"],
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_example_and_classify_signatures_agree_with_bytes_signature(tmp_path):
     from pipelines import schema
 

@@ -124,10 +124,12 @@ def default_cache_dir() -> str:
 def default_export_dir(cache_dir: Optional[str] = None) -> str:
     """The default model as a TF Serving SavedModel version dir, exported once per shipped weights file.
 
-    The export base is keyed by the weights' hash, so a package upgrade exports afresh and an existing
+    The export base is keyed by the weights' hash and the export format, so a package upgrade exports afresh and an existing
     export is reused as is (score and TF Serving then load it like any other exported model).
     """
-    base = os.path.join(cache_dir or default_cache_dir(), _weights_digest(HEAD_WEIGHTS))
+    from serving.export import EXPORT_FORMAT
+
+    base = os.path.join(cache_dir or default_cache_dir(), f"{_weights_digest(HEAD_WEIGHTS)}-v{EXPORT_FORMAT}")
     version_dir = os.path.join(base, DEFAULT_MODEL_NAME, "1")
     if os.path.exists(os.path.join(version_dir, "saved_model.pb")):
         return version_dir
