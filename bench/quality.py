@@ -6,7 +6,8 @@ Every held-out image (photos split by source file, pages by PDF; see archive_vis
 turned 0/90/180/270 degrees clockwise and each method must name the turn (4-way accuracy over all turns).
 Rows, side by side in one run:
 
-- default model: the shipped head on the frozen MobileNetV2 (trainer.default_model), 224 px letterbox;
+- default model: the shipped head on the frozen MobileNetV2 (trainer.default_model), 224 px letterbox, run as
+  export and score run it (BatchNorm folded into the convolutions, trainer.inference);
 - + test-time turns: each image also turned 90/180/270 more, answers rolled back and averaged (score --tta);
 - archive-tuned: the default head re-fitted, without labels, on one half of the held-out sources (their
   images taken as upright, the usual state of an archive), measured on the other half beside the default
@@ -64,8 +65,13 @@ class DefaultModelRunner:
         pool = AdaptiveGridPooling(int(self.meta["grid"]))
         backbone, head = self.backbone, self.head
         self._run = tf.function(lambda x: self._outputs(backbone, head, pool, x), reduce_retracing=True)
-        model = default_model.build_default_orientation_model()
+        from serving.export import inference_model
         from trainer.preprocessing import preprocess_batch
+
+        # What score and export run: the trained graph with its BatchNorms folded into the convolutions.
+        self.trained_model = default_model.build_default_orientation_model()
+        model, _ = inference_model(self.trained_model, 224)
+        self.served_model = model
 
         # One compiled graph from bytes to probabilities, as the exported serving signature runs it.
         self._answer = tf.function(lambda blobs: model(preprocess_batch(blobs, 224), training=False),
@@ -178,6 +184,54 @@ def default_speed(runner: DefaultModelRunner, paths: Sequence[str], batch: int =
     return len(blobs) / (time.perf_counter() - started)
 
 
+def cast_first_letterbox(image_bytes, size: int = 224):
+    """The obvious alternative to the shipped preprocessing: decode, cast the whole image to float32, resize."""
+    import tensorflow as tf
+
+    from trainer.preprocessing import decode_image_bytes
+
+    image = tf.cast(decode_image_bytes(image_bytes), tf.float32)
+    return tf.clip_by_value(tf.image.resize_with_pad(image, size, size, antialias=True), 0.0, 255.0)
+
+
+def page_costs(runner: DefaultModelRunner, paths: Sequence[str], batch: int = 16) -> List[Tuple[str, float]]:
+    """[(stage, ms per image)] for pages: each stage of the shipped path beside the obvious alternative."""
+    import tensorflow as tf
+
+    from trainer.preprocessing import decode_image_bytes, preprocess_image_bytes
+
+    blobs = []
+    for path in paths:
+        with open(path, "rb") as f:
+            blobs.append(f.read())
+    spec = tf.TensorSpec([224, 224, 3], tf.float32)
+
+    def per_image(fn):
+        return tf.function(lambda b: tf.map_fn(fn, b, fn_output_signature=spec), reduce_retracing=True)
+
+    decode = tf.function(lambda b: tf.map_fn(lambda x: tf.reduce_max(decode_image_bytes(x)), b,
+                                             fn_output_signature=tf.uint8), reduce_retracing=True)
+    shipped_pixels, cast_first_pixels = per_image(preprocess_image_bytes), per_image(cast_first_letterbox)
+    pixels = shipped_pixels(tf.constant(blobs[:batch]))
+    trained = tf.function(lambda x: runner.trained_model(x, training=False))
+    served = tf.function(lambda x: runner.served_model(x, training=False))
+
+    def clock(fn, inputs) -> float:
+        fn(inputs[0])  # trace outside the clock
+        started = time.perf_counter()
+        for item in inputs:
+            fn(item)
+        return 1000 * (time.perf_counter() - started) / (len(inputs) * batch)
+
+    chunks = [tf.constant(blobs[i:i + batch]) for i in range(0, len(blobs) - batch + 1, batch)]
+    rows = [("decode (PNG)", clock(decode, chunks)),
+            ("decode + float32 copy + letterbox", clock(cast_first_pixels, chunks)),
+            ("decode + letterbox straight from uint8 (shipped)", clock(shipped_pixels, chunks)),
+            ("MobileNetV2 + head with its BatchNorm layers", clock(trained, [pixels] * len(chunks))),
+            ("MobileNetV2 + head, BatchNorm folded (shipped)", clock(served, [pixels] * len(chunks)))]
+    return rows
+
+
 def calibration(probs: np.ndarray, bins: int = 15) -> Tuple[float, float]:
     """(negative log-likelihood, expected calibration error over `bins` confidence bins) of [N, 4 turns, 4]."""
     flat = probs.reshape(-1, 4)
@@ -244,6 +298,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              for k in (corpus.PHOTO, corpus.PAGE)}
     tta_speed = {k: default_speed(runner, [i.path for i in test if i.kind == k][:args.speed_images], tta=True)
                  for k in (corpus.PHOTO, corpus.PAGE)}
+    page_paths = [i.path for i in test if i.kind == corpus.PAGE][:args.speed_images]
+    costs = page_costs(runner, page_paths)
+    for stage, ms in costs:
+        print(f"page cost, {stage}: {ms:.1f} ms")
+    cost = dict(costs)
+    print(f"page cost ratios: letterbox (after decode) cast first / from uint8 "
+          f"{(cost[costs[1][0]] - cost[costs[0][0]]) / max(1e-9, cost[costs[2][0]] - cost[costs[0][0]]):.2f}x, "
+          f"model with BN / folded {cost[costs[3][0]] / cost[costs[4][0]]:.2f}x", flush=True)
     rows: List[Tuple[str, ...]] = []
 
     def add(name: str, p: np.ndarray, k: np.ndarray, photo_speed: float, page_speed: float, bands=True):
@@ -280,6 +342,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 rows.append((name + ", peers' subset", _pct(results[corpus.PHOTO][0]), _pct(results[corpus.PAGE][0]),
                              f"{results[corpus.PHOTO][1]:.1f}", f"{results[corpus.PAGE][1]:.1f}", "n/a", "n/a"))
                 print(f"{name}: done", flush=True)
+                print(f"pages, default model vs {name}: {speed[corpus.PAGE]:.1f} vs {results[corpus.PAGE][1]:.1f} "
+                      f"img/s = {speed[corpus.PAGE] / results[corpus.PAGE][1]:.2f}x", flush=True)
 
     temperature = float(runner.meta["temperature"])
     for name, p in (("shipped (T folded in)", probs), ("same logits at T = 1", train_default.with_temperature(
