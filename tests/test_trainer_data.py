@@ -253,3 +253,43 @@ def test_a_split_with_missing_shards_is_refused_not_half_read(tmp_path):
     with pytest.raises(train_input.DataError, match=r"train shards are not a whole set.*missing: 00001"):
         train_input.list_shards(data, "train")
     assert len(train_input.list_shards(data, "val")) == 3  # the whole split still reads
+
+
+def test_split_counts_come_from_the_ingest_manifest_without_reading_the_shards(tmp_path, monkeypatch):
+    """A finished ingest's manifest gives the same counts as a pass over the records, and the pass is skipped;
+    a manifest that names other shards (or no run.json) is not trusted."""
+    import shutil
+
+    from pipelines import ingest
+    from tests.image_factory import write_sample_archive
+    from trainer import input as train_input
+
+    write_sample_archive(str(tmp_path / "in"), n_per_class=6, size=(40, 56))
+    data = str(tmp_path / "shards")
+    ingest.run(["--input", str(tmp_path / "in"), "--output", data, "--size", "32", "--assume-upright",
+                "--val-fraction", "0.3", "--num-shards", "2"])
+    configs = [_cfg(data), _cfg(data, tasks=("orientation",)), _cfg(data, rotations="one")]
+    from_manifest = {(i, split): train_input.count_split(data, split, cfg)
+                     for i, cfg in enumerate(configs) for split in ("train", "val")}
+
+    reads = []
+    real_read = train_input._read_records
+    monkeypatch.setattr(train_input, "_read_records", lambda *a, **k: reads.append(a) or real_read(*a, **k))
+    os.rename(os.path.join(data, "run.json"), os.path.join(data, "run.json.off"))  # as if ingest never finished
+    from_records = {(i, split): train_input.count_split(data, split, cfg)
+                    for i, cfg in enumerate(configs) for split in ("train", "val")}
+
+    assert len(reads) == len(from_records)  # without run.json every count read its shards
+    assert from_manifest == from_records
+    assert from_manifest[(0, "train")].records > 0 and from_manifest[(0, "val")].records > 0
+    assert from_manifest[(0, "train")].examples == 4 * from_manifest[(2, "train")].records  # all turns vs one
+
+    os.rename(os.path.join(data, "run.json.off"), os.path.join(data, "run.json"))
+    reads.clear()
+    assert train_input.count_split(data, "train", configs[0]) == from_records[(0, "train")]
+    assert reads == []  # the manifest vouched for the shards: no pass over them
+
+    shard = train_input.list_shards(data, "train")[0]
+    shutil.copy(shard, os.path.join(data, "train-extra.tfrecord"))  # a file the manifest does not describe
+    got = train_input.count_split(data, "train", configs[0])
+    assert len(reads) == 1 and got.records > from_records[(0, "train")].records  # counted from what is there

@@ -180,27 +180,63 @@ def example_dataset(data_dir: str, split: str, cfg: TrainConfig, training: bool,
     return ds.unbatch()
 
 
+MANIFEST_FILENAME = "manifest.parquet"
+RUN_FILENAME = "run.json"  # ingest writes it last: its presence says the manifest describes a finished run
+
+
+def _tally(label, turn, cfg: TrainConfig, all_turns: bool) -> SplitSize:
+    """SplitSize of records with these class indices and stored orientations (numpy int arrays)."""
+    has_class = (label >= 0) & cfg.uses_classes
+    has_turn = (turn >= 0) & cfg.uses_orientation
+    usable = has_class | has_turn
+    return SplitSize(int(usable.sum()), int((has_turn * (4 if all_turns else 1)).sum() + (usable & ~has_turn).sum()),
+                     int(has_class.sum()), int(has_turn.sum()))
+
+
+def _manifest_labels(data_dir: str, split: str, files: List[str]):
+    """(label_index, orientation) arrays of the split from ingest's manifest.parquet, or None when the manifest
+    cannot vouch for these shards (no finished ingest run here, or it names other shard files)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest_path, run_path = os.path.join(data_dir, MANIFEST_FILENAME), os.path.join(data_dir, RUN_FILENAME)
+    if not (tf.io.gfile.exists(manifest_path) and tf.io.gfile.exists(run_path)):
+        return None
+    try:
+        with tf.io.gfile.GFile(manifest_path, "rb") as f:  # local or gs://; the manifest has no pixels
+            table = pq.read_table(pa.BufferReader(f.read()), columns=["split", "shard", "label_index", "orientation"])
+    except Exception as e:  # noqa: BLE001 - an unreadable manifest only costs the reading pass
+        print(f"[data] {manifest_path} unreadable ({type(e).__name__}: {e}); counting {split} from the shards")
+        return None
+    rows = table.to_pydict()
+    mine = [i for i, s in enumerate(rows["split"]) if s == split]
+    if {rows["shard"][i] for i in mine} != {os.path.basename(f) for f in files}:
+        print(f"[data] {manifest_path} names other {split} shards than {data_dir} holds; counting from the shards")
+        return None
+    return (np.array([rows["label_index"][i] for i in mine], np.int64),
+            np.array([rows["orientation"][i] for i in mine], np.int64))
+
+
 def count_split(data_dir: str, split: str, cfg: TrainConfig, all_turns: Optional[bool] = None) -> SplitSize:
-    """Records and examples of a split, from the label fields only (no image decoding)."""
+    """Records and examples of a split: from ingest's manifest when it vouches for the shards (one small Parquet
+    read instead of a pass over every shard), else from the records' label fields (no image decoding)."""
     files = list_shards(data_dir, split)
     if not files:
         return SplitSize(0, 0)
     all_turns = (cfg.rotations == "all" or split != "train") if all_turns is None else all_turns
+    labels = _manifest_labels(data_dir, split, files)
+    if labels is not None:
+        return _tally(labels[0], labels[1], cfg, all_turns)
     spec = schema.tf_feature_spec()
     keys = {k: spec[k] for k in (schema.LABEL_INDEX, schema.ORIENTATION)}
     ds = _read_records(files, shuffle_files=False, seed=0).batch(1024).map(
         lambda s: tf.io.parse_example(s, keys))
-    records = examples = class_records = orientation_records = 0
+    total = SplitSize(0, 0, 0, 0)
     for batch in ds.as_numpy_iterator():
-        label, turn = batch[schema.LABEL_INDEX], batch[schema.ORIENTATION]
-        has_class = (label >= 0) & cfg.uses_classes
-        has_turn = (turn >= 0) & cfg.uses_orientation
-        usable = has_class | has_turn
-        records += int(usable.sum())
-        examples += int((has_turn * (4 if all_turns else 1)).sum() + (usable & ~has_turn).sum())
-        class_records += int(has_class.sum())
-        orientation_records += int(has_turn.sum())
-    return SplitSize(records, examples, class_records, orientation_records)
+        part = _tally(batch[schema.LABEL_INDEX], batch[schema.ORIENTATION], cfg, all_turns)
+        total = SplitSize(*(a + b for a, b in zip(dataclasses.astuple(total), dataclasses.astuple(part))))
+    return total
 
 
 def check_task_labels(cfg: TrainConfig, split: str = "train") -> SplitSize:
