@@ -32,3 +32,23 @@ def test_other_dtypes_are_letterboxed_as_float(dtype):
     assert got.dtype == np.float32
     np.testing.assert_allclose(got[:, 8:24], 200.0, atol=0.5)  # 40x20 letterboxes to 32x16, 8 px each side
     assert np.all(got[:, :8] == 0) and np.all(got[:, 24:] == 0)
+
+
+def test_a_hair_thin_image_gets_a_square_and_does_not_fail_its_batch():
+    """Wider than 224:1 the letterboxed short side rounds to 0 and the resize fails: in a serving batch that
+    failed every image of the request. Now the thin image is a thin line in the middle of a black square."""
+    def png(pixels):
+        return tf.io.encode_png(pixels).numpy()
+
+    normal = np.random.default_rng(0).integers(0, 256, (60, 40, 3), dtype=np.uint8)
+    thin_rows = np.full((1, 1000, 3), 200, np.uint8)
+    thin_cols = np.full((3000, 2, 3), 90, np.uint8)
+    batch = preprocessing.preprocess_batch(tf.constant([png(normal), png(thin_rows), png(thin_cols)]), 224).numpy()
+
+    assert batch.shape == (3, 224, 224, 3)
+    np.testing.assert_allclose(batch[0], cast_first_letterbox(normal, 224), atol=1e-3)  # others untouched
+    row_means = batch[1].mean(axis=(1, 2))
+    assert row_means.max() > 50 and abs(int(row_means.argmax()) - 111.5) <= 1  # the line, in the middle
+    assert np.count_nonzero(row_means) <= 3
+    col_means = batch[2].mean(axis=(0, 2))
+    assert col_means.max() > 10 and abs(int(col_means.argmax()) - 111.5) <= 1  # 2 px of 90 averaged over 14

@@ -22,6 +22,20 @@ def decode_image_bytes(image_bytes: tf.Tensor) -> tf.Tensor:
     return image
 
 
+def widen_thin(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """An image so thin (over image_size:1) that its letterboxed short side would round to 0 pixels, padded with
+    black on both sides of that axis until it keeps at least one; any other image as it is.
+
+    Without this the resize fails, and in a serving batch one such image fails every image of the request.
+    """
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    need = tf.maximum(height, width) // image_size + 1
+    pad_h, pad_w = tf.maximum(0, need - height), tf.maximum(0, need - width)
+    return tf.cond(pad_h + pad_w > 0,
+                   lambda: tf.pad(image, [[pad_h // 2, pad_h - pad_h // 2], [pad_w // 2, pad_w - pad_w // 2], [0, 0]]),
+                   lambda: image)
+
+
 def resize_for_model(image: tf.Tensor, image_size: int = DEFAULT_IMAGE_SIZE) -> tf.Tensor:
     """Letterbox an RGB image (any dtype) to float32 [image_size, image_size, 3] in [0, 255].
 
@@ -31,7 +45,8 @@ def resize_for_model(image: tf.Tensor, image_size: int = DEFAULT_IMAGE_SIZE) -> 
     """
     if image.dtype not in (tf.uint8, tf.float32):
         image = tf.cast(image, tf.float32)
-    image = tf.image.resize_with_pad(image, image_size, image_size, method="bilinear", antialias=True)
+    image = tf.image.resize_with_pad(widen_thin(image, image_size), image_size, image_size, method="bilinear",
+                                     antialias=True)
     return tf.clip_by_value(tf.cast(image, tf.float32), 0.0, 255.0)
 
 
