@@ -49,7 +49,7 @@ default-model: $(STAMP)
 # (apt: tesseract-ocr tesseract-ocr-osd; pip: docorient).
 bench-quality: $(STAMP)
 	$(PIP) install -q -e '.[bench]'
-	$(PY) bench/quality.py --corpus $(CORPUS)
+	$(PY) bench/quality.py --corpus $(CORPUS) --figures docs/quality
 
 clean:
 	rm -rf demo-out bench-out build *.egg-info

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -205,6 +205,7 @@ def page_costs(runner: DefaultModelRunner, paths: Sequence[str], batch: int = 16
         with open(path, "rb") as f:
             blobs.append(f.read())
     spec = tf.TensorSpec([224, 224, 3], tf.float32)
+    batch = max(1, min(batch, len(blobs)))
 
     def per_image(fn):
         return tf.function(lambda b: tf.map_fn(fn, b, fn_output_signature=spec), reduce_retracing=True)
@@ -266,6 +267,26 @@ def archive_tune(runner: DefaultModelRunner, feats: np.ndarray, epochs: int = 8)
     return lambda f: train_default.predict_turns(model, f)
 
 
+def write_confusions(folder: str, methods: Dict[str, np.ndarray], kinds: np.ndarray) -> List[str]:
+    """confusion_<method>_<kind>.png (rows: the turn applied, columns: the turn answered) for each method and kind;
+    the 4x4 counts are printed too."""
+    from trainer.evaluate import confusion_matrix, draw_confusion_matrix
+
+    names = [f"{d} cw" for d in TURNS]
+    paths = []
+    for method, probs in methods.items():
+        for kind in (corpus.PHOTO, corpus.PAGE):
+            chosen = probs[kinds == kind]  # [N, 4 turns applied, 4 answers]
+            truth = np.tile(np.arange(4), len(chosen))
+            cm = confusion_matrix(truth, chosen.reshape(-1, 4).argmax(-1), 4)
+            print(f"confusion, {method}, {kind}s (rows: turn applied 0/90/180/270; columns: answered):\n{cm}")
+            slug = method.replace(" + ", "_").replace(" ", "_").replace("-", "_")
+            paths.append(draw_confusion_matrix(
+                cm, names, f"{method}, {kind}s: {100 * np.trace(cm) / cm.sum():.1f}% of {cm.sum()}",
+                os.path.join(folder, f"confusion_{slug}_{kind}.png")))
+    return paths
+
+
 def _pct(value: float) -> str:
     return "n/a" if value != value else f"{100 * value:.1f}%"
 
@@ -278,6 +299,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="photos and pages (each) the slow peers see; 0 skips the peers")
     parser.add_argument("--cores", type=int, default=1, help="pin the process to this many cores")
     parser.add_argument("--speed-images", type=int, default=48, help="images per kind timed end to end")
+    parser.add_argument("--figures", default="",
+                        help="write confusion matrices (true turn x answered turn) of photos and pages as PNGs here")
     args = parser.parse_args(argv)
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:args.cores]))
@@ -345,6 +368,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"pages, default model vs {name}: {speed[corpus.PAGE]:.1f} vs {results[corpus.PAGE][1]:.1f} "
                       f"img/s = {speed[corpus.PAGE] / results[corpus.PAGE][1]:.2f}x", flush=True)
 
+    if args.figures:
+        for path in write_confusions(args.figures, {"default": probs, "default + test-time turns": tta}, kinds):
+            print(f"figure: {path}")
     temperature = float(runner.meta["temperature"])
     for name, p in (("shipped (T folded in)", probs), ("same logits at T = 1", train_default.with_temperature(
             probs, 1.0 / temperature))):

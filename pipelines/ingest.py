@@ -445,13 +445,18 @@ def default_pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     return options
 
 
-def existing_shards(output: str) -> List[str]:
-    """Shard files an earlier run left in `output`."""
-    found = []
+def shard_sizes(output: str) -> Dict[str, int]:
+    """{shard file name: bytes} of the shards in `output`."""
+    found = {}
     for split in schema.SPLITS:
         for match in FileSystems.match([FileSystems.join(output, f"{split}-*-of-*.tfrecord*")]):
-            found.extend(m.path for m in match.metadata_list)
+            found.update({m.path.rstrip("/").split("/")[-1]: int(m.size_in_bytes) for m in match.metadata_list})
     return found
+
+
+def existing_shards(output: str) -> List[str]:
+    """Shard files an earlier run left in `output`."""
+    return [FileSystems.join(output, name) for name in sorted(shard_sizes(output))]
 
 
 def summarize(output: str, opts: IngestOptions, elapsed: float, metrics: Dict[str, int]) -> dict:
@@ -491,6 +496,8 @@ def summarize(output: str, opts: IngestOptions, elapsed: float, metrics: Dict[st
                          "flip_unlabelled": flip_allowed("", opts.text_archive, opts.no_flip_classes),
                          "never_flipped_classes": never_flipped},
         "images_per_second": round(inputs / elapsed, 2) if elapsed > 0 else None,
+        # What the trainer checks before it takes its split sizes from the manifest (trainer.input.count_split).
+        "shard_bytes": shard_sizes(output),
         "versions": {"archive_vision": _version(), "apache_beam": beam.__version__, "pillow": PIL.__version__,
                      "python": platform.python_version()},
     }
@@ -521,7 +528,11 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     """
     opts, beam_args = parse_args(argv)
     FileSystems.mkdirs(opts.output) if not FileSystems.exists(opts.output) else None
+    run_json = FileSystems.join(opts.output, "run.json")
     stale = existing_shards(opts.output)
+    if stale and opts.overwrite and FileSystems.exists(run_json):
+        # Gone before any shard changes: an earlier run's run.json must never vouch for this run's shards.
+        FileSystems.delete([run_json])
     if stale:
         if not opts.overwrite:
             raise SystemExit(f"archive-vision ingest: {opts.output} already holds {len(stale)} shards from an earlier "
@@ -543,7 +554,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         except Exception:  # nothing left to clean once every shard was renamed
             pass
     summary = summarize(opts.output, opts, time.time() - started, _metric_totals(result))
-    with FileSystems.create(FileSystems.join(opts.output, "run.json")) as handle:
+    with FileSystems.create(run_json) as handle:
         handle.write(json.dumps(summary, indent=2, default=str).encode())
     return summary
 

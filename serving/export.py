@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import logging
 import os
 import sys
 import time
@@ -27,6 +28,8 @@ from typing import Dict, List, Optional, Sequence
 
 from serving import configs
 from serving.errors import ExportError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "archive_vision"
 PREDICT_SIGNATURE = "serving_default"
@@ -72,21 +75,26 @@ def _sample_images(image_size: int) -> List[bytes]:
 
 
 def inference_model(model, image_size: int):
-    """(model to serve, BatchNorms folded): `model` with its conv+BN pairs folded, checked to answer as it does."""
+    """(model to serve, BatchNorms folded): `model` with its conv+BN pairs folded, checked on noise and on the
+    warmup images to answer as it does; the model unfolded (and a warning) if it does not."""
     import numpy as np
     import tensorflow as tf
 
     from trainer.inference import fold_batch_norms
 
+    from trainer.preprocessing import preprocess_batch
+
     folded, count = fold_batch_norms(model)
     if count:
-        pixels = tf.constant(np.random.default_rng(0).uniform(0, 255, (2, image_size, image_size, 3)), tf.float32)
+        noise = tf.constant(np.random.default_rng(0).uniform(0, 255, (2, image_size, image_size, 3)), tf.float32)
+        pixels = tf.concat([noise, preprocess_batch(tf.constant(_sample_images(image_size)), image_size)], 0)
         trained, served = model(pixels, training=False), folded(pixels, training=False)
         for key in (trained if isinstance(trained, dict) else {}):
-            gap = float(np.max(np.abs(np.asarray(trained[key]) - np.asarray(served[key]))))
+            gap = float(np.max(np.abs(np.asarray(trained[key], np.float32) - np.asarray(served[key], np.float32))))
             if gap > FOLD_TOLERANCE:
-                raise ExportError(f"folding {count} BatchNorm layers changed {key} by {gap:.2g}; export the "
-                                  "model unfolded (this is a bug in trainer.inference)")
+                log.warning("folding %d BatchNorm layers changed %s by %.2g; exporting the model unfolded",
+                            count, key, gap)
+                return model, 0
     return folded, count
 
 

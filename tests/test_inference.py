@@ -111,3 +111,17 @@ def test_nested_backbone_and_sequential_are_folded_subclassed_models_are_returne
     custom = Custom()
     custom(np.zeros((1, 4, 4, 3), np.float32))
     assert fold_batch_norms(custom) == (custom, 0)
+
+
+def test_a_conv_output_also_used_by_a_raw_keras_op_is_not_folded():
+    """Plain keras.ops calls are graph operations, not layers: their use of the raw conv output counts too."""
+    pixels = keras.Input((8, 8, 3))
+    raw = keras.layers.Conv2D(4, 3)(pixels)
+    normalised = keras.layers.BatchNormalization()(raw)
+    model = keras.Model(pixels, keras.ops.add(normalised, raw * 0.5))
+    randomise_batch_norms(model, seed=6)
+
+    folded, count = fold_batch_norms(model)
+
+    assert count == 0
+    assert_same_answers(model, folded, (8, 8, 3), atol=1e-5)

@@ -13,7 +13,8 @@ def cast_first_letterbox(image, size):
     return tf.clip_by_value(resized, 0.0, 255.0).numpy()
 
 
-@pytest.mark.parametrize("shape", [(1754, 1241), (934, 1246), (224, 224), (100, 60), (3, 500)])
+@pytest.mark.parametrize("shape", [(1754, 1241), (934, 1246), (224, 224), (100, 60), (3, 500), (2, 448),
+                                   (1120, 5)])  # exactly 224:1 still letterboxes as it is
 def test_uint8_pixels_give_the_same_square_as_casting_first(shape):
     image = np.random.default_rng(sum(shape)).integers(0, 256, shape + (3,), dtype=np.uint8)
     image[: shape[0] // 3] = 250  # a bright band: clipping and the letterbox edge both matter

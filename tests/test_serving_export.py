@@ -134,6 +134,26 @@ def test_export_folds_batch_norms_and_still_answers_like_the_trained_model(tmp_p
                                rtol=1e-4, atol=1e-5)
 
 
+def test_a_fold_that_fails_its_check_exports_the_model_unfolded(tmp_path, monkeypatch, caplog):
+    import keras
+
+    pixels = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3), name="pixels")
+    x = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3, strides=2, use_bias=False)(pixels / 255.0))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(x))
+    model = keras.Model(pixels, {"orientation_probabilities": keras.layers.Dense(4, activation="softmax")(x)})
+    monkeypatch.setattr(export, "FOLD_TOLERANCE", -1.0)  # no fold can pass: as if folding had gone wrong
+
+    version_dir = export.export_model(model, str(tmp_path), class_names=None, image_size=IMAGE_SIZE)
+
+    with open(os.path.join(version_dir, "assets.extra", export.EXPORT_METADATA)) as f:
+        assert json.load(f)["batch_norms_folded"] == 0
+    assert "exporting the model unfolded" in caplog.text
+    got = tf.saved_model.load(version_dir).signatures["serving_default"](images=tf.constant(sample_images()))
+    np.testing.assert_allclose(got["orientation_probabilities"].numpy(),
+                               expected_outputs(model, sample_images())["orientation_probabilities"],
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_example_and_classify_signatures_agree_with_bytes_signature(tmp_path):
     from pipelines import schema
 

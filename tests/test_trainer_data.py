@@ -289,7 +289,26 @@ def test_split_counts_come_from_the_ingest_manifest_without_reading_the_shards(t
     assert train_input.count_split(data, "train", configs[0]) == from_records[(0, "train")]
     assert reads == []  # the manifest vouched for the shards: no pass over them
 
+    stale = str(tmp_path / "stale")
+    shutil.copytree(data, stale)
     shard = train_input.list_shards(data, "train")[0]
     shutil.copy(shard, os.path.join(data, "train-extra.tfrecord"))  # a file the manifest does not describe
     got = train_input.count_split(data, "train", configs[0])
     assert len(reads) == 1 and got.records > from_records[(0, "train")].records  # counted from what is there
+
+    # A smaller archive ingested over it with --overwrite. Its run.json is gone as soon as the new run starts,
+    # and even an old run.json + manifest put back (a run that died before writing its own, a copy cut short)
+    # does not vouch for the new shards: their sizes differ from the ones it recorded.
+    shutil.rmtree(tmp_path / "in")
+    write_sample_archive(str(tmp_path / "in"), n_per_class=3, size=(40, 56))
+    old_run_json_there = []  # looked at once the pipeline is built, before anything runs
+    ingest.run(["--input", str(tmp_path / "in"), "--output", stale, "--size", "32", "--assume-upright",
+                "--val-fraction", "0.3", "--num-shards", "2", "--overwrite"],
+               extend_pipeline=lambda _: old_run_json_there.append(os.path.exists(os.path.join(stale, "run.json"))))
+    assert old_run_json_there == [False]
+    fresh = train_input.count_split(stale, "train", configs[0])
+    for name in ("run.json", "manifest.parquet"):
+        shutil.copy(os.path.join(data, name), os.path.join(stale, name))
+    reads.clear()
+    assert train_input.count_split(stale, "train", configs[0]) == fresh != from_records[(0, "train")]
+    assert len(reads) == 1

@@ -33,14 +33,15 @@ def _foldable_pairs(model) -> Dict[int, Tuple[object, object]]:
     """{id(conv): (conv, bn)} for each BN fed only by a linear, channels-last conv used once in `model`."""
     import keras
 
-    convs = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+    convs = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)  # exactly these: a subclass may change the kernel
     if isinstance(model, keras.Sequential):
         edges = list(zip(model.layers, model.layers[1:]))
         consumers = {id(a): 1 for a, _ in edges}
     else:
         # Keras keeps the graph in each layer's inbound nodes (one node per call of the layer in a model).
+        # model.operations, not model.layers: a raw keras.ops call (x * 0.1, ops.add) consumes a tensor too.
         edges, consumers = [], {}
-        for layer in model.layers:
+        for layer in model.operations:
             for node in layer._inbound_nodes:  # noqa: SLF001 - Keras 3 has no public graph walk
                 for tensor in node.input_tensors:
                     source = tensor._keras_history.operation  # noqa: SLF001
@@ -49,7 +50,8 @@ def _foldable_pairs(model) -> Dict[int, Tuple[object, object]]:
     outputs = {id(t._keras_history.operation) for t in model.outputs}  # noqa: SLF001
     pairs = {}
     for conv, bn in edges:
-        if not (isinstance(conv, convs) and isinstance(bn, keras.layers.BatchNormalization)):
+        if not (type(conv) in convs and isinstance(bn, keras.layers.BatchNormalization)
+                and not getattr(conv, "lora_enabled", False)):
             continue
         linear = conv.activation in (None, keras.activations.linear)
         channels_last = conv.data_format == "channels_last" and bn.axis in (-1, 3, [3], [-1])
@@ -104,7 +106,7 @@ def fold_batch_norms(model):
         if id(layer) in pairs:
             return _folded_conv(*pairs[id(layer)])
         if id(layer) in folded_bns:
-            return passthrough(name=layer.name)
+            return passthrough(name=layer.name, dtype=layer.dtype_policy)
         if isinstance(layer, keras.Model):
             inner, n = fold_batch_norms(layer)
             count[0] += n

@@ -195,27 +195,35 @@ def _tally(label, turn, cfg: TrainConfig, all_turns: bool) -> SplitSize:
 
 def _manifest_labels(data_dir: str, split: str, files: List[str]):
     """(label_index, orientation) arrays of the split from ingest's manifest.parquet, or None when the manifest
-    cannot vouch for these shards (no finished ingest run here, or it names other shard files)."""
+    cannot vouch for these shards: no finished ingest run here (run.json), shard sizes other than that run
+    recorded, or a manifest naming other shard files."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    import pyarrow.compute as pc
 
     manifest_path, run_path = os.path.join(data_dir, MANIFEST_FILENAME), os.path.join(data_dir, RUN_FILENAME)
     if not (tf.io.gfile.exists(manifest_path) and tf.io.gfile.exists(run_path)):
         return None
     try:
+        with tf.io.gfile.GFile(run_path) as f:
+            recorded = json.load(f).get("shard_bytes") or {}
+        # Each shard as that run wrote it (a shard rewritten or cut short since then has another size).
+        if any(recorded.get(os.path.basename(f)) != tf.io.gfile.stat(f).length for f in files):
+            print(f"[data] {run_path} does not describe the {split} shards now in {data_dir}; counting from them")
+            return None
         with tf.io.gfile.GFile(manifest_path, "rb") as f:  # local or gs://; the manifest has no pixels
             table = pq.read_table(pa.BufferReader(f.read()), columns=["split", "shard", "label_index", "orientation"])
-    except Exception as e:  # noqa: BLE001 - an unreadable manifest only costs the reading pass
+    except Exception as e:  # noqa: BLE001 - an unreadable manifest or run.json only costs the reading pass
         print(f"[data] {manifest_path} unreadable ({type(e).__name__}: {e}); counting {split} from the shards")
         return None
-    rows = table.to_pydict()
-    mine = [i for i, s in enumerate(rows["split"]) if s == split]
-    if {rows["shard"][i] for i in mine} != {os.path.basename(f) for f in files}:
+    table = table.filter(pc.equal(table["split"], split))
+    if set(table["shard"].to_pylist()) != {os.path.basename(f) for f in files}:
         print(f"[data] {manifest_path} names other {split} shards than {data_dir} holds; counting from the shards")
         return None
-    return (np.array([rows["label_index"][i] for i in mine], np.int64),
-            np.array([rows["orientation"][i] for i in mine], np.int64))
+    return (table["label_index"].to_numpy(zero_copy_only=False).astype(np.int64),
+            table["orientation"].to_numpy(zero_copy_only=False).astype(np.int64))
 
 
 def count_split(data_dir: str, split: str, cfg: TrainConfig, all_turns: Optional[bool] = None) -> SplitSize:

@@ -29,7 +29,7 @@ def widen_thin(image: tf.Tensor, image_size: int) -> tf.Tensor:
     Without this the resize fails, and in a serving batch one such image fails every image of the request.
     """
     height, width = tf.shape(image)[0], tf.shape(image)[1]
-    need = tf.maximum(height, width) // image_size + 1
+    need = (tf.maximum(height, width) + image_size - 1) // image_size  # short side * image_size >= long side
     pad_h, pad_w = tf.maximum(0, need - height), tf.maximum(0, need - width)
     return tf.cond(pad_h + pad_w > 0,
                    lambda: tf.pad(image, [[pad_h // 2, pad_h - pad_h // 2], [pad_w // 2, pad_w - pad_w // 2], [0, 0]]),
