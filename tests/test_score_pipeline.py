@@ -190,15 +190,22 @@ def _one_image_items(n: int):
     return [{"uri": f"u{i}", "page": 0, "sha256": "", "images": [b"x"], "turns": (0,)} for i in range(n)]
 
 
-def test_a_server_that_is_gone_fails_the_batch_without_splitting():
-    from serving.errors import ServerUnavailableError
-
-    items = _one_image_items(8)
+def _always_failing(error: Exception):
+    """(predict that raises `error` for every batch, the list of batch sizes it was called with)."""
     calls = []
 
     def predict(images):
         calls.append(len(images))
-        raise ServerUnavailableError("UNAVAILABLE")
+        raise error
+
+    return predict, calls
+
+
+def test_a_server_that_is_gone_fails_the_batch_without_splitting():
+    from serving.errors import ServerUnavailableError
+
+    items = _one_image_items(8)
+    predict, calls = _always_failing(ServerUnavailableError("UNAVAILABLE"))
 
     outcomes = score.predict_isolating(items, predict, fatal=(ServerUnavailableError,))
     assert calls == [8] and all(o[1] is None and "UNAVAILABLE" in o[2] for o in outcomes)
@@ -208,11 +215,8 @@ def test_a_model_that_is_not_served_aborts_without_splitting_or_error_rows():
     from serving.errors import InvalidInputError, ModelNotFoundError, RetryableServingError
 
     items = _one_image_items(8)
-    calls = []
-
-    def predict(images):
-        calls.append(len(images))
-        raise ModelNotFoundError("NOT_FOUND: Servable not found for request: Specific(archive_vision, 3)")
+    predict, calls = _always_failing(
+        ModelNotFoundError("NOT_FOUND: Servable not found for request: Specific(archive_vision, 3)"))
 
     with pytest.raises(ModelNotFoundError, match="Specific"):
         score.predict_isolating(items, predict, fatal=(RetryableServingError,), abort=(ModelNotFoundError,))
