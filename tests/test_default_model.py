@@ -38,7 +38,10 @@ def _text_page() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model():
-    tf.config.threading.set_intra_op_parallelism_threads(2)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(2)
+    except RuntimeError:  # TensorFlow already started in this process (other test files ran first): keep its setting
+        pass
     return default_model.build_default_orientation_model()
 
 
