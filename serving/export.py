@@ -81,7 +81,6 @@ def inference_model(model, image_size: int):
     import tensorflow as tf
 
     from trainer.inference import fold_batch_norms
-
     from trainer.preprocessing import preprocess_batch
 
     folded, count = fold_batch_norms(model)

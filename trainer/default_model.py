@@ -124,8 +124,9 @@ def default_cache_dir() -> str:
 def default_export_dir(cache_dir: Optional[str] = None) -> str:
     """The default model as a TF Serving SavedModel version dir, exported once per shipped weights file.
 
-    The export base is keyed by the weights' hash and the export format, so a package upgrade exports afresh and an existing
-    export is reused as is (score and TF Serving then load it like any other exported model).
+    The export base is keyed by the weights' hash and the export format, so a package upgrade (or a new export
+    format) exports afresh and an existing export is reused as is (score and TF Serving then load it like any
+    other exported model).
     """
     from serving.export import EXPORT_FORMAT
 

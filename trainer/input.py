@@ -15,6 +15,7 @@ import os
 import re
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import tensorflow as tf
 
 from pipelines import schema
@@ -197,11 +198,9 @@ def _manifest_labels(data_dir: str, split: str, files: List[str]):
     """(label_index, orientation) arrays of the split from ingest's manifest.parquet, or None when the manifest
     cannot vouch for these shards: no finished ingest run here (run.json), shard sizes other than that run
     recorded, or a manifest naming other shard files."""
-    import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
-
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
     manifest_path, run_path = os.path.join(data_dir, MANIFEST_FILENAME), os.path.join(data_dir, RUN_FILENAME)
     if not (tf.io.gfile.exists(manifest_path) and tf.io.gfile.exists(run_path)):
@@ -240,11 +239,11 @@ def count_split(data_dir: str, split: str, cfg: TrainConfig, all_turns: Optional
     keys = {k: spec[k] for k in (schema.LABEL_INDEX, schema.ORIENTATION)}
     ds = _read_records(files, shuffle_files=False, seed=0).batch(1024).map(
         lambda s: tf.io.parse_example(s, keys))
-    total = SplitSize(0, 0, 0, 0)
+    labels, turns = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for batch in ds.as_numpy_iterator():
-        part = _tally(batch[schema.LABEL_INDEX], batch[schema.ORIENTATION], cfg, all_turns)
-        total = SplitSize(*(a + b for a, b in zip(dataclasses.astuple(total), dataclasses.astuple(part))))
-    return total
+        labels.append(batch[schema.LABEL_INDEX])
+        turns.append(batch[schema.ORIENTATION])
+    return _tally(np.concatenate(labels), np.concatenate(turns), cfg, all_turns)
 
 
 def check_task_labels(cfg: TrainConfig, split: str = "train") -> SplitSize:
