@@ -47,6 +47,10 @@ BUILTIN_MODEL = "default"  # `--model default` (or no --model/--endpoint): train
 # With the built-in model, test-time turns and a 0.9 auto_rotate threshold are the defaults: on the held-out
 # corpus (bench/quality.py) they lift auto_rotate precision from 96.6% (no turns, 0.8) to 100%.
 DEFAULT_MODEL_ROTATE_THRESHOLD = 0.9
+# With the built-in model, the three turned copies are scored only for images whose stored copy is less sure than
+# its head's `tta_below` (archive_vision.train_default chooses it on val); this is the value for a head that
+# does not record one.
+DEFAULT_MODEL_TTA_BELOW = 0.95
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +79,7 @@ class ScoreOptions:
     class_threshold: float = 0.0
     tta: bool = False
     tta_min_agreement: float = 0.75
+    tta_below: float = 1.0
     write_corrected: str = ""
     skip_known: str = ""
     truth: str = ""
@@ -87,7 +92,8 @@ class ScoreOptions:
                              "orientation model)")
         if self.resize_mode not in imaging.RESIZE_MODES:
             raise ValueError(f"--resize-mode must be one of {imaging.RESIZE_MODES}")
-        for name in ("rotate_threshold", "ok_threshold", "class_threshold", "tta_min_agreement"):
+        for name in ("rotate_threshold", "ok_threshold", "class_threshold", "tta_min_agreement",
+                     "tta_below"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1")
         if self.batch_size < 1:
@@ -126,8 +132,8 @@ def combine_turned(copies: Sequence[Dict[str, Any]], turns: Sequence[int]) -> Di
 
     A copy turned t more degrees has orientation d + t, so its probability for d sits at column (d + t) / 90:
     shifting each copy's orientation vector back by t/90 makes the four comparable; they are then averaged.
-    Class probabilities are averaged as they are. `tta_agreement` is the share of copies whose own
-    shifted-back answer equals the combined answer (1.0: all agree).
+    Class probabilities are averaged as they are. `tta_agreement` (only when there are several copies) is the
+    share of copies whose own shifted-back answer equals the combined answer (1.0: all agree).
     """
     combined: Dict[str, Any] = {}
     if copies and "orientation_probabilities" in copies[0]:
@@ -137,7 +143,8 @@ def combine_turned(copies: Sequence[Dict[str, Any]], turns: Sequence[int]) -> Di
         best = int(np.argmax(mean))
         combined["orientation_probabilities"] = mean
         combined["orientation_degrees"] = best * 90
-        combined["tta_agreement"] = float(np.mean([int(np.argmax(s)) == best for s in shifted]))
+        if len(copies) > 1:
+            combined["tta_agreement"] = float(np.mean([int(np.argmax(s)) == best for s in shifted]))
     if copies and "class_probabilities" in copies[0]:
         mean = np.mean([np.asarray(c["class_probabilities"], np.float64) for c in copies], axis=0)
         best = int(np.argmax(mean))
@@ -169,14 +176,12 @@ def decide(prediction: Dict[str, Any], opts: ScoreOptions) -> Tuple[str, str]:
     return ("ok" if degrees == 0 else "auto_rotate"), ""
 
 
-def predict_isolating(items: Sequence[dict], predict: Callable[[List[bytes]], List[Dict[str, Any]]],
-                      fatal: Tuple[type, ...] = (), abort: Tuple[type, ...] = ()
-                      ) -> List[Tuple[dict, Optional[Dict[str, Any]], str]]:
-    """(item, combined prediction or None, error) for every item; a failing batch is halved until the bad image
-    is alone, so one bad image never fails its neighbours. Errors of a `fatal` type (server gone) are not split.
-    Errors of an `abort` type (the model itself is gone: no image could be scored) are raised, not turned into
-    rows: the run fails instead of writing an error row for every remaining image.
-    """
+def _predict_copies(items: Sequence[dict], predict: Callable[[List[bytes]], List[Dict[str, Any]]],
+                    fatal: Tuple[type, ...] = (), abort: Tuple[type, ...] = ()
+                    ) -> List[Tuple[dict, Optional[List[Dict[str, Any]]], str]]:
+    """(item, the model's answer for each of its images or None, error) for every item; see predict_isolating."""
+    if not items:  # nothing to send (a model may fail on an empty batch, and halving it would never end)
+        return []
     images = [image for item in items for image in item["images"]]
     try:
         rows = predict(images)
@@ -189,13 +194,43 @@ def predict_isolating(items: Sequence[dict], predict: Callable[[List[bytes]], Li
         if len(items) == 1 or isinstance(error, fatal):
             return [(item, None, message) for item in items]
         half = len(items) // 2
-        return (predict_isolating(items[:half], predict, fatal, abort)
-                + predict_isolating(items[half:], predict, fatal, abort))
+        return (_predict_copies(items[:half], predict, fatal, abort)
+                + _predict_copies(items[half:], predict, fatal, abort))
     out, start = [], 0
     for item in items:
-        copies = rows[start:start + len(item["images"])]
+        out.append((item, rows[start:start + len(item["images"])], ""))
         start += len(item["images"])
-        out.append((item, combine_turned(copies, item["turns"]), ""))
+    return out
+
+
+def predict_isolating(items: Sequence[dict], predict: Callable[[List[bytes]], List[Dict[str, Any]]],
+                      fatal: Tuple[type, ...] = (), abort: Tuple[type, ...] = (), tta_below: float = 1.0
+                      ) -> List[Tuple[dict, Optional[Dict[str, Any]], str]]:
+    """(item, combined prediction or None, error) for every item, in order; a failing batch is halved until the bad
+    image is alone, so one bad image never fails its neighbours. Errors of a `fatal` type (server gone) are not
+    split. Errors of an `abort` type (the model itself is gone: no image could be scored) are raised, not turned
+    into rows: the run fails instead of writing an error row for every remaining image.
+
+    Items carry their copies turned `item["turns"]` (the first is the image as stored). With `tta_below` < 1, only
+    the stored copies are scored first; the turned copies follow, in one more call, for the items whose top
+    orientation probability is below `tta_below`. A sure item keeps its single answer, with no `tta_agreement`.
+    """
+    if tta_below >= 1.0 or all(len(item["images"]) == 1 for item in items):
+        return [(item, None if copies is None else combine_turned(copies, item["turns"]), error)
+                for item, copies, error in _predict_copies(items, predict, fatal, abort)]
+    stored = _predict_copies([dict(item, images=item["images"][:1]) for item in items], predict, fatal, abort)
+    unsure = [i for i, (item, (_, copies, _)) in enumerate(zip(items, stored))
+              if copies is not None and len(item["images"]) > 1 and "orientation_probabilities" in copies[0]
+              and float(np.max(copies[0]["orientation_probabilities"])) < tta_below]
+    turned = dict(zip(unsure, _predict_copies([dict(items[i], images=items[i]["images"][1:]) for i in unsure],
+                                              predict, fatal, abort)))
+    out = []
+    for index, (item, (_, copies, error)) in enumerate(zip(items, stored)):
+        turns = item["turns"][:1]
+        if index in turned:
+            _, more, error = turned[index]
+            copies, turns = (None if more is None else copies + more), item["turns"]
+        out.append((item, None if copies is None else combine_turned(copies, turns), error))
     return out
 
 
@@ -292,6 +327,13 @@ def resolve_version_dir(path: str) -> str:
 def uses_builtin_model(endpoint: str, model: str) -> bool:
     """Whether the job scores with the shipped default orientation model (no --endpoint, --model empty/default)."""
     return not endpoint and model in ("", BUILTIN_MODEL)
+
+
+def builtin_tta_below() -> float:
+    """--tta-below for the built-in model: what its training chose on held-out data, else DEFAULT_MODEL_TTA_BELOW."""
+    from trainer.default_model import head_metadata
+
+    return float(head_metadata().get("tta_below", DEFAULT_MODEL_TTA_BELOW))
 
 
 def builtin_model_dir() -> str:
@@ -477,7 +519,7 @@ class RemotePredictFn(beam.DoFn):
             # help. NOT_FOUND (the pinned version, the model or its signature is not served) would fail every
             # image of every batch alike: the run stops.
             outcomes = predict_isolating(items, self._client.predict, fatal=(RetryableServingError,),
-                                         abort=(ModelNotFoundError,))
+                                         abort=(ModelNotFoundError,), tta_below=self._options.tta_below)
         except ModelNotFoundError as error:
             raise PinnedVersionGoneError(version_gone_message(self._model, error, self._served_states())) from error
         finally:
@@ -508,10 +550,11 @@ class ServingSignatureModelHandler(ModelHandler):
     the same way the remote path does, so a failure never takes its batch down.
     """
 
-    def __init__(self, version_dir: str, *, batch_size: int = 32, tf_threads: int = 0):
+    def __init__(self, version_dir: str, *, batch_size: int = 32, tf_threads: int = 0, tta_below: float = 1.0):
         super().__init__(min_batch_size=1, max_batch_size=batch_size)
         self._version_dir = version_dir
         self._tf_threads = tf_threads
+        self._tta_below = tta_below
 
     def load_model(self):
         import tensorflow as tf
@@ -537,7 +580,7 @@ class ServingSignatureModelHandler(ModelHandler):
             outputs = signature(images=tf.constant(images, dtype=tf.string))
             return prediction_rows({k: v.numpy() for k, v in outputs.items()}, len(images))
 
-        for item, prediction, error in predict_isolating(list(batch), predict):
+        for item, prediction, error in predict_isolating(list(batch), predict, tta_below=self._tta_below):
             yield PredictionResult(example=item, inference=(prediction, error), model_id=self._version_dir)
 
     def get_num_bytes(self, batch: Sequence[dict]) -> int:
@@ -581,7 +624,7 @@ class ScoreImages(beam.PTransform):
                           "errors", main="rows"))
             return {"rows": scored.rows, "errors": scored.errors}
         handler = ServingSignatureModelHandler(self._model.version_dir, batch_size=opts.batch_size,
-                                               tf_threads=opts.tf_threads)
+                                               tf_threads=opts.tf_threads, tta_below=opts.tta_below)
         main, dead = items | "RunInference" >> RunInference(handler).with_exception_handling()
         routed = main | "Route" >> beam.ParDo(_RouteInferenceFn(self._model, opts)).with_outputs(
             "errors", main="rows")
@@ -835,6 +878,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
                              "built-in model)")
     parser.add_argument("--tta-min-agreement", type=float, default=0.75,
                         help="with --tta: review when fewer than this share of the four copies agree")
+    parser.add_argument("--tta-below", type=float, default=None,
+                        help="with --tta: score the turned copies only of images whose top orientation probability "
+                             "is below this; surer images keep their one answer (default 1.0: every image; "
+                             "with the built-in model: the value its training chose on held-out images)")
     parser.add_argument("--write-corrected", default="", help="write upright copies of auto_rotate images here")
     parser.add_argument("--skip-known", default="", help="previous results.parquet/.csv (or an ingest manifest): "
                                                          "files whose sha256 was scored by this model version "
@@ -849,6 +896,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
         known.tta = builtin
     if known.rotate_threshold is None:
         known.rotate_threshold = DEFAULT_MODEL_ROTATE_THRESHOLD if builtin else 0.8
+    if known.tta_below is None:
+        known.tta_below = builtin_tta_below() if builtin else 1.0
     try:
         opts = ScoreOptions(
             input=known.input, output=known.output.rstrip("/"), endpoint=known.endpoint, model=known.model,
@@ -858,6 +907,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
             timeout_s=known.timeout_s, max_attempts=known.max_attempts, wait_s=known.wait_s,
             rotate_threshold=known.rotate_threshold, ok_threshold=known.ok_threshold,
             class_threshold=known.class_threshold, tta=known.tta, tta_min_agreement=known.tta_min_agreement,
+            tta_below=known.tta_below,
             write_corrected=known.write_corrected.rstrip("/"), skip_known=known.skip_known, truth=known.truth,
             report=known.report, tf_threads=known.tf_threads)
     except ValueError as e:
@@ -952,7 +1002,10 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
         "model": {"name": model.name, "version": model.version, "class_names": list(model.class_names),
                   "source": model.endpoint or model.version_dir, "mode": "grpc" if model.endpoint else "in_process"},
         "counts": counts,
-        "tta": {"enabled": opts.tta, "images": len(tta),
+        "tta": {"enabled": opts.tta, "images": len(tta), "below": opts.tta_below,
+                # with --tta-below < 1: pages sure enough on their stored copy alone (turned copies not scored)
+                "single_copy": sum(1 for r in scored if r["tta_agreement"] is None
+                                   and r["orientation_probabilities"] is not None) if opts.tta else 0,
                 "disagreement_rate": round(sum(1 for a in tta if a < 1.0) / len(tta), 4) if tta else None,
                 "mean_agreement": round(float(np.mean(tta)), 4) if tta else None},
         "timings": {"elapsed_seconds": round(elapsed, 3),
@@ -1029,7 +1082,9 @@ def format_summary(summary: dict) -> str:
         f"  errors   {c['errors']}  ({kinds})",
     ]
     if summary["tta"]["enabled"]:
-        lines.append(f"  tta      disagreement rate {summary['tta']['disagreement_rate']}")
+        t = summary["tta"]
+        sure = f", {t['single_copy']} sure on one copy (p >= {t['below']})" if t["single_copy"] else ""
+        lines.append(f"  tta      {t['images']} pages in four turns{sure}; disagreement rate {t['disagreement_rate']}")
     if summary["corrected"]["dir"]:
         lines.append(f"  corrected {c['corrected_written']} upright copies in {summary['corrected']['dir']} "
                      f"(JPEG: {summary['corrected']['jpeg_tool']})")

@@ -122,18 +122,20 @@ def test_command_line_flags_reach_the_decision():
     assert decide(prediction(90, 0.99, class_confidence=0.9, tta_agreement=1.0), opts) == ("auto_rotate", "")
 
 
-@pytest.mark.parametrize("flag", ["rotate_threshold", "ok_threshold", "class_threshold", "tta_min_agreement"])
+@pytest.mark.parametrize("flag", ["rotate_threshold", "ok_threshold", "class_threshold", "tta_min_agreement",
+                                  "tta_below"])
 def test_thresholds_outside_zero_to_one_are_refused(flag):
     with pytest.raises(ValueError, match=flag.replace("_", "-")):
         options(**{flag: 1.5})
 
 
 def test_builtin_model_defaults_to_turned_copies_and_the_stricter_rotate_band():
-    # README: with the built-in model, score turns on --tta and uses --rotate-threshold 0.9 unless told otherwise
+    # README: with the built-in model, score turns on --tta (turned copies only for images less sure than the
+    # head's tta_below) and uses --rotate-threshold 0.9 unless told otherwise
     builtin, _ = parse_args(["--input", "in", "--output", "out"])
     explicit, _ = parse_args(["--input", "in", "--output", "out", "--model", "some/export"])
-    assert (builtin.tta, builtin.rotate_threshold) == (True, 0.9)
-    assert (explicit.tta, explicit.rotate_threshold) == (False, 0.8)
+    assert (builtin.tta, builtin.rotate_threshold) == (True, 0.9) and 0 < builtin.tta_below < 1
+    assert (explicit.tta, explicit.rotate_threshold, explicit.tta_below) == (False, 0.8, 1.0)
     answer = prediction(90, 0.85, tta_agreement=1.0)
     assert decide(answer, builtin) == ("review", "orientation 90 confidence 0.85 < 0.90")
     assert decide(answer, explicit) == ("auto_rotate", "")
@@ -160,3 +162,15 @@ def test_a_failed_run_says_why_in_one_line_even_when_the_runner_wraps_the_error(
     assert run_failure_reason(RuntimeError(text)) == f"PinnedVersionGoneError: {gone}"
     assert issubclass(PinnedVersionGoneError, ServingError)
     assert run_failure_reason(RuntimeError("something else broke")) == ""  # not ours: the traceback stays
+
+
+def test_builtin_tta_below_comes_from_the_heads_training_unless_given(monkeypatch):
+    import trainer.default_model
+
+    monkeypatch.setattr(trainer.default_model, "head_metadata", lambda: {"tta_below": 0.7})
+    assert parse_args(["--input", "in", "--output", "out"])[0].tta_below == 0.7
+    assert parse_args(["--input", "in", "--output", "out", "--tta-below", "1"])[0].tta_below == 1.0
+    monkeypatch.setattr(trainer.default_model, "head_metadata", lambda: {})  # a head trained before it was recorded
+    from pipelines.score import DEFAULT_MODEL_TTA_BELOW
+
+    assert parse_args(["--input", "in", "--output", "out"])[0].tta_below == DEFAULT_MODEL_TTA_BELOW

@@ -129,6 +129,36 @@ def test_tta_agrees_on_a_clear_image_and_reports_the_rate(tmp_path, red_corner_e
     assert summary["tta"]["enabled"] and summary["tta"]["images"] == 3 and summary["tta"]["disagreement_rate"] == 0.0
 
 
+def test_tta_below_keeps_sure_answers_and_turns_only_the_rest(tmp_path):
+    base = str(tmp_path / "export")
+    export.export_model(make_tiny_model(image_size=sf.IMAGE_SIZE, seed=5), base, class_names=["a", "b", "c"],
+                        image_size=sf.IMAGE_SIZE, version=1)
+    archive = str(tmp_path / "archive")
+    sf.random_photos(archive, 8)
+    single = str(tmp_path / "single")
+    run_score(["--input", archive, "--output", single, "--model", base, "--no-tta"])
+    once = results_by_name(single)
+    assert all(r["tta_agreement"] is None for r in once.values())  # no turned copies, nothing to agree
+    below = float(np.median([r["orientation_confidence"] for r in once.values()]))
+    output = str(tmp_path / "adaptive")
+
+    summary = run_score(["--input", archive, "--output", output, "--model", base, "--tta", "--tta-below", str(below)])
+
+    rows = results_by_name(output)
+    sure = {n for n, r in once.items() if r["orientation_confidence"] >= below}
+    assert 0 < len(sure) < len(rows)
+    for name, row in rows.items():
+        if name in sure:  # the stored copy's answer, untouched
+            assert row["tta_agreement"] is None
+            assert row["orientation_degrees"] == once[name]["orientation_degrees"]
+            assert row["orientation_confidence"] == pytest.approx(once[name]["orientation_confidence"], abs=1e-6)
+        else:
+            assert row["tta_agreement"] is not None
+    assert summary["tta"] | {"disagreement_rate": None, "mean_agreement": None} == {
+        "enabled": True, "below": below, "images": len(rows) - len(sure), "single_copy": len(sure),
+        "disagreement_rate": None, "mean_agreement": None}
+
+
 def test_skip_known_skips_exactly_the_already_scored_content(tmp_path, red_corner_export):
     archive = str(tmp_path / "archive")
     first = sf.write_turned_archive(archive, {"old_a": 0, "old_b": 90})
@@ -183,6 +213,72 @@ def test_one_bad_image_does_not_fail_its_batch():
     assert [o[2] != "" for o in outcomes] == [i == 3 for i in range(7)]
     assert "cannot decode" in outcomes[3][2]
     assert all(o[1]["orientation_degrees"] == 90 for i, o in enumerate(outcomes) if i != 3)
+
+
+def _turned_items(confidences, poisoned_turn_of=()):
+    """Items in four turned copies (as --tta prepares them) of images whose stored copy answers 90 with the given
+    confidence; the copies of each image answer consistently (a copy turned t more reads 90 + t). The turned
+    copies of the images named in `poisoned_turn_of` cannot be decoded."""
+    items = []
+    for i, confidence in enumerate(confidences):
+        images = [f"{i}:{t}:{confidence}".encode() + (b":poison" if t and i in poisoned_turn_of else b"")
+                  for t in score.TURNS]
+        items.append({"uri": f"u{i}", "page": 0, "sha256": str(i), "images": images, "turns": score.TURNS})
+    return items
+
+
+def _consistent_predict(calls):
+    def predict(images):
+        calls.append([image.decode() for image in images])
+        rows = []
+        for image in images:
+            if image.endswith(b":poison"):
+                raise ValueError("cannot decode")
+            _, turn, confidence = image.decode().split(":")[:3]
+            probs = np.full(4, (1 - float(confidence)) / 3)
+            probs[(1 + int(turn) // 90) % 4] = float(confidence)
+            rows.append({"orientation_probabilities": probs, "orientation_degrees": int(np.argmax(probs)) * 90})
+        return rows
+    return predict
+
+
+def test_tta_below_scores_turned_copies_only_for_unsure_images():
+    items = _turned_items([0.99, 0.6, 0.97, 0.4])
+    calls = []
+
+    outcomes = score.predict_isolating(items, _consistent_predict(calls), tta_below=0.95)
+
+    # one call with every stored copy, then one with the three turned copies of each unsure image only
+    assert calls == [["0:0:0.99", "1:0:0.6", "2:0:0.97", "3:0:0.4"],
+                     ["1:90:0.6", "1:180:0.6", "1:270:0.6", "3:90:0.4", "3:180:0.4", "3:270:0.4"]]
+    assert [o[0]["uri"] for o in outcomes] == ["u0", "u1", "u2", "u3"] and all(o[2] == "" for o in outcomes)
+    assert all(o[1]["orientation_degrees"] == 90 for o in outcomes)
+    sure, unsure = [outcomes[0][1], outcomes[2][1]], [outcomes[1][1], outcomes[3][1]]
+    assert all("tta_agreement" not in p for p in sure)  # one copy: nothing to agree
+    assert all(p["tta_agreement"] == 1.0 for p in unsure)
+    assert [round(float(np.max(p["orientation_probabilities"])), 6) for p in sure] == [0.99, 0.97]
+
+
+def test_no_second_call_when_every_image_is_sure():
+    calls = []
+    outcomes = score.predict_isolating(_turned_items([0.99, 0.98]), _consistent_predict(calls), tta_below=0.95)
+    assert [len(c) for c in calls] == [2] and all("tta_agreement" not in o[1] for o in outcomes)
+    assert score.predict_isolating([], _consistent_predict(calls), tta_below=0.95) == [] and len(calls) == 1
+
+
+def test_tta_below_one_scores_every_turned_copy_in_one_call():
+    calls = []
+    outcomes = score.predict_isolating(_turned_items([0.99, 0.6]), _consistent_predict(calls), tta_below=1.0)
+    assert [len(c) for c in calls] == [8] and all(o[1]["tta_agreement"] == 1.0 for o in outcomes)
+
+
+def test_a_bad_turned_copy_fails_only_its_own_image():
+    calls = []
+    outcomes = score.predict_isolating(_turned_items([0.6, 0.5, 0.99], poisoned_turn_of=(1,)),
+                                       _consistent_predict(calls), tta_below=0.95)
+    assert [o[2] != "" for o in outcomes] == [False, True, False] and "cannot decode" in outcomes[1][2]
+    assert outcomes[1][1] is None and outcomes[0][1]["tta_agreement"] == 1.0
+    assert "tta_agreement" not in outcomes[2][1]
 
 
 def _one_image_items(n: int):
