@@ -135,6 +135,14 @@ def test_time_turns(probs: np.ndarray) -> np.ndarray:
     return out
 
 
+def turns_when_unsure(probs: np.ndarray, below: float) -> Tuple[np.ndarray, float]:
+    """score --tta --tta-below: each stored turn keeps its own answer when its top probability is at least `below`,
+    else takes the four-turn average (test_time_turns). Returns (probabilities, share of answers that needed the
+    turned copies)."""
+    unsure = probs.max(-1) < below
+    return np.where(unsure[..., None], test_time_turns(probs), probs), float(unsure.mean()) if unsure.size else 0.0
+
+
 def accuracy(probs: np.ndarray) -> float:
     """4-way accuracy of [N, 4 turns, 4] probabilities (the right answer for row turn d is d)."""
     return float(np.mean(np.argmax(probs, -1) == np.arange(4)[None, :])) if len(probs) else float("nan")
@@ -340,23 +348,65 @@ def compare_inputs(images: Sequence[corpus.CorpusImage], cache: str,
     return results
 
 
+TTA_BELOW_CANDIDATES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+TTA_BELOW_TOLERANCE = 0.005  # accuracy (per kind) that skipping turned copies may cost against turning every image
+
+
+def choose_tta_below(probs: np.ndarray, kinds: np.ndarray, candidates: Sequence[float] = TTA_BELOW_CANDIDATES,
+                     tolerance: float = TTA_BELOW_TOLERANCE) -> Tuple[float, Dict[float, Dict[str, float]]]:
+    """score's --tta-below for a model, from its calibrated held-out probabilities [N, 4 turns, 4]: the lowest
+    candidate (the fewest turned copies) whose accuracy, photos and pages each, is within `tolerance` of turning
+    every image. Returns (choice, {candidate: accuracy and share turned per kind, and among upright images})."""
+    full = {kind: accuracy(test_time_turns(probs[kinds == kind])) for kind in (corpus.PHOTO, corpus.PAGE)}
+    sweep: Dict[float, Dict[str, float]] = {}
+    choice = None
+    for below in sorted(candidates):
+        row: Dict[str, float] = {}
+        for kind in (corpus.PHOTO, corpus.PAGE):
+            chosen = probs[kinds == kind]
+            combined, share = turns_when_unsure(chosen, below)
+            row.update({f"{kind}s": accuracy(combined), f"{kind}s_turned": share,
+                        f"{kind}s_upright_turned": float(np.mean(chosen[:, 0].max(-1) < below)) if len(chosen)
+                        else 0.0})
+        sweep[below] = row
+        if choice is None and all(row[f"{k}s"] >= full[k] - tolerance for k in full if full[k] == full[k]):
+            choice = below
+    return (1.0 if choice is None else choice), sweep
+
+
+def _train_only(images: Sequence[corpus.CorpusImage], cache: str, epochs: int, photo_weight: float,
+                fine_tune: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """The recipe trained on train alone (views, head, then the top blocks): its val probabilities [N, 4, 4] at
+    T = 1, and the val kinds. The temperature and --tta-below are chosen on these."""
+    train, train_kinds = _training_views(images, (corpus.TRAIN,), cache)
+    val, val_kinds = _split_data(images, corpus.VAL, "pad224", cache)
+    model, head, _ = fit_head(train, _weights(train_kinds, photo_weight), epochs=epochs)
+    if not fine_tune:
+        return predict_turns(model, val), val_kinds
+    cut_train, cut_kinds = _cut_views(images, (corpus.TRAIN,), cache)
+    cut_val = features.cached_features([i.path for i in images if i.split == corpus.VAL], "pad224", cache,
+                                       cut=str(FINE_TUNE["cut"]))
+    model, _, _, _ = fine_tune_top(head, cut_train, _weights(cut_kinds, photo_weight), cut_val, val_kinds)
+    return predict_turns(model, cut_val), val_kinds
+
+
+def _print_tta_below(choice: float, sweep: Dict[float, Dict[str, float]]) -> None:
+    for below, row in sweep.items():
+        print(f"tta below {below}: " + ", ".join(
+            f"{kind}s {100 * row[kind + 's']:.1f}% (turned copies for {100 * row[kind + 's_turned']:.0f}%, "
+            f"{100 * row[kind + 's_upright_turned']:.0f}% of upright)" for kind in (corpus.PHOTO, corpus.PAGE))
+            + ("  <- chosen" if below == choice else ""), flush=True)
+
+
 def train_default(corpus_root: str, cache: str, out: str, epochs: int = DEFAULT_EPOCHS,
                   photo_weight: float = PHOTO_WEIGHT, fine_tune: bool = True) -> Dict[str, object]:
     """The whole recipe (see the module docstring); returns the metadata it wrote."""
     images = corpus.load_corpus(corpus_root)
-    train, train_kinds = _training_views(images, (corpus.TRAIN,), cache)
-    val, val_kinds = _split_data(images, corpus.VAL, "pad224", cache)
     started = time.time()
-    model, head, _ = fit_head(train, _weights(train_kinds, photo_weight), epochs=epochs)
-    if fine_tune:
-        cut_train, cut_kinds = _cut_views(images, (corpus.TRAIN,), cache)
-        cut_val = features.cached_features([i.path for i in images if i.split == corpus.VAL], "pad224", cache,
-                                           cut=str(FINE_TUNE["cut"]))
-        model, _, _, _ = fine_tune_top(head, cut_train, _weights(cut_kinds, photo_weight), cut_val, val_kinds)
-        val_probs = predict_turns(model, cut_val)
-    else:
-        val_probs = predict_turns(model, val)
+    val_probs, val_kinds = _train_only(images, cache, epochs, photo_weight, fine_tune)
     temperature = fit_temperature(val_probs)
+    tta_below, sweep = choose_tta_below(with_temperature(val_probs, temperature), val_kinds)
+    _print_tta_below(tta_below, sweep)
     both, both_kinds = _training_views(images, (corpus.TRAIN, corpus.VAL), cache)
     _, final_head, _ = fit_head(both, _weights(both_kinds, photo_weight), epochs=epochs)
     tuned_layers = []
@@ -374,6 +424,7 @@ def train_default(corpus_root: str, cache: str, out: str, epochs: int = DEFAULT_
         "val_accuracy_photos_train_only": accuracy(val_probs[val_kinds == corpus.PHOTO]),
         "val_accuracy_pages_train_only": accuracy(val_probs[val_kinds == corpus.PAGE]),
         "split_fractions": dict(corpus.SPLIT_FRACTIONS), "training_s": round(time.time() - started, 1),
+        "tta_below": tta_below, "tta_below_fitted_on": "val",
     }
     save_head(final_head, out, temperature, meta, backbone_layers=tuned_layers)
     return meta
@@ -391,16 +442,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-fine-tune", dest="fine_tune", action="store_false",
                         help="train the head alone on the frozen backbone (minutes instead of about half an hour)")
-    parser.add_argument("--experiments", nargs="?", const="all", choices=("all", "inputs"),
+    parser.add_argument("--experiments", nargs="?", const="all", choices=("all", "inputs", "tta"),
                         help="print val accuracy of the measured variants instead (`inputs`: only the input "
-                             "comparison, pad224 / crop224 / pad320)")
+                             "comparison, pad224 / crop224 / pad320; `tta`: only score's --tta-below choice, "
+                             "on the recipe trained on train)")
     args = parser.parse_args(argv)
     limit_tf_threads(args.threads)
     if args.experiments:
         images = corpus.load_corpus(args.corpus)
         if args.experiments == "all":
             run_experiments(images, args.cache)
-        compare_inputs(images, args.cache)
+        if args.experiments in ("all", "inputs"):
+            compare_inputs(images, args.cache)
+        if args.experiments in ("all", "tta"):
+            val_probs, val_kinds = _train_only(images, args.cache, args.epochs, args.photo_weight, args.fine_tune)
+            temperature = fit_temperature(val_probs)
+            print(f"temperature on val: {temperature:.2f}")
+            _print_tta_below(*choose_tta_below(with_temperature(val_probs, temperature), val_kinds))
         return 0
     meta = train_default(args.corpus, args.cache, os.path.normpath(args.out), args.epochs, args.photo_weight,
                          args.fine_tune)

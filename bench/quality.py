@@ -9,6 +9,8 @@ Rows, side by side in one run:
 - default model: the shipped head on the frozen MobileNetV2 (trainer.default_model), 224 px letterbox, run as
   export and score run it (BatchNorm folded into the convolutions, trainer.inference);
 - + test-time turns: each image also turned 90/180/270 more, answers rolled back and averaged (score --tta);
+- + test-time turns when unsure: the turned copies only for images whose own answer is below the head's
+  `tta_below` (score's built-in default, --tta-below);
 - archive-tuned: the default head re-fitted, without labels, on one half of the held-out sources (their
   images taken as upright, the usual state of an archive), measured on the other half beside the default
   model on that same half;
@@ -39,6 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from archive_vision import orientation_corpus as corpus  # noqa: E402
 from archive_vision import train_default  # noqa: E402
+from pipelines.score import builtin_tta_below  # noqa: E402
 
 TURNS = (0, 90, 180, 270)
 
@@ -85,6 +88,18 @@ class DefaultModelRunner:
             return tf.add_n([tf.roll(p, shift=-j, axis=-1) for j, p in enumerate(turned)]) / 4.0
 
         self._answer_tta = tf.function(answer_tta, reduce_retracing=True)
+
+        def answer_once(blobs):
+            pixels = preprocess_batch(blobs, 224)
+            return pixels, model(pixels, training=False)["orientation_probabilities"]
+
+        def answer_turned(pixels):
+            # The three further turns only (the stored copy was already answered), rolled back and summed.
+            return tf.add_n([tf.roll(model(tf.image.rot90(pixels, k=4 - j), training=False)["orientation_probabilities"],
+                                     shift=-j, axis=-1) for j in (1, 2, 3)])
+
+        self._answer_once = tf.function(answer_once, reduce_retracing=True)
+        self._answer_turned = tf.function(answer_turned, reduce_retracing=True)
         del keras
 
     @staticmethod
@@ -113,6 +128,17 @@ class DefaultModelRunner:
         """End-to-end answers with test-time turns: each image decoded once, its four turns in one batch."""
         out = self._answer_tta(self.tf.constant(list(images)))
         return [int(i) * 90 for i in np.argmax(out.numpy(), -1)]
+
+    def answer_bytes_when_unsure(self, images: Sequence[bytes], below: float) -> List[int]:
+        """End-to-end answers as score --tta --tta-below runs them: every image once, then the three turned copies
+        of the images whose top probability is below `below` (decoded once)."""
+        pixels, probs = self._answer_once(self.tf.constant(list(images)))
+        probs = probs.numpy()
+        unsure = np.flatnonzero(probs.max(-1) < below)
+        if len(unsure):
+            turned = self._answer_turned(self.tf.gather(pixels, unsure)).numpy()
+            probs[unsure] = (probs[unsure] + turned) / 4.0
+        return [int(i) * 90 for i in np.argmax(probs, -1)]
 
     def answer_bytes(self, images: Sequence[bytes]) -> List[int]:
         """End-to-end answers (degrees) for encoded images, as the score job's in-process path runs them."""
@@ -178,12 +204,21 @@ def read_all(paths: Sequence[str]) -> List[bytes]:
     return blobs
 
 
-def default_speed(runner: DefaultModelRunner, paths: Sequence[str], batch: int = 16, tta: bool = False) -> float:
+def default_speed(runner: DefaultModelRunner, paths: Sequence[str], batch: int = 16, tta: bool = False,
+                  below: float = 1.0) -> float:
     """images/s of the default model from encoded bytes (PNG for pages, as stored), batched like score; with
-    tta, each image's four turns are scored (decoded once) and combined, as score --tta does."""
-    answer = runner.answer_bytes_tta if tta else runner.answer_bytes
+    tta, each image's four turns are scored (decoded once) and combined, as score --tta does; with below < 1,
+    only the images less sure than that get the turned copies (score --tta-below)."""
+    if tta and below < 1.0:
+        def answer(blobs):
+            return runner.answer_bytes_when_unsure(blobs, below)
+    else:
+        answer = runner.answer_bytes_tta if tta else runner.answer_bytes
     blobs = read_all(paths)
-    answer(blobs[:batch])  # trace once outside the clock
+    # One untimed pass over the same batches: TF traces, and oneDNN builds its kernels, once per batch shape (the
+    # turned copies of the unsure images come in varying counts), so every method is timed warm.
+    for start in range(0, len(blobs), batch):
+        answer(blobs[start:start + batch])
     started = time.perf_counter()
     for start in range(0, len(blobs), batch):
         answer(blobs[start:start + batch])
@@ -324,6 +359,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              for k in (corpus.PHOTO, corpus.PAGE)}
     tta_speed = {k: default_speed(runner, [i.path for i in test if i.kind == k][:args.speed_images], tta=True)
                  for k in (corpus.PHOTO, corpus.PAGE)}
+    below = builtin_tta_below()
+    unsure_tta, _ = train_default.turns_when_unsure(probs, below)
+    unsure_speed = {k: default_speed(runner, [i.path for i in test if i.kind == k][:args.speed_images], tta=True,
+                                     below=below) for k in (corpus.PHOTO, corpus.PAGE)}
+    for kind in (corpus.PHOTO, corpus.PAGE):
+        share = train_default.turns_when_unsure(probs[kinds == kind], below)[1]
+        print(f"test-time turns when unsure (p < {below}), {kind}s: turned copies for {100 * share:.0f}%; "
+              f"{unsure_speed[kind]:.1f} img/s vs {tta_speed[kind]:.1f} with every image turned "
+              f"({unsure_speed[kind] / tta_speed[kind]:.2f}x) and {speed[kind]:.1f} without turns", flush=True)
     page_paths = [i.path for i in test if i.kind == corpus.PAGE][:args.speed_images]
     costs = page_costs(runner, page_paths)
     for stage, ms in costs:
@@ -343,6 +387,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     add("default model", probs, kinds, speed[corpus.PHOTO], speed[corpus.PAGE])
     add("default + test-time turns", tta, kinds, tta_speed[corpus.PHOTO], tta_speed[corpus.PAGE])
+    add(f"default + test-time turns when p < {below} (score's default)", unsure_tta, kinds,
+        unsure_speed[corpus.PHOTO], unsure_speed[corpus.PAGE])
 
     tune_mask = np.array([tuning_half(i) for i in test])
     tuned_predict = archive_tune(runner, feats[tune_mask])
@@ -368,8 +414,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 rows.append((name + ", peers' subset", _pct(results[corpus.PHOTO][0]), _pct(results[corpus.PAGE][0]),
                              f"{results[corpus.PHOTO][1]:.1f}", f"{results[corpus.PAGE][1]:.1f}", "n/a", "n/a"))
                 print(f"{name}: done", flush=True)
-                print(f"pages, default model vs {name}: {speed[corpus.PAGE]:.1f} vs {results[corpus.PAGE][1]:.1f} "
-                      f"img/s = {speed[corpus.PAGE] / results[corpus.PAGE][1]:.2f}x", flush=True)
+                for label, ours in (("default model", speed), ("score's default (turns when unsure)", unsure_speed)):
+                    print(f"pages, {label} vs {name}: {ours[corpus.PAGE]:.1f} vs {results[corpus.PAGE][1]:.1f} "
+                          f"img/s = {ours[corpus.PAGE] / results[corpus.PAGE][1]:.2f}x", flush=True)
 
     if args.figures:
         for path in write_confusions(args.figures, {"default": probs, "default + test-time turns": tta}, kinds):
@@ -379,7 +426,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             probs, 1.0 / temperature))):
         nll, ece = calibration(p)
         print(f"calibration, {name}: NLL {nll:.3f}, ECE {100 * ece:.1f}%")
-    for name, p in (("default", probs), ("default + test-time turns", tta)):
+    for name, p in (("default", probs), ("default + test-time turns", tta),
+                    (f"default + test-time turns when p < {below}", unsure_tta)):
         cells = []
         for threshold in (0.8, 0.9, 0.95, 0.98):
             stats = train_default.band_stats(p, rotate_threshold=threshold)

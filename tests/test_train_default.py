@@ -26,6 +26,30 @@ def test_bench_test_time_turns_combine_exactly_like_score_tta():
             np.testing.assert_allclose(scored["orientation_probabilities"], combined[n, d], atol=1e-12)
 
 
+def test_bench_turns_when_unsure_answers_like_score_tta_below():
+    """The bench's figures for --tta-below come from the probabilities; score must answer the same, and send turned
+    copies for exactly the share the bench reports."""
+    from pipelines.score import TURNS, predict_isolating
+
+    rng = np.random.default_rng(2)
+    probs = _softmax(rng.normal(size=(6, 4, 4)) * 2)
+    below = float(np.median(probs.max(-1)))
+    combined, share = train_default.turns_when_unsure(probs, below)
+    items = [{"uri": f"{n}/{d}", "turns": TURNS, "images": [f"{n}:{(d + j) % 4}".encode() for j in range(4)]}
+             for n in range(6) for d in range(4)]
+    sent = []
+
+    def predict(images):
+        sent.extend(images)
+        return [{"orientation_probabilities": probs[int(i.split(b":")[0]), int(i.split(b":")[1])]} for i in images]
+
+    outcomes = predict_isolating(items, predict, tta_below=below)
+    for item, prediction, _ in outcomes:
+        n, d = map(int, item["uri"].split("/"))
+        np.testing.assert_allclose(prediction["orientation_probabilities"], combined[n, d], atol=1e-12)
+    assert (len(sent) - len(items)) / 3 == pytest.approx(share * len(items)) and 0 < share < 1
+
+
 def test_fit_temperature_recovers_the_overconfidence_it_is_meant_to_undo():
     rng = np.random.default_rng(1)
     n = 3000
@@ -58,3 +82,23 @@ def test_band_stats_count_the_auto_rotate_band_like_score():
     assert stats["auto_rotate_right"] == pytest.approx(0.5)
     assert stats["ok_right"] == 1.0
     assert train_default.band_stats(image[None], rotate_threshold=0.88)["auto_rotate_right"] == 1.0
+
+
+def test_choose_tta_below_takes_the_lowest_threshold_that_keeps_full_tta_accuracy():
+    from archive_vision import orientation_corpus as corpus
+
+    def answer(right: int, p: float, said: int = -1) -> np.ndarray:
+        v = np.full(4, (1 - p) / 3)
+        v[right if said < 0 else said] = p
+        return v
+
+    sure = np.stack([answer(d, 0.97) for d in range(4)])
+    # stored upright, it says 180 at p 0.6; its turned copies are right and sure enough to outvote that
+    unsure = np.stack([answer(0, 0.6, said=2)] + [answer(d, 0.9) for d in (1, 2, 3)])
+    probs = np.stack([sure, unsure] * 4)
+    kinds = np.array([corpus.PHOTO, corpus.PHOTO, corpus.PAGE, corpus.PAGE] * 2)  # each kind: 2 sure, 2 unsure
+    choice, sweep = train_default.choose_tta_below(probs, kinds, candidates=(0.5, 0.7, 0.95, 1.0))
+    assert choice == 0.7
+    assert sweep[0.5]["pages"] < sweep[0.7]["pages"] == sweep[1.0]["pages"] == 1.0
+    assert sweep[0.7]["pages_turned"] == pytest.approx(1 / 8) and sweep[0.7]["pages_upright_turned"] == 0.5
+    assert sweep[0.95]["pages_turned"] == pytest.approx(1 / 2) and sweep[0.95]["photos"] == 1.0
