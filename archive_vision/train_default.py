@@ -12,7 +12,8 @@ weights (`make default-model` runs it with the Makefile's folders):
    on 2 CPU cores, once).
 3. Train the OrientationHead (trainer.model) on the pooled features of train, then fine-tune the backbone's top
    blocks (15-18, BatchNorm frozen) together with it on the cached block-14 activations (FINE_TUNE).
-4. Fit a temperature on val's held-out predictions of that train-only model, so confidences match accuracy.
+4. Fit a temperature on val's held-out predictions of that train-only model, so confidences match accuracy, and
+   choose score's --tta-below on them (choose_tta_below: turned copies only where they are needed).
 5. Refit steps 3 on train + val (more sources seen; the settings are fixed by then), fold the temperature
    into the logits layer (softmax(z / T) is the same head with the last layer divided by T), and write the
    head's weights, the fine-tuned backbone layers (float16) and the config as one .npz
@@ -21,7 +22,8 @@ weights (`make default-model` runs it with the Makefile's folders):
 
 `--experiments` instead prints val accuracy for variants measured for issue 7 (photo weighting, extra
 photo views: mirror / centre crop / 320 px, page tiles, test-time turns) and for the model's input (letterboxed
-224 / centre crop 224 / letterboxed 320; `--experiments inputs` for that alone), all on cached features.
+224 / centre crop 224 / letterboxed 320; `--experiments inputs` for that alone), all on cached features, and the
+--tta-below sweep on the train-only recipe (`--experiments tta` for that alone).
 """
 from __future__ import annotations
 

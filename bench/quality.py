@@ -365,7 +365,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      below=below) for k in (corpus.PHOTO, corpus.PAGE)}
     for kind in (corpus.PHOTO, corpus.PAGE):
         share = train_default.turns_when_unsure(probs[kinds == kind], below)[1]
-        print(f"test-time turns when unsure (p < {below}), {kind}s: turned copies for {100 * share:.0f}%; "
+        upright = float(np.mean(probs[kinds == kind][:, 0].max(-1) < below))
+        print(f"test-time turns when unsure (p < {below}), {kind}s: turned copies for {100 * share:.0f}% of all "
+              f"turns, {100 * upright:.0f}% of the images as stored (upright, as timed); "
               f"{unsure_speed[kind]:.1f} img/s vs {tta_speed[kind]:.1f} with every image turned "
               f"({unsure_speed[kind] / tta_speed[kind]:.2f}x) and {speed[kind]:.1f} without turns", flush=True)
     page_paths = [i.path for i in test if i.kind == corpus.PAGE][:args.speed_images]
