@@ -141,7 +141,7 @@ def turns_when_unsure(probs: np.ndarray, below: float) -> Tuple[np.ndarray, floa
     """score --tta --tta-below: each stored turn keeps its own answer when its top probability is at least `below`,
     else takes the four-turn average (test_time_turns). Returns (probabilities, share of answers that needed the
     turned copies)."""
-    unsure = probs.max(-1) < below
+    unsure = probs.max(-1).astype(np.float64) < below  # as score compares: float32 confidence, float threshold
     return np.where(unsure[..., None], test_time_turns(probs), probs), float(unsure.mean()) if unsure.size else 0.0
 
 
@@ -368,7 +368,8 @@ def choose_tta_below(probs: np.ndarray, kinds: np.ndarray, candidates: Sequence[
             chosen = probs[kinds == kind]
             combined, share = turns_when_unsure(chosen, below)
             row.update({f"{kind}s": accuracy(combined), f"{kind}s_turned": share,
-                        f"{kind}s_upright_turned": float(np.mean(chosen[:, 0].max(-1) < below)) if len(chosen)
+                        f"{kind}s_upright_turned": float(np.mean(chosen[:, 0].max(-1).astype(np.float64) < below))
+                        if len(chosen)
                         else 0.0})
         sweep[below] = row
         if choice is None and all(row[f"{k}s"] >= full[k] - tolerance for k in full if full[k] == full[k]):

@@ -134,7 +134,7 @@ class DefaultModelRunner:
         of the images whose top probability is below `below` (decoded once)."""
         pixels, probs = self._answer_once(self.tf.constant(list(images)))
         probs = probs.numpy()
-        unsure = np.flatnonzero(probs.max(-1) < below)
+        unsure = np.flatnonzero(probs.max(-1).astype(np.float64) < below)  # as score compares
         if len(unsure):
             turned = self._answer_turned(self.tf.gather(pixels, unsure)).numpy()
             probs[unsure] = (probs[unsure] + turned) / 4.0
@@ -365,7 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      below=below) for k in (corpus.PHOTO, corpus.PAGE)}
     for kind in (corpus.PHOTO, corpus.PAGE):
         share = train_default.turns_when_unsure(probs[kinds == kind], below)[1]
-        upright = float(np.mean(probs[kinds == kind][:, 0].max(-1) < below))
+        upright = float(np.mean(probs[kinds == kind][:, 0].max(-1).astype(np.float64) < below))
         print(f"test-time turns when unsure (p < {below}), {kind}s: turned copies for {100 * share:.0f}% of all "
               f"turns, {100 * upright:.0f}% of the images as stored (upright, as timed); "
               f"{unsure_speed[kind]:.1f} img/s vs {tta_speed[kind]:.1f} with every image turned "
@@ -389,7 +389,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     add("default model", probs, kinds, speed[corpus.PHOTO], speed[corpus.PAGE])
     add("default + test-time turns", tta, kinds, tta_speed[corpus.PHOTO], tta_speed[corpus.PAGE])
-    add(f"default + test-time turns when p < {below} (score's default)", unsure_tta, kinds,
+    add(f"default + test-time turns when p < {below} (score's built-in default)", unsure_tta, kinds,
         unsure_speed[corpus.PHOTO], unsure_speed[corpus.PAGE])
 
     tune_mask = np.array([tuning_half(i) for i in test])

@@ -284,7 +284,10 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
                     f"{'counts reconcile' if counts.get('reconciled') else 'COUNTS DO NOT RECONCILE'}")
     tta = run.get("tta") or {}
     if tta.get("enabled"):
-        meta.append(f"test-time turns: disagreement rate {tta.get('disagreement_rate')}")
+        sure = (f", {tta['single_copy']} sure on one copy (p >= {tta.get('below')})" if tta.get("single_copy")
+                else "")
+        meta.append(f"test-time turns: {tta.get('images')} pages in four turns{sure}; disagreement rate among them "
+                    f"{tta.get('disagreement_rate')}")
     timings = run.get("timings") or {}
     if timings:
         meta.append(f"{timings.get('elapsed_seconds')} s, {timings.get('pages_per_second')} pages/s")

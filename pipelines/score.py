@@ -214,15 +214,18 @@ def predict_isolating(items: Sequence[dict], predict: Callable[[List[bytes]], Li
 
     Items carry their copies turned `item["turns"]` (the first is the image as stored). With `tta_below` < 1, only
     the stored copies are scored first; the turned copies follow, in one more call, for the items whose top
-    orientation probability is below `tta_below`. A sure item keeps its single answer, with no `tta_agreement`.
+    orientation probability is below `tta_below` (all of them when the model has no orientation output). A sure
+    item keeps its single answer, with no `tta_agreement`.
     """
     if tta_below >= 1.0 or all(len(item["images"]) == 1 for item in items):
         return [(item, None if copies is None else combine_turned(copies, item["turns"]), error)
                 for item, copies, error in _predict_copies(items, predict, fatal, abort)]
     stored = _predict_copies([dict(item, images=item["images"][:1]) for item in items], predict, fatal, abort)
+    # A model without an orientation output gives no confidence to skip on: its items are always turned.
     unsure = [i for i, (item, (_, copies, _)) in enumerate(zip(items, stored))
-              if copies is not None and len(item["images"]) > 1 and "orientation_probabilities" in copies[0]
-              and float(np.max(copies[0]["orientation_probabilities"])) < tta_below]
+              if copies is not None and len(item["images"]) > 1
+              and ("orientation_probabilities" not in copies[0]
+                   or float(np.max(copies[0]["orientation_probabilities"])) < tta_below)]
     turned = dict(zip(unsure, _predict_copies([dict(items[i], images=items[i]["images"][1:]) for i in unsure],
                                               predict, fatal, abort)))
     out = []
@@ -1003,6 +1006,7 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
         "model": {"name": model.name, "version": model.version, "class_names": list(model.class_names),
                   "source": model.endpoint or model.version_dir, "mode": "grpc" if model.endpoint else "in_process"},
         "counts": counts,
+        # images: pages scored in four turns (disagreement_rate and mean_agreement are over these)
         "tta": {"enabled": opts.tta, "images": len(tta), "below": opts.tta_below,
                 # with --tta-below < 1: pages sure enough on their stored copy alone (turned copies not scored)
                 "single_copy": sum(1 for r in scored if r["tta_agreement"] is None
@@ -1084,8 +1088,12 @@ def format_summary(summary: dict) -> str:
     ]
     if summary["tta"]["enabled"]:
         t = summary["tta"]
-        sure = f", {t['single_copy']} sure on one copy (p >= {t['below']})" if t["single_copy"] else ""
-        lines.append(f"  tta      {t['images']} pages in four turns{sure}; disagreement rate {t['disagreement_rate']}")
+        if t["images"] or t["single_copy"]:
+            sure = f", {t['single_copy']} sure on one copy (p >= {t['below']})" if t["single_copy"] else ""
+            lines.append(f"  tta      {t['images']} pages in four turns{sure}; disagreement rate among them "
+                         f"{t['disagreement_rate']}")
+        else:  # a model without an orientation output: the class probabilities of the four turns are averaged
+            lines.append("  tta      class probabilities averaged over four turns (no orientation output)")
     if summary["corrected"]["dir"]:
         lines.append(f"  corrected {c['corrected_written']} upright copies in {summary['corrected']['dir']} "
                      f"(JPEG: {summary['corrected']['jpeg_tool']})")

@@ -157,6 +157,8 @@ def test_tta_below_keeps_sure_answers_and_turns_only_the_rest(tmp_path):
     assert summary["tta"] | {"disagreement_rate": None, "mean_agreement": None} == {
         "enabled": True, "below": below, "images": len(rows) - len(sure), "single_copy": len(sure),
         "disagreement_rate": None, "mean_agreement": None}
+    line = next(line for line in score.format_summary(summary).splitlines() if line.strip().startswith("tta"))
+    assert f"{len(rows) - len(sure)} pages in four turns, {len(sure)} sure on one copy (p >= {below})" in line
 
 
 def test_skip_known_skips_exactly_the_already_scored_content(tmp_path, red_corner_export):
@@ -264,6 +266,17 @@ def test_no_second_call_when_every_image_is_sure():
     outcomes = score.predict_isolating(_turned_items([0.99, 0.98]), _consistent_predict(calls), tta_below=0.95)
     assert [len(c) for c in calls] == [2] and all("tta_agreement" not in o[1] for o in outcomes)
     assert score.predict_isolating([], _consistent_predict(calls), tta_below=0.95) == [] and len(calls) == 1
+
+
+def test_a_model_without_orientation_output_always_gets_its_turned_copies():
+    calls = []
+
+    def predict(images):
+        calls.append(len(images))
+        return [{"class_probabilities": np.array([0.9, 0.1]), "class_ids": 0} for _ in images]
+
+    outcomes = score.predict_isolating(_turned_items([0.99, 0.6]), predict, tta_below=0.5)
+    assert calls == [2, 6] and all(o[1]["class_ids"] == 0 and o[2] == "" for o in outcomes)
 
 
 def test_tta_below_one_scores_every_turned_copy_in_one_call():
