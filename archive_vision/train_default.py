@@ -137,11 +137,17 @@ def test_time_turns(probs: np.ndarray) -> np.ndarray:
     return out
 
 
+def needs_turns(probs: np.ndarray, below: float) -> np.ndarray:
+    """Which answers ([..., 4] probabilities) score --tta-below sends turned copies for: top probability < below,
+    compared as score compares (the float32 confidence widened, not the threshold narrowed)."""
+    return probs.max(-1).astype(np.float64) < below
+
+
 def turns_when_unsure(probs: np.ndarray, below: float) -> Tuple[np.ndarray, float]:
     """score --tta --tta-below: each stored turn keeps its own answer when its top probability is at least `below`,
     else takes the four-turn average (test_time_turns). Returns (probabilities, share of answers that needed the
     turned copies)."""
-    unsure = probs.max(-1).astype(np.float64) < below  # as score compares: float32 confidence, float threshold
+    unsure = needs_turns(probs, below)
     return np.where(unsure[..., None], test_time_turns(probs), probs), float(unsure.mean()) if unsure.size else 0.0
 
 
@@ -367,10 +373,8 @@ def choose_tta_below(probs: np.ndarray, kinds: np.ndarray, candidates: Sequence[
         for kind in (corpus.PHOTO, corpus.PAGE):
             chosen = probs[kinds == kind]
             combined, share = turns_when_unsure(chosen, below)
-            row.update({f"{kind}s": accuracy(combined), f"{kind}s_turned": share,
-                        f"{kind}s_upright_turned": float(np.mean(chosen[:, 0].max(-1).astype(np.float64) < below))
-                        if len(chosen)
-                        else 0.0})
+            upright = float(needs_turns(chosen[:, 0], below).mean()) if len(chosen) else 0.0
+            row.update({f"{kind}s": accuracy(combined), f"{kind}s_turned": share, f"{kind}s_upright_turned": upright})
         sweep[below] = row
         if choice is None and all(row[f"{k}s"] >= full[k] - tolerance for k in full if full[k] == full[k]):
             choice = below
@@ -393,12 +397,20 @@ def _train_only(images: Sequence[corpus.CorpusImage], cache: str, epochs: int, p
     return predict_turns(model, cut_val), val_kinds
 
 
-def _print_tta_below(choice: float, sweep: Dict[float, Dict[str, float]]) -> None:
+def _choose_on_val(images: Sequence[corpus.CorpusImage], cache: str, epochs: int, photo_weight: float,
+                   fine_tune: bool) -> Tuple[np.ndarray, np.ndarray, float, float]:
+    """The choices made on val with the train-only recipe (printed): (val probabilities at T = 1, val kinds,
+    temperature, --tta-below)."""
+    val_probs, val_kinds = _train_only(images, cache, epochs, photo_weight, fine_tune)
+    temperature = fit_temperature(val_probs)
+    print(f"temperature on val: {temperature:.2f}")
+    choice, sweep = choose_tta_below(with_temperature(val_probs, temperature), val_kinds)
     for below, row in sweep.items():
         print(f"tta below {below}: " + ", ".join(
             f"{kind}s {100 * row[kind + 's']:.1f}% (turned copies for {100 * row[kind + 's_turned']:.0f}%, "
             f"{100 * row[kind + 's_upright_turned']:.0f}% of upright)" for kind in (corpus.PHOTO, corpus.PAGE))
             + ("  <- chosen" if below == choice else ""), flush=True)
+    return val_probs, val_kinds, temperature, choice
 
 
 def train_default(corpus_root: str, cache: str, out: str, epochs: int = DEFAULT_EPOCHS,
@@ -406,10 +418,7 @@ def train_default(corpus_root: str, cache: str, out: str, epochs: int = DEFAULT_
     """The whole recipe (see the module docstring); returns the metadata it wrote."""
     images = corpus.load_corpus(corpus_root)
     started = time.time()
-    val_probs, val_kinds = _train_only(images, cache, epochs, photo_weight, fine_tune)
-    temperature = fit_temperature(val_probs)
-    tta_below, sweep = choose_tta_below(with_temperature(val_probs, temperature), val_kinds)
-    _print_tta_below(tta_below, sweep)
+    val_probs, val_kinds, temperature, tta_below = _choose_on_val(images, cache, epochs, photo_weight, fine_tune)
     both, both_kinds = _training_views(images, (corpus.TRAIN, corpus.VAL), cache)
     _, final_head, _ = fit_head(both, _weights(both_kinds, photo_weight), epochs=epochs)
     tuned_layers = []
@@ -458,10 +467,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.experiments in ("all", "inputs"):
             compare_inputs(images, args.cache)
         if args.experiments in ("all", "tta"):
-            val_probs, val_kinds = _train_only(images, args.cache, args.epochs, args.photo_weight, args.fine_tune)
-            temperature = fit_temperature(val_probs)
-            print(f"temperature on val: {temperature:.2f}")
-            _print_tta_below(*choose_tta_below(with_temperature(val_probs, temperature), val_kinds))
+            _choose_on_val(images, args.cache, args.epochs, args.photo_weight, args.fine_tune)
         return 0
     meta = train_default(args.corpus, args.cache, os.path.normpath(args.out), args.epochs, args.photo_weight,
                          args.fine_tune)

@@ -134,7 +134,7 @@ class DefaultModelRunner:
         of the images whose top probability is below `below` (decoded once)."""
         pixels, probs = self._answer_once(self.tf.constant(list(images)))
         probs = probs.numpy()
-        unsure = np.flatnonzero(probs.max(-1).astype(np.float64) < below)  # as score compares
+        unsure = np.flatnonzero(train_default.needs_turns(probs, below))
         if len(unsure):
             turned = self._answer_turned(self.tf.gather(pixels, unsure)).numpy()
             probs[unsure] = (probs[unsure] + turned) / 4.0
@@ -363,9 +363,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unsure_tta, _ = train_default.turns_when_unsure(probs, below)
     unsure_speed = {k: default_speed(runner, [i.path for i in test if i.kind == k][:args.speed_images], tta=True,
                                      below=below) for k in (corpus.PHOTO, corpus.PAGE)}
+    _, sweep = train_default.choose_tta_below(probs, kinds, candidates=(below,))
     for kind in (corpus.PHOTO, corpus.PAGE):
-        share = train_default.turns_when_unsure(probs[kinds == kind], below)[1]
-        upright = float(np.mean(probs[kinds == kind][:, 0].max(-1).astype(np.float64) < below))
+        share, upright = sweep[below][f"{kind}s_turned"], sweep[below][f"{kind}s_upright_turned"]
         print(f"test-time turns when unsure (p < {below}), {kind}s: turned copies for {100 * share:.0f}% of all "
               f"turns, {100 * upright:.0f}% of the images as stored (upright, as timed); "
               f"{unsure_speed[kind]:.1f} img/s vs {tta_speed[kind]:.1f} with every image turned "

@@ -284,10 +284,9 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
                     f"{'counts reconcile' if counts.get('reconciled') else 'COUNTS DO NOT RECONCILE'}")
     tta = run.get("tta") or {}
     if tta.get("enabled"):
-        sure = (f", {tta['single_copy']} sure on one copy (p >= {tta.get('below')})" if tta.get("single_copy")
-                else "")
-        meta.append(f"test-time turns: {tta.get('images')} pages in four turns{sure}; disagreement rate among them "
-                    f"{tta.get('disagreement_rate')}")
+        from pipelines.score import tta_summary
+
+        meta.append(f"test-time turns: {tta_summary(tta)}")
     timings = run.get("timings") or {}
     if timings:
         meta.append(f"{timings.get('elapsed_seconds')} s, {timings.get('pages_per_second')} pages/s")

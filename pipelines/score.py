@@ -1072,6 +1072,14 @@ def _labelled_input(src: str) -> Optional[str]:
     return src if columns & {"label", "label_name", "orientation"} else None
 
 
+def tta_summary(tta: dict) -> str:
+    """run.json's `tta` section in words (the run's summary line and report.html)."""
+    if not (tta.get("images") or tta.get("single_copy")):  # no orientation output: only classes were averaged
+        return "class probabilities averaged over four turns (no orientation output)"
+    sure = f", {tta['single_copy']} sure on one copy (p >= {tta.get('below')})" if tta.get("single_copy") else ""
+    return f"{tta.get('images')} pages in four turns{sure}; disagreement rate among them {tta.get('disagreement_rate')}"
+
+
 def format_summary(summary: dict) -> str:
     """The few lines a person reads after the run."""
     c = summary["counts"]
@@ -1087,13 +1095,7 @@ def format_summary(summary: dict) -> str:
         f"  errors   {c['errors']}  ({kinds})",
     ]
     if summary["tta"]["enabled"]:
-        t = summary["tta"]
-        if t["images"] or t["single_copy"]:
-            sure = f", {t['single_copy']} sure on one copy (p >= {t['below']})" if t["single_copy"] else ""
-            lines.append(f"  tta      {t['images']} pages in four turns{sure}; disagreement rate among them "
-                         f"{t['disagreement_rate']}")
-        else:  # a model without an orientation output: the class probabilities of the four turns are averaged
-            lines.append("  tta      class probabilities averaged over four turns (no orientation output)")
+        lines.append(f"  tta      {tta_summary(summary['tta'])}")
     if summary["corrected"]["dir"]:
         lines.append(f"  corrected {c['corrected_written']} upright copies in {summary['corrected']['dir']} "
                      f"(JPEG: {summary['corrected']['jpeg_tool']})")

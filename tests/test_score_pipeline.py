@@ -129,12 +129,19 @@ def test_tta_agrees_on_a_clear_image_and_reports_the_rate(tmp_path, red_corner_e
     assert summary["tta"]["enabled"] and summary["tta"]["images"] == 3 and summary["tta"]["disagreement_rate"] == 0.0
 
 
-def test_tta_below_keeps_sure_answers_and_turns_only_the_rest(tmp_path):
+def _tiny_export_and_photos(tmp_path, version: int, photos: int):
+    """(export base of the tiny 3-class model, version `version`; an archive of `photos` random photos): a random
+    model gives them varied answers and confidences."""
     base = str(tmp_path / "export")
     export.export_model(make_tiny_model(image_size=sf.IMAGE_SIZE, seed=5), base, class_names=["a", "b", "c"],
-                        image_size=sf.IMAGE_SIZE, version=1)
+                        image_size=sf.IMAGE_SIZE, version=version)
     archive = str(tmp_path / "archive")
-    sf.random_photos(archive, 8)
+    sf.random_photos(archive, photos)
+    return base, archive
+
+
+def test_tta_below_keeps_sure_answers_and_turns_only_the_rest(tmp_path):
+    base, archive = _tiny_export_and_photos(tmp_path, version=1, photos=8)
     single = str(tmp_path / "single")
     run_score(["--input", archive, "--output", single, "--model", base, "--no-tta"])
     once = results_by_name(single)
@@ -562,11 +569,7 @@ def test_turned_copies_are_shifted_back_before_combining():
 def test_local_grpc_server_and_in_process_give_the_same_answers(tmp_path):
     from archive_vision.demo import LocalServer
 
-    base = str(tmp_path / "export")
-    export.export_model(make_tiny_model(image_size=sf.IMAGE_SIZE, seed=5), base, class_names=["a", "b", "c"],
-                        image_size=sf.IMAGE_SIZE, version=7)
-    archive = str(tmp_path / "archive")
-    sf.random_photos(archive, 6)
+    base, archive = _tiny_export_and_photos(tmp_path, version=7, photos=6)
     sf.write_turned_archive(archive, {"asym": 90}, fmt="JPEG", ext="jpg")
     sf.write_bad_files(archive)
     local_out, remote_out = str(tmp_path / "local"), str(tmp_path / "remote")
