@@ -358,14 +358,22 @@ def compare_inputs(images: Sequence[corpus.CorpusImage], cache: str,
 
 TTA_BELOW_CANDIDATES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 TTA_BELOW_TOLERANCE = 0.005  # accuracy (per kind) that skipping turned copies may cost against turning every image
+# The turns answered from one copy (top probability >= the threshold, a turn other than 0) must be at least this
+# often right: they go straight to score's auto_rotate band, whose target is 99.5% right.
+TTA_BELOW_SURE_RIGHT = 0.995
 
 
 def choose_tta_below(probs: np.ndarray, kinds: np.ndarray, candidates: Sequence[float] = TTA_BELOW_CANDIDATES,
-                     tolerance: float = TTA_BELOW_TOLERANCE) -> Tuple[float, Dict[float, Dict[str, float]]]:
+                     tolerance: float = TTA_BELOW_TOLERANCE, sure_right: float = TTA_BELOW_SURE_RIGHT
+                     ) -> Tuple[float, Dict[float, Dict[str, float]]]:
     """score's --tta-below for a model, from its calibrated held-out probabilities [N, 4 turns, 4]: the lowest
     candidate (the fewest turned copies) whose accuracy, photos and pages each, is within `tolerance` of turning
-    every image. Returns (choice, {candidate: accuracy and share turned per kind, and among upright images})."""
+    every image, and whose turns answered from one copy (answers other than 0, photos and pages together) are at
+    least `sure_right` right. Returns (choice, {candidate: accuracy and share turned per kind, among upright images,
+    and `sure_right`})."""
     full = {kind: accuracy(test_time_turns(probs[kinds == kind])) for kind in (corpus.PHOTO, corpus.PAGE)}
+    said = np.argmax(probs, -1)
+    right, turns = said == np.arange(4)[None, :], said != 0
     sweep: Dict[float, Dict[str, float]] = {}
     choice = None
     for below in sorted(candidates):
@@ -375,8 +383,11 @@ def choose_tta_below(probs: np.ndarray, kinds: np.ndarray, candidates: Sequence[
             combined, share = turns_when_unsure(chosen, below)
             upright = float(needs_turns(chosen[:, 0], below).mean()) if len(chosen) else 0.0
             row.update({f"{kind}s": accuracy(combined), f"{kind}s_turned": share, f"{kind}s_upright_turned": upright})
+        sure = ~needs_turns(probs, below) & turns
+        row["sure_right"] = float(right[sure].mean()) if sure.any() else float("nan")
         sweep[below] = row
-        if choice is None and all(row[f"{k}s"] >= full[k] - tolerance for k in full if full[k] == full[k]):
+        if (choice is None and all(row[f"{k}s"] >= full[k] - tolerance for k in full if full[k] == full[k])
+                and not row["sure_right"] < sure_right):
             choice = below
     return (1.0 if choice is None else choice), sweep
 
@@ -409,6 +420,7 @@ def _choose_on_val(images: Sequence[corpus.CorpusImage], cache: str, epochs: int
         print(f"tta below {below}: " + ", ".join(
             f"{kind}s {100 * row[kind + 's']:.1f}% (turned copies for {100 * row[kind + 's_turned']:.0f}%, "
             f"{100 * row[kind + 's_upright_turned']:.0f}% of upright)" for kind in (corpus.PHOTO, corpus.PAGE))
+            + f"; turns answered from one copy {100 * row['sure_right']:.2f}% right"
             + ("  <- chosen" if below == choice else ""), flush=True)
     return val_probs, val_kinds, temperature, choice
 

@@ -102,3 +102,33 @@ def test_choose_tta_below_takes_the_lowest_threshold_that_keeps_full_tta_accurac
     assert sweep[0.5]["pages"] < sweep[0.7]["pages"] == sweep[1.0]["pages"] == 1.0
     assert sweep[0.7]["pages_turned"] == pytest.approx(1 / 8) and sweep[0.7]["pages_upright_turned"] == 0.5
     assert sweep[0.95]["pages_turned"] == pytest.approx(1 / 2) and sweep[0.95]["photos"] == 1.0
+    assert sweep[0.7]["sure_right"] == 1.0
+
+
+def test_choose_tta_below_keeps_turning_answers_that_are_sure_but_too_often_wrong():
+    """Turns answered from one copy go straight to the auto_rotate band: a threshold that keeps accuracy but lets
+    confidently wrong turns through is passed over for a higher one."""
+    from archive_vision import orientation_corpus as corpus
+
+    def answer(right: int, p: float, said: int) -> np.ndarray:
+        v = np.full(4, (1 - p) / 3)
+        v[said] = p
+        return v
+
+    sure = np.stack([answer(d, 0.97, d) for d in range(4)])
+    upside_down = np.stack([answer(d, 0.92, (d + 2) % 4) for d in range(4)])  # wrong on every copy: turns can't help
+    probs = np.stack([sure] * 6 + [upside_down])
+    kinds = np.array([corpus.PHOTO] * 7)
+    candidates = (0.5, 0.9, 0.95, 1.0)
+    # every threshold has the accuracy of turning every image (24 of 28 answers)
+    assert all(row["photos"] == pytest.approx(24 / 28) for row in sweep_of(probs, kinds, candidates).values())
+    choice, sweep = train_default.choose_tta_below(probs, kinds, candidates=candidates, sure_right=0.85)
+    # turns said from one copy: 18 right (the sure images' 90/180/270), 3 wrong (the upside-down image's, bar the
+    # copy it calls upright, which is not a turn)
+    assert choice == 0.5 and sweep[0.5]["sure_right"] == pytest.approx(18 / 21)
+    choice, sweep = train_default.choose_tta_below(probs, kinds, candidates=candidates, sure_right=0.9)
+    assert choice == 0.95 and sweep[0.9]["sure_right"] == pytest.approx(18 / 21) and sweep[0.95]["sure_right"] == 1.0
+
+
+def sweep_of(probs, kinds, candidates):
+    return train_default.choose_tta_below(probs, kinds, candidates=candidates)[1]
