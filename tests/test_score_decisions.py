@@ -131,10 +131,14 @@ def test_thresholds_outside_zero_to_one_are_refused(flag):
 
 def test_builtin_model_defaults_to_turned_copies_and_the_stricter_rotate_band():
     # README: with the built-in model, score turns on --tta (turned copies only for images less sure than the
-    # head's tta_below) and uses --rotate-threshold 0.9 unless told otherwise
+    # head's tta_below, the one its training chose) and uses --rotate-threshold 0.9 unless told otherwise
+    from pipelines.score import DEFAULT_MODEL_TTA_BELOW
+    from trainer.default_model import head_metadata
+
     builtin, _ = parse_args(["--input", "in", "--output", "out"])
     explicit, _ = parse_args(["--input", "in", "--output", "out", "--model", "some/export"])
-    assert (builtin.tta, builtin.rotate_threshold) == (True, 0.9) and 0 < builtin.tta_below < 1
+    assert (builtin.tta, builtin.rotate_threshold) == (True, 0.9)
+    assert builtin.tta_below == head_metadata().get("tta_below", DEFAULT_MODEL_TTA_BELOW)
     assert (explicit.tta, explicit.rotate_threshold, explicit.tta_below) == (False, 0.8, 1.0)
     answer = prediction(90, 0.85, tta_agreement=1.0)
     assert decide(answer, builtin) == ("review", "orientation 90 confidence 0.85 < 0.90")
