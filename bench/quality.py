@@ -10,7 +10,8 @@ Rows, side by side in one run:
   export and score run it (BatchNorm folded into the convolutions, trainer.inference);
 - + test-time turns: each image also turned 90/180/270 more, answers rolled back and averaged (score --tta);
 - + test-time turns when unsure: the turned copies only for images whose own answer is below the head's
-  `tta_below` (score's built-in default, --tta-below);
+  `tta_below` (score's built-in default, --tta-below; or this script's --tta-below); no row of its own when the
+  threshold is 1.0, since every image is then turned;
 - archive-tuned: the default head re-fitted, without labels, on one half of the held-out sources (their
   images taken as upright, the usual state of an archive), measured on the other half beside the default
   model on that same half;
@@ -337,6 +338,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="photos and pages (each) the slow peers see; 0 skips the peers")
     parser.add_argument("--cores", type=int, default=1, help="pin the process to this many cores")
     parser.add_argument("--speed-images", type=int, default=48, help="images per kind timed end to end")
+    parser.add_argument("--tta-below", type=float, default=None,
+                        help="measure test-time turns when unsure at this threshold instead of score's built-in one "
+                             "(the head's recorded tta_below)")
     parser.add_argument("--figures", default="",
                         help="write confusion matrices (true turn x answered turn) of photos and pages as PNGs here")
     args = parser.parse_args(argv)
@@ -359,12 +363,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              for k in (corpus.PHOTO, corpus.PAGE)}
     tta_speed = {k: default_speed(runner, [i.path for i in test if i.kind == k][:args.speed_images], tta=True)
                  for k in (corpus.PHOTO, corpus.PAGE)}
-    below = builtin_tta_below()
-    unsure_tta, _ = train_default.turns_when_unsure(probs, below)
-    unsure_speed = {k: default_speed(runner, [i.path for i in test if i.kind == k][:args.speed_images], tta=True,
-                                     below=below) for k in (corpus.PHOTO, corpus.PAGE)}
+    below = builtin_tta_below() if args.tta_below is None else args.tta_below
+    adaptive = below < 1.0  # else test-time turns when unsure are test-time turns for every image
+    unsure_tta, unsure_speed = tta, tta_speed
+    if adaptive:
+        unsure_tta, _ = train_default.turns_when_unsure(probs, below)
+        unsure_speed = {k: default_speed(runner, [i.path for i in test if i.kind == k][:args.speed_images],
+                                         tta=True, below=below) for k in (corpus.PHOTO, corpus.PAGE)}
     _, sweep = train_default.choose_tta_below(probs, kinds, candidates=(below,))
-    for kind in (corpus.PHOTO, corpus.PAGE):
+    for kind in (corpus.PHOTO, corpus.PAGE) if adaptive else ():
         share, upright = sweep[below][f"{kind}s_turned"], sweep[below][f"{kind}s_upright_turned"]
         print(f"test-time turns when unsure (p < {below}), {kind}s: turned copies for {100 * share:.0f}% of all "
               f"turns, {100 * upright:.0f}% of the images as stored (upright, as timed); "
@@ -388,9 +395,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      _pct(stats.get("auto_rotate_right", float("nan")))))
 
     add("default model", probs, kinds, speed[corpus.PHOTO], speed[corpus.PAGE])
-    add("default + test-time turns", tta, kinds, tta_speed[corpus.PHOTO], tta_speed[corpus.PAGE])
-    add(f"default + test-time turns when p < {below} (score's built-in default)", unsure_tta, kinds,
-        unsure_speed[corpus.PHOTO], unsure_speed[corpus.PAGE])
+    default_label = " (score's built-in default)" if args.tta_below is None else ""
+    add("default + test-time turns" + ("" if adaptive else default_label), tta, kinds, tta_speed[corpus.PHOTO],
+        tta_speed[corpus.PAGE])
+    if adaptive:
+        add(f"default + test-time turns when p < {below}{default_label}", unsure_tta, kinds,
+            unsure_speed[corpus.PHOTO], unsure_speed[corpus.PAGE])
 
     tune_mask = np.array([tuning_half(i) for i in test])
     tuned_predict = archive_tune(runner, feats[tune_mask])
@@ -416,7 +426,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 rows.append((name + ", peers' subset", _pct(results[corpus.PHOTO][0]), _pct(results[corpus.PAGE][0]),
                              f"{results[corpus.PHOTO][1]:.1f}", f"{results[corpus.PAGE][1]:.1f}", "n/a", "n/a"))
                 print(f"{name}: done", flush=True)
-                for label, ours in (("default model", speed), ("score's default (turns when unsure)", unsure_speed)):
+                turned = f"turns when p < {below}" if adaptive else "every image turned"
+                for label, ours in (("default model", speed), (f"test-time turns ({turned})", unsure_speed)):
                     print(f"pages, {label} vs {name}: {ours[corpus.PAGE]:.1f} vs {results[corpus.PAGE][1]:.1f} "
                           f"img/s = {ours[corpus.PAGE] / results[corpus.PAGE][1]:.2f}x", flush=True)
 
@@ -429,7 +440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         nll, ece = calibration(p)
         print(f"calibration, {name}: NLL {nll:.3f}, ECE {100 * ece:.1f}%")
     for name, p in (("default", probs), ("default + test-time turns", tta),
-                    (f"default + test-time turns when p < {below}", unsure_tta)):
+                    (f"default + test-time turns when p < {below}", unsure_tta))[:3 if adaptive else 2]:
         cells = []
         for threshold in (0.8, 0.9, 0.95, 0.98):
             stats = train_default.band_stats(p, rotate_threshold=threshold)
