@@ -366,17 +366,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     below = builtin_tta_below() if args.tta_below is None else args.tta_below
     adaptive = below < 1.0  # else test-time turns when unsure are test-time turns for every image
     unsure_tta, unsure_speed = tta, tta_speed
+    band_methods = [("default", probs), ("default + test-time turns", tta)]
     if adaptive:
         unsure_tta, _ = train_default.turns_when_unsure(probs, below)
         unsure_speed = {k: default_speed(runner, [i.path for i in test if i.kind == k][:args.speed_images],
                                          tta=True, below=below) for k in (corpus.PHOTO, corpus.PAGE)}
-    _, sweep = train_default.choose_tta_below(probs, kinds, candidates=(below,))
-    for kind in (corpus.PHOTO, corpus.PAGE) if adaptive else ():
-        share, upright = sweep[below][f"{kind}s_turned"], sweep[below][f"{kind}s_upright_turned"]
-        print(f"test-time turns when unsure (p < {below}), {kind}s: turned copies for {100 * share:.0f}% of all "
-              f"turns, {100 * upright:.0f}% of the images as stored (upright, as timed); "
-              f"{unsure_speed[kind]:.1f} img/s vs {tta_speed[kind]:.1f} with every image turned "
-              f"({unsure_speed[kind] / tta_speed[kind]:.2f}x) and {speed[kind]:.1f} without turns", flush=True)
+        band_methods.append((f"default + test-time turns when p < {below}", unsure_tta))
+        _, sweep = train_default.choose_tta_below(probs, kinds, candidates=(below,))
+        for kind in (corpus.PHOTO, corpus.PAGE):
+            share, upright = sweep[below][f"{kind}s_turned"], sweep[below][f"{kind}s_upright_turned"]
+            print(f"test-time turns when unsure (p < {below}), {kind}s: turned copies for {100 * share:.0f}% of "
+                  f"all turns, {100 * upright:.0f}% of the images as stored (upright, as timed); "
+                  f"{unsure_speed[kind]:.1f} img/s vs {tta_speed[kind]:.1f} with every image turned "
+                  f"({unsure_speed[kind] / tta_speed[kind]:.2f}x) and {speed[kind]:.1f} without turns", flush=True)
     page_paths = [i.path for i in test if i.kind == corpus.PAGE][:args.speed_images]
     costs = page_costs(runner, page_paths)
     for stage, ms in costs:
@@ -439,8 +441,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             probs, 1.0 / temperature))):
         nll, ece = calibration(p)
         print(f"calibration, {name}: NLL {nll:.3f}, ECE {100 * ece:.1f}%")
-    for name, p in (("default", probs), ("default + test-time turns", tta),
-                    (f"default + test-time turns when p < {below}", unsure_tta))[:3 if adaptive else 2]:
+    for name, p in band_methods:
         cells = []
         for threshold in (0.8, 0.9, 0.95, 0.98):
             stats = train_default.band_stats(p, rotate_threshold=threshold)
