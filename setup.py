@@ -22,6 +22,10 @@ setup(
         # grpc.health.v1; 1.81+ needs protobuf 7, which TensorFlow 2.21 and Beam 2.77 do not accept.
         "grpcio-health-checking>=1.76,<1.81",
         "numpy>=1.26",
+        # score --text-lines: PaddleOCR's text-line detector and direction classifier (Apache-2.0) ship as ONNX
+        # files inside this wheel (trainer.text_lines uses the files only; newer releases download them instead).
+        "rapidocr_onnxruntime==1.4.4",
+        "onnxruntime>=1.17",
     ],
     extras_require={
         "test": ["pytest>=8", "scikit-image>=0.22", "pyyaml>=6", "gcp-storage-emulator>=2024.8.3",

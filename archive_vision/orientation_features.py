@@ -154,3 +154,26 @@ def cached_features(paths: Sequence[str], variant: str, cache_dir: str,
         if progress and index % 100 == 0:
             print(f"  features {folder}: {index + 1}/{len(paths)}", flush=True)
     return np.stack(rows) if rows else np.zeros((0, 4), np.float16)
+
+
+def cached_text_lines(paths: Sequence[str], cache_dir: str, side: Optional[int] = None,
+                      progress: bool = True) -> np.ndarray:
+    """[N, 4 turns, 5] text-line evidence rows (trainer.text_lines.read_turns) of the images, cached like
+    features under `text_lines@<detector side>`; the reader loads only if some image is missing."""
+    from trainer import text_lines
+
+    side = side or text_lines.DEFAULT_SIDE
+    folder = f"text_lines@{side}"
+    os.makedirs(os.path.join(cache_dir, folder), exist_ok=True)
+    reader = None
+    rows: List[np.ndarray] = []
+    for index, path in enumerate(paths):
+        target = cache_path(cache_dir, folder, path)
+        if not os.path.exists(target):
+            reader = reader or text_lines.TextLineReader(side=side)
+            np.save(target + ".tmp.npy", text_lines.read_turns(reader, path))
+            os.replace(target + ".tmp.npy", target)
+            if progress and index % 100 == 0:
+                print(f"  text lines: {index + 1}/{len(paths)}", flush=True)
+        rows.append(np.load(target))
+    return np.stack(rows) if rows else np.zeros((0, 4, 5))

@@ -13,7 +13,8 @@ weights (`make default-model` runs it with the Makefile's folders):
 3. Train the OrientationHead (trainer.model) on the pooled features of train, then fine-tune the backbone's top
    blocks (15-18, BatchNorm frozen) together with it on the cached block-14 activations (FINE_TUNE).
 4. Fit a temperature on val's held-out predictions of that train-only model, so confidences match accuracy, and
-   choose score's --tta-below on them (choose_tta_below: turned copies only where they are needed).
+   choose score's --tta-below on them (choose_tta_below: turned copies only where they are needed), and the
+   weights and gate of score's --text-lines (choose_text_lines: PP-OCR's text-line evidence, trainer.text_lines).
 5. Refit steps 3 on train + val (more sources seen; the settings are fixed by then), fold the temperature
    into the logits layer (softmax(z / T) is the same head with the last layer divided by T), and write the
    head's weights, the fine-tuned backbone layers (float16) and the config as one .npz
@@ -392,6 +393,74 @@ def choose_tta_below(probs: np.ndarray, kinds: np.ndarray, candidates: Sequence[
     return (1.0 if choice is None else choice), sweep
 
 
+# score --text-lines: the built-in --rotate-threshold, whose band the fused answers must keep >= 99.5% right, and
+# the gates tried (read only the images whose top probability, after the turned copies, is below the gate).
+TEXT_LINES_BAND_THRESHOLD = 0.9
+TEXT_LINES_BELOW_CANDIDATES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+def choose_text_lines(probs: np.ndarray, evidence: np.ndarray, kinds: np.ndarray,
+                      candidates: Sequence[float] = TEXT_LINES_BELOW_CANDIDATES,
+                      tolerance: float = TTA_BELOW_TOLERANCE, sure_right: float = TTA_BELOW_SURE_RIGHT
+                      ) -> Tuple[Tuple[float, float], float, Dict[float, Dict[str, float]]]:
+    """score's --text-lines settings from calibrated held-out probabilities [N, 4 turns, 4] (as score combines
+    them: after the turned copies) and the images' text-line evidence [N, 4 turns, 5] (trainer.text_lines).
+
+    The weights minimise the negative log-likelihood of the fused answers when every image is read (so the fused
+    probabilities stay calibrated). The gate is the lowest candidate (the fewest images read) whose accuracy,
+    photos and pages each, is within `tolerance` of reading every image, and whose auto_rotate band at the
+    built-in threshold is at least `sure_right` right. Returns (weights, gate, {gate: accuracy and share read per
+    kind, `band_right`, `band_share`}).
+    """
+    from trainer import text_lines
+
+    truth = np.broadcast_to(np.arange(4), probs.shape[:2])
+    weights, _ = text_lines.fit_weights(probs, evidence, truth)
+    fused = text_lines.fuse_rows(probs, evidence, *weights)
+    full = {kind: accuracy(fused[kinds == kind]) for kind in (corpus.PHOTO, corpus.PAGE)}
+    sweep: Dict[float, Dict[str, float]] = {}
+    choice = None
+    for below in sorted(candidates):
+        read = np.max(probs, -1) < below
+        combined = np.where(read[..., None], fused, probs)
+        row: Dict[str, float] = {}
+        for kind in (corpus.PHOTO, corpus.PAGE):
+            row.update({f"{kind}s": accuracy(combined[kinds == kind]),
+                        f"{kind}s_read": float(read[kinds == kind].mean()) if (kinds == kind).any() else 0.0})
+        stats = band_stats(combined, rotate_threshold=TEXT_LINES_BAND_THRESHOLD)
+        row.update(band_right=stats["auto_rotate_right"], band_share=stats["auto_rotate_share_of_rotated"])
+        sweep[below] = row
+        if (choice is None and all(row[f"{k}s"] >= full[k] - tolerance for k in full if full[k] == full[k])
+                and not row["band_right"] < sure_right):
+            choice = below
+    return weights, (1.0 if choice is None else choice), sweep
+
+
+def _choose_text_lines_on_val(images: Sequence[corpus.CorpusImage], cache: str, val_probs: np.ndarray,
+                              val_kinds: np.ndarray, tta_below: float) -> Dict[str, object]:
+    """score --text-lines' weights and gate on val (printed), for the train-only model's calibrated val
+    probabilities combined as score combines them (turned copies below tta_below); the metadata to record."""
+    from trainer import text_lines
+
+    if not text_lines.available():
+        print("text lines: the ONNX models are not installed (pip install rapidocr_onnxruntime onnxruntime); "
+              "no --text-lines settings recorded")
+        return {}
+    evidence = features.cached_text_lines([i.path for i in images if i.split == corpus.VAL], cache)
+    combined, _ = turns_when_unsure(val_probs, tta_below)
+    weights, below, sweep = choose_text_lines(combined, evidence, val_kinds)
+    print(f"text lines: weights axis {weights[0]}, vote {weights[1]} (val NLL)")
+    for gate, row in sweep.items():
+        print(f"text lines below {gate}: " + ", ".join(
+            f"{kind}s {100 * row[kind + 's']:.1f}% (read {100 * row[kind + 's_read']:.0f}%)"
+            for kind in (corpus.PHOTO, corpus.PAGE))
+            + f"; auto_rotate band (p >= {TEXT_LINES_BAND_THRESHOLD}) {100 * row['band_share']:.1f}% of turned "
+              f"images, {100 * row['band_right']:.2f}% right" + ("  <- chosen" if gate == below else ""), flush=True)
+    return {"weights": [float(w) for w in weights], "below": float(below), "side": text_lines.DEFAULT_SIDE,
+            "copy_side": text_lines.COPY_SIDE, "fitted_on": "val",
+            "val_accuracy_pages": sweep[below]["pages"], "val_accuracy_photos": sweep[below]["photos"]}
+
+
 def _train_only(images: Sequence[corpus.CorpusImage], cache: str, epochs: int, photo_weight: float,
                 fine_tune: bool) -> Tuple[np.ndarray, np.ndarray]:
     """The recipe trained on train alone (views, head, then the top blocks): its val probabilities [N, 4, 4] at
@@ -431,6 +500,8 @@ def train_default(corpus_root: str, cache: str, out: str, epochs: int = DEFAULT_
     images = corpus.load_corpus(corpus_root)
     started = time.time()
     val_probs, val_kinds, temperature, tta_below = _choose_on_val(images, cache, epochs, photo_weight, fine_tune)
+    text_lines_meta = _choose_text_lines_on_val(images, cache, with_temperature(val_probs, temperature), val_kinds,
+                                                tta_below)
     both, both_kinds = _training_views(images, (corpus.TRAIN, corpus.VAL), cache)
     _, final_head, _ = fit_head(both, _weights(both_kinds, photo_weight), epochs=epochs)
     tuned_layers = []
@@ -448,7 +519,7 @@ def train_default(corpus_root: str, cache: str, out: str, epochs: int = DEFAULT_
         "val_accuracy_photos_train_only": accuracy(val_probs[val_kinds == corpus.PHOTO]),
         "val_accuracy_pages_train_only": accuracy(val_probs[val_kinds == corpus.PAGE]),
         "split_fractions": dict(corpus.SPLIT_FRACTIONS), "training_s": round(time.time() - started, 1),
-        "tta_below": tta_below, "tta_below_fitted_on": "val",
+        "tta_below": tta_below, "tta_below_fitted_on": "val", "text_lines": text_lines_meta,
     }
     save_head(final_head, out, temperature, meta, backbone_layers=tuned_layers)
     return meta
@@ -468,8 +539,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="train the head alone on the frozen backbone (minutes instead of about half an hour)")
     parser.add_argument("--experiments", nargs="?", const="all", choices=("all", "inputs", "tta"),
                         help="print val accuracy of the measured variants instead (`inputs`: only the input "
-                             "comparison, pad224 / crop224 / pad320; `tta`: only score's --tta-below choice, "
-                             "on the recipe trained on train)")
+                             "comparison, pad224 / crop224 / pad320; `tta`: only score's --tta-below and "
+                             "--text-lines choices, on the recipe trained on train)")
     args = parser.parse_args(argv)
     limit_tf_threads(args.threads)
     if args.experiments:
@@ -479,7 +550,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.experiments in ("all", "inputs"):
             compare_inputs(images, args.cache)
         if args.experiments in ("all", "tta"):
-            _choose_on_val(images, args.cache, args.epochs, args.photo_weight, args.fine_tune)
+            val_probs, val_kinds, temperature, tta_below = _choose_on_val(images, args.cache, args.epochs,
+                                                                          args.photo_weight, args.fine_tune)
+            _choose_text_lines_on_val(images, args.cache, with_temperature(val_probs, temperature), val_kinds,
+                                      tta_below)
         return 0
     meta = train_default(args.corpus, args.cache, os.path.normpath(args.out), args.epochs, args.photo_weight,
                          args.fine_tune)

@@ -12,6 +12,9 @@ Rows, side by side in one run:
 - + test-time turns when unsure: the turned copies only for images whose own answer is below the head's
   `tta_below` (score's built-in default, --tta-below; or this script's --tta-below); no row of its own when the
   threshold is 1.0, since every image is then turned;
+- + text lines: the text-line evidence of PP-OCR's line detector and direction classifier (trainer.text_lines)
+  fused into the images whose answer after the turned copies is below the head's `text_lines.below` (score's
+  built-in default, --text-lines; or this script's --text-lines-below), with the head's fitted weights;
 - archive-tuned: the default head re-fitted, without labels, on one half of the held-out sources (their
   images taken as upright, the usual state of an archive), measured on the other half beside the default
   model on that same half;
@@ -141,6 +144,10 @@ class DefaultModelRunner:
             probs[unsure] = (probs[unsure] + turned) / 4.0
         return [int(i) * 90 for i in np.argmax(probs, -1)]
 
+    def probabilities_bytes_tta(self, images: Sequence[bytes]) -> np.ndarray:
+        """[N, 4] probabilities with test-time turns (answer_bytes_tta before its argmax)."""
+        return self._answer_tta(self.tf.constant(list(images))).numpy()
+
     def answer_bytes(self, images: Sequence[bytes]) -> List[int]:
         """End-to-end answers (degrees) for encoded images, as the score job's in-process path runs them."""
         out = self._answer(self.tf.constant(list(images)))
@@ -224,6 +231,50 @@ def default_speed(runner: DefaultModelRunner, paths: Sequence[str], batch: int =
     for start in range(0, len(blobs), batch):
         answer(blobs[start:start + batch])
     return len(blobs) / (time.perf_counter() - started)
+
+
+def text_lines_evidence(reader, paths: Sequence[str], probs: np.ndarray, below: float) -> np.ndarray:
+    """[N, 4 turns, 5] text-line evidence rows (trainer.text_lines) of the images' turned copies whose top
+    probability is below `below` (zeros elsewhere: not read, as score leaves them)."""
+    from PIL import Image
+
+    from trainer import text_lines
+
+    rows = np.zeros(probs.shape[:2] + (5,))
+    for index, path in enumerate(paths):
+        unsure = [d for d in range(4) if float(np.max(probs[index, d])) < below]
+        if not unsure:
+            continue
+        with Image.open(path) as image:
+            pixels = np.asarray(text_lines.reading_copy(image))
+        for d in unsure:
+            rows[index, d] = text_lines.evidence_array(reader.read(np.ascontiguousarray(np.rot90(pixels, -d))))
+    return rows
+
+
+def text_lines_speed(runner: DefaultModelRunner, reader, paths: Sequence[str], below: float,
+                     weights: Tuple[float, float], batch: int = 16) -> Tuple[float, float]:
+    """(images/s, share read) of score's built-in default end to end: test-time turns for every image, then the
+    text lines of those whose combined top probability is below `below` (the reading copy decoded from the
+    file's bytes, as score's prepare step makes it) fused in."""
+    from PIL import Image
+
+    from trainer import text_lines
+
+    blobs = read_all(paths)
+    runner.probabilities_bytes_tta(blobs[:batch])  # trace outside the clock
+    read = 0
+    started = time.perf_counter()
+    for start in range(0, len(blobs), batch):
+        chunk = blobs[start:start + batch]
+        probs = runner.probabilities_bytes_tta(chunk)
+        for blob, p in zip(chunk, probs):
+            if float(np.max(p)) < below:
+                with Image.open(io.BytesIO(blob)) as image:
+                    copy = np.asarray(text_lines.reading_copy(image))
+                text_lines.fuse(p, reader.read(copy), *weights)
+                read += 1
+    return len(blobs) / (time.perf_counter() - started), read / max(1, len(blobs))
 
 
 def cast_first_letterbox(image_bytes, size: int = 224):
@@ -341,6 +392,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--tta-below", type=float, default=None,
                         help="measure test-time turns when unsure at this threshold instead of score's built-in one "
                              "(the head's recorded tta_below)")
+    parser.add_argument("--text-lines-below", type=float, default=None,
+                        help="read text lines below this top probability instead of score's built-in gate (the "
+                             "head's recorded text_lines.below)")
     parser.add_argument("--figures", default="",
                         help="write confusion matrices (true turn x answered turn) of photos and pages as PNGs here")
     args = parser.parse_args(argv)
@@ -404,6 +458,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         add(f"default + test-time turns when p < {below}{default_label}", unsure_tta, kinds,
             unsure_speed[corpus.PHOTO], unsure_speed[corpus.PAGE])
 
+    from pipelines.score import builtin_text_lines
+    from trainer import text_lines
+
+    text_defaults = builtin_text_lines()
+    fused = None
+    if text_defaults["available"]:
+        reader = text_lines.TextLineReader(threads=args.cores)
+        gate = text_defaults["below"] if args.text_lines_below is None else args.text_lines_below
+        weights = text_defaults["weights"]
+        started = time.time()
+        evidence = text_lines_evidence(reader, [i.path for i in test], unsure_tta, gate)
+        fused = np.where((np.max(unsure_tta, -1) < gate)[..., None],
+                         text_lines.fuse_rows(unsure_tta, evidence, *weights), unsure_tta)
+        print(f"text lines over the split (below {gate}): {time.time() - started:.0f}s", flush=True)
+        text_speed = {}
+        for kind in (corpus.PHOTO, corpus.PAGE):
+            ips, share = text_lines_speed(runner, reader, [i.path for i in test if i.kind == kind][:args.speed_images],
+                                          gate, weights)
+            text_speed[kind] = ips
+            read = np.max(unsure_tta[kinds == kind], -1) < gate
+            print(f"text lines, {kind}s: read for {100 * read.mean():.0f}% of all turns, {100 * share:.0f}% of the "
+                  f"images as stored (upright, as timed); {ips:.1f} img/s", flush=True)
+        label = " (score's built-in default)" if args.tta_below is None and args.text_lines_below is None else ""
+        add(f"default + test-time turns + text lines below {gate}{label}", fused, kinds, text_speed[corpus.PHOTO],
+            text_speed[corpus.PAGE])
+        band_methods.append((f"default + test-time turns + text lines below {gate}", fused))
+    else:
+        print(f"no text-lines row: {text_defaults['why']}")
+
     tune_mask = np.array([tuning_half(i) for i in test])
     tuned_predict = archive_tune(runner, feats[tune_mask])
     evaluation = ~tune_mask
@@ -421,6 +504,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sub_paths = {k: [test[i].path for i in subset if test[i].kind == k] for k in (corpus.PHOTO, corpus.PAGE)}
         add(f"default model, peers' subset ({len(subset)} images)", probs[subset], kinds[subset],
             speed[corpus.PHOTO], speed[corpus.PAGE])
+        if fused is not None:
+            add("default + turns + text lines, peers' subset", fused[subset], kinds[subset],
+                text_speed[corpus.PHOTO], text_speed[corpus.PAGE])
         with tempfile.TemporaryDirectory() as workdir:
             for name, answer in (("Tesseract OSD --psm 0", lambda im: tesseract_answer(im, workdir)),
                                  ("docorient", docorient_answer)):
@@ -429,12 +515,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              f"{results[corpus.PHOTO][1]:.1f}", f"{results[corpus.PAGE][1]:.1f}", "n/a", "n/a"))
                 print(f"{name}: done", flush=True)
                 turned = f"turns when p < {below}" if adaptive else "every image turned"
-                for label, ours in (("default model", speed), (f"test-time turns ({turned})", unsure_speed)):
+                ours_all = [("default model", speed), (f"test-time turns ({turned})", unsure_speed)]
+                if fused is not None:
+                    ours_all.append(("test-time turns + text lines", text_speed))
+                for label, ours in ours_all:
                     print(f"pages, {label} vs {name}: {ours[corpus.PAGE]:.1f} vs {results[corpus.PAGE][1]:.1f} "
                           f"img/s = {ours[corpus.PAGE] / results[corpus.PAGE][1]:.2f}x", flush=True)
 
     if args.figures:
-        for path in write_confusions(args.figures, {"default": probs, "default + test-time turns": tta}, kinds):
+        figures = {"default": probs, "default + test-time turns": tta}
+        if fused is not None:
+            figures["default + test-time turns + text lines"] = fused
+        for path in write_confusions(args.figures, figures, kinds):
             print(f"figure: {path}")
     temperature = float(runner.meta["temperature"])
     for name, p in (("shipped (T folded in)", probs), ("same logits at T = 1", train_default.with_temperature(

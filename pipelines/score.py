@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import apache_beam as beam
 import numpy as np
+from PIL import Image
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
@@ -36,6 +37,7 @@ from pipelines.ingest import default_pipeline_options, error_row
 from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, read_table, write_job_tables
 from serving.configs import SERVED_VERSIONS
 from serving.errors import ModelNotFoundError, RetryableServingError
+from trainer import text_lines
 
 LOG = logging.getLogger("archive_vision.score")
 COUNTER_NAMESPACE = "score"
@@ -52,6 +54,9 @@ DEFAULT_MODEL_ROTATE_THRESHOLD = 0.9
 # its head's `tta_below` (archive_vision.train_default chooses it on val); this is the value for a head that
 # does not record one.
 DEFAULT_MODEL_TTA_BELOW = 0.95
+# --text-lines: the weights of the text-line evidence (trainer.text_lines) for a head that records none
+# (archive_vision.train_default fits them on val).
+DEFAULT_TEXT_LINES_WEIGHTS = (0.2, 0.1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +86,9 @@ class ScoreOptions:
     tta: bool = False
     tta_min_agreement: float = 0.75
     tta_below: float = 1.0
+    text_lines: bool = False
+    text_lines_below: float = 1.0
+    text_lines_weights: Tuple[float, float] = DEFAULT_TEXT_LINES_WEIGHTS
     write_corrected: str = ""
     skip_known: str = ""
     truth: str = ""
@@ -94,11 +102,13 @@ class ScoreOptions:
         if self.resize_mode not in imaging.RESIZE_MODES:
             raise ValueError(f"--resize-mode must be one of {imaging.RESIZE_MODES}")
         for name in ("rotate_threshold", "ok_threshold", "class_threshold", "tta_min_agreement",
-                     "tta_below"):
+                     "tta_below", "text_lines_below"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
+        if len(self.text_lines_weights) != 2 or min(self.text_lines_weights) < 0:
+            raise ValueError("--text-lines-weights must be two weights >= 0: AXIS,VOTE")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,13 +248,35 @@ def predict_isolating(items: Sequence[dict], predict: Callable[[List[bytes]], Li
     return out
 
 
+def text_lines_copy(image: Image.Image) -> bytes:
+    """The copy of a page kept for --text-lines (trainer.text_lines.reading_copy), as JPEG."""
+    from trainer.text_lines import reading_copy
+
+    return imaging.encode(reading_copy(image), "jpeg", 90)
+
+
+def needs_text_lines(prediction: Dict[str, Any], below: float) -> bool:
+    """--text-lines-below: read the text lines of a page whose (combined) top orientation probability is below it."""
+    return ("orientation_probabilities" in prediction
+            and float(np.max(prediction["orientation_probabilities"])) < below)
+
+
+def with_text_lines(prediction: Dict[str, Any], evidence, weights: Tuple[float, float]) -> Dict[str, Any]:
+    """The prediction with text-line evidence (trainer.text_lines.TextLineEvidence) fused into its orientation
+    probabilities; `text_lines` records how many pieces of line were read (0: the image showed none)."""
+    probs = text_lines.fuse(prediction["orientation_probabilities"], evidence, *weights)
+    return dict(prediction, orientation_probabilities=probs, orientation_degrees=int(np.argmax(probs)) * 90,
+                text_lines=int(evidence.pieces))
+
+
 def result_row(item: dict, prediction: Dict[str, Any], model: ModelInfo, opts: ScoreOptions) -> dict:
     """One row of results.parquet from a prepared item and its (combined) prediction."""
     decision, reason = decide(prediction, opts)
     row = {key: item[key] for key in ("uri", "page", "sha256", "format", "width", "height", "exif_orientation")}
     row.update(class_name="", class_id=-1, class_confidence=None, class_probabilities=None,
                orientation_degrees=-1, orientation_confidence=None, orientation_probabilities=None,
-               tta_agreement=prediction.get("tta_agreement"), decision=decision, review_reason=reason,
+               tta_agreement=prediction.get("tta_agreement"), text_lines=prediction.get("text_lines"),
+               decision=decision, review_reason=reason,
                model_name=model.name, model_version=model.version, reused=False, corrected_uri="",
                corrected_method="")
     if "class_probabilities" in prediction:
@@ -340,6 +372,21 @@ def builtin_tta_below() -> float:
     return float(head_metadata().get("tta_below", DEFAULT_MODEL_TTA_BELOW))
 
 
+def builtin_text_lines() -> Dict[str, Any]:
+    """--text-lines defaults: whether the ONNX models are installed (and why not), and the built-in head's
+    weights and gate (archive_vision.train_default fits them on val), else DEFAULT_TEXT_LINES_WEIGHTS and 1.0."""
+    from trainer.default_model import head_metadata
+
+    recorded = head_metadata().get("text_lines") or {}
+    out = {"available": True, "why": "", "below": float(recorded.get("below", 1.0)),
+           "weights": tuple(float(w) for w in recorded.get("weights", DEFAULT_TEXT_LINES_WEIGHTS))}
+    try:
+        text_lines.check_installed()
+    except text_lines.TextLinesUnavailable as e:
+        out.update(available=False, why=f"--text-lines: {e}")
+    return out
+
+
 def builtin_model_dir() -> str:
     """The shipped default orientation model as a SavedModel version dir (exported on first use, then reused)."""
     from trainer.default_model import default_export_dir
@@ -430,16 +477,22 @@ class PrepareImagesFn(beam.DoFn):
         fmt = imaging.sniff_format(data) or ""
         turns = TURNS if opts.tta else (0,)
         emitted = 0
+        # With --text-lines each page also keeps a copy big enough to read its lines (JPEG decoding may skip less).
+        draft_for = ((opts.size, opts.resize_mode) if not opts.text_lines
+                     else (text_lines.COPY_SIDE, "pad") if opts.resize_mode == "pad" else None)
         try:
             for page in imaging.decode_pages(data, max_pixels=opts.max_pixels, max_pages=opts.max_pages,
-                                             draft_for=(opts.size, opts.resize_mode)):
+                                             draft_for=draft_for):
                 small = imaging.resize(page.image, opts.size, opts.resize_mode)
                 emitted += 1
                 self._items.inc()
-                yield {"uri": entry.uri, "page": page.page, "sha256": sha, "format": fmt,
-                       "width": page.original_width, "height": page.original_height,
-                       "exif_orientation": page.exif_orientation, "turns": turns,
-                       "images": [imaging.encode(turn_clockwise(small, t), "jpeg", opts.quality) for t in turns]}
+                item = {"uri": entry.uri, "page": page.page, "sha256": sha, "format": fmt,
+                        "width": page.original_width, "height": page.original_height,
+                        "exif_orientation": page.exif_orientation, "turns": turns,
+                        "images": [imaging.encode(turn_clockwise(small, t), "jpeg", opts.quality) for t in turns]}
+                if opts.text_lines:
+                    item["text_image"] = text_lines_copy(page.image)
+                yield item
         except imaging.ImageError as e:
             if emitted == 0:
                 self._failed.inc()
@@ -458,6 +511,10 @@ class _PredictionRouting:
         self._options = options
         self._scored = Metrics.counter(COUNTER_NAMESPACE, "pages_scored")
         self._failed = Metrics.counter(COUNTER_NAMESPACE, "pages_failed_predict")
+        self._text_read = Metrics.counter(COUNTER_NAMESPACE, "text_lines_read")
+        self._text_failed = Metrics.counter(COUNTER_NAMESPACE, "text_lines_failed")
+        self._text_ms = Metrics.counter(COUNTER_NAMESPACE, "text_lines_ms")
+        self._reader = None
 
     def route(self, item: dict, prediction: Optional[dict], error: str):
         if prediction is None:
@@ -465,7 +522,28 @@ class _PredictionRouting:
             return beam.pvalue.TaggedOutput(
                 "errors", error_row(item["uri"], "predict", "predict_failed", error, item["page"], item["sha256"]))
         self._scored.inc()
+        if self._options.text_lines:
+            prediction = self._with_text_lines(item, prediction)
         return result_row(item, prediction, self._model, self._options)
+
+    def _with_text_lines(self, item: dict, prediction: dict) -> dict:
+        """The prediction with the page's text-line evidence fused in, when the model alone is unsure."""
+        if not needs_text_lines(prediction, self._options.text_lines_below) or not item.get("text_image"):
+            return prediction
+        if self._reader is None:  # one per worker, built on first use (the ONNX sessions do not pickle)
+            self._reader = text_lines.TextLineReader(threads=max(0, self._options.tf_threads))
+        started = time.monotonic()
+        try:
+            with Image.open(io.BytesIO(item["text_image"])) as copy:
+                evidence = self._reader.read(np.asarray(copy.convert("RGB")))
+        except Exception as e:  # noqa: BLE001 - the model's own answer stands; the row says reading failed
+            LOG.warning("text lines of %s page %s not read: %s: %s", item["uri"], item["page"], type(e).__name__, e)
+            self._text_failed.inc()
+            return dict(prediction, text_lines=-1)
+        finally:
+            self._text_ms.inc(int((time.monotonic() - started) * 1000))
+        self._text_read.inc()
+        return with_text_lines(prediction, evidence, self._options.text_lines_weights)
 
 
 class PinnedVersionGoneError(ModelNotFoundError):
@@ -886,6 +964,17 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
                         help="with --tta: score the turned copies only of images whose top orientation probability "
                              "is below this; surer images keep their one answer (default 1.0: every image; "
                              "with the built-in model: the value its training chose on held-out images)")
+    parser.add_argument("--text-lines", action=argparse.BooleanOptionalAction, default=None,
+                        help="read the text lines of unsure pages (PP-OCR's line detector and direction classifier, "
+                             "from the PyPI package rapidocr_onnxruntime) and fuse that evidence into the "
+                             "orientation (default: on with the built-in model when those models are installed)")
+    parser.add_argument("--text-lines-below", type=float, default=None,
+                        help="with --text-lines: read only pages whose top orientation probability (after the "
+                             "turned copies) is below this (default 1.0: every page; with the built-in model: the "
+                             "value its training chose on held-out images)")
+    parser.add_argument("--text-lines-weights", default="",
+                        help="with --text-lines: AXIS,VOTE weights of the evidence (default: the built-in head's, "
+                             "fitted on held-out images)")
     parser.add_argument("--write-corrected", default="", help="write upright copies of auto_rotate images here")
     parser.add_argument("--skip-known", default="", help="previous results.parquet/.csv (or an ingest manifest): "
                                                          "files whose sha256 was scored by this model version "
@@ -902,6 +991,20 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
         known.rotate_threshold = DEFAULT_MODEL_ROTATE_THRESHOLD if builtin else 0.8
     if known.tta_below is None:
         known.tta_below = builtin_tta_below() if builtin else 1.0
+    text_defaults = builtin_text_lines()
+    if known.text_lines is None:
+        known.text_lines = builtin and text_defaults["available"]
+        if builtin and not text_defaults["available"]:
+            LOG.warning("scoring without text lines: %s", text_defaults["why"])
+    if known.text_lines_below is None:
+        known.text_lines_below = text_defaults["below"] if builtin else 1.0
+    try:
+        text_weights = (tuple(float(w) for w in known.text_lines_weights.split(","))
+                        if known.text_lines_weights else text_defaults["weights"])
+    except ValueError:
+        parser.error(f"--text-lines-weights must be AXIS,VOTE numbers, not {known.text_lines_weights!r}")
+    if known.text_lines and not text_defaults["available"]:
+        parser.error(text_defaults["why"])
     try:
         opts = ScoreOptions(
             input=known.input, output=known.output.rstrip("/"), endpoint=known.endpoint, model=known.model,
@@ -911,7 +1014,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
             timeout_s=known.timeout_s, max_attempts=known.max_attempts, wait_s=known.wait_s,
             rotate_threshold=known.rotate_threshold, ok_threshold=known.ok_threshold,
             class_threshold=known.class_threshold, tta=known.tta, tta_min_agreement=known.tta_min_agreement,
-            tta_below=known.tta_below,
+            tta_below=known.tta_below, text_lines=known.text_lines, text_lines_below=known.text_lines_below,
+            text_lines_weights=text_weights,
             write_corrected=known.write_corrected.rstrip("/"), skip_known=known.skip_known, truth=known.truth,
             report=known.report, tf_threads=known.tf_threads)
     except ValueError as e:
@@ -1013,6 +1117,12 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
                                    and r["orientation_probabilities"] is not None) if opts.tta else 0,
                 "disagreement_rate": round(sum(1 for a in tta if a < 1.0) / len(tta), 4) if tta else None,
                 "mean_agreement": round(float(np.mean(tta)), 4) if tta else None},
+        "text_lines": {"enabled": opts.text_lines, "below": opts.text_lines_below,
+                       "weights": list(opts.text_lines_weights),
+                       "read": sum(1 for r in scored if r.get("text_lines") is not None and r["text_lines"] >= 0),
+                       "found": sum(1 for r in scored if (r.get("text_lines") or 0) > 0),
+                       "failed": sum(1 for r in scored if r.get("text_lines") == -1),
+                       "seconds_total": round(metrics.get("text_lines_ms", 0) / 1000.0, 3)},
         "timings": {"elapsed_seconds": round(elapsed, 3),
                     "pages_per_second": round(len(scored) / elapsed, 2) if elapsed > 0 else None,
                     "predict_seconds_total": round(predict_s, 3) if predict_s else None,

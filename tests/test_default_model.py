@@ -162,6 +162,43 @@ def test_score_without_a_model_uses_the_built_in_one_with_test_time_turns(monkey
     assert all(rows[f"page_{d}.jpg"]["tta_agreement"] >= 0.75 for d in TURNS)
 
 
+def test_score_reads_the_text_lines_of_unsure_pages_and_says_so(monkeypatch, cache_root, tmp_path, turned_images):
+    """--text-lines (on by default with the built-in model): every page below --text-lines-below has its lines
+    read, the answer is the fused one, results say how many pieces of line were read, run.json counts them."""
+    import pyarrow.parquet as pq
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    from pipelines import score
+
+    monkeypatch.setenv("ARCHIVE_VISION_CACHE", cache_root)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for name, degrees, data in turned_images:
+        if name in ("coffee", "page"):
+            (archive / f"{name}_{degrees}.jpg").write_bytes(data)
+    summaries = {}
+    for flag in ("--text-lines-below=1.0", "--no-text-lines"):
+        output = tmp_path / flag.strip("-").split("=")[0]
+        summaries[flag] = score.run(["--input", str(archive), "--output", str(output), "--no-report", flag],
+                                    test_pipeline=TestPipeline())
+        rows = {os.path.basename(r["uri"]): r for r in pq.read_table(output / "results.parquet").to_pylist()}
+        if flag == "--no-text-lines":
+            assert all(r["text_lines"] is None for r in rows.values())
+            continue
+        for file_name, row in rows.items():
+            truth = int(file_name.rsplit("_", 1)[1].split(".")[0])
+            if file_name.startswith("page"):
+                assert row["text_lines"] >= 5 and row["orientation_degrees"] == truth, row
+                assert row["orientation_confidence"] > 0.99, row  # the lines leave no doubt
+            else:
+                assert row["text_lines"] is not None  # read (below 1.0), whatever it found
+    read = summaries["--text-lines-below=1.0"]["text_lines"]
+    assert read["enabled"] and read["below"] == 1.0 and read["read"] == 8 and read["found"] >= 4
+    assert read["failed"] == 0 and read["seconds_total"] > 0
+    assert summaries["--no-text-lines"]["text_lines"]["enabled"] is False
+    assert summaries["--no-text-lines"]["text_lines"]["read"] == 0
+
+
 def test_score_refuses_both_a_model_and_an_endpoint(tmp_path):
     from pipelines import score
 

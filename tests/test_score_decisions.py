@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.score import ScoreOptions, decide, parse_args
+from pipelines.score import ModelInfo, ScoreOptions, decide, parse_args, result_row
 
 
 def options(**overrides) -> ScoreOptions:
@@ -123,7 +123,7 @@ def test_command_line_flags_reach_the_decision():
 
 
 @pytest.mark.parametrize("flag", ["rotate_threshold", "ok_threshold", "class_threshold", "tta_min_agreement",
-                                  "tta_below"])
+                                  "tta_below", "text_lines_below"])
 def test_thresholds_outside_zero_to_one_are_refused(flag):
     with pytest.raises(ValueError, match=flag.replace("_", "-")):
         options(**{flag: 1.5})
@@ -178,3 +178,49 @@ def test_builtin_tta_below_comes_from_the_heads_training_unless_given(monkeypatc
     from pipelines.score import DEFAULT_MODEL_TTA_BELOW
 
     assert parse_args(["--input", "in", "--output", "out"])[0].tta_below == DEFAULT_MODEL_TTA_BELOW
+
+
+def test_text_lines_are_fused_only_into_unsure_answers():
+    from pipelines.score import needs_text_lines, with_text_lines
+    from trainer.text_lines import TextLineEvidence
+
+    unsure = {"orientation_probabilities": np.array([0.5, 0.02, 0.46, 0.02]), "orientation_degrees": 0,
+              "tta_agreement": 0.75}
+    assert needs_text_lines(unsure, 0.9) and not needs_text_lines(unsure, 0.5)
+    assert not needs_text_lines({"class_probabilities": np.array([0.3, 0.7])}, 1.0)  # no orientation output
+    upside_down = TextLineEvidence(axis=2.0, vote=12.0, lines=6, pieces=14)
+    fused = with_text_lines(unsure, upside_down, (0.2, 0.1))
+    assert fused["orientation_degrees"] == 180 and fused["text_lines"] == 14
+    assert fused["tta_agreement"] == 0.75  # the rest of the prediction is kept
+    np.testing.assert_allclose(np.sum(fused["orientation_probabilities"]), 1.0)
+    row = result_row({"uri": "u", "page": 0, "sha256": "s", "format": "png", "width": 1, "height": 1,
+                      "exif_orientation": 0}, fused, ModelInfo("m", 1), options(rotate_threshold=0.5))
+    assert (row["orientation_degrees"], row["text_lines"], row["decision"]) == (180, 14, "auto_rotate")
+    nothing = with_text_lines(unsure, TextLineEvidence(), (0.2, 0.1))  # a photo without lines: unchanged
+    np.testing.assert_allclose(nothing["orientation_probabilities"], unsure["orientation_probabilities"])
+    assert nothing["text_lines"] == 0
+
+
+def test_builtin_model_reads_text_lines_with_its_heads_settings(monkeypatch):
+    import trainer.default_model
+    from pipelines import score
+
+    monkeypatch.setattr(trainer.default_model, "head_metadata",
+                        lambda: {"text_lines": {"below": 0.8, "weights": [0.3, 0.05]}})
+    builtin, _ = parse_args(["--input", "in", "--output", "out"])
+    assert (builtin.text_lines, builtin.text_lines_below, builtin.text_lines_weights) == (True, 0.8, (0.3, 0.05))
+    explicit, _ = parse_args(["--input", "in", "--output", "out", "--model", "some/export"])
+    assert (explicit.text_lines, explicit.text_lines_below) == (False, 1.0)
+    chosen, _ = parse_args(["--input", "in", "--output", "out", "--model", "some/export", "--text-lines",
+                            "--text-lines-weights", "1,0.5"])
+    assert (chosen.text_lines, chosen.text_lines_weights) == (True, (1.0, 0.5))
+    off, _ = parse_args(["--input", "in", "--output", "out", "--no-text-lines"])
+    assert off.text_lines is False
+    with pytest.raises(SystemExit):
+        parse_args(["--input", "in", "--output", "out", "--text-lines-weights", "heavy"])
+    # Without the ONNX models the built-in default quietly scores without them; asking for them is an error.
+    monkeypatch.setattr(score, "builtin_text_lines", lambda: {"available": False, "why": "--text-lines: not here",
+                                                              "below": 1.0, "weights": (0.2, 0.1)})
+    assert parse_args(["--input", "in", "--output", "out"])[0].text_lines is False
+    with pytest.raises(SystemExit):
+        parse_args(["--input", "in", "--output", "out", "--text-lines"])
