@@ -287,6 +287,11 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
         from pipelines.score import tta_summary
 
         meta.append(f"test-time turns: {tta_summary(tta)}")
+    text = run.get("text_lines") or {}
+    if text.get("enabled"):
+        from pipelines.score import text_lines_summary
+
+        meta.append(f"text lines: {text_lines_summary(text)}")
     timings = run.get("timings") or {}
     if timings:
         meta.append(f"{timings.get('elapsed_seconds')} s, {timings.get('pages_per_second')} pages/s")

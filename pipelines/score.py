@@ -1190,6 +1190,13 @@ def tta_summary(tta: dict) -> str:
     return f"{tta.get('images')} pages in four turns{sure}; disagreement rate among them {tta.get('disagreement_rate')}"
 
 
+def text_lines_summary(section: dict) -> str:
+    """run.json's `text_lines` section in words (the run's summary line and report.html)."""
+    failed = f", {section['failed']} failed (the model's answer stands)" if section.get("failed") else ""
+    return (f"read for {section.get('read', 0)} pages below p {section.get('below')}, lines found on "
+            f"{section.get('found', 0)}{failed}; {section.get('seconds_total', 0)} s")
+
+
 def format_summary(summary: dict) -> str:
     """The few lines a person reads after the run."""
     c = summary["counts"]
@@ -1206,6 +1213,8 @@ def format_summary(summary: dict) -> str:
     ]
     if summary["tta"]["enabled"]:
         lines.append(f"  tta      {tta_summary(summary['tta'])}")
+    if summary.get("text_lines", {}).get("enabled"):
+        lines.append(f"  text     {text_lines_summary(summary['text_lines'])}")
     if summary["corrected"]["dir"]:
         lines.append(f"  corrected {c['corrected_written']} upright copies in {summary['corrected']['dir']} "
                      f"(JPEG: {summary['corrected']['jpeg_tool']})")

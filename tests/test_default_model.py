@@ -195,6 +195,8 @@ def test_score_reads_the_text_lines_of_unsure_pages_and_says_so(monkeypatch, cac
     read = summaries["--text-lines-below=1.0"]["text_lines"]
     assert read["enabled"] and read["below"] == 1.0 and read["read"] == 8 and read["found"] >= 4
     assert read["failed"] == 0 and read["seconds_total"] > 0
+    assert "text     read for 8 pages below p 1.0" in score.format_summary(summaries["--text-lines-below=1.0"])
+    assert "text " not in score.format_summary(summaries["--no-text-lines"])
     assert summaries["--no-text-lines"]["text_lines"]["enabled"] is False
     assert summaries["--no-text-lines"]["text_lines"]["read"] == 0
 

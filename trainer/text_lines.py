@@ -3,7 +3,8 @@
 The image model reads a page at 224 px, where the difference between a page and the same page upside down is
 blurred away (most of its page misses are half turns). Text lines at reading size settle both questions:
 
-1. PP-OCRv4's text detector (a DB segmentation net) finds the text lines on the page at `side` px. Lines much
+1. PP-OCRv4's text detector (a DB segmentation net) finds the text lines on the page at `side` px (smaller
+   images at their own size). Lines much
    wider than tall vote for an upright or upside-down page, lines much taller than wide for a quarter turn:
    `axis` is the log ratio of their areas.
 2. PP-OCR's text-line direction classifier (0 or 180 degrees, 48 x 192 px inputs) reads the largest lines, cut
@@ -216,7 +217,7 @@ class TextLineReader:
         from PIL import Image
 
         h, w = rgb.shape[:2]
-        scale = self.side / max(h, w)
+        scale = min(self.side, max(h, w)) / max(h, w)  # never upscaled: that adds cost, not glyphs
         dh, dw = (max(32, int(round(v * scale / 32)) * 32) for v in (h, w))
         small = np.asarray(Image.fromarray(rgb).resize((dw, dh), Image.Resampling.BILINEAR), np.float32)
         # PaddleOCR reads images as OpenCV does (BGR); its detector was trained that way.
