@@ -133,20 +133,22 @@ class DefaultModelRunner:
         out = self._answer_tta(self.tf.constant(list(images)))
         return [int(i) * 90 for i in np.argmax(out.numpy(), -1)]
 
-    def answer_bytes_when_unsure(self, images: Sequence[bytes], below: float) -> List[int]:
-        """End-to-end answers as score --tta --tta-below runs them: every image once, then the three turned copies
-        of the images whose top probability is below `below` (decoded once)."""
+    def probabilities_bytes_when_unsure(self, images: Sequence[bytes], below: float) -> np.ndarray:
+        """[N, 4] as score --tta --tta-below computes them: every image once, then the three turned copies of the
+        images whose top probability is below `below` (decoded once); below >= 1: every image turned."""
+        if below >= 1.0:
+            return self._answer_tta(self.tf.constant(list(images))).numpy()
         pixels, probs = self._answer_once(self.tf.constant(list(images)))
         probs = probs.numpy()
         unsure = np.flatnonzero(train_default.needs_turns(probs, below))
         if len(unsure):
             turned = self._answer_turned(self.tf.gather(pixels, unsure)).numpy()
             probs[unsure] = (probs[unsure] + turned) / 4.0
-        return [int(i) * 90 for i in np.argmax(probs, -1)]
+        return probs
 
-    def probabilities_bytes_tta(self, images: Sequence[bytes]) -> np.ndarray:
-        """[N, 4] probabilities with test-time turns (answer_bytes_tta before its argmax)."""
-        return self._answer_tta(self.tf.constant(list(images))).numpy()
+    def answer_bytes_when_unsure(self, images: Sequence[bytes], below: float) -> List[int]:
+        """End-to-end answers as score --tta --tta-below runs them (probabilities_bytes_when_unsure)."""
+        return [int(i) * 90 for i in np.argmax(self.probabilities_bytes_when_unsure(images, below), -1)]
 
     def answer_bytes(self, images: Sequence[bytes]) -> List[int]:
         """End-to-end answers (degrees) for encoded images, as the score job's in-process path runs them."""
@@ -253,21 +255,22 @@ def text_lines_evidence(reader, paths: Sequence[str], probs: np.ndarray, below: 
 
 
 def text_lines_speed(runner: DefaultModelRunner, reader, paths: Sequence[str], below: float,
-                     weights: Tuple[float, float], batch: int = 16) -> Tuple[float, float]:
-    """(images/s, share read) of score's built-in default end to end: test-time turns for every image, then the
-    text lines of those whose combined top probability is below `below` (the reading copy decoded from the
-    file's bytes, as score's prepare step makes it) fused in."""
+                     weights: Tuple[float, float], tta_below: float, batch: int = 16) -> Tuple[float, float]:
+    """(images/s, share read) of score's built-in default end to end: test-time turns (for the images below
+    `tta_below`), then the text lines of those whose combined top probability is below `below` (the reading copy
+    decoded from the file's bytes, as score's prepare step makes it) fused in."""
     from PIL import Image
 
     from trainer import text_lines
 
     blobs = read_all(paths)
-    runner.probabilities_bytes_tta(blobs[:batch])  # trace outside the clock
+    for start in range(0, len(blobs), batch):  # trace (every batch shape) outside the clock
+        runner.probabilities_bytes_when_unsure(blobs[start:start + batch], tta_below)
     read = 0
     started = time.perf_counter()
     for start in range(0, len(blobs), batch):
         chunk = blobs[start:start + batch]
-        probs = runner.probabilities_bytes_tta(chunk)
+        probs = runner.probabilities_bytes_when_unsure(chunk, tta_below)
         for blob, p in zip(chunk, probs):
             if float(np.max(p)) < below:
                 with Image.open(io.BytesIO(blob)) as image:
@@ -451,17 +454,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      _pct(stats.get("auto_rotate_right", float("nan")))))
 
     add("default model", probs, kinds, speed[corpus.PHOTO], speed[corpus.PAGE])
-    default_label = " (score's built-in default)" if args.tta_below is None else ""
+    from pipelines.score import builtin_text_lines
+    from trainer import text_lines
+
+    text_defaults = builtin_text_lines()
+    # score's built-in default is the last stage it runs: text lines when their models are installed.
+    default_label = " (score's built-in default)" if args.tta_below is None and not text_defaults["available"] else ""
     add("default + test-time turns" + ("" if adaptive else default_label), tta, kinds, tta_speed[corpus.PHOTO],
         tta_speed[corpus.PAGE])
     if adaptive:
         add(f"default + test-time turns when p < {below}{default_label}", unsure_tta, kinds,
             unsure_speed[corpus.PHOTO], unsure_speed[corpus.PAGE])
 
-    from pipelines.score import builtin_text_lines
-    from trainer import text_lines
-
-    text_defaults = builtin_text_lines()
     fused = None
     if text_defaults["available"]:
         reader = text_lines.TextLineReader(threads=args.cores)
@@ -475,11 +479,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         text_speed = {}
         for kind in (corpus.PHOTO, corpus.PAGE):
             ips, share = text_lines_speed(runner, reader, [i.path for i in test if i.kind == kind][:args.speed_images],
-                                          gate, weights)
+                                          gate, weights, below)
             text_speed[kind] = ips
             read = np.max(unsure_tta[kinds == kind], -1) < gate
+            per_read = (1.0 / ips - 1.0 / unsure_speed[kind]) / share * 1000 if share else float("nan")
             print(f"text lines, {kind}s: read for {100 * read.mean():.0f}% of all turns, {100 * share:.0f}% of the "
-                  f"images as stored (upright, as timed); {ips:.1f} img/s", flush=True)
+                  f"images as stored (upright, as timed); {ips:.1f} img/s vs {unsure_speed[kind]:.1f} without reading: "
+                  f"{per_read:.0f} ms per image read", flush=True)
         label = " (score's built-in default)" if args.tta_below is None and args.text_lines_below is None else ""
         add(f"default + test-time turns + text lines below {gate}{label}", fused, kinds, text_speed[corpus.PHOTO],
             text_speed[corpus.PAGE])
