@@ -458,7 +458,8 @@ def _choose_text_lines_on_val(images: Sequence[corpus.CorpusImage], cache: str, 
               f"images, {100 * row['band_right']:.2f}% right" + ("  <- chosen" if gate == below else ""), flush=True)
     return {"weights": [float(w) for w in weights], "below": float(below), "side": text_lines.DEFAULT_SIDE,
             "copy_side": text_lines.COPY_SIDE, "fitted_on": "val",
-            "val_accuracy_pages": sweep[below]["pages"], "val_accuracy_photos": sweep[below]["photos"]}
+            **{f"val_accuracy_{kind}s": (None if sweep[below][f"{kind}s"] != sweep[below][f"{kind}s"]
+                                         else sweep[below][f"{kind}s"]) for kind in (corpus.PHOTO, corpus.PAGE)}}
 
 
 def _train_only(images: Sequence[corpus.CorpusImage], cache: str, epochs: int, photo_weight: float,

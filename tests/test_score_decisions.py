@@ -139,6 +139,10 @@ def test_builtin_model_defaults_to_turned_copies_and_the_stricter_rotate_band():
     explicit, _ = parse_args(["--input", "in", "--output", "out", "--model", "some/export"])
     assert (builtin.tta, builtin.rotate_threshold) == (True, 0.9)
     assert builtin.tta_below == head_metadata().get("tta_below", DEFAULT_MODEL_TTA_BELOW)
+    # ... and reads the text lines of pages still unsure, with the gate and weights its training fitted on val.
+    recorded = head_metadata()["text_lines"]
+    assert builtin.text_lines and builtin.text_lines_below == recorded["below"] < 1.0
+    assert builtin.text_lines_weights == tuple(recorded["weights"])
     assert (explicit.tta, explicit.rotate_threshold, explicit.tta_below) == (False, 0.8, 1.0)
     answer = prediction(90, 0.85, tta_agreement=1.0)
     assert decide(answer, builtin) == ("review", "orientation 90 confidence 0.85 < 0.90")

@@ -123,3 +123,34 @@ def test_missing_models_name_the_package_to_install(monkeypatch):
     with pytest.raises(text_lines.TextLinesUnavailable, match="pip install rapidocr_onnxruntime"):
         text_lines.models_dir()
     assert not text_lines.available()
+
+
+def test_train_default_reads_val_once_and_records_the_chosen_settings(tmp_path, monkeypatch, page):
+    """_choose_text_lines_on_val (train_default's step): reads val's images under four turns into the feature cache,
+    fits the weights and gate, and returns what the head records; a second run reads nothing again."""
+    from archive_vision import train_default
+    from archive_vision.sample_archive import render_page
+
+    paths = []
+    for seed in (1, 2):
+        path = tmp_path / f"page{seed}.png"
+        render_page(seed=seed).save(path)
+        paths.append(str(path))
+    images = [corpus.CorpusImage(path=p, kind=corpus.PAGE, package="t", member=p, group=p, split=corpus.VAL)
+              for p in paths]
+    # The model is unsure between each turn and its opposite (wrong half the time): the lines must decide.
+    probs = np.full((2, 4, 4), 0.02)
+    for d in range(4):
+        probs[0, d, d], probs[0, d, (d + 2) % 4] = 0.49, 0.47
+        probs[1, d, (d + 2) % 4], probs[1, d, d] = 0.49, 0.47
+    kinds = np.array([corpus.PAGE, corpus.PAGE])
+    meta = train_default._choose_text_lines_on_val(images, str(tmp_path / "cache"), probs, kinds, tta_below=1.0)
+    assert meta["weights"][1] > 0 and meta["val_accuracy_pages"] == 1.0 and meta["val_accuracy_photos"] is None
+    assert meta["side"] == text_lines.DEFAULT_SIDE and meta["fitted_on"] == "val"
+    assert len(list((tmp_path / "cache" / f"text_lines@{text_lines.DEFAULT_SIDE}").iterdir())) == 2
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the cached evidence should have been used")
+
+    monkeypatch.setattr(text_lines, "TextLineReader", no_reading)
+    assert train_default._choose_text_lines_on_val(images, str(tmp_path / "cache"), probs, kinds, 1.0) == meta
