@@ -54,9 +54,9 @@ DEFAULT_MODEL_ROTATE_THRESHOLD = 0.9
 # its head's `tta_below` (archive_vision.train_default chooses it on val); this is the value for a head that
 # does not record one.
 DEFAULT_MODEL_TTA_BELOW = 0.95
-# --text-lines: the weights of the text-line evidence (trainer.text_lines) for a head that records none
-# (archive_vision.train_default fits them on val).
-DEFAULT_TEXT_LINES_WEIGHTS = (0.2, 0.1)
+# --text-lines: the weights of the text-line evidence (trainer.text_lines) for a head that records none: the shipped
+# head's (archive_vision.train_default fits them on val).
+DEFAULT_TEXT_LINES_WEIGHTS = (0.1, 0.1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,9 +250,7 @@ def predict_isolating(items: Sequence[dict], predict: Callable[[List[bytes]], Li
 
 def text_lines_copy(image: Image.Image) -> bytes:
     """The copy of a page kept for --text-lines (trainer.text_lines.reading_copy), as JPEG."""
-    from trainer.text_lines import reading_copy
-
-    return imaging.encode(reading_copy(image), "jpeg", 90)
+    return imaging.encode(text_lines.reading_copy(image), "jpeg", 90)
 
 
 def needs_text_lines(prediction: Dict[str, Any], below: float) -> bool:

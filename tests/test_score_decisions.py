@@ -228,3 +228,19 @@ def test_builtin_model_reads_text_lines_with_its_heads_settings(monkeypatch):
     assert parse_args(["--input", "in", "--output", "out"])[0].text_lines is False
     with pytest.raises(SystemExit):
         parse_args(["--input", "in", "--output", "out", "--text-lines"])
+
+
+def test_a_page_whose_lines_cannot_be_read_keeps_the_models_answer_and_says_so():
+    from pipelines.score import _PredictionRouting
+
+    routing = _PredictionRouting(ModelInfo("m", 1), options(text_lines=True, text_lines_below=1.0))
+    item = {"uri": "u", "page": 0, "sha256": "s", "format": "png", "width": 1, "height": 1, "exif_orientation": 0,
+            "text_image": b"not an image"}
+    prediction = {"orientation_probabilities": np.array([0.1, 0.7, 0.1, 0.1]), "orientation_degrees": 90}
+    row = routing.route(item, prediction, "")
+    assert (row["text_lines"], row["orientation_degrees"]) == (-1, 90)
+    # Sure answers are never read (no copy is even looked at), nor are pages scored without a copy.
+    sure = {"orientation_probabilities": np.array([0.0, 1.0, 0.0, 0.0]), "orientation_degrees": 90}
+    strict = _PredictionRouting(ModelInfo("m", 1), options(text_lines=True, text_lines_below=0.9))
+    assert strict.route(item, sure, "")["text_lines"] is None
+    assert routing.route(dict(item, text_image=b""), prediction, "")["text_lines"] is None
