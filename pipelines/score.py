@@ -26,7 +26,6 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import apache_beam as beam
 import numpy as np
-from PIL import Image
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
@@ -248,9 +247,20 @@ def predict_isolating(items: Sequence[dict], predict: Callable[[List[bytes]], Li
     return out
 
 
-def text_lines_copy(image: Image.Image) -> bytes:
-    """The copy of a page kept for --text-lines (trainer.text_lines.reading_copy), as JPEG."""
-    return imaging.encode(text_lines.reading_copy(image), "jpeg", 90)
+def text_lines_copy(item: dict, max_pixels: int = imaging.DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The page of a scored item as --text-lines reads it (trainer.text_lines.reading_copy), decoded again from its
+    file: only the pages still unsure after the model are read (a quarter of them with the built-in settings), so
+    the copy is made for those alone instead of travelling with every page. Raises when the file is gone or no
+    longer the one scored (its sha256 changed)."""
+    with FileSystems.open(item["uri"], compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        data = handle.read()
+    if imaging.content_sha256(data) != item["sha256"]:
+        raise RuntimeError("the file changed since it was scored")
+    for page in imaging.decode_pages(data, max_pixels=max_pixels, max_pages=item["page"] + 1,
+                                     draft_for=(text_lines.COPY_SIDE, "pad")):
+        if page.page == item["page"]:
+            return np.asarray(text_lines.reading_copy(page.image))
+    raise RuntimeError(f"page {item['page']} is no longer in the file")
 
 
 def needs_text_lines(prediction: Dict[str, Any], below: float) -> bool:
@@ -475,22 +485,16 @@ class PrepareImagesFn(beam.DoFn):
         fmt = imaging.sniff_format(data) or ""
         turns = TURNS if opts.tta else (0,)
         emitted = 0
-        # With --text-lines each page also keeps a copy big enough to read its lines (JPEG decoding may skip less).
-        draft_for = ((opts.size, opts.resize_mode) if not opts.text_lines
-                     else (text_lines.COPY_SIDE, "pad") if opts.resize_mode == "pad" else None)
         try:
             for page in imaging.decode_pages(data, max_pixels=opts.max_pixels, max_pages=opts.max_pages,
-                                             draft_for=draft_for):
+                                             draft_for=(opts.size, opts.resize_mode)):
                 small = imaging.resize(page.image, opts.size, opts.resize_mode)
                 emitted += 1
                 self._items.inc()
-                item = {"uri": entry.uri, "page": page.page, "sha256": sha, "format": fmt,
-                        "width": page.original_width, "height": page.original_height,
-                        "exif_orientation": page.exif_orientation, "turns": turns,
-                        "images": [imaging.encode(turn_clockwise(small, t), "jpeg", opts.quality) for t in turns]}
-                if opts.text_lines:
-                    item["text_image"] = text_lines_copy(page.image)
-                yield item
+                yield {"uri": entry.uri, "page": page.page, "sha256": sha, "format": fmt,
+                       "width": page.original_width, "height": page.original_height,
+                       "exif_orientation": page.exif_orientation, "turns": turns,
+                       "images": [imaging.encode(turn_clockwise(small, t), "jpeg", opts.quality) for t in turns]}
         except imaging.ImageError as e:
             if emitted == 0:
                 self._failed.inc()
@@ -526,14 +530,13 @@ class _PredictionRouting:
 
     def _with_text_lines(self, item: dict, prediction: dict) -> dict:
         """The prediction with the page's text-line evidence fused in, when the model alone is unsure."""
-        if not needs_text_lines(prediction, self._options.text_lines_below) or not item.get("text_image"):
+        if not needs_text_lines(prediction, self._options.text_lines_below):
             return prediction
         if self._reader is None:  # one per worker, built on first use (the ONNX sessions do not pickle)
             self._reader = text_lines.TextLineReader(threads=max(0, self._options.tf_threads))
         started = time.monotonic()
         try:
-            with Image.open(io.BytesIO(item["text_image"])) as copy:
-                evidence = self._reader.read(np.asarray(copy.convert("RGB")))
+            evidence = self._reader.read(text_lines_copy(item, self._options.max_pixels))
         except Exception as e:  # noqa: BLE001 - the model's own answer stands; the row says reading failed
             LOG.warning("text lines of %s page %s not read: %s: %s", item["uri"], item["page"], type(e).__name__, e)
             self._text_failed.inc()

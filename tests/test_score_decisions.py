@@ -230,17 +230,29 @@ def test_builtin_model_reads_text_lines_with_its_heads_settings(monkeypatch):
         parse_args(["--input", "in", "--output", "out", "--text-lines"])
 
 
-def test_a_page_whose_lines_cannot_be_read_keeps_the_models_answer_and_says_so():
-    from pipelines.score import _PredictionRouting
+def test_a_page_whose_lines_cannot_be_read_keeps_the_models_answer_and_says_so(tmp_path):
+    """--text-lines decodes an unsure page again from its file: a file gone, or changed since it was scored, leaves
+    the model's answer and text_lines = -1; sure pages are never read."""
+    import io
 
+    from PIL import Image
+
+    from pipelines import imaging
+    from pipelines.score import _PredictionRouting, text_lines_copy
+
+    path = tmp_path / "page.png"
+    buffer = io.BytesIO()
+    Image.new("RGB", (2000, 1000), "white").save(buffer, "PNG")
+    path.write_bytes(buffer.getvalue())
+    item = {"uri": str(path), "page": 0, "sha256": imaging.content_sha256(buffer.getvalue()), "format": "png",
+            "width": 2000, "height": 1000, "exif_orientation": 0}
+    assert text_lines_copy(item).shape == (800, 1600, 3)  # the reading copy: at most 1600 px on its long side
     routing = _PredictionRouting(ModelInfo("m", 1), options(text_lines=True, text_lines_below=1.0))
-    item = {"uri": "u", "page": 0, "sha256": "s", "format": "png", "width": 1, "height": 1, "exif_orientation": 0,
-            "text_image": b"not an image"}
     prediction = {"orientation_probabilities": np.array([0.1, 0.7, 0.1, 0.1]), "orientation_degrees": 90}
-    row = routing.route(item, prediction, "")
-    assert (row["text_lines"], row["orientation_degrees"]) == (-1, 90)
-    # Sure answers are never read (no copy is even looked at), nor are pages scored without a copy.
+    assert routing.route(item, prediction, "")["text_lines"] == 0  # read: a blank page shows no lines
+    for broken in (dict(item, sha256="0" * 64), dict(item, uri=str(tmp_path / "gone.png"))):
+        row = routing.route(broken, prediction, "")
+        assert (row["text_lines"], row["orientation_degrees"]) == (-1, 90)
     sure = {"orientation_probabilities": np.array([0.0, 1.0, 0.0, 0.0]), "orientation_degrees": 90}
     strict = _PredictionRouting(ModelInfo("m", 1), options(text_lines=True, text_lines_below=0.9))
-    assert strict.route(item, sure, "")["text_lines"] is None
-    assert routing.route(dict(item, text_image=b""), prediction, "")["text_lines"] is None
+    assert strict.route(dict(item, uri=str(tmp_path / "gone.png")), sure, "")["text_lines"] is None
