@@ -364,6 +364,19 @@ TTA_BELOW_TOLERANCE = 0.005  # accuracy (per kind) that skipping turned copies m
 TTA_BELOW_SURE_RIGHT = 0.995
 
 
+def _lowest_passing(sweep: Dict[float, Dict[str, float]], full: Dict[str, float], tolerance: float, right_key: str,
+                    right_floor: float) -> float:
+    """The lowest candidate of a sweep whose accuracy, photos and pages each (rows' `photos` / `pages`), is within
+    `tolerance` of `full`, and whose `right_key` share is at least `right_floor`; 1.0 when none passes (a kind
+    absent from held-out data, NaN, does not count)."""
+    for candidate in sorted(sweep):
+        row = sweep[candidate]
+        if (all(row[f"{k}s"] >= full[k] - tolerance for k in full if full[k] == full[k])
+                and not row[right_key] < right_floor):
+            return candidate
+    return 1.0
+
+
 def choose_tta_below(probs: np.ndarray, kinds: np.ndarray, candidates: Sequence[float] = TTA_BELOW_CANDIDATES,
                      tolerance: float = TTA_BELOW_TOLERANCE, sure_right: float = TTA_BELOW_SURE_RIGHT
                      ) -> Tuple[float, Dict[float, Dict[str, float]]]:
@@ -376,7 +389,6 @@ def choose_tta_below(probs: np.ndarray, kinds: np.ndarray, candidates: Sequence[
     said = np.argmax(probs, -1)
     right, turns = said == np.arange(4)[None, :], said != 0
     sweep: Dict[float, Dict[str, float]] = {}
-    choice = None
     for below in sorted(candidates):
         row: Dict[str, float] = {}
         for kind in (corpus.PHOTO, corpus.PAGE):
@@ -387,10 +399,7 @@ def choose_tta_below(probs: np.ndarray, kinds: np.ndarray, candidates: Sequence[
         sure = ~needs_turns(probs, below) & turns
         row["sure_right"] = float(right[sure].mean()) if sure.any() else float("nan")
         sweep[below] = row
-        if (choice is None and all(row[f"{k}s"] >= full[k] - tolerance for k in full if full[k] == full[k])
-                and not row["sure_right"] < sure_right):
-            choice = below
-    return (1.0 if choice is None else choice), sweep
+    return _lowest_passing(sweep, full, tolerance, "sure_right", sure_right), sweep
 
 
 # score --text-lines: the built-in --rotate-threshold, whose band the fused answers must keep >= 99.5% right, and
@@ -419,7 +428,6 @@ def choose_text_lines(probs: np.ndarray, evidence: np.ndarray, kinds: np.ndarray
     fused = text_lines.fuse_rows(probs, evidence, *weights)
     full = {kind: accuracy(fused[kinds == kind]) for kind in (corpus.PHOTO, corpus.PAGE)}
     sweep: Dict[float, Dict[str, float]] = {}
-    choice = None
     for below in sorted(candidates):
         read = np.max(probs, -1) < below
         combined = np.where(read[..., None], fused, probs)
@@ -430,10 +438,7 @@ def choose_text_lines(probs: np.ndarray, evidence: np.ndarray, kinds: np.ndarray
         stats = band_stats(combined, rotate_threshold=TEXT_LINES_BAND_THRESHOLD)
         row.update(band_right=stats["auto_rotate_right"], band_share=stats["auto_rotate_share_of_rotated"])
         sweep[below] = row
-        if (choice is None and all(row[f"{k}s"] >= full[k] - tolerance for k in full if full[k] == full[k])
-                and not row["band_right"] < sure_right):
-            choice = below
-    return weights, (1.0 if choice is None else choice), sweep
+    return weights, _lowest_passing(sweep, full, tolerance, "band_right", sure_right), sweep
 
 
 def _choose_text_lines_on_val(images: Sequence[corpus.CorpusImage], cache: str, val_probs: np.ndarray,

@@ -238,20 +238,10 @@ def default_speed(runner: DefaultModelRunner, paths: Sequence[str], batch: int =
 def text_lines_evidence(reader, paths: Sequence[str], probs: np.ndarray, below: float) -> np.ndarray:
     """[N, 4 turns, 5] text-line evidence rows (trainer.text_lines) of the images' turned copies whose top
     probability is below `below` (zeros elsewhere: not read, as score leaves them)."""
-    from PIL import Image
-
     from trainer import text_lines
 
-    rows = np.zeros(probs.shape[:2] + (5,))
-    for index, path in enumerate(paths):
-        unsure = [d for d in range(4) if float(np.max(probs[index, d])) < below]
-        if not unsure:
-            continue
-        with Image.open(path) as image:
-            pixels = np.asarray(text_lines.reading_copy(image))
-        for d in unsure:
-            rows[index, d] = text_lines.evidence_array(reader.read(np.ascontiguousarray(np.rot90(pixels, -d))))
-    return rows
+    return np.stack([text_lines.read_turns(reader, path, np.flatnonzero(np.max(probs[index], -1) < below))
+                     for index, path in enumerate(paths)]).reshape(probs.shape[:2] + (5,))
 
 
 def text_lines_speed(runner: DefaultModelRunner, reader, paths: Sequence[str], below: float,

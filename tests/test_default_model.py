@@ -124,6 +124,22 @@ def test_export_serves_the_same_answer_from_image_bytes(monkeypatch, cache_root,
         int(np.argmax(p)) * 90 for p in _probabilities(model, images)]
 
 
+def _archive(tmp_path, turned_images, names) -> str:
+    """A folder holding the named images under their four turns, as `<name>_<turn>.jpg`."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for name, degrees, data in turned_images:
+        if name in names:
+            (archive / f"{name}_{degrees}.jpg").write_bytes(data)
+    return str(archive)
+
+
+def _rows_by_file(output) -> dict:
+    import pyarrow.parquet as pq
+
+    return {os.path.basename(r["uri"]): r for r in pq.read_table(output / "results.parquet").to_pylist()}
+
+
 def test_score_without_a_model_uses_the_built_in_one_with_test_time_turns(monkeypatch, cache_root, tmp_path,
                                                                            turned_images):
     """`archive-vision score --input A --output B`: no model, no server, and the turned photo and page are found."""
@@ -134,13 +150,9 @@ def test_score_without_a_model_uses_the_built_in_one_with_test_time_turns(monkey
     from pipelines import score
 
     monkeypatch.setenv("ARCHIVE_VISION_CACHE", cache_root)
-    archive = tmp_path / "archive"
-    archive.mkdir()
-    for name, degrees, data in turned_images:
-        if name in ("astronaut", "page"):
-            (archive / f"{name}_{degrees}.jpg").write_bytes(data)
+    archive = _archive(tmp_path, turned_images, ("astronaut", "page"))
     output = tmp_path / "out"
-    summary = score.run(["--input", str(archive), "--output", str(output), "--no-report"],
+    summary = score.run(["--input", archive, "--output", str(output), "--no-report"],
                         test_pipeline=TestPipeline())
     assert summary["model"]["name"] == default_model.DEFAULT_MODEL_NAME
     assert summary["model"]["source"].startswith(cache_root)
@@ -148,9 +160,7 @@ def test_score_without_a_model_uses_the_built_in_one_with_test_time_turns(monkey
     assert summary["counts"]["reconciled"] and summary["counts"]["results"] == 8
     with open(output / "run.json") as f:
         assert json.load(f)["tta"]["enabled"] is True
-    import pyarrow.parquet as pq
-
-    rows = {os.path.basename(r["uri"]): r for r in pq.read_table(output / "results.parquet").to_pylist()}
+    rows = _rows_by_file(output)
     for file_name, row in rows.items():
         truth = int(file_name.rsplit("_", 1)[1].split(".")[0])
         assert row["orientation_degrees"] == truth, (file_name, row)
@@ -165,23 +175,18 @@ def test_score_without_a_model_uses_the_built_in_one_with_test_time_turns(monkey
 def test_score_reads_the_text_lines_of_unsure_pages_and_says_so(monkeypatch, cache_root, tmp_path, turned_images):
     """--text-lines (on by default with the built-in model): every page below --text-lines-below has its lines
     read, the answer is the fused one, results say how many pieces of line were read, run.json counts them."""
-    import pyarrow.parquet as pq
     from apache_beam.testing.test_pipeline import TestPipeline
 
     from pipelines import score
 
     monkeypatch.setenv("ARCHIVE_VISION_CACHE", cache_root)
-    archive = tmp_path / "archive"
-    archive.mkdir()
-    for name, degrees, data in turned_images:
-        if name in ("coffee", "page"):
-            (archive / f"{name}_{degrees}.jpg").write_bytes(data)
+    archive = _archive(tmp_path, turned_images, ("coffee", "page"))
     summaries = {}
     for flag in ("--text-lines-below=1.0", "--no-text-lines"):
         output = tmp_path / flag.strip("-").split("=")[0]
-        summaries[flag] = score.run(["--input", str(archive), "--output", str(output), "--no-report", flag],
+        summaries[flag] = score.run(["--input", archive, "--output", str(output), "--no-report", flag],
                                     test_pipeline=TestPipeline())
-        rows = {os.path.basename(r["uri"]): r for r in pq.read_table(output / "results.parquet").to_pylist()}
+        rows = _rows_by_file(output)
         if flag == "--no-text-lines":
             assert all(r["text_lines"] is None for r in rows.values())
             continue

@@ -274,11 +274,16 @@ def reading_copy(image):
     return copy
 
 
-def read_turns(reader: TextLineReader, path: str) -> np.ndarray:
-    """[4, 5]: the evidence of an image file's reading copy turned 0/90/180/270 clockwise (evidence_array rows)."""
+def read_turns(reader: TextLineReader, path: str, turns: Sequence[int] = (0, 1, 2, 3)) -> np.ndarray:
+    """[4, 5]: the evidence of an image file's reading copy turned 0/90/180/270 clockwise (evidence_array rows);
+    only the quarter turns in `turns` are read, the other rows stay zero (no evidence)."""
     from PIL import Image
 
+    rows = np.zeros((4, 5))
+    if not len(turns):
+        return rows
     with Image.open(path) as image:
         pixels = np.asarray(reading_copy(image))
-    return np.stack([evidence_array(reader.read(np.ascontiguousarray(np.rot90(pixels, -turn))))
-                     for turn in range(4)])
+    for turn in turns:
+        rows[turn] = evidence_array(reader.read(np.ascontiguousarray(np.rot90(pixels, -turn))))
+    return rows
