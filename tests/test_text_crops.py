@@ -1,0 +1,187 @@
+"""Text-crop evidence (trainer.text_crops) and how score uses it: the real PaddleClas classifier reads a rendered
+page under every turn, a photo-like image without text leaves the model's answer alone, the weight and gates are
+chosen the way train_default's docstring says, and score's prediction step fuses the evidence before deciding on
+turned copies (a failed read keeps the model's answer)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from archive_vision import orientation_corpus as corpus
+from archive_vision.train_default import choose_text_crops, crops_answers
+from pipelines import score
+from trainer import text_crops
+
+TURNS = (0, 90, 180, 270)
+
+
+@pytest.fixture(scope="module")
+def reader():
+    if not text_crops.available():
+        pytest.fail("the text-crop model is part of the install (setup.py): pip install -e .")
+    return text_crops.TextCropReader()
+
+
+@pytest.fixture(scope="module")
+def page() -> Image.Image:
+    from archive_vision.sample_archive import render_page
+
+    return render_page(seed=5).convert("RGB")
+
+
+def _turned(image: Image.Image, degrees: int) -> Image.Image:
+    return score.turn_clockwise(image, degrees)
+
+
+@pytest.mark.parametrize("degrees", TURNS)
+def test_the_crops_of_a_turned_page_say_which_turn_it_is(reader, page, degrees):
+    copy = text_crops.reading_copy(_turned(page, degrees))
+    assert min(copy.shape[:2]) == text_crops.COPY_SHORT and copy.dtype == np.uint8
+    probabilities = reader.probabilities(copy)
+    assert probabilities.shape == (len(text_crops.CROP_CENTRES), 4)
+    evidence = reader.read(copy)
+    assert int(np.argmax(evidence)) * 90 == degrees
+    # On its own (a model with no opinion), the fused answer names the turn, and surely.
+    fused = text_crops.fuse(np.full(4, 0.25), evidence, 0.7)
+    assert int(np.argmax(fused)) * 90 == degrees and fused.max() > 0.95
+
+
+def test_an_image_without_text_leaves_the_model_alone(reader):
+    rng = np.random.default_rng(0)
+    smooth = Image.fromarray(np.kron(rng.integers(60, 200, size=(6, 8, 3)),
+                                     np.ones((100, 100, 1))).astype(np.uint8))
+    evidence = reader.read(text_crops.reading_copy(smooth))
+    model = np.array([0.1, 0.6, 0.2, 0.1])
+    fused = text_crops.fuse(model, evidence, 0.7)
+    assert int(np.argmax(fused)) == 1 and abs(fused[1] - 0.6) < 0.2
+
+
+def test_only_sure_crops_count():
+    probabilities = np.array([[0.9, 0.05, 0.03, 0.02], [0.4, 0.3, 0.2, 0.1], [0.05, 0.85, 0.05, 0.05]])
+    expected = np.log(probabilities[0]) + np.log(probabilities[2])
+    np.testing.assert_allclose(text_crops.evidence(probabilities), expected)
+    np.testing.assert_array_equal(text_crops.evidence(probabilities[1:2]), np.zeros(4))
+
+
+def test_small_grey_and_long_images_make_a_copy_the_classifier_can_read(reader):
+    for size, mode in (((60, 40), "L"), ((5000, 300), "RGB"), ((300, 300), "RGBA")):
+        copy = text_crops.reading_copy(Image.new(mode, size, 128))
+        assert copy.shape[2] == 3 and min(copy.shape[:2]) >= text_crops.CROP
+        assert max(copy.shape[:2]) <= text_crops.MAX_LONG
+        assert reader.read(copy).shape == (4,)
+    # A copy made elsewhere, smaller than a crop or grey, is padded rather than refused.
+    assert text_crops.crops(np.zeros((100, 150), np.uint8)).shape == (5, 3, 224, 224)
+
+
+def test_the_weight_is_fitted_by_likelihood_and_stays_small_for_noise():
+    rng = np.random.default_rng(1)
+    n = 400
+    truth = rng.integers(0, 4, n)
+    probs = np.full((n, 4), 0.25)
+    informative = np.where(np.arange(4)[None, :] == truth[:, None], 0.0, -3.0)
+    weight, sweep = text_crops.fit_weight(probs, informative, truth)
+    assert weight >= 0.5 and sweep[weight][1] == 1.0
+    noise = rng.normal(0, 3, (n, 4))
+    weight, _ = text_crops.fit_weight(probs, noise, truth)
+    assert weight <= 0.05
+
+
+def _held_out(n=60, seed=0):
+    """Pages the model is unsure of (and sometimes wrong on, as half turns) whose crops know the answer; photos the
+    model gets right with turned copies and whose crops say nothing."""
+    rng = np.random.default_rng(seed)
+    probs = np.zeros((2 * n, 4, 4))
+    evidence = np.zeros((2 * n, 4, 4))
+    for i in range(2 * n):
+        for turn in range(4):
+            p = np.full(4, 0.1)
+            if i < n:  # a page: 0.55 on the truth, or on its half turn every third page
+                p[(turn + 2) % 4 if i % 3 == 0 else turn] = 0.55
+                p[turn if i % 3 == 0 else (turn + 2) % 4] = 0.25
+                evidence[i, turn] = np.where(np.arange(4) == turn, 0.0, -4.0)
+            else:  # a photo: right, fairly sure (0.73 after normalising)
+                p[turn] = 0.8
+            probs[i, turn] = (p + rng.uniform(0, 0.01, 4)) / (p + rng.uniform(0, 0.01, 4)).sum()
+    kinds = np.array([corpus.PAGE] * n + [corpus.PHOTO] * n)
+    return probs, evidence, kinds
+
+
+def test_choose_text_crops_reads_only_unsure_images_and_keeps_the_accuracy_of_reading_all():
+    probs, evidence, kinds = _held_out()
+    choice, sweeps = choose_text_crops(probs, evidence, kinds)
+    assert choice["weight"] > 0
+    # The photos (top 0.73) are never read below 0.7; the pages (top 0.55) must be: the lowest passing gate.
+    assert choice["below"] == 0.7
+    assert sweeps["crops"][0.7]["pages_read"] == 1.0 and sweeps["crops"][0.7]["photos_read"] == 0.0
+    assert sweeps["crops"][0.5]["pages"] < sweeps["crops"][0.7]["pages"] == 1.0
+    answers, read, turned = crops_answers(probs, evidence, choice["weight"], choice["below"], choice["tta_below"])
+    assert (answers.argmax(-1) == np.arange(4)).all()
+    assert turned.mean() <= 1.0 and read[kinds == corpus.PHOTO].sum() == 0
+
+
+def _prediction(p):
+    return {"orientation_probabilities": np.asarray(p, np.float64), "orientation_degrees": int(np.argmax(p)) * 90}
+
+
+class _Crops(score.TextCropsStep):
+    """The real step with a stand-in reader: the item's `says` turn is what its crops show."""
+
+    def __init__(self, below, weight=1.0, fail=()):
+        super().__init__(below, weight)
+        self.calls = []
+        self._fail = fail
+
+        class Reader:
+            def read(reader_self, copy):
+                return np.where(np.arange(4) == int(copy[0, 0, 0]), 0.0, -5.0)
+
+        self._reader = Reader()
+
+    def read(self, item, stored):
+        self.calls.append(item["uri"])
+        if item["uri"] in self._fail:
+            item = dict(item, crops_copy=None)
+        return super().read(item, stored)
+
+
+def test_score_fuses_the_crops_before_deciding_on_turned_copies():
+    answers = {  # per image bytes: the model's answer for each stored / turned copy
+        b"sure-0": [0.97, 0.01, 0.01, 0.01], b"page-180": [0.5, 0.1, 0.3, 0.1], b"photo-90": [0.4, 0.3, 0.2, 0.1],
+    }
+    turned_answer = [0.1, 0.6, 0.2, 0.1]
+
+    def predict(images):
+        return [_prediction(answers.get(image, turned_answer)) for image in images]
+
+    def item(uri, says):
+        return {"uri": uri, "page": 0, "images": [uri.encode(), b"t90", b"t180", b"t270"], "turns": list(TURNS),
+                "crops_copy": np.full((448, 448, 3), says, np.uint8)}
+
+    items = [item("sure-0", 0), item("page-180", 2), item("photo-90", 1)]
+    crops = _Crops(below=0.9, weight=1.0)
+    out = {i["uri"]: p for i, p, _ in score.predict_isolating(items, predict, tta_below=0.9, crops=crops)}
+    assert crops.calls == ["sure-0", "page-180", "photo-90"]
+    # Sure on its stored copy: not read, not turned.
+    assert out["sure-0"].get("text_crops") is None and "tta_agreement" not in out["sure-0"]
+    # The crops settle the page: sure after fusing, so its turned copies are never scored.
+    assert out["page-180"]["orientation_degrees"] == 180 and out["page-180"]["text_crops"] == 1
+    assert "tta_agreement" not in out["page-180"]
+    # The crops of the photo are fused into the stored copy, then (still unsure) into the turned copies' answer.
+    crops_weak = _Crops(below=0.9, weight=0.05)
+    out = {i["uri"]: p for i, p, _ in score.predict_isolating(items, predict, tta_below=0.9, crops=crops_weak)}
+    assert "tta_agreement" in out["photo-90"] and out["photo-90"]["text_crops"] == 1
+    # Every image turned (tta_below 1): the crops are gated on the stored copy and fused into the combined answer.
+    out = {i["uri"]: p for i, p, _ in score.predict_isolating(items, predict, tta_below=1.0, crops=crops)}
+    assert out["page-180"]["orientation_degrees"] == 180 and "tta_agreement" in out["page-180"]
+    assert out["sure-0"].get("text_crops") is None
+
+
+def test_a_failed_crop_read_keeps_the_models_answer():
+    def predict(images):
+        return [_prediction([0.5, 0.1, 0.3, 0.1]) for _ in images]
+
+    items = [{"uri": "a", "page": 0, "images": [b"x"], "turns": [0], "crops_copy": np.full((448, 448, 3), 2, np.uint8)}]
+    crops = _Crops(below=0.9, fail=("a",))
+    [(_, prediction, error)] = score.predict_isolating(items, predict, tta_below=1.0, crops=crops)
+    assert error == "" and prediction["text_crops"] == -1 and prediction["orientation_degrees"] == 0
