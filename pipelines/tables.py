@@ -25,6 +25,7 @@ ERRORS_SCHEMA = pa.schema([
 # One row per scored page (score job). Probabilities are in the model's column order: orientations 0/90/180/270
 # clockwise, classes as in labels.json. `reused` rows were copied from --skip-known instead of being scored.
 # `text_lines`: pieces of text line read for --text-lines (null: not read, 0: none found, -1: reading failed).
+# `text_crops`: --text-crops (null: not read, 1: read and fused, -1: reading failed, the model's answer stands).
 RESULTS_SCHEMA = pa.schema([
     ("uri", pa.string()), ("page", pa.int64()), ("sha256", pa.string()), ("format", pa.string()),
     ("width", pa.int64()), ("height", pa.int64()), ("exif_orientation", pa.int64()),
@@ -32,7 +33,7 @@ RESULTS_SCHEMA = pa.schema([
     ("class_probabilities", pa.list_(pa.float32())),
     ("orientation_degrees", pa.int64()), ("orientation_confidence", pa.float64()),
     ("orientation_probabilities", pa.list_(pa.float32())), ("tta_agreement", pa.float64()),
-    ("text_lines", pa.int64()),
+    ("text_lines", pa.int64()), ("text_crops", pa.int64()),
     ("decision", pa.string()), ("review_reason", pa.string()),
     ("model_name", pa.string()), ("model_version", pa.int64()), ("reused", pa.bool_()),
     ("corrected_uri", pa.string()), ("corrected_method", pa.string()),

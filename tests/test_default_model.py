@@ -157,6 +157,7 @@ def test_score_without_a_model_uses_the_built_in_one_with_test_time_turns(monkey
     assert summary["model"]["name"] == default_model.DEFAULT_MODEL_NAME
     assert summary["model"]["source"].startswith(cache_root)
     assert summary["options"]["tta"] is True and summary["options"]["rotate_threshold"] == 0.9
+    assert summary["text_crops"]["enabled"] is True and summary["text_lines"]["enabled"] is True
     assert summary["counts"]["reconciled"] and summary["counts"]["results"] == 8
     with open(output / "run.json") as f:
         assert json.load(f)["tta"]["enabled"] is True
@@ -269,3 +270,35 @@ def test_export_cli_writes_the_default_model_for_tf_serving(tmp_path, capsys):
     assert (tmp_path / "models.config").exists()  # what tensorflow_model_server --model_config_file reads
     signature = tf.saved_model.load(version_dir).signatures["serving_default"]
     assert set(signature.structured_outputs) == {"orientation_probabilities", "orientation_degrees"}
+
+
+def test_score_reads_the_text_crops_of_unsure_images_and_says_so(monkeypatch, cache_root, tmp_path, turned_images):
+    """--text-crops (on by default with the built-in model): every image below --text-crops-below has its crops
+    read from the copy made while it was decoded; the answer is the fused one; results and run.json say so."""
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    from pipelines import score
+
+    monkeypatch.setenv("ARCHIVE_VISION_CACHE", cache_root)
+    archive = _archive(tmp_path, turned_images, ("coffee", "page"))
+    summaries = {}
+    for flag in ("--text-crops-below=1.0", "--no-text-crops"):
+        output = tmp_path / flag.strip("-").split("=")[0]
+        summaries[flag] = score.run(["--input", archive, "--output", str(output), "--no-report", "--no-text-lines",
+                                     flag], test_pipeline=TestPipeline())
+        rows = _rows_by_file(output)
+        if flag == "--no-text-crops":
+            assert all(r["text_crops"] is None for r in rows.values())
+            continue
+        for file_name, row in rows.items():
+            truth = int(file_name.rsplit("_", 1)[1].split(".")[0])
+            assert row["text_crops"] == 1, row
+            if file_name.startswith("page"):
+                assert row["orientation_degrees"] == truth and row["orientation_confidence"] > 0.99, row
+    read = summaries["--text-crops-below=1.0"]["text_crops"]
+    assert read["enabled"] and read["below"] == 1.0 and read["read"] == 8 and read["failed"] == 0
+    assert read["seconds_total"] >= 0 and read["weight"] == default_model.head_metadata()["text_crops"]["weight"]
+    assert "crops    read for 8 pages below p 1.0" in score.format_summary(summaries["--text-crops-below=1.0"])
+    assert "  crops " not in score.format_summary(summaries["--no-text-crops"])
+    assert summaries["--no-text-crops"]["text_crops"] == dict(summaries["--no-text-crops"]["text_crops"],
+                                                              enabled=False, read=0)

@@ -123,7 +123,7 @@ def test_command_line_flags_reach_the_decision():
 
 
 @pytest.mark.parametrize("flag", ["rotate_threshold", "ok_threshold", "class_threshold", "tta_min_agreement",
-                                  "tta_below", "text_lines_below"])
+                                  "tta_below", "text_lines_below", "text_crops_below"])
 def test_thresholds_outside_zero_to_one_are_refused(flag):
     with pytest.raises(ValueError, match=flag.replace("_", "-")):
         options(**{flag: 1.5})
@@ -138,12 +138,22 @@ def test_builtin_model_defaults_to_turned_copies_and_the_stricter_rotate_band():
     builtin, _ = parse_args(["--input", "in", "--output", "out"])
     explicit, _ = parse_args(["--input", "in", "--output", "out", "--model", "some/export"])
     assert (builtin.tta, builtin.rotate_threshold) == (True, 0.9)
-    assert builtin.tta_below == head_metadata().get("tta_below", DEFAULT_MODEL_TTA_BELOW)
-    # ... and reads the text lines of pages still unsure, with the gate and weights its training fitted on val.
+    # ... reads the text crops of unsure images, and the text lines of those still unsure after that, with the
+    # gates and weights its training fitted on val for that combination.
+    crops = head_metadata()["text_crops"]
+    assert builtin.text_crops and builtin.text_crops_below == crops["below"] < 1.0
+    assert builtin.text_crops_weight == crops["weight"] > 0
+    assert builtin.tta_below == crops["tta_below"]
+    assert builtin.text_lines and builtin.text_lines_below == crops["text_lines_below"] < 1.0
+    assert builtin.text_lines_weights == tuple(crops["text_lines_weights"])
+    # Without the crops, the text-line settings chosen for the model alone apply.
+    no_crops, _ = parse_args(["--input", "in", "--output", "out", "--no-text-crops"])
     recorded = head_metadata()["text_lines"]
-    assert builtin.text_lines and builtin.text_lines_below == recorded["below"] < 1.0
-    assert builtin.text_lines_weights == tuple(recorded["weights"])
+    assert not no_crops.text_crops and no_crops.text_lines_below == recorded["below"] < 1.0
+    assert no_crops.text_lines_weights == tuple(recorded["weights"])
+    assert no_crops.tta_below == head_metadata().get("tta_below", DEFAULT_MODEL_TTA_BELOW)
     assert (explicit.tta, explicit.rotate_threshold, explicit.tta_below) == (False, 0.8, 1.0)
+    assert not explicit.text_crops and explicit.text_crops_below == 1.0
     answer = prediction(90, 0.85, tta_agreement=1.0)
     assert decide(answer, builtin) == ("review", "orientation 90 confidence 0.85 < 0.90")
     assert decide(answer, explicit) == ("auto_rotate", "")
