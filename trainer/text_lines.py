@@ -25,7 +25,7 @@ import importlib.util
 import math
 import os
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -66,21 +66,31 @@ def models_dir() -> str:
     return folder
 
 
+def require_onnxruntime(what: str, error: Optional[type] = None) -> None:
+    """Raises `error` (TextLinesUnavailable) saying that `what` needs onnxruntime, when it is not installed."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise (error or TextLinesUnavailable)(f"{what} needs onnxruntime: pip install onnxruntime")
+
+
+def installed(check) -> bool:
+    """True when `check()` (a module's check_installed) finds its models and onnxruntime."""
+    try:
+        check()
+        return True
+    except TextLinesUnavailable:
+        return False
+
+
 def check_installed() -> str:
     """The models' folder; raises TextLinesUnavailable when the models or onnxruntime are missing."""
     folder = models_dir()
-    if importlib.util.find_spec("onnxruntime") is None:
-        raise TextLinesUnavailable("text-line reading needs onnxruntime: pip install onnxruntime")
+    require_onnxruntime("text-line reading")
     return folder
 
 
 def available() -> bool:
     """True when the models and onnxruntime are installed."""
-    try:
-        check_installed()
-        return True
-    except TextLinesUnavailable:
-        return False
+    return installed(check_installed)
 
 
 @dataclass(frozen=True)
