@@ -272,6 +272,46 @@ def predict_isolating(items: Sequence[dict], predict: Callable[[List[bytes]], Li
     return out
 
 
+class EvidenceReads:
+    """Counting, timing and failure handling of one kind of extra read (`name`: text_lines, text_crops): counters
+    `<name>_read`, `<name>_failed` and `<name>_ms` (run.json's seconds). A read that raises is logged and counted,
+    and its page keeps the model's answer."""
+
+    def __init__(self, name: str):
+        self._label = name.replace("_", " ")
+        self._read = Metrics.counter(COUNTER_NAMESPACE, f"{name}_read")
+        self._failed = Metrics.counter(COUNTER_NAMESPACE, f"{name}_failed")
+        self._ms = Metrics.counter(COUNTER_NAMESPACE, f"{name}_ms")
+
+    def read(self, item: dict, reading: Callable[[], Any]) -> Tuple[bool, Any]:
+        """(True, reading()) or, when it raises, (False, None)."""
+        started = time.monotonic()
+        try:
+            value = reading()
+        except Exception as e:  # noqa: BLE001 - the model's own answer stands; the row says reading failed
+            LOG.warning("%s of %s page %s not read: %s: %s", self._label, item["uri"], item["page"],
+                        type(e).__name__, e)
+            self._failed.inc()
+            return False, None
+        finally:
+            self._ms.inc(int((time.monotonic() - started) * 1000))
+        self._read.inc()
+        return True, value
+
+
+def is_unsure(prediction: Dict[str, Any], below: float) -> bool:
+    """An answer whose top orientation probability is below `below` (the gates of --text-crops and --text-lines);
+    a model without an orientation output is never unsure."""
+    return ("orientation_probabilities" in prediction
+            and float(np.max(prediction["orientation_probabilities"])) < below)
+
+
+def with_orientation(prediction: Dict[str, Any], probabilities: np.ndarray, **extra) -> Dict[str, Any]:
+    """The prediction with new orientation probabilities (its answer follows them) and `extra` fields."""
+    return dict(prediction, orientation_probabilities=probabilities,
+                orientation_degrees=int(np.argmax(probabilities)) * 90, **extra)
+
+
 class TextCropsStep:
     """--text-crops inside prediction: reads an item's text-crop evidence (trainer.text_crops) when its stored
     copy's answer is unsure, from the reading copy PrepareImagesFn made (`crops_copy`); one reader per worker,
@@ -285,33 +325,24 @@ class TextCropsStep:
         self.weight = weight
         self._threads = threads
         self._reader = None
-        self._read = Metrics.counter(COUNTER_NAMESPACE, "text_crops_read")
-        self._failed = Metrics.counter(COUNTER_NAMESPACE, "text_crops_failed")
-        self._ms = Metrics.counter(COUNTER_NAMESPACE, "text_crops_ms")
+        self._reads = EvidenceReads("text_crops")
 
     def __getstate__(self):
         return dict(self.__dict__, _reader=None)
 
+    def _evidence(self, item: dict) -> np.ndarray:
+        if item.get("crops_copy") is None:
+            raise RuntimeError("the item carries no reading copy")
+        if self._reader is None:
+            self._reader = text_crops.TextCropReader(threads=max(0, self._threads))
+        return self._reader.read(item["crops_copy"])
+
     def read(self, item: dict, stored: Dict[str, Any]):
         """The evidence [4], FAILED, or None (not read: sure enough, or no orientation output)."""
-        if ("orientation_probabilities" not in stored
-                or float(np.max(stored["orientation_probabilities"])) >= self.below):
+        if not is_unsure(stored, self.below):
             return None
-        started = time.monotonic()
-        try:
-            if item.get("crops_copy") is None:
-                raise RuntimeError("the item carries no reading copy")
-            if self._reader is None:
-                self._reader = text_crops.TextCropReader(threads=max(0, self._threads))
-            evidence = self._reader.read(item["crops_copy"])
-        except Exception as e:  # noqa: BLE001 - the model's own answer stands; the row says reading failed
-            LOG.warning("text crops of %s page %s not read: %s: %s", item["uri"], item["page"], type(e).__name__, e)
-            self._failed.inc()
-            return self.FAILED
-        finally:
-            self._ms.inc(int((time.monotonic() - started) * 1000))
-        self._read.inc()
-        return evidence
+        ok, evidence = self._reads.read(item, lambda: self._evidence(item))
+        return evidence if ok else self.FAILED
 
 
 def text_crops_step(opts: ScoreOptions) -> Optional[TextCropsStep]:
@@ -325,9 +356,8 @@ def with_text_crops(prediction: Dict[str, Any], evidence, weight: float) -> Dict
     (`text_crops` 1), or, for TextCropsStep.FAILED, unchanged with `text_crops` -1."""
     if isinstance(evidence, str):
         return dict(prediction, text_crops=-1)
-    probs = text_crops.fuse(prediction["orientation_probabilities"], evidence, weight)
-    return dict(prediction, orientation_probabilities=probs, orientation_degrees=int(np.argmax(probs)) * 90,
-                text_crops=1)
+    return with_orientation(prediction, text_crops.fuse(prediction["orientation_probabilities"], evidence, weight),
+                            text_crops=1)
 
 
 def text_lines_copy(item: dict, max_pixels: int = imaging.DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -346,18 +376,11 @@ def text_lines_copy(item: dict, max_pixels: int = imaging.DEFAULT_MAX_PIXELS) ->
     raise RuntimeError(f"page {item['page']} is no longer in the file")
 
 
-def needs_text_lines(prediction: Dict[str, Any], below: float) -> bool:
-    """--text-lines-below: read the text lines of a page whose (combined) top orientation probability is below it."""
-    return ("orientation_probabilities" in prediction
-            and float(np.max(prediction["orientation_probabilities"])) < below)
-
-
 def with_text_lines(prediction: Dict[str, Any], evidence, weights: Tuple[float, float]) -> Dict[str, Any]:
     """The prediction with text-line evidence (trainer.text_lines.TextLineEvidence) fused into its orientation
     probabilities; `text_lines` records how many pieces of line were read (0: the image showed none)."""
-    probs = text_lines.fuse(prediction["orientation_probabilities"], evidence, *weights)
-    return dict(prediction, orientation_probabilities=probs, orientation_degrees=int(np.argmax(probs)) * 90,
-                text_lines=int(evidence.pieces))
+    return with_orientation(prediction, text_lines.fuse(prediction["orientation_probabilities"], evidence, *weights),
+                            text_lines=int(evidence.pieces))
 
 
 def result_row(item: dict, prediction: Dict[str, Any], model: ModelInfo, opts: ScoreOptions) -> dict:
@@ -623,9 +646,7 @@ class _PredictionRouting:
         self._options = options
         self._scored = Metrics.counter(COUNTER_NAMESPACE, "pages_scored")
         self._failed = Metrics.counter(COUNTER_NAMESPACE, "pages_failed_predict")
-        self._text_read = Metrics.counter(COUNTER_NAMESPACE, "text_lines_read")
-        self._text_failed = Metrics.counter(COUNTER_NAMESPACE, "text_lines_failed")
-        self._text_ms = Metrics.counter(COUNTER_NAMESPACE, "text_lines_ms")
+        self._text_reads = EvidenceReads("text_lines")
         self._reader = None
 
     def route(self, item: dict, prediction: Optional[dict], error: str):
@@ -640,20 +661,14 @@ class _PredictionRouting:
 
     def _with_text_lines(self, item: dict, prediction: dict) -> dict:
         """The prediction with the page's text-line evidence fused in, when the model alone is unsure."""
-        if not needs_text_lines(prediction, self._options.text_lines_below):
+        if not is_unsure(prediction, self._options.text_lines_below):
             return prediction
         if self._reader is None:  # one per worker, built on first use (the ONNX sessions do not pickle)
             self._reader = text_lines.TextLineReader(threads=max(0, self._options.tf_threads))
-        started = time.monotonic()
-        try:
-            evidence = self._reader.read(text_lines_copy(item, self._options.max_pixels))
-        except Exception as e:  # noqa: BLE001 - the model's own answer stands; the row says reading failed
-            LOG.warning("text lines of %s page %s not read: %s: %s", item["uri"], item["page"], type(e).__name__, e)
-            self._text_failed.inc()
+        ok, evidence = self._text_reads.read(
+            item, lambda: self._reader.read(text_lines_copy(item, self._options.max_pixels)))
+        if not ok:
             return dict(prediction, text_lines=-1)
-        finally:
-            self._text_ms.inc(int((time.monotonic() - started) * 1000))
-        self._text_read.inc()
         return with_text_lines(prediction, evidence, self._options.text_lines_weights)
 
 

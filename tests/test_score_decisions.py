@@ -195,13 +195,13 @@ def test_builtin_tta_below_comes_from_the_heads_training_unless_given(monkeypatc
 
 
 def test_text_lines_are_fused_only_into_unsure_answers():
-    from pipelines.score import needs_text_lines, with_text_lines
+    from pipelines.score import is_unsure, with_text_lines
     from trainer.text_lines import TextLineEvidence
 
     unsure = {"orientation_probabilities": np.array([0.5, 0.02, 0.46, 0.02]), "orientation_degrees": 0,
               "tta_agreement": 0.75}
-    assert needs_text_lines(unsure, 0.9) and not needs_text_lines(unsure, 0.5)
-    assert not needs_text_lines({"class_probabilities": np.array([0.3, 0.7])}, 1.0)  # no orientation output
+    assert is_unsure(unsure, 0.9) and not is_unsure(unsure, 0.5)
+    assert not is_unsure({"class_probabilities": np.array([0.3, 0.7])}, 1.0)  # no orientation output
     upside_down = TextLineEvidence(axis=2.0, vote=12.0, lines=6, pieces=14)
     fused = with_text_lines(unsure, upside_down, (0.2, 0.1))
     assert fused["orientation_degrees"] == 180 and fused["text_lines"] == 14
