@@ -379,6 +379,41 @@ def _lowest_passing(sweep: Dict[float, Dict[str, float]], full: Dict[str, float]
     return 1.0
 
 
+def _accuracy_per_kind(answers: np.ndarray, kinds: np.ndarray) -> Dict[str, float]:
+    """{photo: accuracy, page: accuracy} of [N, 4 turns, 4] answers (NaN for a kind with no images)."""
+    return {kind: accuracy(answers[kinds == kind]) for kind in (corpus.PHOTO, corpus.PAGE)}
+
+
+def _gate_row(answers: np.ndarray, kinds: np.ndarray, shares: Dict[str, np.ndarray]) -> Dict[str, float]:
+    """One candidate gate's row of a sweep: accuracy per kind (`photos`, `pages`), the share of each kind's turns
+    in each of `shares`' masks (`photos_read`, ...), and the auto_rotate band at the built-in threshold
+    (`band_right`, `band_share`)."""
+    row: Dict[str, float] = {f"{kind}s": value for kind, value in _accuracy_per_kind(answers, kinds).items()}
+    for kind in (corpus.PHOTO, corpus.PAGE):
+        mine = kinds == kind
+        row.update({f"{kind}s_{name}": float(mask[mine].mean()) if mine.any() else 0.0
+                    for name, mask in shares.items()})
+    stats = band_stats(answers, rotate_threshold=TEXT_LINES_BAND_THRESHOLD)
+    row.update(band_right=stats["auto_rotate_right"], band_share=stats["auto_rotate_share_of_rotated"])
+    return row
+
+
+def _print_gate_sweep(label: str, sweep: Dict[float, Dict[str, float]], share: str, chosen: float) -> None:
+    """A _gate_row sweep, one line per candidate, the chosen one marked."""
+    for gate, row in sweep.items():
+        print(f"{label} {gate}: " + ", ".join(
+            f"{kind}s {100 * row[kind + 's']:.1f}% ({share} {100 * row[kind + 's_' + share]:.0f}%)"
+            for kind in (corpus.PHOTO, corpus.PAGE))
+            + f"; auto_rotate band (p >= {TEXT_LINES_BAND_THRESHOLD}) {100 * row['band_share']:.1f}% of turned "
+              f"images, {100 * row['band_right']:.2f}% right" + ("  <- chosen" if gate == chosen else ""), flush=True)
+
+
+def _val_accuracy_meta(answers: np.ndarray, kinds: np.ndarray) -> Dict[str, Optional[float]]:
+    """The head metadata's val_accuracy_photos / _pages (None for a kind val does not have)."""
+    return {f"val_accuracy_{kind}s": (None if value != value else value)
+            for kind, value in _accuracy_per_kind(answers, kinds).items()}
+
+
 def choose_tta_below(probs: np.ndarray, kinds: np.ndarray, candidates: Sequence[float] = TTA_BELOW_CANDIDATES,
                      tolerance: float = TTA_BELOW_TOLERANCE, sure_right: float = TTA_BELOW_SURE_RIGHT
                      ) -> Tuple[float, Dict[float, Dict[str, float]]]:
@@ -387,7 +422,7 @@ def choose_tta_below(probs: np.ndarray, kinds: np.ndarray, candidates: Sequence[
     every image, and whose turns answered from one copy (answers other than 0, photos and pages together) are at
     least `sure_right` right. Returns (choice, {candidate: accuracy and share turned per kind, among upright images,
     and `sure_right`})."""
-    full = {kind: accuracy(test_time_turns(probs[kinds == kind])) for kind in (corpus.PHOTO, corpus.PAGE)}
+    full = _accuracy_per_kind(test_time_turns(probs), kinds)
     said = np.argmax(probs, -1)
     right, turns = said == np.arange(4)[None, :], said != 0
     sweep: Dict[float, Dict[str, float]] = {}
@@ -427,20 +462,22 @@ def choose_text_lines(probs: np.ndarray, evidence: np.ndarray, kinds: np.ndarray
 
     truth = np.broadcast_to(np.arange(4), probs.shape[:2])
     weights, _ = text_lines.fit_weights(probs, evidence, truth)
-    fused = text_lines.fuse_rows(probs, evidence, *weights)
-    full = {kind: accuracy(fused[kinds == kind]) for kind in (corpus.PHOTO, corpus.PAGE)}
+    full = _accuracy_per_kind(text_lines.fuse_rows(probs, evidence, *weights), kinds)
     sweep: Dict[float, Dict[str, float]] = {}
     for below in sorted(candidates):
-        read = np.max(probs, -1) < below
-        combined = np.where(read[..., None], fused, probs)
-        row: Dict[str, float] = {}
-        for kind in (corpus.PHOTO, corpus.PAGE):
-            row.update({f"{kind}s": accuracy(combined[kinds == kind]),
-                        f"{kind}s_read": float(read[kinds == kind].mean()) if (kinds == kind).any() else 0.0})
-        stats = band_stats(combined, rotate_threshold=TEXT_LINES_BAND_THRESHOLD)
-        row.update(band_right=stats["auto_rotate_right"], band_share=stats["auto_rotate_share_of_rotated"])
-        sweep[below] = row
+        combined, read = text_lines_answers(probs, evidence, weights, below)
+        sweep[below] = _gate_row(combined, kinds, {"read": read})
     return weights, _lowest_passing(sweep, full, tolerance, "band_right", sure_right), sweep
+
+
+def text_lines_answers(probs: np.ndarray, evidence: np.ndarray, weights: Sequence[float], below: float
+                       ) -> Tuple[np.ndarray, np.ndarray]:
+    """What score answers with --text-lines from answers [N, 4 turns, 4] and text-line evidence [N, 4 turns, 5]:
+    the evidence fused into the answers below `below`. Returns (answers, read [N, 4])."""
+    from trainer import text_lines
+
+    read = np.max(probs, -1) < below
+    return np.where(read[..., None], text_lines.fuse_rows(probs, evidence, *weights), probs), read
 
 
 # score --text-crops: the gates tried (read the crops of images whose stored copy's top probability is below), and
@@ -494,20 +531,11 @@ def choose_text_crops(probs: np.ndarray, evidence: np.ndarray, kinds: np.ndarray
         rows: Dict[float, Dict[str, float]] = {}
         for candidate in sorted(candidates):
             answers, read, turned = crops_answers(probs, evidence, weight, *settings(candidate))
-            row: Dict[str, float] = {}
-            for kind in (corpus.PHOTO, corpus.PAGE):
-                mine = kinds == kind
-                row.update({f"{kind}s": accuracy(answers[mine]),
-                            f"{kind}s_read": float(read[mine].mean()) if mine.any() else 0.0,
-                            f"{kind}s_turned": float(turned[mine].mean()) if mine.any() else 0.0})
-            stats = band_stats(answers, rotate_threshold=TEXT_LINES_BAND_THRESHOLD)
-            row.update(band_right=stats["auto_rotate_right"], band_share=stats["auto_rotate_share_of_rotated"])
-            rows[candidate] = row
+            rows[candidate] = _gate_row(answers, kinds, {"read": read, "turned": turned})
         return rows
 
     def full(settings):
-        answers, _, _ = crops_answers(probs, evidence, weight, *settings)
-        return {kind: accuracy(answers[kinds == kind]) for kind in (corpus.PHOTO, corpus.PAGE)}
+        return _accuracy_per_kind(crops_answers(probs, evidence, weight, *settings)[0], kinds)
 
     crops_sweep = sweep_of(crops_candidates, lambda c: (c, 1.0))
     below = _lowest_passing(crops_sweep, full((2.0, 1.0)), crops_tolerance, "band_right", sure_right)
@@ -531,16 +559,10 @@ def _choose_text_lines_on_val(images: Sequence[corpus.CorpusImage], cache: str, 
     combined, _ = turns_when_unsure(val_probs, tta_below)
     weights, below, sweep = choose_text_lines(combined, evidence, val_kinds)
     print(f"text lines: weights axis {weights[0]}, vote {weights[1]} (val NLL)")
-    for gate, row in sweep.items():
-        print(f"text lines below {gate}: " + ", ".join(
-            f"{kind}s {100 * row[kind + 's']:.1f}% (read {100 * row[kind + 's_read']:.0f}%)"
-            for kind in (corpus.PHOTO, corpus.PAGE))
-            + f"; auto_rotate band (p >= {TEXT_LINES_BAND_THRESHOLD}) {100 * row['band_share']:.1f}% of turned "
-              f"images, {100 * row['band_right']:.2f}% right" + ("  <- chosen" if gate == below else ""), flush=True)
+    _print_gate_sweep("text lines below", sweep, "read", below)
     return {"weights": [float(w) for w in weights], "below": float(below), "side": text_lines.DEFAULT_SIDE,
             "copy_side": text_lines.COPY_SIDE, "fitted_on": "val",
-            **{f"val_accuracy_{kind}s": (None if sweep[below][f"{kind}s"] != sweep[below][f"{kind}s"]
-                                         else sweep[below][f"{kind}s"]) for kind in (corpus.PHOTO, corpus.PAGE)}}
+            **_val_accuracy_meta(text_lines_answers(combined, evidence, weights, below)[0], val_kinds)}
 
 
 def _choose_text_crops_on_val(images: Sequence[corpus.CorpusImage], cache: str, val_probs: np.ndarray,
@@ -558,28 +580,19 @@ def _choose_text_crops_on_val(images: Sequence[corpus.CorpusImage], cache: str, 
     evidence = text_crops.evidence(features.cached_text_crops(val, cache))
     choice, sweeps = choose_text_crops(val_probs, evidence, val_kinds)
     print(f"text crops: weight {choice['weight']} (val NLL)")
-    for name, key in (("text crops below", "read"), ("with text crops, tta below", "turned")):
-        chosen = choice["below"] if key == "read" else choice["tta_below"]
-        for gate, row in sweeps["crops" if key == "read" else "tta"].items():
-            print(f"{name} {gate}: " + ", ".join(
-                f"{kind}s {100 * row[kind + 's']:.1f}% ({key} {100 * row[kind + 's_' + key]:.0f}%)"
-                for kind in (corpus.PHOTO, corpus.PAGE))
-                + f"; auto_rotate band (p >= {TEXT_LINES_BAND_THRESHOLD}) {100 * row['band_share']:.1f}% of turned "
-                  f"images, {100 * row['band_right']:.2f}% right" + ("  <- chosen" if gate == chosen else ""),
-                flush=True)
+    _print_gate_sweep("text crops below", sweeps["crops"], "read", choice["below"])
+    _print_gate_sweep("with text crops, tta below", sweeps["tta"], "turned", choice["tta_below"])
     answers, _, _ = crops_answers(val_probs, evidence, choice["weight"], choice["below"], choice["tta_below"])
     meta: Dict[str, object] = dict(choice, copy_short=text_crops.COPY_SHORT, crops=len(text_crops.CROP_CENTRES),
                                    sure=text_crops.SURE, fitted_on="val")
     if text_lines.available():
         lines = features.cached_text_lines(val, cache)
         weights, below, sweep = choose_text_lines(answers, lines, val_kinds)
-        answers = np.where((np.max(answers, -1) < below)[..., None],
-                           text_lines.fuse_rows(answers, lines, *weights), answers)
+        answers, _ = text_lines_answers(answers, lines, weights, below)
         meta.update(text_lines_below=float(below), text_lines_weights=[float(w) for w in weights])
         print(f"with text crops, text lines below {below}, weights {weights}: pages read "
               f"{100 * sweep[below]['pages_read']:.1f}%")
-    meta.update({f"val_accuracy_{kind}s": (accuracy(answers[val_kinds == kind]) if (val_kinds == kind).any()
-                                           else None) for kind in (corpus.PHOTO, corpus.PAGE)})
+    meta.update(_val_accuracy_meta(answers, val_kinds))
     print(f"with text crops: {_per_kind(answers, val_kinds)}", flush=True)
     return meta
 
