@@ -140,6 +140,21 @@ def _rows_by_file(output) -> dict:
     return {os.path.basename(r["uri"]): r for r in pq.read_table(output / "results.parquet").to_pylist()}
 
 
+def _score_each(tmp_path, archive, flags, extra=()) -> dict:
+    """{flag: (run summary, rows by file name)} of the built-in score over `archive`, once per flag."""
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    from pipelines import score
+
+    out = {}
+    for flag in flags:
+        output = tmp_path / flag.strip("-").split("=")[0]
+        summary = score.run(["--input", archive, "--output", str(output), "--no-report", *extra, flag],
+                            test_pipeline=TestPipeline())
+        out[flag] = (summary, _rows_by_file(output))
+    return out
+
+
 def test_score_without_a_model_uses_the_built_in_one_with_test_time_turns(monkeypatch, cache_root, tmp_path,
                                                                            turned_images):
     """`archive-vision score --input A --output B`: no model, no server, and the turned photo and page are found."""
@@ -176,18 +191,13 @@ def test_score_without_a_model_uses_the_built_in_one_with_test_time_turns(monkey
 def test_score_reads_the_text_lines_of_unsure_pages_and_says_so(monkeypatch, cache_root, tmp_path, turned_images):
     """--text-lines (on by default with the built-in model): every page below --text-lines-below has its lines
     read, the answer is the fused one, results say how many pieces of line were read, run.json counts them."""
-    from apache_beam.testing.test_pipeline import TestPipeline
-
     from pipelines import score
 
     monkeypatch.setenv("ARCHIVE_VISION_CACHE", cache_root)
     archive = _archive(tmp_path, turned_images, ("coffee", "page"))
-    summaries = {}
-    for flag in ("--text-lines-below=1.0", "--no-text-lines"):
-        output = tmp_path / flag.strip("-").split("=")[0]
-        summaries[flag] = score.run(["--input", archive, "--output", str(output), "--no-report", flag],
-                                    test_pipeline=TestPipeline())
-        rows = _rows_by_file(output)
+    runs = _score_each(tmp_path, archive, ("--text-lines-below=1.0", "--no-text-lines"))
+    summaries = {flag: summary for flag, (summary, _) in runs.items()}
+    for flag, (_, rows) in runs.items():
         if flag == "--no-text-lines":
             assert all(r["text_lines"] is None for r in rows.values())
             continue
@@ -275,18 +285,13 @@ def test_export_cli_writes_the_default_model_for_tf_serving(tmp_path, capsys):
 def test_score_reads_the_text_crops_of_unsure_images_and_says_so(monkeypatch, cache_root, tmp_path, turned_images):
     """--text-crops (on by default with the built-in model): every image below --text-crops-below has its crops
     read from the copy made while it was decoded; the answer is the fused one; results and run.json say so."""
-    from apache_beam.testing.test_pipeline import TestPipeline
-
     from pipelines import score
 
     monkeypatch.setenv("ARCHIVE_VISION_CACHE", cache_root)
     archive = _archive(tmp_path, turned_images, ("coffee", "page"))
-    summaries = {}
-    for flag in ("--text-crops-below=1.0", "--no-text-crops"):
-        output = tmp_path / flag.strip("-").split("=")[0]
-        summaries[flag] = score.run(["--input", archive, "--output", str(output), "--no-report", "--no-text-lines",
-                                     flag], test_pipeline=TestPipeline())
-        rows = _rows_by_file(output)
+    runs = _score_each(tmp_path, archive, ("--text-crops-below=1.0", "--no-text-crops"), ("--no-text-lines",))
+    summaries = {flag: summary for flag, (summary, _) in runs.items()}
+    for flag, (_, rows) in runs.items():
         if flag == "--no-text-crops":
             assert all(r["text_crops"] is None for r in rows.values())
             continue
