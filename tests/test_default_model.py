@@ -307,3 +307,39 @@ def test_score_reads_the_text_crops_of_unsure_images_and_says_so(monkeypatch, ca
     assert "  crops " not in score.format_summary(summaries["--no-text-crops"])
     assert summaries["--no-text-crops"]["text_crops"] == dict(summaries["--no-text-crops"]["text_crops"],
                                                               enabled=False, read=0)
+
+
+def test_score_sends_the_built_in_model_the_pixels_it_computes_from_the_original_file(
+        monkeypatch, cache_root, tmp_path, model, turned_images):
+    """With the built-in model, score's copies are letterboxed by the serving graph's own function and sent as
+    lossless PNG at 224 px (--input-prep exact), so each answer is the model's answer on the original file; the
+    ingest-style copies (Pillow resize, JPEG) that suit models trained on ingest's shards move it further."""
+    monkeypatch.setenv("ARCHIVE_VISION_CACHE", cache_root)
+    # PNG files: Pillow and TensorFlow decode them to the same pixels (their JPEG decoders differ by about one
+    # level, which moves this model's answers by up to 0.06 however the copy is made).
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    chosen = []
+    for name, degrees, data in turned_images:
+        if name in ("page", "astronaut"):
+            buffer = io.BytesIO()
+            Image.open(io.BytesIO(data)).save(buffer, "PNG")
+            (archive / f"{name}_{degrees}.png").write_bytes(buffer.getvalue())
+            chosen.append((name, degrees, buffer.getvalue()))
+    archive = str(archive)
+    direct = {f"{name}_{degrees}.png": p for (name, degrees, _), p in zip(chosen, _probabilities(model, chosen))}
+    plain = ("--no-tta", "--no-text-crops", "--no-text-lines")
+    runs = _score_each(tmp_path, archive, ("--input-prep=exact", "--input-prep=ingest"), plain)
+    assert runs["--input-prep=exact"][0]["options"]["size"] == 224
+
+    def deviation(flag):
+        rows = runs[flag][1]
+        return max(float(np.abs(np.asarray(rows[f]["orientation_probabilities"]) - p).max())
+                   for f, p in direct.items())
+
+    # Not zero: the copy is rounded to whole levels, and the in-process model is the exported, BatchNorm-folded
+    # one; on these files the ingest-style copies move answers by about 0.17.
+    assert deviation("--input-prep=exact") < 0.05
+    assert deviation("--input-prep=exact") < deviation("--input-prep=ingest") / 3
+    for file_name, row in runs["--input-prep=exact"][1].items():
+        assert row["orientation_degrees"] == int(np.argmax(direct[file_name])) * 90, row

@@ -153,6 +153,9 @@ def test_builtin_model_defaults_to_turned_copies_and_the_stricter_rotate_band():
     assert no_crops.text_lines_weights == tuple(recorded["weights"])
     assert no_crops.tta_below == head_metadata().get("tta_below", DEFAULT_MODEL_TTA_BELOW)
     assert (explicit.tta, explicit.rotate_threshold, explicit.tta_below) == (False, 0.8, 1.0)
+    # The built-in model gets the graph's own letterbox at its input size; other models ingest's copies.
+    assert (builtin.input_prep, builtin.size) == ("exact", head_metadata()["image_size"])
+    assert (explicit.input_prep, explicit.size) == ("ingest", 256)
     assert not explicit.text_crops and explicit.text_crops_below == 1.0
     answer = prediction(90, 0.85, tta_agreement=1.0)
     assert decide(answer, builtin) == ("review", "orientation 90 confidence 0.85 < 0.90")
@@ -266,3 +269,34 @@ def test_a_page_whose_lines_cannot_be_read_keeps_the_models_answer_and_says_so(t
     sure = {"orientation_probabilities": np.array([0.0, 1.0, 0.0, 0.0]), "orientation_degrees": 90}
     strict = _PredictionRouting(ModelInfo("m", 1), options(text_lines=True, text_lines_below=0.9))
     assert strict.route(dict(item, uri=str(tmp_path / "gone.png")), sure, "")["text_lines"] is None
+
+
+def test_exact_input_prep_needs_the_graphs_letterbox():
+    with pytest.raises(ValueError, match="needs --resize-mode pad"):
+        options(input_prep="exact", resize_mode="crop")
+    with pytest.raises(ValueError, match="--input-prep must be one of"):
+        options(input_prep="bicubic")
+
+
+def test_exact_model_copies_are_the_graphs_own_pixels_and_survive_sending():
+    """--input-prep exact: the copy is what trainer.preprocessing computes from the full image (to rounding), and
+    the PNG sent decodes to it exactly; an ingest copy is Pillow's resize, a few levels away."""
+    import io
+
+    from PIL import Image
+
+    from pipelines import imaging
+    from pipelines.score import model_copy
+    from trainer.preprocessing import resize_for_model
+
+    from archive_vision.sample_archive import render_page
+
+    page = render_page(seed=3).convert("RGB")  # text: sharp edges, where the two resizes differ most
+    graph = resize_for_model(np.asarray(page), 224).numpy()
+    exact = model_copy(page, options(input_prep="exact", size=224))
+    assert exact.size == (224, 224)
+    assert np.abs(np.asarray(exact, np.float64) - graph).max() <= 0.5
+    sent = imaging.encode(exact, "png", png_level=1)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(sent)).convert("RGB")), np.asarray(exact))
+    ingest = model_copy(page, options(size=224))
+    assert np.abs(np.asarray(ingest, np.float64) - graph).mean() > 0.5
