@@ -15,6 +15,10 @@ Rows, side by side in one run:
 - + text lines: the text-line evidence of PP-OCR's line detector and direction classifier (trainer.text_lines)
   fused into the images whose answer after the turned copies is below the head's `text_lines.below` (score's
   built-in default, --text-lines; or this script's --text-lines-below), with the head's fitted weights;
+- + text crops: PaddleClas' text-image orientation classifier on five crops (trainer.text_crops), read for the
+  images whose stored copy is below the head's `text_crops.below`, fused before the turned copies are decided on
+  and into their answer, then the text lines below the gate chosen with them (score's built-in default,
+  --text-crops); beside it the same without the text lines;
 - archive-tuned: the default head re-fitted, without labels, on one half of the held-out sources (their
   images taken as upright, the usual state of an archive), measured on the other half beside the default
   model on that same half;
@@ -270,6 +274,58 @@ def text_lines_speed(runner: DefaultModelRunner, reader, paths: Sequence[str], b
     return len(blobs) / (time.perf_counter() - started), read / max(1, len(blobs))
 
 
+def _speed(images_per_second: float) -> str:
+    """A table cell: images/s, or n/a for a row that was not timed."""
+    return f"{images_per_second:.1f}" if images_per_second == images_per_second else "n/a"
+
+
+def text_crops_speed(runner: DefaultModelRunner, crop_reader, line_reader, paths: Sequence[str],
+                     settings: Dict[str, object], batch: int = 16) -> Tuple[float, float, float]:
+    """(images/s, share whose crops were read, share whose text lines were read) of score's built-in default end to
+    end, in score's order: every image once; the crops of those below `below`, fused; the turned copies of those
+    still below `tta_below` (their combined answer with the crops fused again); the text lines of those still below
+    `text_lines_below`. The reading copies are decoded from the file's bytes."""
+    from PIL import Image
+
+    from trainer import text_crops, text_lines
+
+    weight, below, tta_below = settings["weight"], settings["below"], settings["tta_below"]
+    lines_below, lines_weights = settings["text_lines_below"], settings["text_lines_weights"]
+    tf = runner.tf
+    blobs = read_all(paths)
+    for start in range(0, len(blobs), batch):  # trace (every batch shape) outside the clock
+        pixels, _ = runner._answer_once(tf.constant(blobs[start:start + batch]))
+        runner._answer_turned(pixels)
+    crops_read = lines_read = 0
+    started = time.perf_counter()
+    for start in range(0, len(blobs), batch):
+        chunk = blobs[start:start + batch]
+        pixels, once = runner._answer_once(tf.constant(chunk))
+        once = once.numpy()
+        answers = once.copy()
+        evidence = {}
+        for i, blob in enumerate(chunk):
+            if float(np.max(answers[i])) < below:
+                with Image.open(io.BytesIO(blob)) as image:
+                    evidence[i] = crop_reader.read(text_crops.reading_copy(image))
+                answers[i] = text_crops.fuse(answers[i], evidence[i], weight)
+        crops_read += len(evidence)
+        unsure = [i for i in range(len(chunk)) if float(np.max(answers[i])) < tta_below]
+        if unsure:
+            turned = runner._answer_turned(tf.gather(pixels, unsure)).numpy()
+            for j, i in enumerate(unsure):
+                combined = (once[i] + turned[j]) / 4.0
+                answers[i] = combined if i not in evidence else text_crops.fuse(combined, evidence[i], weight)
+        for i, blob in enumerate(chunk):
+            if lines_below is not None and float(np.max(answers[i])) < lines_below:
+                with Image.open(io.BytesIO(blob)) as image:
+                    copy = np.asarray(text_lines.reading_copy(image))
+                text_lines.fuse(answers[i], line_reader.read(copy), *lines_weights)
+                lines_read += 1
+    n = max(1, len(blobs))
+    return len(blobs) / (time.perf_counter() - started), crops_read / n, lines_read / n
+
+
 def cast_first_letterbox(image_bytes, size: int = 224):
     """The obvious alternative to the shipped preprocessing: decode, cast the whole image to float32, resize."""
     import tensorflow as tf
@@ -439,17 +495,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def add(name: str, p: np.ndarray, k: np.ndarray, photo_speed: float, page_speed: float, bands=True):
         stats = train_default.band_stats(p) if bands else {}
         rows.append((name, _pct(train_default.accuracy(p[k == corpus.PHOTO])),
-                     _pct(train_default.accuracy(p[k == corpus.PAGE])), f"{photo_speed:.1f}", f"{page_speed:.1f}",
+                     _pct(train_default.accuracy(p[k == corpus.PAGE])), _speed(photo_speed), _speed(page_speed),
                      _pct(stats.get("auto_rotate_share_of_rotated", float("nan"))),
                      _pct(stats.get("auto_rotate_right", float("nan")))))
 
     add("default model", probs, kinds, speed[corpus.PHOTO], speed[corpus.PAGE])
-    from pipelines.score import builtin_text_lines
-    from trainer import text_lines
+    from pipelines.score import builtin_text_crops, builtin_text_lines
+    from trainer import text_crops, text_lines
 
     text_defaults = builtin_text_lines()
-    # score's built-in default is the last stage it runs: text lines when their models are installed.
-    default_label = " (score's built-in default)" if args.tta_below is None and not text_defaults["available"] else ""
+    crops_defaults = builtin_text_crops()
+    with_crops = crops_defaults["available"] and crops_defaults["recorded"] and args.tta_below is None
+    # score's built-in default is the last stage it runs: text crops (then text lines) when their models are
+    # installed, else text lines, else the turned copies.
+    default_label = (" (score's built-in default)" if args.tta_below is None and not text_defaults["available"]
+                     and not with_crops else "")
     add("default + test-time turns" + ("" if adaptive else default_label), tta, kinds, tta_speed[corpus.PHOTO],
         tta_speed[corpus.PAGE])
     if adaptive:
@@ -476,12 +536,56 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"text lines, {kind}s: read for {100 * read.mean():.0f}% of all turns, {100 * share:.0f}% of the "
                   f"images as stored (upright, as timed); {ips:.1f} img/s vs {unsure_speed[kind]:.1f} without reading: "
                   f"{per_read:.0f} ms per image read", flush=True)
-        label = " (score's built-in default)" if args.tta_below is None and args.text_lines_below is None else ""
+        label = (" (score's built-in default)" if args.tta_below is None and args.text_lines_below is None
+                 and not with_crops else "")
         add(f"default + test-time turns + text lines below {gate}{label}", fused, kinds, text_speed[corpus.PHOTO],
             text_speed[corpus.PAGE])
         band_methods.append((f"default + test-time turns + text lines below {gate}", fused))
     else:
         print(f"no text-lines row: {text_defaults['why']}")
+
+    crops_fused = None
+    if with_crops:
+        settings = dict(crops_defaults)
+        crop_reader = text_crops.TextCropReader(threads=args.cores)
+        started = time.time()
+        crop_evidence = np.stack([text_crops.read_turns(crop_reader, i.path) for i in test])
+        crops_only, crops_read, _ = train_default.crops_answers(probs, crop_evidence, settings["weight"],
+                                                                settings["below"], settings["tta_below"])
+        print(f"text crops over the split: {time.time() - started:.0f}s; read for "
+              + ", ".join(f"{100 * crops_read[kinds == k].mean():.0f}% of {k}s' turns" for k in (corpus.PHOTO,
+                                                                                                corpus.PAGE)),
+              flush=True)
+        add(f"default + text crops below {settings['below']} + test-time turns", crops_only, kinds, float("nan"),
+            float("nan"))
+        crops_fused, line_reader = crops_only, None
+        if text_defaults["available"] and settings["text_lines_below"] is not None:
+            line_reader = text_lines.TextLineReader(threads=args.cores)
+            lines = text_lines_evidence(line_reader, [i.path for i in test], crops_only, settings["text_lines_below"])
+            crops_fused, lines_read = train_default.text_lines_answers(
+                crops_only, lines, settings["text_lines_weights"], settings["text_lines_below"])
+            print("text lines after the crops: read for " + ", ".join(
+                f"{100 * lines_read[kinds == k].mean():.1f}% of {k}s' turns" for k in (corpus.PHOTO, corpus.PAGE)))
+        else:
+            settings["text_lines_below"] = None
+        crops_speed = {}
+        for kind in (corpus.PHOTO, corpus.PAGE):
+            ips, crops_share, lines_share = text_crops_speed(
+                runner, crop_reader, line_reader, [i.path for i in test if i.kind == kind][:args.speed_images],
+                settings)
+            crops_speed[kind] = ips
+            print(f"text crops, {kind}s (as stored, upright, as timed): crops read for {100 * crops_share:.0f}%, "
+                  f"text lines for {100 * lines_share:.0f}%; {ips:.1f} img/s vs {unsure_speed[kind]:.1f} with "
+                  f"test-time turns alone ({ips / unsure_speed[kind]:.2f}x)", flush=True)
+        lines_part = (f" + text lines below {settings['text_lines_below']}"
+                      if settings["text_lines_below"] is not None else "")
+        crops_name = f"default + text crops below {settings['below']} + test-time turns{lines_part}"
+        add(crops_name + " (score's built-in default)", crops_fused, kinds, crops_speed[corpus.PHOTO],
+            crops_speed[corpus.PAGE])
+        band_methods.append((crops_name, crops_fused))
+    else:
+        print("no text-crops row: " + (crops_defaults["why"] or "the head records no text-crops settings, or "
+                                       "--tta-below was given"))
 
     tune_mask = np.array([tuning_half(i) for i in test])
     tuned_predict = archive_tune(runner, feats[tune_mask])
@@ -503,6 +607,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if fused is not None:
             add("default + turns + text lines, peers' subset", fused[subset], kinds[subset],
                 text_speed[corpus.PHOTO], text_speed[corpus.PAGE])
+        if crops_fused is not None:
+            add("default + text crops + turns + text lines, peers' subset", crops_fused[subset], kinds[subset],
+                crops_speed[corpus.PHOTO], crops_speed[corpus.PAGE])
         with tempfile.TemporaryDirectory() as workdir:
             for name, answer in (("Tesseract OSD --psm 0", lambda im: tesseract_answer(im, workdir)),
                                  ("docorient", docorient_answer)):
@@ -514,6 +621,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 ours_all = [("default model", speed), (f"test-time turns ({turned})", unsure_speed)]
                 if fused is not None:
                     ours_all.append(("test-time turns + text lines", text_speed))
+                if crops_fused is not None:
+                    ours_all.append(("text crops + test-time turns + text lines (score's default)", crops_speed))
                 for label, ours in ours_all:
                     print(f"pages, {label} vs {name}: {ours[corpus.PAGE]:.1f} vs {results[corpus.PAGE][1]:.1f} "
                           f"img/s = {ours[corpus.PAGE] / results[corpus.PAGE][1]:.2f}x", flush=True)
@@ -522,6 +631,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         figures = {"default": probs, "default + test-time turns": tta}
         if fused is not None:
             figures["default + test-time turns + text lines"] = fused
+        if crops_fused is not None:
+            figures["default + text crops + test-time turns + text lines"] = crops_fused
         for path in write_confusions(args.figures, figures, kinds):
             print(f"figure: {path}")
     temperature = float(runner.meta["temperature"])
