@@ -28,6 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
+from archive_vision.local_processes import usable_cores
 from pipelines import imaging, schema, sources
 from pipelines.tables import ERRORS_SCHEMA, MANIFEST_SCHEMA, read_table, write_job_tables
 
@@ -432,14 +433,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[IngestOptions, List[str]]
 
 
 def default_pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
-    """Beam options; on the DirectRunner default to multi-processing over every local core."""
+    """Beam options; on the DirectRunner default to multi-processing, one worker per core this job may use
+    (archive_vision.local_processes.usable_cores: its CPU affinity and container quota, not the host's count)."""
     beam_args = list(beam_args)
     options = PipelineOptions(beam_args)
     runner = options.view_as(StandardOptions).runner
     if runner in (None, "DirectRunner", "direct") and not any(a.startswith("--direct_running_mode") for a in beam_args):
         beam_args += ["--direct_running_mode=multi_processing"]
         if not any(a.startswith("--direct_num_workers") for a in beam_args):
-            beam_args += ["--direct_num_workers=0"]  # 0: one worker per core
+            beam_args += [f"--direct_num_workers={usable_cores()}"]
         options = PipelineOptions(beam_args)
     options.view_as(SetupOptions).save_main_session = False  # every DoFn lives in an importable module
     return options
