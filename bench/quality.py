@@ -426,6 +426,40 @@ def write_confusions(folder: str, methods: Dict[str, np.ndarray], kinds: np.ndar
     return paths
 
 
+def write_misses(folder: str, images: Sequence[corpus.CorpusImage], probs: np.ndarray, method: str,
+                 thumb: int = 150, columns: int = 8) -> List[str]:
+    """misses_<kind>.png: a contact sheet of the held-out images `method` gets wrong under at least one of the four
+    turns, each shown upright with how many of its turns it got right and its source package, fewest right first
+    (what the numbers alone hide: which subjects fail, and whether they would fool a person too)."""
+    from PIL import Image, ImageDraw
+
+    right = probs.argmax(-1) == np.arange(4)  # [N, 4 turns applied]
+    paths = []
+    for kind in (corpus.PHOTO, corpus.PAGE):
+        missed = sorted((int(right[i].sum()), images[i].package, images[i].path) for i in range(len(images))
+                        if images[i].kind == kind and not right[i].all())
+        rows = max(1, -(-len(missed) // columns))
+        sheet = Image.new("RGB", (columns * thumb, rows * (thumb + 16) + 20), "white")
+        draw = ImageDraw.Draw(sheet)
+        draw.text((4, 4), f"{method}, {kind}s: {len(missed)} of {int(np.sum([i.kind == kind for i in images]))} "
+                          f"images wrong under at least one turn (shown upright; right turns of 4, package)",
+                  fill="black")
+        for k, (n_right, package, path) in enumerate(missed):
+            x, y = (k % columns) * thumb, 20 + (k // columns) * (thumb + 16)
+            try:
+                with Image.open(path) as image:
+                    image = image.convert("RGB")
+                    image.thumbnail((thumb - 4, thumb - 4))
+                    sheet.paste(image, (x + 2, y + 2))
+            except OSError:
+                draw.rectangle((x + 2, y + 2, x + thumb - 2, y + thumb - 2), fill="grey")
+            draw.text((x + 2, y + thumb), f"{n_right}/4 {package[:20]}", fill="red")
+        out = os.path.join(folder, f"misses_{kind}.png")
+        sheet.save(out)
+        paths.append(out)
+    return paths
+
+
 def _pct(value: float) -> str:
     return "n/a" if value != value else f"{100 * value:.1f}%"
 
@@ -445,7 +479,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="read text lines below this top probability instead of score's built-in gate (the "
                              "head's recorded text_lines.below)")
     parser.add_argument("--figures", default="",
-                        help="write confusion matrices (true turn x answered turn) of photos and pages as PNGs here")
+                        help="write confusion matrices (true turn x answered turn) of photos and pages as PNGs "
+                             "here, and contact sheets of the images the fullest method gets wrong (misses_*.png)")
     args = parser.parse_args(argv)
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:args.cores]))
@@ -634,6 +669,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if crops_fused is not None:
             figures["default + text crops + test-time turns + text lines"] = crops_fused
         for path in write_confusions(args.figures, figures, kinds):
+            print(f"figure: {path}")
+        last = list(figures)[-1]  # the fullest method: score's default when its readers are installed
+        for path in write_misses(args.figures, test, figures[last], last):
             print(f"figure: {path}")
     temperature = float(runner.meta["temperature"])
     for name, p in (("shipped (T folded in)", probs), ("same logits at T = 1", train_default.with_temperature(

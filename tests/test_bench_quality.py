@@ -1,0 +1,37 @@
+"""bench/quality.py's pictures: the contact sheet of held-out images a method gets wrong."""
+import numpy as np
+from PIL import Image
+
+from archive_vision import orientation_corpus as corpus
+from bench.quality import write_misses
+
+
+def _image(tmp_path, name, kind, colour):
+    path = str(tmp_path / f"{name}.png")
+    Image.new("RGB", (60, 40), colour).save(path)
+    return corpus.CorpusImage(path=path, kind=kind, package=f"pkg-{name}", member=name, group=name, split="test")
+
+
+def _answers(rights):
+    """[4 turns, 4] probabilities right for the turns listed, one turn off for the others."""
+    probs = np.zeros((4, 4))
+    for turn in range(4):
+        probs[turn, turn if turn in rights else (turn + 1) % 4] = 1.0
+    return probs
+
+
+def test_the_sheet_shows_each_missed_image_once_fewest_right_first(tmp_path):
+    images = [_image(tmp_path, "fine", corpus.PHOTO, "red"), _image(tmp_path, "never", corpus.PHOTO, "green"),
+              _image(tmp_path, "half", corpus.PHOTO, "blue"), _image(tmp_path, "page", corpus.PAGE, "black")]
+    probs = np.stack([_answers({0, 1, 2, 3}), _answers(set()), _answers({0, 2}), _answers({0, 1, 2, 3})])
+    photo_sheet, page_sheet = write_misses(str(tmp_path), images, probs, "method", thumb=50, columns=4)
+    sheet = np.asarray(Image.open(photo_sheet).convert("RGB")).astype(int)
+    # Tiles in order (never: 0/4, then half: 2/4); the image that is always right is not on the sheet.
+    first, second, third = (sheet[20 + 25, 50 * k + 25] for k in range(3))
+    assert np.abs(first - (0, 128, 0)).max() < 40, first
+    assert np.abs(second - (0, 0, 255)).max() < 40, second
+    assert (third == 255).all(), third  # empty tile: white
+    assert sheet.shape[:2] == (20 + 66, 200)
+    # No page was missed: the page sheet is the title over one empty row.
+    page = np.asarray(Image.open(page_sheet).convert("RGB"))
+    assert page.shape[:2] == (20 + 66, 200) and (page[20:] == 255).all()
