@@ -447,6 +447,18 @@ def default_pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     return options
 
 
+def runner_record(pipeline: beam.Pipeline) -> Dict[str, object]:
+    """run.json's `runner`: which Beam runner ran the job and, on the DirectRunner, its mode and worker count."""
+    options = getattr(pipeline, "_options", None) or PipelineOptions([])
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    record: Dict[str, object] = {"runner": runner if isinstance(runner, str) else type(runner).__name__}
+    if record["runner"] in ("DirectRunner", "direct"):
+        chosen = options.get_all_options()
+        record.update(direct_running_mode=chosen.get("direct_running_mode"),
+                      direct_num_workers=chosen.get("direct_num_workers"))
+    return record
+
+
 def shard_sizes(output: str) -> Dict[str, int]:
     """{shard file name: bytes} of the shards in `output`."""
     found = {}
@@ -461,7 +473,8 @@ def existing_shards(output: str) -> List[str]:
     return [FileSystems.join(output, name) for name in sorted(shard_sizes(output))]
 
 
-def summarize(output: str, opts: IngestOptions, elapsed: float, metrics: Dict[str, int]) -> dict:
+def summarize(output: str, opts: IngestOptions, elapsed: float, metrics: Dict[str, int],
+              runner: Optional[Dict[str, object]] = None) -> dict:
     """run.json: options, versions, counts per split and error kind, and whether they reconcile."""
     import platform
 
@@ -493,7 +506,8 @@ def summarize(output: str, opts: IngestOptions, elapsed: float, metrics: Dict[st
     # Which classes' copies may be mirrored, resolved from the flags and the document-class rule.
     never_flipped = [c for c in classes if not flip_allowed(c, opts.text_archive, opts.no_flip_classes)]
     return {
-        "job": "ingest", "options": dataclasses.asdict(opts), "counts": counts, "elapsed_seconds": round(elapsed, 3),
+        "job": "ingest", "options": dataclasses.asdict(opts), "runner": runner or {}, "counts": counts,
+        "elapsed_seconds": round(elapsed, 3),
         "augmentation": {"copies_per_train_image": opts.augment_copies,
                          "flip_unlabelled": flip_allowed("", opts.text_archive, opts.no_flip_classes),
                          "never_flipped_classes": never_flipped},
@@ -555,7 +569,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
             FileSystems.delete([temp_dir])
         except Exception:  # nothing left to clean once every shard was renamed
             pass
-    summary = summarize(opts.output, opts, time.time() - started, _metric_totals(result))
+    summary = summarize(opts.output, opts, time.time() - started, _metric_totals(result), runner_record(pipeline))
     with FileSystems.create(run_json) as handle:
         handle.write(json.dumps(summary, indent=2, default=str).encode())
     return summary

@@ -32,7 +32,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from pipelines import imaging, sources
-from pipelines.ingest import default_pipeline_options, error_row
+from pipelines.ingest import default_pipeline_options, error_row, runner_record
 from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, read_table, write_job_tables
 from serving.configs import SERVED_VERSIONS
 from serving.errors import ModelNotFoundError, RetryableServingError
@@ -1290,7 +1290,7 @@ def write_results_csv(output: str) -> str:
 
 
 def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dict[str, int],
-              known_count: int, corrected_tool: str) -> dict:
+              known_count: int, corrected_tool: str, runner: Optional[Dict[str, object]] = None) -> dict:
     """run.json: options, model, counts per decision/class/error kind, TTA disagreement, timings, reconciliation."""
     import platform
 
@@ -1325,7 +1325,7 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
     counts["reconciled"] = counts["inputs"] == counts["inputs_ok"] + counts["inputs_failed"]
     predict_s = metrics.get("predict_ms", 0) / 1000.0
     return {
-        "job": "score", "options": dataclasses.asdict(opts),
+        "job": "score", "options": dataclasses.asdict(opts), "runner": runner or {},
         "model": {"name": model.name, "version": model.version, "class_names": list(model.class_names),
                   "source": model.endpoint or model.version_dir, "mode": "grpc" if model.endpoint else "in_process"},
         "counts": counts,
@@ -1380,7 +1380,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     elapsed = time.time() - started
     write_results_csv(opts.output)
     tool = ("jpegtran" if jpegtran_path() else "none (JPEG re-encoded at quality 95)") if opts.write_corrected else ""
-    summary = summarize(opts, model, elapsed, _metric_totals(result), len(known), tool)
+    summary = summarize(opts, model, elapsed, _metric_totals(result), len(known), tool, runner_record(pipeline))
     with FileSystems.create(FileSystems.join(opts.output, "run.json")) as handle:
         handle.write(json.dumps(summary, indent=2, default=str).encode())
     if opts.report:

@@ -260,6 +260,10 @@ def test_cli_runs_multiprocess_direct_runner_and_prints_a_summary(tmp_path):
     assert f"inputs   {n}" in proc.stdout
     run = json.load(open(out / "run.json"))
     assert run["counts"]["errors"] == len(archive["bad"])
+    # Where it ran: one DirectRunner worker process per core this test may use.
+    from archive_vision.local_processes import usable_cores
+    assert run["runner"] == {"runner": "DirectRunner", "direct_running_mode": "multi_processing",
+                             "direct_num_workers": usable_cores()}
 
 
 def test_help_lists_the_job_flags():

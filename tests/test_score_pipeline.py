@@ -69,7 +69,9 @@ def test_turns_found_and_bad_inputs_reconcile(tmp_path, red_corner_export):
     assert (counts["inputs"], counts["inputs_ok"], counts["inputs_failed"]) == (7, 4, 3)
     assert counts["reconciled"] and counts["per_decision"] == {"ok": 1, "auto_rotate": 3}
     with open(os.path.join(output, "run.json")) as f:
-        assert json.load(f)["model"]["version"] == 3
+        run = json.load(f)
+    assert run["model"]["version"] == 3
+    assert run["runner"]["runner"] == "DirectRunner" and run["runner"]["direct_num_workers"] >= 1
     csv_rows = pacsv.read_csv(os.path.join(output, "results.csv")).to_pylist()
     assert len(csv_rows) == 4 and all(len(r["orientation_probabilities"].split(";")) == 4 for r in csv_rows)
 
