@@ -216,8 +216,13 @@ def decode_pages(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_for
 
 
 def resize(image: Image.Image, size: int, mode: str = "pad") -> Image.Image:
-    """Square `size` x `size` output: letterbox (`pad`, black bars, like tf.image.resize_with_pad),
-    centre `crop` after scaling the short side, or `stretch`. Antialiased bilinear, like the serving graph."""
+    """Square `size` x `size` output: letterbox (`pad`, black bars of equal width on both sides, like
+    trainer.preprocessing.resize_for_model), centre `crop` after scaling the short side, or `stretch`. Antialiased
+    bilinear, like the serving graph.
+
+    Pad and crop round the scaled side to the parity of `size`, so the bars (or the cut) are equal on both sides and
+    resizing a turned scan gives the turned square: orientation training turns the stored squares, and an uneven
+    split would let a model tell those turns from real turned scans by the bars alone."""
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
     w, h = image.size
@@ -225,12 +230,12 @@ def resize(image: Image.Image, size: int, mode: str = "pad") -> Image.Image:
         return image.resize((size, size), Image.Resampling.BILINEAR)
     if mode == "crop":
         scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        nw, nh = (size + 2 * max(0, round((n * scale - size) / 2)) for n in (w, h))
         scaled = image.resize((nw, nh), Image.Resampling.BILINEAR)
         left, top = (nw - size) // 2, (nh - size) // 2
         return scaled.crop((left, top, left + size, top + size))
     scale = size / max(w, h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    nw, nh = (size - 2 * min(round((size - n * scale) / 2), (size - 1) // 2) for n in (w, h))
     scaled = image.resize((nw, nh), Image.Resampling.BILINEAR)
     canvas = Image.new("RGB", (size, size), (0, 0, 0))
     canvas.paste(scaled, ((size - nw) // 2, (size - nh) // 2))
