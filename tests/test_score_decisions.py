@@ -2,7 +2,8 @@
 
 README: `auto_rotate` (turned and confidence >= --rotate-threshold), `ok` (upright and confidence >= --ok-threshold),
 otherwise `review`; --class-threshold also sends low-confidence classes to review; with --tta, fewer than
---tta-min-agreement of the four turned copies agreeing sends it to review. Each review carries a reason
+--tta-min-agreement of the four turned copies agreeing sends it to review (with --tta-agreement-below P, only
+answers less sure than P: surer ones, settled by text crops or lines, stand). Each review carries a reason
 (`review_reason` in results.parquet) naming what was short.
 """
 from __future__ import annotations
@@ -91,6 +92,23 @@ def test_turned_copies_disagreeing_send_a_confident_answer_to_review(turn):
     assert (decision, reason) == ("review", "turned copies agree 0.50 < 0.75")
 
 
+@pytest.mark.parametrize("turn", [90, 0], ids=["sure_turn", "sure_upright"])
+def test_with_an_agreement_gate_a_sure_answer_stands_when_the_copies_disagree(turn):
+    # The built-in model's case: text crops or lines fused into the combined answer made it sure although the image
+    # model's four copies disagree; the answer at or above --tta-agreement-below is kept.
+    gated = options(tta_min_agreement=0.75, rotate_threshold=0.9, tta_agreement_below=0.9)
+    assert decide(prediction(turn, 0.95, tta_agreement=0.5), gated) == ("ok" if turn == 0 else "auto_rotate", "")
+    assert decide(prediction(turn, 0.9, tta_agreement=0.25), gated) == ("ok" if turn == 0 else "auto_rotate", "")
+
+
+def test_below_the_agreement_gate_disagreeing_copies_still_send_an_answer_to_review():
+    gated = options(tta_min_agreement=0.75, rotate_threshold=0.9, tta_agreement_below=0.9)
+    # upright at 0.85 clears --ok-threshold 0.5, but is below the gate: the copies' disagreement counts
+    assert decide(prediction(0, 0.85, tta_agreement=0.5), gated) == ("review", "turned copies agree 0.50 < 0.75")
+    decision, reason = decide(prediction(90, 0.6, tta_agreement=0.5), gated)
+    assert reason.split("; ") == ["turned copies agree 0.50 < 0.75", "orientation 90 confidence 0.60 < 0.90"]
+
+
 def test_enough_turned_copies_agreeing_keeps_the_confident_decision():
     # three of four copies agree (0.75) meets the default --tta-min-agreement 0.75
     assert decide(prediction(90, 0.99, tta_agreement=0.75), options()) == ("auto_rotate", "")
@@ -123,7 +141,7 @@ def test_command_line_flags_reach_the_decision():
 
 
 @pytest.mark.parametrize("flag", ["rotate_threshold", "ok_threshold", "class_threshold", "tta_min_agreement",
-                                  "tta_below", "text_lines_below", "text_crops_below"])
+                                  "tta_agreement_below", "tta_below", "text_lines_below", "text_crops_below"])
 def test_thresholds_outside_zero_to_one_are_refused(flag):
     with pytest.raises(ValueError, match=flag.replace("_", "-")):
         options(**{flag: 1.5})
@@ -153,6 +171,13 @@ def test_builtin_model_defaults_to_turned_copies_and_the_stricter_rotate_band():
     assert no_crops.text_lines_weights == tuple(recorded["weights"])
     assert no_crops.tta_below == head_metadata().get("tta_below", DEFAULT_MODEL_TTA_BELOW)
     assert (explicit.tta, explicit.rotate_threshold, explicit.tta_below) == (False, 0.8, 1.0)
+    # The copies' disagreement counts below the rotate threshold with the built-in model (following the threshold
+    # given), for every answer with another model.
+    assert builtin.tta_agreement_below == 0.9 and explicit.tta_agreement_below == 1.0
+    stricter, _ = parse_args(["--input", "in", "--output", "out", "--rotate-threshold", "0.97"])
+    assert stricter.tta_agreement_below == 0.97
+    told, _ = parse_args(["--input", "in", "--output", "out", "--tta-agreement-below", "1.0"])
+    assert told.tta_agreement_below == 1.0
     # The built-in model gets the graph's own letterbox at its input size; other models ingest's copies.
     assert (builtin.input_prep, builtin.size) == ("exact", head_metadata()["image_size"])
     assert (explicit.input_prep, explicit.size) == ("ingest", 256)
