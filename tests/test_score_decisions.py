@@ -167,7 +167,7 @@ def test_builtin_model_defaults_to_turned_copies_and_the_stricter_rotate_band():
     # Without the crops, the text-line settings chosen for the model alone apply.
     no_crops, _ = parse_args(["--input", "in", "--output", "out", "--no-text-crops"])
     recorded = head_metadata()["text_lines"]
-    assert not no_crops.text_crops and no_crops.text_lines_below == recorded["below"] < 1.0
+    assert not no_crops.text_crops and no_crops.text_lines_below == recorded["below"] <= 1.0
     assert no_crops.text_lines_weights == tuple(recorded["weights"])
     assert no_crops.tta_below == head_metadata().get("tta_below", DEFAULT_MODEL_TTA_BELOW)
     assert (explicit.tta, explicit.rotate_threshold, explicit.tta_below) == (False, 0.8, 1.0)
@@ -305,7 +305,8 @@ def test_exact_input_prep_needs_the_graphs_letterbox():
 
 def test_exact_model_copies_are_the_graphs_own_pixels_and_survive_sending():
     """--input-prep exact: the copy is what trainer.preprocessing computes from the full image (to rounding), and
-    the PNG sent decodes to it exactly; an ingest copy is Pillow's resize, a few levels away."""
+    the PNG sent decodes to it exactly; an ingest copy is Pillow's resize with the same margins, within about a grey
+    level before its JPEG encoding."""
     import io
 
     from PIL import Image
@@ -324,4 +325,4 @@ def test_exact_model_copies_are_the_graphs_own_pixels_and_survive_sending():
     sent = imaging.encode(exact, "png", png_level=1)
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(sent)).convert("RGB")), np.asarray(exact))
     ingest = model_copy(page, options(size=224))
-    assert np.abs(np.asarray(ingest, np.float64) - graph).mean() > 0.5
+    assert 0 < np.abs(np.asarray(ingest, np.float64) - graph).max() <= 1.5
