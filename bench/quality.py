@@ -327,13 +327,13 @@ def text_crops_speed(runner: DefaultModelRunner, crop_reader, line_reader, paths
 
 
 def cast_first_letterbox(image_bytes, size: int = 224):
-    """The obvious alternative to the shipped preprocessing: decode, cast the whole image to float32, resize."""
+    """The obvious alternative to the shipped preprocessing: decode, cast the whole image to float32, then the same
+    letterbox (so the two differ only by the full-size float copy)."""
     import tensorflow as tf
 
-    from trainer.preprocessing import decode_image_bytes
+    from trainer.preprocessing import decode_image_bytes, resize_for_model
 
-    image = tf.cast(decode_image_bytes(image_bytes), tf.float32)
-    return tf.clip_by_value(tf.image.resize_with_pad(image, size, size, antialias=True), 0.0, 255.0)
+    return resize_for_model(tf.cast(decode_image_bytes(image_bytes), tf.float32), size)
 
 
 def page_costs(runner: DefaultModelRunner, paths: Sequence[str], batch: int = 16) -> List[Tuple[str, float]]:

@@ -23,20 +23,6 @@ def decode_image_bytes(image_bytes: tf.Tensor) -> tf.Tensor:
     return image
 
 
-def widen_thin(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """An image so thin (over image_size:1) that its letterboxed short side would round to 0 pixels, padded with
-    black on both sides of that axis until it keeps at least one; any other image as it is.
-
-    Without this the resize fails, and in a serving batch one such image fails every image of the request.
-    """
-    height, width = tf.shape(image)[0], tf.shape(image)[1]
-    need = (tf.maximum(height, width) + image_size - 1) // image_size  # short side * image_size >= long side
-    pad_h, pad_w = tf.maximum(0, need - height), tf.maximum(0, need - width)
-    return tf.cond(pad_h + pad_w > 0,
-                   lambda: tf.pad(image, [[pad_h // 2, pad_h - pad_h // 2], [pad_w // 2, pad_w - pad_w // 2], [0, 0]]),
-                   lambda: image)
-
-
 def resize_for_model(image: tf.Tensor, image_size: int = DEFAULT_IMAGE_SIZE) -> tf.Tensor:
     """Letterbox an RGB image (any dtype) to float32 [image_size, image_size, 3] in [0, 255].
 
@@ -46,7 +32,6 @@ def resize_for_model(image: tf.Tensor, image_size: int = DEFAULT_IMAGE_SIZE) -> 
     """
     if image.dtype not in (tf.uint8, tf.float32):
         image = tf.cast(image, tf.float32)
-    image = widen_thin(image, image_size)
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     longest = tf.cast(tf.maximum(height, width), tf.float32)
 
@@ -56,6 +41,9 @@ def resize_for_model(image: tf.Tensor, image_size: int = DEFAULT_IMAGE_SIZE) -> 
         # tell a turn made after the letterbox from a real turned scan, and a model learns that tell instead of
         # the page: it read 200 of 350 upside-down test pages as upright.
         margin = tf.round((image_size - tf.cast(length, tf.float32) * image_size / longest) / 2.0)
+        # Clipped so at least one row (the parity of image_size: two for 224) is left, however thin the image:
+        # a 1 x 1000 strip letterboxes to a line in the middle instead of failing the resize (and, in a serving
+        # batch, every image of the request).
         margin = tf.clip_by_value(tf.cast(margin, tf.int32), 0, (image_size - 1) // 2)
         return image_size - 2 * margin, margin
 
