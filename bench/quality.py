@@ -9,6 +9,8 @@ Rows, side by side in one run:
 - default model: the shipped head on the frozen MobileNetV2 (trainer.default_model), 224 px letterbox, run as
   export and score run it (BatchNorm folded into the convolutions, trainer.inference);
 - + test-time turns: each image also turned 90/180/270 more, answers rolled back and averaged (score --tta);
+- turned as files: the same two, with each turn made on the image file before the letterbox (as a turned scan
+  arrives) instead of on the letterboxed square as everywhere else; the guard that turning the square is fair;
 - + test-time turns when unsure: the turned copies only for images whose own answer is below the head's
   `tta_below` (score's built-in default, --tta-below; or this script's --tta-below); no row of its own when the
   threshold is 1.0, since every image is then turned;
@@ -122,8 +124,16 @@ class DefaultModelRunner:
         square = preprocess_image_bytes(self.tf.constant(image_bytes), 224)
         return self.tf.stack([self.tf.image.rot90(square, k=(4 - d // 90) % 4) for d in TURNS])
 
+    def turned_file_pixels(self, path: str):
+        """[4, 224, 224, 3]: the image turned 0/90/180/270 clockwise *before* anything else, saved as a PNG and read
+        back as a file, the way a turned scan reaches score."""
+        from trainer.preprocessing import preprocess_image_bytes
+
+        return self.tf.stack([preprocess_image_bytes(self.tf.constant(encode_png(turned_image(path, d))), 224)
+                              for d in TURNS])
+
     def probabilities_and_features(self, paths: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
-        """([N, 4 turns, 4], [N, 4 turns, grid, grid, 1280]) for the images at paths."""
+        """([N, 4 turns, 4], [N, 4 turns, grid, grid, 1280]) for the images at paths, turned on the square."""
         probs, feats = [], []
         for path in paths:
             with open(path, "rb") as f:
@@ -131,6 +141,10 @@ class DefaultModelRunner:
             probs.append(p.numpy())
             feats.append(g.numpy().astype(np.float16))
         return np.stack(probs), np.stack(feats)
+
+    def probabilities_of_turned_files(self, paths: Sequence[str]) -> np.ndarray:
+        """[N, 4 turns, 4] for the images turned as files (turned_file_pixels)."""
+        return np.stack([self._run(self.turned_file_pixels(path))[0].numpy() for path in paths])
 
     def answer_bytes_tta(self, images: Sequence[bytes]) -> List[int]:
         """End-to-end answers with test-time turns: each image decoded once, its four turns in one batch."""
@@ -457,6 +471,13 @@ def write_misses(folder: str, images: Sequence[corpus.CorpusImage], probs: np.nd
         out = os.path.join(folder, f"misses_{kind}.png")
         sheet.save(out)
         paths.append(out)
+        listing = os.path.join(folder, f"misses_{kind}.tsv")
+        with open(listing, "w") as f:  # the same misses as text: which files, and what was answered per turn
+            f.write("right_turns\tpackage\tpath\tanswers_for_0_90_180_270\n")
+            for n_right, package, path in missed:
+                answers = probs[[image.path for image in images].index(path)].argmax(-1) * 90
+                f.write(f"{n_right}\t{package}\t{path}\t{','.join(str(int(a)) for a in answers)}\n")
+        paths.append(listing)
     return paths
 
 
@@ -478,6 +499,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--text-lines-below", type=float, default=None,
                         help="read text lines below this top probability instead of score's built-in gate (the "
                              "head's recorded text_lines.below)")
+    parser.add_argument("--answers", default="",
+                        help="save every method's probabilities [image, turn, 4] with the images' paths and kinds "
+                             "to this .npz, for looking into the misses without another run")
     parser.add_argument("--figures", default="",
                         help="write confusion matrices (true turn x answered turn) of photos and pages as PNGs "
                              "here, and contact sheets of the images the fullest method gets wrong (misses_*.png)")
@@ -496,6 +520,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     probs, feats = runner.probabilities_and_features([i.path for i in test])
     print(f"default model over the split: {time.time() - started:.0f}s", flush=True)
     tta = train_default.test_time_turns(probs)
+    # The guard against a shortcut: every figure here turns the letterboxed square, which is only fair if that
+    # gives what a scan turned before the letterbox gives. Were it not (an uneven letterbox did this: pages
+    # 99.6% here, 74.6% as turned files), a model could learn which one it was shown instead of the picture.
+    started = time.time()
+    file_probs = runner.probabilities_of_turned_files([i.path for i in test])
+    file_tta = train_default.test_time_turns(file_probs)
+    same = np.argmax(file_probs, -1) == np.argmax(probs, -1)
+    print(f"turned as files (turned, saved, read back; {time.time() - started:.0f}s): the same answer as turned on "
+          f"the square for {100 * same.mean():.2f}% of turns, probabilities at most "
+          f"{np.abs(file_probs - probs).max():.3f} apart", flush=True)
 
     speed = {k: default_speed(runner, [i.path for i in test if i.kind == k][:args.speed_images])
              for k in (corpus.PHOTO, corpus.PAGE)}
@@ -535,6 +569,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      _pct(stats.get("auto_rotate_right", float("nan")))))
 
     add("default model", probs, kinds, speed[corpus.PHOTO], speed[corpus.PAGE])
+    add("default model, turned as files", file_probs, kinds, speed[corpus.PHOTO], speed[corpus.PAGE])
     from pipelines.score import builtin_text_crops, builtin_text_lines
     from trainer import text_crops, text_lines
 
@@ -547,6 +582,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      and not with_crops else "")
     add("default + test-time turns" + ("" if adaptive else default_label), tta, kinds, tta_speed[corpus.PHOTO],
         tta_speed[corpus.PAGE])
+    add("default + test-time turns, turned as files", file_tta, kinds, tta_speed[corpus.PHOTO], tta_speed[corpus.PAGE])
     if adaptive:
         add(f"default + test-time turns when p < {below}{default_label}", unsure_tta, kinds,
             unsure_speed[corpus.PHOTO], unsure_speed[corpus.PAGE])
@@ -673,6 +709,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         last = list(figures)[-1]  # the fullest method: score's default when its readers are installed
         for path in write_misses(args.figures, test, figures[last], last):
             print(f"figure: {path}")
+    if args.answers:
+        saved = {"paths": np.array([i.path for i in test]), "kinds": kinds, "default": probs,
+                 "default_turned_files": file_probs, "default_tta": tta}
+        saved.update({name: p for name, p in (("text_lines", fused), ("score_default", crops_fused)) if p is not None})
+        np.savez_compressed(args.answers, **saved)
+        print(f"answers: {args.answers}")
+    if args.answers:
+        saved = {"paths": np.array([i.path for i in test]), "kinds": kinds, "default": probs,
+                 "default_turned_files": file_probs, "default_tta": tta}
+        saved.update({name: p for name, p in (("text_lines", fused), ("score_default", crops_fused)) if p is not None})
+        np.savez_compressed(args.answers, **saved)
+        print(f"answers: {args.answers}")
     temperature = float(runner.meta["temperature"])
     for name, p in (("shipped (T folded in)", probs), ("same logits at T = 1", train_default.with_temperature(
             probs, 1.0 / temperature))):

@@ -24,7 +24,8 @@ def test_the_sheet_shows_each_missed_image_once_fewest_right_first(tmp_path):
     images = [_image(tmp_path, "fine", corpus.PHOTO, "red"), _image(tmp_path, "never", corpus.PHOTO, "green"),
               _image(tmp_path, "half", corpus.PHOTO, "blue"), _image(tmp_path, "page", corpus.PAGE, "black")]
     probs = np.stack([_answers({0, 1, 2, 3}), _answers(set()), _answers({0, 2}), _answers({0, 1, 2, 3})])
-    photo_sheet, page_sheet = write_misses(str(tmp_path), images, probs, "method", thumb=50, columns=4)
+    photo_sheet, photo_list, page_sheet, page_list = write_misses(str(tmp_path), images, probs, "method", thumb=50,
+                                                                  columns=4)
     sheet = np.asarray(Image.open(photo_sheet).convert("RGB")).astype(int)
     # Tiles in order (never: 0/4, then half: 2/4); the image that is always right is not on the sheet.
     first, second, third = (sheet[20 + 25, 50 * k + 25] for k in range(3))
@@ -35,3 +36,8 @@ def test_the_sheet_shows_each_missed_image_once_fewest_right_first(tmp_path):
     # No page was missed: the page sheet is the title over one empty row.
     page = np.asarray(Image.open(page_sheet).convert("RGB"))
     assert page.shape[:2] == (20 + 66, 200) and (page[20:] == 255).all()
+    # The same misses as text, with what was answered for each turn (upright 0, then turned 90, 180, 270).
+    lines = open(photo_list).read().splitlines()
+    assert lines[1:] == [f"0\tpkg-never\t{images[1].path}\t90,180,270,0",
+                         f"2\tpkg-half\t{images[2].path}\t0,180,180,0"]
+    assert open(page_list).read().splitlines()[1:] == []
