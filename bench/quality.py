@@ -472,11 +472,13 @@ def write_misses(folder: str, images: Sequence[corpus.CorpusImage], probs: np.nd
         sheet.save(out)
         paths.append(out)
         listing = os.path.join(folder, f"misses_{kind}.tsv")
+        root = os.path.commonpath([image.path for image in images]) if len(images) > 1 else ""
         with open(listing, "w") as f:  # the same misses as text: which files, and what was answered per turn
             f.write("right_turns\tpackage\tpath\tanswers_for_0_90_180_270\n")
             for n_right, package, path in missed:
                 answers = probs[[image.path for image in images].index(path)].argmax(-1) * 90
-                f.write(f"{n_right}\t{package}\t{path}\t{','.join(str(int(a)) for a in answers)}\n")
+                shown = os.path.relpath(path, root) if root else path  # relative to the corpus folder
+                f.write(f"{n_right}\t{package}\t{shown}\t{','.join(str(int(a)) for a in answers)}\n")
         paths.append(listing)
     return paths
 
