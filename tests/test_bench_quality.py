@@ -3,7 +3,7 @@ import numpy as np
 from PIL import Image
 
 from archive_vision import orientation_corpus as corpus
-from bench.quality import write_misses
+from bench.quality import shortcut_warnings, write_misses
 
 
 def _image(tmp_path, name, kind, colour):
@@ -40,3 +40,17 @@ def test_the_sheet_shows_each_missed_image_once_fewest_right_first(tmp_path):
     lines = open(photo_list).read().splitlines()
     assert lines[1:] == ["0\tpkg-never\tnever.png\t90,180,270,0", "2\tpkg-half\thalf.png\t0,180,180,0"]
     assert open(page_list).read().splitlines()[1:] == []
+
+
+def test_a_model_that_tells_square_turns_from_turned_files_is_flagged():
+    """Last round's shortcut: pages right on the square and wrong as files (upside down read as upright)."""
+    kinds = np.array([corpus.PAGE] * 10 + [corpus.PHOTO] * 10)
+    square = np.stack([_answers({0, 1, 2, 3})] * 20)
+    files = square.copy()
+    files[:4] = _answers({0, 1, 3})  # 4 of 10 pages wrong at 180 as files: 10 points of pages
+    files[10] = _answers({0, 1, 2})  # 1 of 10 photos wrong at 270: 2.5 points
+    warnings = shortcut_warnings(square, files, kinds)
+    assert len(warnings) == 2 and warnings[1].startswith("WARNING: pages are +10.0 points")
+    assert warnings[0].startswith("WARNING: photos are +2.5 points")
+    assert shortcut_warnings(square, square, kinds) == []
+    assert shortcut_warnings(square, files, kinds, gap=0.2) == []
