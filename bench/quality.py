@@ -741,12 +741,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         saved.update({name: p for name, p in (("text_lines", fused), ("score_default", crops_fused)) if p is not None})
         np.savez_compressed(args.answers, **saved)
         print(f"answers: {args.answers}")
-    if args.answers:
-        saved = {"paths": np.array([i.path for i in test]), "kinds": kinds, "default": probs,
-                 "default_turned_files": file_probs, "default_tta": tta}
-        saved.update({name: p for name, p in (("text_lines", fused), ("score_default", crops_fused)) if p is not None})
-        np.savez_compressed(args.answers, **saved)
-        print(f"answers: {args.answers}")
     temperature = float(runner.meta["temperature"])
     for name, p in (("shipped (T folded in)", probs), ("same logits at T = 1", train_default.with_temperature(
             probs, 1.0 / temperature))):
