@@ -548,7 +548,8 @@ def choose_text_crops(probs: np.ndarray, evidence: np.ndarray, kinds: np.ndarray
     # right). Hence the floor for the band is reading every image's own band, not only `sure_right`: a gate may
     # save reads at a small cost in accuracy, not by letting through sure wrong answers that reading would stop.
     every = _gate_row(crops_answers(probs, evidence, weight, 2.0, 1.0)[0], kinds, {})
-    below = _lowest_passing(crops_sweep, full((2.0, 1.0)), crops_tolerance, "band_right",
+    reading_all = {kind: every[f"{kind}s"] for kind in (corpus.PHOTO, corpus.PAGE)}
+    below = _lowest_passing(crops_sweep, reading_all, crops_tolerance, "band_right",
                             max(sure_right, every["band_right"]))
     tta_sweep = sweep_of(tta_candidates, lambda c: (below, c))
     tta_below = _lowest_passing(tta_sweep, full((below, 1.0)), tolerance, "band_right", sure_right)
