@@ -26,7 +26,8 @@ weights (`make default-model` runs it with the Makefile's folders):
 `--experiments` instead prints val accuracy for variants measured for issue 7 (photo weighting, extra
 photo views: mirror / centre crop / 320 px, page tiles, test-time turns) and for the model's input (letterboxed
 224 / centre crop 224 / letterboxed 320; `--experiments inputs` for that alone), all on cached features, and the
---tta-below sweep on the train-only recipe (`--experiments tta` for that alone).
+--tta-below sweep on the train-only recipe (`--experiments tta` for that alone). `--experiments curve` measures
+how held-out photo accuracy grows with the number of training photos (archive_vision.learning_curve).
 """
 from __future__ import annotations
 
@@ -687,14 +688,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-fine-tune", dest="fine_tune", action="store_false",
                         help="train the head alone on the frozen backbone (minutes instead of about half an hour)")
-    parser.add_argument("--experiments", nargs="?", const="all", choices=("all", "inputs", "tta"),
+    parser.add_argument("--experiments", nargs="?", const="all", choices=("all", "inputs", "tta", "curve"),
                         help="print val accuracy of the measured variants instead (`inputs`: only the input "
                              "comparison, pad224 / crop224 / pad320; `tta`: only score's --tta-below and "
-                             "--text-lines choices, on the recipe trained on train)")
+                             "--text-lines choices, on the recipe trained on train; `curve`: held-out photo "
+                             "accuracy against the number of training photos, archive_vision.learning_curve)")
+    parser.add_argument("--curve-figure", help="with --experiments curve: also draw the curve into this PNG")
     args = parser.parse_args(argv)
     limit_tf_threads(args.threads)
     if args.experiments:
         images = corpus.load_corpus(args.corpus)
+        if args.experiments == "curve":
+            from archive_vision import learning_curve
+
+            rows = learning_curve.photo_learning_curve(images, args.cache, epochs=args.epochs)
+            for mean in learning_curve.fraction_means(rows):
+                print(f"mean over seeds, {mean['photos']:.0f} photos: {100 * mean['accuracy']:.1f}%, with test-time "
+                      f"turns {100 * mean['accuracy_turns']:.1f}%")
+            print(json.dumps(learning_curve.curve_summary(rows), indent=1))
+            if args.curve_figure:
+                print("wrote", learning_curve.draw_learning_curve(rows, args.curve_figure))
+            return 0
         if args.experiments == "all":
             run_experiments(images, args.cache)
         if args.experiments in ("all", "inputs"):
