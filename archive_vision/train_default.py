@@ -16,12 +16,17 @@ weights (`make default-model` runs it with the Makefile's folders):
    choose score's --tta-below on them (choose_tta_below: turned copies only where they are needed), and the
    weights and gate of score's --text-lines (choose_text_lines: PP-OCR's text-line evidence, trainer.text_lines),
    and score's --text-crops settings (choose_text_crops: a document-orientation classifier on crops,
-   trainer.text_crops) with the --tta-below and text-line settings that go with them.
+   trainer.text_crops; the gate, and how many sure crops must agree for a surer image's to count) with the
+   --tta-below and text-line settings that go with them.
 5. Refit steps 3 on train + val (more sources seen; the settings are fixed by then), fold the temperature
    into the logits layer (softmax(z / T) is the same head with the last layer divided by T), and write the
    head's weights, the fine-tuned backbone layers (float16) and the config as one .npz
    (trainer.default_model loads both onto the offline pretrained backbone). About 25 minutes on 2 cores;
    `--no-fine-tune` trains the head alone in a few minutes.
+
+`--rechoose` runs step 4 again for the head at --out and writes the settings into its config, its weights kept
+(for a new setting of score's on a head trained by this recipe; it refuses a head the train-only model did not
+make: the temperature fitted on val must match the one folded into it).
 
 `--experiments` instead prints val accuracy for variants measured for issue 7 (photo weighting, extra
 photo views: mirror / centre crop / 320 px, page tiles, test-time turns) and for the model's input (letterboxed
@@ -491,17 +496,25 @@ def text_lines_answers(probs: np.ndarray, evidence: np.ndarray, weights: Sequenc
 # 20 ms on one core, a third of what the turned copies cost.
 TEXT_CROPS_BELOW_CANDIDATES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 TEXT_CROPS_TOLERANCE = TTA_BELOW_TOLERANCE / 2
+# --text-crops-agree: 0 (off: the crops of images at or above the gate are not read), or how many of the five crops
+# must be sure of one turn before a sure image's crops count.
+TEXT_CROPS_AGREE_CANDIDATES = (0, 1, 2, 3, 4, 5)
 
 
-def crops_answers(probs: np.ndarray, evidence: np.ndarray, weight: float, crops_below: float, tta_below: float
+def crops_answers(probs: np.ndarray, evidence: np.ndarray, weight: float, crops_below: float, tta_below: float,
+                  agreement: Optional[np.ndarray] = None, agree: int = 0
                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What score answers with --text-crops, from calibrated held-out probabilities [N, 4 turns, 4] and the
     images' text-crop evidence [N, 4 turns, 4]: the stored copy's answer, with the crops fused in when it is below
-    `crops_below`; the turned copies when that is still below `tta_below`, the crops fused into their combined
-    answer. Returns (answers [N, 4, 4], read [N, 4], turned [N, 4])."""
+    `crops_below` or, with `agree` > 0 (--text-crops-agree), when at least `agree` of its sure crops name one turn
+    (`agreement` [N, 4 turns], trainer.text_crops.agreement); the turned copies when that is still below
+    `tta_below`, the crops fused into their combined answer. Returns (answers [N, 4, 4], fused [N, 4], turned
+    [N, 4])."""
     from trainer import text_crops
 
     read = np.max(probs, -1) < crops_below
+    if agree > 0 and agreement is not None:
+        read = read | (np.asarray(agreement) >= agree)
     single = np.where(read[..., None], text_crops.fuse(probs, evidence, weight), probs)
     turned = np.max(single, -1) < tta_below
     combined = test_time_turns(probs)
@@ -513,7 +526,8 @@ def choose_text_crops(probs: np.ndarray, evidence: np.ndarray, kinds: np.ndarray
                       crops_candidates: Sequence[float] = TEXT_CROPS_BELOW_CANDIDATES,
                       tta_candidates: Sequence[float] = TTA_BELOW_CANDIDATES,
                       tolerance: float = TTA_BELOW_TOLERANCE, sure_right: float = TTA_BELOW_SURE_RIGHT,
-                      crops_tolerance: float = TEXT_CROPS_TOLERANCE
+                      crops_tolerance: float = TEXT_CROPS_TOLERANCE, agreement: Optional[np.ndarray] = None,
+                      agree_candidates: Sequence[int] = TEXT_CROPS_AGREE_CANDIDATES
                       ) -> Tuple[Dict[str, float], Dict[str, Dict[float, Dict[str, float]]]]:
     """score's --text-crops settings from calibrated held-out probabilities [N, 4 turns, 4] and text-crop evidence
     [N, 4 turns, 4] (trainer.text_crops):
@@ -522,11 +536,13 @@ def choose_text_crops(probs: np.ndarray, evidence: np.ndarray, kinds: np.ndarray
     - the crops' gate is the lowest candidate (the fewest images read) whose accuracy, photos and pages each, is
       within `crops_tolerance` of reading every image (every image turned), with the auto_rotate band at the built-in
       threshold at least `sure_right` right and at least as right as when every image is read;
+    - with `agreement` [N, 4 turns] (how many sure crops name one turn), --text-crops-agree by
+      choose_text_crops_agree;
     - then --tta-below, by the same rule against turning every image (with the crops at their gate): the crops
       settle most pages, so far fewer images need their turned copies.
 
-    Returns ({weight, below, tta_below}, {"crops": sweep, "tta": sweep}); each sweep row has the accuracy and share
-    read (or turned) per kind, `band_right` and `band_share`.
+    Returns ({weight, below, agree, tta_below}, {"crops": sweep, "agree": sweep, "tta": sweep}); each sweep row has
+    the accuracy and share read (or turned) per kind, `band_right` and `band_share`.
     """
     from trainer import text_crops
 
@@ -552,10 +568,37 @@ def choose_text_crops(probs: np.ndarray, evidence: np.ndarray, kinds: np.ndarray
     reading_all = {kind: every[f"{kind}s"] for kind in (corpus.PHOTO, corpus.PAGE)}
     below = _lowest_passing(crops_sweep, reading_all, crops_tolerance, "band_right",
                             max(sure_right, every["band_right"]))
-    tta_sweep = sweep_of(tta_candidates, lambda c: (below, c))
-    tta_below = _lowest_passing(tta_sweep, full((below, 1.0)), tolerance, "band_right", sure_right)
-    return ({"weight": float(weight), "below": float(below), "tta_below": float(tta_below)},
-            {"crops": crops_sweep, "tta": tta_sweep})
+    agree, agree_sweep = 0, {}
+    if agreement is not None and below < 1.0:
+        agree, agree_sweep = choose_text_crops_agree(probs, evidence, kinds, weight, below, agreement,
+                                                     agree_candidates, crops_tolerance, sure_right)
+    tta_sweep = sweep_of(tta_candidates, lambda c: (below, c, agreement, agree))
+    tta_below = _lowest_passing(tta_sweep, full((below, 1.0, agreement, agree)), tolerance, "band_right", sure_right)
+    return ({"weight": float(weight), "below": float(below), "agree": int(agree), "tta_below": float(tta_below)},
+            {"crops": crops_sweep, "agree": agree_sweep, "tta": tta_sweep})
+
+
+def choose_text_crops_agree(probs: np.ndarray, evidence: np.ndarray, kinds: np.ndarray, weight: float, below: float,
+                            agreement: np.ndarray, candidates: Sequence[int] = TEXT_CROPS_AGREE_CANDIDATES,
+                            tolerance: float = TEXT_CROPS_TOLERANCE, sure_right: float = TTA_BELOW_SURE_RIGHT
+                            ) -> Tuple[int, Dict[int, Dict[str, float]]]:
+    """score's --text-crops-agree for the crops' weight and gate: the candidate that puts the most turned images in
+    the auto_rotate band (ties: 0, then the higher: fewer answers changed) while each kind's accuracy stays within
+    `tolerance` of the gate alone (0) and the band at least as right as the gate alone's and `sure_right`.
+
+    The gate reads what the image model is unsure of; crops that agree may still stop a sure wrong answer (an
+    upright page the image model calls upside down) and widen the band, where they cost nothing in accuracy.
+    Returns (agree, {candidate: _gate_row}) with every image turned."""
+    sweep: Dict[int, Dict[str, float]] = {}
+    for candidate in sorted(set(candidates) | {0}):
+        answers, fused, turned = crops_answers(probs, evidence, weight, below, 1.0, agreement, candidate)
+        sweep[candidate] = _gate_row(answers, kinds, {"read": fused, "turned": turned})
+    alone = sweep[0]
+    passing = [0] + [m for m, row in sweep.items() if m > 0 and (
+        all(row[f"{k}s"] >= alone[f"{k}s"] - tolerance for k in (corpus.PHOTO, corpus.PAGE)
+            if alone[f"{k}s"] == alone[f"{k}s"])
+        and not row["band_right"] < max(sure_right, alone["band_right"]))]
+    return max(passing, key=lambda m: (sweep[m]["band_share"], m == 0, m)), sweep
 
 
 def _choose_text_lines_on_val(images: Sequence[corpus.CorpusImage], cache: str, val_probs: np.ndarray,
@@ -590,12 +633,16 @@ def _choose_text_crops_on_val(images: Sequence[corpus.CorpusImage], cache: str, 
               f"{text_crops.MODELS_VERSION} onnxruntime); no --text-crops settings recorded")
         return {}
     val = [i.path for i in images if i.split == corpus.VAL]
-    evidence = text_crops.evidence(features.cached_text_crops(val, cache))
-    choice, sweeps = choose_text_crops(val_probs, evidence, val_kinds)
+    crop_probabilities = features.cached_text_crops(val, cache)
+    evidence, agreement = text_crops.evidence(crop_probabilities), text_crops.agreement(crop_probabilities)
+    choice, sweeps = choose_text_crops(val_probs, evidence, val_kinds, agreement=agreement)
     print(f"text crops: weight {choice['weight']} (val NLL)")
     _print_gate_sweep("text crops below", sweeps["crops"], "read", choice["below"])
+    _print_gate_sweep(f"text crops below {choice['below']}, and sure images' crops when agreeing", sweeps["agree"],
+                      "read", choice["agree"])
     _print_gate_sweep("with text crops, tta below", sweeps["tta"], "turned", choice["tta_below"])
-    answers, _, _ = crops_answers(val_probs, evidence, choice["weight"], choice["below"], choice["tta_below"])
+    answers, _, _ = crops_answers(val_probs, evidence, choice["weight"], choice["below"], choice["tta_below"],
+                                  agreement, choice["agree"])
     meta: Dict[str, object] = dict(choice, copy_short=text_crops.COPY_SHORT, crops=len(text_crops.CROP_CENTRES),
                                    sure=text_crops.SURE, fitted_on="val")
     if text_lines.available():
@@ -676,6 +723,37 @@ def train_default(corpus_root: str, cache: str, out: str, epochs: int = DEFAULT_
     return meta
 
 
+def rewrite_head_config(path: str, updates: Dict[str, object]) -> Dict[str, object]:
+    """Rewrite the config of a head .npz with `updates` merged in, every weight array kept as it is; returns the new
+    config."""
+    with np.load(path) as stored:
+        meta = json.loads(str(stored["config"]))
+        arrays = {key: stored[key] for key in stored.files if key != "config"}
+    meta.update(updates)
+    np.savez_compressed(path, config=np.array(json.dumps(meta, sort_keys=True)), **arrays)
+    return meta
+
+
+def rechoose_settings(corpus_root: str, cache: str, head_path: str, epochs: int = DEFAULT_EPOCHS,
+                      photo_weight: float = PHOTO_WEIGHT, fine_tune: bool = True) -> Dict[str, object]:
+    """Choose score's settings on val again (--tta-below, --text-lines, --text-crops: steps 4 of the recipe) for a
+    head already trained, and write them into its config; the weights stay. The settings are chosen on the
+    train-only model's val answers, so that model must be the one the head's were: its fitted temperature (folded
+    into the head) must match, else this refuses (retrain instead)."""
+    images = corpus.load_corpus(corpus_root)
+    val_probs, val_kinds, temperature, tta_below = _choose_on_val(images, cache, epochs, photo_weight, fine_tune)
+    with np.load(head_path) as stored:
+        recorded = float(json.loads(str(stored["config"]))["temperature"])
+    if abs(recorded - temperature) > 1e-6:
+        raise ValueError(f"the train-only model's temperature on val is {temperature:.6f}, the head's {recorded:.6f}: "
+                         "its settings were chosen for another model; retrain the head instead")
+    calibrated = with_temperature(val_probs, temperature)
+    return rewrite_head_config(head_path, {
+        "tta_below": tta_below,
+        "text_lines": _choose_text_lines_on_val(images, cache, calibrated, val_kinds, tta_below),
+        "text_crops": _choose_text_crops_on_val(images, cache, calibrated, val_kinds)})
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Train (or with --experiments, compare variants of) the default orientation head."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -694,6 +772,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "--text-lines choices, on the recipe trained on train; `curve`: held-out photo "
                              "accuracy against the number of training photos, archive_vision.learning_curve)")
     parser.add_argument("--curve-figure", help="with --experiments curve: also draw the curve into this PNG")
+    parser.add_argument("--rechoose", action="store_true",
+                        help="choose score's settings on val again for the head at --out (trained by this recipe "
+                             "on this corpus) and write them into its config, its weights kept")
     args = parser.parse_args(argv)
     limit_tf_threads(args.threads)
     if args.experiments:
@@ -719,6 +800,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _choose_text_lines_on_val(images, args.cache, with_temperature(val_probs, temperature), val_kinds,
                                       tta_below)
             _choose_text_crops_on_val(images, args.cache, with_temperature(val_probs, temperature), val_kinds)
+        return 0
+    if args.rechoose:
+        meta = rechoose_settings(args.corpus, args.cache, os.path.normpath(args.out), args.epochs, args.photo_weight,
+                                 args.fine_tune)
+        print(json.dumps({k: meta[k] for k in ("tta_below", "text_lines", "text_crops")}, indent=1, sort_keys=True))
         return 0
     meta = train_default(args.corpus, args.cache, os.path.normpath(args.out), args.epochs, args.photo_weight,
                          args.fine_tune)

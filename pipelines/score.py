@@ -109,6 +109,7 @@ class ScoreOptions:
     text_crops: bool = False
     text_crops_below: float = 1.0
     text_crops_weight: float = DEFAULT_TEXT_CROPS_WEIGHT
+    text_crops_agree: int = 0
     write_corrected: str = ""
     skip_known: str = ""
     truth: str = ""
@@ -135,6 +136,9 @@ class ScoreOptions:
             raise ValueError("--text-lines-weights must be two weights >= 0: AXIS,VOTE")
         if self.text_crops_weight < 0:
             raise ValueError("--text-crops-weight must be >= 0")
+        if not 0 <= self.text_crops_agree <= len(text_crops.CROP_CENTRES):
+            raise ValueError(f"--text-crops-agree must be between 0 (off) and {len(text_crops.CROP_CENTRES)}, "
+                             "the number of crops")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,8 +260,9 @@ def predict_isolating(items: Sequence[dict], predict: Callable[[List[bytes]], Li
     item keeps its single answer, with no `tta_agreement`.
 
     With `crops` (--text-crops), an item whose stored copy's top probability is below `crops.below` has its
-    text-crop evidence read; it is fused into the stored copy's answer before the turned copies are decided on,
-    and into the combined answer after them.
+    text-crop evidence read (with `crops.agree`, a surer item too, whose evidence then counts only when that many
+    sure crops agree); it is fused into the stored copy's answer before the turned copies are decided on, and into
+    the combined answer after them.
     """
     all_at_once = tta_below >= 1.0 or all(len(item["images"]) == 1 for item in items)
     if all_at_once and crops is None:
@@ -336,14 +341,18 @@ def with_orientation(prediction: Dict[str, Any], probabilities: np.ndarray, **ex
 class TextCropsStep:
     """--text-crops inside prediction: reads an item's text-crop evidence (trainer.text_crops) when its stored
     copy's answer is unsure, from the reading copy PrepareImagesFn made (`crops_copy`); one reader per worker,
-    built on first use (the ONNX session does not pickle). A reading that fails leaves the model's answer
-    (the row's `text_crops` is -1)."""
+    built on first use (the ONNX session does not pickle). With `agree` (--text-crops-agree) > 0 the crops of a
+    sure item are read too, and count only when at least `agree` of them are sure of one turn (the row's
+    `text_crops` is 0 when they do not). A reading that fails leaves the model's answer (the row's `text_crops` is
+    -1)."""
 
     FAILED = "failed"
+    NOT_AGREED = "not agreed"
 
-    def __init__(self, below: float, weight: float, threads: int = 0):
+    def __init__(self, below: float, weight: float, threads: int = 0, agree: int = 0):
         self.below = below
         self.weight = weight
+        self.agree = agree
         self._threads = threads
         self._reader = None
         self._reads = EvidenceReads("text_crops")
@@ -351,32 +360,39 @@ class TextCropsStep:
     def __getstate__(self):
         return dict(self.__dict__, _reader=None)
 
-    def _evidence(self, item: dict) -> np.ndarray:
+    def _evidence(self, item: dict) -> Tuple[np.ndarray, int]:
         if item.get("crops_copy") is None:
             raise RuntimeError("the item carries no reading copy")
         if self._reader is None:
             self._reader = text_crops.TextCropReader(threads=max(0, self._threads))
-        return self._reader.read(item["crops_copy"])
+        return self._reader.read_with_agreement(item["crops_copy"])
 
     def read(self, item: dict, stored: Dict[str, Any]):
-        """The evidence [4], FAILED, or None (not read: sure enough, or no orientation output)."""
-        if not is_unsure(stored, self.below):
+        """The evidence [4], FAILED, NOT_AGREED (a sure item whose crops did not agree), or None (not read: sure
+        enough with agree 0, or no orientation output)."""
+        if "orientation_probabilities" not in stored:
             return None
-        ok, evidence = self._reads.read(item, lambda: self._evidence(item))
-        return evidence if ok else self.FAILED
+        unsure = is_unsure(stored, self.below)
+        if not unsure and self.agree <= 0:
+            return None
+        ok, read = self._reads.read(item, lambda: self._evidence(item))
+        if not ok:
+            return self.FAILED
+        evidence, agreeing = read
+        return evidence if unsure or agreeing >= self.agree else self.NOT_AGREED
 
 
 def text_crops_step(opts: ScoreOptions) -> Optional[TextCropsStep]:
     """The --text-crops step of a run, or None when it is off."""
-    return (TextCropsStep(opts.text_crops_below, opts.text_crops_weight, opts.tf_threads)
+    return (TextCropsStep(opts.text_crops_below, opts.text_crops_weight, opts.tf_threads, opts.text_crops_agree)
             if opts.text_crops else None)
 
 
 def with_text_crops(prediction: Dict[str, Any], evidence, weight: float) -> Dict[str, Any]:
     """The prediction with text-crop evidence [4] (trainer.text_crops) fused into its orientation probabilities
-    (`text_crops` 1), or, for TextCropsStep.FAILED, unchanged with `text_crops` -1."""
+    (`text_crops` 1), or unchanged with `text_crops` -1 (TextCropsStep.FAILED) or 0 (NOT_AGREED)."""
     if isinstance(evidence, str):
-        return dict(prediction, text_crops=-1)
+        return dict(prediction, text_crops=0 if evidence == TextCropsStep.NOT_AGREED else -1)
     return with_orientation(prediction, text_crops.fuse(prediction["orientation_probabilities"], evidence, weight),
                             text_crops=1)
 
@@ -541,6 +557,7 @@ def builtin_text_crops() -> Dict[str, Any]:
     out = {"available": True, "why": "", "recorded": bool(recorded),
            "weight": float(recorded.get("weight", DEFAULT_TEXT_CROPS_WEIGHT)),
            "below": float(recorded.get("below", 1.0)),
+           "agree": int(recorded.get("agree", 0)),
            "tta_below": recorded.get("tta_below"), "text_lines_below": recorded.get("text_lines_below"),
            "text_lines_weights": recorded.get("text_lines_weights")}
     try:
@@ -1184,6 +1201,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
     parser.add_argument("--text-crops-weight", type=float, default=None,
                         help="with --text-crops: weight of the evidence (default: the built-in head's, fitted on "
                              f"held-out images; {DEFAULT_TEXT_CROPS_WEIGHT} for a head that records none)")
+    parser.add_argument("--text-crops-agree", type=int, default=None,
+                        help="with --text-crops: read the crops of the images at or above --text-crops-below too, "
+                             "and count them only when at least this many of the five are sure of one turn (0: "
+                             "off; default: the built-in head's, chosen on held-out images; 0 for other models)")
     parser.add_argument("--write-corrected", default="", help="write upright copies of auto_rotate images here")
     parser.add_argument("--skip-known", default="", help="previous results.parquet/.csv (or an ingest manifest): "
                                                          "files whose sha256 was scored by this model version "
@@ -1217,6 +1238,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
         known.text_crops_below = crops_defaults["below"] if builtin else 1.0
     if known.text_crops_weight is None:
         known.text_crops_weight = crops_defaults["weight"]
+    if known.text_crops_agree is None:
+        known.text_crops_agree = crops_defaults["agree"] if builtin else 0
     if known.tta_below is None:
         known.tta_below = ((crops_defaults["tta_below"] if with_crops and crops_defaults["tta_below"] is not None
                             else builtin_tta_below()) if builtin else 1.0)
@@ -1251,7 +1274,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
             tta_agreement_below=known.tta_agreement_below, tta_below=known.tta_below, text_lines=known.text_lines,
             text_lines_below=known.text_lines_below,
             text_lines_weights=text_weights, text_crops=known.text_crops, text_crops_below=known.text_crops_below,
-            text_crops_weight=known.text_crops_weight,
+            text_crops_weight=known.text_crops_weight, text_crops_agree=known.text_crops_agree,
             write_corrected=known.write_corrected.rstrip("/"), skip_known=known.skip_known, truth=known.truth,
             report=known.report, tf_threads=known.tf_threads)
     except ValueError as e:
@@ -1360,7 +1383,9 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
                        "failed": sum(1 for r in scored if r.get("text_lines") == -1),
                        "seconds_total": round(metrics.get("text_lines_ms", 0) / 1000.0, 3)},
         "text_crops": {"enabled": opts.text_crops, "below": opts.text_crops_below, "weight": opts.text_crops_weight,
+                       "agree": opts.text_crops_agree,
                        "read": sum(1 for r in scored if r.get("text_crops") == 1),
+                       "not_agreed": sum(1 for r in scored if r.get("text_crops") == 0),
                        "failed": sum(1 for r in scored if r.get("text_crops") == -1),
                        "seconds_total": round(metrics.get("text_crops_ms", 0) / 1000.0, 3)},
         "timings": {"elapsed_seconds": round(elapsed, 3),
@@ -1440,6 +1465,10 @@ def text_lines_summary(section: dict) -> str:
 def text_crops_summary(section: dict) -> str:
     """run.json's `text_crops` section in words (the run's summary line and report.html)."""
     failed = f", {section['failed']} failed (the model's answer stands)" if section.get("failed") else ""
+    if section.get("agree") and (section.get("below") or 0) < 1.0:
+        return (f"fused for {section.get('read', 0)} pages (below p {section.get('below')}, or with at least "
+                f"{section['agree']} sure crops agreeing), read and not counted for {section.get('not_agreed', 0)}"
+                f"{failed}; {section.get('seconds_total', 0)} s")
     return (f"read for {section.get('read', 0)} pages below p {section.get('below')}{failed}; "
             f"{section.get('seconds_total', 0)} s")
 

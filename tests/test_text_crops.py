@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from archive_vision import orientation_corpus as corpus
-from archive_vision.train_default import choose_text_crops, crops_answers
+from archive_vision.train_default import choose_text_crops, choose_text_crops_agree, crops_answers
 from pipelines import score
 from trainer import text_crops
 
@@ -127,14 +127,15 @@ def _prediction(p):
 class _Crops(score.TextCropsStep):
     """The real step with a stand-in reader: the item's `says` turn is what its crops show."""
 
-    def __init__(self, below, weight=1.0, fail=()):
-        super().__init__(below, weight)
+    def __init__(self, below, weight=1.0, fail=(), agree=0):
+        super().__init__(below, weight, agree=agree)
         self.calls = []
         self._fail = fail
 
         class Reader:
-            def read(reader_self, copy):
-                return np.where(np.arange(4) == int(copy[0, 0, 0]), 0.0, -5.0)
+            def read_with_agreement(reader_self, copy):
+                # channel 0: the turn the crops show; channel 1: how many of them are sure of it
+                return np.where(np.arange(4) == int(copy[0, 0, 0]), 0.0, -5.0), int(copy[0, 0, 1])
 
         self._reader = Reader()
 
@@ -220,3 +221,88 @@ def test_choose_text_crops_does_not_gate_away_the_crops_that_stop_a_sure_wrong_a
     assert choice["below"] == 0.99  # the lowest gate above the model's 0.97, so every page is read
     answers, _, _ = crops_answers(probs, evidence, choice["weight"], choice["below"], choice["tta_below"])
     assert (answers.argmax(-1) == np.arange(4)).all()
+
+
+def test_agreement_counts_the_sure_crops_that_name_one_turn():
+    sure_90, sure_0, unsure_90 = [0.05, 0.9, 0.03, 0.02], [0.85, 0.05, 0.05, 0.05], [0.3, 0.5, 0.1, 0.1]
+    crops = np.array([[sure_90, sure_90, sure_0, unsure_90, sure_90],  # three sure crops say 90
+                      [sure_0, sure_90, unsure_90, unsure_90, unsure_90],  # one each
+                      [unsure_90] * 5])  # none sure
+    np.testing.assert_array_equal(text_crops.agreement(crops), [3, 1, 0])
+    assert text_crops.agreement(np.stack([crops, crops])).shape == (2, 3)
+
+
+def _copy(says, agreeing):
+    copy = np.zeros((448, 448, 3), np.uint8)
+    copy[..., 0], copy[..., 1] = says, agreeing
+    return copy
+
+
+def test_score_reads_sure_images_crops_with_agree_and_counts_them_only_when_they_agree():
+    answers = {b"sure-0-agreed-180": [0.97, 0.01, 0.01, 0.01], b"sure-0-lone-90": [0.97, 0.01, 0.01, 0.01],
+               b"unsure-lone-180": [0.5, 0.1, 0.3, 0.1]}
+
+    def predict(images):
+        return [_prediction(answers[image]) for image in images]
+
+    items = [{"uri": "sure-0-agreed-180", "page": 0, "images": [b"sure-0-agreed-180"], "turns": [0],
+              "crops_copy": _copy(2, 5)},
+             {"uri": "sure-0-lone-90", "page": 0, "images": [b"sure-0-lone-90"], "turns": [0],
+              "crops_copy": _copy(1, 1)},
+             {"uri": "unsure-lone-180", "page": 0, "images": [b"unsure-lone-180"], "turns": [0],
+              "crops_copy": _copy(2, 1)}]
+    out = {i["uri"]: p for i, p, _ in score.predict_isolating(items, predict, tta_below=1.0,
+                                                               crops=_Crops(below=0.8, agree=3))}
+    # Five sure crops agree: they overrule a sure image model (the sure wrong page the gate alone lets through).
+    assert out["sure-0-agreed-180"]["text_crops"] == 1 and out["sure-0-agreed-180"]["orientation_degrees"] == 180
+    # One sure crop of a sure image: read, not counted (`text_crops` 0), the model's answer stands untouched.
+    assert out["sure-0-lone-90"]["text_crops"] == 0 and out["sure-0-lone-90"]["orientation_degrees"] == 0
+    assert out["sure-0-lone-90"]["orientation_probabilities"][0] == pytest.approx(0.97)
+    # Below the gate the crops count however few agree, as without --text-crops-agree.
+    assert out["unsure-lone-180"]["text_crops"] == 1 and out["unsure-lone-180"]["orientation_degrees"] == 180
+    # agree 0: the sure images' crops are not even read.
+    crops = _Crops(below=0.8)
+    out = {i["uri"]: p for i, p, _ in score.predict_isolating(items, predict, tta_below=1.0, crops=crops)}
+    assert out["sure-0-agreed-180"].get("text_crops") is None and out["sure-0-agreed-180"]["orientation_degrees"] == 0
+    with pytest.raises(ValueError, match="--text-crops-agree must be between 0"):
+        score.ScoreOptions(input="in", output="out", text_crops_agree=6)
+
+
+def test_choose_text_crops_agree_counts_sure_images_crops_when_enough_of_them_agree():
+    """Pages the image model is sure of (0.97), two of 1,000 sure and wrong (a half turn), whose five crops all read
+    them right; photos it is right about (0.9) with one sure crop naming a wrong turn. The gate (0.8) reads none of
+    them. Counting every sure crop (agree 1) turns the photos wrong; counting crops that agree (2 or more) puts the
+    two pages right and leaves the photos alone."""
+    pages, photos = 1000, 400
+    n = pages + photos
+    probs = np.zeros((n, 4, 4))
+    evidence = np.zeros((n, 4, 4))
+    agreement = np.zeros((n, 4), int)
+    for turn in range(4):
+        probs[:pages, turn] = 0.01
+        probs[:pages, turn, turn] = 0.97
+        for wrong in (0, 1):
+            probs[wrong, turn] = 0.01
+            probs[wrong, turn, (turn + 2) % 4] = 0.97
+        evidence[:pages, turn] = np.where(np.arange(4) == turn, 0.0, -10.0)
+        agreement[:pages, turn] = 5
+        probs[pages:, turn] = 0.1 / 3
+        probs[pages:, turn, turn] = 0.9
+        evidence[pages:, turn] = np.where(np.arange(4) == (turn + 1) % 4, 0.0, -5.7)
+        agreement[pages:, turn] = 1
+    kinds = np.array([corpus.PAGE] * pages + [corpus.PHOTO] * photos)
+
+    agree, sweep = choose_text_crops_agree(probs, evidence, kinds, 0.7, 0.8, agreement)
+
+    assert sweep[0]["pages"] == 0.998 and sweep[0]["photos"] == 1.0  # the gate alone: as the image model
+    assert sweep[1]["photos"] == 0.0  # one sure crop each: every photo turned wrong
+    assert all(sweep[m]["pages"] == 1.0 and sweep[m]["photos"] == 1.0 for m in (2, 3, 4, 5))
+    assert agree == 5  # every candidate from 2 up does the same: the one that changes the fewest answers
+    answers, fused, _ = crops_answers(probs, evidence, 0.7, 0.8, 1.0, agreement, agree)
+    assert (answers.argmax(-1) == np.arange(4)).all()
+    assert fused[kinds == corpus.PAGE].all() and not fused[kinds == corpus.PHOTO].any()
+    # Crops that agree but add nothing (no sure wrong answer left to stop): the gate alone stays.
+    probs[:2] = probs[2:4]
+    assert choose_text_crops_agree(probs, evidence, kinds, 0.7, 0.8, agreement)[0] == 0
+    # choose_text_crops without agreement counts chooses none.
+    assert choose_text_crops(probs, evidence, kinds)[0]["agree"] == 0

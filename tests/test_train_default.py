@@ -132,3 +132,42 @@ def test_choose_tta_below_keeps_turning_answers_that_are_sure_but_too_often_wron
 
 def sweep_of(probs, kinds, candidates):
     return train_default.choose_tta_below(probs, kinds, candidates=candidates)[1]
+
+
+def _head_file(path, temperature=1.5):
+    import json
+
+    np.savez_compressed(path, config=np.array(json.dumps({"temperature": temperature, "tta_below": 0.9,
+                                                          "grid": 3})),
+                        **{"logits/kernel": np.arange(6, dtype=np.float32).reshape(2, 3),
+                           "backbone/features_15_conv_0_0/0": np.ones(4, np.float16)})
+    return str(path)
+
+
+def test_rechoose_writes_new_settings_into_the_heads_config_and_keeps_its_weights(tmp_path, monkeypatch):
+    import json
+
+    path = _head_file(tmp_path / "head.npz")
+    probs = np.full((2, 4, 4), 0.25)
+    monkeypatch.setattr(train_default.corpus, "load_corpus", lambda root: [])
+    monkeypatch.setattr(train_default, "_choose_on_val", lambda *a: (probs, np.array(["page", "photo"]), 1.5, 1.0))
+    monkeypatch.setattr(train_default, "_choose_text_lines_on_val", lambda *a: {"below": 0.5})
+    monkeypatch.setattr(train_default, "_choose_text_crops_on_val", lambda *a: {"below": 0.8, "agree": 4})
+    meta = train_default.rechoose_settings("corpus", "cache", path)
+    with np.load(path) as stored:
+        assert json.loads(str(stored["config"])) == meta
+        np.testing.assert_array_equal(stored["logits/kernel"], np.arange(6).reshape(2, 3))
+        assert stored["backbone/features_15_conv_0_0/0"].dtype == np.float16
+    assert meta == {"temperature": 1.5, "grid": 3, "tta_below": 1.0, "text_lines": {"below": 0.5},
+                    "text_crops": {"below": 0.8, "agree": 4}}
+
+
+def test_rechoose_refuses_a_head_trained_by_another_model(tmp_path, monkeypatch):
+    path = _head_file(tmp_path / "head.npz", temperature=1.94)
+    before = open(path, "rb").read()
+    monkeypatch.setattr(train_default.corpus, "load_corpus", lambda root: [])
+    monkeypatch.setattr(train_default, "_choose_on_val",
+                        lambda *a: (np.full((1, 4, 4), 0.25), np.array(["page"]), 2.10, 1.0))
+    with pytest.raises(ValueError, match="retrain the head instead"):
+        train_default.rechoose_settings("corpus", "cache", path)
+    assert open(path, "rb").read() == before

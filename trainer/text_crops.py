@@ -117,6 +117,11 @@ class TextCropReader:
         """[4]: the evidence (the sure crops' summed log-probabilities, `evidence`) for turns 0/90/180/270."""
         return evidence(self.probabilities(copy))
 
+    def read_with_agreement(self, copy: np.ndarray) -> Tuple[np.ndarray, int]:
+        """(the evidence [4], how many sure crops agree on one turn: `agreement`)."""
+        probabilities = self.probabilities(copy)
+        return evidence(probabilities), int(agreement(probabilities))
+
 
 def evidence(probabilities: np.ndarray, sure: float = SURE) -> np.ndarray:
     """The summed log-probabilities [..., 4] of the crops the classifier is sure of (top probability >= `sure`),
@@ -124,6 +129,16 @@ def evidence(probabilities: np.ndarray, sure: float = SURE) -> np.ndarray:
     probabilities = np.asarray(probabilities, np.float64)
     counted = probabilities.max(-1, keepdims=True) >= sure
     return (np.log(np.clip(probabilities, 1e-6, 1.0)) * counted).sum(-2)
+
+
+def agreement(probabilities: np.ndarray, sure: float = SURE) -> np.ndarray:
+    """[...] ints: the most crops that are sure (top probability >= `sure`) of one and the same turn, from their
+    probabilities [..., crops, 4]. score's --text-crops-agree counts a sure image's crops only when this reaches it:
+    a page's crops mostly agree, a photo's seldom do (one sure crop of a photo is often a pattern, not text)."""
+    probabilities = np.asarray(probabilities)
+    counted = probabilities.max(-1) >= sure
+    top = probabilities.argmax(-1)
+    return np.max(np.stack([((top == turn) & counted).sum(-1) for turn in range(probabilities.shape[-1])], -1), -1)
 
 
 def fuse(probabilities: np.ndarray, evidence_rows: np.ndarray, weight: float) -> np.ndarray:
