@@ -289,11 +289,23 @@ def test_score_reads_the_text_crops_of_unsure_images_and_says_so(monkeypatch, ca
 
     monkeypatch.setenv("ARCHIVE_VISION_CACHE", cache_root)
     archive = _archive(tmp_path, turned_images, ("coffee", "page"))
-    runs = _score_each(tmp_path, archive, ("--text-crops-below=1.0", "--no-text-crops"), ("--no-text-lines",))
+    runs = _score_each(tmp_path, archive, ("--text-crops-below=1.0", "--no-text-crops", "--text-crops"),
+                       ("--no-text-lines",))
     summaries = {flag: summary for flag, (summary, _) in runs.items()}
     for flag, (_, rows) in runs.items():
         if flag == "--no-text-crops":
             assert all(r["text_crops"] is None for r in rows.values())
+            continue
+        if flag == "--text-crops":  # the built-in gate, and the sure images' crops counted when 4 of 5 agree
+            recorded = default_model.head_metadata()["text_crops"]
+            section = summaries[flag]["text_crops"]
+            assert section["agree"] == recorded["agree"] == 4 and section["below"] == recorded["below"]
+            assert all(r["text_crops"] in (0, 1) for r in rows.values())  # every image's crops read
+            assert section["read"] + section["not_agreed"] == 8 and section["read"] >= 4  # the pages, at least
+            assert all(r["text_crops"] == 1 for name, r in rows.items() if name.startswith("page"))
+            assert all(r["orientation_degrees"] == int(name.rsplit("_", 1)[1].split(".")[0])
+                       for name, r in rows.items() if name.startswith("page"))
+            assert "or with at least 4 sure crops agreeing" in score.format_summary(summaries[flag])
             continue
         for file_name, row in rows.items():
             truth = int(file_name.rsplit("_", 1)[1].split(".")[0])
