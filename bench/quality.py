@@ -324,7 +324,7 @@ def text_crops_speed(runner: DefaultModelRunner, crop_reader, line_reader, paths
 
     from trainer import text_crops, text_lines
 
-    weight, below, tta_below = settings["weight"], settings["below"], settings["tta_below"]
+    weight, below, tta_below, agree = settings["weight"], settings["below"], settings["tta_below"], settings["agree"]
     lines_below, lines_weights = settings["text_lines_below"], settings["text_lines_weights"]
     tf = runner.tf
     blobs = read_all(paths)
@@ -340,11 +340,14 @@ def text_crops_speed(runner: DefaultModelRunner, crop_reader, line_reader, paths
         answers = once.copy()
         evidence = {}
         for i, blob in enumerate(chunk):
-            if float(np.max(answers[i])) < below:
+            unsure = float(np.max(answers[i])) < below
+            if unsure or agree > 0:
                 with Image.open(io.BytesIO(blob)) as image:
-                    evidence[i] = crop_reader.read(text_crops.reading_copy(image))
-                answers[i] = text_crops.fuse(answers[i], evidence[i], weight)
-        crops_read += len(evidence)
+                    read, agreeing = crop_reader.read_with_agreement(text_crops.reading_copy(image))
+                crops_read += 1
+                if unsure or agreeing >= agree:
+                    evidence[i] = read
+                    answers[i] = text_crops.fuse(answers[i], evidence[i], weight)
         unsure = [i for i in range(len(chunk)) if float(np.max(answers[i])) < tta_below]
         if unsure:
             turned = runner._answer_turned(tf.gather(pixels, unsure)).numpy()
@@ -646,25 +649,47 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         settings = dict(crops_defaults)
         crop_reader = text_crops.TextCropReader(threads=args.cores)
         started = time.time()
-        crop_evidence = np.stack([text_crops.read_turns(crop_reader, i.path) for i in test])
+        crop_probabilities = np.stack([text_crops.read_turns_probabilities(crop_reader, i.path) for i in test])
+        crop_evidence = text_crops.evidence(crop_probabilities)
+        crop_agreement = text_crops.agreement(crop_probabilities)
         crops_only, crops_read, _ = train_default.crops_answers(probs, crop_evidence, settings["weight"],
-                                                                settings["below"], settings["tta_below"])
-        print(f"text crops over the split: {time.time() - started:.0f}s; read for "
+                                                                settings["below"], settings["tta_below"],
+                                                                crop_agreement, settings["agree"])
+        print(f"text crops over the split: {time.time() - started:.0f}s; fused for "
               + ", ".join(f"{100 * crops_read[kinds == k].mean():.0f}% of {k}s' turns" for k in (corpus.PHOTO,
                                                                                                 corpus.PAGE)),
               flush=True)
-        add(f"default + text crops below {settings['below']} + test-time turns", crops_only, kinds, float("nan"),
-            float("nan"))
-        crops_fused, line_reader = crops_only, None
+        agree_part = f" (agreeing >= {settings['agree']} above)" if settings["agree"] else ""
+        add(f"default + text crops below {settings['below']}{agree_part} + test-time turns", crops_only, kinds,
+            float("nan"), float("nan"))
+        line_reader = None
         if text_defaults["available"] and settings["text_lines_below"] is not None:
             line_reader = text_lines.TextLineReader(threads=args.cores)
-            lines = text_lines_evidence(line_reader, [i.path for i in test], crops_only, settings["text_lines_below"])
-            crops_fused, lines_read = train_default.text_lines_answers(
-                crops_only, lines, settings["text_lines_weights"], settings["text_lines_below"])
-            print("text lines after the crops: read for " + ", ".join(
-                f"{100 * lines_read[kinds == k].mean():.1f}% of {k}s' turns" for k in (corpus.PHOTO, corpus.PAGE)))
         else:
             settings["text_lines_below"] = None
+        lines_part = (f" + text lines below {settings['text_lines_below']}"
+                      if settings["text_lines_below"] is not None else "")
+
+        def then_lines(answers: np.ndarray, label: str) -> np.ndarray:
+            if line_reader is None:
+                return answers
+            lines = text_lines_evidence(line_reader, [i.path for i in test], answers, settings["text_lines_below"])
+            fused_answers, lines_read = train_default.text_lines_answers(
+                answers, lines, settings["text_lines_weights"], settings["text_lines_below"])
+            print(f"text lines after the crops{label}: read for " + ", ".join(
+                f"{100 * lines_read[kinds == k].mean():.1f}% of {k}s' turns" for k in (corpus.PHOTO, corpus.PAGE)))
+            return fused_answers
+
+        crops_fused = then_lines(crops_only, "")
+        if settings["agree"]:
+            # What --text-crops-agree adds: the same settings with the sure images' crops left unread.
+            gate_alone, _, _ = train_default.crops_answers(probs, crop_evidence, settings["weight"], settings["below"],
+                                                           settings["tta_below"])
+            alone_name = (f"default + text crops below {settings['below']} + test-time turns{lines_part}, "
+                          "without --text-crops-agree")
+            gate_alone = then_lines(gate_alone, " (without --text-crops-agree)")
+            add(alone_name + " (not timed)", gate_alone, kinds, float("nan"), float("nan"))
+            band_methods.append((alone_name, gate_alone))
         crops_speed = {}
         for kind in (corpus.PHOTO, corpus.PAGE):
             ips, crops_share, lines_share = text_crops_speed(
@@ -674,9 +699,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"text crops, {kind}s (as stored, upright, as timed): crops read for {100 * crops_share:.0f}%, "
                   f"text lines for {100 * lines_share:.0f}%; {ips:.1f} img/s vs {unsure_speed[kind]:.1f} with "
                   f"test-time turns alone ({ips / unsure_speed[kind]:.2f}x)", flush=True)
-        lines_part = (f" + text lines below {settings['text_lines_below']}"
-                      if settings["text_lines_below"] is not None else "")
-        crops_name = f"default + text crops below {settings['below']} + test-time turns{lines_part}"
+        crops_name = f"default + text crops below {settings['below']}{agree_part} + test-time turns{lines_part}"
         add(crops_name + " (score's built-in default)", crops_fused, kinds, crops_speed[corpus.PHOTO],
             crops_speed[corpus.PAGE])
         band_methods.append((crops_name, crops_fused))
