@@ -516,7 +516,8 @@ def crops_answers(probs: np.ndarray, evidence: np.ndarray, weight: float, crops_
     if agree > 0 and agreement is not None:
         read = read | (np.asarray(agreement) >= agree)
     single = np.where(read[..., None], text_crops.fuse(probs, evidence, weight), probs)
-    turned = np.max(single, -1) < tta_below
+    # score turns every image at 1.0 (a fused answer can round to exactly 1.0, which is not below it)
+    turned = np.full(read.shape, True) if tta_below >= 1.0 else np.max(single, -1) < tta_below
     combined = test_time_turns(probs)
     combined = np.where(read[..., None], text_crops.fuse(combined, evidence, weight), combined)
     return np.where(turned[..., None], combined, single), read, turned
@@ -748,10 +749,12 @@ def rechoose_settings(corpus_root: str, cache: str, head_path: str, epochs: int 
         raise ValueError(f"the train-only model's temperature on val is {temperature:.6f}, the head's {recorded:.6f}: "
                          "its settings were chosen for another model; retrain the head instead")
     calibrated = with_temperature(val_probs, temperature)
-    return rewrite_head_config(head_path, {
-        "tta_below": tta_below,
-        "text_lines": _choose_text_lines_on_val(images, cache, calibrated, val_kinds, tta_below),
-        "text_crops": _choose_text_crops_on_val(images, cache, calibrated, val_kinds)})
+    chosen = {"text_lines": _choose_text_lines_on_val(images, cache, calibrated, val_kinds, tta_below),
+              "text_crops": _choose_text_crops_on_val(images, cache, calibrated, val_kinds)}
+    missing = [name for name, settings in chosen.items() if not settings]
+    if missing:  # a reader's models are not installed: keep the head as it is rather than drop its settings
+        raise ValueError(f"no {' or '.join(missing)} settings could be chosen (see above); the head was not changed")
+    return rewrite_head_config(head_path, {"tta_below": tta_below, **chosen})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -776,6 +779,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="choose score's settings on val again for the head at --out (trained by this recipe "
                              "on this corpus) and write them into its config, its weights kept")
     args = parser.parse_args(argv)
+    if args.curve_figure and args.experiments != "curve":
+        parser.error("--curve-figure goes with --experiments curve")
+    if args.rechoose and args.experiments:
+        parser.error("pass --rechoose or --experiments, not both")
     limit_tf_threads(args.threads)
     if args.experiments:
         images = corpus.load_corpus(args.corpus)

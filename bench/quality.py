@@ -317,7 +317,8 @@ def _speed(images_per_second: float) -> str:
 def text_crops_speed(runner: DefaultModelRunner, crop_reader, line_reader, paths: Sequence[str],
                      settings: Dict[str, object], batch: int = 16) -> Tuple[float, float, float]:
     """(images/s, share whose crops were read, share whose text lines were read) of score's built-in default end to
-    end, in score's order: every image once; the crops of those below `below`, fused; the turned copies of those
+    end, in score's order: every image once; the crops of those below `below` (and with `agree`, of every image),
+    fused below `below` or where `agree` of them agree; the turned copies of those
     still below `tta_below` (their combined answer with the crops fused again); the text lines of those still below
     `text_lines_below`. The reading copies are decoded from the file's bytes."""
     from PIL import Image
@@ -348,7 +349,7 @@ def text_crops_speed(runner: DefaultModelRunner, crop_reader, line_reader, paths
                 if unsure or agreeing >= agree:
                     evidence[i] = read
                     answers[i] = text_crops.fuse(answers[i], evidence[i], weight)
-        unsure = [i for i in range(len(chunk)) if float(np.max(answers[i])) < tta_below]
+        unsure = [i for i in range(len(chunk)) if tta_below >= 1.0 or float(np.max(answers[i])) < tta_below]
         if unsure:
             turned = runner._answer_turned(tf.gather(pixels, unsure)).numpy()
             for j, i in enumerate(unsure):

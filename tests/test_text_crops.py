@@ -306,3 +306,47 @@ def test_choose_text_crops_agree_counts_sure_images_crops_when_enough_of_them_ag
     assert choose_text_crops_agree(probs, evidence, kinds, 0.7, 0.8, agreement)[0] == 0
     # choose_text_crops without agreement counts chooses none.
     assert choose_text_crops(probs, evidence, kinds)[0]["agree"] == 0
+
+
+@pytest.mark.parametrize("tta_below", [0.9, 1.0])
+def test_the_bench_answers_with_agree_are_what_score_answers(tta_below):
+    """train_default.crops_answers (the bench's and the val choice's figures) against score's prediction step, on
+    the same probabilities, crops and agreement counts: the same answer for every image and turn, and the crops
+    counted (`text_crops` 1) exactly where the bench fuses them, with and without turned copies when unsure."""
+    rng = np.random.default_rng(3)
+    n, below, agree, weight = 12, 0.6, 3, 0.7
+    logits = rng.normal(size=(n, 4, 4)) * 3
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)  # [image, stored turn, 4]
+    evidence = -np.abs(rng.normal(size=(n, 4, 4))) * 3
+    agreement = rng.integers(0, 6, size=(n, 4))
+    expected, fused, _ = crops_answers(probs, evidence, weight, below, tta_below, agreement, agree)
+
+    class Step(score.TextCropsStep):
+        def __init__(self):
+            super().__init__(below, weight, agree=agree)
+
+            class Reader:
+                def read_with_agreement(reader_self, copy):  # the copy names its image and stored turn
+                    return evidence[copy[0, 0, 0], copy[0, 0, 1]], int(agreement[copy[0, 0, 0], copy[0, 0, 1]])
+
+            self._reader = Reader()
+
+    def predict(images):
+        return [_prediction(probs[int(i.split(b":")[0]), int(i.split(b":")[1])]) for i in images]
+
+    items = []
+    for i in range(n):
+        for d in range(4):
+            copy = np.zeros((448, 448, 3), np.uint8)
+            copy[..., 0], copy[..., 1] = i, d
+            items.append({"uri": f"{i}/{d}", "page": 0, "turns": list(TURNS), "crops_copy": copy,
+                          "images": [f"{i}:{(d + j) % 4}".encode() for j in range(4)]})
+    outcomes = score.predict_isolating(items, predict, tta_below=tta_below, crops=Step())
+    assert len(outcomes) == 4 * n
+    for item, prediction, error in outcomes:
+        i, d = map(int, item["uri"].split("/"))
+        assert error == ""
+        np.testing.assert_allclose(prediction["orientation_probabilities"], expected[i, d], atol=1e-9)
+        assert (prediction.get("text_crops") == 1) == bool(fused[i, d])
+    assert 0 < fused.mean() < 1 and fused[np.max(probs, -1) >= below].any()  # some sure images counted, not all

@@ -171,3 +171,25 @@ def test_rechoose_refuses_a_head_trained_by_another_model(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="retrain the head instead"):
         train_default.rechoose_settings("corpus", "cache", path)
     assert open(path, "rb").read() == before
+
+
+def test_rechoose_keeps_the_head_when_a_reader_is_not_installed(tmp_path, monkeypatch):
+    """Without the text-crop model the crops' chooser records nothing: writing that would silently drop the head's
+    --text-crops settings, so the head is left as it was."""
+    path = _head_file(tmp_path / "head.npz")
+    before = open(path, "rb").read()
+    monkeypatch.setattr(train_default.corpus, "load_corpus", lambda root: [])
+    monkeypatch.setattr(train_default, "_choose_on_val",
+                        lambda *a: (np.full((1, 4, 4), 0.25), np.array(["page"]), 1.5, 1.0))
+    monkeypatch.setattr(train_default, "_choose_text_lines_on_val", lambda *a: {"below": 0.5})
+    monkeypatch.setattr(train_default, "_choose_text_crops_on_val", lambda *a: {})
+    with pytest.raises(ValueError, match="no text_crops settings could be chosen"):
+        train_default.rechoose_settings("corpus", "cache", path)
+    assert open(path, "rb").read() == before
+
+
+def test_cli_refuses_options_that_would_be_ignored(capsys):
+    for argv in (["--curve-figure", "c.png"], ["--rechoose", "--experiments", "tta"]):
+        with pytest.raises(SystemExit):
+            train_default.main(["--corpus", "c", "--cache", "k", *argv])
+        assert "--" in capsys.readouterr().err

@@ -168,8 +168,3 @@ def read_turns_probabilities(reader: TextCropReader, path: str) -> np.ndarray:
     with Image.open(path) as image:
         copy = reading_copy(image)
     return np.stack([reader.probabilities(np.ascontiguousarray(np.rot90(copy, -turn))) for turn in range(4)])
-
-
-def read_turns(reader: TextCropReader, path: str) -> np.ndarray:
-    """[4 turns, 4]: the evidence of an image file turned 0/90/180/270 clockwise (each row in its own frame)."""
-    return evidence(read_turns_probabilities(reader, path))
