@@ -713,6 +713,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     evaluation = ~tune_mask
     add(f"default, eval half ({int(evaluation.sum())} images)", probs[evaluation], kinds[evaluation],
         speed[corpus.PHOTO], speed[corpus.PAGE])
+    add("default + test-time turns, eval half", tta[evaluation], kinds[evaluation], tta_speed[corpus.PHOTO],
+        tta_speed[corpus.PAGE])  # what the archive-tuned + turns row is to be read against
     add("archive-tuned on the other half, eval half", tuned_predict(feats[evaluation]), kinds[evaluation],
         speed[corpus.PHOTO], speed[corpus.PAGE])
     add("archive-tuned + test-time turns, eval half",
