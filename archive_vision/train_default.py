@@ -40,7 +40,7 @@ import argparse
 import json
 import os
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -383,11 +383,17 @@ def _lowest_passing(sweep: Dict[float, Dict[str, float]], full: Dict[str, float]
     `tolerance` of `full`, and whose `right_key` share is at least `right_floor`; 1.0 when none passes (a kind
     absent from held-out data, NaN, does not count)."""
     for candidate in sorted(sweep):
-        row = sweep[candidate]
-        if (all(row[f"{k}s"] >= full[k] - tolerance for k in full if full[k] == full[k])
-                and not row[right_key] < right_floor):
+        if _passes(sweep[candidate], full, tolerance, right_key, right_floor):
             return candidate
     return 1.0
+
+
+def _passes(row: Dict[str, float], full: Dict[str, float], tolerance: float, right_key: str,
+            right_floor: float) -> bool:
+    """A sweep row's accuracy, photos and pages each, is within `tolerance` of `full` ({kind: accuracy}; a NaN kind,
+    absent from held-out data, does not count) and its `right_key` share is at least `right_floor`."""
+    return (all(row[f"{k}s"] >= full[k] - tolerance for k in full if full[k] == full[k])
+            and not row[right_key] < right_floor)
 
 
 def _accuracy_per_kind(answers: np.ndarray, kinds: np.ndarray) -> Dict[str, float]:
@@ -551,11 +557,7 @@ def choose_text_crops(probs: np.ndarray, evidence: np.ndarray, kinds: np.ndarray
     weight, _ = text_crops.fit_weight(test_time_turns(probs), evidence, truth)
 
     def sweep_of(candidates, settings):
-        rows: Dict[float, Dict[str, float]] = {}
-        for candidate in sorted(candidates):
-            answers, read, turned = crops_answers(probs, evidence, weight, *settings(candidate))
-            rows[candidate] = _gate_row(answers, kinds, {"read": read, "turned": turned})
-        return rows
+        return _crops_sweep(probs, evidence, kinds, weight, candidates, settings)
 
     def full(settings):
         return _accuracy_per_kind(crops_answers(probs, evidence, weight, *settings)[0], kinds)
@@ -579,6 +581,17 @@ def choose_text_crops(probs: np.ndarray, evidence: np.ndarray, kinds: np.ndarray
             {"crops": crops_sweep, "agree": agree_sweep, "tta": tta_sweep})
 
 
+def _crops_sweep(probs: np.ndarray, evidence: np.ndarray, kinds: np.ndarray, weight: float,
+                 candidates: Sequence[float], settings: Callable[[float], tuple]) -> Dict[float, Dict[str, float]]:
+    """{candidate: _gate_row} of crops_answers with `settings(candidate)` (its arguments after the weight), the
+    shares `read` (fused) and `turned` per kind."""
+    rows: Dict[float, Dict[str, float]] = {}
+    for candidate in sorted(candidates):
+        answers, read, turned = crops_answers(probs, evidence, weight, *settings(candidate))
+        rows[candidate] = _gate_row(answers, kinds, {"read": read, "turned": turned})
+    return rows
+
+
 def choose_text_crops_agree(probs: np.ndarray, evidence: np.ndarray, kinds: np.ndarray, weight: float, below: float,
                             agreement: np.ndarray, candidates: Sequence[int] = TEXT_CROPS_AGREE_CANDIDATES,
                             tolerance: float = TEXT_CROPS_TOLERANCE, sure_right: float = TTA_BELOW_SURE_RIGHT
@@ -590,15 +603,12 @@ def choose_text_crops_agree(probs: np.ndarray, evidence: np.ndarray, kinds: np.n
     The gate reads what the image model is unsure of; crops that agree may still stop a sure wrong answer (an
     upright page the image model calls upside down) and widen the band, where they cost nothing in accuracy.
     Returns (agree, {candidate: _gate_row}) with every image turned."""
-    sweep: Dict[int, Dict[str, float]] = {}
-    for candidate in sorted(set(candidates) | {0}):
-        answers, fused, turned = crops_answers(probs, evidence, weight, below, 1.0, agreement, candidate)
-        sweep[candidate] = _gate_row(answers, kinds, {"read": fused, "turned": turned})
+    sweep = _crops_sweep(probs, evidence, kinds, weight, set(candidates) | {0},
+                         lambda m: (below, 1.0, agreement, m))
     alone = sweep[0]
-    passing = [0] + [m for m, row in sweep.items() if m > 0 and (
-        all(row[f"{k}s"] >= alone[f"{k}s"] - tolerance for k in (corpus.PHOTO, corpus.PAGE)
-            if alone[f"{k}s"] == alone[f"{k}s"])
-        and not row["band_right"] < max(sure_right, alone["band_right"]))]
+    floor = max(sure_right, alone["band_right"])
+    passing = [0] + [m for m, row in sweep.items() if m > 0 and _passes(
+        row, {k: alone[f"{k}s"] for k in (corpus.PHOTO, corpus.PAGE)}, tolerance, "band_right", floor)]
     return max(passing, key=lambda m: (sweep[m]["band_share"], m == 0, m)), sweep
 
 
