@@ -23,7 +23,10 @@ Rows, side by side in one run:
   --text-crops); beside it the same without the text lines;
 - archive-tuned: the default head re-fitted, without labels, on one half of the held-out sources (their
   images taken as upright, the usual state of an archive), measured on the other half beside the default
-  model on that same half;
+  model on that same half; the mean of three tuning runs (seeds 0-2), since one run's figure moves by points.
+  Then the same half as an archive with turned scans in it (a quarter, a half of its images stored turned and
+  still taken as upright), tuned with the labels as stored (--orientation-labels stored) and as the orientation
+  check makes them (trainer.orientation_check, train --init default's default);
 - Tesseract OSD (`tesseract IMG - --psm 0`) and docorient, on the first --peer-images photos and pages of
   the split (they are slow), beside the default model on the same images.
 
@@ -424,25 +427,91 @@ def calibration(probs: np.ndarray, bins: int = 15) -> Tuple[float, float]:
     return nll, float(ece)
 
 
-def archive_tune(runner: DefaultModelRunner, feats: np.ndarray, epochs: int = 8) -> Callable[[np.ndarray], np.ndarray]:
-    """Re-fit a copy of the default head on unlabelled images taken as upright (their 4 turns are the labels)."""
+TUNING_SEEDS = 3          # the archive-tuned rows are means over this many tuning runs (they move by points)
+TURNED_SHARES = (0.25, 0.5)  # archives with this share of their scans turned, still taken as upright
+
+
+def archive_tune(runner: DefaultModelRunner, feats: np.ndarray, epochs: int = 8, seed: int = 0,
+                 offsets: Optional[np.ndarray] = None, weights: Optional[np.ndarray] = None
+                 ) -> Callable[[np.ndarray], np.ndarray]:
+    """Re-fit a copy of the default head on unlabelled images taken as upright (their 4 turns are the labels), as
+    `train --init default` does; `offsets` (quarter turns) and `weights` per image are the orientation check's
+    (trainer.orientation_check), None: every image as stored (--orientation-labels stored)."""
     import keras
 
     from trainer.default_model import load_head_weights
 
+    keras.utils.set_random_seed(seed)  # before the head is built: its dropout draws its seed when built
     model, head = train_default.build_pooled_head({k: runner.meta[k] for k in train_default.HEAD_CONFIG})
     load_head_weights(head)
     temperature = float(runner.meta["temperature"])
-    x, y, w = train_default.turned_rows(feats)
+    x, y, w = train_default.turned_rows(feats, weights)
+    if offsets is not None:
+        y = (y + np.repeat(offsets, 4)) % 4
     # The shipped logits are divided by T; train at T = 1 and fold T back in afterwards, as train_default does.
     kernel, bias = head.logits.get_weights()
     head.logits.set_weights([kernel * temperature, bias * temperature])
     model.compile(optimizer=keras.optimizers.Adam(3e-4), loss=keras.losses.SparseCategoricalCrossentropy())
-    keras.utils.set_random_seed(0)
     model.fit(x, y, sample_weight=w, epochs=epochs, batch_size=64, verbose=0)
     kernel, bias = head.logits.get_weights()
     head.logits.set_weights([kernel / temperature, bias / temperature])
     return lambda f: train_default.predict_turns(model, f)
+
+
+def stored_turned(feats: np.ndarray, probs: np.ndarray, share: float, seed: int
+                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An archive with turned scans in it: a `share` of the images stored turned 90, 180 or 270 (drawn with
+    `seed`). Returns its [N, 4 turns, ...] features and [N, 4, 4] answers as stored (row j: the stored image turned
+    j more), and each image's true stored turn (quarter turns)."""
+    rng = np.random.default_rng(1000 + seed)
+    turn = np.where(rng.random(len(feats)) < share, rng.integers(1, 4, len(feats)), 0)
+    order = (turn[:, None] + np.arange(4)) % 4
+    rows = np.arange(len(feats))[:, None]
+    return feats[rows, order], probs[rows, order], turn
+
+
+def orientation_check_of(stored_probs: np.ndarray):
+    """trainer.orientation_check on an archive's [N, 4, 4] calibrated answers as stored (all taken as upright)."""
+    from trainer import orientation_check
+
+    n = len(stored_probs)
+    layouts = {"archive": ([str(i) for i in range(n)], np.full(n, 4), np.zeros(n, np.int64))}
+    return orientation_check.check({"archive": stored_probs.reshape(-1, 4)}, layouts, temperature=1.0)
+
+
+def archive_tuning_runs(runner: DefaultModelRunner, feats: np.ndarray, probs: np.ndarray, tune: np.ndarray,
+                        evaluation: np.ndarray, kinds: np.ndarray) -> Dict[str, List[np.ndarray]]:
+    """The archive-tuned heads' answers on the eval half, TUNING_SEEDS runs each: tuned on the other half as it
+    is (upright), and on it with TURNED_SHARES of its images turned, labels as stored or checked."""
+    runs: Dict[str, List[np.ndarray]] = {"upright": []}
+    for seed in range(TUNING_SEEDS):
+        runs["upright"].append(archive_tune(runner, feats[tune], seed=seed)(feats[evaluation]))
+    for share in TURNED_SHARES:
+        for labels in ("stored", "checked"):
+            runs[f"{share}/{labels}"] = []
+        found = []
+        for seed in range(TUNING_SEEDS):
+            stored_feats, stored_probs, truth = stored_turned(feats[tune], probs[tune], share, seed)
+            runs[f"{share}/stored"].append(archive_tune(runner, stored_feats, seed=seed)(feats[evaluation]))
+            result = orientation_check_of(stored_probs)
+            offsets, weights = result.offsets["archive"], result.weights["archive"]
+            runs[f"{share}/checked"].append(
+                archive_tune(runner, stored_feats, seed=seed, offsets=offsets, weights=weights)(feats[evaluation]))
+            found.append((float(np.mean(truth > 0)), 1 - float(result.turn_mix[0]), float(np.mean(offsets == truth)),
+                          float(np.mean(offsets[truth > 0] == truth[truth > 0])),
+                          float(np.mean(offsets[truth == 0] == 0))))
+        mean = np.mean(found, axis=0)
+        print(f"orientation check, tuning half with {100 * share:.0f}% turned (mean of {TUNING_SEEDS} draws): "
+              f"{100 * mean[0]:.1f}% turned, estimated {100 * mean[1]:.1f}%; each image given its true turn: "
+              f"{100 * mean[2]:.1f}% (turned ones {100 * mean[3]:.1f}%, upright ones {100 * mean[4]:.1f}%), against "
+              f"{100 * (1 - mean[0]):.1f}% with every image taken as stored", flush=True)
+    for name, answers in runs.items():
+        for kind in (corpus.PHOTO, corpus.PAGE):
+            each = [train_default.accuracy(train_default.test_time_turns(a)[kinds[evaluation] == kind])
+                    for a in answers]
+            print(f"archive-tuned ({name}) + test-time turns, eval half, {kind}s by seed: "
+                  + " / ".join(f"{100 * v:.1f}%" for v in each), flush=True)
+    return runs
 
 
 def write_confusions(folder: str, methods: Dict[str, np.ndarray], kinds: np.ndarray) -> List[str]:
@@ -591,12 +660,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"model with BN / folded {trained_ms / folded_ms:.2f}x", flush=True)
     rows: List[Tuple[str, ...]] = []
 
+    def add_runs(name: str, runs: Sequence[np.ndarray], k: np.ndarray, photo_speed: float, page_speed: float,
+                 bands=True):
+        """A row of the mean over several runs' answers (each [N, 4 turns, 4])."""
+        stats = [train_default.band_stats(p) if bands else {} for p in runs]
+
+        def mean(values):
+            return float(np.mean(list(values)))
+
+        rows.append((name, _pct(mean(train_default.accuracy(p[k == corpus.PHOTO]) for p in runs)),
+                     _pct(mean(train_default.accuracy(p[k == corpus.PAGE]) for p in runs)), _speed(photo_speed),
+                     _speed(page_speed),
+                     _pct(mean(s.get("auto_rotate_share_of_rotated", float("nan")) for s in stats)),
+                     _pct(mean(s.get("auto_rotate_right", float("nan")) for s in stats))))
+
     def add(name: str, p: np.ndarray, k: np.ndarray, photo_speed: float, page_speed: float, bands=True):
-        stats = train_default.band_stats(p) if bands else {}
-        rows.append((name, _pct(train_default.accuracy(p[k == corpus.PHOTO])),
-                     _pct(train_default.accuracy(p[k == corpus.PAGE])), _speed(photo_speed), _speed(page_speed),
-                     _pct(stats.get("auto_rotate_share_of_rotated", float("nan"))),
-                     _pct(stats.get("auto_rotate_right", float("nan")))))
+        add_runs(name, [p], k, photo_speed, page_speed, bands)
 
     add("default model", probs, kinds, speed[corpus.PHOTO], speed[corpus.PAGE])
     add("default model, turned as files", file_probs, kinds, speed[corpus.PHOTO], speed[corpus.PAGE])
@@ -709,17 +788,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                        "--tta-below was given"))
 
     tune_mask = np.array([tuning_half(i) for i in test])
-    tuned_predict = archive_tune(runner, feats[tune_mask])
     evaluation = ~tune_mask
     add(f"default, eval half ({int(evaluation.sum())} images)", probs[evaluation], kinds[evaluation],
         speed[corpus.PHOTO], speed[corpus.PAGE])
     add("default + test-time turns, eval half", tta[evaluation], kinds[evaluation], tta_speed[corpus.PHOTO],
-        tta_speed[corpus.PAGE])  # what the archive-tuned + turns row is to be read against
-    add("archive-tuned on the other half, eval half", tuned_predict(feats[evaluation]), kinds[evaluation],
-        speed[corpus.PHOTO], speed[corpus.PAGE])
-    add("archive-tuned + test-time turns, eval half",
-        train_default.test_time_turns(tuned_predict(feats[evaluation])), kinds[evaluation],
-        tta_speed[corpus.PHOTO], tta_speed[corpus.PAGE])
+        tta_speed[corpus.PAGE])  # what the archive-tuned + turns rows are to be read against
+    tuned = archive_tuning_runs(runner, feats, probs, tune_mask, evaluation, kinds)
+    seeds = f"mean of {TUNING_SEEDS} runs"
+    add_runs(f"archive-tuned on the other half, eval half ({seeds})", tuned["upright"], kinds[evaluation],
+             speed[corpus.PHOTO], speed[corpus.PAGE])
+    add_runs(f"archive-tuned + test-time turns, eval half ({seeds})",
+             [train_default.test_time_turns(a) for a in tuned["upright"]], kinds[evaluation],
+             tta_speed[corpus.PHOTO], tta_speed[corpus.PAGE])
+    for share in TURNED_SHARES:
+        for labels, flag in (("stored", "--orientation-labels stored"), ("checked", "checked, the default")):
+            add_runs(f"archive-tuned on the other half with {100 * share:.0f}% of it turned, labels {labels} "
+                     f"({flag}) + test-time turns, eval half ({seeds})",
+                     [train_default.test_time_turns(a) for a in tuned[f"{share}/{labels}"]], kinds[evaluation],
+                     tta_speed[corpus.PHOTO], tta_speed[corpus.PAGE])
 
     if args.peer_images > 0:
         subset = ([i for i, image in enumerate(test) if image.kind == corpus.PHOTO][:args.peer_images]

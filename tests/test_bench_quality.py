@@ -1,9 +1,10 @@
-"""bench/quality.py's pictures: the contact sheet of held-out images a method gets wrong."""
+"""bench/quality.py: the contact sheet of held-out images a method gets wrong, the shortcut guard, and the archive
+with turned scans that the archive-tuned rows tune on."""
 import numpy as np
 from PIL import Image
 
 from archive_vision import orientation_corpus as corpus
-from bench.quality import shortcut_warnings, write_misses
+from bench.quality import orientation_check_of, shortcut_warnings, stored_turned, write_misses
 
 
 def _image(tmp_path, name, kind, colour):
@@ -54,3 +55,19 @@ def test_a_model_that_tells_square_turns_from_turned_files_is_flagged():
     assert warnings[0].startswith("WARNING: photos are +2.5 points")
     assert shortcut_warnings(square, square, kinds) == []
     assert shortcut_warnings(square, files, kinds, gap=0.2) == []
+
+
+def test_an_archive_with_turned_scans_and_what_the_check_makes_of_it():
+    """stored_turned stores a share of the images turned (row j: the stored image turned j more), and the
+    orientation check gives back the turns a sure model names, leaving the rest as stored."""
+    n = 400
+    feats = np.arange(n * 4, dtype=np.float32).reshape(n, 4, 1)  # feature = 4 * image + turn from upright
+    sure = np.tile(np.eye(4) * 0.97 + 0.01, (n, 1, 1))             # a model that names every turn, calibrated
+    stored_feats, stored_probs, truth = stored_turned(feats, sure, 0.25, seed=0)
+    assert 0.2 < np.mean(truth > 0) < 0.3
+    assert (stored_feats[:, :, 0] == 4 * np.arange(n)[:, None] + (truth[:, None] + np.arange(4)) % 4).all()
+    result = orientation_check_of(stored_probs)
+    assert (result.offsets["archive"] == truth).all()
+    assert abs(1 - result.turn_mix[0] - np.mean(truth > 0)) < 0.03
+    upright_feats, _, none = stored_turned(feats, sure, 0.0, seed=0)
+    assert (none == 0).all() and (upright_feats == feats).all()
