@@ -46,6 +46,8 @@ import numpy as np
 
 from archive_vision import orientation_corpus as corpus
 from archive_vision import orientation_features as features
+from trainer import calibration
+from trainer.calibration import with_temperature  # noqa: F401 - part of this module's interface (bench, tests)
 
 HEAD_CONFIG = {"grid": 3, "projection_channels": 64, "hidden_units": 256, "dropout": 0.5}
 DEFAULT_EPOCHS = 20
@@ -170,24 +172,9 @@ def accuracy(probs: np.ndarray) -> float:
     return float(np.mean(np.argmax(probs, -1) == np.arange(4)[None, :])) if len(probs) else float("nan")
 
 
-def with_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log p / T): the head's probabilities at temperature T."""
-    logits = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
-    logits -= logits.max(-1, keepdims=True)
-    e = np.exp(logits)
-    return e / e.sum(-1, keepdims=True)
-
-
 def fit_temperature(probs: np.ndarray) -> float:
-    """The T minimising held-out negative log-likelihood (grid search; one parameter, no overfitting risk)."""
-    labels = np.broadcast_to(np.arange(4), probs.shape[:2])
-    best, best_nll = 1.0, np.inf
-    for t in np.exp(np.linspace(np.log(0.25), np.log(8.0), 121)):
-        p = with_temperature(probs, t)
-        nll = -np.mean(np.log(np.take_along_axis(p, labels[..., None], -1) + 1e-12))
-        if nll < best_nll:
-            best, best_nll = float(t), nll
-    return best
+    """The T minimising held-out negative log-likelihood of [N, 4 turns, 4] answers (trainer.calibration)."""
+    return calibration.fit_temperature(probs.reshape(-1, 4), np.tile(np.arange(4), probs.size // 16))
 
 
 def band_stats(probs: np.ndarray, rotate_threshold: float = 0.8, ok_threshold: float = 0.5) -> Dict[str, float]:

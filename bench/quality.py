@@ -448,7 +448,8 @@ def archive_tune(runner: DefaultModelRunner, feats: np.ndarray, epochs: int = 8,
     x, y, w = train_default.turned_rows(feats, weights)
     if offsets is not None:
         y = (y + np.repeat(offsets, 4)) % 4
-    # The shipped logits are divided by T; train at T = 1 and fold T back in afterwards, as train_default does.
+    # The shipped logits are divided by T; train at T = 1 and fold T back in afterwards, as train_default does
+    # (`train` fits T again on the archive's val split, trainer.calibration; this half has no val of its own).
     kernel, bias = head.logits.get_weights()
     head.logits.set_weights([kernel * temperature, bias * temperature])
     model.compile(optimizer=keras.optimizers.Adam(3e-4), loss=keras.losses.SparseCategoricalCrossentropy())

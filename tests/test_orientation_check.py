@@ -104,13 +104,6 @@ def test_records_of_one_input_get_one_answer():
     assert alone.offsets["train"][0] == 0  # the unsure copy alone would have stayed as stored
 
 
-def test_calibrate_divides_the_logits():
-    probs = np.array([[0.7, 0.1, 0.1, 0.1]])
-    out = oc.calibrate(probs, 2.0)
-    np.testing.assert_allclose(out.sum(), 1.0)
-    np.testing.assert_allclose(out[0, 0] / out[0, 1], np.sqrt(7.0))
-
-
 def test_corrections_turn_a_record_in_the_input_pipeline():
     corrections = train_input.Corrections({"file:///x.png#0": (1, 0.5)})
     record = {"source_uri": tf.constant("file:///x.png"), "page": tf.constant(0), "stored_orientation": tf.constant(0)}

@@ -227,6 +227,7 @@ def test_init_default_reads_the_archives_turns_before_tuning(tmp_path, cache):
     common = ["--data", data, "--tasks", "orientation", "--epochs", "1", "--batch-size", "8", "--threads", "2",
               "--early-stopping-patience", "0", "--export", "false", "--evaluate", "false", "--init", "default"]
     common += ["--cache-features"] if cache else []
+    common += ["--evaluate", "true"]
     job = str(tmp_path / "job")
     assert _run(common + ["--job-dir", job]) == 0
     with open(os.path.join(job, "orientation_check.json")) as f:
@@ -238,8 +239,17 @@ def test_init_default_reads_the_archives_turns_before_tuning(tmp_path, cache):
     # 2 of the 7 records are turned; the ten pseudo-records of the upright prior pull the estimate towards 0.
     assert 0.05 < 1 - found["turn_mix"]["0"] < 2 / 7, found["turn_mix"]
 
+    # The tuned head is exported calibrated: a temperature fitted on val (with the check's labels), folded in.
+    with open(os.path.join(job, "run_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["orientation_temperature"] > 0
+
     plain = str(tmp_path / "plain")
     assert _run(common + ["--job-dir", plain, "--orientation-labels", "stored"]) == 0
     assert not os.path.exists(os.path.join(plain, "orientation_check.json"))
-    # The labels trained on differ: the check's val loss is the lower one (the same head and val records).
+    # The labels trained on differ: the check's val loss is the lower one (the same head and val records), and
+    # evaluation scores val against the labels training used (the turned motorcycle as turned).
     assert _history(job)[0]["val_loss"] < _history(plain)[0]["val_loss"], (_history(job), _history(plain))
+    with open(os.path.join(plain, "run_summary.json")) as f:
+        plain_summary = json.load(f)
+    assert summary["eval"]["val"]["orientation"] > plain_summary["eval"]["val"]["orientation"], (summary, plain_summary)

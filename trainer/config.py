@@ -49,6 +49,7 @@ class TrainConfig:
     seed: int = 42
     model_name: str = "archive_vision"
     export: bool = True
+    calibrate: bool = True                     # fit the orientation head's temperature on val, fold it in
     evaluate: bool = True
     max_misclassified: int = 500
     verbose: int = 0                           # Keras' own progress bar (0: only our per-epoch lines)
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--model-name", default=d.model_name)
     p.add_argument("--export", type=_bool, default=d.export)
+    p.add_argument("--calibrate", type=_bool, default=d.calibrate,
+                   help="fit the orientation head's temperature on the val split's turns and fold it into the "
+                        "exported head, so score's auto_rotate threshold means what it says (trainer.calibration)")
     p.add_argument("--evaluate", type=_bool, default=d.evaluate)
     p.add_argument("--max-misclassified", type=int, default=d.max_misclassified)
     p.add_argument("--verbose", type=int, default=d.verbose)

@@ -130,8 +130,10 @@ def draw_training_curves(history: List[Dict[str, float]], path: str) -> Optional
     return path
 
 
-def predict_split(model: keras.Model, cfg: TrainConfig, split: str, batch_size: int = 64) -> Optional[Dict]:
-    """Model outputs with labels, weights and record identity for every example of a split (all four turns)."""
+def predict_split(model: keras.Model, cfg: TrainConfig, split: str, batch_size: int = 64,
+                  corrections: Optional[train_input.Corrections] = None) -> Optional[Dict]:
+    """Model outputs with labels, weights and record identity for every example of a split (all four turns);
+    `corrections`: the orientation labels as training used them (the orientation check of --init default)."""
     if not train_input.list_shards(cfg.data, split):
         return None
 
@@ -139,7 +141,8 @@ def predict_split(model: keras.Model, cfg: TrainConfig, split: str, batch_size: 
     def forward(pixels):
         return model(pixels, training=False)
 
-    ds = train_input.example_dataset(cfg.data, split, cfg, training=False, all_turns=True).batch(batch_size)
+    ds = train_input.example_dataset(cfg.data, split, cfg, training=False, all_turns=True,
+                                     corrections=corrections).batch(batch_size)
     collected: Dict[str, List[np.ndarray]] = {}
     for batch in ds:
         outputs = forward(batch["pixels"])
@@ -151,10 +154,12 @@ def predict_split(model: keras.Model, cfg: TrainConfig, split: str, batch_size: 
     return {k: np.concatenate(v) for k, v in collected.items()}
 
 
-def evaluate_split(model: keras.Model, cfg: TrainConfig, split: str, class_names: Sequence[str], out_dir: str
-                   ) -> Optional[Dict]:
-    """Metrics of both heads on a split; writes <split>_metrics.json, confusion PNGs, misclassified JSONL."""
-    pred = predict_split(model, cfg, split)
+def evaluate_split(model: keras.Model, cfg: TrainConfig, split: str, class_names: Sequence[str], out_dir: str,
+                   corrections: Optional[train_input.Corrections] = None) -> Optional[Dict]:
+    """Metrics of both heads on a split; writes <split>_metrics.json, confusion PNGs, misclassified JSONL.
+    With `corrections`, orientation is scored against the labels training used (stored_orientation in the
+    misclassified rows is then the corrected one)."""
+    pred = predict_split(model, cfg, split, corrections=corrections)
     if pred is None:
         return None
     report: Dict = {"split": split, "examples": int(len(pred["turn"]))}

@@ -30,18 +30,12 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from trainer.calibration import with_temperature
+
 QUARTERS = 4
 EM_ITERATIONS = 500
 EM_TOLERANCE = 1e-9
 UPRIGHT_PSEUDO_RECORDS = 10.0  # the prior's weight on "stored as they say" (see above)
-
-
-def calibrate(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Softmax probabilities at T = 1 -> the same logits divided by `temperature` (rows sum to 1)."""
-    logp = np.log(np.clip(probs, 1e-30, 1.0)) / float(temperature)
-    logp -= logp.max(axis=-1, keepdims=True)
-    out = np.exp(logp)
-    return out / out.sum(axis=-1, keepdims=True)
 
 
 def stored_turn_probabilities(row_probs: np.ndarray, rows_per_record: np.ndarray, stored: np.ndarray
@@ -165,7 +159,7 @@ def check(answers: Dict[str, np.ndarray], layouts: Dict[str, Tuple[List[str], np
     record_layout). The turn mix is estimated over all splits together (one archive)."""
     qs, known_keys = {}, {}
     for split, (keys, rows, stored) in layouts.items():
-        qs[split] = stored_turn_probabilities(calibrate(answers[split], temperature), rows, stored)
+        qs[split] = stored_turn_probabilities(with_temperature(answers[split], temperature), rows, stored)
         known_keys[split] = [k for k, r in zip(keys, rows) if r == QUARTERS]
     splits = list(qs)
     q = np.concatenate([qs[s] for s in splits]) if splits else np.zeros((0, QUARTERS))

@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
+
 log = logging.getLogger("trainer")
 
 PHASE_HEADS = "heads"
@@ -148,16 +150,16 @@ def _run_phase(fit_model, cfg, phase: str, epochs: int, train_ds, steps: int, va
 
 
 def _check_orientation_labels(cfg, heads, full_model, caches: Dict[str, Any], private_dir: str, prefix: str):
-    """trainer.orientation_check on the train and val records, with the head as initialised (the shipped one):
-    from the feature caches when there are any, else from one pass of the full model over the records' turns.
-    Writes JOB/orientation_check.json and prints what it found."""
+    """trainer.orientation_check on the train, val and test records, with the head as initialised (the shipped
+    one): from the feature caches where there are any, else from one pass of the full model over the records'
+    turns. Writes JOB/orientation_check.json and prints what it found."""
     from trainer import input as train_input
     from trainer import orientation_check
     from trainer.default_model import head_metadata
 
     started = time.time()
     layouts, answers = {}, {}
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         if not train_input.list_shards(cfg.data, split):
             continue
         layouts[split] = train_input.record_layout(cfg.data, split, cfg)
@@ -173,6 +175,50 @@ def _check_orientation_labels(cfg, heads, full_model, caches: Dict[str, Any], pr
     path = result.write(orientation_check.check_path(private_dir))
     print(f"{prefix}[check] {result.summary()} ({time.time() - started:.1f}s; {path})", flush=True)
     return result
+
+
+def _calibrate_orientation(plain_model, plain_heads, cfg, corrections) -> Optional[float]:
+    """Fit the orientation head's temperature on every turn of the val records (with the labels training used)
+    and fold it into the head (trainer.calibration); without val orientation labels, the shipped head's under
+    --init default, else none. Returns the temperature folded in (None: none)."""
+    import tensorflow as tf
+
+    from trainer import calibration
+    from trainer import input as train_input
+
+    head = plain_heads.get_layer(train_input.ORIENTATION_OUTPUT)
+    has_val = bool(train_input.list_shards(cfg.data, "val")) and \
+        train_input.count_split(cfg.data, "val", cfg).orientation_records > 0
+    if not has_val:
+        if cfg.init != "default":
+            print("[calibrate] no val record has an orientation: the orientation head is not calibrated", flush=True)
+            return None
+        from trainer.default_model import head_metadata
+
+        temperature = float(head_metadata()["temperature"])
+        calibration.fold_temperature(head, temperature)
+        print(f"[calibrate] no val record has an orientation: the shipped head's temperature {temperature:.2f} is "
+              f"folded in", flush=True)
+        return temperature
+
+    @tf.function(reduce_retracing=True)
+    def answer(pixels):
+        return plain_model(pixels, training=False)[train_input.ORIENTATION_OUTPUT]
+
+    ds = train_input.example_dataset(cfg.data, "val", cfg, training=False, all_turns=True, corrections=corrections)
+    probs, labels, weights = [], [], []
+    for batch in ds.filter(lambda e: e["orientation_weight"] > 0).batch(64):
+        probs.append(answer(batch["pixels"]).numpy())
+        labels.append(batch["orientation_label"].numpy())
+        weights.append(batch["orientation_weight"].numpy())
+    probs, labels, weights = np.concatenate(probs), np.concatenate(labels).astype(np.int64), np.concatenate(weights)
+    temperature = calibration.fit_temperature(probs, labels, weights)
+    before = calibration.negative_log_likelihood(probs, labels, weights)
+    after = calibration.negative_log_likelihood(calibration.with_temperature(probs, temperature), labels, weights)
+    calibration.fold_temperature(head, temperature)
+    print(f"[calibrate] orientation temperature {temperature:.2f} fitted on {len(labels)} val examples "
+          f"(negative log-likelihood {before:.3f} -> {after:.3f}); folded into the exported head", flush=True)
+    return temperature
 
 
 def _relabelled(cache, check, split: str):
@@ -305,20 +351,25 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
         print(f"{prefix}training done; evaluation and export are left to the chief", flush=True)
         return summary
     plain_backbone = backbones.build_backbone(cfg.backbone, "none", cfg.image_size)
-    plain_model, _ = model_lib.build_model(plain_backbone, num_classes, cfg.tasks, cfg.dropout,
-                                           cfg.orientation_grid, cfg.orientation_hidden_units, name=cfg.model_name)
+    plain_model, plain_heads = model_lib.build_model(plain_backbone, num_classes, cfg.tasks, cfg.dropout,
+                                                     cfg.orientation_grid, cfg.orientation_hidden_units,
+                                                     name=cfg.model_name)
     plain_model.set_weights(trained)
+    if cfg.uses_orientation and cfg.calibrate:
+        summary["orientation_temperature"] = _calibrate_orientation(plain_model, plain_heads, cfg, corrections)
 
     eval_dir = os.path.join(cfg.job_dir, "eval")
     if cfg.evaluate:
         summary["eval"] = {}
         for split in ("val", "test"):
-            report = evaluate.evaluate_split(plain_model, cfg, split, class_names, eval_dir)
+            report = evaluate.evaluate_split(plain_model, cfg, split, class_names, eval_dir, corrections)
             if report is not None:
                 summary["eval"][split] = {task: report[task]["accuracy"] for task in ("classes", "orientation")
                                           if task in report}
                 print(f"[eval] {split}: " + " ".join(f"{k}_accuracy={v:.4f}" for k, v in
-                                                     summary["eval"][split].items() if v is not None), flush=True)
+                                                     summary["eval"][split].items() if v is not None)
+                      + (" (orientation against the labels the check made)" if corrections is not None else ""),
+                      flush=True)
         evaluate.draw_training_curves(summary["history"], os.path.join(eval_dir, "training_curves.png"))
 
     summary["export_dir"] = None
