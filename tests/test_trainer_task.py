@@ -253,3 +253,35 @@ def test_init_default_reads_the_archives_turns_before_tuning(tmp_path, cache):
     with open(os.path.join(plain, "run_summary.json")) as f:
         plain_summary = json.load(f)
     assert summary["eval"]["val"]["orientation"] > plain_summary["eval"]["val"]["orientation"], (summary, plain_summary)
+
+
+def test_the_exported_orientation_head_is_calibrated_on_val(tmp_path, capsys):
+    """With enough val records, train fits a temperature on them and folds it into the head it evaluates and
+    exports; with too few (the module's archive: 14), it says so and exports the head as trained."""
+    import re
+
+    data = write_archive(str(tmp_path / "data"), {"train": 64, "val": 32}, stored_turns=(0, 90, 180, 270))
+    # Trained to the end, the head gets every val turn right: the fit has no optimum, and is not used.
+    easy = str(tmp_path / "easy")
+    assert _run(["--data", data, "--job-dir", easy, "--epochs", "4", "--export", "false", *TINY]) == 0
+    assert "[calibrate] the temperature fitted on 128 val examples ran to the end of its range" in \
+        capsys.readouterr().out
+    # Stopped early, it is right on some: a temperature is fitted and folded in.
+    job = str(tmp_path / "job")
+    assert _run(["--data", data, "--job-dir", job, "--epochs", "1", "--learning-rate", "1e-4", "--export", "false",
+                 *TINY]) == 0
+    out = capsys.readouterr().out
+    fitted = re.search(r"\[calibrate\] orientation temperature ([0-9.]+) fitted on 128 val examples "
+                       r"\(negative log-likelihood ([0-9.]+) -> ([0-9.]+)\)", out)
+    assert fitted, out
+    temperature, before, after = (float(v) for v in fitted.groups())
+    assert after <= before
+    with open(os.path.join(job, "run_summary.json")) as f:
+        summary = json.load(f)
+    assert abs(summary["orientation_temperature"] - temperature) < 0.01
+    assert 0.25 < summary["orientation_temperature"] < 8.0
+
+
+def test_too_few_val_records_leave_the_head_uncalibrated(trained_job):
+    with open(os.path.join(trained_job, "run_summary.json")) as f:
+        assert json.load(f)["orientation_temperature"] is None

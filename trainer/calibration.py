@@ -14,6 +14,9 @@ from typing import Optional
 import numpy as np
 
 GRID = np.exp(np.linspace(np.log(0.25), np.log(8.0), 121))  # candidate temperatures, 0.25 to 8
+# Fewest val records (each under its 4 turns) `train` fits a temperature on: the demo's 3 val records, all
+# answered right, fitted 0.25, the end of GRID (a head right on all of them looks best at any confidence).
+MIN_RECORDS = 25
 
 
 def with_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:

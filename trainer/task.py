@@ -179,27 +179,31 @@ def _check_orientation_labels(cfg, heads, full_model, caches: Dict[str, Any], pr
 
 def _calibrate_orientation(plain_model, plain_heads, cfg, corrections) -> Optional[float]:
     """Fit the orientation head's temperature on every turn of the val records (with the labels training used)
-    and fold it into the head (trainer.calibration); without val orientation labels, the shipped head's under
-    --init default, else none. Returns the temperature folded in (None: none)."""
+    and fold it into the head (trainer.calibration). With too few val records for a fit (MIN_RECORDS), or a fit
+    that runs to the end of the range (a val split the head gets all right says only "more confident", never how
+    much): the shipped head's temperature under --init default, else none. Returns the temperature folded in."""
     import tensorflow as tf
 
     from trainer import calibration
     from trainer import input as train_input
 
     head = plain_heads.get_layer(train_input.ORIENTATION_OUTPUT)
-    has_val = bool(train_input.list_shards(cfg.data, "val")) and \
-        train_input.count_split(cfg.data, "val", cfg).orientation_records > 0
-    if not has_val:
+
+    def fall_back(why: str) -> Optional[float]:
         if cfg.init != "default":
-            print("[calibrate] no val record has an orientation: the orientation head is not calibrated", flush=True)
+            print(f"[calibrate] {why}: the orientation head is not calibrated", flush=True)
             return None
         from trainer.default_model import head_metadata
 
-        temperature = float(head_metadata()["temperature"])
-        calibration.fold_temperature(head, temperature)
-        print(f"[calibrate] no val record has an orientation: the shipped head's temperature {temperature:.2f} is "
-              f"folded in", flush=True)
-        return temperature
+        shipped = float(head_metadata()["temperature"])
+        calibration.fold_temperature(head, shipped)
+        print(f"[calibrate] {why}: the shipped head's temperature {shipped:.2f} is folded in", flush=True)
+        return shipped
+
+    records = train_input.count_split(cfg.data, "val", cfg).orientation_records \
+        if train_input.list_shards(cfg.data, "val") else 0
+    if records < calibration.MIN_RECORDS:
+        return fall_back(f"{records} val records have an orientation, a temperature needs {calibration.MIN_RECORDS}")
 
     @tf.function(reduce_retracing=True)
     def answer(pixels):
@@ -213,6 +217,9 @@ def _calibrate_orientation(plain_model, plain_heads, cfg, corrections) -> Option
         weights.append(batch["orientation_weight"].numpy())
     probs, labels, weights = np.concatenate(probs), np.concatenate(labels).astype(np.int64), np.concatenate(weights)
     temperature = calibration.fit_temperature(probs, labels, weights)
+    if temperature in (calibration.GRID[0], calibration.GRID[-1]):
+        return fall_back(f"the temperature fitted on {len(labels)} val examples ran to the end of its range "
+                         f"({temperature:.2f}; {100 * np.mean(probs.argmax(1) == labels):.1f}% of them right)")
     before = calibration.negative_log_likelihood(probs, labels, weights)
     after = calibration.negative_log_likelihood(calibration.with_temperature(probs, temperature), labels, weights)
     calibration.fold_temperature(head, temperature)
