@@ -90,23 +90,25 @@ def test_check_relabels_cache_rows_and_builds_the_lookup_table():
     assert "train: 1 of 2 trained as turned" in result.summary()
 
 
-def test_records_of_one_input_get_one_answer():
-    """ingest's augmented copies share source_uri#page: one decision for all of them (their answers averaged)."""
-    keys = ["a#0", "a#0", "b#0", "c#0", "d#0", "e#0"]
-    layouts = {"train": (keys, np.full(6, 4), np.zeros(6, np.int64))}
-    # Both copies of a are turned by 90; the model is sure of one, and of the four other inputs (turned too).
-    copy_answers = [_rows_for(0, 1, 0.99), _rows_for(0, 1, 0.3)] + [_rows_for(0, 1, 0.99)] * 4
-    result = oc.check({"train": np.concatenate(copy_answers)}, layouts, temperature=1.0)
-    assert result.offsets["train"].tolist() == [1] * 6
-    assert result.weights["train"][0] == result.weights["train"][1]
-    alone = oc.check({"train": np.concatenate(copy_answers[1:])}, {"train": (keys[1:], np.full(5, 4),
-                                                                             np.zeros(5, np.int64))}, 1.0)
-    assert alone.offsets["train"][0] == 0  # the unsure copy alone would have stayed as stored
+def test_augmented_copies_are_judged_on_their_own():
+    """ingest's augmented copies share source_uri#page, and a mirrored copy of an image turned 90 is turned 270:
+    each copy gets its own key (+k) and its own answer."""
+    assert train_input.record_key("file:///a.png", 0, 0) == "file:///a.png#0"
+    assert train_input.record_key("file:///a.png", 0, 2) == "file:///a.png#0+2"
+    assert train_input.record_key(tf.constant("file:///a.png"), tf.constant(0), tf.constant(2)).numpy() == \
+        b"file:///a.png#0+2"
+    keys = ["a#0", "a#0+1", "b#0", "c#0", "d#0"]
+    layouts = {"train": (keys, np.full(5, 4), np.zeros(5, np.int64))}
+    answers = [_rows_for(0, 1, 0.97), _rows_for(0, 3, 0.97)] + [_rows_for(0, 1, 0.97)] * 3
+    result = oc.check({"train": np.concatenate(answers)}, layouts, temperature=1.0)
+    assert result.offsets["train"].tolist() == [1, 3, 1, 1, 1]
+    assert result.table()["a#0+1"][0] == 3
 
 
 def test_corrections_turn_a_record_in_the_input_pipeline():
     corrections = train_input.Corrections({"file:///x.png#0": (1, 0.5)})
-    record = {"source_uri": tf.constant("file:///x.png"), "page": tf.constant(0), "stored_orientation": tf.constant(0)}
+    record = {"source_uri": tf.constant("file:///x.png"), "page": tf.constant(0), "augment_index": tf.constant(0),
+              "stored_orientation": tf.constant(0)}
     stored, factor = corrections.apply(record)
     assert int(stored) == 90 and float(factor) == 0.5
     other = dict(record, source_uri=tf.constant("file:///y.png"))
@@ -114,3 +116,27 @@ def test_corrections_turn_a_record_in_the_input_pipeline():
     assert int(stored) == 0 and float(factor) == 1.0
     unknown = dict(record, stored_orientation=tf.constant(-1))
     assert int(corrections.apply(unknown)[0]) == -1
+
+
+def test_corrections_reach_the_training_and_validation_examples(tmp_path):
+    """What the trainer's pixel path feeds fit(): records in the corrections are turned and weighted as the check
+    said, the others are as stored."""
+    from tests.test_trainer_data import write_archive
+    from trainer.config import TrainConfig
+
+    data = write_archive(str(tmp_path / "data"), {"train": 8, "val": 4}, labelled=False, shards_per_split=1)
+    cfg = TrainConfig(data=data, job_dir=str(tmp_path / "job"), tasks=("orientation",), image_size=32, batch_size=8)
+    corrections = train_input.Corrections({f"file:///archive/{split}/{i:04d}.png#0": (1, 0.5)
+                                           for split, n in (("train", 8), ("val", 4)) for i in range(0, n, 2)})
+    rows = list(train_input.example_dataset(data, "val", cfg, training=False, all_turns=True,
+                                            corrections=corrections).as_numpy_iterator())
+    by_record = {}
+    for row in rows:
+        by_record.setdefault(row["source_uri"].decode(), []).append((int(row["orientation_label"]),
+                                                                     float(row["orientation_weight"])))
+    assert by_record["file:///archive/val/0000.png"] == [(1, 0.5), (2, 0.5), (3, 0.5), (0, 0.5)]
+    assert by_record["file:///archive/val/0001.png"] == [(0, 1.0), (1, 1.0), (2, 1.0), (3, 1.0)]
+
+    train, steps, _, _ = train_input.make_fit_datasets(cfg, 8, 1, corrections=corrections)
+    weights = np.concatenate([w[train_input.ORIENTATION_OUTPUT].numpy() for _, _, w in train.take(steps)])
+    assert set(np.unique(weights).tolist()) == {0.5, 1.0}

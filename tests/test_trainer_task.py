@@ -9,7 +9,7 @@ from typing import Dict, Optional
 import numpy as np
 import pytest
 
-from tests.test_trainer_data import write_archive
+from tests.test_trainer_data import encode_png, write_archive
 
 # Small and quick: tiny random-init CNN backbone on 32 px images.
 TINY = ["--backbone", "tiny", "--weights", "none", "--image-size", "32", "--batch-size", "16", "--threads", "2",
@@ -217,7 +217,7 @@ def test_init_default_starts_archive_tuning_from_the_shipped_orientation_head(tm
 
 
 @pytest.mark.parametrize("cache", [True, False], ids=["feature-cache", "pixels"])
-def test_init_default_reads_the_archives_turns_before_tuning(tmp_path, cache):
+def test_init_default_reads_the_archives_turns_before_tuning(tmp_path, cache, capsys):
     """An archive taken as upright holds sideways and upside-down scans: `--init default` has the shipped model
     read every record's turn first, trains the ones it finds turned as turned, and lists them in
     orientation_check.json; --orientation-labels stored takes every record as upright (no check)."""
@@ -225,11 +225,16 @@ def test_init_default_reads_the_archives_turns_before_tuning(tmp_path, cache):
     turned = {"camera": 90, "motorcycle": 270}  # two the shipped model is sure of (q 0.84 and 0.83)
     data = _real_photo_archive(str(tmp_path / "data"), turned)
     common = ["--data", data, "--tasks", "orientation", "--epochs", "1", "--batch-size", "8", "--threads", "2",
-              "--early-stopping-patience", "0", "--export", "false", "--evaluate", "false", "--init", "default"]
+              "--early-stopping-patience", "0", "--export", "false", "--init", "default"]
     common += ["--cache-features"] if cache else []
-    common += ["--evaluate", "true"]
     job = str(tmp_path / "job")
     assert _run(common + ["--job-dir", job]) == 0
+    first = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[check] ")]
+    # Run again in the same job dir (a restart): the heads phase is done, and the check is reused, not redone.
+    assert _run(common + ["--job-dir", job]) == 0
+    again = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[check] ")]
+    assert len(first) == len(again) == 1 and again[0].endswith("(reused from this job's earlier run)"), again
+    assert again[0].split(" (")[0] == first[0].split(" (")[0]
     with open(os.path.join(job, "orientation_check.json")) as f:
         found = json.load(f)
     listed = {r["record"]: r["turned_more_degrees"] for r in found["turned_records"]}
@@ -260,6 +265,10 @@ def test_the_exported_orientation_head_is_calibrated_on_val(tmp_path, capsys):
     exports; with too few (the module's archive: 14), it says so and exports the head as trained."""
     import re
 
+    import tensorflow as tf
+
+    from trainer import calibration
+
     data = write_archive(str(tmp_path / "data"), {"train": 64, "val": 32}, stored_turns=(0, 90, 180, 270))
     # Trained to the end, the head gets every val turn right: the fit has no optimum, and is not used.
     easy = str(tmp_path / "easy")
@@ -267,9 +276,11 @@ def test_the_exported_orientation_head_is_calibrated_on_val(tmp_path, capsys):
     assert "[calibrate] the temperature fitted on 128 val examples ran to the end of its range" in \
         capsys.readouterr().out
     # Stopped early, it is right on some: a temperature is fitted and folded in.
-    job = str(tmp_path / "job")
-    assert _run(["--data", data, "--job-dir", job, "--epochs", "1", "--learning-rate", "1e-4", "--export", "false",
-                 *TINY]) == 0
+    job, raw = str(tmp_path / "job"), str(tmp_path / "raw")
+    short = ["--data", data, "--epochs", "1", "--learning-rate", "1e-4", "--evaluate", "false", *TINY]
+    assert _run(short + ["--job-dir", raw, "--calibrate", "false"]) == 0
+    capsys.readouterr()
+    assert _run(short + ["--job-dir", job]) == 0
     out = capsys.readouterr().out
     fitted = re.search(r"\[calibrate\] orientation temperature ([0-9.]+) fitted on 128 val examples "
                        r"\(negative log-likelihood ([0-9.]+) -> ([0-9.]+)\)", out)
@@ -280,6 +291,17 @@ def test_the_exported_orientation_head_is_calibrated_on_val(tmp_path, capsys):
         summary = json.load(f)
     assert abs(summary["orientation_temperature"] - temperature) < 0.01
     assert 0.25 < summary["orientation_temperature"] < 8.0
+    # What is exported: the same run's head with its softmax at that temperature (against --calibrate false).
+    with open(os.path.join(raw, "run_summary.json")) as f:
+        raw_summary = json.load(f)
+    assert raw_summary["orientation_temperature"] is None
+    images = tf.constant([encode_png(np.full((32, 32, 3), v, np.uint8)) for v in (0, 90, 200)] +
+                         [encode_png(np.random.default_rng(3).integers(0, 255, (32, 32, 3), np.uint8))])
+    served = [tf.saved_model.load(s["export_dir"]).signatures["serving_default"](images=images)
+              ["orientation_probabilities"].numpy() for s in (summary, raw_summary)]
+    np.testing.assert_allclose(served[0], calibration.with_temperature(served[1], summary["orientation_temperature"]),
+                               atol=2e-3)
+    assert not np.allclose(served[0], served[1], atol=2e-3)
 
 
 def test_too_few_val_records_leave_the_head_uncalibrated(trained_job):

@@ -109,7 +109,8 @@ def build_default_orientation_model(image_size: int = DEFAULT_IMAGE_SIZE, path: 
     return keras.Model(pixels, {ORIENTATION_OUTPUT: probabilities}, name="archive_vision_default_orientation")
 
 
-def _weights_digest(path: str) -> str:
+def weights_digest(path: str) -> str:
+    """The first 12 hex digits of the file's SHA-256: names which shipped weights a thing was made from."""
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:12]
 
@@ -130,7 +131,7 @@ def default_export_dir(cache_dir: Optional[str] = None) -> str:
     """
     from serving.export import EXPORT_FORMAT
 
-    base = os.path.join(cache_dir or default_cache_dir(), f"{_weights_digest(HEAD_WEIGHTS)}-v{EXPORT_FORMAT}")
+    base = os.path.join(cache_dir or default_cache_dir(), f"{weights_digest(HEAD_WEIGHTS)}-v{EXPORT_FORMAT}")
     version_dir = os.path.join(base, DEFAULT_MODEL_NAME, "1")
     if os.path.exists(os.path.join(version_dir, "saved_model.pb")):
         return version_dir

@@ -3,7 +3,8 @@
 With a frozen backbone (inference-mode BatchNorm) and no pixel augmentation, every epoch would compute the
 same features again; caching them makes head training a small fraction of the work. All four turns of each
 image with a known orientation are cached. On disk the cache sits in JOB/feature_cache/<split>-<fingerprint>/
-and is reused by a restarted job when backbone, weights, image size, tasks and shards are unchanged. The disk
+and is reused by a restarted job when backbone, weights, image size, tasks, --init (and the shipped weights
+it loads) and shards are unchanged. The disk
 cache streams both ways: features.npy is a memmap written batch by batch while the backbone runs, and training
 reads only each batch's rows from it, so a split's features never have to fit in RAM.
 """
@@ -45,8 +46,15 @@ def _fingerprint(cfg: TrainConfig, split: str) -> str:
     for path in train_input.list_shards(cfg.data, split):
         stat = tf.io.gfile.stat(path)
         shards.append([path, stat.length, int(stat.mtime_nsec)])
+    # --init default replaces the backbone's top layers with the shipped fine-tuned ones: other features (and
+    # other ones again when the shipped weights change).
+    init = cfg.init
+    if init == "default":
+        from trainer.default_model import HEAD_WEIGHTS, weights_digest
+
+        init += ":" + weights_digest(HEAD_WEIGHTS)
     key = json.dumps({"backbone": cfg.backbone, "weights": cfg.weights, "size": cfg.image_size,
-                      "tasks": sorted(cfg.tasks), "shards": shards}, sort_keys=True)
+                      "tasks": sorted(cfg.tasks), "shards": shards, "init": init}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

@@ -94,7 +94,8 @@ def _read_records(files: List[str], shuffle_files: bool, seed: int) -> tf.data.D
 
 def _parse(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
     spec = schema.tf_feature_spec()
-    keys = (schema.IMAGE_ENCODED, schema.LABEL_INDEX, schema.ORIENTATION, schema.SOURCE_URI, schema.PAGE)
+    keys = (schema.IMAGE_ENCODED, schema.LABEL_INDEX, schema.ORIENTATION, schema.SOURCE_URI, schema.PAGE,
+            schema.AUGMENT_INDEX)
     parsed = tf.io.parse_single_example(serialized, {k: spec[k] for k in keys})
     return {
         "encoded": parsed[schema.IMAGE_ENCODED],
@@ -102,6 +103,7 @@ def _parse(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
         "stored_orientation": tf.cast(parsed[schema.ORIENTATION], tf.int32),
         "source_uri": parsed[schema.SOURCE_URI],
         "page": tf.cast(parsed[schema.PAGE], tf.int32),
+        "augment_index": tf.cast(parsed[schema.AUGMENT_INDEX], tf.int32),
     }
 
 
@@ -126,11 +128,13 @@ def _shift(image: tf.Tensor, max_shift: float, size: int) -> tf.Tensor:
     return tf.image.random_crop(padded, [size, size, 3])
 
 
-def record_key(source_uri, page):
-    """A record's key (source_uri#page) for numpy/str or tf.string values alike."""
+def record_key(source_uri, page, augment_index=0):
+    """A record's key, source_uri#page (and +k for ingest's k-th augmented copy, which may be mirrored: a mirror
+    swaps 90 and 270, so a copy is judged on its own), for numpy/str or tf.string values alike."""
     if isinstance(source_uri, tf.Tensor):
-        return tf.strings.join([source_uri, tf.strings.as_string(page)], separator="#")
-    return f"{source_uri}#{int(page)}"
+        key = tf.strings.join([source_uri, tf.strings.as_string(page)], separator="#")
+        return tf.where(augment_index > 0, tf.strings.join([key, tf.strings.as_string(augment_index)], "+"), key)
+    return f"{source_uri}#{int(page)}" + (f"+{int(augment_index)}" if augment_index > 0 else "")
 
 
 class Corrections:
@@ -146,7 +150,7 @@ class Corrections:
 
     def apply(self, record: Dict[str, tf.Tensor]) -> Tuple[tf.Tensor, tf.Tensor]:
         """(stored orientation in degrees, corrected where known, orientation weight factor) of a parsed record."""
-        key = record_key(record["source_uri"], record["page"])
+        key = record_key(record["source_uri"], record["page"], record["augment_index"])
         stored = record["stored_orientation"]
         corrected = tf.where(stored >= 0, (stored + 90 * self.offsets.lookup(key)) % 360, stored)
         return corrected, self.weights.lookup(key)
@@ -218,7 +222,7 @@ def record_layout(data_dir: str, split: str, cfg: TrainConfig) -> Tuple[List[str
     example_dataset(training=False, all_turns=True) and the feature cache take them; a record with a known
     orientation makes 4 rows, any other 1. Reads the label fields only (no image is decoded)."""
     spec = schema.tf_feature_spec()
-    keys = (schema.LABEL_INDEX, schema.ORIENTATION, schema.SOURCE_URI, schema.PAGE)
+    keys = (schema.LABEL_INDEX, schema.ORIENTATION, schema.SOURCE_URI, schema.PAGE, schema.AUGMENT_INDEX)
     ds = _read_records(list_shards(data_dir, split), shuffle_files=False, seed=0).batch(1024).map(
         lambda s: tf.io.parse_example(s, {k: spec[k] for k in keys}))
     names, rows, stored = [], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
@@ -226,8 +230,8 @@ def record_layout(data_dir: str, split: str, cfg: TrainConfig) -> Tuple[List[str
         label, turn = batch[schema.LABEL_INDEX], batch[schema.ORIENTATION]
         known = (turn >= 0) & cfg.uses_orientation
         usable = ((label >= 0) & cfg.uses_classes) | known
-        names.extend(record_key(u.decode("utf-8", "replace"), p)
-                     for u, p in zip(batch[schema.SOURCE_URI][usable], batch[schema.PAGE][usable]))
+        names.extend(record_key(u.decode("utf-8", "replace"), p, a) for u, p, a in zip(
+            batch[schema.SOURCE_URI][usable], batch[schema.PAGE][usable], batch[schema.AUGMENT_INDEX][usable]))
         rows.append(np.where(known, 4, 1)[usable])
         stored.append((np.maximum(turn, 0) // 90)[usable])
     return names, np.concatenate(rows), np.concatenate(stored)

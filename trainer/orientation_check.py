@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -152,6 +152,48 @@ class OrientationCheck:
         return path
 
 
+def save(result: OrientationCheck, path: str) -> str:
+    """The whole check (every record's key, turn and weight) as .npz, for a restarted job to reuse (local or gs://)."""
+    import io
+
+    import tensorflow as tf
+
+    arrays = {"turn_mix": result.turn_mix, "splits": np.array(list(result.keys), dtype=str)}
+    for split in result.keys:
+        arrays[f"{split}/keys"] = np.array(result.keys[split], dtype=str)
+        arrays[f"{split}/offsets"] = result.offsets[split]
+        arrays[f"{split}/weights"] = result.weights[split]
+        arrays[f"{split}/rows_per_record"] = result.rows_per_record[split]
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(buffer.getvalue())
+    return path
+
+
+def load_matching(path: str, layouts: Dict[str, Tuple[List[str], np.ndarray, np.ndarray]]
+                  ) -> Optional[OrientationCheck]:
+    """The check saved at path when it was made for exactly these records (same splits, keys and layout), else
+    None (no file, or the data changed since)."""
+    import io
+
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path, "rb") as f, np.load(io.BytesIO(f.read())) as z:
+        if sorted(z["splits"].tolist()) != sorted(layouts):
+            return None
+        keys, offsets, weights, rows = {}, {}, {}, {}
+        for split, (split_keys, split_rows, _) in layouts.items():
+            known = [k for k, r in zip(split_keys, split_rows) if r == QUARTERS]
+            if z[f"{split}/keys"].tolist() != known or not np.array_equal(z[f"{split}/rows_per_record"], split_rows):
+                return None
+            keys[split], rows[split] = known, split_rows
+            offsets[split], weights[split] = z[f"{split}/offsets"], z[f"{split}/weights"]
+        return OrientationCheck(z["turn_mix"], keys, offsets, weights, rows)
+
+
 def check(answers: Dict[str, np.ndarray], layouts: Dict[str, Tuple[List[str], np.ndarray, np.ndarray]],
           temperature: float) -> OrientationCheck:
     """answers: split -> [R, 4] the head's answers (at T = 1) for every example row of that split, in record order;
@@ -162,14 +204,7 @@ def check(answers: Dict[str, np.ndarray], layouts: Dict[str, Tuple[List[str], np
         qs[split] = stored_turn_probabilities(with_temperature(answers[split], temperature), rows, stored)
         known_keys[split] = [k for k, r in zip(keys, rows) if r == QUARTERS]
     splits = list(qs)
-    q = np.concatenate([qs[s] for s in splits]) if splits else np.zeros((0, QUARTERS))
-    # Records of one input (ingest's augmented copies share source_uri#page) get one answer: their mean.
-    _, which = np.unique([k for s in splits for k in known_keys[s]], return_inverse=True)
-    if len(q):
-        sums = np.zeros((which.max() + 1, QUARTERS))
-        np.add.at(sums, which, q)
-        q = sums[which] / np.bincount(which)[which][:, None]
-    pi, posterior = estimate_turn_mix(q)
+    pi, posterior = estimate_turn_mix(np.concatenate([qs[s] for s in splits]) if splits else np.zeros((0, QUARTERS)))
     offsets, weights, at = {}, {}, 0
     for split in splits:
         part = posterior[at:at + len(qs[split])]
@@ -197,6 +232,6 @@ def cache_batches(features: np.ndarray, batch_size: int = 512) -> Sequence[np.nd
     return (np.asarray(features[i:i + batch_size], np.float32) for i in range(0, len(features), batch_size))
 
 
-def check_path(job_private_dir: str) -> str:
-    """Where the job writes what the check found."""
-    return os.path.join(job_private_dir, "orientation_check.json")
+def check_path(job_private_dir: str, suffix: str = ".json") -> str:
+    """Where the job writes what the check found: .json for people, .npz (every record) for a restart."""
+    return os.path.join(job_private_dir, "orientation_check" + suffix)

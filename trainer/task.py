@@ -152,17 +152,22 @@ def _run_phase(fit_model, cfg, phase: str, epochs: int, train_ds, steps: int, va
 def _check_orientation_labels(cfg, heads, full_model, caches: Dict[str, Any], private_dir: str, prefix: str):
     """trainer.orientation_check on the train, val and test records, with the head as initialised (the shipped
     one): from the feature caches where there are any, else from one pass of the full model over the records'
-    turns. Writes JOB/orientation_check.json and prints what it found."""
+    turns. Writes JOB/orientation_check.json (for people) and .npz (every record: a restarted job reuses it when
+    the records are the same, so its later phases train on the same labels) and prints what it found."""
     from trainer import input as train_input
     from trainer import orientation_check
     from trainer.default_model import head_metadata
 
     started = time.time()
-    layouts, answers = {}, {}
-    for split in ("train", "val", "test"):
-        if not train_input.list_shards(cfg.data, split):
-            continue
-        layouts[split] = train_input.record_layout(cfg.data, split, cfg)
+    layouts = {split: train_input.record_layout(cfg.data, split, cfg) for split in ("train", "val", "test")
+               if train_input.list_shards(cfg.data, split)}
+    # A restarted job (e.g. into its fine-tuning phase, with no feature cache built this time) reuses its check.
+    saved = orientation_check.load_matching(orientation_check.check_path(private_dir, ".npz"), layouts)
+    if saved is not None:
+        print(f"{prefix}[check] {saved.summary()} (reused from this job's earlier run)", flush=True)
+        return saved
+    answers = {}
+    for split in layouts:
         cache = caches.get(split)
         if cache is not None:
             answers[split] = orientation_check.head_answers(heads, orientation_check.cache_batches(cache.features),
@@ -172,6 +177,7 @@ def _check_orientation_labels(cfg, heads, full_model, caches: Dict[str, Any], pr
                 lambda e: e["pixels"]).batch(64)
             answers[split] = orientation_check.head_answers(full_model, pixels, train_input.ORIENTATION_OUTPUT)
     result = orientation_check.check(answers, layouts, float(head_metadata()["temperature"]))
+    orientation_check.save(result, orientation_check.check_path(private_dir, ".npz"))
     path = result.write(orientation_check.check_path(private_dir))
     print(f"{prefix}[check] {result.summary()} ({time.time() - started:.1f}s; {path})", flush=True)
     return result
@@ -362,8 +368,9 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
                                                      cfg.orientation_grid, cfg.orientation_hidden_units,
                                                      name=cfg.model_name)
     plain_model.set_weights(trained)
-    if cfg.uses_orientation and cfg.calibrate:
-        summary["orientation_temperature"] = _calibrate_orientation(plain_model, plain_heads, cfg, corrections)
+    if cfg.uses_orientation:  # None: exported as trained (not calibrated)
+        summary["orientation_temperature"] = (_calibrate_orientation(plain_model, plain_heads, cfg, corrections)
+                                              if cfg.calibrate else None)
 
     eval_dir = os.path.join(cfg.job_dir, "eval")
     if cfg.evaluate:
