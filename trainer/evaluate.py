@@ -155,11 +155,13 @@ def predict_split(model: keras.Model, cfg: TrainConfig, split: str, batch_size: 
 
 
 def evaluate_split(model: keras.Model, cfg: TrainConfig, split: str, class_names: Sequence[str], out_dir: str,
-                   corrections: Optional[train_input.Corrections] = None) -> Optional[Dict]:
+                   corrections: Optional[train_input.Corrections] = None, pred: Optional[Dict] = None
+                   ) -> Optional[Dict]:
     """Metrics of both heads on a split; writes <split>_metrics.json, confusion PNGs, misclassified JSONL.
     With `corrections`, orientation is scored against the labels training used (stored_orientation in the
-    misclassified rows is then the corrected one)."""
-    pred = predict_split(model, cfg, split, corrections=corrections)
+    misclassified rows is then the corrected one). `pred`: the model's predict_split of this split (with the
+    same corrections) when the caller already made it."""
+    pred = pred if pred is not None else predict_split(model, cfg, split, corrections=corrections)
     if pred is None:
         return None
     report: Dict = {"split": split, "examples": int(len(pred["turn"]))}

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -221,15 +221,11 @@ def record_layout(data_dir: str, split: str, cfg: TrainConfig) -> Tuple[List[str
     """(keys, rows each makes, stored quarter turns) of the split's usable records, in the order
     example_dataset(training=False, all_turns=True) and the feature cache take them; a record with a known
     orientation makes 4 rows, any other 1. Reads the label fields only (no image is decoded)."""
-    spec = schema.tf_feature_spec()
     keys = (schema.LABEL_INDEX, schema.ORIENTATION, schema.SOURCE_URI, schema.PAGE, schema.AUGMENT_INDEX)
-    ds = _read_records(list_shards(data_dir, split), shuffle_files=False, seed=0).batch(1024).map(
-        lambda s: tf.io.parse_example(s, {k: spec[k] for k in keys}))
     names, rows, stored = [], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for batch in ds.as_numpy_iterator():
-        label, turn = batch[schema.LABEL_INDEX], batch[schema.ORIENTATION]
-        known = (turn >= 0) & cfg.uses_orientation
-        usable = ((label >= 0) & cfg.uses_classes) | known
+    for batch in _label_fields(list_shards(data_dir, split), keys):
+        turn = batch[schema.ORIENTATION]
+        _, known, usable = _label_masks(batch[schema.LABEL_INDEX], turn, cfg)
         names.extend(record_key(u.decode("utf-8", "replace"), p, a) for u, p, a in zip(
             batch[schema.SOURCE_URI][usable], batch[schema.PAGE][usable], batch[schema.AUGMENT_INDEX][usable]))
         rows.append(np.where(known, 4, 1)[usable])
@@ -241,11 +237,26 @@ MANIFEST_FILENAME = "manifest.parquet"
 RUN_FILENAME = "run.json"  # ingest writes it last: its presence says the manifest describes a finished run
 
 
-def _tally(label, turn, cfg: TrainConfig, all_turns: bool) -> SplitSize:
-    """SplitSize of records with these class indices and stored orientations (numpy int arrays)."""
+def _label_masks(label, turn, cfg: TrainConfig):
+    """(has_class, has_turn, usable) of records with these class indices and stored orientations (numpy): the
+    numpy twin of _usable."""
     has_class = (label >= 0) & cfg.uses_classes
     has_turn = (turn >= 0) & cfg.uses_orientation
-    usable = has_class | has_turn
+    return has_class, has_turn, has_class | has_turn
+
+
+def _label_fields(files: List[str], keys: Sequence[str]):
+    """The records' fields `keys` (no pixels), a batch of arrays at a time, in the order example_dataset reads them
+    when not training."""
+    spec = schema.tf_feature_spec()
+    ds = _read_records(files, shuffle_files=False, seed=0).batch(1024).map(
+        lambda s: tf.io.parse_example(s, {k: spec[k] for k in keys}))
+    return ds.as_numpy_iterator()
+
+
+def _tally(label, turn, cfg: TrainConfig, all_turns: bool) -> SplitSize:
+    """SplitSize of records with these class indices and stored orientations (numpy int arrays)."""
+    has_class, has_turn, usable = _label_masks(label, turn, cfg)
     return SplitSize(int(usable.sum()), int((has_turn * (4 if all_turns else 1)).sum() + (usable & ~has_turn).sum()),
                      int(has_class.sum()), int(has_turn.sum()))
 
@@ -291,12 +302,8 @@ def count_split(data_dir: str, split: str, cfg: TrainConfig, all_turns: Optional
     labels = _manifest_labels(data_dir, split, files)
     if labels is not None:
         return _tally(labels[0], labels[1], cfg, all_turns)
-    spec = schema.tf_feature_spec()
-    keys = {k: spec[k] for k in (schema.LABEL_INDEX, schema.ORIENTATION)}
-    ds = _read_records(files, shuffle_files=False, seed=0).batch(1024).map(
-        lambda s: tf.io.parse_example(s, keys))
     labels, turns = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for batch in ds.as_numpy_iterator():
+    for batch in _label_fields(files, (schema.LABEL_INDEX, schema.ORIENTATION)):
         labels.append(batch[schema.LABEL_INDEX])
         turns.append(batch[schema.ORIENTATION])
     return _tally(np.concatenate(labels), np.concatenate(turns), cfg, all_turns)

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -154,6 +154,7 @@ def _check_orientation_labels(cfg, heads, full_model, caches: Dict[str, Any], pr
     one): from the feature caches where there are any, else from one pass of the full model over the records'
     turns. Writes JOB/orientation_check.json (for people) and .npz (every record: a restarted job reuses it when
     the records are the same, so its later phases train on the same labels) and prints what it found."""
+    from trainer import evaluate
     from trainer import input as train_input
     from trainer import orientation_check
     from trainer.default_model import head_metadata
@@ -173,9 +174,7 @@ def _check_orientation_labels(cfg, heads, full_model, caches: Dict[str, Any], pr
             answers[split] = orientation_check.head_answers(heads, orientation_check.cache_batches(cache.features),
                                                             train_input.ORIENTATION_OUTPUT)
         else:
-            pixels = train_input.example_dataset(cfg.data, split, cfg, training=False, all_turns=True).map(
-                lambda e: e["pixels"]).batch(64)
-            answers[split] = orientation_check.head_answers(full_model, pixels, train_input.ORIENTATION_OUTPUT)
+            answers[split] = evaluate.predict_split(full_model, cfg, split)[train_input.ORIENTATION_OUTPUT]
     result = orientation_check.check(answers, layouts, float(head_metadata()["temperature"]))
     orientation_check.save(result, orientation_check.check_path(private_dir, ".npz"))
     path = result.write(orientation_check.check_path(private_dir))
@@ -183,14 +182,13 @@ def _check_orientation_labels(cfg, heads, full_model, caches: Dict[str, Any], pr
     return result
 
 
-def _calibrate_orientation(plain_model, plain_heads, cfg, corrections) -> Optional[float]:
+def _calibrate_orientation(plain_model, plain_heads, cfg, corrections) -> Tuple[Optional[float], Optional[Dict]]:
     """Fit the orientation head's temperature on every turn of the val records (with the labels training used)
     and fold it into the head (trainer.calibration). With too few val records for a fit (MIN_RECORDS), or a fit
     that runs to the end of the range (a val split the head gets all right says only "more confident", never how
-    much): the shipped head's temperature under --init default, else none. Returns the temperature folded in."""
-    import tensorflow as tf
-
-    from trainer import calibration
+    much): the shipped head's temperature under --init default, else none. Returns the temperature folded in, and
+    val's predictions (evaluate.predict_split) at that temperature when they were made, for evaluation to reuse."""
+    from trainer import calibration, evaluate
     from trainer import input as train_input
 
     head = plain_heads.get_layer(train_input.ORIENTATION_OUTPUT)
@@ -209,29 +207,25 @@ def _calibrate_orientation(plain_model, plain_heads, cfg, corrections) -> Option
     records = train_input.count_split(cfg.data, "val", cfg).orientation_records \
         if train_input.list_shards(cfg.data, "val") else 0
     if records < calibration.MIN_RECORDS:
-        return fall_back(f"{records} val records have an orientation, a temperature needs {calibration.MIN_RECORDS}")
-
-    @tf.function(reduce_retracing=True)
-    def answer(pixels):
-        return plain_model(pixels, training=False)[train_input.ORIENTATION_OUTPUT]
-
-    ds = train_input.example_dataset(cfg.data, "val", cfg, training=False, all_turns=True, corrections=corrections)
-    probs, labels, weights = [], [], []
-    for batch in ds.filter(lambda e: e["orientation_weight"] > 0).batch(64):
-        probs.append(answer(batch["pixels"]).numpy())
-        labels.append(batch["orientation_label"].numpy())
-        weights.append(batch["orientation_weight"].numpy())
-    probs, labels, weights = np.concatenate(probs), np.concatenate(labels).astype(np.int64), np.concatenate(weights)
+        return fall_back(f"{records} val records have an orientation, a temperature needs {calibration.MIN_RECORDS}"
+                         ), None
+    pred = evaluate.predict_split(plain_model, cfg, "val", corrections=corrections)
+    known = pred["orientation_weight"] > 0
+    probs = pred[train_input.ORIENTATION_OUTPUT][known]
+    labels, weights = pred["orientation_label"][known].astype(np.int64), pred["orientation_weight"][known]
     temperature = calibration.fit_temperature(probs, labels, weights)
     if temperature in (calibration.GRID[0], calibration.GRID[-1]):
         return fall_back(f"the temperature fitted on {len(labels)} val examples ran to the end of its range "
-                         f"({temperature:.2f}; {100 * np.mean(probs.argmax(1) == labels):.1f}% of them right)")
+                         f"({temperature:.2f}; {100 * np.mean(probs.argmax(1) == labels):.1f}% of them right)"), None
     before = calibration.negative_log_likelihood(probs, labels, weights)
     after = calibration.negative_log_likelihood(calibration.with_temperature(probs, temperature), labels, weights)
     calibration.fold_temperature(head, temperature)
     print(f"[calibrate] orientation temperature {temperature:.2f} fitted on {len(labels)} val examples "
           f"(negative log-likelihood {before:.3f} -> {after:.3f}); folded into the exported head", flush=True)
-    return temperature
+    # What the folded head now answers on val (argmax unchanged), so evaluation need not run val again.
+    pred[train_input.ORIENTATION_OUTPUT] = calibration.with_temperature(pred[train_input.ORIENTATION_OUTPUT],
+                                                                        temperature).astype(np.float32)
+    return temperature, pred
 
 
 def _relabelled(cache, check, split: str):
@@ -368,15 +362,19 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
                                                      cfg.orientation_grid, cfg.orientation_hidden_units,
                                                      name=cfg.model_name)
     plain_model.set_weights(trained)
+    predictions: Dict[str, Dict] = {}  # split -> evaluate.predict_split of the model as exported, when made
     if cfg.uses_orientation:  # None: exported as trained (not calibrated)
-        summary["orientation_temperature"] = (_calibrate_orientation(plain_model, plain_heads, cfg, corrections)
-                                              if cfg.calibrate else None)
+        summary["orientation_temperature"], val_pred = (
+            _calibrate_orientation(plain_model, plain_heads, cfg, corrections) if cfg.calibrate else (None, None))
+        if val_pred is not None:
+            predictions["val"] = val_pred
 
     eval_dir = os.path.join(cfg.job_dir, "eval")
     if cfg.evaluate:
         summary["eval"] = {}
         for split in ("val", "test"):
-            report = evaluate.evaluate_split(plain_model, cfg, split, class_names, eval_dir, corrections)
+            report = evaluate.evaluate_split(plain_model, cfg, split, class_names, eval_dir, corrections,
+                                             pred=predictions.get(split))
             if report is not None:
                 summary["eval"][split] = {task: report[task]["accuracy"] for task in ("classes", "orientation")
                                           if task in report}
