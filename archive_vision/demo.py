@@ -235,7 +235,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
         t = _step("5/6 score the archive through gRPC, write the report")
         scored = score.run(["--input", sample.archive, "--output", os.path.join(out, "score"), "--endpoint",
-                            server.address, "--truth", sample.truth, "--labels",
+                            server.address, "--model-settings", version_dir, "--truth", sample.truth, "--labels",
                             os.path.join(ingest_dir, "labels.json"), "--write-corrected",
                             os.path.join(out, "corrected"), "--tta", *beam_flags])
         print(score.format_summary(scored))

@@ -36,7 +36,7 @@ from pipelines.ingest import default_pipeline_options, error_row, runner_record
 from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, read_table, write_job_tables
 from serving.configs import SERVED_VERSIONS
 from serving.errors import ModelNotFoundError, RetryableServingError
-from trainer import text_crops, text_lines
+from trainer import default_model, text_crops, text_lines
 
 LOG = logging.getLogger("archive_vision.score")
 COUNTER_NAMESPACE = "score"
@@ -45,20 +45,15 @@ SKIPPED = "skipped"  # a file an ingest manifest already knew: listed, not score
 TURNS = (0, 90, 180, 270)
 EXPORT_METADATA = "archive_vision_export.json"  # written by serving.export beside each version
 BUILTIN_MODEL = "default"  # `--model default` (or no --model/--endpoint): trainer.default_model's export
-# With the built-in model, test-time turns and a 0.9 auto_rotate threshold are the defaults: on the held-out
-# corpus (bench/quality.py) they lift auto_rotate precision from 98.4% (no turns, 0.8) to 99.9% (turns when unsure)
-# or 100% (every image turned).
-DEFAULT_MODEL_ROTATE_THRESHOLD = 0.9
+# The built-in model's scoring defaults (trainer.default_model.score_settings, which says why).
+DEFAULT_MODEL_ROTATE_THRESHOLD = default_model.ROTATE_THRESHOLD
 # --tta-agreement-below: with the built-in model the turned copies' disagreement sends to review only answers below
 # the rotate threshold. Surer answers were mostly settled by the text crops or lines fused into them, which is why the
 # copies (the image model alone) disagree. Simulated on val with the train-only model, that left the wrong answers
 # accepted unchanged (pages 1, photos 9 of 1,296 answers) and sent 26 fewer of 1,032 page answers to review; on test
 # the same, with page reviews 125 -> 89 of 1,400. A model scored with turns alone cannot reach it: an average of four
 # copies of which two disagree is at most 0.75, so there the default (1.0: every answer) changes nothing.
-# With the built-in model, the three turned copies are scored only for images whose stored copy is less sure than
-# its head's `tta_below` (archive_vision.train_default chooses it on val); this is the value for a head that
-# does not record one.
-DEFAULT_MODEL_TTA_BELOW = 0.95
+DEFAULT_MODEL_TTA_BELOW = default_model.FALLBACK_TTA_BELOW
 # --text-lines: the weights of the text-line evidence (trainer.text_lines) for a head that records none: the shipped
 # head's (archive_vision.train_default fits them on val).
 DEFAULT_TEXT_LINES_WEIGHTS = (0.1, 0.1)
@@ -115,6 +110,7 @@ class ScoreOptions:
     truth: str = ""
     report: bool = True
     tf_threads: int = 0
+    settings_from: str = ""  # whose recorded score settings filled in the flags not given ("": none)
 
     def __post_init__(self):
         if self.endpoint and self.model:
@@ -519,24 +515,20 @@ def uses_builtin_model(endpoint: str, model: str) -> bool:
 
 def builtin_image_size() -> int:
     """The built-in model's input size (its head records it): --size with the built-in model."""
-    from trainer.default_model import DEFAULT_IMAGE_SIZE, head_metadata
-
-    return int(head_metadata().get("image_size", DEFAULT_IMAGE_SIZE))
+    return int(default_model.score_settings()["size"])
 
 
 def builtin_tta_below() -> float:
     """--tta-below for the built-in model: what its training chose on held-out data, else DEFAULT_MODEL_TTA_BELOW."""
-    from trainer.default_model import head_metadata
-
-    return float(head_metadata().get("tta_below", DEFAULT_MODEL_TTA_BELOW))
+    return float(default_model.score_settings()["tta_below"])
 
 
-def builtin_text_lines() -> Dict[str, Any]:
-    """--text-lines defaults: whether the ONNX models are installed (and why not), and the built-in head's
-    weights and gate (archive_vision.train_default fits them on val), else DEFAULT_TEXT_LINES_WEIGHTS and 1.0."""
-    from trainer.default_model import head_metadata
-
-    recorded = head_metadata().get("text_lines") or {}
+def builtin_text_lines(recorded: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """--text-lines defaults: whether the ONNX models are installed (and why not), and the weights and gate a
+    model's score settings record (`recorded`; the built-in head's when None: archive_vision.train_default fits them
+    on val), else DEFAULT_TEXT_LINES_WEIGHTS and 1.0."""
+    if recorded is None:
+        recorded = default_model.score_settings()["text_lines"]
     out = {"available": True, "why": "", "below": float(recorded.get("below", 1.0)),
            "weights": tuple(float(w) for w in recorded.get("weights", DEFAULT_TEXT_LINES_WEIGHTS))}
     try:
@@ -546,14 +538,14 @@ def builtin_text_lines() -> Dict[str, Any]:
     return out
 
 
-def builtin_text_crops() -> Dict[str, Any]:
-    """--text-crops defaults: whether the ONNX model is installed (and why not), and what the built-in head recorded
-    (archive_vision.train_default chooses them on val): the evidence's weight and gate, and the --tta-below and
-    --text-lines-below that go with them (the crops settle most pages, so fewer need turned copies or text lines).
-    A head that records none: DEFAULT_TEXT_CROPS_WEIGHT, every image read, and no other default changed."""
-    from trainer.default_model import head_metadata
-
-    recorded = head_metadata().get("text_crops") or {}
+def builtin_text_crops(recorded: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """--text-crops defaults: whether the ONNX model is installed (and why not), and what a model's score settings
+    record (`recorded`; the built-in head's when None: archive_vision.train_default chooses them on val): the
+    evidence's weight and gate, and the --tta-below and --text-lines-below that go with them (the crops settle most
+    pages, so fewer need turned copies or text lines). Nothing recorded: DEFAULT_TEXT_CROPS_WEIGHT, every image
+    read, and no other default changed."""
+    if recorded is None:
+        recorded = default_model.score_settings()["text_crops"]
     out = {"available": True, "why": "", "recorded": bool(recorded),
            "weight": float(recorded.get("weight", DEFAULT_TEXT_CROPS_WEIGHT)),
            "below": float(recorded.get("below", 1.0)),
@@ -565,6 +557,48 @@ def builtin_text_crops() -> Dict[str, Any]:
     except text_lines.TextLinesUnavailable as e:
         out.update(available=False, why=f"--text-crops: {e}")
     return out
+
+
+def recorded_score_settings(path: str) -> Dict[str, Any]:
+    """The score settings an export records (serving.export's `score_settings` in its metadata file): `path` is a
+    version dir, a model dir (its newest version) or (local) an export base holding one model. {} when it records
+    none (an export made before they were recorded, or a path that holds no export: the run reports that)."""
+    try:
+        with FileSystems.open(_export_metadata_path(path)) as handle:
+            metadata = json.loads(handle.read())
+    except Exception:  # noqa: BLE001 - no export there, or one without metadata: nothing recorded
+        return {}
+    return dict(metadata.get("score_settings") or {})
+
+
+def _export_metadata_path(path: str) -> str:
+    """serving.export's metadata file of `path`: a version dir, or (local) resolve_version_dir's model dir or export
+    base, or (gs://) a model dir, whose newest numeric version is taken: the one TF Serving's default policy
+    serves."""
+    path = path.rstrip("/")
+    direct = FileSystems.join(path, "assets.extra", EXPORT_METADATA)
+    if not sources.is_remote(path):
+        return direct if os.path.exists(direct) else FileSystems.join(resolve_version_dir(path), "assets.extra",
+                                                                      EXPORT_METADATA)
+    if FileSystems.exists(direct):
+        return direct
+    found = FileSystems.match([FileSystems.join(path, "*", "assets.extra", EXPORT_METADATA)])[0].metadata_list
+    versions = [(int(version), m.path) for m in found for version in [m.path.split("/")[-3]] if version.isdigit()]
+    return max(versions)[1] if versions else direct
+
+
+def model_score_settings(endpoint: str, model: str, settings_from: str = "") -> Tuple[Dict[str, Any], str]:
+    """(score settings, where from) of the model a job scores with: the built-in model's own
+    (trainer.default_model.score_settings); a `--model` export's recorded ones; with `--endpoint`, those of the
+    export `--model-settings` names (the server cannot say them). ({}, "") when there are none: score's generic
+    defaults then apply. Flags given on the command line always win."""
+    if uses_builtin_model(endpoint, model):
+        return default_model.score_settings(), "the built-in model"
+    source = settings_from or model
+    if not source:
+        return {}, ""
+    settings = recorded_score_settings(source)
+    return settings, (source if settings else "")
 
 
 def builtin_model_dir() -> str:
@@ -1124,7 +1158,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
         description="Classify and orient every image of an archive through an exported model: remotely over "
                     "TF Serving's gRPC API (--endpoint) or in-process with Beam RunInference (--model). Writes "
                     "results.parquet/.csv, errors.parquet, run.json and report.html in --output. Unknown flags go "
-                    "to Beam (e.g. --runner DataflowRunner --project P --region R --temp_location gs://...).")
+                    "to Beam (e.g. --runner DataflowRunner --project P --region R --temp_location gs://...). "
+                    "Flags not given take the settings the model's export records (the built-in model's for it "
+                    "and for models tuned from it with `train --init default`; ingest's --size, --resize-mode "
+                    "and --quality for a model trained on ingest's shards), else the defaults below.")
     parser.add_argument("--input", required=True, help="folder, gs://bucket/prefix, glob, or manifest .csv/.parquet")
     parser.add_argument("--output", required=True, help="output folder (local or gs://)")
     where = parser.add_mutually_exclusive_group()
@@ -1133,16 +1170,26 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
                                                    "numeric version is taken. Neither flag nor `--model default`: "
                                                    "the built-in orientation model (exported once into "
                                                    "$ARCHIVE_VISION_CACHE), with --tta and --rotate-threshold "
-                                                   f"{DEFAULT_MODEL_ROTATE_THRESHOLD} unless given")
+                                                   f"{DEFAULT_MODEL_ROTATE_THRESHOLD} unless given. Flags not "
+                                                   "given take the settings the export records (a model tuned "
+                                                   "with `train --init default` is scored like the built-in one)")
     parser.add_argument("--model-name", default="archive_vision", help="served model name (with --endpoint)")
+    parser.add_argument("--model-settings", default="",
+                        help="with --endpoint: the export the server loaded (a version dir, or its model dir, local "
+                             "or gs://: the newest version), whose recorded score settings fill in the flags not "
+                             "given")
     parser.add_argument("--labels", default="", help="labels.json naming the classes (with --endpoint, for the "
                                                     "report's top guesses; the in-process model knows its own)")
     parser.add_argument("--size", type=int, default=None,
                         help="side of the square sent to the model; use the ingest --size the model was trained on "
-                             "(default 256; the model's input size, 224, with the built-in model)")
-    parser.add_argument("--resize-mode", choices=imaging.RESIZE_MODES, default="pad")
-    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the images sent (--input-prep "
-                                                                "ingest)")
+                             "(default: what the model's export records, else 256; the model's input size, 224, with "
+                             "the built-in model)")
+    parser.add_argument("--resize-mode", choices=imaging.RESIZE_MODES, default=None,
+                        help="how --input-prep ingest makes the square (default: the model's recorded ingest "
+                             "setting, else pad)")
+    parser.add_argument("--quality", type=int, default=None, help="JPEG quality of the images sent (--input-prep "
+                                                                "ingest; default: the model's recorded ingest "
+                                                                "quality, else 90)")
     parser.add_argument("--input-prep", choices=INPUT_PREPS, default=None,
                         help="how the copies sent to the model are made: 'ingest' (Pillow resize, JPEG at --quality: "
                              "the pixels of ingest's shards, for models trained on them) or 'exact' (the serving "
@@ -1217,44 +1264,56 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
     parser.add_argument("--no-report", dest="report", action="store_false", help="do not write report.html")
     parser.add_argument("--tf-threads", type=int, default=0, help="cap TF threads per worker (0: TF's default)")
     known, beam_args = parser.parse_known_args(argv)
-    builtin = uses_builtin_model(known.endpoint, known.model)
+    if known.model_settings and not known.endpoint:
+        parser.error("--model-settings is for --endpoint (a --model export's own settings are read from it)")
+    # Defaults the command line leaves open come from how the model is meant to be scored (recorded with it).
+    recorded, origin = model_score_settings(known.endpoint, known.model, known.model_settings)
+    if known.model_settings and not recorded:
+        parser.error(f"--model-settings {known.model_settings}: no export there records score settings")
+    if origin:
+        LOG.info("score settings not given on the command line: %s's (%s)", origin, recorded.get("origin", ""))
+    readers = set(recorded.get("readers") or ())
     if known.tta is None:
-        known.tta = builtin
+        known.tta = bool(recorded.get("tta", False))
     if known.rotate_threshold is None:
-        known.rotate_threshold = DEFAULT_MODEL_ROTATE_THRESHOLD if builtin else 0.8
+        known.rotate_threshold = float(recorded.get("rotate_threshold", 0.8))
     if known.tta_agreement_below is None:
-        known.tta_agreement_below = known.rotate_threshold if builtin else 1.0
+        known.tta_agreement_below = known.rotate_threshold if recorded.get("tta") else 1.0
     if known.input_prep is None:
-        known.input_prep = "exact" if builtin else "ingest"
+        known.input_prep = str(recorded.get("input_prep", "ingest"))
     if known.size is None:
-        known.size = builtin_image_size() if builtin else 256
-    crops_defaults = builtin_text_crops()
+        known.size = int(recorded.get("size", 256))
+    if known.resize_mode is None:
+        known.resize_mode = str(recorded.get("resize_mode", "pad"))
+    if known.quality is None:
+        known.quality = int(recorded.get("quality", 90))
+    crops_defaults = builtin_text_crops(recorded.get("text_crops") or {})
     if known.text_crops is None:
-        known.text_crops = builtin and crops_defaults["available"]
-        if builtin and not crops_defaults["available"]:
+        known.text_crops = "text_crops" in readers and crops_defaults["available"]
+        if "text_crops" in readers and not crops_defaults["available"]:
             LOG.warning("scoring without text crops: %s", crops_defaults["why"])
     if known.text_crops and not crops_defaults["available"]:
         parser.error(crops_defaults["why"])
-    # The built-in head's other gates were chosen with or without the crops: take the set that matches this run.
-    with_crops = builtin and known.text_crops and crops_defaults["recorded"]
+    # A model's other gates were chosen with or without the crops: take the set that matches this run.
+    with_crops = known.text_crops and crops_defaults["recorded"]
     if known.text_crops_below is None:
-        known.text_crops_below = crops_defaults["below"] if builtin else 1.0
+        known.text_crops_below = crops_defaults["below"]
     if known.text_crops_weight is None:
         known.text_crops_weight = crops_defaults["weight"]
     if known.text_crops_agree is None:
-        known.text_crops_agree = crops_defaults["agree"] if builtin else 0
+        known.text_crops_agree = crops_defaults["agree"]
     if known.tta_below is None:
-        known.tta_below = ((crops_defaults["tta_below"] if with_crops and crops_defaults["tta_below"] is not None
-                            else builtin_tta_below()) if builtin else 1.0)
+        known.tta_below = (crops_defaults["tta_below"] if with_crops and crops_defaults["tta_below"] is not None
+                           else float(recorded.get("tta_below", 1.0)))
     if known.text_lines_below is None and with_crops and crops_defaults["text_lines_below"] is not None:
         known.text_lines_below = crops_defaults["text_lines_below"]
-    text_defaults = builtin_text_lines()
+    text_defaults = builtin_text_lines(recorded.get("text_lines") or {})
     if known.text_lines is None:
-        known.text_lines = builtin and text_defaults["available"]
-        if builtin and not text_defaults["available"]:
+        known.text_lines = "text_lines" in readers and text_defaults["available"]
+        if "text_lines" in readers and not text_defaults["available"]:
             LOG.warning("scoring without text lines: %s", text_defaults["why"])
     if known.text_lines_below is None:
-        known.text_lines_below = text_defaults["below"] if builtin else 1.0
+        known.text_lines_below = text_defaults["below"]
     try:
         recorded_weights = (crops_defaults["text_lines_weights"] if with_crops
                             and crops_defaults["text_lines_weights"] is not None else text_defaults["weights"])
@@ -1279,7 +1338,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
             text_lines_weights=text_weights, text_crops=known.text_crops, text_crops_below=known.text_crops_below,
             text_crops_weight=known.text_crops_weight, text_crops_agree=known.text_crops_agree,
             write_corrected=known.write_corrected.rstrip("/"), skip_known=known.skip_known, truth=known.truth,
-            report=known.report, tf_threads=known.tf_threads)
+            report=known.report, tf_threads=known.tf_threads, settings_from=origin)
     except ValueError as e:
         parser.error(str(e))
     _check_corrected_dir(opts, parser)

@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from serving import configs
 from serving.errors import ExportError
@@ -196,10 +196,14 @@ def set_signature_method_name(saved_model_dir: str, signature: str, method_name:
 
 def export_model(model, export_base: str, *, model_name: str = DEFAULT_MODEL_NAME,
                  class_names: Optional[List[str]] = None, image_size: int,
-                 version: Optional[int] = None, extra_assets: Optional[Dict[str, str]] = None) -> str:
+                 version: Optional[int] = None, extra_assets: Optional[Dict[str, str]] = None,
+                 score_settings: Optional[Dict[str, Any]] = None) -> str:
     """Write EXPORT_BASE/<model_name>/<version>/ (SavedModel + TF Serving files); return the version dir.
 
-    `extra_assets` maps file names to text contents, written under the version's assets.extra/.
+    `extra_assets` maps file names to text contents, written under the version's assets.extra/. `score_settings`
+    (how `archive-vision score` should score this model unless told otherwise: input preparation and size,
+    test-time turns, thresholds, extra readers) goes into the metadata file there, EXPORT_METADATA; score reads
+    it for `--model` (and `--model-settings` with `--endpoint`).
     """
     import tensorflow as tf
 
@@ -221,6 +225,8 @@ def export_model(model, export_base: str, *, model_name: str = DEFAULT_MODEL_NAM
     metadata = {"model_name": model_name, "version": version, "image_size": image_size,
                 "export_format": EXPORT_FORMAT, "batch_norms_folded": folded,
                 "class_names": class_names, "signatures": sorted(signatures)}
+    if score_settings:
+        metadata["score_settings"] = score_settings
     with open(os.path.join(extra_dir, EXPORT_METADATA), "w", encoding="utf-8") as f:
         json.dump(metadata, f, indent=2)
     for name, text in (extra_assets or {}).items():

@@ -122,6 +122,10 @@ def test_export_serves_the_same_answer_from_image_bytes(monkeypatch, cache_root,
                                atol=1e-4)
     assert list(served["orientation_degrees"].numpy()) == [
         int(np.argmax(p)) * 90 for p in _probabilities(model, images)]
+    # How score scores it travels with it: TF Serving's copy names it to score through --model-settings.
+    from pipelines.score import recorded_score_settings
+
+    assert recorded_score_settings(version_dir) == default_model.score_settings()
 
 
 def _archive(tmp_path, turned_images, names) -> str:

@@ -190,3 +190,21 @@ def test_nightly_score_writes_gs_results_and_reuses_the_previous_night(bucket, t
         "orientation_degrees"] == 270
     assert {"results.csv", "errors.parquet", "run.json"} <= set(names_under(bucket, "scores/2026-01-02"))
     assert cluster.latest_results(root, "2026-01-03") == f"{root}/2026-01-02/results.parquet"
+
+
+def test_a_served_models_score_settings_are_read_from_its_gs_model_dir(bucket):
+    """The nightly job scores through TF Serving, which cannot say how its model is meant to be scored:
+    `--model-settings gs://.../models/archive_vision` reads what the newest version's export records (the one
+    TF Serving's default policy serves)."""
+    from pipelines.score import parse_args
+    from serving.export import EXPORT_METADATA
+
+    for version, size in ((3, 256), (12, 320)):  # numerically, not lexically, newest: 12
+        bucket.blob(f"models/archive_vision/{version}/assets.extra/{EXPORT_METADATA}").upload_from_string(json.dumps(
+            {"version": version, "score_settings": {"input_prep": "ingest", "size": size, "tta": True}}))
+    opts, _ = parse_args(["--input", "in", "--output", "out", "--endpoint", "127.0.0.1:8500", "--model-settings",
+                          f"gs://{BUCKET}/models/archive_vision"])
+    assert (opts.size, opts.tta, opts.settings_from) == (320, True, f"gs://{BUCKET}/models/archive_vision")
+    pinned, _ = parse_args(["--input", "in", "--output", "out", "--endpoint", "127.0.0.1:8500", "--model-settings",
+                            f"gs://{BUCKET}/models/archive_vision/3"])
+    assert pinned.size == 256

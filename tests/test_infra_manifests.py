@@ -209,7 +209,7 @@ def test_serving_config_files_are_what_serving_configs_writes(tmp_path):
     assert annotations["prometheus.io/path"] == configs.PROMETHEUS_PATH
 
 
-def test_cronjob_scores_against_the_serving_service_with_flags_score_accepts():
+def test_cronjob_scores_against_the_serving_service_with_flags_score_accepts(monkeypatch):
     from pipelines import score
 
     cronjob = load(os.path.join(K8S, "score-cronjob.yaml"))[0]
@@ -218,7 +218,12 @@ def test_cronjob_scores_against_the_serving_service_with_flags_score_accepts():
     assert command[:4] == ["python", "-m", "archive_vision.cluster", "scheduled-score"]
     assert command[4:6] == ["--results-root", "gs://BUCKET/scores"]
     flags = after_double_dash(command)
+    # The score settings come from the export TF Serving serves (no bucket here: what would be read is recorded).
+    read = []
+    monkeypatch.setattr(score, "recorded_score_settings", lambda path: read.append(path) or {"size": 224})
     opts, beam_args = score.parse_args(flags + ["--output", "gs://BUCKET/scores/run", "--skip-known", "x.parquet"])
+    serving_config = by_kind(serving_docs(), "ConfigMap")[0]["data"]["models.config"]
+    assert read and f'base_path: "{read[0]}"' in serving_config and opts.size == 224
     assert unknown_beam_flags(beam_args) == []
     service = by_kind(serving_docs(), "Service")[0]
     grpc_port = {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc"]

@@ -8,6 +8,8 @@ answers less sure than P: surer ones, settled by text crops or lines, stand). Ea
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -263,7 +265,7 @@ def test_builtin_model_reads_text_lines_with_its_heads_settings(monkeypatch):
     with pytest.raises(SystemExit):
         parse_args(["--input", "in", "--output", "out", "--text-lines-weights", "heavy"])
     # Without the ONNX models the built-in default quietly scores without them; asking for them is an error.
-    monkeypatch.setattr(score, "builtin_text_lines", lambda: {"available": False, "why": "--text-lines: not here",
+    monkeypatch.setattr(score, "builtin_text_lines", lambda *_: {"available": False, "why": "--text-lines: not here",
                                                               "below": 1.0, "weights": (0.2, 0.1)})
     assert parse_args(["--input", "in", "--output", "out"])[0].text_lines is False
     with pytest.raises(SystemExit):
@@ -328,3 +330,71 @@ def test_exact_model_copies_are_the_graphs_own_pixels_and_survive_sending():
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(sent)).convert("RGB")), np.asarray(exact))
     ingest = model_copy(page, options(size=224))
     assert 0 < np.abs(np.asarray(ingest, np.float64) - graph).max() <= 1.5
+
+
+def _export_with_settings(root, settings, version=3):
+    """A model dir whose version `version` holds serving.export's metadata file recording `settings` (no graph is
+    needed to parse the flags)."""
+    from serving.export import EXPORT_METADATA
+
+    version_dir = root / "archive_vision" / str(version)
+    (version_dir / "assets.extra").mkdir(parents=True)
+    (version_dir / "saved_model.pb").write_bytes(b"")
+    metadata = {"model_name": "archive_vision", "version": version}
+    if settings is not None:
+        metadata["score_settings"] = settings
+    (version_dir / "assets.extra" / EXPORT_METADATA).write_text(json.dumps(metadata))
+    return str(root / "archive_vision")
+
+
+def test_a_model_tuned_from_the_default_is_scored_like_it_without_flags(tmp_path):
+    """`train --init default` records the built-in model's score settings in its export: `score --model` on it takes
+    the same turns, thresholds, input and text readers as the built-in model (before, it got score's generic
+    defaults: no turns, no text readers, ingest's 256 px copies, and far worse answers). Flags given still win."""
+    from trainer import default_model
+
+    tuned = _export_with_settings(tmp_path / "tuned", dict(default_model.score_settings(), origin="tuned"))
+    builtin, _ = parse_args(["--input", "in", "--output", "out"])
+    scored, _ = parse_args(["--input", "in", "--output", "out", "--model", tuned])
+    same = ("tta", "rotate_threshold", "tta_agreement_below", "tta_below", "input_prep", "size", "resize_mode",
+            "text_crops", "text_crops_below", "text_crops_weight", "text_crops_agree", "text_lines",
+            "text_lines_below", "text_lines_weights")
+    assert {k: getattr(scored, k) for k in same} == {k: getattr(builtin, k) for k in same}
+    assert scored.tta and scored.text_crops and scored.text_crops_agree > 0 and scored.input_prep == "exact"
+    assert scored.settings_from == tuned and builtin.settings_from == "the built-in model"
+    told, _ = parse_args(["--input", "in", "--output", "out", "--model", tuned, "--no-tta", "--rotate-threshold",
+                          "0.8", "--no-text-crops"])
+    assert (told.tta, told.rotate_threshold, told.text_crops) == (False, 0.8, False)
+    # Without the crops, the text-line gate recorded for the model alone applies, as with the built-in model.
+    assert told.text_lines_below == default_model.score_settings()["text_lines"].get("below", 1.0)
+
+
+def test_a_model_trained_on_ingest_shards_gets_ingests_size_and_an_old_export_scores_as_before(tmp_path):
+    trained = _export_with_settings(tmp_path / "trained", {"origin": "ingest", "input_prep": "ingest", "size": 320,
+                                                            "resize_mode": "crop", "quality": 80})
+    opts, _ = parse_args(["--input", "in", "--output", "out", "--model", trained])
+    assert (opts.input_prep, opts.size, opts.resize_mode, opts.quality) == ("ingest", 320, "crop", 80)
+    assert (opts.tta, opts.rotate_threshold, opts.text_crops, opts.text_lines, opts.tta_below) == \
+        (False, 0.8, False, False, 1.0)
+    # An export from before settings were recorded, and a path that holds none, keep score's generic defaults.
+    for model in (_export_with_settings(tmp_path / "old", None), str(tmp_path / "nothing")):
+        old, _ = parse_args(["--input", "in", "--output", "out", "--model", model])
+        assert (old.input_prep, old.size, old.resize_mode, old.quality, old.tta, old.settings_from) == \
+            ("ingest", 256, "pad", 90, False, "")
+
+
+def test_a_served_model_takes_the_settings_of_the_export_named_by_model_settings(tmp_path):
+    """TF Serving cannot tell score how its model is meant to be scored: --model-settings names the export the
+    server loaded (the same version dir, local or gs://)."""
+    from trainer import default_model
+
+    tuned = _export_with_settings(tmp_path / "tuned", default_model.score_settings())
+    served, _ = parse_args(["--input", "in", "--output", "out", "--endpoint", "127.0.0.1:8500",
+                            "--model-settings", tuned])
+    plain, _ = parse_args(["--input", "in", "--output", "out", "--endpoint", "127.0.0.1:8500"])
+    assert (served.tta, served.input_prep, served.text_crops, served.rotate_threshold) == (True, "exact", True, 0.9)
+    assert (plain.tta, plain.input_prep, plain.text_crops, plain.rotate_threshold) == (False, "ingest", False, 0.8)
+    for wrong in (["--endpoint", "127.0.0.1:8500", "--model-settings", str(tmp_path / "nothing")],
+                  ["--model", tuned, "--model-settings", tuned]):
+        with pytest.raises(SystemExit):
+            parse_args(["--input", "in", "--output", "out", *wrong])

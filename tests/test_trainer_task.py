@@ -29,9 +29,14 @@ def _run(argv):
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    """64 train / 16 val / 8 test labelled images, stored in mixed orientations, in 2 shards per split."""
-    return write_archive(str(tmp_path_factory.mktemp("archive")), {"train": 64, "val": 16, "test": 8},
+    """64 train / 16 val / 8 test labelled images, stored in mixed orientations, in 2 shards per split, with the
+    options of the ingest run that would have written them (run.json; no manifest)."""
+    data = write_archive(str(tmp_path_factory.mktemp("archive")), {"train": 64, "val": 16, "test": 8},
                          stored_turns=(0, 90, 0, 270), unknown_orientation_every=8)
+    with open(os.path.join(data, "run.json"), "w") as f:
+        json.dump({"job": "ingest", "options": {"size": 32, "resize_mode": "pad", "image_format": "png",
+                                                "quality": 90}}, f)
+    return data
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +98,33 @@ def test_job_dir_holds_resolved_config_best_checkpoint_and_export(trained_job):
         assert exported == json.load(f)
     with open(os.path.join(assets, "labels.json")) as f:
         assert "classes" in json.load(f)
+    # ... and how score should make its input: the pixels of the shards it learnt from (PNG: no JPEG quality).
+    with open(os.path.join(assets, "archive_vision_export.json")) as f:
+        recorded = json.load(f)["score_settings"]
+    assert {k: v for k, v in recorded.items() if k != "origin"} == {"input_prep": "ingest", "size": 32,
+                                                                    "resize_mode": "pad"}
+    from pipelines.score import parse_args
+
+    opts, _ = parse_args(["--input", "in", "--output", "out", "--model", summary["export_dir"]])
+    assert (opts.input_prep, opts.size, opts.resize_mode, opts.tta) == ("ingest", 32, "pad", False)
+
+
+def test_score_settings_of_a_head_tuned_from_the_default_are_the_defaults(tmp_path):
+    from trainer import config, task
+    from trainer.default_model import score_settings
+
+    data = write_archive(str(tmp_path / "data"), {"train": 4}, labelled=False)
+    common = ["--data", data, "--job-dir", str(tmp_path / "job"), "--tasks", "orientation"]
+    tuned = task.score_settings(config.config_from_args(common + ["--init", "default"]))
+    assert tuned.pop("origin").startswith("the default orientation model's")
+    assert tuned == {k: v for k, v in score_settings(224).items() if k != "origin"}
+    assert tuned["tta"] and tuned["readers"] == ["text_crops", "text_lines"] and tuned["input_prep"] == "exact"
+    # Shards whose ingest run is unknown (no run.json): nothing to record; a JPEG run records its quality.
+    assert task.score_settings(config.config_from_args(common)) is None
+    with open(os.path.join(data, "run.json"), "w") as f:
+        json.dump({"options": {"size": 300, "resize_mode": "crop", "image_format": "jpeg", "quality": 85}}, f)
+    recorded = task.score_settings(config.config_from_args(common))
+    assert (recorded["size"], recorded["resize_mode"], recorded["quality"]) == (300, "crop", 85)
 
 
 def test_feature_cache_reaches_the_same_accuracy_as_recomputing_the_backbone(archive, tmp_path):

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -235,6 +235,17 @@ def record_layout(data_dir: str, split: str, cfg: TrainConfig) -> Tuple[List[str
 
 MANIFEST_FILENAME = "manifest.parquet"
 RUN_FILENAME = "run.json"  # ingest writes it last: its presence says the manifest describes a finished run
+
+
+def ingest_options(data_dir: str) -> Dict[str, Any]:
+    """The options of the finished ingest run that wrote these shards (its run.json), {} when there is none or it
+    cannot be read."""
+    path = os.path.join(data_dir, RUN_FILENAME)
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            return dict(json.load(f).get("options") or {})
+    except Exception:  # noqa: BLE001 - shards written by something else: nothing known about how
+        return {}
 
 
 def _label_masks(label, turn, cfg: TrainConfig):

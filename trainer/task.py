@@ -238,6 +238,30 @@ def _relabelled(cache, check, split: str):
     return dataclasses.replace(cache, labels=labels)
 
 
+def score_settings(cfg) -> Optional[Dict[str, Any]]:
+    """How `archive-vision score` should score this job's export unless told otherwise (recorded in it, see
+    serving.export). A head tuned from the default model (--init default) is scored as the default model is: its
+    input, test-time turns, thresholds and the text readers' gates and weights (chosen on the default's val; the
+    tuned head is calibrated on the archive's val, so its probabilities mean what the gates assume). Any other model
+    gets the ingest settings of the shards it learnt from (size, resize mode, JPEG quality), so score sends it the
+    same pixels; None when the shards' ingest run is unknown."""
+    from trainer import input as train_input
+
+    if cfg.init == "default":
+        from trainer.default_model import score_settings as default_settings
+
+        return dict(default_settings(cfg.image_size),
+                    origin="the default orientation model's, which this head was tuned from (its val chose them)")
+    options = train_input.ingest_options(cfg.data)
+    if not options.get("size"):
+        return None
+    settings = {"origin": f"the ingest run that wrote {cfg.data}", "input_prep": "ingest",
+                "size": int(options["size"]), "resize_mode": str(options.get("resize_mode") or "pad")}
+    if options.get("image_format", "jpeg") == "jpeg" and options.get("quality"):
+        settings["quality"] = int(options["quality"])
+    return settings
+
+
 def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
     """The whole job after the strategy exists: fit, evaluate and export (the last two on the chief only)."""
     import keras
@@ -396,9 +420,11 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
             for name, path in (("training_config.json", config_path), ("labels.json", labels_path)):
                 with tf.io.gfile.GFile(path) as f:
                     assets[name] = f.read()
+            summary["score_settings"] = score_settings(cfg)
             summary["export_dir"] = serving_export.export_model(
                 plain_model, os.path.join(cfg.job_dir, "export"), model_name=cfg.model_name,
-                class_names=class_names or None, image_size=cfg.image_size, extra_assets=assets)
+                class_names=class_names or None, image_size=cfg.image_size, extra_assets=assets,
+                score_settings=summary["score_settings"])
             print(f"[export] {summary['export_dir']}", flush=True)
     with tf.io.gfile.GFile(os.path.join(cfg.job_dir, "run_summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
