@@ -308,3 +308,14 @@ def full_decode_then_resize(data: bytes, size: int, mode: str = "pad") -> Image.
     """The naive path (decode at full resolution, then resize): kept as the benchmark baseline."""
     page = next(decode_pages(data, draft_for=None))
     return resize(page.image, size, mode)
+
+
+def turn_clockwise(image: Image.Image, degrees: int) -> Image.Image:
+    """The Pillow image turned `degrees` (0/90/180/270) clockwise."""
+    ops = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
+    return image if degrees % 360 == 0 else image.transpose(ops[degrees % 360])
+
+
+def make_upright(image: Image.Image, orientation_degrees: int) -> Image.Image:
+    """Undo a clockwise turn of `orientation_degrees` (the MODEL CONTRACT's label): turn it back counter-clockwise."""
+    return turn_clockwise(image, (360 - orientation_degrees) % 360)

@@ -224,6 +224,17 @@ def _img_tag(image: Optional[Image.Image], alt: str) -> str:
     return f'<img src="{_jpeg_data_uri(image)}" alt="{html.escape(alt)}">'
 
 
+def before_after(before: Optional[Image.Image], after: Optional[Image.Image]) -> str:
+    """A contact-sheet tile's pictures: as stored, and turned upright."""
+    return f'<div class="imgs">{_img_tag(before, "before")}<span>→</span>{_img_tag(after, "after")}</div>'
+
+
+def html_page(title: str, body: str) -> str:
+    """A self-contained page in the report's style (pictures inlined, nothing fetched)."""
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
+
+
 def _short(uri: str) -> str:
     return uri if len(uri) <= 60 else "…" + uri[-58:]
 
@@ -330,11 +341,11 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
                   key=lambda r: -(r["orientation_confidence"] or 0))
     sheet = []
     for row in auto[:per_section]:
-        from pipelines.score import make_upright
+        from pipelines.imaging import make_upright
 
         before = load_page(row["uri"], row["page"])
         after = make_upright(before, row["orientation_degrees"]) if before is not None else None
-        body = (f'<div class="imgs">{_img_tag(before, "before")}<span>→</span>{_img_tag(after, "after")}</div>')
+        body = before_after(before, after)
         extra = describe(row) + (f"<br>copy: {html.escape(_short(row['corrected_uri']))}"
                                  if row.get("corrected_uri") else "")
         sheet.append(figure(row, body, extra, "thumb pair"))

@@ -32,6 +32,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from pipelines import imaging, sources
+from pipelines.imaging import make_upright, turn_clockwise  # noqa: F401 - part of score's interface (tests, report)
 from pipelines.ingest import default_pipeline_options, error_row, runner_record
 from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, read_table, write_job_tables
 from serving.configs import SERVED_VERSIONS
@@ -149,19 +150,6 @@ class ModelInfo:
 
 
 # ---------------------------------------------------------------- pure functions (tested without Beam)
-
-
-def turn_clockwise(image, degrees: int):
-    """The Pillow image turned `degrees` (0/90/180/270) clockwise."""
-    from PIL import Image
-
-    ops = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
-    return image if degrees % 360 == 0 else image.transpose(ops[degrees % 360])
-
-
-def make_upright(image, orientation_degrees: int):
-    """Undo a clockwise turn of `orientation_degrees` (the MODEL CONTRACT's label): turn it back counter-clockwise."""
-    return turn_clockwise(image, (360 - orientation_degrees) % 360)
 
 
 def combine_turned(copies: Sequence[Dict[str, Any]], turns: Sequence[int]) -> Dict[str, Any]:

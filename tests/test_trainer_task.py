@@ -221,6 +221,28 @@ def _real_photo_archive(directory: str, turned: Optional[Dict[str, int]] = None)
     return directory
 
 
+def _assert_check_sheet_shows_them_upright(path: str) -> None:
+    """orientation_check.html: one before/after tile per record trained as turned (the camera turned 90 and the
+    motorcycle turned 270, most sure first), the after picture the upright photo."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+    from skimage import data as skimage_data
+
+    with open(path, encoding="utf-8") as f:
+        page = f.read()
+    assert page.count('<figure class="thumb pair">') == 2 and "camera.png#0" in page and "motorcycle.png#0" in page
+    pictures = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("L"), np.float32)
+                for b in re.findall(r'src="data:image/jpeg;base64,([^"]+)"', page)]
+    tile = 0 if page.index("camera.png#0") < page.index("motorcycle.png#0") else 1
+    before, after = pictures[2 * tile], pictures[2 * tile + 1]
+    upright = np.asarray(Image.fromarray(skimage_data.camera()).resize(after.shape[::-1]), np.float32)
+    assert np.abs(after - upright).mean() < 8, np.abs(after - upright).mean()  # JPEG thumbnails of the same picture
+    assert np.abs(np.rot90(before, k=1) - upright).mean() < 8  # stored turned 90 clockwise
+
+
 def test_init_default_starts_archive_tuning_from_the_shipped_orientation_head(tmp_path):
     """`train --tasks orientation --init default`: the first epoch already knows orientation (the shipped head),
     where the same run from a fresh head starts at chance; the head takes the shipped grid and sizes."""
@@ -275,6 +297,9 @@ def test_init_default_reads_the_archives_turns_before_tuning(tmp_path, cache, ca
     assert found["records"] == {"train": 4, "val": 3} and found["trained_as_turned"] == {"train": 1, "val": 1}
     # 2 of the 7 records are turned; the ten pseudo-records of the upright prior pull the estimate towards 0.
     assert 0.05 < 1 - found["turn_mix"]["0"] < 2 / 7, found["turn_mix"]
+    # ... and shows them: as stored, and turned upright as the check reads them (the camera man upright again).
+    if cache:
+        _assert_check_sheet_shows_them_upright(os.path.join(job, "orientation_check.html"))
 
     # The tuned head is exported calibrated: a temperature fitted on val (with the check's labels), folded in.
     with open(os.path.join(job, "run_summary.json")) as f:

@@ -237,6 +237,26 @@ MANIFEST_FILENAME = "manifest.parquet"
 RUN_FILENAME = "run.json"  # ingest writes it last: its presence says the manifest describes a finished run
 
 
+def record_images(data_dir: str, wanted: Dict[str, Sequence[str]]) -> Dict[str, Tuple[bytes, int]]:
+    """{record key: (its stored image's encoded bytes, stored orientation in degrees)} for the keys `wanted` per
+    split (record_key); one pass over those splits' shards, stopping once every key is found."""
+    keys = (schema.SOURCE_URI, schema.PAGE, schema.AUGMENT_INDEX, schema.IMAGE_ENCODED, schema.ORIENTATION)
+    found: Dict[str, Tuple[bytes, int]] = {}
+    for split, split_keys in wanted.items():
+        left = set(split_keys) - set(found)
+        if not left:
+            continue
+        for batch in _label_fields(list_shards(data_dir, split), keys):
+            for uri, page, augment, data, turn in zip(*(batch[k] for k in keys)):
+                key = record_key(uri.decode("utf-8", "replace"), page, augment)
+                if key in left:
+                    found[key] = (bytes(data), int(turn))
+                    left.discard(key)
+            if not left:
+                break
+    return found
+
+
 def ingest_options(data_dir: str) -> Dict[str, Any]:
     """The options of the finished ingest run that wrote these shards (its run.json), {} when there is none or it
     cannot be read."""
@@ -257,8 +277,8 @@ def _label_masks(label, turn, cfg: TrainConfig):
 
 
 def _label_fields(files: List[str], keys: Sequence[str]):
-    """The records' fields `keys` (no pixels), a batch of arrays at a time, in the order example_dataset reads them
-    when not training."""
+    """The records' fields `keys` (no pixels are decoded), a batch of arrays at a time, in the order
+    example_dataset reads them when not training."""
     spec = schema.tf_feature_spec()
     ds = _read_records(files, shuffle_files=False, seed=0).batch(1024).map(
         lambda s: tf.io.parse_example(s, {k: spec[k] for k in keys}))

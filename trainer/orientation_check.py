@@ -131,17 +131,21 @@ class OrientationCheck:
                 out.setdefault(key, (int(offset), float(weight)))
         return out
 
-    def write(self, path: str, listed: int = 1000) -> str:
-        """JSON: the mix, the counts, and the records trained as turned (most sure first, at most `listed`)."""
-        import tensorflow as tf
-
+    def turned_records(self) -> List[Dict[str, object]]:
+        """The records trained as turned, most sure first: split, record key, turned_more_degrees, posterior."""
         turned = []
         for split, keys in self.keys.items():
             for key, offset, weight in zip(keys, self.offsets[split], self.weights[split]):
                 if offset:
                     turned.append({"split": split, "record": key, "turned_more_degrees": 90 * int(offset),
                                    "posterior": round(float(weight), 4)})
-        turned.sort(key=lambda r: -r["posterior"])
+        return sorted(turned, key=lambda r: -r["posterior"])
+
+    def write(self, path: str, listed: int = 1000) -> str:
+        """JSON: the mix, the counts, and the records trained as turned (most sure first, at most `listed`)."""
+        import tensorflow as tf
+
+        turned = self.turned_records()
         payload = {"turn_mix": {str(90 * k): round(float(p), 5) for k, p in enumerate(self.turn_mix)},
                    "records": {split: len(keys) for split, keys in self.keys.items()},
                    "trained_as_turned": {split: int((o > 0).sum()) for split, o in self.offsets.items()},
@@ -150,6 +154,51 @@ class OrientationCheck:
         with tf.io.gfile.GFile(path, "w") as f:
             json.dump(payload, f, indent=2)
         return path
+
+
+def write_html(result: OrientationCheck, data_dir: str, path: str, shown: int = 120) -> str:
+    """A page a person can look through: the records trained as turned (the archive's sideways and upside-down
+    scans, found on the way), most sure first, each as ingest stored it and turned upright as the check reads it,
+    at most `shown` of them (the JSON lists more). Pictures come from the shards, inlined (pipelines.report's
+    style); the originals are not needed."""
+    import html
+    import io
+
+    import tensorflow as tf
+    from PIL import Image
+
+    from pipelines import imaging, report
+    from trainer import input as train_input
+
+    turned = result.turned_records()
+    listed = turned[:shown]
+    wanted: Dict[str, List[str]] = {}
+    for row in listed:
+        wanted.setdefault(str(row["split"]), []).append(str(row["record"]))
+    images = train_input.record_images(data_dir, wanted)
+    tiles = []
+    for row in listed:
+        before = after = None
+        if row["record"] in images:
+            data, stored = images[row["record"]]
+            with Image.open(io.BytesIO(data)) as opened:
+                before = opened.convert("RGB")
+            before.thumbnail((report.THUMB_SIZE, report.THUMB_SIZE))
+            after = imaging.make_upright(before, (max(stored, 0) + int(row["turned_more_degrees"])) % 360)
+        caption = (f"{html.escape(str(row['record']))}<br>{row['split']}: turned {row['turned_more_degrees']}° "
+                   f"more than stored (posterior {float(row['posterior']):.3f})")
+        tiles.append(f'<figure class="thumb pair">{report.before_after(before, after)}'
+                     f'<figcaption>{caption}</figcaption></figure>')
+    mix = ", ".join(f"{90 * k}°: {100 * p:.1f}%" for k, p in enumerate(result.turn_mix))
+    counts = "; ".join(f"{split}: {int((o > 0).sum())} of {len(o)} records trained as turned"
+                       for split, o in result.offsets.items())
+    body = (f"<p class=meta>The default model's reading of this archive's stored turns before tuning: {mix}. "
+            f"{html.escape(counts)}. Each scan below is shown as stored and turned upright as the check reads it, "
+            f"most sure first{f'; the first {shown} of {len(turned)} (all in orientation_check.json)' if len(turned) > shown else ''}."
+            f"</p><div class=\"sheet\">{''.join(tiles) or '<p>none: every record is trained as stored</p>'}</div>")
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write(report.html_page("Scans the orientation check found turned", body))
+    return path
 
 
 def save(result: OrientationCheck, path: str) -> str:

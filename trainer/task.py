@@ -149,11 +149,13 @@ def _run_phase(fit_model, cfg, phase: str, epochs: int, train_ds, steps: int, va
         fit_model.load_weights(best)
 
 
-def _check_orientation_labels(cfg, heads, full_model, caches: Dict[str, Any], private_dir: str, prefix: str):
+def _check_orientation_labels(cfg, heads, full_model, caches: Dict[str, Any], private_dir: str, prefix: str,
+                              role_is_chief: bool = True):
     """trainer.orientation_check on the train, val and test records, with the head as initialised (the shipped
     one): from the feature caches where there are any, else from one pass of the full model over the records'
-    turns. Writes JOB/orientation_check.json (for people) and .npz (every record: a restarted job reuses it when
-    the records are the same, so its later phases train on the same labels) and prints what it found."""
+    turns. Writes JOB/orientation_check.json (for people; on the chief also orientation_check.html, the records
+    trained as turned as pictures) and .npz (every record: a restarted job reuses it when the records are the
+    same, so its later phases train on the same labels) and prints what it found."""
     from trainer import evaluate
     from trainer import input as train_input
     from trainer import orientation_check
@@ -177,8 +179,11 @@ def _check_orientation_labels(cfg, heads, full_model, caches: Dict[str, Any], pr
             answers[split] = evaluate.predict_split(full_model, cfg, split)[train_input.ORIENTATION_OUTPUT]
     result = orientation_check.check(answers, layouts, float(head_metadata()["temperature"]))
     orientation_check.save(result, orientation_check.check_path(private_dir, ".npz"))
-    path = result.write(orientation_check.check_path(private_dir))
-    print(f"{prefix}[check] {result.summary()} ({time.time() - started:.1f}s; {path})", flush=True)
+    written = [result.write(orientation_check.check_path(private_dir))]
+    if role_is_chief:  # and a contact sheet of what it found (the other workers' dirs are scratch)
+        written.append(orientation_check.write_html(result, cfg.data,
+                                                    orientation_check.check_path(private_dir, ".html")))
+    print(f"{prefix}[check] {result.summary()} ({time.time() - started:.1f}s; {', '.join(written)})", flush=True)
     return result
 
 
@@ -330,7 +335,7 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
               f"{len(caches['val']) if caches['val'] else 0} val examples in {time.time() - started:.1f}s",
               flush=True)
     # Before any tuning (and before a finished phase's weights are loaded): the shipped model reads the turns.
-    check = _check_orientation_labels(cfg, heads, full_model, caches, private_dir, prefix) \
+    check = _check_orientation_labels(cfg, heads, full_model, caches, private_dir, prefix, role.is_chief) \
         if cfg.checks_orientation_labels else None
     corrections = train_input.Corrections(check.table()) if check is not None else None
 
