@@ -285,8 +285,7 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
         per_error[row["error_type"]] = per_error.get(row["error_type"], 0) + 1
     counts = run.get("counts", {})
     model = run.get("model", {})
-    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-             f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    parts: List[str] = []
     meta = [f"model <b>{html.escape(str(model.get('name', '?')))}</b> version {model.get('version', '?')} "
             f"({html.escape(str(model.get('mode', '?')))})"]
     if counts:
@@ -404,8 +403,7 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
                        f"<td>{html.escape(e['message'][:200])}</td></tr>" for e in errors[:200])
         parts.append(f'<h2 id="errors">Errors ({len(errors)})</h2><table><tr><th>uri</th><th>page</th>'
                      f'<th>stage</th><th>type</th><th>message</th></tr>{rows}</table>')
-    parts.append("</body></html>")
-    return "".join(parts)
+    return html_page(title, "".join(parts))
 
 
 def write_report(output: str, truth: Optional[str] = None, per_section: int = DEFAULT_PER_SECTION) -> str:
