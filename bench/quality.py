@@ -751,15 +751,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lines_part = (f" + text lines below {settings['text_lines_below']}"
                       if settings["text_lines_below"] is not None else "")
 
-        def then_lines(answers: np.ndarray, label: str) -> np.ndarray:
+        def then_lines(answers: np.ndarray, label: str, mask: Optional[np.ndarray] = None) -> np.ndarray:
+            """The text lines after the crops, for the images of `mask` (all when None)."""
             if line_reader is None:
                 return answers
-            lines = text_lines_evidence(line_reader, [i.path for i in test], answers, settings["text_lines_below"])
+            mask = np.ones(len(test), bool) if mask is None else mask
+            lines = text_lines_evidence(line_reader, [i.path for i, m in zip(test, mask) if m], answers,
+                                        settings["text_lines_below"])
             fused_answers, lines_read = train_default.text_lines_answers(
                 answers, lines, settings["text_lines_weights"], settings["text_lines_below"])
             print(f"text lines after the crops{label}: read for " + ", ".join(
-                f"{100 * lines_read[kinds == k].mean():.1f}% of {k}s' turns" for k in (corpus.PHOTO, corpus.PAGE)))
+                f"{100 * lines_read[kinds[mask] == k].mean():.1f}% of {k}s' turns" for k in (corpus.PHOTO,
+                                                                                         corpus.PAGE)))
             return fused_answers
+
+        def with_readers(answers: np.ndarray, mask: np.ndarray, label: str) -> np.ndarray:
+            """score's built-in readers (the crops, then the turned copies, then the text lines) on another head's
+            answers [N, 4, 4] for the images of `mask`: what score does with a head tuned from the default model
+            (its export records these settings)."""
+            read, _, _ = train_default.crops_answers(answers, crop_evidence[mask], settings["weight"],
+                                                     settings["below"], settings["tta_below"], crop_agreement[mask],
+                                                     settings["agree"])
+            return then_lines(read, label, mask)
 
         crops_fused = then_lines(crops_only, "")
         if settings["agree"]:
@@ -807,6 +820,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      f"({flag}) + test-time turns, eval half ({seeds})",
                      [train_default.test_time_turns(a) for a in tuned[f"{share}/{labels}"]], kinds[evaluation],
                      tta_speed[corpus.PHOTO], tta_speed[corpus.PAGE])
+    if crops_fused is not None:
+        # What a user gets: score reads a tuned head's export settings, so it is scored with the built-in readers.
+        add("score's built-in default, eval half", crops_fused[evaluation], kinds[evaluation],
+            crops_speed[corpus.PHOTO], crops_speed[corpus.PAGE])
+        for run, what in (("upright", "on the other half"), ("0.25/checked", "on the other half with 25% of it "
+                                                                            "turned, labels checked"),
+                          ("0.5/checked", "on the other half with 50% of it turned, labels checked")):
+            add_runs(f"archive-tuned {what}, scored with score's built-in readers (its export's settings), eval "
+                     f"half ({seeds})", [with_readers(a, evaluation, f" (tuned: {run})") for a in tuned[run]],
+                     kinds[evaluation], crops_speed[corpus.PHOTO], crops_speed[corpus.PAGE])
 
     if args.peer_images > 0:
         subset = ([i for i, image in enumerate(test) if image.kind == corpus.PHOTO][:args.peer_images]

@@ -292,6 +292,9 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
         meta.append(f"{counts.get('inputs', '?')} inputs: {counts.get('inputs_ok', '?')} scored or reused, "
                     f"{counts.get('inputs_failed', '?')} failed, {counts.get('inputs_reused', 0)} reused; "
                     f"{'counts reconcile' if counts.get('reconciled') else 'COUNTS DO NOT RECONCILE'}")
+    settings_from = (run.get("options") or {}).get("settings_from")
+    if settings_from:
+        meta.append(f"flags not given on the command line: {html.escape(str(settings_from))}'s recorded score settings")
     tta = run.get("tta") or {}
     if tta.get("enabled"):
         from pipelines.score import tta_summary

@@ -256,3 +256,10 @@ def test_activations_show_feature_maps_of_chosen_layers(tmp_path):
     assert "early 30x30x6" in page and "late 28x28x5" in page
     strip = Image.open(os.path.join(tmp_path, "act", "scan.png.activations.png"))
     assert strip.height == 280 and strip.width > 4 * 280
+
+
+def test_report_says_whose_recorded_score_settings_filled_in_the_flags():
+    told = report.build_report_html([], [], {"options": {"settings_from": "gs://b/models/archive_vision"}}, title="t")
+    assert "gs://b/models/archive_vision's recorded score settings" in told
+    assert "recorded score settings" not in report.build_report_html([], [], {"options": {"settings_from": ""}},
+                                                                      title="t")
