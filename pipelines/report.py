@@ -218,7 +218,8 @@ figcaption{max-width:330px;overflow-wrap:anywhere;margin-top:4px;color:#333}
 """
 
 
-def _img_tag(image: Optional[Image.Image], alt: str) -> str:
+def img_tag(image: Optional[Image.Image], alt: str) -> str:
+    """An inlined JPEG of the picture, or a grey tile when there is none."""
     if image is None:
         return f'<div class="missing" title="{html.escape(alt)}">unavailable</div>'
     return f'<img src="{_jpeg_data_uri(image)}" alt="{html.escape(alt)}">'
@@ -226,7 +227,7 @@ def _img_tag(image: Optional[Image.Image], alt: str) -> str:
 
 def before_after(before: Optional[Image.Image], after: Optional[Image.Image]) -> str:
     """A contact-sheet tile's pictures: as stored, and turned upright."""
-    return f'<div class="imgs">{_img_tag(before, "before")}<span>→</span>{_img_tag(after, "after")}</div>'
+    return f'<div class="imgs">{img_tag(before, "before")}<span>→</span>{img_tag(after, "after")}</div>'
 
 
 def html_page(title: str, body: str) -> str:
@@ -367,7 +368,7 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
         if row["class_probabilities"] is not None:
             guesses.append("class: " + html.escape(_top_guesses(row["class_probabilities"], names)))
         reason = f"<br><i>{html.escape(row['review_reason'])}</i>" if row.get("review_reason") else ""
-        sheet.append(figure(row, _img_tag(load_page(row["uri"], row["page"]), "review"),
+        sheet.append(figure(row, img_tag(load_page(row["uri"], row["page"]), "review"),
                             "<br>".join(guesses) + reason))
     parts.append(f'<h2 id="review">For a person to look at ({len(review)}'
                  f'{f", first {per_section} shown" if len(review) > per_section else ""})</h2>'
@@ -376,7 +377,7 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
     ok = [r for r in results if r["decision"] == "ok"]
     sample = random.Random(seed).sample(ok, min(len(ok), per_section))
     sample.sort(key=lambda r: (r["uri"], r["page"]))
-    sheet = [figure(row, _img_tag(load_page(row["uri"], row["page"]), "ok"), describe(row)) for row in sample]
+    sheet = [figure(row, img_tag(load_page(row["uri"], row["page"]), "ok"), describe(row)) for row in sample]
     parts.append(f'<h2 id="ok">Upright and sure: a sample ({len(sample)} of {len(ok)})</h2>'
                  f'<div class="sheet">{"".join(sheet) or "<p>none</p>"}</div>')
 

@@ -140,3 +140,26 @@ def test_corrections_reach_the_training_and_validation_examples(tmp_path):
     train, steps, _, _ = train_input.make_fit_datasets(cfg, 8, 1, corrections=corrections)
     weights = np.concatenate([w[train_input.ORIENTATION_OUTPUT].numpy() for _, _, w in train.take(steps)])
     assert set(np.unique(weights).tolist()) == {0.5, 1.0}
+
+
+def test_records_trained_as_stored_that_the_model_doubts_are_listed_for_a_person(tmp_path):
+    """In an archive where some scans are turned 90, a record the model leans to call turned 90 too, not enough to
+    relabel it (its posterior for the stored turn below DOUBTED_BELOW), keeps its label and is listed as doubted
+    for a person to look at; sure ones, and the ones trained as turned, are not."""
+    import json
+
+    lean = np.zeros((4, 4))
+    for j in range(4):  # row j (turned j more): upright at 0.2, turned 90 at 0.7
+        lean[j] = 0.05
+        lean[j, j], lean[j, (j + 1) % 4] = 0.2, 0.7
+    answers = [_rows_for(0, 0, 0.97), _rows_for(0, 0, 0.97), _rows_for(0, 1, 0.97), _rows_for(0, 1, 0.97), lean,
+               _rows_for(0, 0, 0.97)]
+    layouts = {"train": ([f"r{i}#0" for i in range(6)], np.full(6, 4), np.zeros(6, np.int64))}
+    result = oc.check({"train": np.concatenate(answers)}, layouts, temperature=1.0)
+    assert result.offsets["train"].tolist() == [0, 0, 1, 1, 0, 0]
+    doubted = result.doubted_records()
+    assert [r["record"] for r in doubted] == ["r4#0"] and 0.5 < doubted[0]["posterior"] < oc.DOUBTED_BELOW
+    with open(result.write(str(tmp_path / "check.json"))) as f:
+        written = json.load(f)
+    assert written["doubted_records_total"] == 1 and written["doubted_records"][0]["record"] == "r4#0"
+    assert [r["record"] for r in written["turned_records"]] == ["r2#0", "r3#0"]

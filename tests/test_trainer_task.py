@@ -241,6 +241,11 @@ def _assert_check_sheet_shows_them_upright(path: str) -> None:
     upright = np.asarray(Image.fromarray(skimage_data.camera()).resize(after.shape[::-1]), np.float32)
     assert np.abs(after - upright).mean() < 8, np.abs(after - upright).mean()  # JPEG thumbnails of the same picture
     assert np.abs(np.rot90(before, k=1) - upright).mean() < 8  # stored turned 90 clockwise
+    # The records kept as stored that the model doubts follow, as many as the JSON lists.
+    with open(os.path.join(os.path.dirname(path), "orientation_check.json")) as f:
+        doubted = json.load(f)["doubted_records"]
+    assert page.count('<figure class="thumb doubted">') == len(doubted)
+    assert all(r["posterior"] < 0.7 for r in doubted)
 
 
 def test_init_default_starts_archive_tuning_from_the_shipped_orientation_head(tmp_path):
