@@ -547,39 +547,54 @@ def builtin_text_crops(recorded: Optional[Dict[str, Any]] = None) -> Dict[str, A
     return out
 
 
-def recorded_score_settings(path: str) -> Dict[str, Any]:
+class ScoreSettingsError(ValueError):
+    """An export's recorded score settings exist but cannot be read."""
+
+
+def recorded_score_settings(path: str) -> Optional[Dict[str, Any]]:
     """The score settings an export records (serving.export's `score_settings` in its metadata file): `path` is a
-    version dir, a model dir (its newest version) or (local) an export base holding one model. {} when it records
-    none (an export made before they were recorded, or a path that holds no export: the run reports that)."""
+    version dir, a model dir (its newest version, the one TF Serving's default policy serves) or (local) an export
+    base holding one model. None when no export is there (the run reports that itself); {} for an export that
+    records none (made before they were recorded, or by another tool). Raises ScoreSettingsError when the metadata
+    is there but cannot be read (a broken file, a storage error): scoring on without it would quietly use other
+    settings than the model's."""
     try:
-        with FileSystems.open(_export_metadata_path(path)) as handle:
+        metadata_path = _export_metadata_path(path)
+        if metadata_path is None:
+            return None
+        if not FileSystems.exists(metadata_path):
+            return {}
+        with FileSystems.open(metadata_path) as handle:
             metadata = json.loads(handle.read())
-    except Exception:  # noqa: BLE001 - no export there, or one without metadata: nothing recorded
-        return {}
+    except FileNotFoundError:  # resolve_version_dir: no version there
+        return None
+    except Exception as e:  # noqa: BLE001 - said, with the path, instead of scoring with other settings
+        raise ScoreSettingsError(f"{path}: its export's score settings cannot be read ({type(e).__name__}: {e})"
+                                 ) from e
     return dict(metadata.get("score_settings") or {})
 
 
-def _export_metadata_path(path: str) -> str:
-    """serving.export's metadata file of `path`: a version dir, or (local) resolve_version_dir's model dir or export
-    base, or (gs://) a model dir, whose newest numeric version is taken: the one TF Serving's default policy
-    serves."""
+def _export_metadata_path(path: str) -> Optional[str]:
+    """serving.export's metadata file of the version `path` names: a version dir, or (local) resolve_version_dir's
+    model dir or export base, or (gs://) a model dir, whose newest numeric version holding a SavedModel is taken
+    (what TF Serving's default policy serves). None when there is no version there."""
     path = path.rstrip("/")
-    direct = FileSystems.join(path, "assets.extra", EXPORT_METADATA)
     if not sources.is_remote(path):
-        return direct if os.path.exists(direct) else FileSystems.join(resolve_version_dir(path), "assets.extra",
-                                                                      EXPORT_METADATA)
-    if FileSystems.exists(direct):
-        return direct
-    found = FileSystems.match([FileSystems.join(path, "*", "assets.extra", EXPORT_METADATA)])[0].metadata_list
-    versions = [(int(version), m.path) for m in found for version in [m.path.split("/")[-3]] if version.isdigit()]
-    return max(versions)[1] if versions else direct
+        return FileSystems.join(resolve_version_dir(path), "assets.extra", EXPORT_METADATA)
+    if FileSystems.exists(FileSystems.join(path, "saved_model.pb")):
+        return FileSystems.join(path, "assets.extra", EXPORT_METADATA)
+    found = FileSystems.match([FileSystems.join(path, "*", "saved_model.pb")])[0].metadata_list
+    versions = [(int(name), m.path) for m in found for name in [m.path.split("/")[-2]] if name.isdigit()]
+    if not versions:
+        return None
+    return FileSystems.join(max(versions)[1].rsplit("/", 1)[0], "assets.extra", EXPORT_METADATA)
 
 
-def model_score_settings(endpoint: str, model: str, settings_from: str = "") -> Tuple[Dict[str, Any], str]:
+def model_score_settings(endpoint: str, model: str, settings_from: str = "") -> Tuple[Optional[Dict[str, Any]], str]:
     """(score settings, where from) of the model a job scores with: the built-in model's own
     (trainer.default_model.score_settings); a `--model` export's recorded ones; with `--endpoint`, those of the
-    export `--model-settings` names (the server cannot say them). ({}, "") when there are none: score's generic
-    defaults then apply. Flags given on the command line always win."""
+    export `--model-settings` names (the server cannot say them). ({} or None, "") when there are none (None: no
+    export found at the path): score's generic defaults then apply. Flags given on the command line always win."""
     if uses_builtin_model(endpoint, model):
         return default_model.score_settings(), "the built-in model"
     source = settings_from or model
@@ -1255,9 +1270,16 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
     if known.model_settings and not known.endpoint:
         parser.error("--model-settings is for --endpoint (a --model export's own settings are read from it)")
     # Defaults the command line leaves open come from how the model is meant to be scored (recorded with it).
-    recorded, origin = model_score_settings(known.endpoint, known.model, known.model_settings)
-    if known.model_settings and not recorded:
-        parser.error(f"--model-settings {known.model_settings}: no export there records score settings")
+    try:
+        found, origin = model_score_settings(known.endpoint, known.model, known.model_settings)
+    except ScoreSettingsError as e:
+        parser.error(str(e))
+    if known.model_settings and found is None:
+        parser.error(f"--model-settings {known.model_settings}: no exported model version there")
+    recorded: Dict[str, Any] = found or {}
+    if (known.model or known.model_settings) and found == {}:
+        LOG.warning("%s records no score settings (exported before they were recorded?): score's generic defaults "
+                    "apply to the flags not given", known.model_settings or known.model)
     if origin:
         LOG.info("score settings not given on the command line: %s's (%s)", origin, recorded.get("origin", ""))
     readers = set(recorded.get("readers") or ())
@@ -1276,6 +1298,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
     if known.quality is None:
         known.quality = int(recorded.get("quality", 90))
     crops_defaults = builtin_text_crops(recorded.get("text_crops") or {})
+    shipped = default_model.score_settings()
+    if not crops_defaults["recorded"]:  # the weight fitted for the shipped head, for a model that records none
+        crops_defaults["weight"] = float(shipped["text_crops"].get("weight", DEFAULT_TEXT_CROPS_WEIGHT))
     if known.text_crops is None:
         known.text_crops = "text_crops" in readers and crops_defaults["available"]
         if "text_crops" in readers and not crops_defaults["available"]:
@@ -1295,7 +1320,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
                            else float(recorded.get("tta_below", 1.0)))
     if known.text_lines_below is None and with_crops and crops_defaults["text_lines_below"] is not None:
         known.text_lines_below = crops_defaults["text_lines_below"]
-    text_defaults = builtin_text_lines(recorded.get("text_lines") or {})
+    text_defaults = builtin_text_lines(recorded.get("text_lines") or shipped["text_lines"])
+    if not recorded.get("text_lines"):  # only the shipped head's weights, not its gate, for a model that records none
+        text_defaults["below"] = 1.0
     if known.text_lines is None:
         known.text_lines = "text_lines" in readers and text_defaults["available"]
         if "text_lines" in readers and not text_defaults["available"]:

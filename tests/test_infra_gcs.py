@@ -199,9 +199,11 @@ def test_a_served_models_score_settings_are_read_from_its_gs_model_dir(bucket):
     from pipelines.score import parse_args
     from serving.export import EXPORT_METADATA
 
-    for version, size in ((3, 256), (12, 320)):  # numerically, not lexically, newest: 12
+    for version, size in ((3, 256), (12, 320), (20, 512)):  # numerically, not lexically, newest: 12
         bucket.blob(f"models/archive_vision/{version}/assets.extra/{EXPORT_METADATA}").upload_from_string(json.dumps(
             {"version": version, "score_settings": {"input_prep": "ingest", "size": size, "tta": True}}))
+        if version != 20:  # 20 has no SavedModel (a version being written): TF Serving does not serve it
+            bucket.blob(f"models/archive_vision/{version}/saved_model.pb").upload_from_string(b"")
     opts, _ = parse_args(["--input", "in", "--output", "out", "--endpoint", "127.0.0.1:8500", "--model-settings",
                           f"gs://{BUCKET}/models/archive_vision"])
     assert (opts.size, opts.tta, opts.settings_from) == (320, True, f"gs://{BUCKET}/models/archive_vision")

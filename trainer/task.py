@@ -181,8 +181,11 @@ def _check_orientation_labels(cfg, heads, full_model, caches: Dict[str, Any], pr
     orientation_check.save(result, orientation_check.check_path(private_dir, ".npz"))
     written = [result.write(orientation_check.check_path(private_dir))]
     if role_is_chief:  # and a contact sheet of what it found (the other workers' dirs are scratch)
-        written.append(orientation_check.write_html(result, cfg.data,
-                                                    orientation_check.check_path(private_dir, ".html")))
+        try:
+            written.append(orientation_check.write_html(result, cfg.data,
+                                                        orientation_check.check_path(private_dir, ".html")))
+        except Exception as e:  # noqa: BLE001 - pictures for people: never worth stopping the training for
+            log.warning("orientation_check.html not written: %s: %s", type(e).__name__, e)
     print(f"{prefix}[check] {result.summary()} ({time.time() - started:.1f}s; {', '.join(written)})", flush=True)
     return result
 
