@@ -385,14 +385,18 @@ def test_dataflow_launch_builds_an_ingest_command_ingest_and_beam_accept(image):
         assert options.view_as(SetupOptions).setup_file == os.path.join(REPO, "setup.py")
 
 
-def test_flink_launch_builds_a_portable_runner_command_score_and_beam_accept():
+def test_flink_launch_builds_a_portable_runner_command_score_and_beam_accept(monkeypatch):
     from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions
     from pipelines import score
 
     argv = _dry_run("flink/launch.sh", ["score", "--input", "gs://b/scans", "--output", "gs://b/scores",
                                         "--model", "gs://b/models/archive_vision"], JOB_ENDPOINT="flink-js:8099")
     assert argv[:2] == ["archive-vision", "score"]
+    # score reads the model's recorded settings from its export (no bucket here: what it would read is recorded)
+    read = []
+    monkeypatch.setattr(score, "recorded_score_settings", lambda path: read.append(path) or {})
     _, beam_args = score.parse_args(argv[2:])
+    assert read == ["gs://b/models/archive_vision"]
     assert unknown_beam_flags(beam_args) == []
     portable = PipelineOptions(beam_args).view_as(PortableOptions)
     assert (portable.job_endpoint, portable.environment_type, portable.environment_config) == (
