@@ -501,11 +501,6 @@ def uses_builtin_model(endpoint: str, model: str) -> bool:
     return not endpoint and model in ("", BUILTIN_MODEL)
 
 
-def builtin_image_size() -> int:
-    """The built-in model's input size (its head records it): --size with the built-in model."""
-    return int(default_model.score_settings()["size"])
-
-
 def builtin_tta_below() -> float:
     """--tta-below for the built-in model: what its training chose on held-out data, else DEFAULT_MODEL_TTA_BELOW."""
     return float(default_model.score_settings()["tta_below"])
@@ -514,11 +509,13 @@ def builtin_tta_below() -> float:
 def builtin_text_lines(recorded: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """--text-lines defaults: whether the ONNX models are installed (and why not), and the weights and gate a
     model's score settings record (`recorded`; the built-in head's when None: archive_vision.train_default fits them
-    on val), else DEFAULT_TEXT_LINES_WEIGHTS and 1.0."""
-    if recorded is None:
-        recorded = default_model.score_settings()["text_lines"]
+    on val). Nothing recorded: every page read (1.0) with the built-in head's weights, else
+    DEFAULT_TEXT_LINES_WEIGHTS."""
+    shipped = default_model.score_settings()["text_lines"]
+    recorded = shipped if recorded is None else recorded
+    weights = recorded.get("weights", shipped.get("weights", DEFAULT_TEXT_LINES_WEIGHTS))
     out = {"available": True, "why": "", "below": float(recorded.get("below", 1.0)),
-           "weights": tuple(float(w) for w in recorded.get("weights", DEFAULT_TEXT_LINES_WEIGHTS))}
+           "weights": tuple(float(w) for w in weights)}
     try:
         text_lines.check_installed()
     except text_lines.TextLinesUnavailable as e:
@@ -530,12 +527,12 @@ def builtin_text_crops(recorded: Optional[Dict[str, Any]] = None) -> Dict[str, A
     """--text-crops defaults: whether the ONNX model is installed (and why not), and what a model's score settings
     record (`recorded`; the built-in head's when None: archive_vision.train_default chooses them on val): the
     evidence's weight and gate, and the --tta-below and --text-lines-below that go with them (the crops settle most
-    pages, so fewer need turned copies or text lines). Nothing recorded: DEFAULT_TEXT_CROPS_WEIGHT, every image
-    read, and no other default changed."""
-    if recorded is None:
-        recorded = default_model.score_settings()["text_crops"]
+    pages, so fewer need turned copies or text lines). Nothing recorded: every image read with the built-in head's
+    weight (else DEFAULT_TEXT_CROPS_WEIGHT), and no other default changed."""
+    shipped = default_model.score_settings()["text_crops"]
+    recorded = shipped if recorded is None else recorded
     out = {"available": True, "why": "", "recorded": bool(recorded),
-           "weight": float(recorded.get("weight", DEFAULT_TEXT_CROPS_WEIGHT)),
+           "weight": float(recorded.get("weight", shipped.get("weight", DEFAULT_TEXT_CROPS_WEIGHT))),
            "below": float(recorded.get("below", 1.0)),
            "agree": int(recorded.get("agree", 0)),
            "tta_below": recorded.get("tta_below"), "text_lines_below": recorded.get("text_lines_below"),
@@ -559,13 +556,10 @@ def recorded_score_settings(path: str) -> Optional[Dict[str, Any]]:
     is there but cannot be read (a broken file, a storage error): scoring on without it would quietly use other
     settings than the model's."""
     try:
-        metadata_path = _export_metadata_path(path)
-        if metadata_path is None:
+        version_dir = _served_version_dir(path)
+        if version_dir is None:
             return None
-        if not FileSystems.exists(metadata_path):
-            return {}
-        with FileSystems.open(metadata_path) as handle:
-            metadata = json.loads(handle.read())
+        metadata = export_metadata(version_dir)
     except FileNotFoundError:  # resolve_version_dir: no version there
         return None
     except Exception as e:  # noqa: BLE001 - said, with the path, instead of scoring with other settings
@@ -574,20 +568,27 @@ def recorded_score_settings(path: str) -> Optional[Dict[str, Any]]:
     return dict(metadata.get("score_settings") or {})
 
 
-def _export_metadata_path(path: str) -> Optional[str]:
-    """serving.export's metadata file of the version `path` names: a version dir, or (local) resolve_version_dir's
-    model dir or export base, or (gs://) a model dir, whose newest numeric version holding a SavedModel is taken
-    (what TF Serving's default policy serves). None when there is no version there."""
+def export_metadata(version_dir: str) -> Dict[str, Any]:
+    """serving.export's metadata file of a version dir (local or gs://), {} when it has none."""
+    path = FileSystems.join(version_dir, "assets.extra", EXPORT_METADATA)
+    if not FileSystems.exists(path):
+        return {}
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read())
+
+
+def _served_version_dir(path: str) -> Optional[str]:
+    """The version `path` names: a version dir, or (local) resolve_version_dir's model dir or export base, or
+    (gs://) a model dir, whose newest numeric version holding a SavedModel is taken (what TF Serving's default
+    policy serves). None when there is no version there."""
     path = path.rstrip("/")
     if not sources.is_remote(path):
-        return FileSystems.join(resolve_version_dir(path), "assets.extra", EXPORT_METADATA)
+        return resolve_version_dir(path)
     if FileSystems.exists(FileSystems.join(path, "saved_model.pb")):
-        return FileSystems.join(path, "assets.extra", EXPORT_METADATA)
+        return path
     found = FileSystems.match([FileSystems.join(path, "*", "saved_model.pb")])[0].metadata_list
     versions = [(int(name), m.path) for m in found for name in [m.path.split("/")[-2]] if name.isdigit()]
-    if not versions:
-        return None
-    return FileSystems.join(max(versions)[1].rsplit("/", 1)[0], "assets.extra", EXPORT_METADATA)
+    return max(versions)[1].rsplit("/", 1)[0] if versions else None
 
 
 def model_score_settings(endpoint: str, model: str, settings_from: str = "") -> Tuple[Optional[Dict[str, Any]], str]:
@@ -614,11 +615,7 @@ def builtin_model_dir() -> str:
 def local_model_info(path: str) -> ModelInfo:
     """Name, version and class names of an exported version, from serving.export's metadata file."""
     version_dir = resolve_version_dir(path)
-    meta_path = os.path.join(version_dir, "assets.extra", EXPORT_METADATA)
-    meta = {}
-    if os.path.exists(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+    meta = export_metadata(version_dir)
     name = meta.get("model_name") or os.path.basename(os.path.dirname(version_dir))
     version = int(meta.get("version") or os.path.basename(version_dir))
     return ModelInfo(name=name, version=version, class_names=tuple(meta.get("class_names") or ()),
@@ -1298,9 +1295,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
     if known.quality is None:
         known.quality = int(recorded.get("quality", 90))
     crops_defaults = builtin_text_crops(recorded.get("text_crops") or {})
-    shipped = default_model.score_settings()
-    if not crops_defaults["recorded"]:  # the weight fitted for the shipped head, for a model that records none
-        crops_defaults["weight"] = float(shipped["text_crops"].get("weight", DEFAULT_TEXT_CROPS_WEIGHT))
     if known.text_crops is None:
         known.text_crops = "text_crops" in readers and crops_defaults["available"]
         if "text_crops" in readers and not crops_defaults["available"]:
@@ -1320,9 +1314,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
                            else float(recorded.get("tta_below", 1.0)))
     if known.text_lines_below is None and with_crops and crops_defaults["text_lines_below"] is not None:
         known.text_lines_below = crops_defaults["text_lines_below"]
-    text_defaults = builtin_text_lines(recorded.get("text_lines") or shipped["text_lines"])
-    if not recorded.get("text_lines"):  # only the shipped head's weights, not its gate, for a model that records none
-        text_defaults["below"] = 1.0
+    text_defaults = builtin_text_lines(recorded.get("text_lines") or {})
     if known.text_lines is None:
         known.text_lines = "text_lines" in readers and text_defaults["available"]
         if "text_lines" in readers and not text_defaults["available"]:
