@@ -8,7 +8,7 @@ photo (val and test: nothing is chosen from this, it is a measurement, and val a
 slope). The fine-tuned top blocks are left out (they cost minutes per point); they add a few points at full size.
 
 `curve_summary` fits accuracy against log2(photos) and reports the points gained per doubling of the training photos;
-`draw_learning_curve` writes the picture the README shows.
+`draw_learning_curve` writes the picture docs/orientation.md shows.
 """
 from __future__ import annotations
 
