@@ -801,6 +801,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("no text-crops row: " + (crops_defaults["why"] or "the head records no text-crops settings, or "
                                        "--tta-below was given"))
 
+    # Pages with no up a person could name (data/orientation_corpus/no_up.tsv, listed blind to every model's
+    # answers): the 4-way question has no answer for them, so the same rows again without them.
+    try:
+        no_up = corpus.load_no_up()
+    except OSError as e:
+        print(f"no rows for the pages with an up: {e}")
+    else:
+        up = np.array(corpus.has_up(test, args.corpus, no_up))
+        print(f"pages listed as having no up: {int(np.sum(~up))} of the split's {int(np.sum(kinds == corpus.PAGE))}: "
+              + ", ".join(os.path.basename(i.path) for i, u in zip(test, up) if not u))
+        without = f"pages with an up ({int(np.sum(~up))} left out)"
+        add(f"default model, turned as files, {without}", file_probs[up], kinds[up], speed[corpus.PHOTO],
+            speed[corpus.PAGE])
+        add(f"default + test-time turns, turned as files, {without}", file_tta[up], kinds[up],
+            tta_speed[corpus.PHOTO], tta_speed[corpus.PAGE])
+        if crops_fused is not None:
+            add(f"score's built-in default, {without}", crops_fused[up], kinds[up], crops_speed[corpus.PHOTO],
+                crops_speed[corpus.PAGE])
+            for label, mask in (("", up), (", pages only", up & (kinds == corpus.PAGE))):
+                stats = train_default.band_stats(crops_fused[mask], rotate_threshold=0.9)
+                print(f"auto_rotate band at p >= 0.9, score's built-in default, {without}{label}: "
+                      f"{_pct(stats['auto_rotate_share_of_rotated'])} of turned images, "
+                      f"{_pct(stats['auto_rotate_right'])} right")
+
     tune_mask = np.array([tuning_half(i) for i in test])
     evaluation = ~tune_mask
     add(f"default, eval half ({int(evaluation.sum())} images)", probs[evaluation], kinds[evaluation],

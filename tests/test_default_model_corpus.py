@@ -101,3 +101,26 @@ def test_tex_live_documents_get_their_tex_catalogue_licence():
                "usr/share/doc/texlive-doc/latex/unknown/x.pdf"]
     assert dict(tally_texlive_licences(licenses, members)) == {
         "lppl1.3": 2, "ofl/lppl1.3c": 1, "pd": 1, "not in the list": 1}
+
+
+def test_pages_with_no_up_are_told_apart_by_their_corpus_path(tmp_path):
+    """The bench's rows without the pages that have no up: a listed page is left out, every other image kept."""
+    _fake_corpus(tmp_path / "c")
+    listed = tmp_path / "no_up.tsv"
+    listed.write_text("# made blind to any model's answers\nfile\twhat_is_on_it\n"
+                      "docs/manuals/doc3_p2.png\tblank page\n")
+    no_up = corpus.load_no_up(str(listed))
+    assert no_up == {"docs/manuals/doc3_p2.png": "blank page"}
+    images = corpus.load_corpus(str(tmp_path / "c"))
+    up = corpus.has_up(images, str(tmp_path / "c"), no_up)
+    assert [i.path for i, u in zip(images, up) if not u] == [str(tmp_path / "c" / "docs/manuals/doc3_p2.png")]
+    assert sum(up) == len(images) - 1
+
+
+def test_the_shipped_no_up_list_names_corpus_pages_and_says_what_is_on_them():
+    no_up = corpus.load_no_up()
+    assert len(no_up) >= 3  # the three empty slides of one talk in the test split, at least
+    for path, what in no_up.items():
+        assert path.startswith("docs/") and path.endswith(".png") and what
+    slides = [p for p in no_up if "bachotex-2010-clash" in p]
+    assert len(slides) == 3
