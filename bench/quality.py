@@ -536,10 +536,11 @@ def write_confusions(folder: str, methods: Dict[str, np.ndarray], kinds: np.ndar
 
 
 def write_misses(folder: str, images: Sequence[corpus.CorpusImage], probs: np.ndarray, method: str,
-                 thumb: int = 150, columns: int = 8) -> List[str]:
+                 thumb: int = 150, columns: int = 8, no_up: Sequence[str] = ()) -> List[str]:
     """misses_<kind>.png: a contact sheet of the held-out images `method` gets wrong under at least one of the four
     turns, each shown upright with how many of its turns it got right and its source package, fewest right first
-    (what the numbers alone hide: which subjects fail, and whether they would fool a person too)."""
+    (what the numbers alone hide: which subjects fail, and whether they would fool a person too). The images whose
+    paths are in `no_up` (listed as having no up) say so on the sheet and in the list's `no_up` column."""
     from PIL import Image, ImageDraw
 
     right = probs.argmax(-1) == np.arange(4)  # [N, 4 turns applied]
@@ -562,19 +563,22 @@ def write_misses(folder: str, images: Sequence[corpus.CorpusImage], probs: np.nd
                     sheet.paste(image, (x + 2, y + 2))
             except OSError:
                 draw.rectangle((x + 2, y + 2, x + thumb - 2, y + thumb - 2), fill="grey")
-            draw.text((x + 2, y + thumb), f"{n_right}/4 {package[:20]}", fill="red")
+            listed = path in no_up
+            draw.text((x + 2, y + thumb), f"{n_right}/4 " + ("no up (listed)" if listed else package[:20]),
+                      fill="grey" if listed else "red")
         out = os.path.join(folder, f"misses_{kind}.png")
         sheet.save(out)
         paths.append(out)
         listing = os.path.join(folder, f"misses_{kind}.tsv")
         root = os.path.commonpath([image.path for image in images]) if len(images) > 1 else ""
         with open(listing, "w") as f:  # the same misses as text: which files, and what was answered per turn
-            f.write("right_turns\tpackage\tpath\tanswers_for_0_90_180_270\n")
+            f.write("right_turns\tpackage\tpath\tanswers_for_0_90_180_270\tno_up\n")
             index = {image.path: i for i, image in enumerate(images)}
             for n_right, package, path in missed:
                 answers = probs[index[path]].argmax(-1) * 90
                 shown = os.path.relpath(path, root) if root else path  # relative to the corpus folder
-                f.write(f"{n_right}\t{package}\t{shown}\t{','.join(str(int(a)) for a in answers)}\n")
+                f.write(f"{n_right}\t{package}\t{shown}\t{','.join(str(int(a)) for a in answers)}\t"
+                        f"{'listed' if path in no_up else ''}\n")
         paths.append(listing)
     return paths
 
@@ -803,12 +807,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # Pages with no up a person could name (data/orientation_corpus/no_up.tsv, listed blind to every model's
     # answers): the 4-way question has no answer for them, so the same rows again without them.
+    listed_no_up: List[str] = []
     try:
         no_up = corpus.load_no_up()
     except OSError as e:
         print(f"no rows for the pages with an up: {e}")
     else:
         up = np.array(corpus.has_up(test, args.corpus, no_up))
+        listed_no_up = [i.path for i, u in zip(test, up) if not u]
         print(f"pages listed as having no up: {int(np.sum(~up))} of the split's {int(np.sum(kinds == corpus.PAGE))}: "
               + ", ".join(os.path.basename(i.path) for i, u in zip(test, up) if not u))
         without = f"pages with an up ({int(np.sum(~up))} left out)"
@@ -893,7 +899,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for path in write_confusions(args.figures, figures, kinds):
             print(f"figure: {path}")
         last = list(figures)[-1]  # the fullest method: score's default when its readers are installed
-        for path in write_misses(args.figures, test, figures[last], last):
+        for path in write_misses(args.figures, test, figures[last], last, no_up=listed_no_up):
             print(f"figure: {path}")
     if args.answers:
         saved = {"paths": np.array([i.path for i in test]), "kinds": kinds, "default": probs,

@@ -26,7 +26,7 @@ def test_the_sheet_shows_each_missed_image_once_fewest_right_first(tmp_path):
               _image(tmp_path, "half", corpus.PHOTO, "blue"), _image(tmp_path, "page", corpus.PAGE, "black")]
     probs = np.stack([_answers({0, 1, 2, 3}), _answers(set()), _answers({0, 2}), _answers({0, 1, 2, 3})])
     photo_sheet, photo_list, page_sheet, page_list = write_misses(str(tmp_path), images, probs, "method", thumb=50,
-                                                                  columns=4)
+                                                                  columns=4, no_up=[images[2].path])
     sheet = np.asarray(Image.open(photo_sheet).convert("RGB")).astype(int)
     # Tiles in order (never: 0/4, then half: 2/4); the image that is always right is not on the sheet.
     first, second, third = (sheet[20 + 25, 50 * k + 25] for k in range(3))
@@ -39,7 +39,8 @@ def test_the_sheet_shows_each_missed_image_once_fewest_right_first(tmp_path):
     assert page.shape[:2] == (20 + 66, 200) and (page[20:] == 255).all()
     # The same misses as text, with what was answered for each turn (upright 0, then turned 90, 180, 270).
     lines = open(photo_list).read().splitlines()
-    assert lines[1:] == ["0\tpkg-never\tnever.png\t90,180,270,0", "2\tpkg-half\thalf.png\t0,180,180,0"]
+    # An image listed as having no up says so (the bench's pages with no up, data/orientation_corpus/no_up.tsv).
+    assert lines[1:] == ["0\tpkg-never\tnever.png\t90,180,270,0\t", "2\tpkg-half\thalf.png\t0,180,180,0\tlisted"]
     assert open(page_list).read().splitlines()[1:] == []
 
 
