@@ -149,16 +149,16 @@ def write_ingest_manifest(images: Sequence[CorpusImage], path: str, kinds_path: 
     return path
 
 
-# Pages with no up a person could name (an empty slide background, an empty frame): the 4-way question has no
-# answer for them. Listed by a labeller shown only the pages (contact sheets of all 1,580 in a random order, never
-# a model's answers); see the file's header. Kept in the corpus and its splits (the shipped model was trained with
-# them), and reported apart by bench/quality.py.
+# Images with no up a person could name (an empty slide background, a texture filling the frame, a tool seen from
+# above): the 4-way question has no answer for them. Listed by a labeller shown only the images (contact sheets of
+# every page and photo in a random order, never a model's answers); see the file's header. Kept in the corpus and
+# its splits (the shipped model was trained with them), and reported apart by bench/quality.py.
 NO_UP_LIST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "orientation_corpus",
                           "no_up.tsv")
 
 
 def load_no_up(path: str = NO_UP_LIST) -> Dict[str, str]:
-    """{corpus-relative file (as in the manifests): what is on it} for the pages listed as having no up."""
+    """{corpus-relative file (as in the manifests): what is on it} for the images listed as having no up."""
     with open(path, encoding="utf-8") as f:
         rows = [line for line in f if not line.startswith("#")]
     return {row["file"]: row["what_is_on_it"] for row in csv.DictReader(rows, delimiter="\t")}

@@ -805,19 +805,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("no text-crops row: " + (crops_defaults["why"] or "the head records no text-crops settings, or "
                                        "--tta-below was given"))
 
-    # Pages with no up a person could name (data/orientation_corpus/no_up.tsv, listed blind to every model's
+    # Images with no up a person could name (data/orientation_corpus/no_up.tsv, listed blind to every model's
     # answers): the 4-way question has no answer for them, so the same rows again without them.
     listed_no_up: List[str] = []
     try:
         no_up = corpus.load_no_up()
     except OSError as e:
-        print(f"no rows for the pages with an up: {e}")
+        print(f"no rows for the images with an up: {e}")
     else:
         up = np.array(corpus.has_up(test, args.corpus, no_up))
         listed_no_up = [i.path for i, u in zip(test, up) if not u]
-        print(f"pages listed as having no up: {int(np.sum(~up))} of the split's {int(np.sum(kinds == corpus.PAGE))}: "
-              + ", ".join(os.path.basename(i.path) for i, u in zip(test, up) if not u))
-        without = f"pages with an up ({int(np.sum(~up))} left out)"
+        left = {k: int(np.sum(~up & (kinds == k))) for k in (corpus.PHOTO, corpus.PAGE)}
+        for k in (corpus.PHOTO, corpus.PAGE):
+            print(f"{k}s listed as having no up: {left[k]} of the split's {int(np.sum(kinds == k))}: "
+                  + ", ".join(os.path.basename(i.path) for i, u in zip(test, up) if not u and i.kind == k))
+        without = f"images with an up ({left[corpus.PHOTO]} photos, {left[corpus.PAGE]} pages left out)"
         add(f"default model, turned as files, {without}", file_probs[up], kinds[up], speed[corpus.PHOTO],
             speed[corpus.PAGE])
         add(f"default + test-time turns, turned as files, {without}", file_tta[up], kinds[up],
