@@ -158,10 +158,24 @@ NO_UP_LIST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 def load_no_up(path: str = NO_UP_LIST) -> Dict[str, str]:
-    """{corpus-relative file (as in the manifests): what is on it} for the images listed as having no up."""
+    """{file relative to the corpus root (docs/..., photos/...): what is on it} for the images listed as having no
+    up. A file listed twice is an error (a list that merges two labellings should say which one it keeps)."""
     with open(path, encoding="utf-8") as f:
         rows = [line for line in f if not line.startswith("#")]
-    return {row["file"]: row["what_is_on_it"] for row in csv.DictReader(rows, delimiter="\t")}
+    listed: Dict[str, str] = {}
+    for row in csv.DictReader(rows, delimiter="\t", quoting=csv.QUOTE_NONE):
+        file = row["file"].strip()
+        if file in listed:
+            raise ValueError(f"{path}: {file} is listed twice")
+        listed[file] = row["what_is_on_it"].strip()
+    return listed
+
+
+def unmatched_no_up(images: Sequence[CorpusImage], root: str, no_up: Dict[str, str]) -> List[str]:
+    """The listed files that are no corpus image (a typo, or an image a rebuilt corpus no longer has): each would
+    quietly count as an image with an up."""
+    present = {os.path.relpath(i.path, root).replace(os.sep, "/") for i in images}
+    return sorted(set(no_up) - present)
 
 
 def has_up(images: Sequence[CorpusImage], root: str, no_up: Dict[str, str]) -> List[bool]:

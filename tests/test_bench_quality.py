@@ -39,7 +39,7 @@ def test_the_sheet_shows_each_missed_image_once_fewest_right_first(tmp_path):
     assert page.shape[:2] == (20 + 66, 200) and (page[20:] == 255).all()
     # The same misses as text, with what was answered for each turn (upright 0, then turned 90, 180, 270).
     lines = open(photo_list).read().splitlines()
-    # An image listed as having no up says so (the bench's pages with no up, data/orientation_corpus/no_up.tsv).
+    # An image listed as having no up says so (data/orientation_corpus/no_up.tsv).
     assert lines[1:] == ["0\tpkg-never\tnever.png\t90,180,270,0\t", "2\tpkg-half\thalf.png\t0,180,180,0\tlisted"]
     assert open(page_list).read().splitlines()[1:] == []
 

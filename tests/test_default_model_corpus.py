@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 import os
 
+import pytest
+
 from archive_vision import orientation_corpus as corpus
 
 PHOTO_HEADER = ["file", "kind", "container", "member", "rotate_cw", "tag", "width", "height"]
@@ -103,24 +105,35 @@ def test_tex_live_documents_get_their_tex_catalogue_licence():
         "lppl1.3": 2, "ofl/lppl1.3c": 1, "pd": 1, "not in the list": 1}
 
 
-def test_images_with_no_up_are_told_apart_by_their_corpus_path(tmp_path):
-    """The bench's rows without the images that have no up: a listed page is left out, every other image kept."""
+def test_images_with_no_up_are_told_apart_by_their_corpus_path(tmp_path, monkeypatch):
+    """The bench's rows without the images that have no up: a listed page and a listed photo are left out, every
+    other image kept, whichever way the corpus root is spelt; a listed file that is no corpus image is reported."""
     _fake_corpus(tmp_path / "c")
     listed = tmp_path / "no_up.tsv"
-    listed.write_text("# made blind to any model's answers\nfile\twhat_is_on_it\n"
-                      "docs/manuals/doc3_p2.png\tblank page\n")
+    listed.write_text('# made blind to any model\'s answers\nfile\twhat_is_on_it\n'
+                      'docs/manuals/doc3_p2.png\tblank page\n'
+                      'photos/p0_1.jpg\t"bark" filling the frame\n'
+                      'photos/gone.jpg\ta photo a rebuilt corpus no longer has\n')
     no_up = corpus.load_no_up(str(listed))
-    assert no_up == {"docs/manuals/doc3_p2.png": "blank page"}
-    images = corpus.load_corpus(str(tmp_path / "c"))
-    up = corpus.has_up(images, str(tmp_path / "c"), no_up)
-    assert [i.path for i, u in zip(images, up) if not u] == [str(tmp_path / "c" / "docs/manuals/doc3_p2.png")]
-    assert sum(up) == len(images) - 1
+    assert no_up["photos/p0_1.jpg"] == '"bark" filling the frame'  # taken as written, no CSV quoting
+    for root in (str(tmp_path / "c"), str(tmp_path / "c") + "/", "c"):
+        monkeypatch.chdir(tmp_path)
+        images = corpus.load_corpus(root)
+        up = corpus.has_up(images, root, no_up)
+        left_out = sorted(os.path.relpath(i.path, root) for i, u in zip(images, up) if not u)
+        assert left_out == ["docs/manuals/doc3_p2.png", "photos/p0_1.jpg"], root
+        assert sum(up) == len(images) - 2
+        assert corpus.unmatched_no_up(images, root, no_up) == ["photos/gone.jpg"]
+    listed.write_text("file\twhat_is_on_it\nphotos/p0_1.jpg\tbark\nphotos/p0_1.jpg\tbark again\n")
+    with pytest.raises(ValueError, match="listed twice"):
+        corpus.load_no_up(str(listed))
 
 
-def test_the_shipped_no_up_list_names_corpus_pages_and_says_what_is_on_them():
+def test_the_shipped_no_up_list_names_corpus_images_and_says_what_is_on_them():
     no_up = corpus.load_no_up()
-    assert len(no_up) >= 3  # the three empty slides of one talk in the test split, at least
     for path, what in no_up.items():
-        assert (path.startswith("docs/") and path.endswith(".png") or path.startswith("photos/")) and what
-    slides = [p for p in no_up if "bachotex-2010-clash" in p]
-    assert len(slides) == 3
+        assert (path.startswith("docs/") and path.endswith(".png")
+                or path.startswith("photos/") and path.endswith(".jpg")), path
+        assert what
+    # The three empty slides of one talk are the test split's listed pages (README, docs/orientation.md).
+    assert len([p for p in no_up if "bachotex-2010-clash" in p]) == 3

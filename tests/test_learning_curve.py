@@ -1,4 +1,4 @@
-"""archive_vision.learning_curve: the photo learning curve the README's data-scaling figures come from."""
+"""archive_vision.learning_curve: the photo learning curve docs/orientation.md's data-scaling figures come from."""
 from __future__ import annotations
 
 import math
