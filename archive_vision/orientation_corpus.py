@@ -174,13 +174,17 @@ def load_no_up(path: str = NO_UP_LIST) -> Dict[str, str]:
 def unmatched_no_up(images: Sequence[CorpusImage], root: str, no_up: Dict[str, str]) -> List[str]:
     """The listed files that are no corpus image (a typo, or an image a rebuilt corpus no longer has): each would
     quietly count as an image with an up."""
-    present = {os.path.relpath(i.path, root).replace(os.sep, "/") for i in images}
-    return sorted(set(no_up) - present)
+    return sorted(set(no_up) - {_corpus_file(i, root) for i in images})
 
 
 def has_up(images: Sequence[CorpusImage], root: str, no_up: Dict[str, str]) -> List[bool]:
     """For each image: False when it is listed in `no_up` (keyed by its path relative to the corpus root)."""
-    return [os.path.relpath(i.path, root).replace(os.sep, "/") not in no_up for i in images]
+    return [_corpus_file(i, root) not in no_up for i in images]
+
+
+def _corpus_file(image: CorpusImage, root: str) -> str:
+    """The image's path relative to the corpus root, with forward slashes: how no_up.tsv names it."""
+    return os.path.relpath(image.path, root).replace(os.sep, "/")
 
 
 def summary(images: Sequence[CorpusImage]) -> Dict[str, Dict[str, int]]:

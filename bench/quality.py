@@ -546,6 +546,7 @@ def write_misses(folder: str, images: Sequence[corpus.CorpusImage], probs: np.nd
     from PIL import Image, ImageDraw
 
     right = probs.argmax(-1) == np.arange(4)  # [N, 4 turns applied]
+    no_up = set(no_up)
     paths = []
     for kind in (corpus.PHOTO, corpus.PAGE):
         missed = sorted((int(right[i].sum()), images[i].package, images[i].path) for i in range(len(images))
@@ -656,12 +657,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     below = builtin_tta_below() if args.tta_below is None else args.tta_below
     adaptive = below < 1.0  # else test-time turns when unsure are test-time turns for every image
     unsure_tta, unsure_speed = tta, tta_speed
-    band_methods = [("default", probs), ("default + test-time turns", tta)]
+    # (name, answers, the answered images' kinds): the auto_rotate band by threshold is printed for each at the end
+    band_methods = [("default", probs, kinds), ("default + test-time turns", tta, kinds)]
     if adaptive:
         unsure_tta, _ = train_default.turns_when_unsure(probs, below)
         unsure_speed = {k: default_speed(runner, [i.path for i in test if i.kind == k][:args.speed_images],
                                          tta=True, below=below) for k in (corpus.PHOTO, corpus.PAGE)}
-        band_methods.append((f"default + test-time turns when p < {below}", unsure_tta))
+        band_methods.append((f"default + test-time turns when p < {below}", unsure_tta, kinds))
         _, sweep = train_default.choose_tta_below(probs, kinds, candidates=(below,))
         for kind in (corpus.PHOTO, corpus.PAGE):
             share, upright = sweep[below][f"{kind}s_turned"], sweep[below][f"{kind}s_upright_turned"]
@@ -739,7 +741,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  and not with_crops else "")
         add(f"default + test-time turns + text lines below {gate}{label}", fused, kinds, text_speed[corpus.PHOTO],
             text_speed[corpus.PAGE])
-        band_methods.append((f"default + test-time turns + text lines below {gate}", fused))
+        band_methods.append((f"default + test-time turns + text lines below {gate}", fused, kinds))
     else:
         print(f"no text-lines row: {text_defaults['why']}")
 
@@ -801,7 +803,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           "without --text-crops-agree")
             gate_alone = then_lines(gate_alone, " (without --text-crops-agree)")
             add(alone_name + " (not timed)", gate_alone, kinds, float("nan"), float("nan"))
-            band_methods.append((alone_name, gate_alone))
+            band_methods.append((alone_name, gate_alone, kinds))
         crops_speed = {}
         for kind in (corpus.PHOTO, corpus.PAGE):
             ips, crops_share, lines_share = text_crops_speed(
@@ -814,7 +816,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         crops_name = f"default + text crops below {settings['below']}{agree_part} + test-time turns{lines_part}"
         add(crops_name + " (score's built-in default)", crops_fused, kinds, crops_speed[corpus.PHOTO],
             crops_speed[corpus.PAGE])
-        band_methods.append((crops_name, crops_fused))
+        band_methods.append((crops_name, crops_fused, kinds))
     else:
         print("no text-crops row: " + (crops_defaults["why"] or "the head records no text-crops settings, or "
                                        "--tta-below was given"))
@@ -835,11 +837,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if crops_fused is not None:
             add(f"score's built-in default, {without}", crops_fused[up], kinds[up], crops_speed[corpus.PHOTO],
                 crops_speed[corpus.PAGE])
-            for label, mask in (("", up), (", pages only", up & (kinds == corpus.PAGE))):
-                stats = train_default.band_stats(crops_fused[mask], rotate_threshold=0.9)
-                print(f"auto_rotate band at p >= 0.9, score's built-in default, {without}{label}: "
-                      f"{_pct(stats['auto_rotate_share_of_rotated'])} of turned images, "
-                      f"{_pct(stats['auto_rotate_right'])} right")
+            band_methods.append((f"score's built-in default, {without}", crops_fused[up], kinds[up]))
 
     tune_mask = np.array([tuning_half(i) for i in test])
     evaluation = ~tune_mask
@@ -922,11 +920,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             probs, 1.0 / temperature))):
         nll, ece = calibration(p)
         print(f"calibration, {name}: NLL {nll:.3f}, ECE {100 * ece:.1f}%")
-    for name, p in band_methods:
+    for name, p, kinds_of in band_methods:
         # All images, then each kind alone: the target is for all, but an archive of photos only lives with the
         # photos' band, which is narrower and less often right at the same threshold.
-        for label, mask in (("", np.ones(len(kinds), bool)), (", photos only", kinds == corpus.PHOTO),
-                            (", pages only", kinds == corpus.PAGE)):
+        for label, mask in (("", np.ones(len(kinds_of), bool)), (", photos only", kinds_of == corpus.PHOTO),
+                            (", pages only", kinds_of == corpus.PAGE)):
             cells = []
             for threshold in (0.8, 0.9, 0.95, 0.98):
                 stats = train_default.band_stats(p[mask], rotate_threshold=threshold)
