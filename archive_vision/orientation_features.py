@@ -26,6 +26,9 @@ import numpy as np
 GRID = 3
 # Output of MobileNetV2's block 14 (7x7x160 at 224 px): what the fine-tuned top blocks 15-18 start from.
 CUT_LAYER = "features_14_conv_3"
+# The shipped model's backbone (trainer.torchvision_mobilenet). Features of another backbone (`backbone=` a name
+# of trainer.backbones' registry, compared by archive_vision.backbone_compare) are cached under `<name>/<variant>`.
+DEFAULT_BACKBONE = "mobilenet_v2_torchvision"
 VARIANTS = ("pad224", "flip224", "pad320", "crop224", "tiles448")
 
 
@@ -68,20 +71,27 @@ def cache_path(cache_dir: str, variant: str, image_path: str) -> str:
 
 
 class FeatureExtractor:
-    """The frozen torchvision MobileNetV2 followed by the head's grid pooling, one compiled call per batch.
+    """A frozen backbone (the torchvision MobileNetV2 unless `backbone` names another of trainer.backbones' registry,
+    with its ImageNet weights) followed by the head's grid pooling, one compiled call per batch.
 
     With `cut` (a layer name, e.g. CUT_LAYER) it returns that layer's full feature map instead, unpooled: the
     input of the top blocks when those are fine-tuned on cached activations.
     """
 
-    def __init__(self, grid: int = GRID, cut: Optional[str] = None):
+    def __init__(self, grid: int = GRID, cut: Optional[str] = None, backbone: str = DEFAULT_BACKBONE):
         import tensorflow as tf
 
         from trainer.model import AdaptiveGridPooling
-        from trainer.torchvision_mobilenet import build_mobilenet_v2_torchvision
 
         self.backbones: Dict[int, object] = {}
-        self._build = build_mobilenet_v2_torchvision
+        if backbone == DEFAULT_BACKBONE:
+            from trainer.torchvision_mobilenet import build_mobilenet_v2_torchvision
+
+            self._build = build_mobilenet_v2_torchvision
+        else:
+            from trainer.backbones import build_backbone
+
+            self._build = lambda weights, include_top, input_size: build_backbone(backbone, "imagenet", input_size)
         self.pool = AdaptiveGridPooling(grid)
         self.cut = cut
         self._calls: Dict[int, Callable] = {}
@@ -132,12 +142,15 @@ def image_features(extractor: FeatureExtractor, image_bytes: bytes, variant: str
 
 def cached_features(paths: Sequence[str], variant: str, cache_dir: str,
                     extractor: Optional[FeatureExtractor] = None, progress: bool = True,
-                    cut: Optional[str] = None) -> np.ndarray:
+                    cut: Optional[str] = None, backbone: str = DEFAULT_BACKBONE) -> np.ndarray:
     """[N, 4, ...] features of the images (computed and saved where missing), in the order of paths.
 
-    cut: the unpooled map of that backbone layer instead (cached apart, as `<variant>@<cut>`)."""
+    cut: the unpooled map of that backbone layer instead (cached apart, as `<variant>@<cut>`).
+    backbone: another backbone's features (cached apart, under `<backbone>/`)."""
     rows: List[np.ndarray] = []
     folder = f"{variant}@{cut}" if cut else variant
+    if backbone != DEFAULT_BACKBONE:
+        folder = f"{backbone}/{folder}"
     os.makedirs(os.path.join(cache_dir, folder), exist_ok=True)
     for index, path in enumerate(paths):
         target = cache_path(cache_dir, folder, path)
@@ -145,7 +158,7 @@ def cached_features(paths: Sequence[str], variant: str, cache_dir: str,
             rows.append(np.load(target))
             continue
         if extractor is None:
-            extractor = FeatureExtractor(cut=cut)
+            extractor = FeatureExtractor(cut=cut, backbone=backbone)
         with open(path, "rb") as f:
             features = image_features(extractor, f.read(), variant)
         np.save(target + ".tmp.npy", features)

@@ -766,11 +766,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-fine-tune", dest="fine_tune", action="store_false",
                         help="train the head alone on the frozen backbone (minutes instead of about half an hour)")
-    parser.add_argument("--experiments", nargs="?", const="all", choices=("all", "inputs", "tta", "curve"),
+    parser.add_argument("--experiments", nargs="?", const="all", choices=("all", "inputs", "tta", "curve", "backbones"),
                         help="print val accuracy of the measured variants instead (`inputs`: only the input "
                              "comparison, pad224 / crop224 / pad320; `tta`: only score's --tta-below and "
                              "--text-lines choices, on the recipe trained on train; `curve`: held-out photo "
-                             "accuracy against the number of training photos, archive_vision.learning_curve)")
+                             "accuracy against the number of training photos, archive_vision.learning_curve; `backbones`: "
+                             "held-out accuracy of heads on other frozen ImageNet backbones, alone and averaged, "
+                             "archive_vision.backbone_compare)")
     parser.add_argument("--curve-figure", help="with --experiments curve: also draw the curve into this PNG")
     parser.add_argument("--rechoose", action="store_true",
                         help="choose score's settings on val again for the head at --out (trained by this recipe "
@@ -793,6 +795,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(json.dumps(learning_curve.curve_summary(rows), indent=1))
             if args.curve_figure:
                 print("wrote", learning_curve.draw_learning_curve(rows, args.curve_figure))
+            return 0
+        if args.experiments == "backbones":
+            from archive_vision import backbone_compare as bc
+
+            kinds = np.array([i.kind for i in bc.held_out(images)])
+            answers = {name: bc.backbone_answers(images, args.cache, name, epochs=args.epochs)
+                       for name in bc.BACKBONES}
+            costs = {name: bc.backbone_cost(name) for name in bc.BACKBONES}
+            print(f"backbone cost per 224 px image, batch 16, {args.threads} thread(s): " +
+                  ", ".join(f"{name} {ms:.1f} ms" for name, ms in costs.items()))
+            print(bc.format_table(bc.compare_backbones(answers, kinds), costs))
             return 0
         if args.experiments == "all":
             run_experiments(images, args.cache)
