@@ -36,10 +36,7 @@ def backbone_answers(images: Sequence[corpus.CorpusImage], cache: str, backbone:
     from archive_vision import train_default as td
 
     epochs = td.DEFAULT_EPOCHS if epochs is None else epochs
-    train = {kind: [i.path for i in images if i.split == corpus.TRAIN and i.kind == kind]
-             for kind in (corpus.PHOTO, corpus.PAGE)}
-    train_feats = np.concatenate([features.cached_features(paths, view, cache, backbone=backbone)
-                                  for kind, paths in train.items() for view in td.TRAIN_VIEWS[kind]])
+    train_feats, _ = td._training_views(images, (corpus.TRAIN,), cache, backbone)
     held_feats = features.cached_features([i.path for i in held_out(images)], "pad224", cache, backbone=backbone)
     answers = []
     for seed in seeds:

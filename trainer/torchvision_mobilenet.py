@@ -301,7 +301,7 @@ def _check_torchvision_hash(path: str) -> None:
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     if not digest.startswith(match.group(1)):
         raise ValueError(f"{path}: sha256 {digest[:16]}... does not match the hash in its name; "
-                         "the file is corrupt or not the torchvision release")
+                         "the file is corrupt or not the released file")
 
 
 def _conv_bn_relu6(x, filters: int, kernel: int, stride: int, name: str, depthwise: bool = False):
