@@ -204,7 +204,8 @@ def _load_zip(path: Path) -> Any:
         storages: dict[str, np.ndarray] = {}
 
         def persistent_load(pid: Any) -> _StorageRef:
-            typename, storage_type, key, _location, numel = pid[0], pid[1], _decode(pid[2]), pid[3], pid[4]
+            # pid[3] is the storage's device location, which numpy has no use for.
+            typename, storage_type, key, numel = pid[0], pid[1], _decode(pid[2]), pid[4]
             if _decode(typename) != "storage":
                 raise pickle.UnpicklingError(f"unsupported persistent id {typename!r}")
             if key not in storages:
