@@ -189,10 +189,32 @@ def test_rechoose_keeps_the_head_when_a_reader_is_not_installed(tmp_path, monkey
 
 
 def test_cli_refuses_options_that_would_be_ignored(capsys):
-    for argv in (["--curve-figure", "c.png"], ["--rechoose", "--experiments", "tta"]):
+    for argv, named in ((["--curve-figure", "c.png"], "--curve-figure"),
+                        (["--rechoose", "--experiments", "tta"], "--rechoose"),
+                        (["--experiments", "curve", "--photo-weight", "2"], "--photo-weight"),
+                        (["--experiments", "--no-fine-tune"], "--no-fine-tune"),
+                        (["--experiments", "depth", "--photo-weight", "2", "--no-fine-tune"],
+                         "--photo-weight and --no-fine-tune")):
         with pytest.raises(SystemExit):
             train_default.main(["--corpus", "c", "--cache", "k", *argv])
-        assert "--" in capsys.readouterr().err
+        assert named in capsys.readouterr().err
+
+
+def test_cli_passes_recipe_options_to_the_tta_experiment(monkeypatch):
+    """--photo-weight and --no-fine-tune reach the one experiment that trains the recipe (not refused there)."""
+    seen = {}
+
+    def choose(images, cache, epochs, photo_weight, fine_tune):
+        seen.update(photo_weight=photo_weight, fine_tune=fine_tune)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(train_default.corpus, "load_corpus", lambda path: [])
+    monkeypatch.setattr(train_default, "_choose_on_val", choose)
+    monkeypatch.setattr(train_default, "limit_tf_threads", lambda threads: None)
+    with pytest.raises(RuntimeError, match="stop here"):
+        train_default.main(["--corpus", "c", "--cache", "k", "--experiments", "tta",
+                            "--photo-weight", "2", "--no-fine-tune"])
+    assert seen == {"photo_weight": 2.0, "fine_tune": False}
 
 
 def test_every_fine_tune_depth_cuts_where_its_blocks_start(monkeypatch):
