@@ -170,23 +170,39 @@ def _read_parquet(path: str):
     return pq.read_table(io.BytesIO(FileSystems.open(path).read()))
 
 
+SURE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # the confidences truth_summary tabulates
+
+
 def truth_metrics(results: List[dict], truth: Dict[Tuple[str, int], Dict[str, Any]]) -> Dict[str, Any]:
     """Confusion matrices and per-class accuracy of the results that have a known truth."""
     out: Dict[str, Any] = {}
     pairs_o, pairs_c = [], []
+    by_decision: Dict[str, List[int]] = {}
+    sure: List[Tuple[float, bool, bool]] = []
     for row in results:
         t = truth.get((row["uri"], row["page"])) or (truth.get((row["uri"], 0)) if row["page"] == 0 else None)
         if t is None or row["decision"] == "skipped":
             continue
         if t["orientation"] in (0, 90, 180, 270) and row["orientation_degrees"] in (0, 90, 180, 270):
             pairs_o.append((t["orientation"], row["orientation_degrees"]))
+            counts = by_decision.setdefault(row["decision"], [0, 0])
+            counts[0] += 1
+            counts[1] += int(t["orientation"] == row["orientation_degrees"])
+            sure.append((float(row["orientation_confidence"] or 0.0), row["orientation_degrees"] != 0,
+                         t["orientation"] == row["orientation_degrees"]))
         if t["label"] and row["class_name"]:
             pairs_c.append((t["label"], row["class_name"]))
     if pairs_o:
         m = np.zeros((4, 4), int)
         for a, b in pairs_o:
             m[a // 90, b // 90] += 1
-        out["orientation"] = {"labels": list(ORIENTATION_NAMES), "matrix": m}
+        confidence, turned, right = np.array(sure, float).reshape(-1, 3).T
+        out["orientation"] = {"labels": list(ORIENTATION_NAMES), "matrix": m,
+                              "by_decision": {k: tuple(v) for k, v in sorted(by_decision.items())},
+                              "by_threshold": {answer: {t: (int(np.sum(chosen)), int(np.sum(right[chosen])))
+                                                        for t in SURE_THRESHOLDS
+                                                        for chosen in [(confidence >= t) & (turned == want)]}
+                                               for answer, want in (("turned", 1), ("upright", 0))}}
     if pairs_c:
         labels = sorted({a for a, _ in pairs_c} | {b for _, b in pairs_c})
         m = np.zeros((len(labels), len(labels)), int)
@@ -194,6 +210,44 @@ def truth_metrics(results: List[dict], truth: Dict[Tuple[str, int], Dict[str, An
             m[labels.index(a), labels.index(b)] += 1
         out["class"] = {"labels": labels, "matrix": m}
     return out
+
+
+def truth_summary(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """truth_metrics as run.json records it: per task images, right, accuracy; for orientation also per decision
+    (auto_rotate: turned by score and how many of those turns are right; ok: left as they are; review), and per
+    confidence threshold, for the images answered as turned and those answered as upright apart, the share of all
+    images with that answer at or above it and how many of those are right: what --rotate-threshold and
+    --ok-threshold would give on this archive (confidence alone; score's other review reasons aside)."""
+    summary: Dict[str, Any] = {}
+    for key in ("orientation", "class"):
+        if key in metrics:
+            m = metrics[key]["matrix"]
+            summary[key] = {"images": int(m.sum()), "right": int(np.trace(m)),
+                            "accuracy": round(float(np.trace(m) / max(1, m.sum())), 4)}
+    if "orientation" in metrics:
+        summary["orientation"]["by_decision"] = {
+            decision: {"images": n, "right": right, "accuracy": round(right / n, 4)}
+            for decision, (n, right) in metrics["orientation"]["by_decision"].items()}
+        images = summary["orientation"]["images"]
+        summary["orientation"]["by_threshold"] = {
+            answer: {f"{t:g}": {"images": n, "share": round(n / max(1, images), 4),
+                                "right": right, "accuracy": round(right / n, 4) if n else None}
+                     for t, (n, right) in table.items()}
+            for answer, table in metrics["orientation"]["by_threshold"].items()}
+    return summary
+
+
+def truth_summary_line(summary: Dict[str, Any]) -> str:
+    """The run's truth figures in one line ('' when nothing matched the truth)."""
+    parts = []
+    if "orientation" in summary:
+        o = summary["orientation"]
+        decisions = ", ".join(f"{k} {v['right']}/{v['images']}" for k, v in o["by_decision"].items())
+        parts.append(f"orientation {100 * o['accuracy']:.1f}% right of {o['images']} ({decisions})")
+    if "class" in summary:
+        c = summary["class"]
+        parts.append(f"class {100 * c['accuracy']:.1f}% right of {c['images']}")
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------- the page
@@ -393,10 +447,25 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
                            f"<td class=n>{(m[i, i] / m[i].sum() if m[i].sum() else float('nan')):.2f}</td></tr>"
                            for i, label in enumerate(labels))
             picture = confusion_picture(m, labels, f"{heading}: accuracy {accuracy:.2f} on {int(m.sum())}")
+            decided = ""
+            if key == "orientation":
+                decided = "".join(f"<tr><td>{html.escape(d)}</td><td class=n>{n}</td><td class=n>{right / n:.3f}"
+                                  f"</td></tr>" for d, (n, right) in metrics[key]["by_decision"].items())
+                decided = (f'<table><tr><th>decision</th><th>images</th><th>orientation right</th></tr>{decided}'
+                           f'</table>')
+                n, tables = int(m.sum()), metrics[key]["by_threshold"]
+                by_threshold = "".join(
+                    f"<tr><td>{t:g}</td>" + "".join(
+                        f"<td class=n>{tables[a][t][0] / max(1, n):.1%}</td><td class=n>"
+                        f"{(f'{tables[a][t][1] / tables[a][t][0]:.3f}') if tables[a][t][0] else '-'}</td>"
+                        for a in ("turned", "upright")) + "</tr>" for t in SURE_THRESHOLDS)
+                decided += (f'<table><tr><th>if the threshold were</th><th>answered turned, at or above '
+                            f'(--rotate-threshold)</th><th>right</th><th>answered upright, at or above '
+                            f'(--ok-threshold)</th><th>right</th></tr>{by_threshold}</table>')
             section.append(f'<div style="display:flex;gap:24px;align-items:flex-start;flex-wrap:wrap">'
                            f'<img class="confusion" src="{_png_data_uri(picture)}" alt="{key} confusion matrix">'
                            f'<table><tr><th>{key} (truth)</th><th>images</th><th>accuracy</th></tr>{rows}'
-                           f'</table></div>')
+                           f'</table>{decided}</div>')
         if len(section) == 1:
             section.append("<p>no result matched a labelled row of the truth manifest</p>")
         parts.append("".join(section))

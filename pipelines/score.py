@@ -1492,6 +1492,16 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     write_results_csv(opts.output)
     tool = ("jpegtran" if jpegtran_path() else "none (JPEG re-encoded at quality 95)") if opts.write_corrected else ""
     summary = summarize(opts, model, elapsed, _metric_totals(result), len(known), tool, runner_record(pipeline))
+    truth = opts.truth or _labelled_input(opts.input)
+    if truth:
+        from pipelines import report
+
+        try:
+            summary["truth"] = {"manifest": truth, **report.truth_summary(
+                report.truth_metrics(report.read_run(opts.output)[0], report.read_truth(truth)))}
+        except Exception as e:  # a truth manifest that cannot be read is said, not fatal: the tables stand
+            LOG.exception("reading the truth manifest failed")
+            summary["truth"] = {"manifest": truth, "error": f"{type(e).__name__}: {e}"}
     with FileSystems.create(FileSystems.join(opts.output, "run.json")) as handle:
         handle.write(json.dumps(summary, indent=2, default=str).encode())
     if opts.report:
@@ -1562,6 +1572,13 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  crops    {text_crops_summary(summary['text_crops'])}")
     if summary.get("text_lines", {}).get("enabled"):
         lines.append(f"  text     {text_lines_summary(summary['text_lines'])}")
+    if summary.get("truth"):
+        from pipelines.report import truth_summary_line
+
+        truth = summary["truth"]
+        line = (f"FAILED: {truth['error']}" if truth.get("error") else
+                truth_summary_line(truth) or f"no result matched a labelled row of {truth['manifest']}")
+        lines.append(f"  truth    {line}")
     if summary["corrected"]["dir"]:
         lines.append(f"  corrected {c['corrected_written']} upright copies in {summary['corrected']['dir']} "
                      f"(JPEG: {summary['corrected']['jpeg_tool']})")

@@ -37,6 +37,10 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys):
     rows = pq.read_table(os.path.join(out, "score", "results.parquet")).num_rows
     errors = pq.read_table(os.path.join(out, "score", "errors.parquet")).num_rows
     assert (rows, errors) == (len(rows_truth(out)), 3)  # every good image scored, every corrupt one an error
+    with open(os.path.join(out, "score", "run.json")) as f:
+        truth = json.load(f)["truth"]["orientation"]  # score --truth: figures in run.json and on screen
+    assert truth["images"] == rows and sum(d["images"] for d in truth["by_decision"].values()) == rows
+    assert f"truth    orientation {100 * truth['accuracy']:.1f}% right of {rows} (" in printed
 
 
 @pytest.mark.slow
