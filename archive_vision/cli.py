@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "serve": ("serving.server", "local TF-Serving-compatible gRPC server"),
     "score": ("pipelines.score", "Beam job: classify and orient an archive through a model"),
     "report": ("pipelines.report", "write the HTML report of a score run"),
+    "checkset": ("archive_vision.check_set", "turn images known to be upright four ways, with truth.csv for score"),
     "demo": ("archive_vision.demo", "build a sample archive and run the whole chain end to end"),
     "submit": ("archive_vision.cluster", "render / submit a multi-worker training job to Kubernetes"),
 }

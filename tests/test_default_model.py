@@ -6,6 +6,7 @@ Pillow-rendered text page, each turned 0/90/180/270 degrees clockwise.
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import numpy as np
@@ -190,6 +191,37 @@ def test_score_without_a_model_uses_the_built_in_one_with_test_time_turns(monkey
     assert rows["page_0.jpg"]["decision"] == "ok"
     # At least three of the four turned copies agree (the 90-degree one is the dissenter on this rendered page).
     assert all(rows[f"page_{d}.jpg"]["tta_agreement"] >= 0.75 for d in TURNS)
+
+
+def test_a_check_set_scored_against_its_truth_says_how_right_each_decision_is(monkeypatch, cache_root, tmp_path,
+                                                                              turned_images, capsys):
+    """`checkset` turns images known to be upright four ways; `score --truth` on them records and prints how many
+    turns it got right, per decision (even with --no-report): what an archive team checks before trusting it."""
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    from archive_vision import check_set
+    from pipelines import score
+
+    monkeypatch.setenv("ARCHIVE_VISION_CACHE", cache_root)
+    upright = tmp_path / "upright"
+    upright.mkdir()
+    for name, degrees, data in turned_images:
+        if degrees == 0 and name in ("astronaut", "page"):
+            (upright / f"{name}.jpg").write_bytes(data)
+    assert check_set.main(["--input", str(upright), "--output", str(tmp_path / "check")]) == 0
+    output = tmp_path / "scored"
+    summary = score.run(["--input", str(tmp_path / "check" / "images"), "--output", str(output), "--no-report",
+                         "--truth", str(tmp_path / "check" / "truth.csv")], test_pipeline=TestPipeline())
+    rows = _rows_by_file(output)
+    right = sum(r["orientation_degrees"] == int(name.rsplit("_t", 1)[1].split(".")[0]) for name, r in rows.items())
+    truth = summary["truth"]["orientation"]
+    assert (truth["images"], truth["right"]) == (8, right) and right >= 7
+    decisions = {d: sum(r["decision"] == d for r in rows.values()) for d in ("auto_rotate", "ok", "review")}
+    assert {d: v["images"] for d, v in truth["by_decision"].items()} == {d: n for d, n in decisions.items() if n}
+    assert truth["by_threshold"]["turned"]["0.9"]["images"] == decisions["auto_rotate"]
+    with open(output / "run.json") as f:
+        assert json.load(f)["truth"]["orientation"]["right"] == right
+    assert f"  truth    orientation {100 * right / 8:.1f}% right of 8 (" in score.format_summary(summary)
 
 
 def test_score_reads_the_text_lines_of_unsure_pages_and_says_so(monkeypatch, cache_root, tmp_path, turned_images):

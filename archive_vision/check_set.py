@@ -1,0 +1,170 @@
+"""A labelled check set from images known to be upright: each one turned four ways, with the truth beside it.
+
+    archive-vision checkset --input upright/ --output check/ [--sample 200] [--turns 0,90,180,270]
+    archive-vision score --input check/images --output scored/ --truth check/truth.csv
+
+An archive team's first question about the default orientation model is how well it reads *their* scans. They
+rarely have labels, but they can always pick a few hundred images they know are upright. This writes every such
+image in each turn (clockwise, the MODEL CONTRACT's `orientation`) under `images/`, keeping its folder, and
+`truth.csv` (uri, orientation, and the label where the input has one), so that `score --truth` prints how many turns it got right, and of the images it
+would auto-rotate or leave alone, how many it got right: the figures that say whether its `--rotate-threshold`
+can be trusted on this archive.
+
+The turns are made the way `score --write-corrected` makes upright copies: JPEG through `jpegtran -perfect`
+(lossless) where it can, else re-encoded at quality 95; other formats keep every pixel; an EXIF turn is applied
+first, as score applies it. A multi-page TIFF gives its first page. An input whose manifest gives an `orientation`
+is taken as stored that way, and its truths add the turn to it. An input that cannot be read or decoded (empty,
+truncated, corrupt, not an image, over the pixel or size limit) is a row of `errors.csv` with ingest's error
+kind and the reason; the counts always add up.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import os
+import posixpath
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from pipelines import imaging, sources
+
+TURNS = (0, 90, 180, 270)
+IMAGES_DIR = "images"
+TRUTH_FILE = "truth.csv"
+ERRORS_FILE = "errors.csv"
+
+
+def parse_turns(text: str) -> Tuple[int, ...]:
+    """'0,90,180,270' -> (0, 90, 180, 270); refuses anything but distinct quarter turns."""
+    try:
+        turns = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--turns takes quarter turns like 0,90,180,270, not {text!r}") from None
+    if not turns or any(t not in TURNS for t in turns) or len(set(turns)) != len(turns):
+        raise argparse.ArgumentTypeError(f"--turns takes distinct quarter turns (0, 90, 180, 270), not {text!r}")
+    return turns
+
+
+def sample(entries: Sequence[sources.SourceEntry], count: int, seed: int) -> List[sources.SourceEntry]:
+    """`count` entries chosen by a hash of (seed, uri): the same choice on every run and machine, in input order."""
+    if count <= 0 or count >= len(entries):
+        return list(entries)
+    rank = sorted(entries, key=lambda e: hashlib.sha1(f"{seed}:{e.uri}".encode()).hexdigest())[:count]
+    chosen = {e.uri for e in rank}
+    return [e for e in entries if e.uri in chosen]
+
+
+def relative_name(uri: str, root: str) -> str:
+    """The input's path under the input folder (its base name for a manifest's or glob's files elsewhere)."""
+    if root and uri.startswith(root.rstrip("/") + "/"):
+        return uri[len(root.rstrip("/")) + 1:]
+    return posixpath.basename(uri.replace("\\", "/"))
+
+
+def turned_copies(data: bytes, turns: Sequence[int], max_pixels: int = imaging.DEFAULT_MAX_PIXELS
+                  ) -> List[Tuple[int, bytes, str]]:
+    """[(turn, bytes, extension), ...] of an image (its first page) turned clockwise by each of `turns`.
+
+    Decoded first as ingest and score decode it, so a bad file raises imaging.ImageError with their error kind."""
+    from pipelines.score import upright_bytes
+
+    next(imaging.decode_pages(data, max_pixels=max_pixels, max_pages=1))
+    fmt = imaging.sniff_format(data)
+    copies = []
+    for turn in turns:
+        # upright_bytes undoes a clockwise turn; undoing (360 - t) turns the image t clockwise.
+        turned, extension, _ = upright_bytes(data, 0, (360 - turn) % 360, fmt)
+        copies.append((turn, turned, extension))
+    return copies
+
+
+def build(input_src: str, output: str, turns: Sequence[int] = TURNS, count: int = 0, seed: int = 0,
+          max_file_mb: float = 200.0, max_pixels: int = imaging.DEFAULT_MAX_PIXELS, progress=print) -> Dict[str, int]:
+    """Write the check set; returns its counts (inputs = images_written + failed, files = images * turns)."""
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    if not sources.is_remote(output):
+        output = os.path.abspath(output)  # truth.csv names the copies as score lists them
+    if FileSystems.exists(FileSystems.join(output, TRUTH_FILE)):
+        raise FileExistsError(f"{output} already holds a check set ({TRUTH_FILE}); choose an empty --output")
+    listed = list(sources.list_archive(input_src))
+    entries = sample([e for e in listed if not e.error], count, seed)
+    root = "" if sources.is_manifest(input_src) else (
+        input_src if sources.is_remote(input_src) else os.path.abspath(input_src))
+    truth_rows, error_rows = [], [(e.uri, e.error_type, e.error) for e in listed if e.error]
+    written = 0
+    for index, entry in enumerate(entries, 1):
+        try:
+            if entry.size_bytes > max_file_mb * 1e6:
+                raise imaging.ImageError("too_large", f"{entry.size_bytes / 1e6:.0f} MB is over --max-file-mb "
+                                                      f"{max_file_mb:g}; not read")
+            with FileSystems.open(entry.uri, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+                data = handle.read()
+            copies = turned_copies(data, turns, max_pixels)
+        except imaging.ImageError as e:
+            error_rows.append((entry.uri, e.kind, str(e)))
+            continue
+        except Exception as e:  # one bad input is a row of errors.csv, never the end of the run
+            error_rows.append((entry.uri, "unreadable" if isinstance(e, OSError) else "turn_failed",
+                               f"{type(e).__name__}: {e}"))
+            continue
+        stored = entry.orientation if entry.orientation in TURNS else 0
+        stem = posixpath.splitext(relative_name(entry.uri, root))[0]
+        for turn, turned, extension in copies:
+            path = FileSystems.join(output, IMAGES_DIR, f"{stem}_t{turn}{extension}")
+            with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+                handle.write(turned)
+            truth_rows.append((path, (stored + turn) % 360, entry.label, entry.uri))
+        written += 1
+        if progress and (index % 50 == 0 or index == len(entries)):
+            progress(f"checkset: {index}/{len(entries)} images turned ({len(error_rows)} failed)")
+    _write_csv(output, TRUTH_FILE, ("uri", "orientation", "label", "source_uri"), truth_rows)
+    _write_csv(output, ERRORS_FILE, ("uri", "error_type", "message"), error_rows)
+    counts = {"listed": len(listed), "inputs": len(entries) + sum(1 for e in listed if e.error),
+              "images_written": written, "failed": len(error_rows), "files": len(truth_rows)}
+    assert counts["inputs"] == counts["images_written"] + counts["failed"], counts
+    return counts
+
+
+def _write_csv(output: str, name: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    with FileSystems.create(FileSystems.join(output, name)) as handle:
+        handle.write(buffer.getvalue().encode())
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="archive-vision checkset", description=__doc__.splitlines()[0])
+    parser.add_argument("--input", required=True,
+                        help="images known to be upright: folder, gs://bucket/prefix, glob, or manifest .csv/.parquet "
+                             "(a manifest's orientation column, where given, says how each is stored instead)")
+    parser.add_argument("--output", required=True, help="empty folder (local or gs://) for the turned copies")
+    parser.add_argument("--turns", type=parse_turns, default=TURNS, help="clockwise turns to write (default: all four)")
+    parser.add_argument("--sample", type=int, default=0, help="use this many inputs, chosen by --seed (0: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-file-mb", type=float, default=200.0, help="larger inputs are errors, not read")
+    parser.add_argument("--max-pixels", type=int, default=imaging.DEFAULT_MAX_PIXELS,
+                        help="larger images are errors, refused before decoding (ingest's limit)")
+    args = parser.parse_args(argv)
+    try:
+        counts = build(args.input, args.output, args.turns, args.sample, args.seed, args.max_file_mb,
+                       args.max_pixels)
+    except (FileExistsError, FileNotFoundError) as e:
+        print(f"archive-vision checkset: {e}", file=sys.stderr)
+        return 2
+    out = args.output.rstrip("/")
+    print(f"checkset: {counts['inputs']} inputs: {counts['images_written']} turned into {counts['files']} files, "
+          f"{counts['failed']} failed ({out}/{ERRORS_FILE}); truth in {out}/{TRUTH_FILE}\n"
+          f"next: archive-vision score --input {out}/{IMAGES_DIR} --output SCORED --truth {out}/{TRUTH_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

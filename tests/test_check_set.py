@@ -1,0 +1,147 @@
+"""`archive-vision checkset`: images known to be upright, each written in four turns with truth.csv for score."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from archive_vision import check_set
+from pipelines import imaging, report, sources
+
+
+def _picture(width: int, height: int, mode: str = "RGB") -> Image.Image:
+    """A picture whose four turns all differ (a bright block in one corner, a gradient across)."""
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :].repeat(height, 0)
+    rgb = np.stack([x, x[::-1, ::-1] * 0.5, np.full_like(x, 60)], -1).astype(np.uint8)
+    rgb[: height // 4, : width // 5] = 255
+    image = Image.fromarray(rgb)
+    return image.convert(mode) if mode != "RGB" else image
+
+
+def _bytes(image: Image.Image, fmt: str, **kw) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kw)
+    return buffer.getvalue()
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def upright(tmp_path):
+    """A small archive of upright images in two folders, and every kind of bad input beside them."""
+    root = tmp_path / "upright"
+    (root / "photos").mkdir(parents=True)
+    (root / "pages").mkdir()
+    (root / "photos" / "aligned.jpg").write_bytes(_bytes(_picture(64, 48), "JPEG", quality=92))
+    (root / "photos" / "odd_size.jpg").write_bytes(_bytes(_picture(61, 45), "JPEG", quality=92))  # not MCU-aligned
+    (root / "pages" / "palette.png").write_bytes(_bytes(_picture(40, 30, "P"), "PNG"))
+    (root / "pages" / "grey16.tif").write_bytes(_bytes(_picture(33, 21, "L").convert("I;16"), "TIFF"))
+    (root / "pages" / "empty.jpg").write_bytes(b"")
+    (root / "pages" / "notes.jpg").write_bytes(b"these are notes, not a picture")
+    whole = _bytes(_picture(64, 48), "JPEG", quality=92)
+    (root / "photos" / "truncated.jpg").write_bytes(whole[: len(whole) // 3])
+    (root / "photos" / "huge.png").write_bytes(_bytes(_picture(300, 300), "PNG"))
+    return root
+
+
+def test_every_upright_image_is_written_in_four_turns_with_its_truth(upright, tmp_path):
+    out = tmp_path / "check"
+    counts = check_set.build(str(upright), str(out), max_pixels=200 * 200, progress=None)
+    # 8 inputs: 4 turned, 4 refused with ingest's error kinds; the counts add up
+    assert counts == {"listed": 8, "inputs": 8, "images_written": 4, "failed": 4, "files": 16}
+    errors = {os.path.basename(r["uri"]): r for r in _read_csv(out / "errors.csv")}
+    assert {name: row["error_type"] for name, row in errors.items()} == {
+        "empty.jpg": "empty", "notes.jpg": "unknown_format", "truncated.jpg": "truncated", "huge.png": "too_large"}
+    assert all(row["message"] for row in errors.values())
+    truth = _read_csv(out / "truth.csv")
+    assert len(truth) == 16
+    for row in truth:
+        source = Image.open(row["source_uri"])
+        turned = Image.open(row["uri"])
+        turn = int(row["orientation"])
+        assert row["uri"].startswith(str(out / "images")) and os.path.isabs(row["uri"])
+        assert row["uri"].endswith(f"_t{turn}" + os.path.splitext(row["uri"])[1])
+        # the folders are kept, so a folder label stays a label
+        assert os.path.basename(os.path.dirname(row["uri"])) == row["label"] in ("photos", "pages")
+        expected = np.asarray(imaging.turn_clockwise(source.convert("RGB"), turn), np.int16)
+        got = np.asarray(turned.convert("RGB"), np.int16)
+        assert got.shape == expected.shape
+        if source.format == "JPEG":  # lossless through jpegtran where the blocks allow, else quality 95
+            assert np.abs(got - expected).mean() < 3, row
+        else:  # PNG and TIFF keep every pixel, in their own format and mode
+            assert turned.format == source.format and turned.mode == source.mode
+            assert (got == expected).all(), row
+
+
+def test_score_reads_the_check_sets_truth_as_written(upright, tmp_path):
+    """The truth file names the copies the way score lists them, and says their turns."""
+    out = tmp_path / "check"
+    check_set.build(str(upright), str(out), turns=(0, 270), progress=None)
+    truth = report.read_truth(str(out / "truth.csv"))
+    assert len(truth) == 10  # five good images (huge.png is within the default pixel limit), two turns each
+    assert {uri for uri, _ in truth} == {e.uri for e in sources.list_archive(str(out / check_set.IMAGES_DIR))}
+    for (uri, page), row in truth.items():
+        assert os.path.exists(uri) and page == 0
+        assert row["orientation"] == int(uri.rsplit("_t", 1)[1].split(".")[0]) in (0, 270)
+
+
+def test_a_manifests_stored_turn_is_added_to_each_turn(tmp_path):
+    image = tmp_path / "sideways.png"
+    image.write_bytes(_bytes(_picture(40, 30), "PNG"))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"uri,orientation\n{image},90\n")
+    check_set.build(str(manifest), str(tmp_path / "check"), progress=None)
+    truth = {int(r["uri"].rsplit("_t", 1)[1].split(".")[0]): int(r["orientation"])
+             for r in _read_csv(tmp_path / "check" / "truth.csv")}
+    assert truth == {0: 90, 90: 180, 180: 270, 270: 0}
+
+
+def test_a_sample_is_the_same_every_time_and_a_used_output_is_refused(tmp_path, capsys):
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(12):
+        (root / f"{i:02d}.png").write_bytes(_bytes(_picture(20 + i, 16), "PNG"))
+    first = check_set.main(["--input", str(root), "--output", str(tmp_path / "a"), "--sample", "5", "--turns", "0,180"])
+    second = check_set.main(["--input", str(root), "--output", str(tmp_path / "b"), "--sample", "5", "--turns", "0,180"])
+    assert first == second == 0
+    names = [[os.path.basename(r["source_uri"]) for r in _read_csv(tmp_path / d / "truth.csv")] for d in "ab"]
+    assert names[0] == names[1] and len(names[0]) == 10 and len(set(names[0])) == 5
+    assert "score --input" in capsys.readouterr().out
+    assert check_set.main(["--input", str(root), "--output", str(tmp_path / "a")]) == 2
+    assert "already holds a check set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["0,45", "90,90", "", "left"])
+def test_only_distinct_quarter_turns_are_taken(text):
+    with pytest.raises(Exception, match="quarter turns"):
+        check_set.parse_turns(text)
+
+
+def test_truth_figures_per_decision_and_threshold():
+    """What score records in run.json and prints: accuracy, each decision's share right, and per threshold how
+    many answers of each kind (turned, upright) are at or above it and how many of those are right."""
+    truth = {(f"f{i}", 0): {"label": "", "orientation": t} for i, t in enumerate([0, 90, 180, 270, 0, 90])}
+    rows = [  # uri, answer, confidence, decision
+        ("f0", 0, 0.95, "ok"), ("f1", 90, 0.97, "auto_rotate"), ("f2", 0, 0.6, "ok"),
+        ("f3", 270, 0.85, "review"), ("f4", 180, 0.55, "review"), ("f5", 90, 0.4, "skipped")]
+    results = [{"uri": u, "page": 0, "orientation_degrees": a, "orientation_confidence": c, "decision": d,
+                "class_name": ""} for u, a, c, d in rows]
+    summary = report.truth_summary(report.truth_metrics(results, truth))
+    o = summary["orientation"]
+    assert (o["images"], o["right"], o["accuracy"]) == (5, 3, 0.6)  # the skipped row is not counted
+    assert o["by_decision"] == {"auto_rotate": {"images": 1, "right": 1, "accuracy": 1.0},
+                                "ok": {"images": 2, "right": 1, "accuracy": 0.5},
+                                "review": {"images": 2, "right": 1, "accuracy": 0.5}}
+    assert o["by_threshold"]["turned"]["0.8"] == {"images": 2, "share": 0.4, "right": 2, "accuracy": 1.0}
+    assert o["by_threshold"]["turned"]["0.5"] == {"images": 3, "share": 0.6, "right": 2, "accuracy": 0.6667}
+    assert o["by_threshold"]["upright"]["0.5"] == {"images": 2, "share": 0.4, "right": 1, "accuracy": 0.5}
+    assert o["by_threshold"]["upright"]["0.99"] == {"images": 0, "share": 0.0, "right": 0, "accuracy": None}
+    line = report.truth_summary_line(summary)
+    assert line == "orientation 60.0% right of 5 (auto_rotate 1/1, ok 1/2, review 1/2)"
