@@ -31,7 +31,8 @@ def _fake_corpus(root) -> None:
                            f"usr/share/x.rcc!res/series{series}/shot{shot}.webp", "0", "scene", "320", "240"])
     for name, package, member in (("nc.jpg", "jigzo-data", "usr/share/games/jigzo/puzzles/00_default/penguin-3x2.pzl!full"),
                                   ("fancy.jpg", "jquery.fancybox@2.1.5", "package/demo/1_b.jpg"),
-                                  ("reserved.jpg", "mate-backgrounds", "usr/share/backgrounds/a.jpg")):
+                                  ("reserved.jpg", "mate-backgrounds", "usr/share/backgrounds/a.jpg"),
+                                  ("checked.jpg", "gramps", "usr/share/doc/gramps/example/gramps/O1.jpg")):
         (root / "photos" / name).write_bytes(b"jpeg")
         photos.append([name, "deb", package, member, "0", "scene", "320", "240"])
     _write_tsv(root / "photos" / "manifest.tsv", PHOTO_HEADER, photos)
@@ -48,8 +49,8 @@ def _fake_corpus(root) -> None:
 def test_split_keeps_sources_together_and_leaves_out_non_free(tmp_path):
     _fake_corpus(tmp_path)
     images = corpus.load_corpus(str(tmp_path))
-    assert len(images) == 36 + 60  # non-free, reserved and not-yet-rendered items are left out
-    assert not {"jigzo-data", "jquery.fancybox@2.1.5", "mate-backgrounds"} & {i.package for i in images}
+    assert len(images) == 36 + 60  # non-free, reserved, people-check and not-yet-rendered items are left out
+    assert not {"jigzo-data", "jquery.fancybox@2.1.5", "mate-backgrounds", "gramps"} & {i.package for i in images}
     splits_per_group = {}
     for image in images:
         splits_per_group.setdefault(image.group, set()).add(image.split)
