@@ -88,6 +88,10 @@ def build(input_src: str, output: str, turns: Sequence[int] = TURNS, count: int 
 
     if not sources.is_remote(output):
         output = os.path.abspath(output)  # truth.csv names the copies as score lists them
+    if not sources.is_remote(input_src) and os.path.isdir(input_src) and not sources.is_remote(output) and (
+            os.path.commonpath([os.path.abspath(input_src), output]) == os.path.abspath(input_src)):
+        raise ValueError(f"--output {output} is inside --input {input_src}: the turned copies would join the archive "
+                         f"(and the next checkset or score of it); write them elsewhere")
     if FileSystems.exists(FileSystems.join(output, TRUTH_FILE)):
         raise FileExistsError(f"{output} already holds a check set ({TRUTH_FILE}); choose an empty --output")
     listed = list(sources.list_archive(input_src))
@@ -156,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         counts = build(args.input, args.output, args.turns, args.sample, args.seed, args.max_file_mb,
                        args.max_pixels)
-    except (FileExistsError, FileNotFoundError) as e:
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"archive-vision checkset: {e}", file=sys.stderr)
         return 2
     out = args.output.rstrip("/")

@@ -188,7 +188,7 @@ def truth_metrics(results: List[dict], truth: Dict[Tuple[str, int], Dict[str, An
             counts = by_decision.setdefault(row["decision"], [0, 0])
             counts[0] += 1
             counts[1] += int(t["orientation"] == row["orientation_degrees"])
-            sure.append((float(row["orientation_confidence"] or 0.0), row["orientation_degrees"] != 0,
+            sure.append((float(row.get("orientation_confidence") or 0.0), row["orientation_degrees"] != 0,
                          t["orientation"] == row["orientation_degrees"]))
         if t["label"] and row["class_name"]:
             pairs_c.append((t["label"], row["class_name"]))

@@ -116,6 +116,8 @@ def test_a_sample_is_the_same_every_time_and_a_used_output_is_refused(tmp_path, 
     assert "score --input" in capsys.readouterr().out
     assert check_set.main(["--input", str(root), "--output", str(tmp_path / "a")]) == 2
     assert "already holds a check set" in capsys.readouterr().err
+    assert check_set.main(["--input", str(root), "--output", str(root / "check")]) == 2
+    assert "is inside --input" in capsys.readouterr().err and not (root / "check").exists()
 
 
 @pytest.mark.parametrize("text", ["0,45", "90,90", "", "left"])
@@ -145,3 +147,17 @@ def test_truth_figures_per_decision_and_threshold():
     assert o["by_threshold"]["upright"]["0.99"] == {"images": 0, "share": 0.0, "right": 0, "accuracy": None}
     line = report.truth_summary_line(summary)
     assert line == "orientation 60.0% right of 5 (auto_rotate 1/1, ok 1/2, review 1/2)"
+
+
+def test_the_shared_sample_archive_gives_ingests_error_kinds(tmp_path):
+    """Every format ingest reads (JPEG, PNG, BMP, WebP) is turned; every bad input gets the kind ingest gives it."""
+    from tests.image_factory import write_sample_archive
+
+    archive = write_sample_archive(str(tmp_path / "scans"))
+    counts = check_set.build(str(tmp_path / "scans"), str(tmp_path / "check"), progress=None)
+    assert counts["images_written"] == len(archive["good"]) and counts["failed"] == len(archive["bad"])
+    errors = {r["uri"]: r["error_type"] for r in _read_csv(tmp_path / "check" / "errors.csv")}
+    assert errors == archive["bad"]
+    truth = _read_csv(tmp_path / "check" / "truth.csv")
+    assert sorted({r["source_uri"] for r in truth}) == sorted(archive["good"])
+    assert {os.path.splitext(r["uri"])[1] for r in truth} == {".jpg", ".png", ".bmp", ".webp"}

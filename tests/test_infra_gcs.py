@@ -113,6 +113,26 @@ def test_ingest_reads_a_gs_archive_and_writes_shards_and_tables_to_gs(bucket, tm
         bucket.blob("ingested/run.json").download_as_bytes())["counts"] == summary["counts"]
 
 
+def test_checkset_reads_a_gs_archive_and_writes_its_turned_copies_and_truth_to_gs(bucket, tmp_path):
+    import csv
+
+    from archive_vision import check_set
+
+    archive = write_sample_archive(str(tmp_path / "upright"))
+    uris = upload_dir(bucket, str(tmp_path / "upright"), "upright")
+    assert check_set.main(["--input", f"gs://{BUCKET}/upright", "--output", f"gs://{BUCKET}/check",
+                           "--turns", "0,90"]) == 0
+    truth = list(csv.DictReader(io.StringIO(bucket.blob("check/truth.csv").download_as_text())))
+    assert sorted({r["source_uri"] for r in truth}) == sorted(uris[p] for p in archive["good"])
+    assert len(truth) == 2 * len(archive["good"])
+    names = names_under(bucket, "check")
+    assert all(r["uri"].startswith(f"gs://{BUCKET}/check/images/") and r["uri"][len(f"gs://{BUCKET}/"):]
+               in {f"check/{n}" for n in names} for r in truth)
+    errors = {r["uri"]: r["error_type"]
+              for r in csv.DictReader(io.StringIO(bucket.blob("check/errors.csv").download_as_text()))}
+    assert errors == {uris[p]: kind for p, kind in archive["bad"].items() if p in uris}
+
+
 def test_two_pods_train_from_gs_shards_into_one_gs_job_dir_and_a_restart_resumes(bucket, emulator, tmp_path):
     from tests.test_trainer_data import write_archive
 
