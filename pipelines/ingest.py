@@ -170,22 +170,11 @@ class DecodeImagesFn(beam.DoFn):
                                  f"label {entry.label!r} is not one of --classes {list(classes)}")
                 return
             label_index = list(classes).index(entry.label)
-        max_bytes = int(opts.max_file_mb * 1024 * 1024)
-        if entry.size_bytes > max_bytes:
-            self._failed_inputs.inc()
-            yield self._fail(entry.uri, "read", "too_large",
-                             f"file is {entry.size_bytes / 1e6:.1f} MB, over --max-file-mb {opts.max_file_mb}")
-            return
         try:
-            with FileSystems.open(entry.uri, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-                data = handle.read(max_bytes + 1)
-        except Exception as e:  # a missing file, broken symlink, permission or network failure is data here
+            data = sources.read_input(entry, opts.max_file_mb)
+        except imaging.ImageError as e:
             self._failed_inputs.inc()
-            yield self._fail(entry.uri, "read", "unreadable", f"{type(e).__name__}: {e}")
-            return
-        if len(data) > max_bytes:
-            self._failed_inputs.inc()
-            yield self._fail(entry.uri, "read", "too_large", f"file is over --max-file-mb {opts.max_file_mb}")
+            yield self._fail(entry.uri, "read", e.kind, str(e))
             return
         self._bytes_read.inc(len(data))
         sha = imaging.content_sha256(data)

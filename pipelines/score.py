@@ -691,18 +691,10 @@ class PrepareImagesFn(beam.DoFn):
         if entry.error:
             yield self._fail(entry.uri, "list", entry.error_type, entry.error)
             return
-        max_bytes = int(opts.max_file_mb * 1024 * 1024)
-        if entry.size_bytes > max_bytes:
-            yield self._fail(entry.uri, "read", "too_large", f"file is over --max-file-mb {opts.max_file_mb}")
-            return
         try:
-            with FileSystems.open(entry.uri, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-                data = handle.read(max_bytes + 1)
-        except Exception as e:  # a missing file, broken symlink, permission or network failure is data here
-            yield self._fail(entry.uri, "read", "unreadable", f"{type(e).__name__}: {e}")
-            return
-        if len(data) > max_bytes:
-            yield self._fail(entry.uri, "read", "too_large", f"file is over --max-file-mb {opts.max_file_mb}")
+            data = sources.read_input(entry, opts.max_file_mb)
+        except imaging.ImageError as e:
+            yield self._fail(entry.uri, "read", e.kind, str(e))
             return
         sha = imaging.content_sha256(data)
         if sha in known:
@@ -1029,12 +1021,14 @@ def reset_exif_orientation(jpeg: bytes) -> bytes:
     return jpeg
 
 
-def upright_bytes(data: bytes, page: int, orientation_degrees: int, fmt: str) -> Tuple[bytes, str, str]:
+def upright_bytes(data: bytes, page: int, orientation_degrees: int, fmt: str,
+                  lossless_jpeg: bool = True) -> Tuple[bytes, str, str]:
     """(bytes, extension, method) of the page turned upright, in its original format where possible.
 
     JPEG goes through `jpegtran -perfect` (lossless; an EXIF turn is folded into the same operation and the tag
-    reset to 1); when that is impossible (no binary, partial edge blocks) it is re-encoded at quality 95 and the
-    method says so. Other formats keep every pixel (PNG/TIFF/BMP/lossless WebP; GIF becomes PNG).
+    reset to 1); when that is impossible (no binary, partial edge blocks) or `lossless_jpeg` is False it is
+    re-encoded at quality 95 and the method says so. Other formats keep every pixel (PNG/TIFF/BMP/lossless WebP;
+    GIF becomes PNG).
     """
     from PIL import Image, ImageOps, ImageSequence
 
@@ -1042,7 +1036,7 @@ def upright_bytes(data: bytes, page: int, orientation_degrees: int, fmt: str) ->
         image = Image.open(io.BytesIO(data))
         exif_turn = int(image.getexif().get(imaging.EXIF_ORIENTATION_TAG, 0) or 0)
         tool = jpegtran_path()
-        if tool:
+        if tool and lossless_jpeg:
             operation = jpegtran_operation(exif_turn, orientation_degrees)
             done = subprocess.run([tool, "-copy", "all", "-perfect", *operation], input=data,
                                   capture_output=True, timeout=120)
@@ -1052,7 +1046,8 @@ def upright_bytes(data: bytes, page: int, orientation_degrees: int, fmt: str) ->
         upright = make_upright(ImageOps.exif_transpose(image).convert("RGB"), orientation_degrees)
         buffer = io.BytesIO()
         upright.save(buffer, "JPEG", quality=95, subsampling=0)
-        return buffer.getvalue(), ".jpg", f"reencoded_q95_{'no_jpegtran' if not tool else 'not_mcu_aligned'}"
+        why = "no_jpegtran" if not tool else ("not_mcu_aligned" if lossless_jpeg else "asked")
+        return buffer.getvalue(), ".jpg", f"reencoded_q95_{why}"
     image = Image.open(io.BytesIO(data))
     if fmt == "tiff":
         for index, frame in enumerate(ImageSequence.Iterator(image)):

@@ -231,6 +231,29 @@ def list_archive(src: str, label_mode: str = "auto", exclude: Sequence[str] = ()
         raise FileNotFoundError(f"input {src!r} is not a folder, file, glob, gs:// prefix or manifest")
 
 
+def read_input(entry: SourceEntry, max_file_mb: float) -> bytes:
+    """The bytes of one listed input, never more than --max-file-mb of them (MiB, as ingest and score count).
+
+    Raises imaging.ImageError: `too_large` (listed over the limit, so never opened, or found over it while reading:
+    a manifest gives no size), `unreadable` (a missing file, broken symlink, permission or network failure)."""
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipelines.imaging import ImageError
+
+    max_bytes = int(max_file_mb * 1024 * 1024)
+    if entry.size_bytes > max_bytes:
+        raise ImageError("too_large", f"file is {entry.size_bytes / 1e6:.1f} MB, over --max-file-mb {max_file_mb}")
+    try:
+        with FileSystems.open(entry.uri, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            data = handle.read(max_bytes + 1)
+    except Exception as e:  # a missing file, broken symlink, permission or network failure is data here
+        raise ImageError("unreadable", f"{type(e).__name__}: {e}") from e
+    if len(data) > max_bytes:
+        raise ImageError("too_large", f"file is over --max-file-mb {max_file_mb}")
+    return data
+
+
 def class_names(entries: Sequence[SourceEntry], pinned: Optional[Sequence[str]] = None) -> List[str]:
     """Stable class order: the pinned list, else sorted label names (as Keras does for folders)."""
     if pinned:
