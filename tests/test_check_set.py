@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import csv
-import io
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -11,21 +11,8 @@ from PIL import Image
 
 from archive_vision import check_set
 from pipelines import imaging, report, sources
-
-
-def _picture(width: int, height: int, mode: str = "RGB") -> Image.Image:
-    """A picture whose four turns all differ (a bright block in one corner, a gradient across)."""
-    x = np.linspace(0, 255, width, dtype=np.float32)[None, :].repeat(height, 0)
-    rgb = np.stack([x, x[::-1, ::-1] * 0.5, np.full_like(x, 60)], -1).astype(np.uint8)
-    rgb[: height // 4, : width // 5] = 255
-    image = Image.fromarray(rgb)
-    return image.convert(mode) if mode != "RGB" else image
-
-
-def _bytes(image: Image.Image, fmt: str, **kw) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kw)
-    return buffer.getvalue()
+from tests.image_factory import encode_array, make_asymmetric_image, make_random_image, tiff_16bit_grey
+from tests.score_fixtures import write_bad_files
 
 
 def _read_csv(path):
@@ -39,26 +26,26 @@ def upright(tmp_path):
     root = tmp_path / "upright"
     (root / "photos").mkdir(parents=True)
     (root / "pages").mkdir()
-    (root / "photos" / "aligned.jpg").write_bytes(_bytes(_picture(64, 48), "JPEG", quality=92))
-    (root / "photos" / "odd_size.jpg").write_bytes(_bytes(_picture(61, 45), "JPEG", quality=92))  # not MCU-aligned
-    (root / "pages" / "palette.png").write_bytes(_bytes(_picture(40, 30, "P"), "PNG"))
-    (root / "pages" / "grey16.tif").write_bytes(_bytes(_picture(33, 21, "L").convert("I;16"), "TIFF"))
-    (root / "pages" / "empty.jpg").write_bytes(b"")
-    (root / "pages" / "notes.jpg").write_bytes(b"these are notes, not a picture")
-    whole = _bytes(_picture(64, 48), "JPEG", quality=92)
-    (root / "photos" / "truncated.jpg").write_bytes(whole[: len(whole) // 3])
-    (root / "photos" / "huge.png").write_bytes(_bytes(_picture(300, 300), "PNG"))
-    return root
+    (root / "photos" / "aligned.jpg").write_bytes(encode_array(make_asymmetric_image(48, 64), "JPEG", quality=92))
+    (root / "photos" / "odd_size.jpg").write_bytes(  # not a whole number of JPEG blocks: no lossless turns
+        encode_array(make_asymmetric_image(45, 61), "JPEG", quality=92))
+    (root / "pages" / "palette.png").write_bytes(encode_array(make_asymmetric_image(30, 40), "PNG", mode="P"))
+    (root / "pages" / "grey16.tif").write_bytes(tiff_16bit_grey(make_random_image(21, 33, 1)[..., 0].astype(
+        np.uint16) * 257))
+    (root / "photos" / "huge.png").write_bytes(encode_array(make_asymmetric_image(300, 300), "PNG"))
+    bad = {os.path.basename(p): kind for p, kind in write_bad_files(str(root / "pages")).items()}
+    return root, bad
 
 
 def test_every_upright_image_is_written_in_four_turns_with_its_truth(upright, tmp_path):
+    root, bad = upright
     out = tmp_path / "check"
-    counts = check_set.build(str(upright), str(out), max_pixels=200 * 200, progress=None)
-    # 8 inputs: 4 turned, 4 refused with ingest's error kinds; the counts add up
-    assert counts == {"listed": 8, "inputs": 8, "images_written": 4, "failed": 4, "files": 16}
+    counts = check_set.build(str(root), str(out), max_pixels=200 * 200, progress=None)
+    # 8 inputs: 4 turned, the 3 bad files and the over-size one refused with ingest's error kinds; counts add up
+    assert {k: counts[k] for k in ("listed", "inputs", "images_written", "failed", "files")} == {
+        "listed": 8, "inputs": 8, "images_written": 4, "failed": 4, "files": 16}
     errors = {os.path.basename(r["uri"]): r for r in _read_csv(out / "errors.csv")}
-    assert {name: row["error_type"] for name, row in errors.items()} == {
-        "empty.jpg": "empty", "notes.jpg": "unknown_format", "truncated.jpg": "truncated", "huge.png": "too_large"}
+    assert {name: row["error_type"] for name, row in errors.items()} == {**bad, "huge.png": "too_large"}
     assert all(row["message"] for row in errors.values())
     truth = _read_csv(out / "truth.csv")
     assert len(truth) == 16
@@ -73,17 +60,53 @@ def test_every_upright_image_is_written_in_four_turns_with_its_truth(upright, tm
         expected = np.asarray(imaging.turn_clockwise(source.convert("RGB"), turn), np.int16)
         got = np.asarray(turned.convert("RGB"), np.int16)
         assert got.shape == expected.shape
-        if source.format == "JPEG":  # lossless through jpegtran where the blocks allow, else quality 95
+        if source.format == "JPEG":
             assert np.abs(got - expected).mean() < 3, row
         else:  # PNG and TIFF keep every pixel, in their own format and mode
-            assert turned.format == source.format and turned.mode == source.mode
+            assert turned.format == source.format and turned.mode == source.mode and row["method"] == "lossless_pixels"
             assert (got == expected).all(), row
+    methods = {os.path.basename(r["source_uri"]): set() for r in truth}
+    for r in truth:
+        methods[os.path.basename(r["source_uri"])].add(r["method"])
+    # An image's turns are all made one way: the odd-sized JPEG cannot be turned losslessly, so all four of its
+    # copies (turn 0 too) are re-encoded, never the original file beside three re-encoded turns.
+    assert all(len(m) == 1 for m in methods.values()), methods
+    if shutil.which("jpegtran"):
+        assert methods["aligned.jpg"] == {"jpegtran_lossless"}
+        original = (root / "photos" / "aligned.jpg").read_bytes()
+        assert (out / "images" / "photos" / "aligned_t0.jpg").read_bytes() == original
+        assert methods["odd_size.jpg"] == {"reencoded_q95_asked"}
+    else:
+        assert methods["aligned.jpg"] == methods["odd_size.jpg"] == {"reencoded_q95_no_jpegtran"}
+
+
+def test_inputs_that_would_share_a_name_are_errors_not_overwritten(tmp_path):
+    """x/a.jpg and x/a.jpeg would both give x/a_t0.jpg: the second is an error row; a manifest's files from two
+    folders keep their whole paths, so they do not clash at all."""
+    root = tmp_path / "in"
+    for folder in ("x", "y"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "a.jpg").write_bytes(encode_array(make_asymmetric_image(32, 48), "JPEG"))
+    (root / "x" / "a.jpeg").write_bytes(encode_array(make_asymmetric_image(32, 48), "JPEG"))
+    counts = check_set.build(str(root), str(tmp_path / "check"), progress=None)
+    assert (counts["inputs"], counts["images_written"], counts["failed"], counts["files"]) == (3, 2, 1, 8)
+    errors = _read_csv(tmp_path / "check" / "errors.csv")  # listed in name order: x/a.jpeg comes first
+    assert [(os.path.relpath(e["uri"], root), e["error_type"]) for e in errors] == [("x/a.jpg", "name_clash")]
+    truth = _read_csv(tmp_path / "check" / "truth.csv")
+    assert len({r["uri"] for r in truth}) == 8 and all(os.path.exists(r["uri"]) for r in truth)
+    assert len(os.listdir(tmp_path / "check" / "images" / "x")) == 4
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"uri\n{root / 'x' / 'a.jpg'}\n{root / 'y' / 'a.jpg'}\n")
+    counts = check_set.build(str(manifest), str(tmp_path / "check2"), progress=None)
+    assert (counts["images_written"], counts["failed"], counts["files"]) == (2, 0, 8)
+    assert len({r["uri"] for r in _read_csv(tmp_path / "check2" / "truth.csv")}) == 8
 
 
 def test_score_reads_the_check_sets_truth_as_written(upright, tmp_path):
     """The truth file names the copies the way score lists them, and says their turns."""
     out = tmp_path / "check"
-    check_set.build(str(upright), str(out), turns=(0, 270), progress=None)
+    check_set.build(str(upright[0]), str(out), turns=(0, 270), progress=None)
     truth = report.read_truth(str(out / "truth.csv"))
     assert len(truth) == 10  # five good images (huge.png is within the default pixel limit), two turns each
     assert {uri for uri, _ in truth} == {e.uri for e in sources.list_archive(str(out / check_set.IMAGES_DIR))}
@@ -94,7 +117,7 @@ def test_score_reads_the_check_sets_truth_as_written(upright, tmp_path):
 
 def test_a_manifests_stored_turn_is_added_to_each_turn(tmp_path):
     image = tmp_path / "sideways.png"
-    image.write_bytes(_bytes(_picture(40, 30), "PNG"))
+    image.write_bytes(encode_array(make_asymmetric_image(30, 40), "PNG"))
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"uri,orientation\n{image},90\n")
     check_set.build(str(manifest), str(tmp_path / "check"), progress=None)
@@ -107,7 +130,7 @@ def test_a_sample_is_the_same_every_time_and_a_used_output_is_refused(tmp_path, 
     root = tmp_path / "many"
     root.mkdir()
     for i in range(12):
-        (root / f"{i:02d}.png").write_bytes(_bytes(_picture(20 + i, 16), "PNG"))
+        (root / f"{i:02d}.png").write_bytes(encode_array(make_asymmetric_image(16, 20 + i), "PNG"))
     first = check_set.main(["--input", str(root), "--output", str(tmp_path / "a"), "--sample", "5", "--turns", "0,180"])
     second = check_set.main(["--input", str(root), "--output", str(tmp_path / "b"), "--sample", "5", "--turns", "0,180"])
     assert first == second == 0
@@ -116,6 +139,15 @@ def test_a_sample_is_the_same_every_time_and_a_used_output_is_refused(tmp_path, 
     assert "score --input" in capsys.readouterr().out
     assert check_set.main(["--input", str(root), "--output", str(tmp_path / "a")]) == 2
     assert "already holds a check set" in capsys.readouterr().err
+    (tmp_path / "c" / "images").mkdir(parents=True)
+    (tmp_path / "c" / "images" / "left.png").write_bytes(b"from a run that stopped")
+    assert check_set.main(["--input", str(root), "--output", str(tmp_path / "c")]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)  # the same files under another mount: the same sample
+    assert check_set.main(["--input", str(moved), "--output", str(tmp_path / "d"), "--sample", "5", "--turns",
+                           "0,180"]) == 0
+    assert [os.path.basename(r["source_uri"]) for r in _read_csv(tmp_path / "d" / "truth.csv")] == names[0]
     assert check_set.main(["--input", str(root), "--output", str(root / "check")]) == 2
     assert "is inside --input" in capsys.readouterr().err and not (root / "check").exists()
 
