@@ -827,9 +827,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("pass --rechoose or --experiments, not both")
     recipe_flags = [flag for flag, given in (("--photo-weight", args.photo_weight != PHOTO_WEIGHT),
                                              ("--no-fine-tune", not args.fine_tune)) if given]
-    if recipe_flags and args.experiments not in (None, "tta"):
-        parser.error(f"{' and '.join(recipe_flags)} change the recipe that --experiments tta trains; "
-                     f"--experiments {args.experiments} compares its own fixed variants and would ignore them")
+    if recipe_flags and args.experiments not in (None, "tta", "all"):
+        parser.error(f"{' and '.join(recipe_flags)} change the recipe that --experiments tta (and all, in its tta "
+                     f"part) trains; --experiments {args.experiments} compares its own fixed variants and would "
+                     f"ignore them")
     limit_tf_threads(args.threads)
     if args.experiments:
         images = corpus.load_corpus(args.corpus)

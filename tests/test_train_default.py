@@ -192,7 +192,7 @@ def test_cli_refuses_options_that_would_be_ignored(capsys):
     for argv, named in ((["--curve-figure", "c.png"], "--curve-figure"),
                         (["--rechoose", "--experiments", "tta"], "--rechoose"),
                         (["--experiments", "curve", "--photo-weight", "2"], "--photo-weight"),
-                        (["--experiments", "--no-fine-tune"], "--no-fine-tune"),
+                        (["--experiments", "inputs", "--no-fine-tune"], "--no-fine-tune"),
                         (["--experiments", "depth", "--photo-weight", "2", "--no-fine-tune"],
                          "--photo-weight and --no-fine-tune")):
         with pytest.raises(SystemExit):
@@ -201,7 +201,7 @@ def test_cli_refuses_options_that_would_be_ignored(capsys):
 
 
 def test_cli_passes_recipe_options_to_the_tta_experiment(monkeypatch):
-    """--photo-weight and --no-fine-tune reach the one experiment that trains the recipe (not refused there)."""
+    """--photo-weight and --no-fine-tune reach the experiment that trains the recipe (tta, also part of all)."""
     seen = {}
 
     def choose(images, cache, epochs, photo_weight, fine_tune):
@@ -211,10 +211,14 @@ def test_cli_passes_recipe_options_to_the_tta_experiment(monkeypatch):
     monkeypatch.setattr(train_default.corpus, "load_corpus", lambda path: [])
     monkeypatch.setattr(train_default, "_choose_on_val", choose)
     monkeypatch.setattr(train_default, "limit_tf_threads", lambda threads: None)
-    with pytest.raises(RuntimeError, match="stop here"):
-        train_default.main(["--corpus", "c", "--cache", "k", "--experiments", "tta",
-                            "--photo-weight", "2", "--no-fine-tune"])
-    assert seen == {"photo_weight": 2.0, "fine_tune": False}
+    monkeypatch.setattr(train_default, "run_experiments", lambda images, cache: None)
+    monkeypatch.setattr(train_default, "compare_inputs", lambda images, cache: None)
+    for experiments in ("tta", "all"):
+        seen.clear()
+        with pytest.raises(RuntimeError, match="stop here"):
+            train_default.main(["--corpus", "c", "--cache", "k", "--experiments", experiments,
+                                "--photo-weight", "2", "--no-fine-tune"])
+        assert seen == {"photo_weight": 2.0, "fine_tune": False}
 
 
 def test_every_fine_tune_depth_cuts_where_its_blocks_start(monkeypatch):
