@@ -459,9 +459,9 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
                         f"<td class=n>{tables[a][t][0] / max(1, n):.1%}</td><td class=n>"
                         f"{(f'{tables[a][t][1] / tables[a][t][0]:.3f}') if tables[a][t][0] else '-'}</td>"
                         for a in ("turned", "upright")) + "</tr>" for t in SURE_THRESHOLDS)
-                decided += (f'<table><tr><th>if the threshold were</th><th>answered turned, at or above '
-                            f'(--rotate-threshold)</th><th>right</th><th>answered upright, at or above '
-                            f'(--ok-threshold)</th><th>right</th></tr>{by_threshold}</table>')
+                decided += (f'<table><tr><th>if the threshold were</th><th>answered turned at or above it, share '
+                            f'of all (--rotate-threshold)</th><th>right</th><th>answered upright at or above it, '
+                            f'share of all (--ok-threshold)</th><th>right</th></tr>{by_threshold}</table>')
             section.append(f'<div style="display:flex;gap:24px;align-items:flex-start;flex-wrap:wrap">'
                            f'<img class="confusion" src="{_png_data_uri(picture)}" alt="{key} confusion matrix">'
                            f'<table><tr><th>{key} (truth)</th><th>images</th><th>accuracy</th></tr>{rows}'
