@@ -59,13 +59,18 @@ class CorpusImage:
     tag: str = ""  # photos: scene / object-plain-bg / weak-orientation ...; pages: document group
 
 
-# The project's own check of photos of people from sources the corpus never saw
-# (data/orientation_corpus/people_check.sh): kept out of the corpus too, so that it stays a check.
-CHECK_PACKAGES = frozenset({"gramps", "libdlib19.1", "labelme-examples"})
+# The project's own checks on images from sources the corpus never saw (data/orientation_corpus/unseen_check.sh):
+# photos of people, and pages of documents. Kept out of the corpus too, so that they stay checks.
+CHECKS = {
+    "people": ("gramps", "libdlib19.1", "labelme-examples"),
+    "pages": ("asymptote-doc", "gnuplot-doc", "texlive-fonts-recommended-doc", "texlive-lang-czechslovak",
+              "texlive-lang-german", "texlive-lang-italian", "texlive-lang-polish", "texlive-lang-spanish"),
+}
+CHECK_PACKAGES = frozenset(p for packages in CHECKS.values() for p in packages)
 
 
 def is_reserved(package: str) -> bool:
-    """True for packages kept for independent evaluation (lomiri-wallpapers* included) or for the people check."""
+    """True for packages kept for independent evaluation (lomiri-wallpapers* included) or for the project's checks."""
     name = package.split("@")[0].split("==")[0]
     return name in RESERVED_PACKAGES or name in CHECK_PACKAGES or name.startswith("lomiri-wallpapers") or name in (
         "scikit-image", "scikit-learn", "matplotlib")
