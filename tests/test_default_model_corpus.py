@@ -138,3 +138,23 @@ def test_the_shipped_no_up_list_names_corpus_images_and_says_what_is_on_them():
         assert what
     # The three empty slides of one talk are the test split's listed pages (README, docs/orientation.md).
     assert len([p for p in no_up if "bachotex-2010-clash" in p]) == 3
+
+
+def test_the_unseen_checks_stay_out_of_the_corpus_and_their_no_up_list_names_their_images():
+    """unseen_check.sh's packages are refused by the corpus loader, none of them is reserved for independent
+    evaluation or in the training recipe, and unseen_no_up.tsv keys each image by a check the script knows."""
+    recipe = os.path.join(os.path.dirname(corpus.__file__), os.pardir, "data", "orientation_corpus")
+    used = set()
+    for name in ("debs.txt", "npm.txt", "pypi.txt"):
+        with open(os.path.join(recipe, "recipe", name)) as f:
+            used |= {line.split("=")[0].split("@")[0].strip() for line in f if line.strip()}
+    for package in corpus.CHECK_PACKAGES:
+        assert corpus.is_reserved(package) and package not in corpus.RESERVED_PACKAGES and package not in used
+    with open(os.path.join(recipe, "unseen_check.sh")) as f:
+        script = f.read()
+    with open(os.path.join(recipe, "unseen_no_up.tsv")) as f:
+        rows = [line.rstrip("\n").split("\t") for line in f if line.strip() and not line.startswith("#")]
+    assert rows and all(len(row) == 2 and row[1] for row in rows)
+    for key, _ in rows:
+        check, source, _ = key.split("/")
+        assert check in corpus.CHECKS and source in script  # the folder the script copies that source into
