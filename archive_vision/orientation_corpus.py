@@ -18,7 +18,7 @@ import hashlib
 import os
 import posixpath
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 PHOTO, PAGE = "photo", "page"
 TRAIN, VAL, TEST = "train", "val", "test"
@@ -70,6 +70,37 @@ CHECKS = {
 # Packages that hold the same pictures as a check's (GNOME's user pictures): kept out with it.
 CHECK_COPIES = ("mate-user-admin", "cinnamon-common")
 CHECK_PACKAGES = frozenset([p for packages in CHECKS.values() for p in packages] + list(CHECK_COPIES))
+
+
+def thumbnail_signature(path: str, side: int = 16):
+    """A grey side x side thumbnail, normalised to zero mean and unit spread: equal for re-encoded or rescaled copies
+    of one picture, far apart for different pictures."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        grey = ImageOps.exif_transpose(image).convert("L").resize((side, side), Image.Resampling.BILINEAR)
+    pixels = np.asarray(grey, np.float32)
+    return (pixels - pixels.mean()) / (pixels.std() + 1e-6)
+
+
+def near_copies(paths: Sequence[str], corpus_paths: Sequence[str], max_distance: float = 0.05
+                ) -> List[Tuple[str, str, float]]:
+    """(path, corpus path, distance) for each of `paths` that is a copy of a corpus image under any quarter turn
+    (the corpus stores sideways sources turned upright): mean absolute difference of the thumbnail signatures."""
+    import numpy as np
+
+    if not corpus_paths:
+        return []
+    corpus_signatures = np.stack([thumbnail_signature(p).ravel() for p in corpus_paths])
+    found = []
+    for path in paths:
+        signature = thumbnail_signature(path)
+        distances = np.stack([np.abs(corpus_signatures - np.rot90(signature, k).ravel()).mean(1) for k in range(4)])
+        turn, index = np.unravel_index(np.argmin(distances), distances.shape)
+        if distances[turn, index] <= max_distance:
+            found.append((path, corpus_paths[index], float(distances[turn, index])))
+    return found
 
 
 def is_reserved(package: str) -> bool:

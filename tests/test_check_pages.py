@@ -54,11 +54,24 @@ def test_first_middle_and_last_pages_figures_and_blanks_left_out(tmp_path):
     assert np.asarray(Image.open(tmp_path / "out" / "manual_p4.png").convert("L")).shape == (1754, 1240)  # 150 dpi
 
 
-def test_four_pdfs_per_package_the_same_four_every_time(tmp_path):
+def test_four_pdfs_per_package_first_by_the_hash_of_their_path(tmp_path):
+    """Which four: the PDFs that give a page, ordered by the SHA-1 of their path inside the package (a fixed choice
+    made without looking at any answer); the figure and the blank give none and are passed over."""
+    import hashlib
+
     check_pages = _module()
     package = _docs(tmp_path, extras=5)
     check_pages.pick(package, str(tmp_path / "out"))
-    check_pages.pick(package, str(tmp_path / "again"))
-    names = sorted(os.listdir(tmp_path / "out"))
-    assert len({n.rsplit("_p", 1)[0] for n in names}) == 4
-    assert names == sorted(os.listdir(tmp_path / "again"))
+    giving = ["manual.pdf"] + [f"extra_{i}.pdf" for i in range(5)]
+    expected = sorted(giving, key=lambda name: hashlib.sha1(f"usr/share/doc/pkg/{name}".encode()).hexdigest())[:4]
+    assert {n.rsplit("_p", 1)[0] for n in os.listdir(tmp_path / "out")} == {name[:-4] for name in expected}
+
+
+def test_two_pdfs_of_one_name_keep_both_pages(tmp_path):
+    check_pages = _module()
+    for folder in ("a", "b"):
+        docs = tmp_path / "pkg" / "usr" / "share" / "doc" / folder
+        docs.mkdir(parents=True)
+        _page(1).save(docs / "manual.pdf", resolution=150)
+    assert check_pages.pick(str(tmp_path / "pkg"), str(tmp_path / "out")) == 2
+    assert len(os.listdir(tmp_path / "out")) == 2

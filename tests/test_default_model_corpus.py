@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 
 import pytest
 
@@ -155,6 +156,25 @@ def test_the_unseen_checks_stay_out_of_the_corpus_and_their_no_up_list_names_the
     with open(os.path.join(recipe, "unseen_no_up.tsv")) as f:
         rows = [line.rstrip("\n").split("\t") for line in f if line.strip() and not line.startswith("#")]
     assert rows and all(len(row) == 2 and row[1] for row in rows)
+    folders = set(re.findall(r'upright/([A-Za-z0-9_]+)', script))
+    for brace in re.findall(r'upright"/\{([^}]*)\}', script):
+        folders |= set(brace.split(","))
     for key, _ in rows:
-        check, source, _ = key.split("/")
-        assert check in corpus.CHECKS and source in script  # the folder the script copies that source into
+        check, source, name = key.split("/")
+        assert check in corpus.CHECKS and source in folders and name.endswith((".jpg", ".png")), key
+
+
+def test_near_copies_finds_a_re_encoded_turned_copy_and_nothing_else(tmp_path):
+    """unseen_check.sh's guard: a check image that is a corpus image (re-encoded, rescaled, stored turned) is found;
+    different pictures are not."""
+    from PIL import Image
+
+    from tests.image_factory import make_asymmetric_image, make_random_image
+
+    original = Image.fromarray(make_asymmetric_image(120, 160))
+    original.save(tmp_path / "corpus.png")
+    original.rotate(90, expand=True).resize((60, 80)).save(tmp_path / "copy.jpg", quality=80)
+    Image.fromarray(make_random_image(120, 160, seed=1)).save(tmp_path / "other.jpg")
+    found = corpus.near_copies([str(tmp_path / "copy.jpg"), str(tmp_path / "other.jpg")], [str(tmp_path / "corpus.png")])
+    assert [(os.path.basename(a), os.path.basename(b)) for a, b, _ in found] == [("copy.jpg", "corpus.png")]
+    assert corpus.near_copies([str(tmp_path / "other.jpg")], []) == []

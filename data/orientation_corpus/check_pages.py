@@ -35,11 +35,20 @@ def pdf_pages(path: str) -> int:
 
 
 def render(path: str, page: int, workdir: str) -> Image.Image | None:
+    """The page at DPI, or None (and a line on stderr) when pdftoppm cannot render it."""
     prefix = os.path.join(workdir, f"p{page}")
-    subprocess.run(["pdftoppm", "-r", str(DPI), "-f", str(page), "-l", str(page), "-png", path, prefix],
-                   capture_output=True, timeout=120)
+    try:
+        done = subprocess.run(["pdftoppm", "-r", str(DPI), "-f", str(page), "-l", str(page), "-png", path, prefix],
+                              capture_output=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        print(f"check_pages: {path} page {page}: pdftoppm timed out", file=sys.stderr)
+        return None
     made = glob.glob(prefix + "*.png")
-    return Image.open(made[0]) if made else None
+    if done.returncode != 0 or not made:
+        print(f"check_pages: {path} page {page}: pdftoppm failed ({done.stderr.decode(errors='replace')[-200:]})",
+              file=sys.stderr)
+        return None
+    return Image.open(made[0])
 
 
 def is_page(image: Image.Image) -> bool:
@@ -65,6 +74,8 @@ def pick(package_dir: str, out_dir: str) -> int:
                     shutil.copyfileobj(source, target)
             count = pdf_pages(path)
             stem = os.path.basename(pdf).split(".pdf")[0]
+            if any(name.startswith(stem + "_p") for name in os.listdir(out_dir)):  # same name, another folder
+                stem += "_" + hashlib.sha1(os.path.relpath(pdf, package_dir).encode()).hexdigest()[:6]
             kept = 0
             for page in sorted({1, (count + 1) // 2, count} - {0}):
                 image = render(path, page, workdir)
