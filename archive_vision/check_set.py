@@ -50,21 +50,14 @@ def parse_turns(text: str) -> Tuple[int, ...]:
     return turns
 
 
-def relative_name(uri: str, root: str) -> str:
-    """The input's path under the input folder, or its whole path (scheme dropped) for a file elsewhere (a
-    manifest's, a glob's): two inputs never share a name (as score --write-corrected names its copies)."""
-    if root and uri.startswith(root.rstrip("/") + "/"):
-        return uri[len(root.rstrip("/")) + 1:]
-    return uri.split("://", 1)[-1].replace("\\", "/").lstrip("/")
-
-
 def sample(entries: Sequence[sources.SourceEntry], count: int, seed: int, root: str = ""
            ) -> List[sources.SourceEntry]:
     """`count` entries chosen by a hash of (seed, path under the input folder): the same choice on every run, and
     on every machine that holds the same files under another mount; in input order."""
     if count <= 0 or count >= len(entries):
         return list(entries)
-    rank = sorted(entries, key=lambda e: hashlib.sha1(f"{seed}:{relative_name(e.uri, root)}".encode()).hexdigest())
+    rank = sorted(entries,
+                  key=lambda e: hashlib.sha1(f"{seed}:{sources.path_under(e.uri, root)}".encode()).hexdigest())
     chosen = {e.uri for e in rank[:count]}
     return [e for e in entries if e.uri in chosen]
 
@@ -106,15 +99,6 @@ def _used(output: str) -> str:
     return f"{images} already holds files (a run that stopped?); choose an empty --output" if taken else ""
 
 
-def _inside(output: str, input_src: str) -> bool:
-    if sources.is_manifest(input_src) or any(ch in input_src for ch in "*?["):
-        return False
-    if sources.is_remote(input_src) or sources.is_remote(output):
-        return output.rstrip("/").startswith(input_src.rstrip("/") + "/") or output.rstrip("/") == input_src.rstrip("/")
-    return os.path.isdir(input_src) and os.path.commonpath([os.path.abspath(input_src), output]) == os.path.abspath(
-        input_src)
-
-
 def build(input_src: str, output: str, turns: Sequence[int] = TURNS, count: int = 0, seed: int = 0,
           max_file_mb: float = 1024.0, max_pixels: int = imaging.DEFAULT_MAX_PIXELS, progress=print
           ) -> Dict[str, int]:
@@ -124,7 +108,7 @@ def build(input_src: str, output: str, turns: Sequence[int] = TURNS, count: int 
 
     if not sources.is_remote(output):
         output = os.path.abspath(output)  # truth.csv names the copies as score lists them
-    if _inside(output, input_src):
+    if sources.inside_archive(output, input_src):
         raise ValueError(f"--output {output} is inside --input {input_src}: the turned copies would join the archive "
                          f"(and the next checkset or score of it); write them elsewhere")
     used = _used(output)
@@ -140,7 +124,7 @@ def build(input_src: str, output: str, turns: Sequence[int] = TURNS, count: int 
     for index, entry in enumerate(entries, 1):
         try:
             copies = turned_copies(sources.read_input(entry, max_file_mb), turns, max_pixels)
-            stem = posixpath.splitext(relative_name(entry.uri, root))[0]
+            stem = posixpath.splitext(sources.path_under(entry.uri, root))[0]
             paths = [FileSystems.join(output, IMAGES_DIR, f"{stem}_t{turn}{extension}")
                      for turn, _, extension, _ in copies]
             clash = next((named[p] for p in paths if p in named), None)

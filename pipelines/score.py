@@ -953,10 +953,7 @@ def jpegtran_path() -> Optional[str]:
 def corrected_path(uri: str, input_root: str, corrected_dir: str, page: int) -> str:
     """Where the upright copy of `uri` goes: its path under the input folder (or its full path) below the dir;
     page N > 0 of a multi-page file becomes `<stem>.pageN<ext>`."""
-    if input_root and not sources.is_remote(uri) and os.path.abspath(uri).startswith(input_root.rstrip("/") + "/"):
-        rel = os.path.relpath(os.path.abspath(uri), input_root)
-    else:
-        rel = uri.split("://", 1)[-1].lstrip("/")
+    rel = sources.path_under(uri, input_root)
     if page > 0:
         stem, ext = os.path.splitext(rel)
         rel = f"{stem}.page{page}{ext}"
@@ -1351,11 +1348,7 @@ def _check_corrected_dir(opts: ScoreOptions, parser: argparse.ArgumentParser) ->
     """Corrected copies must never land on the originals, nor inside the archive (the next run would score them)."""
     if not opts.write_corrected or sources.is_remote(opts.write_corrected) or sources.is_remote(opts.input):
         return
-    target = os.path.realpath(opts.write_corrected)
-    root = os.path.realpath(opts.input if os.path.isdir(opts.input) else os.path.dirname(opts.input) or ".")
-    if sources.is_manifest(opts.input):
-        return
-    if target == root or target.startswith(root + os.sep):
+    if sources.inside_archive(opts.write_corrected, opts.input):
         parser.error(f"--write-corrected {opts.write_corrected} is inside the input archive {opts.input}; "
                      f"pick a folder outside it (originals are never overwritten)")
 
@@ -1488,12 +1481,14 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     tool = ("jpegtran" if jpegtran_path() else "none (JPEG re-encoded at quality 95)") if opts.write_corrected else ""
     summary = summarize(opts, model, elapsed, _metric_totals(result), len(known), tool, runner_record(pipeline))
     truth = opts.truth or _labelled_input(opts.input)
+    truth_rows = None  # the manifest read once, for run.json's figures and the report's tables
     if truth:
         from pipelines import report
 
         try:
+            truth_rows = report.read_truth(truth)
             summary["truth"] = {"manifest": truth, **report.truth_summary(
-                report.truth_metrics(report.read_run(opts.output)[0], report.read_truth(truth)))}
+                report.truth_metrics(report.read_run(opts.output)[0], truth_rows))}
         except Exception as e:  # a truth manifest that cannot be read is said, not fatal: the tables stand
             LOG.exception("reading the truth manifest failed")
             summary["truth"] = {"manifest": truth, "error": f"{type(e).__name__}: {e}"}
@@ -1503,7 +1498,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         from pipelines import report
 
         try:
-            summary["report"] = report.write_report(opts.output, truth=opts.truth or _labelled_input(opts.input))
+            summary["report"] = report.write_report(opts.output, truth=truth, truth_rows=truth_rows)
         except Exception as e:  # the tables are the product; a report failure is said, not fatal
             LOG.exception("report failed")
             summary["report_error"] = f"{type(e).__name__}: {e}"

@@ -231,6 +231,29 @@ def list_archive(src: str, label_mode: str = "auto", exclude: Sequence[str] = ()
         raise FileNotFoundError(f"input {src!r} is not a folder, file, glob, gs:// prefix or manifest")
 
 
+def path_under(uri: str, root: str) -> str:
+    """The input's path below `root` (the folder it was listed from), or, for a file elsewhere (a manifest's, a
+    glob's, or with no root), its whole path with the scheme dropped: copies named by it never share a name."""
+    if root:
+        prefix = root.rstrip("/") + "/"
+        listed = uri if is_remote(uri) else os.path.abspath(uri)
+        if listed.startswith(prefix):
+            return listed[len(prefix):]
+    return uri.split("://", 1)[-1].lstrip("/")
+
+
+def inside_archive(target: str, src: str) -> bool:
+    """True when `target` is the archive's folder (a folder input, or the folder of a file or glob input) or below
+    it, so that files written there would join the archive; never for a manifest, whose files are anywhere."""
+    if is_manifest(src):
+        return False
+    if is_remote(src) or is_remote(target):
+        return target.rstrip("/") == src.rstrip("/") or target.startswith(src.rstrip("/") + "/")
+    root = os.path.realpath(src if os.path.isdir(src) else os.path.dirname(src) or ".")
+    target = os.path.realpath(target)
+    return target == root or target.startswith(root + os.sep)
+
+
 def read_input(entry: SourceEntry, max_file_mb: float) -> bytes:
     """The bytes of one listed input, never more than --max-file-mb of them (MiB, as ingest and score count).
 
