@@ -176,33 +176,28 @@ SURE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # the confidences truth
 def truth_metrics(results: List[dict], truth: Dict[Tuple[str, int], Dict[str, Any]]) -> Dict[str, Any]:
     """Confusion matrices and per-class accuracy of the results that have a known truth."""
     out: Dict[str, Any] = {}
-    pairs_o, pairs_c = [], []
-    by_decision: Dict[str, List[int]] = {}
-    sure: List[Tuple[float, bool, bool]] = []
+    oriented, pairs_c = [], []  # oriented: (truth, answer, decision, confidence) of each row with both turns
     for row in results:
         t = truth.get((row["uri"], row["page"])) or (truth.get((row["uri"], 0)) if row["page"] == 0 else None)
         if t is None or row["decision"] == "skipped":
             continue
         if t["orientation"] in (0, 90, 180, 270) and row["orientation_degrees"] in (0, 90, 180, 270):
-            pairs_o.append((t["orientation"], row["orientation_degrees"]))
-            counts = by_decision.setdefault(row["decision"], [0, 0])
-            counts[0] += 1
-            counts[1] += int(t["orientation"] == row["orientation_degrees"])
-            sure.append((float(row.get("orientation_confidence") or 0.0), row["orientation_degrees"] != 0,
-                         t["orientation"] == row["orientation_degrees"]))
+            oriented.append((t["orientation"], row["orientation_degrees"], row["decision"],
+                             float(row.get("orientation_confidence") or 0.0)))
         if t["label"] and row["class_name"]:
             pairs_c.append((t["label"], row["class_name"]))
-    if pairs_o:
+    if oriented:
+        truths, answers, decisions, confidence = (np.array(column) for column in zip(*oriented))
         m = np.zeros((4, 4), int)
-        for a, b in pairs_o:
-            m[a // 90, b // 90] += 1
-        confidence, turned, right = np.array(sure, float).reshape(-1, 3).T
+        np.add.at(m, (truths // 90, answers // 90), 1)
+        right = truths == answers
         out["orientation"] = {"labels": list(ORIENTATION_NAMES), "matrix": m,
-                              "by_decision": {k: tuple(v) for k, v in sorted(by_decision.items())},
+                              "by_decision": {str(d): (int(np.sum(decisions == d)), int(np.sum(right[decisions == d])))
+                                              for d in sorted(set(decisions))},
                               "by_threshold": {answer: {t: (int(np.sum(chosen)), int(np.sum(right[chosen])))
                                                         for t in SURE_THRESHOLDS
-                                                        for chosen in [(confidence >= t) & (turned == want)]}
-                                               for answer, want in (("turned", 1), ("upright", 0))}}
+                                                        for chosen in [(confidence >= t) & ((answers != 0) == turned)]}
+                                               for answer, turned in (("turned", True), ("upright", False))}}
     if pairs_c:
         labels = sorted({a for a, _ in pairs_c} | {b for _, b in pairs_c})
         m = np.zeros((len(labels), len(labels)), int)
@@ -479,12 +474,15 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
     return html_page(title, "".join(parts))
 
 
-def write_report(output: str, truth: Optional[str] = None, per_section: int = DEFAULT_PER_SECTION) -> str:
-    """Write OUTPUT/report.html from the score tables; returns its path."""
+def write_report(output: str, truth: Optional[str] = None, per_section: int = DEFAULT_PER_SECTION,
+                 truth_rows: Optional[Dict[Tuple[str, int], Dict[str, Any]]] = None) -> str:
+    """Write OUTPUT/report.html from the score tables; returns its path. `truth_rows`: the manifest at `truth`
+    already read (read_truth), so that a caller that read it does not read it again."""
     from apache_beam.io.filesystems import FileSystems
 
     results, errors, run = read_run(output)
-    truth_rows = read_truth(truth) if truth else None
+    if truth_rows is None and truth:
+        truth_rows = read_truth(truth)
     page = build_report_html(results, errors, run, title=f"archive-vision report: {output}", truth=truth_rows,
                              per_section=per_section)
     path = FileSystems.join(output, "report.html")
