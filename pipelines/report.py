@@ -173,21 +173,31 @@ def _read_parquet(path: str):
 SURE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # the confidences truth_summary tabulates
 
 
+def lower_bound(right: int, n: int, z: float = 1.645) -> Optional[float]:
+    """The accuracy that `right` of `n` shows with 95% confidence, one-sided (Wilson's score interval): 60 of 60
+    right says "at least 95.7% right", not "100%". None for n = 0."""
+    if n <= 0:
+        return None
+    p, z2 = right / n, z * z
+    centre, spread = p + z2 / (2 * n), z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, float((centre - spread) / (1 + z2 / n)))
+
+
 def truth_metrics(results: List[dict], truth: Dict[Tuple[str, int], Dict[str, Any]]) -> Dict[str, Any]:
     """Confusion matrices and per-class accuracy of the results that have a known truth."""
     out: Dict[str, Any] = {}
-    oriented, pairs_c = [], []  # oriented: (truth, answer, decision, confidence) of each row with both turns
+    oriented, pairs_c = [], []  # oriented: (truth, answer, decision, confidence, label) of each row with both turns
     for row in results:
         t = truth.get((row["uri"], row["page"])) or (truth.get((row["uri"], 0)) if row["page"] == 0 else None)
         if t is None or row["decision"] == "skipped":
             continue
         if t["orientation"] in (0, 90, 180, 270) and row["orientation_degrees"] in (0, 90, 180, 270):
             oriented.append((t["orientation"], row["orientation_degrees"], row["decision"],
-                             float(row.get("orientation_confidence") or 0.0)))
+                             float(row.get("orientation_confidence") or 0.0), t["label"]))
         if t["label"] and row["class_name"]:
             pairs_c.append((t["label"], row["class_name"]))
     if oriented:
-        truths, answers, decisions, confidence = (np.array(column) for column in zip(*oriented))
+        truths, answers, decisions, confidence, labels = (np.array(column) for column in zip(*oriented))
         m = np.zeros((4, 4), int)
         np.add.at(m, (truths // 90, answers // 90), 1)
         right = truths == answers
@@ -197,7 +207,11 @@ def truth_metrics(results: List[dict], truth: Dict[Tuple[str, int], Dict[str, An
                               "by_threshold": {answer: {t: (int(np.sum(chosen)), int(np.sum(right[chosen])))
                                                         for t in SURE_THRESHOLDS
                                                         for chosen in [(confidence >= t) & ((answers != 0) == turned)]}
-                                               for answer, turned in (("turned", True), ("upright", False))}}
+                                               for answer, turned in (("turned", True), ("upright", False))},
+                              # per label of the truth (a check set's source folder, a class): where it is weak
+                              "by_label": {str(label): (int(np.sum(labels == label)),
+                                                        int(np.sum(right[labels == label])))
+                                           for label in sorted(set(labels) - {""})}}
     if pairs_c:
         labels = sorted({a for a, _ in pairs_c} | {b for _, b in pairs_c})
         m = np.zeros((len(labels), len(labels)), int)
@@ -209,7 +223,9 @@ def truth_metrics(results: List[dict], truth: Dict[Tuple[str, int], Dict[str, An
 
 def truth_summary(metrics: Dict[str, Any]) -> Dict[str, Any]:
     """truth_metrics as run.json records it: per task images, right, accuracy; for orientation also per decision
-    (auto_rotate: turned by score and how many of those turns are right; ok: left as they are; review), and per
+    (auto_rotate: turned by score and how many of those turns are right; ok: left as they are; review; with
+    `at_least`, the accuracy those counts show with 95% confidence, lower_bound), per label
+    of the truth manifest (a check set's source folders: which part of an archive it is weak on), and per
     confidence threshold, for the images answered as turned and those answered as upright apart, the share of all
     images with that answer at or above it and how many of those are right: what --rotate-threshold and
     --ok-threshold would give on this archive (confidence alone; score's other review reasons aside)."""
@@ -221,12 +237,17 @@ def truth_summary(metrics: Dict[str, Any]) -> Dict[str, Any]:
                             "accuracy": round(float(np.trace(m) / max(1, m.sum())), 4)}
     if "orientation" in metrics:
         summary["orientation"]["by_decision"] = {
-            decision: {"images": n, "right": right, "accuracy": round(right / n, 4)}
+            decision: {"images": n, "right": right, "accuracy": round(right / n, 4),
+                       "at_least": round(lower_bound(right, n), 4)}
             for decision, (n, right) in metrics["orientation"]["by_decision"].items()}
+        summary["orientation"]["by_label"] = {
+            label: {"images": n, "right": right, "accuracy": round(right / n, 4)}
+            for label, (n, right) in metrics["orientation"]["by_label"].items()}
         images = summary["orientation"]["images"]
         summary["orientation"]["by_threshold"] = {
             answer: {f"{t:g}": {"images": n, "share": round(n / max(1, images), 4),
-                                "right": right, "accuracy": round(right / n, 4) if n else None}
+                                "right": right, "accuracy": round(right / n, 4) if n else None,
+                                "at_least": round(lower_bound(right, n), 4) if n else None}
                      for t, (n, right) in table.items()}
             for answer, table in metrics["orientation"]["by_threshold"].items()}
     return summary
@@ -237,12 +258,29 @@ def truth_summary_line(summary: Dict[str, Any]) -> str:
     parts = []
     if "orientation" in summary:
         o = summary["orientation"]
-        decisions = ", ".join(f"{k} {v['right']}/{v['images']}" for k, v in o["by_decision"].items())
+        decisions = ", ".join(  # the bands that act say what their counts show with 95% confidence
+            f"{k} {v['right']}/{v['images']}" + (f" (>={100 * v['at_least']:.1f}%)" if k != "review" else "")
+            for k, v in o["by_decision"].items())
         parts.append(f"orientation {100 * o['accuracy']:.1f}% right of {o['images']} ({decisions})")
     if "class" in summary:
         c = summary["class"]
         parts.append(f"class {100 * c['accuracy']:.1f}% right of {c['images']}")
     return "; ".join(parts)
+
+
+def truth_label_lines(summary: Dict[str, Any], most: int = 12) -> List[str]:
+    """Orientation accuracy per label of the truth, worst first, one line each ([] for fewer than two labels);
+    past `most` labels, one line says how many more run.json holds."""
+    by_label = summary.get("orientation", {}).get("by_label") or {}
+    if len(by_label) < 2:
+        return []
+    worst_first = sorted(by_label.items(), key=lambda item: (item[1]["accuracy"], item[0]))
+    width = min(30, max(len(label) for label, _ in worst_first[:most]))
+    lines = [f"{label:{width}s} {v['right']:5d} of {v['images']:5d} turns right ({100 * v['accuracy']:.1f}%)"
+             for label, v in worst_first[:most]]
+    if len(worst_first) > most:
+        lines.append(f"... {len(worst_first) - most} more labels in run.json (truth.orientation.by_label)")
+    return lines
 
 
 # ---------------------------------------------------------------- the page
@@ -445,18 +483,27 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
             decided = ""
             if key == "orientation":
                 decided = "".join(f"<tr><td>{html.escape(d)}</td><td class=n>{n}</td><td class=n>{right / n:.3f}"
-                                  f"</td></tr>" for d, (n, right) in metrics[key]["by_decision"].items())
-                decided = (f'<table><tr><th>decision</th><th>images</th><th>orientation right</th></tr>{decided}'
-                           f'</table>')
+                                  f"</td><td class=n>{lower_bound(right, n):.3f}</td></tr>"
+                                  for d, (n, right) in metrics[key]["by_decision"].items())
+                decided = (f'<table class="by-decision"><tr><th>decision</th><th>images</th><th>orientation right'
+                           f'</th><th>at least (95% confidence)</th></tr>{decided}</table>')
                 n, tables = int(m.sum()), metrics[key]["by_threshold"]
                 by_threshold = "".join(
                     f"<tr><td>{t:g}</td>" + "".join(
                         f"<td class=n>{tables[a][t][0] / max(1, n):.1%}</td><td class=n>"
-                        f"{(f'{tables[a][t][1] / tables[a][t][0]:.3f}') if tables[a][t][0] else '-'}</td>"
+                        + (f"{tables[a][t][1] / tables[a][t][0]:.3f} (&ge; {lower_bound(*tables[a][t][::-1]):.3f})"
+                           if tables[a][t][0] else "-") + "</td>"
                         for a in ("turned", "upright")) + "</tr>" for t in SURE_THRESHOLDS)
-                decided += (f'<table><tr><th>if the threshold were</th><th>answered turned at or above it, share '
-                            f'of all (--rotate-threshold)</th><th>right</th><th>answered upright at or above it, '
-                            f'share of all (--ok-threshold)</th><th>right</th></tr>{by_threshold}</table>')
+                decided += (f'<table class="by-threshold"><tr><th>if the threshold were</th><th>answered turned at '
+                            f'or above it, share of all (--rotate-threshold)</th><th>right (&ge; at 95% confidence)'
+                            f'</th><th>answered upright at or above it, share of all (--ok-threshold)</th><th>right '
+                            f'(&ge; at 95% confidence)</th></tr>{by_threshold}</table>')
+                by_label = sorted(metrics[key]["by_label"].items(), key=lambda item: (item[1][1] / item[1][0], item[0]))
+                if len(by_label) > 1:
+                    decided += ('<table class="by-label"><tr><th>label (worst first)</th><th>images</th>'
+                                '<th>orientation right</th></tr>' + "".join(
+                                    f"<tr><td>{html.escape(label)}</td><td class=n>{n}</td><td class=n>{right / n:.3f}"
+                                    f"</td></tr>" for label, (n, right) in by_label) + '</table>')
             section.append(f'<div style="display:flex;gap:24px;align-items:flex-start;flex-wrap:wrap">'
                            f'<img class="confusion" src="{_png_data_uri(picture)}" alt="{key} confusion matrix">'
                            f'<table><tr><th>{key} (truth)</th><th>images</th><th>accuracy</th></tr>{rows}'
@@ -475,12 +522,14 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
 
 
 def write_report(output: str, truth: Optional[str] = None, per_section: int = DEFAULT_PER_SECTION,
-                 truth_rows: Optional[Dict[Tuple[str, int], Dict[str, Any]]] = None) -> str:
+                 truth_rows: Optional[Dict[Tuple[str, int], Dict[str, Any]]] = None,
+                 tables: Optional[Tuple[List[dict], List[dict], dict]] = None) -> str:
     """Write OUTPUT/report.html from the score tables; returns its path. `truth_rows`: the manifest at `truth`
-    already read (read_truth), so that a caller that read it does not read it again."""
+    already read (read_truth); `tables`: read_run(output) already done; so that a caller that read either does not
+    read it again."""
     from apache_beam.io.filesystems import FileSystems
 
-    results, errors, run = read_run(output)
+    results, errors, run = tables if tables is not None else read_run(output)
     if truth_rows is None and truth:
         truth_rows = read_truth(truth)
     page = build_report_html(results, errors, run, title=f"archive-vision report: {output}", truth=truth_rows,
@@ -687,8 +736,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  image_size=args.image_size)
         print(f"activations: {path}")
         return 0
-    path = write_report(args.output, truth=args.truth, per_section=args.per_section)
+    truth_rows = read_truth(args.truth) if args.truth else None
+    tables = read_run(args.output)
+    path = write_report(args.output, truth=args.truth, per_section=args.per_section, truth_rows=truth_rows,
+                        tables=tables)
     print(f"report: {path}")
+    if truth_rows is not None:  # the figures against this manifest, without scoring again (run.json keeps the run's)
+        summary = truth_summary(truth_metrics(tables[0], truth_rows))
+        print(f"truth:  {truth_summary_line(summary) or f'no result matched a labelled row of {args.truth}'}")
+        for line in truth_label_lines(summary):
+            print(f"        {line}")
     return 0
 
 

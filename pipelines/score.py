@@ -1481,24 +1481,27 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     tool = ("jpegtran" if jpegtran_path() else "none (JPEG re-encoded at quality 95)") if opts.write_corrected else ""
     summary = summarize(opts, model, elapsed, _metric_totals(result), len(known), tool, runner_record(pipeline))
     truth = opts.truth or _labelled_input(opts.input)
-    truth_rows = None  # the manifest read once, for run.json's figures and the report's tables
+    truth_rows = tables = None  # the manifest and the score tables read once, for run.json's figures and the report
     if truth:
         from pipelines import report
 
         try:
             truth_rows = report.read_truth(truth)
-            summary["truth"] = {"manifest": truth, **report.truth_summary(
-                report.truth_metrics(report.read_run(opts.output)[0], truth_rows))}
+            tables = report.read_run(opts.output)
+            summary["truth"] = {"manifest": truth, **report.truth_summary(report.truth_metrics(tables[0], truth_rows))}
         except Exception as e:  # a truth manifest that cannot be read is said, not fatal: the tables stand
             LOG.exception("reading the truth manifest failed")
             summary["truth"] = {"manifest": truth, "error": f"{type(e).__name__}: {e}"}
+    run_json = json.dumps(summary, indent=2, default=str)
     with FileSystems.create(FileSystems.join(opts.output, "run.json")) as handle:
-        handle.write(json.dumps(summary, indent=2, default=str).encode())
+        handle.write(run_json.encode())
     if opts.report:
         from pipelines import report
 
         try:
-            summary["report"] = report.write_report(opts.output, truth=truth, truth_rows=truth_rows)
+            if tables is not None:  # the results and errors read above, with the run.json just written
+                tables = (tables[0], tables[1], json.loads(run_json))
+            summary["report"] = report.write_report(opts.output, truth=truth, truth_rows=truth_rows, tables=tables)
         except Exception as e:  # the tables are the product; a report failure is said, not fatal
             LOG.exception("report failed")
             summary["report_error"] = f"{type(e).__name__}: {e}"
@@ -1563,12 +1566,13 @@ def format_summary(summary: dict) -> str:
     if summary.get("text_lines", {}).get("enabled"):
         lines.append(f"  text     {text_lines_summary(summary['text_lines'])}")
     if summary.get("truth"):
-        from pipelines.report import truth_summary_line
+        from pipelines.report import truth_label_lines, truth_summary_line
 
         truth = summary["truth"]
         line = (f"FAILED: {truth['error']}" if truth.get("error") else
                 truth_summary_line(truth) or f"no result matched a labelled row of {truth['manifest']}")
         lines.append(f"  truth    {line}")
+        lines.extend(f"           {label_line}" for label_line in truth_label_lines(truth))
     if summary["corrected"]["dir"]:
         lines.append(f"  corrected {c['corrected_written']} upright copies in {summary['corrected']['dir']} "
                      f"(JPEG: {summary['corrected']['jpeg_tool']})")

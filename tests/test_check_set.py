@@ -161,7 +161,8 @@ def test_only_distinct_quarter_turns_are_taken(text):
 def test_truth_figures_per_decision_and_threshold():
     """What score records in run.json and prints: accuracy, each decision's share right, and per threshold how
     many answers of each kind (turned, upright) are at or above it and how many of those are right."""
-    truth = {(f"f{i}", 0): {"label": "", "orientation": t} for i, t in enumerate([0, 90, 180, 270, 0, 90])}
+    labels = ["maps", "maps", "photos", "photos", "", "photos"]  # f4 has no label: counted, in no label's line
+    truth = {(f"f{i}", 0): {"label": labels[i], "orientation": t} for i, t in enumerate([0, 90, 180, 270, 0, 90])}
     rows = [  # uri, answer, confidence, decision
         ("f0", 0, 0.95, "ok"), ("f1", 90, 0.97, "auto_rotate"), ("f2", 0, 0.6, "ok"),
         ("f3", 270, 0.85, "review"), ("f4", 180, 0.55, "review"), ("f5", 90, 0.4, "skipped")]
@@ -170,15 +171,40 @@ def test_truth_figures_per_decision_and_threshold():
     summary = report.truth_summary(report.truth_metrics(results, truth))
     o = summary["orientation"]
     assert (o["images"], o["right"], o["accuracy"]) == (5, 3, 0.6)  # the skipped row is not counted
-    assert o["by_decision"] == {"auto_rotate": {"images": 1, "right": 1, "accuracy": 1.0},
-                                "ok": {"images": 2, "right": 1, "accuracy": 0.5},
-                                "review": {"images": 2, "right": 1, "accuracy": 0.5}}
-    assert o["by_threshold"]["turned"]["0.8"] == {"images": 2, "share": 0.4, "right": 2, "accuracy": 1.0}
-    assert o["by_threshold"]["turned"]["0.5"] == {"images": 3, "share": 0.6, "right": 2, "accuracy": 0.6667}
-    assert o["by_threshold"]["upright"]["0.5"] == {"images": 2, "share": 0.4, "right": 1, "accuracy": 0.5}
-    assert o["by_threshold"]["upright"]["0.99"] == {"images": 0, "share": 0.0, "right": 0, "accuracy": None}
+    assert o["by_decision"] == {"auto_rotate": {"images": 1, "right": 1, "accuracy": 1.0, "at_least": 0.2698},
+                                "ok": {"images": 2, "right": 1, "accuracy": 0.5, "at_least": 0.1209},
+                                "review": {"images": 2, "right": 1, "accuracy": 0.5, "at_least": 0.1209}}
+    assert o["by_threshold"]["turned"]["0.8"] == {"images": 2, "share": 0.4, "right": 2, "accuracy": 1.0,
+                                                  "at_least": 0.425}
+    assert o["by_threshold"]["turned"]["0.5"] == {"images": 3, "share": 0.6, "right": 2, "accuracy": 0.6667,
+                                                  "at_least": 0.2535}
+    assert o["by_threshold"]["upright"]["0.5"] == {"images": 2, "share": 0.4, "right": 1, "accuracy": 0.5,
+                                                   "at_least": 0.1209}
+    assert o["by_threshold"]["upright"]["0.99"] == {"images": 0, "share": 0.0, "right": 0, "accuracy": None,
+                                                    "at_least": None}
     line = report.truth_summary_line(summary)
-    assert line == "orientation 60.0% right of 5 (auto_rotate 1/1, ok 1/2, review 1/2)"
+    assert line == "orientation 60.0% right of 5 (auto_rotate 1/1 (>=27.0%), ok 1/2 (>=12.1%), review 1/2)"
+    assert o["by_label"] == {"maps": {"images": 2, "right": 2, "accuracy": 1.0},
+                             "photos": {"images": 2, "right": 1, "accuracy": 0.5}}
+    assert report.truth_label_lines(summary) == ["photos     1 of     2 turns right (50.0%)",
+                                                 "maps       2 of     2 turns right (100.0%)"]  # worst first
+    assert report.truth_label_lines(summary, most=1)[1:] == [
+        "... 1 more labels in run.json (truth.orientation.by_label)"]
+    del o["by_label"]["maps"]
+    assert report.truth_label_lines(summary) == []  # one label says nothing the summary line does not
+
+
+def test_the_lower_bound_is_what_the_counts_show_and_tightens_with_more_images():
+    """60 of 60 right shows at least 95.7% with 95% confidence (Wilson, one-sided): not 100%, and not the 99.5% a
+    band must reach; it takes about 540 of 540 to show that."""
+    assert report.lower_bound(60, 60) == pytest.approx(60 / (60 + 1.645 ** 2))  # no miss: n / (n + z^2)
+    assert round(report.lower_bound(60, 60), 3) == 0.957 and report.lower_bound(540, 540) > 0.995
+    assert report.lower_bound(0, 10) == 0.0 and report.lower_bound(0, 0) is None
+    for right, n in ((170, 172), (2, 3), (295, 300)):  # where the score test just rejects: (p - L)^2 = z^2 L (1-L) / n
+        low = report.lower_bound(right, n)
+        assert (right / n - low) ** 2 == pytest.approx(1.645 ** 2 * low * (1 - low) / n) and low < right / n
+    assert report.lower_bound(170, 172) < 170 / 172 < 1  # below what was seen, and tighter with more images:
+    assert report.lower_bound(85, 86) < report.lower_bound(170, 172) < report.lower_bound(340, 344)
 
 
 def test_the_shared_sample_archive_gives_ingests_error_kinds(tmp_path):

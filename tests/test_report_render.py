@@ -66,6 +66,14 @@ def test_score_writes_a_self_contained_report(scored_run):
     assert not re.search(r'(href|src)="(https?:)?//', page)
     assert page.count('class="thumb pair"') == 3  # the three auto_rotate images, before/after
     assert page.count('class="confusion"') == 2  # orientation and class matrices
+    assert "8 inputs: 5 scored or reused, 3 failed, 0 reused; counts reconcile" in page  # the run.json just written
+    # Orientation right per label of the truth, worst first, as run.json records it.
+    by_label = scored_run["summary"]["truth"]["orientation"]["by_label"]
+    assert {label: v["images"] for label, v in by_label.items()} == {"document": 4, "photo": 1}
+    table = re.search(r'<table class="by-label">(.*?)</table>', page, re.S).group(1)
+    rows = re.findall(r"<tr><td>([^<]+)</td><td class=n>(\d+)</td><td class=n>([\d.]+)</td></tr>", table)
+    worst_first = sorted(by_label.items(), key=lambda item: (item[1]["accuracy"], item[0]))
+    assert rows == [(label, str(v["images"]), f"{v['right'] / v['images']:.3f}") for label, v in worst_first]
 
 
 @pytest.fixture(scope="module")
@@ -230,11 +238,24 @@ def test_review_sheet_renders_in_headless_chromium(review_run, tmp_path):
     assert rendered.count("<i>orientation ") == 2 and rendered.count("turn: ") == 2
 
 
-def test_report_command_rewrites_the_page(scored_run):
+def test_report_command_rewrites_the_page(scored_run, tmp_path, capsys):
     os.remove(os.path.join(scored_run["output"], "report.html"))
     assert report.main([scored_run["output"], "--truth", scored_run["truth"], "--per-section", "1"]) == 0
     page = open(os.path.join(scored_run["output"], "report.html"), encoding="utf-8").read()
     assert page.count('class="thumb pair"') == 1 and "first 1 shown" in page
+    printed = capsys.readouterr().out  # the truth figures, as score printed them, without scoring again
+    truth = scored_run["summary"]["truth"]
+    assert f"truth:  {report.truth_summary_line(truth)}\n" in printed
+    assert [line.strip() for line in printed.splitlines()[2:]] == report.truth_label_lines(truth)
+    # Against another manifest (here: only the upright images), the figures are that manifest's.
+    upright = str(tmp_path / "upright.csv")
+    with open(scored_run["truth"], newline="") as f, open(upright, "w", newline="") as g:
+        rows = list(csv.reader(f))
+        base = os.path.dirname(scored_run["truth"])  # its URIs are relative to its folder
+        csv.writer(g).writerows([rows[0]] + [[os.path.join(base, r[0])] + r[1:] for r in rows[1:] if r[2] == "0"])
+    assert report.main([scored_run["output"], "--truth", upright]) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("truth:")]
+    assert line and line[0].startswith("truth:  orientation ") and " right of 2 (" in line[0]
 
 
 def test_activations_show_feature_maps_of_chosen_layers(tmp_path):
