@@ -15,6 +15,7 @@ import base64
 import html
 import io
 import json
+import math
 import os
 import random
 import sys
@@ -175,7 +176,7 @@ SURE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # the confidences truth
 
 def lower_bound(right: int, n: int, z: float = 1.645) -> Optional[float]:
     """The accuracy that `right` of `n` shows with 95% confidence, one-sided (Wilson's score interval): 60 of 60
-    right says "at least 95.7% right", not "100%". None for n = 0."""
+    right says "at least 95.6% right", not "100%". None for n = 0."""
     if n <= 0:
         return None
     p, z2 = right / n, z * z
@@ -208,10 +209,7 @@ def truth_metrics(results: List[dict], truth: Dict[Tuple[str, int], Dict[str, An
                                                         for t in SURE_THRESHOLDS
                                                         for chosen in [(confidence >= t) & ((answers != 0) == turned)]}
                                                for answer, turned in (("turned", True), ("upright", False))},
-                              # per label of the truth (a check set's source folder, a class): where it is weak
-                              "by_label": {str(label): (int(np.sum(labels == label)),
-                                                        int(np.sum(right[labels == label])))
-                                           for label in sorted(set(labels) - {""})}}
+                              "by_label": _by_label(labels, right)}
     if pairs_c:
         labels = sorted({a for a, _ in pairs_c} | {b for _, b in pairs_c})
         m = np.zeros((len(labels), len(labels)), int)
@@ -219,6 +217,26 @@ def truth_metrics(results: List[dict], truth: Dict[Tuple[str, int], Dict[str, An
             m[labels.index(a), labels.index(b)] += 1
         out["class"] = {"labels": labels, "matrix": m}
     return out
+
+
+NO_LABEL = "(no label)"  # by_label's group for the rows a partly labelled truth leaves without one
+
+
+def _by_label(labels: np.ndarray, right: np.ndarray) -> Dict[str, Tuple[int, int]]:
+    """label -> (images, right), worst first (by share right, then the larger group first): per label of the truth
+    (a check set's source folder, a class), where the model is weak. {} when no row has a label; the unlabelled rows
+    of a partly labelled truth are one more group, NO_LABEL, so that the groups add up to the whole."""
+    if not np.any(labels != ""):
+        return {}
+    names, index = np.unique(np.where(labels == "", NO_LABEL, labels), return_inverse=True)
+    images, hits = np.bincount(index, minlength=len(names)), np.bincount(index, weights=right, minlength=len(names))
+    order = sorted(range(len(names)), key=lambda i: (hits[i] / images[i], -images[i], names[i]))
+    return {str(names[i]): (int(images[i]), int(hits[i])) for i in order}
+
+
+def _floor(x: float, digits: int) -> float:
+    """x cut down to `digits` decimals: a lower bound is never shown higher than it is (0.994995 -> 0.9949)."""
+    return math.floor(x * 10 ** digits + 1e-9) / 10 ** digits
 
 
 def truth_summary(metrics: Dict[str, Any]) -> Dict[str, Any]:
@@ -238,16 +256,17 @@ def truth_summary(metrics: Dict[str, Any]) -> Dict[str, Any]:
     if "orientation" in metrics:
         summary["orientation"]["by_decision"] = {
             decision: {"images": n, "right": right, "accuracy": round(right / n, 4),
-                       "at_least": round(lower_bound(right, n), 4)}
+                       "at_least": _floor(lower_bound(right, n), 4)}
             for decision, (n, right) in metrics["orientation"]["by_decision"].items()}
         summary["orientation"]["by_label"] = {
-            label: {"images": n, "right": right, "accuracy": round(right / n, 4)}
+            label: {"images": n, "right": right, "accuracy": round(right / n, 4),
+                    "at_least": _floor(lower_bound(right, n), 4)}
             for label, (n, right) in metrics["orientation"]["by_label"].items()}
         images = summary["orientation"]["images"]
         summary["orientation"]["by_threshold"] = {
             answer: {f"{t:g}": {"images": n, "share": round(n / max(1, images), 4),
                                 "right": right, "accuracy": round(right / n, 4) if n else None,
-                                "at_least": round(lower_bound(right, n), 4) if n else None}
+                                "at_least": _floor(lower_bound(right, n), 4) if n else None}
                      for t, (n, right) in table.items()}
             for answer, table in metrics["orientation"]["by_threshold"].items()}
     return summary
@@ -259,7 +278,7 @@ def truth_summary_line(summary: Dict[str, Any]) -> str:
     if "orientation" in summary:
         o = summary["orientation"]
         decisions = ", ".join(  # the bands that act say what their counts show with 95% confidence
-            f"{k} {v['right']}/{v['images']}" + (f" (>={100 * v['at_least']:.1f}%)" if k != "review" else "")
+            f"{k} {v['right']}/{v['images']}" + (f" (>={_floor(100 * v['at_least'], 1):.1f}%)" if k != "review" else "")
             for k, v in o["by_decision"].items())
         parts.append(f"orientation {100 * o['accuracy']:.1f}% right of {o['images']} ({decisions})")
     if "class" in summary:
@@ -269,17 +288,18 @@ def truth_summary_line(summary: Dict[str, Any]) -> str:
 
 
 def truth_label_lines(summary: Dict[str, Any], most: int = 12) -> List[str]:
-    """Orientation accuracy per label of the truth, worst first, one line each ([] for fewer than two labels);
-    past `most` labels, one line says how many more run.json holds."""
-    by_label = summary.get("orientation", {}).get("by_label") or {}
+    """Orientation accuracy per label of the truth, in by_label's order (worst first), one line each with what its
+    counts show with 95% confidence ([] for fewer than two labels: the summary line says it all); past `most`
+    labels, one line says how many more run.json holds."""
+    by_label = list((summary.get("orientation", {}).get("by_label") or {}).items())
     if len(by_label) < 2:
         return []
-    worst_first = sorted(by_label.items(), key=lambda item: (item[1]["accuracy"], item[0]))
-    width = min(30, max(len(label) for label, _ in worst_first[:most]))
-    lines = [f"{label:{width}s} {v['right']:5d} of {v['images']:5d} turns right ({100 * v['accuracy']:.1f}%)"
-             for label, v in worst_first[:most]]
-    if len(worst_first) > most:
-        lines.append(f"... {len(worst_first) - most} more labels in run.json (truth.orientation.by_label)")
+    width = min(30, max(len(label) for label, _ in by_label[:most]))
+    lines = [f"{label:{width}s} {v['right']:5d} of {v['images']:5d} turns right ({100 * v['accuracy']:.1f}%, "
+             f">={_floor(100 * v['at_least'], 1):.1f}%)" for label, v in by_label[:most]]
+    if len(by_label) > most:
+        more = len(by_label) - most
+        lines.append(f"... {more} more label{'s' if more > 1 else ''} in run.json (truth.orientation.by_label)")
     return lines
 
 
@@ -483,7 +503,7 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
             decided = ""
             if key == "orientation":
                 decided = "".join(f"<tr><td>{html.escape(d)}</td><td class=n>{n}</td><td class=n>{right / n:.3f}"
-                                  f"</td><td class=n>{lower_bound(right, n):.3f}</td></tr>"
+                                  f"</td><td class=n>{_floor(lower_bound(right, n), 3):.3f}</td></tr>"
                                   for d, (n, right) in metrics[key]["by_decision"].items())
                 decided = (f'<table class="by-decision"><tr><th>decision</th><th>images</th><th>orientation right'
                            f'</th><th>at least (95% confidence)</th></tr>{decided}</table>')
@@ -491,19 +511,21 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
                 by_threshold = "".join(
                     f"<tr><td>{t:g}</td>" + "".join(
                         f"<td class=n>{tables[a][t][0] / max(1, n):.1%}</td><td class=n>"
-                        + (f"{tables[a][t][1] / tables[a][t][0]:.3f} (&ge; {lower_bound(*tables[a][t][::-1]):.3f})"
+                        + (f"{tables[a][t][1] / tables[a][t][0]:.3f} "
+                           f"(&ge; {_floor(lower_bound(*tables[a][t][::-1]), 3):.3f})"
                            if tables[a][t][0] else "-") + "</td>"
                         for a in ("turned", "upright")) + "</tr>" for t in SURE_THRESHOLDS)
                 decided += (f'<table class="by-threshold"><tr><th>if the threshold were</th><th>answered turned at '
                             f'or above it, share of all (--rotate-threshold)</th><th>right (&ge; at 95% confidence)'
                             f'</th><th>answered upright at or above it, share of all (--ok-threshold)</th><th>right '
                             f'(&ge; at 95% confidence)</th></tr>{by_threshold}</table>')
-                by_label = sorted(metrics[key]["by_label"].items(), key=lambda item: (item[1][1] / item[1][0], item[0]))
+                by_label = metrics[key]["by_label"]  # worst first
                 if len(by_label) > 1:
                     decided += ('<table class="by-label"><tr><th>label (worst first)</th><th>images</th>'
-                                '<th>orientation right</th></tr>' + "".join(
+                                '<th>orientation right</th><th>at least (95% confidence)</th></tr>' + "".join(
                                     f"<tr><td>{html.escape(label)}</td><td class=n>{n}</td><td class=n>{right / n:.3f}"
-                                    f"</td></tr>" for label, (n, right) in by_label) + '</table>')
+                                    f"</td><td class=n>{_floor(lower_bound(right, n), 3):.3f}</td></tr>"
+                                    for label, (n, right) in by_label.items()) + '</table>')
             section.append(f'<div style="display:flex;gap:24px;align-items:flex-start;flex-wrap:wrap">'
                            f'<img class="confusion" src="{_png_data_uri(picture)}" alt="{key} confusion matrix">'
                            f'<table><tr><th>{key} (truth)</th><th>images</th><th>accuracy</th></tr>{rows}'

@@ -1490,7 +1490,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
             tables = report.read_run(opts.output)
             summary["truth"] = {"manifest": truth, **report.truth_summary(report.truth_metrics(tables[0], truth_rows))}
         except Exception as e:  # a truth manifest that cannot be read is said, not fatal: the tables stand
-            LOG.exception("reading the truth manifest failed")
+            LOG.exception("the truth figures failed (reading the truth manifest or the score tables)")
             summary["truth"] = {"manifest": truth, "error": f"{type(e).__name__}: {e}"}
     run_json = json.dumps(summary, indent=2, default=str)
     with FileSystems.create(FileSystems.join(opts.output, "run.json")) as handle:

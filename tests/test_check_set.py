@@ -172,34 +172,63 @@ def test_truth_figures_per_decision_and_threshold():
     o = summary["orientation"]
     assert (o["images"], o["right"], o["accuracy"]) == (5, 3, 0.6)  # the skipped row is not counted
     assert o["by_decision"] == {"auto_rotate": {"images": 1, "right": 1, "accuracy": 1.0, "at_least": 0.2698},
-                                "ok": {"images": 2, "right": 1, "accuracy": 0.5, "at_least": 0.1209},
-                                "review": {"images": 2, "right": 1, "accuracy": 0.5, "at_least": 0.1209}}
+                                "ok": {"images": 2, "right": 1, "accuracy": 0.5, "at_least": 0.1208},
+                                "review": {"images": 2, "right": 1, "accuracy": 0.5, "at_least": 0.1208}}
     assert o["by_threshold"]["turned"]["0.8"] == {"images": 2, "share": 0.4, "right": 2, "accuracy": 1.0,
-                                                  "at_least": 0.425}
+                                                  "at_least": 0.4249}
     assert o["by_threshold"]["turned"]["0.5"] == {"images": 3, "share": 0.6, "right": 2, "accuracy": 0.6667,
                                                   "at_least": 0.2535}
     assert o["by_threshold"]["upright"]["0.5"] == {"images": 2, "share": 0.4, "right": 1, "accuracy": 0.5,
-                                                   "at_least": 0.1209}
+                                                   "at_least": 0.1208}
     assert o["by_threshold"]["upright"]["0.99"] == {"images": 0, "share": 0.0, "right": 0, "accuracy": None,
                                                     "at_least": None}
     line = report.truth_summary_line(summary)
-    assert line == "orientation 60.0% right of 5 (auto_rotate 1/1 (>=27.0%), ok 1/2 (>=12.1%), review 1/2)"
-    assert o["by_label"] == {"maps": {"images": 2, "right": 2, "accuracy": 1.0},
-                             "photos": {"images": 2, "right": 1, "accuracy": 0.5}}
-    assert report.truth_label_lines(summary) == ["photos     1 of     2 turns right (50.0%)",
-                                                 "maps       2 of     2 turns right (100.0%)"]  # worst first
-    assert report.truth_label_lines(summary, most=1)[1:] == [
-        "... 1 more labels in run.json (truth.orientation.by_label)"]
-    del o["by_label"]["maps"]
+    assert line == "orientation 60.0% right of 5 (auto_rotate 1/1 (>=26.9%), ok 1/2 (>=12.0%), review 1/2)"
+    # Per label, worst first; f4's missing label is a group of its own, so that the groups add up to the whole.
+    assert list(o["by_label"].items()) == [
+        ("(no label)", {"images": 1, "right": 0, "accuracy": 0.0, "at_least": 0.0}),
+        ("photos", {"images": 2, "right": 1, "accuracy": 0.5, "at_least": 0.1208}),
+        ("maps", {"images": 2, "right": 2, "accuracy": 1.0, "at_least": 0.4249})]
+    assert report.truth_label_lines(summary) == ["(no label)     0 of     1 turns right (0.0%, >=0.0%)",
+                                                 "photos         1 of     2 turns right (50.0%, >=12.0%)",
+                                                 "maps           2 of     2 turns right (100.0%, >=42.4%)"]
+    assert report.truth_label_lines(summary, most=2)[2:] == [
+        "... 1 more label in run.json (truth.orientation.by_label)"]
+    del o["by_label"]["maps"], o["by_label"]["(no label)"]
     assert report.truth_label_lines(summary) == []  # one label says nothing the summary line does not
+    unlabelled = {key: {**t, "label": ""} for key, t in truth.items()}
+    assert report.truth_summary(report.truth_metrics(results, unlabelled))["orientation"]["by_label"] == {}
+
+
+def test_labels_are_ranked_by_share_right_then_size_in_the_lines_and_the_page():
+    """One order, worst first: the share right, then the larger group first (a near-tie rounded alike in run.json
+    keeps the order of the exact shares)."""
+    counts = {"a": (3, 1), "b": (10000, 3333), "c": (4, 4), "d": (2, 1), "e": (8, 4)}  # label: (images, right)
+    truth, results = {}, []
+    for label, (n, right) in counts.items():
+        for i in range(n):
+            truth[(f"{label}{i}", 0)] = {"label": label, "orientation": 90}
+            results.append({"uri": f"{label}{i}", "page": 0, "orientation_degrees": 90 if i < right else 0,
+                            "orientation_confidence": 0.5, "decision": "review", "class_name": ""})
+    metrics = report.truth_metrics(results, truth)
+    assert list(metrics["orientation"]["by_label"]) == ["b", "a", "e", "d", "c"]  # 3333/10000 < 1/3; 4/8 before 1/2
+    summary = report.truth_summary(metrics)
+    assert [line.split()[0] for line in report.truth_label_lines(summary)] == ["b", "a", "e", "d", "c"]
 
 
 def test_the_lower_bound_is_what_the_counts_show_and_tightens_with_more_images():
-    """60 of 60 right shows at least 95.7% with 95% confidence (Wilson, one-sided): not 100%, and not the 99.5% a
-    band must reach; it takes about 540 of 540 to show that."""
+    """60 of 60 right shows at least 95.6% with 95% confidence (Wilson, one-sided): not 100%, and not the 99.5% a
+    band must reach; it takes 539 of 539 to show that."""
     assert report.lower_bound(60, 60) == pytest.approx(60 / (60 + 1.645 ** 2))  # no miss: n / (n + z^2)
-    assert round(report.lower_bound(60, 60), 3) == 0.957 and report.lower_bound(540, 540) > 0.995
+    assert report._floor(report.lower_bound(60, 60), 3) == 0.956 and report.lower_bound(539, 539) > 0.995 > report.lower_bound(538, 538)
     assert report.lower_bound(0, 10) == 0.0 and report.lower_bound(0, 0) is None
+    # Shown cut down, never rounded up: 538 of 538 does not show 99.5%, 539 of 539 does.
+    right_538 = [{"uri": f"u{i}", "page": 0, "orientation_degrees": 90, "orientation_confidence": 0.99,
+                  "decision": "auto_rotate", "class_name": ""} for i in range(539)]
+    for n, shown in ((538, "(>=99.4%)"), (539, "(>=99.5%)")):
+        truth = {(f"u{i}", 0): {"label": "", "orientation": 90} for i in range(n)}
+        assert f"auto_rotate {n}/{n} {shown}" in report.truth_summary_line(
+            report.truth_summary(report.truth_metrics(right_538, truth)))
     for right, n in ((170, 172), (2, 3), (295, 300)):  # where the score test just rejects: (p - L)^2 = z^2 L (1-L) / n
         low = report.lower_bound(right, n)
         assert (right / n - low) ** 2 == pytest.approx(1.645 ** 2 * low * (1 - low) / n) and low < right / n

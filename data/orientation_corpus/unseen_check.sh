@@ -122,6 +122,8 @@ for row in csv.DictReader(open(os.path.join(out, "scored", "results.csv"))):
         right += int(row["orientation_degrees"]) == int(t["orientation"])
 if no_up - seen:  # a misspelt key would quietly count its image as having an up
     sys.exit(f"unseen_check: unseen_no_up.tsv names images this check does not hold: {sorted(no_up - seen)}")
-print(f"  with an up: {right} of {total} turns right ({100 * right / total:.1f}%; the images unseen_no_up.tsv lists "
-      f"left out: {len(no_up)})")
+if no_up:  # else the truth line above says it
+    share = f"{100 * right / total:.1f}%" if total else "none left"
+    print(f"  with an up: {right} of {total} turns right ({share}; the {len(no_up)} images unseen_no_up.tsv lists, "
+          f"all their turns, left out)")
 PYEOF
