@@ -188,10 +188,20 @@ def truth_metrics(results: List[dict], truth: Dict[Tuple[str, int], Dict[str, An
     """Confusion matrices and per-class accuracy of the results that have a known truth."""
     out: Dict[str, Any] = {}
     oriented, pairs_c = [], []  # oriented: (truth, answer, decision, confidence, label) of each row with both turns
+    matched, scored, with_truth = set(), 0, 0  # what matched what, so that a path mismatch is seen, not hidden
     for row in results:
-        t = truth.get((row["uri"], row["page"])) or (truth.get((row["uri"], 0)) if row["page"] == 0 else None)
-        if t is None or row["decision"] == "skipped":
+        key = (row["uri"], row["page"])
+        t = truth.get(key)
+        if t is None and row["page"] == 0 and (row["uri"], 0) in truth:
+            key, t = (row["uri"], 0), truth[(row["uri"], 0)]
+        if t is not None:
+            matched.add(key)
+        if row["decision"] == "skipped":
             continue
+        scored += 1
+        if t is None:
+            continue
+        with_truth += 1
         if t["orientation"] in (0, 90, 180, 270) and row["orientation_degrees"] in (0, 90, 180, 270):
             oriented.append((t["orientation"], row["orientation_degrees"], row["decision"],
                              float(row.get("orientation_confidence") or 0.0), t["label"]))
@@ -216,6 +226,8 @@ def truth_metrics(results: List[dict], truth: Dict[Tuple[str, int], Dict[str, An
         for a, b in pairs_c:
             m[labels.index(a), labels.index(b)] += 1
         out["class"] = {"labels": labels, "matrix": m}
+    out["coverage"] = {"results": scored, "with_truth": with_truth, "truth_rows": len(truth),
+                       "truth_without_result": len(truth) - len(matched)}
     return out
 
 
@@ -248,6 +260,8 @@ def truth_summary(metrics: Dict[str, Any]) -> Dict[str, Any]:
     images with that answer at or above it and how many of those are right: what --rotate-threshold and
     --ok-threshold would give on this archive (confidence alone; score's other review reasons aside)."""
     summary: Dict[str, Any] = {}
+    if "coverage" in metrics:  # results with no truth row, truth rows with no result (a failed input, another path)
+        summary["coverage"] = dict(metrics["coverage"])
     for key in ("orientation", "class"):
         if key in metrics:
             m = metrics[key]["matrix"]
@@ -284,6 +298,13 @@ def truth_summary_line(summary: Dict[str, Any]) -> str:
     if "class" in summary:
         c = summary["class"]
         parts.append(f"class {100 * c['accuracy']:.1f}% right of {c['images']}")
+    coverage = summary.get("coverage") or {}
+    if parts and coverage.get("results", 0) > coverage.get("with_truth", 0):
+        parts.append(f"{coverage['results'] - coverage['with_truth']} of {coverage['results']} results have no truth "
+                     f"row")
+    if parts and coverage.get("truth_without_result"):
+        parts.append(f"{coverage['truth_without_result']} of {coverage['truth_rows']} truth rows match no result "
+                     f"(failed inputs, or other paths)")
     return "; ".join(parts)
 
 
@@ -490,7 +511,11 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
 
     if truth:
         metrics = truth_metrics(results, truth)
-        section = ['<h2 id="truth">Against the known truth</h2>']
+        coverage = metrics["coverage"]
+        section = ['<h2 id="truth">Against the known truth</h2>',
+                   f'<p class="coverage">{coverage["with_truth"]} of {coverage["results"]} results have a truth row; '
+                   f'{coverage["truth_without_result"]} of {coverage["truth_rows"]} truth rows match no result '
+                   f'(failed inputs, or other paths)</p>']
         for key, heading in (("orientation", "orientation (degrees clockwise)"), ("class", "class")):
             if key not in metrics:
                 continue
@@ -530,7 +555,7 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
                            f'<img class="confusion" src="{_png_data_uri(picture)}" alt="{key} confusion matrix">'
                            f'<table><tr><th>{key} (truth)</th><th>images</th><th>accuracy</th></tr>{rows}'
                            f'</table>{decided}</div>')
-        if len(section) == 1:
+        if len(section) == 2:
             section.append("<p>no result matched a labelled row of the truth manifest</p>")
         parts.append("".join(section))
 

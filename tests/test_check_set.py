@@ -200,6 +200,29 @@ def test_truth_figures_per_decision_and_threshold():
     assert report.truth_summary(report.truth_metrics(results, unlabelled))["orientation"]["by_label"] == {}
 
 
+def test_results_and_truth_rows_that_match_nothing_are_counted_and_said():
+    """A truth whose paths differ from the scored ones (another mount, a relative path resolved elsewhere) must not
+    pass for a smaller check: the line says how many results had no truth row and how many truth rows no result."""
+    truth = {("/a", 0): {"label": "", "orientation": 0}, ("/b", 0): {"label": "", "orientation": 90},
+             ("/failed", 0): {"label": "", "orientation": 0}, ("/mnt/elsewhere/c", 0): {"label": "", "orientation": 0},
+             ("/tiff", 0): {"label": "", "orientation": 90}}
+    results = [{"uri": u, "page": page, "orientation_degrees": a, "orientation_confidence": 0.95, "decision": d,
+                "class_name": ""} for u, page, a, d in
+               [("/a", 0, 0, "ok"), ("/b", 0, 90, "auto_rotate"), ("/c", 0, 0, "ok"),
+                ("/tiff", 0, 90, "auto_rotate"), ("/tiff", 1, 0, "ok")]]  # the TIFF's page 1: no truth row for it
+    summary = report.truth_summary(report.truth_metrics(results, truth))
+    assert summary["coverage"] == {"results": 5, "with_truth": 3, "truth_rows": 5, "truth_without_result": 2}
+    assert summary["orientation"]["images"] == 3
+    assert report.truth_summary_line(summary) == (
+        "orientation 100.0% right of 3 (auto_rotate 2/2 (>=42.4%), ok 1/1 (>=26.9%)); 2 of 5 results have no truth "
+        "row; 2 of 5 truth rows match no result (failed inputs, or other paths)")
+    everything = {**truth, ("/c", 0): truth[("/mnt/elsewhere/c", 0)], ("/tiff", 1): truth[("/tiff", 0)]}
+    del everything[("/failed", 0)], everything[("/mnt/elsewhere/c", 0)]
+    line = report.truth_summary_line(report.truth_summary(report.truth_metrics(results, everything)))
+    # All matched (the TIFF's page 1 now counts, and is wrong): nothing more on the line.
+    assert line == "orientation 80.0% right of 5 (auto_rotate 2/2 (>=42.4%), ok 2/3 (>=25.3%))"
+
+
 def test_labels_are_ranked_by_share_right_then_size_in_the_lines_and_the_page():
     """One order, worst first: the share right, then the larger group first (a near-tie rounded alike in run.json
     keeps the order of the exact shares)."""
@@ -220,7 +243,8 @@ def test_the_lower_bound_is_what_the_counts_show_and_tightens_with_more_images()
     """60 of 60 right shows at least 95.6% with 95% confidence (Wilson, one-sided): not 100%, and not the 99.5% a
     band must reach; it takes 539 of 539 to show that."""
     assert report.lower_bound(60, 60) == pytest.approx(60 / (60 + 1.645 ** 2))  # no miss: n / (n + z^2)
-    assert report._floor(report.lower_bound(60, 60), 3) == 0.956 and report.lower_bound(539, 539) > 0.995 > report.lower_bound(538, 538)
+    assert report._floor(report.lower_bound(60, 60), 3) == 0.956
+    assert report.lower_bound(539, 539) > 0.995 > report.lower_bound(538, 538)
     assert report.lower_bound(0, 10) == 0.0 and report.lower_bound(0, 0) is None
     # Shown cut down, never rounded up: 538 of 538 does not show 99.5%, 539 of 539 does.
     right_538 = [{"uri": f"u{i}", "page": 0, "orientation_degrees": 90, "orientation_confidence": 0.99,

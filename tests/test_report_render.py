@@ -257,6 +257,9 @@ def test_report_command_rewrites_the_page(scored_run, tmp_path, capsys):
     assert report.main([scored_run["output"], "--truth", upright]) == 0
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("truth:")]
     assert line and line[0].startswith("truth:  orientation ") and " right of 2 (" in line[0]
+    assert line[0].endswith("; 3 of 5 results have no truth row")  # the turned images are not in this one
+    page = open(os.path.join(scored_run["output"], "report.html"), encoding="utf-8").read()
+    assert ('<p class="coverage">2 of 5 results have a truth row; 0 of 2 truth rows match no result' in page)
 
 
 def test_activations_show_feature_maps_of_chosen_layers(tmp_path):
