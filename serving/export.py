@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from serving import configs
 from serving.errors import ExportError
@@ -245,16 +245,21 @@ def export_model(model, export_base: str, *, model_name: str = DEFAULT_MODEL_NAM
     return version_dir
 
 
-def load_keras_model(path: str):
-    """Load a trainer-saved Keras model from a .keras file or a job/checkpoint dir holding one."""
+def load_keras_model(path: str, trust_saved_model: bool = False):
+    """Load a trainer-saved Keras model from a .keras file or a job dir holding one (the trainer's model.keras, else
+    the newest .keras under it). Keras refuses a model that loads an outside SavedModel (a hub: backbone) unless
+    `trust_saved_model` (its safe_mode off)."""
     import importlib
 
     import keras
 
     if os.path.isdir(path):
         candidates = sorted(glob.glob(os.path.join(path, "**", "*.keras"), recursive=True), key=os.path.getmtime)
+        if os.path.isfile(os.path.join(path, JOB_MODEL_FILE)):
+            candidates.append(os.path.join(path, JOB_MODEL_FILE))
         if not candidates:
-            raise ExportError(f"no .keras model file under {path}")
+            raise ExportError(f"no .keras model file under {path} (a training job writes {JOB_MODEL_FILE} in its "
+                              f"job dir once it finishes)")
         path = candidates[-1]
     if not os.path.isfile(path):
         raise ExportError(f"model file {path} does not exist")
@@ -264,7 +269,32 @@ def load_keras_model(path: str):
             importlib.import_module(module_name)
         except ImportError:
             pass
-    return keras.models.load_model(path, compile=False), path
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=not trust_saved_model), path
+    except ValueError as e:
+        if "safe_mode" not in str(e):
+            raise
+        raise ExportError(f"{path} loads an outside SavedModel (a hub: backbone), which Keras refuses by default; "
+                          f"pass --trust-saved-model if you trust it (the training job that saved it)") from None
+
+
+JOB_MODEL_FILE = "model.keras"  # trainer.task.MODEL_FILE: where a training job leaves its model
+
+
+def job_files(model_path: str) -> Tuple[Dict[str, str], Optional[Dict[str, Any]]]:
+    """What the job that saved `model_path` left beside it, as the trainer's own export records it: its
+    training_config.json and labels.json (the version's assets) and run_summary.json's score_settings (how score
+    should score it). ({}, None) for a .keras file that no job left."""
+    folder, assets = os.path.dirname(os.path.abspath(model_path)), {}
+    for name in ("training_config.json", "labels.json"):
+        if os.path.isfile(os.path.join(folder, name)):
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                assets[name] = f.read()
+    settings = None
+    if os.path.isfile(os.path.join(folder, "run_summary.json")):
+        with open(os.path.join(folder, "run_summary.json"), encoding="utf-8") as f:
+            settings = json.load(f).get("score_settings")
+    return assets, settings
 
 
 def _class_names_for(model_path: str, labels_path: Optional[str]) -> Optional[List[str]]:
@@ -282,8 +312,12 @@ def _class_names_for(model_path: str, labels_path: Optional[str]) -> Optional[Li
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="archive-vision export", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="Keras .keras file, or a job dir holding one; `default`: "
-                                                       "the shipped default orientation model")
+    parser.add_argument("--model", required=True, help="a training job dir (its model.keras, labels, config and "
+                                                       "score settings), or a Keras .keras file; `default`: the "
+                                                       "shipped default orientation model")
+    parser.add_argument("--trust-saved-model", action="store_true",
+                        help="load a model that loads an outside SavedModel (a job trained on a hub: backbone); Keras "
+                             "refuses those by default, as they may run that SavedModel's code")
     parser.add_argument("--export_base", required=True, help="base dir; writes <export_base>/<model_name>/<version>")
     parser.add_argument("--model_name", default=DEFAULT_MODEL_NAME)
     parser.add_argument("--labels", help="labels.json ({'classes': [...]}); default: labels.json beside the model")
@@ -301,13 +335,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             print(export_default_model(args.export_base, args.model_name, args.version))
             return 0
-        model, model_path = load_keras_model(args.model)
+        model, model_path = load_keras_model(args.model, trust_saved_model=args.trust_saved_model)
         image_size = args.image_size or model.inputs[0].shape[1]
         if not image_size:
             raise ExportError("the model's input size is not fixed; pass --image_size")
+        assets, settings = job_files(model_path)
+        if args.labels and os.path.isfile(args.labels):  # the version carries the label map its names come from
+            with open(args.labels, encoding="utf-8") as f:
+                assets["labels.json"] = f.read()
         version_dir = export_model(model, args.export_base, model_name=args.model_name,
                                    class_names=_class_names_for(model_path, args.labels),
-                                   image_size=int(image_size), version=args.version)
+                                   image_size=int(image_size), version=args.version, extra_assets=assets or None,
+                                   score_settings=settings)
     except ExportError as e:
         print(f"archive-vision export: {e}", file=sys.stderr)
         return 2

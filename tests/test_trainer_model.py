@@ -108,7 +108,7 @@ def _save_tiny_hub_model(path: str) -> None:
     tf.saved_model.save(Extractor(), path)
 
 
-def test_hub_savedmodel_backbone_trains_and_exports(tmp_path):
+def test_hub_savedmodel_backbone_trains_and_exports(tmp_path, capsys):
     from trainer import task
 
     hub = str(tmp_path / "hub_model")
@@ -123,6 +123,11 @@ def test_hub_savedmodel_backbone_trains_and_exports(tmp_path):
         export_dir = json.load(f)["export_dir"]
     assert export_dir is not None and export_dir.startswith(os.path.join(job, "export") + os.sep)
     assert os.path.exists(os.path.join(export_dir, "saved_model.pb"))
+    from serving import export  # the job's model.keras, hub layer and all, exports again later
+
+    assert export.main(["--model", job, "--export_base", str(tmp_path / "again")]) == 2  # Keras' safe mode
+    assert "pass --trust-saved-model if you trust it" in capsys.readouterr().err
+    assert export.main(["--model", job, "--export_base", str(tmp_path / "again"), "--trust-saved-model"]) == 0
 
 
 def test_default_backbone_is_the_pretrained_torchvision_mobilenet_and_trains(tmp_path):
@@ -141,3 +146,6 @@ def test_default_backbone_is_the_pretrained_torchvision_mobilenet_and_trains(tmp
     with open(os.path.join(job, "eval", "val_metrics.json")) as f:
         val = json.load(f)
     assert val["orientation"]["accuracy"] >= 0.75 and val["classes"]["accuracy"] >= 0.75
+    from serving import export  # the job's model.keras (the torchvision MobileNetV2's own layers) exports again
+
+    assert export.main(["--model", job, "--export_base", str(tmp_path / "again")]) == 0

@@ -109,6 +109,35 @@ def test_job_dir_holds_resolved_config_best_checkpoint_and_export(trained_job):
     assert (opts.input_prep, opts.size, opts.resize_mode, opts.tta) == ("ingest", 32, "pad", False)
 
 
+def test_export_of_the_job_dir_later_gives_the_trainers_own_export(trained_job, tmp_path):
+    """The job leaves its model (model.keras) beside its config, labels and run summary, so `archive-vision export
+    --model JOB` (another export base, a job run with --export false) writes a version that answers as the
+    trainer's own export does and carries the same config, labels and score settings."""
+    import tensorflow as tf
+
+    from serving import export
+    from tests.test_serving_export import sample_images
+
+    with open(os.path.join(trained_job, "run_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["model_file"] == os.path.join(trained_job, "model.keras") and os.path.isfile(summary["model_file"])
+    assert export.main(["--model", trained_job, "--export_base", str(tmp_path), "--version", "7"]) == 0
+    again, own = os.path.join(str(tmp_path), "archive_vision", "7"), summary["export_dir"]
+    for name in ("training_config.json", "labels.json"):
+        with open(os.path.join(own, "assets.extra", name)) as a, open(os.path.join(again, "assets.extra", name)) as b:
+            assert json.load(a) == json.load(b)
+    recorded = []
+    for version in (own, again):
+        with open(os.path.join(version, "assets.extra", "archive_vision_export.json")) as f:
+            recorded.append(json.load(f)["score_settings"])
+    assert recorded[0] == recorded[1] and recorded[0]["size"] == 32
+    images = tf.constant(sample_images())
+    answers = [tf.saved_model.load(v).signatures["serving_default"](images=images) for v in (own, again)]
+    for key in ("class_probabilities", "orientation_probabilities"):
+        np.testing.assert_allclose(answers[0][key].numpy(), answers[1][key].numpy(), atol=1e-5)
+    assert (answers[0]["class_names"].numpy() == answers[1]["class_names"].numpy()).all()
+
+
 def test_score_settings_of_a_head_tuned_from_the_default_are_the_defaults(tmp_path):
     from trainer import config, task
     from trainer.default_model import score_settings

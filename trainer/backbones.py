@@ -36,16 +36,24 @@ class ChannelNormalisation(keras.layers.Layer):
                 "reverse_channels": self.reverse_channels}
 
 
+@keras.saving.register_keras_serializable(package="archive_vision")
 class SavedModelFeatureExtractor(keras.layers.TFSMLayer):
-    """A TF Hub / SavedModel image feature extractor as a frozen Keras layer ([0, 1] float input)."""
+    """A TF Hub / SavedModel image feature extractor as a frozen Keras layer ([0, 1] float input). A saved .keras
+    model holding one names the SavedModel's path, which must still be there to load it."""
 
     def __init__(self, path: str, output_key: Optional[str] = None, **kwargs):
         loaded = tf.saved_model.load(path)
         # TF2 Hub models are callables; exported serving models only have signatures.
         endpoint = "__call__" if callable(loaded) else "serving_default"
         del loaded
+        kwargs.pop("trainable", None)  # always frozen (a saved config carries it)
         super().__init__(path, call_endpoint=endpoint, trainable=False, **kwargs)
         self.output_key = output_key
+
+    def get_config(self):
+        # TFSMLayer's own config names its endpoints, which this layer works out from the SavedModel.
+        config = keras.layers.Layer.get_config(self)
+        return {**config, "path": self.filepath, "output_key": self.output_key}
 
     def call(self, inputs, training=False, **kwargs):
         out = super().call(inputs)

@@ -6,6 +6,7 @@ Job dir layout (the chief's; other workers of a cluster write under JOB/workers/
   tensorboard/<phase>/  TensorBoard logs                 history_<phase>.csv   per-epoch metrics
   feature_cache/        with --cache-features (disk)     eval/             metrics JSON, PNGs, misclassified
   export/<model>/<version>/  the SavedModel (serving.export)   run_summary.json
+  model.keras           the trained model as exported: `archive-vision export --model JOB_DIR` exports it again
 """
 from __future__ import annotations
 
@@ -270,6 +271,24 @@ def score_settings(cfg) -> Optional[Dict[str, Any]]:
     return settings
 
 
+MODEL_FILE = "model.keras"  # the chief's trained model in the job dir, as exported
+
+
+def _save_keras(model, path: str) -> str:
+    """model.save to `path`, local or gs:// (Keras writes a local file; it is copied up, then replaced atomically
+    where the file system can)."""
+    import tempfile
+
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, os.path.basename(path))
+        model.save(local)
+        tf.io.gfile.copy(local, path + ".tmp", overwrite=True)
+        tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    return path
+
+
 def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
     """The whole job after the strategy exists: fit, evaluate and export (the last two on the chief only)."""
     import keras
@@ -416,6 +435,14 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
                       flush=True)
         evaluate.draw_training_curves(summary["history"], os.path.join(eval_dir, "training_curves.png"))
 
+    # The trained model as exported (calibration folded in), beside labels.json and run_summary.json: what
+    # `archive-vision export --model JOB_DIR` exports again later (another export base, a job run with --export false).
+    try:
+        summary["model_file"] = _save_keras(plain_model, os.path.join(cfg.job_dir, MODEL_FILE))
+    except Exception as e:  # the export below does not need it: said, not fatal to a finished training
+        summary["model_file"], summary["model_file_error"] = None, f"{type(e).__name__}: {e}"
+        print(f"[save] {MODEL_FILE} not written ({summary['model_file_error']}); the export stands", flush=True)
+    summary["score_settings"] = score_settings(cfg)
     summary["export_dir"] = None
     if cfg.export:
         try:
@@ -428,7 +455,6 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
             for name, path in (("training_config.json", config_path), ("labels.json", labels_path)):
                 with tf.io.gfile.GFile(path) as f:
                     assets[name] = f.read()
-            summary["score_settings"] = score_settings(cfg)
             summary["export_dir"] = serving_export.export_model(
                 plain_model, os.path.join(cfg.job_dir, "export"), model_name=cfg.model_name,
                 class_names=class_names or None, image_size=cfg.image_size, extra_assets=assets,
