@@ -1240,8 +1240,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
                              "--text-crops-agree is set (default 1.0: every image; with the built-in model: the "
                              "value its training chose on held-out images)")
     parser.add_argument("--text-crops-weight", type=float, default=None,
-                        help="with --text-crops: weight of the evidence (default: the built-in head's, fitted on "
-                             f"held-out images; {DEFAULT_TEXT_CROPS_WEIGHT} for a head that records none)")
+                        help="with --text-crops: weight of the evidence (default: what the model's score settings "
+                             "record, else the built-in head's, fitted on held-out images; "
+                             f"{DEFAULT_TEXT_CROPS_WEIGHT} only if the shipped head records none)")
     parser.add_argument("--text-crops-agree", type=int, default=None,
                         help="with --text-crops: read the crops of the images at or above --text-crops-below too, "
                              "and count them only when at least this many of the five are sure of one turn (0: "
