@@ -167,8 +167,9 @@ def test_two_pods_train_from_gs_shards_into_one_gs_job_dir_and_a_restart_resumes
     names = names_under(bucket, "jobs/run1")
     exported = [n for n in names if n.endswith("/saved_model.pb")]
     assert len(exported) == 1 and exported[0].startswith("export/archive_vision/")
-    assert {"training_config.json", "run_summary.json", "labels.json", "eval/test_metrics.json",
+    assert {"training_config.json", "run_summary.json", "labels.json", "eval/test_metrics.json", "model.keras",
             "workers/worker-1/history_heads.csv"} <= set(names)
+    assert not [n for n in names if n.startswith("workers/") and n.endswith(".keras")]  # the chief's model only
     assert not [n for n in names if n.startswith("workers/worker-1/export")]
     config = json.loads(bucket.blob("jobs/run1/training_config.json").download_as_bytes())
     assert config["num_workers"] == 2 and config["replicas"] == 2 and config["class_names"] == ["warm", "cool"]
