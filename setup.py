@@ -15,6 +15,8 @@ setup(
         "tensorboard>=2.21,<2.22",  # tf.summary needs it; tensorflow no longer pulls it in
         "apache-beam[gcp]>=2.77,<2.78",
         "tensorflow-serving-api>=2.21,<2.22",
+        # 3.13.2 refuses a .keras model that loads an outside SavedModel in safe mode (export --trust-saved-model).
+        "keras>=3.13.2",
         "pyarrow>=14",
         "google-cloud-storage>=2.10",
         "Pillow>=10.0",

@@ -253,6 +253,8 @@ def load_keras_model(path: str, trust_saved_model: bool = False):
 
     import keras
 
+    if "://" in path:
+        raise ExportError(f"{path}: export reads a local job dir or file; copy it down first (gsutil cp -r)")
     if os.path.isdir(path):
         candidates = sorted(glob.glob(os.path.join(path, "**", "*.keras"), recursive=True), key=os.path.getmtime)
         if os.path.isfile(os.path.join(path, JOB_MODEL_FILE)):
@@ -269,13 +271,30 @@ def load_keras_model(path: str, trust_saved_model: bool = False):
             importlib.import_module(module_name)
         except ImportError:
             pass
+    _check_job_saved(path)
     try:
         return keras.models.load_model(path, compile=False, safe_mode=not trust_saved_model), path
     except ValueError as e:
         if "safe_mode" not in str(e):
             raise
-        raise ExportError(f"{path} loads an outside SavedModel (a hub: backbone), which Keras refuses by default; "
-                          f"pass --trust-saved-model if you trust it (the training job that saved it)") from None
+        raise ExportError(f"{path} holds what Keras' safe mode refuses (a hub: backbone's outside SavedModel, or "
+                          f"Python code); pass --trust-saved-model if you trust the file (the training job that "
+                          f"saved it)") from None
+    except OSError as e:  # a hub backbone's SavedModel that is no longer where the model names it, say
+        raise ExportError(f"{path} could not be loaded: {e}") from None
+
+
+def _check_job_saved(path: str) -> None:
+    """A job's model.keras is only the job's if its last run says it saved it (run_summary.json's model_file): a
+    run that failed to save, or is still running, must not pass an older model off with its labels."""
+    summary_path = os.path.join(os.path.dirname(os.path.abspath(path)), "run_summary.json")
+    if os.path.basename(path) != JOB_MODEL_FILE or not os.path.isfile(summary_path):
+        return
+    with open(summary_path, encoding="utf-8") as f:
+        summary = json.load(f)
+    if "model_file" in summary and os.path.basename(str(summary["model_file"] or "")) != JOB_MODEL_FILE:
+        raise ExportError(f"the job's last run did not save {path} ({summary.get('model_file_error') or 'no file'})"
+                          f"; it may be an earlier run's")
 
 
 JOB_MODEL_FILE = "model.keras"  # trainer.task.MODEL_FILE: where a training job leaves its model
@@ -291,7 +310,7 @@ def job_files(model_path: str) -> Tuple[Dict[str, str], Optional[Dict[str, Any]]
             with open(os.path.join(folder, name), encoding="utf-8") as f:
                 assets[name] = f.read()
     settings = None
-    if os.path.isfile(os.path.join(folder, "run_summary.json")):
+    if os.path.basename(model_path) == JOB_MODEL_FILE and os.path.isfile(os.path.join(folder, "run_summary.json")):
         with open(os.path.join(folder, "run_summary.json"), encoding="utf-8") as f:
             settings = json.load(f).get("score_settings")
     return assets, settings
@@ -316,10 +335,11 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                                                        "score settings), or a Keras .keras file; `default`: the "
                                                        "shipped default orientation model")
     parser.add_argument("--trust-saved-model", action="store_true",
-                        help="load a model that loads an outside SavedModel (a job trained on a hub: backbone); Keras "
-                             "refuses those by default, as they may run that SavedModel's code")
+                        help="load a model that loads an outside SavedModel (a job trained on a hub: backbone): turns "
+                             "Keras' safe mode off for the whole file, which then may run any code it holds")
     parser.add_argument("--export_base", required=True, help="base dir; writes <export_base>/<model_name>/<version>")
-    parser.add_argument("--model_name", default=DEFAULT_MODEL_NAME)
+    parser.add_argument("--model_name", default=None, help="default: the job's (its training_config.json), else "
+                                                           f"{DEFAULT_MODEL_NAME}")
     parser.add_argument("--labels", help="labels.json ({'classes': [...]}); default: labels.json beside the model")
     parser.add_argument("--image_size", type=int, help="model input size; default: read from the model")
     parser.add_argument("--version", type=int, help="version number; default: a timestamp above existing ones")
@@ -333,7 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.model == "default":
             from trainer.default_model import export_default_model
 
-            print(export_default_model(args.export_base, args.model_name, args.version))
+            print(export_default_model(args.export_base, args.model_name or DEFAULT_MODEL_NAME, args.version))
             return 0
         model, model_path = load_keras_model(args.model, trust_saved_model=args.trust_saved_model)
         image_size = args.image_size or model.inputs[0].shape[1]
@@ -343,7 +363,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.labels and os.path.isfile(args.labels):  # the version carries the label map its names come from
             with open(args.labels, encoding="utf-8") as f:
                 assets["labels.json"] = f.read()
-        version_dir = export_model(model, args.export_base, model_name=args.model_name,
+        model_name = args.model_name or json.loads(assets.get("training_config.json") or "{}").get(
+            "model_name") or DEFAULT_MODEL_NAME
+        version_dir = export_model(model, args.export_base, model_name=model_name,
                                    class_names=_class_names_for(model_path, args.labels),
                                    image_size=int(image_size), version=args.version, extra_assets=assets or None,
                                    score_settings=settings)

@@ -108,14 +108,15 @@ def _save_tiny_hub_model(path: str) -> None:
     tf.saved_model.save(Extractor(), path)
 
 
-def test_hub_savedmodel_backbone_trains_and_exports(tmp_path, capsys):
+def test_hub_savedmodel_backbone_trains_and_exports(tmp_path, capsys, monkeypatch):
     from trainer import task
 
     hub = str(tmp_path / "hub_model")
     _save_tiny_hub_model(hub)
     data = write_archive(str(tmp_path / "data"), {"train": 32, "val": 8}, stored_turns=(0, 90))
     job = str(tmp_path / "job")
-    assert task.main(["--data", data, "--job-dir", job, "--backbone", f"hub:{hub}", "--epochs", "5",
+    monkeypatch.chdir(tmp_path)  # the hub model named by a relative path, as a user may
+    assert task.main(["--data", data, "--job-dir", job, "--backbone", "hub:hub_model", "--epochs", "5",
                       "--tasks", "orientation", *TINY]) == 0
     with open(os.path.join(job, "eval", "val_metrics.json")) as f:
         assert json.load(f)["orientation"]["accuracy"] >= 0.75
@@ -126,8 +127,11 @@ def test_hub_savedmodel_backbone_trains_and_exports(tmp_path, capsys):
     from serving import export  # the job's model.keras, hub layer and all, exports again later
 
     assert export.main(["--model", job, "--export_base", str(tmp_path / "again")]) == 2  # Keras' safe mode
-    assert "pass --trust-saved-model if you trust it" in capsys.readouterr().err
-    assert export.main(["--model", job, "--export_base", str(tmp_path / "again"), "--trust-saved-model"]) == 0
+    assert "pass --trust-saved-model if you trust the file" in capsys.readouterr().err
+    from tests.test_trainer_task import assert_reexport_answers_as_the_trainers_export
+
+    monkeypatch.chdir(tmp_path / "data")  # model.keras names the SavedModel by its absolute path: loads from here
+    assert_reexport_answers_as_the_trainers_export(job, str(tmp_path / "again"), "--trust-saved-model")
 
 
 def test_default_backbone_is_the_pretrained_torchvision_mobilenet_and_trains(tmp_path):
@@ -146,6 +150,7 @@ def test_default_backbone_is_the_pretrained_torchvision_mobilenet_and_trains(tmp
     with open(os.path.join(job, "eval", "val_metrics.json")) as f:
         val = json.load(f)
     assert val["orientation"]["accuracy"] >= 0.75 and val["classes"]["accuracy"] >= 0.75
-    from serving import export  # the job's model.keras (the torchvision MobileNetV2's own layers) exports again
+    # The job's model.keras (the torchvision MobileNetV2's own layers, BatchNorm folded at export) exports again.
+    from tests.test_trainer_task import assert_reexport_answers_as_the_trainers_export
 
-    assert export.main(["--model", job, "--export_base", str(tmp_path / "again")]) == 0
+    assert_reexport_answers_as_the_trainers_export(job, str(tmp_path / "again"))

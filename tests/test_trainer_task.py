@@ -109,33 +109,73 @@ def test_job_dir_holds_resolved_config_best_checkpoint_and_export(trained_job):
     assert (opts.input_prep, opts.size, opts.resize_mode, opts.tta) == ("ingest", 32, "pad", False)
 
 
-def test_export_of_the_job_dir_later_gives_the_trainers_own_export(trained_job, tmp_path):
-    """The job leaves its model (model.keras) beside its config, labels and run summary, so `archive-vision export
-    --model JOB` (another export base, a job run with --export false) writes a version that answers as the
-    trainer's own export does and carries the same config, labels and score settings."""
+def assert_reexport_answers_as_the_trainers_export(job: str, export_base: str, *flags: str):
+    """`archive-vision export --model JOB` writes a version that answers as the trainer's own export did, and
+    carries the same config, labels and score settings."""
     import tensorflow as tf
 
     from serving import export
     from tests.test_serving_export import sample_images
 
-    with open(os.path.join(trained_job, "run_summary.json")) as f:
+    with open(os.path.join(job, "run_summary.json")) as f:
         summary = json.load(f)
-    assert summary["model_file"] == os.path.join(trained_job, "model.keras") and os.path.isfile(summary["model_file"])
-    assert export.main(["--model", trained_job, "--export_base", str(tmp_path), "--version", "7"]) == 0
-    again, own = os.path.join(str(tmp_path), "archive_vision", "7"), summary["export_dir"]
+    assert summary["model_file"] == os.path.join(job, "model.keras") and os.path.isfile(summary["model_file"])
+    assert export.main(["--model", job, "--export_base", export_base, "--version", "7", *flags]) == 0
+    own = summary["export_dir"]
+    again = os.path.join(export_base, os.path.basename(os.path.dirname(own)), "7")  # the job's model name
     for name in ("training_config.json", "labels.json"):
         with open(os.path.join(own, "assets.extra", name)) as a, open(os.path.join(again, "assets.extra", name)) as b:
             assert json.load(a) == json.load(b)
     recorded = []
     for version in (own, again):
         with open(os.path.join(version, "assets.extra", "archive_vision_export.json")) as f:
-            recorded.append(json.load(f)["score_settings"])
-    assert recorded[0] == recorded[1] and recorded[0]["size"] == 32
+            recorded.append(json.load(f).get("score_settings"))
+    assert recorded[0] == recorded[1]
     images = tf.constant(sample_images())
     answers = [tf.saved_model.load(v).signatures["serving_default"](images=images) for v in (own, again)]
-    for key in ("class_probabilities", "orientation_probabilities"):
-        np.testing.assert_allclose(answers[0][key].numpy(), answers[1][key].numpy(), atol=1e-5)
-    assert (answers[0]["class_names"].numpy() == answers[1]["class_names"].numpy()).all()
+    assert set(answers[0]) == set(answers[1])
+    for key in answers[0]:
+        if answers[0][key].dtype == tf.string:
+            assert (answers[0][key].numpy() == answers[1][key].numpy()).all(), key
+        else:
+            np.testing.assert_allclose(answers[0][key].numpy(), answers[1][key].numpy(), atol=1e-5, err_msg=key)
+    return recorded[1]
+
+
+def test_export_of_the_job_dir_later_gives_the_trainers_own_export(trained_job, tmp_path):
+    """The job leaves its model (model.keras) beside its config, labels and run summary, so `archive-vision export
+    --model JOB` (another export base, a job run with --export false) gives what the trainer's own export gave."""
+    assert assert_reexport_answers_as_the_trainers_export(trained_job, str(tmp_path))["size"] == 32
+
+
+def test_a_run_that_fails_to_save_its_model_leaves_no_older_one_to_export(archive, trained_job, tmp_path,
+                                                                          monkeypatch, capsys):
+    """A rerun in a job dir first removes the earlier run's model.keras; if its own save fails, the job still ends
+    well (the export does not need the file), run_summary.json says why, and export refuses the job dir rather
+    than pass an older model off with this run's labels."""
+    import shutil
+
+    from serving import export
+    from trainer import task
+
+    job = str(tmp_path / "job")
+    shutil.copytree(trained_job, job)
+
+    def fail(model, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(task, "_save_keras", fail)
+    assert _run(["--data", archive, "--job-dir", job, "--epochs", "8", *TINY]) == 0
+    assert "[save] model.keras not written (OSError: disk full); the job goes on" in capsys.readouterr().out
+    with open(os.path.join(job, "run_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["model_file"] is None and summary["model_file_error"] == "OSError: disk full"
+    assert summary["export_dir"] and not os.path.exists(os.path.join(job, "model.keras"))
+    assert export.main(["--model", job, "--export_base", str(tmp_path / "again")]) == 2
+    assert "no .keras model file under" in capsys.readouterr().err
+    shutil.copy(os.path.join(trained_job, "model.keras"), job)  # an older model put back by hand: refused too
+    assert export.main(["--model", job, "--export_base", str(tmp_path / "again")]) == 2
+    assert "the job's last run did not save" in capsys.readouterr().err
 
 
 def test_score_settings_of_a_head_tuned_from_the_default_are_the_defaults(tmp_path):
@@ -393,6 +433,8 @@ def test_the_exported_orientation_head_is_calibrated_on_val(tmp_path, capsys):
     np.testing.assert_allclose(served[0], calibration.with_temperature(served[1], summary["orientation_temperature"]),
                                atol=2e-3)
     assert not np.allclose(served[0], served[1], atol=2e-3)
+    # The job's model.keras holds the calibrated head: exported again, it answers as the calibrated export.
+    assert_reexport_answers_as_the_trainers_export(job, str(tmp_path / "again"))
 
 
 def test_too_few_val_records_leave_the_head_uncalibrated(trained_job):

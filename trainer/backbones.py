@@ -139,6 +139,8 @@ def _tiny(weights: str, image_size: int) -> keras.Model:
 
 
 def _hub(path: str, image_size: int) -> keras.Model:
+    # A local path is kept absolute: a saved .keras model names it, and is loaded from elsewhere.
+    path = path if "://" in path else os.path.abspath(path)
     layer = SavedModelFeatureExtractor(path, name="hub_feature_extractor")
     # TF Hub image models take [0, 1] floats by convention.
     return _wrap(layer, image_size, keras.layers.Rescaling(1.0 / 255.0, name="to_unit"))

@@ -319,6 +319,9 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
     facts = {"replicas": replicas, "global_batch": global_batch, "num_workers": role.num_workers,
              "strategy_class": type(strategy).__name__, "class_names": class_names}
     config_path = cfg.write(private_dir, facts)
+    if role.is_chief and tf.io.gfile.exists(os.path.join(cfg.job_dir, MODEL_FILE)):
+        # An earlier run's model must not be exported later beside this run's labels and config.
+        tf.io.gfile.remove(os.path.join(cfg.job_dir, MODEL_FILE))
     labels_path = os.path.join(private_dir, "labels.json")
     with tf.io.gfile.GFile(labels_path, "w") as f:
         json.dump({"classes": class_names, "orientations": evaluate.ORIENTATION_NAMES}, f, indent=2)
@@ -441,7 +444,7 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
         summary["model_file"] = _save_keras(plain_model, os.path.join(cfg.job_dir, MODEL_FILE))
     except Exception as e:  # the export below does not need it: said, not fatal to a finished training
         summary["model_file"], summary["model_file_error"] = None, f"{type(e).__name__}: {e}"
-        print(f"[save] {MODEL_FILE} not written ({summary['model_file_error']}); the export stands", flush=True)
+        print(f"[save] {MODEL_FILE} not written ({summary['model_file_error']}); the job goes on", flush=True)
     summary["score_settings"] = score_settings(cfg)
     summary["export_dir"] = None
     if cfg.export:
