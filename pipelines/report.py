@@ -251,6 +251,12 @@ def _floor(x: float, digits: int) -> float:
     return math.floor(x * 10 ** digits + 1e-9) / 10 ** digits
 
 
+def _counted(n: int, right: int) -> Dict[str, Any]:
+    """run.json's entry for `right` of `n`: the counts, the share right and what they show (None for n = 0)."""
+    return {"images": n, "right": right, "accuracy": round(right / n, 4) if n else None,
+            "at_least": _floor(lower_bound(right, n), 4) if n else None}
+
+
 def truth_summary(metrics: Dict[str, Any]) -> Dict[str, Any]:
     """truth_metrics as run.json records it: per task images, right, accuracy; for orientation also per decision
     (auto_rotate: turned by score and how many of those turns are right; ok: left as they are; review; with
@@ -268,19 +274,12 @@ def truth_summary(metrics: Dict[str, Any]) -> Dict[str, Any]:
             summary[key] = {"images": int(m.sum()), "right": int(np.trace(m)),
                             "accuracy": round(float(np.trace(m) / max(1, m.sum())), 4)}
     if "orientation" in metrics:
-        summary["orientation"]["by_decision"] = {
-            decision: {"images": n, "right": right, "accuracy": round(right / n, 4),
-                       "at_least": _floor(lower_bound(right, n), 4)}
-            for decision, (n, right) in metrics["orientation"]["by_decision"].items()}
-        summary["orientation"]["by_label"] = {
-            label: {"images": n, "right": right, "accuracy": round(right / n, 4),
-                    "at_least": _floor(lower_bound(right, n), 4)}
-            for label, (n, right) in metrics["orientation"]["by_label"].items()}
+        for key in ("by_decision", "by_label"):
+            summary["orientation"][key] = {name: _counted(n, right)
+                                           for name, (n, right) in metrics["orientation"][key].items()}
         images = summary["orientation"]["images"]
         summary["orientation"]["by_threshold"] = {
-            answer: {f"{t:g}": {"images": n, "share": round(n / max(1, images), 4),
-                                "right": right, "accuracy": round(right / n, 4) if n else None,
-                                "at_least": _floor(lower_bound(right, n), 4) if n else None}
+            answer: {f"{t:g}": {"images": n, "share": round(n / max(1, images), 4), **_counted(n, right)}
                      for t, (n, right) in table.items()}
             for answer, table in metrics["orientation"]["by_threshold"].items()}
     return summary
@@ -399,9 +398,10 @@ def _count_table(title: str, counts: Dict[str, int], css_pills: bool = False) ->
 
 
 def build_report_html(results: List[dict], errors: List[dict], run: dict, *, title: str,
-                      truth: Optional[Dict[Tuple[str, int], Dict[str, Any]]] = None,
+                      metrics: Optional[Dict[str, Any]] = None,
                       per_section: int = DEFAULT_PER_SECTION, seed: int = 0) -> str:
-    """The whole page as one string (thumbnails read from the original files)."""
+    """The whole page as one string (thumbnails read from the original files); `metrics`: truth_metrics of these
+    results against a truth manifest, for its section (none for an empty manifest)."""
     names = _class_names(results, run)
     per_decision: Dict[str, int] = {}
     per_class: Dict[str, int] = {}
@@ -509,8 +509,7 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
     parts.append(f'<h2 id="ok">Upright and sure: a sample ({len(sample)} of {len(ok)})</h2>'
                  f'<div class="sheet">{"".join(sheet) or "<p>none</p>"}</div>')
 
-    if truth:
-        metrics = truth_metrics(results, truth)
+    if metrics and metrics["coverage"]["truth_rows"]:
         coverage = metrics["coverage"]
         section = ['<h2 id="truth">Against the known truth</h2>',
                    f'<p class="coverage">{coverage["with_truth"]} of {coverage["results"]} results have a truth row; '
@@ -527,11 +526,14 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
             picture = confusion_picture(m, labels, f"{heading}: accuracy {accuracy:.2f} on {int(m.sum())}")
             decided = ""
             if key == "orientation":
-                decided = "".join(f"<tr><td>{html.escape(d)}</td><td class=n>{n}</td><td class=n>{right / n:.3f}"
-                                  f"</td><td class=n>{_floor(lower_bound(right, n), 3):.3f}</td></tr>"
-                                  for d, (n, right) in metrics[key]["by_decision"].items())
+                def counted_rows(counts: Dict[str, Tuple[int, int]]) -> str:
+                    return "".join(f"<tr><td>{html.escape(name)}</td><td class=n>{n}</td><td class=n>{right / n:.3f}"
+                                   f"</td><td class=n>{_floor(lower_bound(right, n), 3):.3f}</td></tr>"
+                                   for name, (n, right) in counts.items())
+
                 decided = (f'<table class="by-decision"><tr><th>decision</th><th>images</th><th>orientation right'
-                           f'</th><th>at least (95% confidence)</th></tr>{decided}</table>')
+                           f'</th><th>at least (95% confidence)</th></tr>'
+                           f'{counted_rows(metrics[key]["by_decision"])}</table>')
                 n, tables = int(m.sum()), metrics[key]["by_threshold"]
                 by_threshold = "".join(
                     f"<tr><td>{t:g}</td>" + "".join(
@@ -547,10 +549,8 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
                 by_label = metrics[key]["by_label"]  # worst first
                 if len(by_label) > 1:
                     decided += ('<table class="by-label"><tr><th>label (worst first)</th><th>images</th>'
-                                '<th>orientation right</th><th>at least (95% confidence)</th></tr>' + "".join(
-                                    f"<tr><td>{html.escape(label)}</td><td class=n>{n}</td><td class=n>{right / n:.3f}"
-                                    f"</td><td class=n>{_floor(lower_bound(right, n), 3):.3f}</td></tr>"
-                                    for label, (n, right) in by_label.items()) + '</table>')
+                                '<th>orientation right</th><th>at least (95% confidence)</th></tr>'
+                                f'{counted_rows(by_label)}</table>')
             section.append(f'<div style="display:flex;gap:24px;align-items:flex-start;flex-wrap:wrap">'
                            f'<img class="confusion" src="{_png_data_uri(picture)}" alt="{key} confusion matrix">'
                            f'<table><tr><th>{key} (truth)</th><th>images</th><th>accuracy</th></tr>{rows}'
@@ -569,17 +569,17 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
 
 
 def write_report(output: str, truth: Optional[str] = None, per_section: int = DEFAULT_PER_SECTION,
-                 truth_rows: Optional[Dict[Tuple[str, int], Dict[str, Any]]] = None,
+                 metrics: Optional[Dict[str, Any]] = None,
                  tables: Optional[Tuple[List[dict], List[dict], dict]] = None) -> str:
-    """Write OUTPUT/report.html from the score tables; returns its path. `truth_rows`: the manifest at `truth`
-    already read (read_truth); `tables`: read_run(output) already done; so that a caller that read either does not
-    read it again."""
+    """Write OUTPUT/report.html from the score tables; returns its path. `metrics`: truth_metrics against the
+    manifest at `truth` already computed; `tables`: read_run(output) already done; so that a caller that has either
+    does not read or compute it again."""
     from apache_beam.io.filesystems import FileSystems
 
     results, errors, run = tables if tables is not None else read_run(output)
-    if truth_rows is None and truth:
-        truth_rows = read_truth(truth)
-    page = build_report_html(results, errors, run, title=f"archive-vision report: {output}", truth=truth_rows,
+    if metrics is None and truth:
+        metrics = truth_metrics(results, read_truth(truth))
+    page = build_report_html(results, errors, run, title=f"archive-vision report: {output}", metrics=metrics,
                              per_section=per_section)
     path = FileSystems.join(output, "report.html")
     with FileSystems.create(path) as handle:
@@ -783,13 +783,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  image_size=args.image_size)
         print(f"activations: {path}")
         return 0
-    truth_rows = read_truth(args.truth) if args.truth else None
     tables = read_run(args.output)
-    path = write_report(args.output, truth=args.truth, per_section=args.per_section, truth_rows=truth_rows,
-                        tables=tables)
+    metrics = truth_metrics(tables[0], read_truth(args.truth)) if args.truth else None
+    path = write_report(args.output, truth=args.truth, per_section=args.per_section, metrics=metrics, tables=tables)
     print(f"report: {path}")
-    if truth_rows is not None:  # the figures against this manifest, without scoring again (run.json keeps the run's)
-        summary = truth_summary(truth_metrics(tables[0], truth_rows))
+    if metrics is not None:  # the figures against this manifest, without scoring again (run.json keeps the run's)
+        summary = truth_summary(metrics)
         print(f"truth:  {truth_summary_line(summary) or f'no result matched a labelled row of {args.truth}'}")
         for line in truth_label_lines(summary):
             print(f"        {line}")

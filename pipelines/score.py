@@ -1482,14 +1482,14 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     tool = ("jpegtran" if jpegtran_path() else "none (JPEG re-encoded at quality 95)") if opts.write_corrected else ""
     summary = summarize(opts, model, elapsed, _metric_totals(result), len(known), tool, runner_record(pipeline))
     truth = opts.truth or _labelled_input(opts.input)
-    truth_rows = tables = None  # the manifest and the score tables read once, for run.json's figures and the report
+    metrics = tables = None  # the score tables read and the truth figures computed once, for run.json and the report
     if truth:
         from pipelines import report
 
         try:
-            truth_rows = report.read_truth(truth)
             tables = report.read_run(opts.output)
-            summary["truth"] = {"manifest": truth, **report.truth_summary(report.truth_metrics(tables[0], truth_rows))}
+            metrics = report.truth_metrics(tables[0], report.read_truth(truth))
+            summary["truth"] = {"manifest": truth, **report.truth_summary(metrics)}
         except Exception as e:  # a truth manifest that cannot be read is said, not fatal: the tables stand
             LOG.exception("the truth figures failed (reading the truth manifest or the score tables)")
             summary["truth"] = {"manifest": truth, "error": f"{type(e).__name__}: {e}"}
@@ -1502,7 +1502,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         try:
             if tables is not None:  # the results and errors read above, with the run.json just written
                 tables = (tables[0], tables[1], json.loads(run_json))
-            summary["report"] = report.write_report(opts.output, truth=truth, truth_rows=truth_rows, tables=tables)
+            summary["report"] = report.write_report(opts.output, truth=truth, metrics=metrics, tables=tables)
         except Exception as e:  # the tables are the product; a report failure is said, not fatal
             LOG.exception("report failed")
             summary["report_error"] = f"{type(e).__name__}: {e}"
