@@ -284,14 +284,19 @@ def load_keras_model(path: str, trust_saved_model: bool = False):
         raise ExportError(f"{path} could not be loaded: {e}") from None
 
 
+def _job_summary(model_path: str) -> Optional[Dict[str, Any]]:
+    """The run_summary.json beside a training job's model.keras (None for any other file, or no summary)."""
+    summary_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "run_summary.json")
+    if os.path.basename(model_path) != JOB_MODEL_FILE or not os.path.isfile(summary_path):
+        return None
+    with open(summary_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def _check_job_saved(path: str) -> None:
     """A job's model.keras is only the job's if its last run says it saved it (run_summary.json's model_file): a
     run that failed to save, or is still running, must not pass an older model off with its labels."""
-    summary_path = os.path.join(os.path.dirname(os.path.abspath(path)), "run_summary.json")
-    if os.path.basename(path) != JOB_MODEL_FILE or not os.path.isfile(summary_path):
-        return
-    with open(summary_path, encoding="utf-8") as f:
-        summary = json.load(f)
+    summary = _job_summary(path) or {}
     if "model_file" in summary and os.path.basename(str(summary["model_file"] or "")) != JOB_MODEL_FILE:
         raise ExportError(f"the job's last run did not save {path} ({summary.get('model_file_error') or 'no file'})"
                           f"; it may be an earlier run's")
@@ -309,24 +314,15 @@ def job_files(model_path: str) -> Tuple[Dict[str, str], Optional[Dict[str, Any]]
         if os.path.isfile(os.path.join(folder, name)):
             with open(os.path.join(folder, name), encoding="utf-8") as f:
                 assets[name] = f.read()
-    settings = None
-    if os.path.basename(model_path) == JOB_MODEL_FILE and os.path.isfile(os.path.join(folder, "run_summary.json")):
-        with open(os.path.join(folder, "run_summary.json"), encoding="utf-8") as f:
-            settings = json.load(f).get("score_settings")
-    return assets, settings
+    return assets, (_job_summary(model_path) or {}).get("score_settings")
 
 
-def _class_names_for(model_path: str, labels_path: Optional[str]) -> Optional[List[str]]:
-    """Class names from --labels, else a labels.json beside the model file, else None."""
-    candidates = [labels_path] if labels_path else [os.path.join(os.path.dirname(model_path), "labels.json")]
-    for candidate in candidates:
-        if candidate and os.path.exists(candidate):
-            with open(candidate, encoding="utf-8") as f:
-                data = json.load(f)
-            return list(data["classes"] if isinstance(data, dict) else data) or None
-    if labels_path:
-        raise ExportError(f"labels file {labels_path} does not exist")
-    return None
+def _class_names(labels_json: Optional[str]) -> Optional[List[str]]:
+    """Class names from a labels.json's text ({'classes': [...]} or a list), else None."""
+    if not labels_json:
+        return None
+    data = json.loads(labels_json)
+    return list(data["classes"] if isinstance(data, dict) else data) or None
 
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -360,13 +356,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not image_size:
             raise ExportError("the model's input size is not fixed; pass --image_size")
         assets, settings = job_files(model_path)
-        if args.labels and os.path.isfile(args.labels):  # the version carries the label map its names come from
+        if args.labels:  # instead of the labels.json beside the model: the names and the version's asset alike
+            if not os.path.exists(args.labels):
+                raise ExportError(f"labels file {args.labels} does not exist")
             with open(args.labels, encoding="utf-8") as f:
                 assets["labels.json"] = f.read()
         model_name = args.model_name or json.loads(assets.get("training_config.json") or "{}").get(
             "model_name") or DEFAULT_MODEL_NAME
         version_dir = export_model(model, args.export_base, model_name=model_name,
-                                   class_names=_class_names_for(model_path, args.labels),
+                                   class_names=_class_names(assets.get("labels.json")),
                                    image_size=int(image_size), version=args.version, extra_assets=assets or None,
                                    score_settings=settings)
     except ExportError as e:

@@ -266,6 +266,28 @@ def test_cli_exports_a_trainer_keras_file_with_its_labels(tmp_path):
     assert set(n.decode() for n in names.numpy()) <= set(CLASS_NAMES)
 
 
+def test_cli_labels_flag_names_the_classes_and_is_the_versions_label_map(tmp_path, capsys):
+    """--labels stands in for the labels.json beside the model: the class names and the asset both come from it; a
+    missing one is an error, not a silent fall back to the file beside the model."""
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    make_tiny_model().save(str(job_dir / "model.keras"))
+    (job_dir / "labels.json").write_text(json.dumps({"classes": CLASS_NAMES}))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"classes": ["letter", "portrait", "plan"]}))
+    assert export.main(["--model", str(job_dir), "--export_base", str(tmp_path / "export"), "--labels", str(other),
+                        "--version", "1"]) == 0
+    version = tmp_path / "export" / "archive_vision" / "1"
+    carried = json.loads((version / "assets.extra" / "labels.json").read_text())
+    assert carried["classes"] == ["letter", "portrait", "plan"]
+    names = tf.saved_model.load(str(version)).signatures["serving_default"](
+        images=tf.constant(sample_images()[:3]))["class_names"]
+    assert set(n.decode() for n in names.numpy()) <= {"letter", "portrait", "plan"}
+    assert export.main(["--model", str(job_dir), "--export_base", str(tmp_path / "export"), "--labels",
+                        str(tmp_path / "missing.json")]) == 2
+    assert f"labels file {tmp_path / 'missing.json'} does not exist" in capsys.readouterr().err
+
+
 def test_model_without_contract_outputs_is_refused(tmp_path):
     import keras
 
