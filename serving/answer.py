@@ -1,0 +1,236 @@
+"""The whole answer as one TensorFlow graph: image bytes in, the fused, calibrated orientation (and class) out.
+
+Everything that decides an answer runs here, inside the exported SavedModel, with standard TF ops only, so TF
+Serving, `archive-vision serve` and `archive-vision score` (in-process or remote) give one answer per image:
+
+1. decode the bytes (JPEG/PNG/GIF/BMP) and make the image model's view (`AnswerSettings.view`): the letterboxed
+   image (exact) or the square ingest would have stored, then letterboxed;
+2. the image model on that view (the stored copy's answer, `image_orientation_probabilities`);
+3. the text crops (when the policy has them): PaddleClas' text-image orientation classifier, rebuilt in TF from its
+   ONNX weights (trainer.onnx_graph), on five 224 px crops of a copy whose short side is 448 px; the summed
+   log-probabilities of the crops it is sure of are the evidence. Images whose stored answer is unsure always count
+   their crops; surer images only when `agree` sure crops name one turn;
+4. the turned copies (with `tta`): the view turned 90/180/270, for the images whose answer so far is below
+   `tta_below`; their answers turned back and averaged with the stored copy's, the share agreeing kept;
+5. the fusion: softmax(log p + weight * evidence), p already calibrated (the head's temperature is folded in);
+6. the decision under the recorded DecisionPolicy (`decision`), which clients may also compute themselves from
+   the policy (serving.policy.decide gives the same).
+
+Gated steps run only on the images that need them (gather, compute, scatter back), so a batch of sure pages skips
+the turned copies entirely.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import numpy as np
+
+from serving import policy as P
+
+_CROP_CENTRES = ((0.5, 0.5), (0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75))  # (y, x) parts of the copy
+_CROP_MAX_LONG = 2048
+_MEAN_BGR = np.array([0.406, 0.456, 0.485], np.float32)  # PaddleClas' ImageNet mean/std, in its BGR order
+_STD_BGR = np.array([0.225, 0.224, 0.229], np.float32)
+_LOG_FLOOR = 1e-6  # crop probabilities are clipped here before the log (as trainer.text_crops.evidence)
+_FUSE_FLOOR = 1e-12  # the image model's probabilities, before the fusion's log
+
+
+def _tf():
+    import tensorflow as tf
+
+    return tf
+
+
+def model_view(image, settings: P.AnswerSettings):
+    """uint8 RGB [H, W, 3] -> float32 [S, S, 3] in [0, 255]: what the image model sees."""
+    tf = _tf()
+    from trainer.preprocessing import resize_for_model
+
+    if settings.view == "ingest":
+        size = settings.view_size
+        if settings.resize_mode == "pad":
+            square = resize_for_model(image, size)
+        else:
+            if settings.resize_mode == "crop":
+                h, w = tf.shape(image)[0], tf.shape(image)[1]
+                side = tf.minimum(h, w)
+                image = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
+            square = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
+        # ingest stores 8-bit pixels
+        image = tf.cast(tf.clip_by_value(tf.round(square), 0.0, 255.0), tf.uint8)
+    return resize_for_model(image, settings.image_size)
+
+
+def crop_batch(image, crops: P.TextCropSettings):
+    """uint8 RGB [H, W, 3] -> [5, crop, crop, 3] float32: the crop classifier's inputs (BGR, normalised, NHWC) from
+    a copy scaled to a short side of `copy_short` (long side at most 2048), as trainer.text_crops.crops."""
+    tf = _tf()
+    size = crops.crop
+    h = tf.cast(tf.shape(image)[0], tf.float32)
+    w = tf.cast(tf.shape(image)[1], tf.float32)
+    scale = tf.minimum(crops.copy_short / tf.minimum(h, w), _CROP_MAX_LONG / tf.maximum(h, w))
+    new_h = tf.maximum(size, tf.cast(tf.round(h * scale), tf.int32))
+    new_w = tf.maximum(size, tf.cast(tf.round(w * scale), tf.int32))
+    copy = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear", antialias=True)
+    out = []
+    for fy, fx in _CROP_CENTRES:
+        y = tf.clip_by_value(tf.cast(tf.round(fy * tf.cast(new_h, tf.float32) - size / 2), tf.int32), 0, new_h - size)
+        x = tf.clip_by_value(tf.cast(tf.round(fx * tf.cast(new_w, tf.float32) - size / 2), tf.int32), 0, new_w - size)
+        out.append(copy[y:y + size, x:x + size, :])
+    batch = tf.reverse(tf.stack(out), axis=[-1])  # RGB -> BGR: PaddleClas was trained on OpenCV's order
+    batch = (tf.clip_by_value(batch, 0.0, 255.0) / 255.0 - _MEAN_BGR) / _STD_BGR
+    return tf.ensure_shape(batch, [len(_CROP_CENTRES), size, size, 3])
+
+
+def crop_evidence(probabilities, sure: float):
+    """(evidence [N, 4], agreeing [N]) from the crops' probabilities [N, crops, 4]: the summed log-probabilities of
+    the sure crops, and the most sure crops naming one turn (trainer.text_crops.evidence / agreement)."""
+    tf = _tf()
+    counted = tf.reduce_max(probabilities, -1, keepdims=True) >= sure
+    logs = tf.math.log(tf.clip_by_value(probabilities, _LOG_FLOOR, 1.0))
+    evidence = tf.reduce_sum(logs * tf.cast(counted, probabilities.dtype), axis=-2)
+    top = tf.one_hot(tf.argmax(probabilities, -1), 4, dtype=tf.int32) * tf.cast(counted, tf.int32)
+    return evidence, tf.reduce_max(tf.reduce_sum(top, axis=-2), axis=-1)
+
+
+def fuse(probabilities, log_evidence):
+    """softmax(log p + evidence) in float64 (as the fitted weights assume), returned as float32."""
+    tf = _tf()
+    logits = tf.math.log(tf.clip_by_value(tf.cast(probabilities, tf.float64), _FUSE_FLOOR, 1.0))
+    return tf.cast(tf.nn.softmax(logits + tf.cast(log_evidence, tf.float64), axis=-1), tf.float32)
+
+
+def _scatter(indices, values, like):
+    """`like` with rows `indices` replaced by `values`."""
+    tf = _tf()
+    return tf.tensor_scatter_nd_update(like, tf.expand_dims(indices, -1), values)
+
+
+def decide(decision: P.DecisionPolicy, probabilities, agreement, class_probabilities=None):
+    """[N] strings auto_rotate / ok / review: serving.policy.decide in the graph (comparisons in float64, as Python
+    makes them, so the two never differ on a threshold)."""
+    tf = _tf()
+    confidence = tf.cast(tf.reduce_max(probabilities, -1), tf.float64)
+    degrees = tf.argmax(probabilities, -1)
+    needed = tf.where(degrees == 0, tf.constant(decision.ok_threshold, tf.float64),
+                      tf.constant(decision.rotate_threshold, tf.float64))
+    review = confidence < needed
+    agreement = tf.cast(agreement, tf.float64)
+    disagree = (agreement >= 0) & (agreement < decision.tta_min_agreement)
+    if decision.tta_agreement_below < 1.0:
+        disagree &= confidence < decision.tta_agreement_below
+    review |= disagree
+    if class_probabilities is not None and decision.class_threshold > 0:
+        review |= tf.cast(tf.reduce_max(class_probabilities, -1), tf.float64) < decision.class_threshold
+    return tf.where(review, "review", tf.where(degrees == 0, "ok", "auto_rotate"))
+
+
+class WholeAnswer:
+    """Builds the answer function of one model under one ScorePolicy (see the module docstring)."""
+
+    def __init__(self, model: Callable, policy: P.ScorePolicy, has_class: bool, has_orientation: bool,
+                 crop_net: Optional[Callable] = None):
+        if policy.answer.text_crops is not None and crop_net is None:
+            raise ValueError("the policy reads text crops: pass the crop classifier (trainer.onnx_graph)")
+        self.model = model
+        self.policy = policy
+        self.has_class = has_class
+        self.has_orientation = has_orientation
+        self.crop_net = crop_net if policy.answer.text_crops is not None and has_orientation else None
+
+    def _run(self, pixels) -> Dict[str, object]:
+        tf = _tf()
+        raw = self.model(pixels, training=False)
+        out = {}
+        if self.has_orientation:
+            out["o"] = tf.cast(raw[P.ORIENTATION_PROBABILITIES], tf.float32)
+        if self.has_class:
+            out["c"] = tf.cast(raw["class_probabilities"], tf.float32)
+        return out
+
+    def __call__(self, image_bytes) -> Dict[str, object]:
+        tf = _tf()
+        from trainer.preprocessing import decode_image_bytes
+
+        settings = self.policy.answer
+        crops = settings.text_crops if self.crop_net is not None else None
+
+        def per_image(data):
+            image = decode_image_bytes(data)
+            out = {"view": model_view(image, settings)}
+            if crops is not None:
+                out["crops"] = crop_batch(image, crops)
+            return out
+
+        size = settings.image_size
+        spec = {"view": tf.TensorSpec([size, size, 3], tf.float32)}
+        if crops is not None:
+            spec["crops"] = tf.TensorSpec([len(_CROP_CENTRES), crops.crop, crops.crop, 3], tf.float32)
+        prepared = tf.map_fn(per_image, image_bytes, fn_output_signature=spec)
+        views = prepared["view"]
+        count = tf.shape(views)[0]
+        stored = self._run(views)
+        outputs: Dict[str, object] = {}
+        if not self.has_orientation:
+            probs = stored["c"]
+            if settings.tta:  # classes only: every image's four copies averaged
+                turned = self._run(tf.concat([tf.image.rot90(views, k) for k in (3, 2, 1)], 0))["c"]
+                probs = tf.reduce_mean(tf.reshape(tf.concat([probs, turned], 0), [4, count, -1]), 0)
+            outputs.update(self._class_outputs(probs))
+            outputs[P.DECISION] = decide(self.policy.decision, tf.constant([[1.0, 0, 0, 0]]) * tf.ones([count, 1]),
+                                         -tf.ones([count]), probs)
+            return outputs
+
+        p0 = stored["o"]
+        evidence = tf.zeros_like(p0)
+        counted = tf.zeros([count], tf.bool)
+        read_state = -tf.ones([count], tf.int64)
+        if crops is not None:
+            unsure = tf.reduce_max(p0, -1) < crops.below
+            read = unsure if crops.agree <= 0 else tf.ones_like(unsure)
+            index = tf.cast(tf.reshape(tf.where(read), [-1]), tf.int32)
+            chosen = tf.gather(prepared["crops"], index)
+            flat = tf.reshape(chosen, [-1, crops.crop, crops.crop, 3])
+            crop_probs = tf.reshape(tf.cast(self.crop_net(flat), tf.float32), [-1, len(_CROP_CENTRES), 4])
+            sub_evidence, agreeing = crop_evidence(crop_probs, crops.sure)
+            sub_counted = tf.gather(unsure, index) | (agreeing >= max(crops.agree, 1))
+            evidence = _scatter(index, crops.weight * sub_evidence * tf.cast(sub_counted, tf.float32)[:, None],
+                                evidence)
+            counted = _scatter(index, sub_counted, counted)
+            read_state = _scatter(index, tf.cast(sub_counted, tf.int64), read_state)
+        so_far = tf.where(counted[:, None], fuse(p0, evidence), p0)
+        combined, agreement = p0, -tf.ones([count], tf.float32)
+        class_probs = stored.get("c")
+        if settings.tta:
+            turn = tf.reduce_max(so_far, -1) < settings.tta_below if settings.tta_below < 1.0 else \
+                tf.ones([count], tf.bool)
+            index = tf.cast(tf.reshape(tf.where(turn), [-1]), tf.int32)
+            sub_views = tf.gather(views, index)
+            # Clockwise turns 90/180/270 are counter-clockwise rot90 k = 3/2/1.
+            turned = self._run(tf.concat([tf.image.rot90(sub_views, k) for k in (3, 2, 1)], 0))
+            copies = tf.reshape(turned["o"], [3, -1, 4])
+            # A copy turned t more degrees answers d + t: its column (d + t)/90 is shifted back to d.
+            shifted = tf.stack([tf.gather(p0, index)] + [tf.roll(copies[i], -(i + 1), axis=-1) for i in range(3)])
+            mean = tf.reduce_mean(shifted, 0)
+            best = tf.argmax(mean, -1)
+            agrees = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(shifted, -1), best[None]), tf.float32), 0)
+            combined = _scatter(index, mean, combined)
+            agreement = _scatter(index, agrees, agreement)
+            if class_probs is not None:
+                classes = tf.concat([tf.gather(class_probs, index)[None], tf.reshape(turned["c"], [3, tf.shape(index)[0], -1])], 0)
+                class_probs = _scatter(index, tf.reduce_mean(classes, 0), class_probs)
+        final = tf.where(counted[:, None], fuse(combined, evidence), combined)
+        outputs[P.ORIENTATION_PROBABILITIES] = final
+        outputs[P.ORIENTATION_DEGREES] = tf.argmax(final, -1, output_type=tf.int64) * 90
+        outputs[P.IMAGE_ORIENTATION_PROBABILITIES] = p0
+        outputs[P.TTA_AGREEMENT] = agreement
+        outputs[P.TEXT_CROPS] = read_state
+        if class_probs is not None:
+            outputs.update(self._class_outputs(class_probs))
+        outputs[P.DECISION] = decide(self.policy.decision, final, agreement, class_probs)
+        return outputs
+
+    def _class_outputs(self, probs) -> Dict[str, object]:
+        tf = _tf()
+        ids = tf.argmax(probs, -1, output_type=tf.int64)
+        return {"class_probabilities": probs, "class_ids": ids}

@@ -1,0 +1,159 @@
+"""How an exported model answers and how its answers become decisions: one typed object, recorded in the export.
+
+`AnswerSettings` is what the graph computes (serving.answer builds it): which view of the image the image model
+sees, the test-time turns and their gate, the text-crop reader, its gate and fusion weight. `DecisionPolicy` is how a
+client turns an answer into auto_rotate / ok / review. `ScorePolicy` holds both; the export writes it as JSON into
+the graph (the `score_policy` signature, readable over TF Serving's Predict API with no input) and into the
+version's metadata file, so `archive-vision score` reads the served version's own policy and needs no other flag.
+
+Nothing here imports TensorFlow: Beam workers that score through an endpoint read it too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Dict, Mapping, Tuple
+
+TURNS = (0, 90, 180, 270)  # clockwise turns of the stored image relative to upright, in output column order
+DECISIONS = ("auto_rotate", "review", "ok")
+VIEWS = ("exact", "ingest")
+RESIZE_MODES = ("pad", "crop", "stretch")
+POLICY_SIGNATURE = "score_policy"
+POLICY_OUTPUT = "policy_json"
+# Outputs of the answer signatures (serving_default, serve_examples) beyond the class head's.
+ORIENTATION_PROBABILITIES = "orientation_probabilities"
+ORIENTATION_DEGREES = "orientation_degrees"
+IMAGE_ORIENTATION_PROBABILITIES = "image_orientation_probabilities"  # the image model alone, stored copy
+TTA_AGREEMENT = "tta_agreement"  # share of the four copies agreeing with the answer; -1: turned copies not scored
+TEXT_CROPS = "text_crops"  # 1: crop evidence counted, 0: read but the crops did not agree, -1: not read
+DECISION = "decision"  # the recorded DecisionPolicy applied in the graph
+REVIEW_REASON = "review_reason"
+
+
+@dataclasses.dataclass(frozen=True)
+class TextCropSettings:
+    """The text-crop reader (PaddleClas' text-image orientation classifier on five crops at reading size)."""
+
+    weight: float = 0.7  # evidence weight in the log-probability fusion (fitted on val)
+    below: float = 0.8  # crops of images whose stored copy is less sure than this always count
+    agree: int = 4  # surer images: their crops count only when at least this many sure crops agree (0: not read)
+    sure: float = 0.8  # a crop counts only when its top probability reaches this
+    copy_short: int = 448  # short side of the copy the crops are cut from
+    crop: int = 224
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerSettings:
+    """What the exported graph computes from an image's bytes."""
+
+    image_size: int = 224  # the image model's input side
+    view: str = "exact"  # exact: letterbox the decoded image; ingest: first the square ingest would store
+    view_size: int = 256  # ingest view: side of ingest's square
+    resize_mode: str = "pad"  # ingest view: how ingest made the square
+    tta: bool = False  # also score the image turned 90/180/270 and average the four
+    tta_below: float = 1.0  # ...only for images whose answer so far is less sure than this
+    text_crops: TextCropSettings | None = None
+
+    def __post_init__(self):
+        if self.view not in VIEWS:
+            raise ValueError(f"view must be one of {VIEWS}, got {self.view!r}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if not 0.0 <= self.tta_below <= 1.0:
+            raise ValueError("tta_below must be between 0 and 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecisionPolicy:
+    """auto_rotate when turned and sure, ok when upright and sure, else review."""
+
+    rotate_threshold: float = 0.8
+    ok_threshold: float = 0.5
+    class_threshold: float = 0.0  # review when the class confidence is below this (0: never)
+    tta_min_agreement: float = 0.75  # review when fewer of the four copies agree...
+    tta_agreement_below: float = 1.0  # ...and the answer is less sure than this
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            if not 0.0 <= getattr(self, field.name) <= 1.0:
+                raise ValueError(f"{field.name} must be between 0 and 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScorePolicy:
+    """The answer settings and the decision policy of one exported model."""
+
+    answer: AnswerSettings = AnswerSettings()
+    decision: DecisionPolicy = DecisionPolicy()
+    origin: str = ""  # who chose these (e.g. "the default orientation model's val split")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ScorePolicy":
+        """From to_json's dict; unknown keys are an error (a policy from a newer export must not half-apply)."""
+        answer = dict(data.get("answer") or {})
+        crops = answer.pop("text_crops", None)
+        return cls(answer=AnswerSettings(**answer, text_crops=TextCropSettings(**crops) if crops else None),
+                   decision=DecisionPolicy(**dict(data.get("decision") or {})), origin=str(data.get("origin", "")))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "ScorePolicy":
+        return cls.from_dict(json.loads(text))
+
+    def with_decision(self, **changes) -> "ScorePolicy":
+        """A copy whose decision policy has `changes` (the flags a user gave) applied."""
+        return dataclasses.replace(self, decision=dataclasses.replace(self.decision, **changes))
+
+
+def decide(policy: DecisionPolicy, orientation_probabilities, tta_agreement: float = -1.0,
+           class_probabilities=None) -> Tuple[str, str]:
+    """(decision, review reason) for one answer; the graph's DECISION output computes the same."""
+    reasons = []
+    if class_probabilities is not None and len(class_probabilities) and policy.class_threshold > 0:
+        confidence = float(max(class_probabilities))
+        if confidence < policy.class_threshold:
+            reasons.append(f"class confidence {confidence:.2f} < {policy.class_threshold:.2f}")
+    if orientation_probabilities is None:
+        return ("review", "; ".join(reasons)) if reasons else ("ok", "")
+    probabilities = [float(p) for p in orientation_probabilities]
+    confidence = max(probabilities)
+    degrees = TURNS[probabilities.index(confidence)]
+    if (tta_agreement is not None and tta_agreement >= 0 and tta_agreement < policy.tta_min_agreement
+            and (policy.tta_agreement_below >= 1.0 or confidence < policy.tta_agreement_below)):
+        reasons.append(f"turned copies agree {tta_agreement:.2f} < {policy.tta_min_agreement:.2f}")
+    needed = policy.ok_threshold if degrees == 0 else policy.rotate_threshold
+    if confidence < needed:
+        reasons.append(f"orientation {degrees} confidence {confidence:.2f} < {needed:.2f}")
+    if reasons:
+        return "review", "; ".join(reasons)
+    return ("ok" if degrees == 0 else "auto_rotate"), ""
+
+
+def policy_from_settings(settings: Mapping[str, Any] | None, image_size: int = 224) -> ScorePolicy:
+    """The ScorePolicy of a trainer's or the default model's score settings dict (trainer.task.score_settings,
+    trainer.default_model.score_settings); generic defaults when None."""
+    settings = dict(settings or {})
+    crops = settings.get("text_crops") if "text_crops" in (settings.get("readers") or ()) else None
+    crop_settings = None
+    if crops:
+        crop_settings = TextCropSettings(weight=float(crops.get("weight", 0.7)), below=float(crops.get("below", 1.0)),
+                                         agree=int(crops.get("agree", 0)), sure=float(crops.get("sure", 0.8)),
+                                         copy_short=int(crops.get("copy_short", 448)))
+    tta_below = float(crops.get("tta_below", settings.get("tta_below", 1.0)) if crops and crops.get("tta_below")
+                      is not None else settings.get("tta_below", 1.0))
+    view = "exact" if settings.get("input_prep", "exact") == "exact" else "ingest"
+    rotate = float(settings.get("rotate_threshold", 0.8))
+    tta = bool(settings.get("tta", False))
+    answer = AnswerSettings(image_size=int(image_size), view=view, view_size=int(settings.get("size", 256)),
+                            resize_mode=str(settings.get("resize_mode", "pad")), tta=tta, tta_below=tta_below,
+                            text_crops=crop_settings)
+    # With turns, a disagreement of the copies sends only answers below the rotate threshold to review: surer
+    # answers were settled by the evidence fused into them (see docs/orientation.md).
+    decision = DecisionPolicy(rotate_threshold=rotate, tta_agreement_below=rotate if tta else 1.0)
+    return ScorePolicy(answer=answer, decision=decision, origin=str(settings.get("origin", "")))
+
+
+def policy_as_dict(policy: ScorePolicy) -> Dict[str, Any]:
+    return json.loads(policy.to_json())
