@@ -235,9 +235,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
         t = _step("5/6 score the archive through gRPC, write the report")
         scored = score.run(["--input", sample.archive, "--output", os.path.join(out, "score"), "--endpoint",
-                            server.address, "--model-settings", version_dir, "--truth", sample.truth, "--labels",
+                            server.address, "--truth", sample.truth, "--labels",
                             os.path.join(ingest_dir, "labels.json"), "--write-corrected",
-                            os.path.join(out, "corrected"), "--tta", *beam_flags])
+                            os.path.join(out, "corrected"), *beam_flags])
         print(score.format_summary(scored))
     finally:
         t6 = _step("6/6 stop the server")

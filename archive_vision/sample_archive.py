@@ -128,6 +128,35 @@ def render_page(seed: int, landscape: bool = False) -> Image.Image:
     return page
 
 
+SPARSE_TEXTS = ("12 March 1953", "RECEIVED", "Box 14, folder 3", "Copy for the files", "Dear Sir,", "Invoice No. 4711",
+                "Page 2", "Annual report 1962", "Not to be removed from the library", "Photograph: J. Smith",
+                "CONFIDENTIAL", "Paid with thanks", "17.IV.1921", "Minutes of the meeting", "Ref. A/113/7")
+SPARSE_PLACES = ("centre", "top", "top-left", "bottom-right")
+
+
+def render_sparse_page(seed: int) -> Image.Image:
+    """A nearly blank page: one or two short typed lines (a date, a stamp, a reference) on a 150 dpi A4 sheet, at the
+    centre, the top, the top left or the foot. The layout alone says little about which way is up (a short line at
+    one edge may be a heading or a page number): what an archive's cover sheets, receipts and dated backs look like."""
+    rng = random.Random(seed)
+    width, height = (1240, 1754)
+    paper = tuple(rng.randint(236, 252) for _ in range(3))
+    page = Image.new("RGB", (width, height), paper)
+    draw = ImageDraw.Draw(page)
+    ink = (rng.randint(10, 60),) * 3
+    font = _font(rng.choice((24, 30, 38, 48)))
+    lines = [rng.choice(SPARSE_TEXTS)] + ([rng.choice(SPARSE_TEXTS)] if rng.random() < 0.3 else [])
+    place = SPARSE_PLACES[seed % len(SPARSE_PLACES)]
+    line_height = int(font.size * 1.4) if hasattr(font, "size") else 20
+    widest = max(draw.textlength(line, font=font) for line in lines)
+    x = {"centre": (width - widest) / 2, "top": (width - widest) / 2, "top-left": 150,
+         "bottom-right": width - 150 - widest}[place]
+    y = {"centre": height / 2, "top": 180, "top-left": 150, "bottom-right": height - 200}[place]
+    for i, line in enumerate(lines):
+        draw.text((x, y + i * line_height), line, fill=ink, font=font)
+    return page
+
+
 def turn_clockwise(array: np.ndarray, degrees: int) -> np.ndarray:
     """Pixels turned `degrees` clockwise (np.rot90 turns counter-clockwise)."""
     return np.ascontiguousarray(np.rot90(array, k=(4 - degrees // 90) % 4))

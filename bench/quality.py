@@ -56,12 +56,39 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from archive_vision import orientation_corpus as corpus  # noqa: E402
 from archive_vision import train_default  # noqa: E402
-from pipelines.score import builtin_tta_below  # noqa: E402
+from trainer import default_model  # noqa: E402
 
 TURNS = (0, 90, 180, 270)
 # Accuracy turned on the square minus turned as files above which the bench warns of a shortcut (a JPEG decoded by
 # Pillow rather than TensorFlow moves photos by about half a point; the uneven letterbox moved pages by 25).
 SHORTCUT_GAP = 0.02
+
+
+def builtin_tta_below() -> float:
+    """The turned copies' gate the shipped head's training chose on val."""
+    return float(default_model.head_metadata().get("tta_below", default_model.FALLBACK_TTA_BELOW))
+
+
+def builtin_text_lines() -> dict:
+    """The text-line reader's gate and weights as the shipped head records them (this lab's readers run outside the
+    graph: the exported model no longer reads text lines, see docs/orientation.md)."""
+    from trainer import text_lines
+
+    recorded = default_model.head_metadata().get("text_lines") or {}
+    return {"available": text_lines.available(), "below": float(recorded.get("below", 1.0)),
+            "weights": tuple(float(w) for w in recorded.get("weights", (0.1, 0.1)))}
+
+
+def builtin_text_crops() -> dict:
+    """The text-crop reader's settings as the shipped head records them (and the gates chosen with them)."""
+    from trainer import text_crops
+
+    recorded = default_model.head_metadata().get("text_crops") or {}
+    return {"available": text_crops.available(), "recorded": bool(recorded),
+            "weight": float(recorded.get("weight", 0.3)), "below": float(recorded.get("below", 1.0)),
+            "agree": int(recorded.get("agree", 0)), "tta_below": recorded.get("tta_below"),
+            "text_lines_below": recorded.get("text_lines_below"),
+            "text_lines_weights": recorded.get("text_lines_weights")}
 
 
 def tuning_half(image: corpus.CorpusImage) -> bool:
@@ -700,7 +727,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     add("default model", probs, kinds, speed[corpus.PHOTO], speed[corpus.PAGE])
     add("default model, turned as files", file_probs, kinds, speed[corpus.PHOTO], speed[corpus.PAGE])
-    from pipelines.score import builtin_text_crops, builtin_text_lines
     from trainer import text_crops, text_lines
 
     text_defaults = builtin_text_lines()

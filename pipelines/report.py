@@ -421,9 +421,11 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
         meta.append(f"{counts.get('inputs', '?')} inputs: {counts.get('inputs_ok', '?')} scored or reused, "
                     f"{counts.get('inputs_failed', '?')} failed, {counts.get('inputs_reused', 0)} reused; "
                     f"{'counts reconcile' if counts.get('reconciled') else 'COUNTS DO NOT RECONCILE'}")
-    settings_from = (run.get("options") or {}).get("settings_from")
-    if settings_from:
-        meta.append(f"flags not given on the command line: {html.escape(str(settings_from))}'s recorded score settings")
+    policy = run.get("policy") or {}
+    if policy:
+        used = policy.get("decision_used") or {}
+        meta.append(f"decision policy: {html.escape(str(policy.get('from', '')))}'s; rotate at p >= "
+                    f"{used.get('rotate_threshold')}, ok at p >= {used.get('ok_threshold')}")
     tta = run.get("tta") or {}
     if tta.get("enabled"):
         from pipelines.score import tta_summary
@@ -434,11 +436,6 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
         from pipelines.score import text_crops_summary
 
         meta.append(f"text crops: {text_crops_summary(crops)}")
-    text = run.get("text_lines") or {}
-    if text.get("enabled"):
-        from pipelines.score import text_lines_summary
-
-        meta.append(f"text lines: {text_lines_summary(text)}")
     timings = run.get("timings") or {}
     if timings:
         meta.append(f"{timings.get('elapsed_seconds')} s, {timings.get('pages_per_second')} pages/s")

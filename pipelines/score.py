@@ -116,9 +116,11 @@ def run_policy(model: ModelInfo, opts: ScoreOptions) -> DecisionPolicy:
 
 def decide(prediction: Dict[str, Any], policy: DecisionPolicy) -> Tuple[str, str]:
     """(decision, reason): auto_rotate when rotated and sure, ok when upright and sure, else review."""
-    agreement = prediction.get("tta_agreement")
-    return policies.decide(policy, prediction.get("orientation_probabilities"),
-                           -1.0 if agreement is None else float(agreement), prediction.get("class_probabilities"))
+    agreement = prediction.get(policies.TTA_AGREEMENT)
+    ink = prediction.get(policies.INK)
+    return policies.decide(policy, prediction.get(policies.ORIENTATION_PROBABILITIES),
+                           -1.0 if agreement is None else float(agreement), prediction.get("class_probabilities"),
+                           None if ink is None else float(ink), prediction.get(policies.TEXT_CROPS))
 
 
 def predict_isolating(items: Sequence[dict], predict: Callable[[List[bytes]], List[Dict[str, Any]]],
@@ -864,6 +866,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
                           help="review when fewer than this share of the four turned copies agree")
     decision.add_argument("--tta-agreement-below", type=float, default=None,
                           help="apply --tta-min-agreement only to answers whose confidence is below this")
+    decision.add_argument("--sparse-ink-below", type=float, default=None,
+                          help="review a nearly blank page (ink on less than this share of it) unless its text "
+                               "crops settled it (0: off)")
     parser.add_argument("--write-corrected", default="", help="write upright copies of auto_rotate images here")
     parser.add_argument("--skip-known", default="", help="previous results.parquet/.csv (or an ingest manifest): "
                                                          "files whose sha256 was scored by this model version "

@@ -24,9 +24,9 @@ ERRORS_SCHEMA = pa.schema([
 
 # One row per scored page (score job). Probabilities are in the model's column order: orientations 0/90/180/270
 # clockwise, classes as in labels.json. `reused` rows were copied from --skip-known instead of being scored.
-# `text_lines`: pieces of text line read for --text-lines (null: not read, 0: none found, -1: reading failed).
-# `text_crops`: --text-crops (null: not read, 1: read and fused, 0: a sure image read with --text-crops-agree whose
-# crops did not agree and were not counted, -1: reading failed, the model's answer stands).
+# `tta_agreement` and `text_crops` are the graph's own outputs (serving.answer): the share of the four turned copies
+# that agreed (null: not turned), and the text-crop evidence (1: counted, 0: read and not counted, null: not read).
+# `text_lines` stays for tables written before text lines left score (always null now).
 RESULTS_SCHEMA = pa.schema([
     ("uri", pa.string()), ("page", pa.int64()), ("sha256", pa.string()), ("format", pa.string()),
     ("width", pa.int64()), ("height", pa.int64()), ("exif_orientation", pa.int64()),

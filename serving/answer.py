@@ -106,7 +106,19 @@ def _scatter(indices, values, like):
     return tf.tensor_scatter_nd_update(like, tf.expand_dims(indices, -1), values)
 
 
-def decide(decision: P.DecisionPolicy, probabilities, agreement, class_probabilities=None):
+def ink_share(image, side: int = 224, contrast: float = 48.0):
+    """The share of an image (stretched to side x side, grey) whose level differs from its background (the median
+    level) by more than `contrast`: text and drawings on a page, most of a photo. One typed line on a blank page is
+    well under 1%; a page of text several percent."""
+    tf = _tf()
+    small = tf.image.resize(tf.cast(image, tf.float32), [side, side], method="area")
+    grey = tf.reshape(tf.reduce_mean(small, -1), [-1])
+    median = tf.sort(grey)[side * side // 2]
+    return tf.reduce_mean(tf.cast(tf.abs(grey - median) > contrast, tf.float32))
+
+
+def decide(decision: P.DecisionPolicy, probabilities, agreement, class_probabilities=None, ink=None,
+           crops_counted=None):
     """[N] strings auto_rotate / ok / review: serving.policy.decide in the graph (comparisons in float64, as Python
     makes them, so the two never differ on a threshold)."""
     tf = _tf()
@@ -122,6 +134,9 @@ def decide(decision: P.DecisionPolicy, probabilities, agreement, class_probabili
     review |= disagree
     if class_probabilities is not None and decision.class_threshold > 0:
         review |= tf.cast(tf.reduce_max(class_probabilities, -1), tf.float64) < decision.class_threshold
+    if ink is not None and decision.sparse_ink_below > 0:
+        sparse = tf.cast(ink, tf.float64) < decision.sparse_ink_below
+        review |= sparse & tf.logical_not(crops_counted) if crops_counted is not None else sparse
     return tf.where(review, "review", tf.where(degrees == 0, "ok", "auto_rotate"))
 
 
@@ -157,13 +172,13 @@ class WholeAnswer:
 
         def per_image(data):
             image = decode_image_bytes(data)
-            out = {"view": model_view(image, settings)}
+            out = {"view": model_view(image, settings), "ink": ink_share(image)}
             if crops is not None:
                 out["crops"] = crop_batch(image, crops)
             return out
 
         size = settings.image_size
-        spec = {"view": tf.TensorSpec([size, size, 3], tf.float32)}
+        spec = {"view": tf.TensorSpec([size, size, 3], tf.float32), "ink": tf.TensorSpec([], tf.float32)}
         if crops is not None:
             spec["crops"] = tf.TensorSpec([len(_CROP_CENTRES), crops.crop, crops.crop, 3], tf.float32)
         prepared = tf.map_fn(per_image, image_bytes, fn_output_signature=spec)
@@ -225,9 +240,10 @@ class WholeAnswer:
         outputs[P.IMAGE_ORIENTATION_PROBABILITIES] = p0
         outputs[P.TTA_AGREEMENT] = agreement
         outputs[P.TEXT_CROPS] = read_state
+        outputs[P.INK] = prepared["ink"]
         if class_probs is not None:
             outputs.update(self._class_outputs(class_probs))
-        outputs[P.DECISION] = decide(self.policy.decision, final, agreement, class_probs)
+        outputs[P.DECISION] = decide(self.policy.decision, final, agreement, class_probs, prepared["ink"], counted)
         return outputs
 
     def _class_outputs(self, probs) -> Dict[str, object]:

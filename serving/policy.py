@@ -26,6 +26,7 @@ ORIENTATION_DEGREES = "orientation_degrees"
 IMAGE_ORIENTATION_PROBABILITIES = "image_orientation_probabilities"  # the image model alone, stored copy
 TTA_AGREEMENT = "tta_agreement"  # share of the four copies agreeing with the answer; -1: turned copies not scored
 TEXT_CROPS = "text_crops"  # 1: crop evidence counted, 0: read but the crops did not agree, -1: not read
+INK = "ink"  # share of the image that differs from its background (a nearly blank page: under 1%)
 DECISION = "decision"  # the recorded DecisionPolicy applied in the graph
 REVIEW_REASON = "review_reason"
 
@@ -72,6 +73,11 @@ class DecisionPolicy:
     class_threshold: float = 0.0  # review when the class confidence is below this (0: never)
     tta_min_agreement: float = 0.75  # review when fewer of the four copies agree...
     tta_agreement_below: float = 1.0  # ...and the answer is less sure than this
+    # A nearly blank page (a stamp, a date, one typed line: ink on less than this share of it) gives the image model
+    # only its layout to go by, which misleads it (one short line reads as a page number at the foot): its answer
+    # stands only when the text crops settled it, else review. 0: off. One typed line on an A4 sheet is under 0.5%,
+    # a page of text over 10% (bench/served.py's generated pages; the held-out pages' lowest is in docs/).
+    sparse_ink_below: float = 0.01
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -108,7 +114,7 @@ class ScorePolicy:
 
 
 def decide(policy: DecisionPolicy, orientation_probabilities, tta_agreement: float = -1.0,
-           class_probabilities=None) -> Tuple[str, str]:
+           class_probabilities=None, ink: float | None = None, text_crops: int | None = None) -> Tuple[str, str]:
     """(decision, review reason) for one answer; the graph's DECISION output computes the same."""
     reasons = []
     if class_probabilities is not None and len(class_probabilities) and policy.class_threshold > 0:
@@ -126,6 +132,8 @@ def decide(policy: DecisionPolicy, orientation_probabilities, tta_agreement: flo
     needed = policy.ok_threshold if degrees == 0 else policy.rotate_threshold
     if confidence < needed:
         reasons.append(f"orientation {degrees} confidence {confidence:.2f} < {needed:.2f}")
+    if ink is not None and 0 <= ink < policy.sparse_ink_below and text_crops != 1:
+        reasons.append(f"nearly blank (ink on {ink:.1%}) and its text crops did not settle it")
     if reasons:
         return "review", "; ".join(reasons)
     return ("ok" if degrees == 0 else "auto_rotate"), ""
@@ -151,7 +159,9 @@ def policy_from_settings(settings: Mapping[str, Any] | None, image_size: int = 2
                             text_crops=crop_settings)
     # With turns, a disagreement of the copies sends only answers below the rotate threshold to review: surer
     # answers were settled by the evidence fused into them (see docs/orientation.md).
-    decision = DecisionPolicy(rotate_threshold=rotate, tta_agreement_below=rotate if tta else 1.0)
+    decision = DecisionPolicy(rotate_threshold=rotate, tta_agreement_below=rotate if tta else 1.0,
+                              sparse_ink_below=float(settings.get("sparse_ink_below",
+                                                                  DecisionPolicy.sparse_ink_below)))
     return ScorePolicy(answer=answer, decision=decision, origin=str(settings.get("origin", "")))
 
 

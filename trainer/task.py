@@ -264,8 +264,11 @@ def score_settings(cfg) -> Optional[Dict[str, Any]]:
     options = train_input.ingest_options(cfg.data)
     if not options.get("size"):
         return None
+    # An orientation head is scored with test-time turns (the exported graph averages the four copies): a turn
+    # the head reads from a cue that turns with the image is then read the same way from every copy.
     settings = {"origin": f"the ingest run that wrote {cfg.data}", "input_prep": "ingest",
-                "size": int(options["size"]), "resize_mode": str(options.get("resize_mode") or "pad")}
+                "size": int(options["size"]), "resize_mode": str(options.get("resize_mode") or "pad"),
+                "tta": bool(cfg.uses_orientation)}
     if options.get("image_format", "jpeg") == "jpeg" and options.get("quality"):
         settings["quality"] = int(options["quality"])
     return settings
