@@ -41,6 +41,38 @@ def _tf():
     return tf
 
 
+def decode_for_reading(data, short: int):
+    """uint8 RGB [H, W, 3] of one encoded image; a JPEG decoded with DCT scaling (1/2, 1/4 or 1/8) as far as its
+    short side stays at least `short`: a 24-megapixel scan then costs a fraction of a full decode, and the pixels
+    are an antialiased reduction like any other."""
+    tf = _tf()
+    from trainer.preprocessing import decode_image_bytes
+
+    def jpeg():
+        shape = tf.io.extract_jpeg_shape(data)
+        smallest = tf.minimum(shape[0], shape[1])
+        index = tf.cast(smallest >= 2 * short, tf.int32) + tf.cast(smallest >= 4 * short, tf.int32) + tf.cast(
+            smallest >= 8 * short, tf.int32)
+        branches = [lambda ratio=ratio: tf.io.decode_jpeg(data, channels=3, ratio=ratio) for ratio in (1, 2, 4, 8)]
+        return tf.ensure_shape(tf.switch_case(index, branches), [None, None, 3])
+
+    is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+    return tf.cond(is_jpeg, jpeg, lambda: decode_image_bytes(data))
+
+
+def reading_copy(image, short: int, max_long: int = _CROP_MAX_LONG):
+    """float32 [h, w, 3]: the image reduced (area averaging) to a short side of `short` and a long side of at most
+    `max_long`; a smaller image as it is. Every view of the graph is cut from it, so the full-size pixels are read
+    once."""
+    tf = _tf()
+    h = tf.cast(tf.shape(image)[0], tf.float32)
+    w = tf.cast(tf.shape(image)[1], tf.float32)
+    scale = tf.minimum(short / tf.minimum(h, w), max_long / tf.maximum(h, w))
+    size = tf.maximum(1, tf.cast(tf.round(tf.stack([h, w]) * scale), tf.int32))
+    return tf.cond(scale < 1.0, lambda: tf.image.resize(image, size, method="area"),
+                   lambda: tf.cast(image, tf.float32))
+
+
 def model_view(image, settings: P.AnswerSettings):
     """uint8 RGB [H, W, 3] -> float32 [S, S, 3] in [0, 255]: what the image model sees."""
     tf = _tf()
@@ -71,7 +103,9 @@ def crop_batch(image, crops: P.TextCropSettings):
     scale = tf.minimum(crops.copy_short / tf.minimum(h, w), _CROP_MAX_LONG / tf.maximum(h, w))
     new_h = tf.maximum(size, tf.cast(tf.round(h * scale), tf.int32))
     new_w = tf.maximum(size, tf.cast(tf.round(w * scale), tf.int32))
-    copy = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear", antialias=True)
+    size2d = tf.stack([new_h, new_w])
+    copy = tf.cond(tf.reduce_all(tf.equal(size2d, tf.shape(image)[:2])), lambda: tf.cast(image, tf.float32),
+                   lambda: tf.image.resize(image, size2d, method="bilinear", antialias=True))
     out = []
     for fy, fx in _CROP_CENTRES:
         y = tf.clip_by_value(tf.cast(tf.round(fy * tf.cast(new_h, tf.float32) - size / 2), tf.int32), 0, new_h - size)
@@ -165,13 +199,12 @@ class WholeAnswer:
 
     def __call__(self, image_bytes) -> Dict[str, object]:
         tf = _tf()
-        from trainer.preprocessing import decode_image_bytes
-
         settings = self.policy.answer
         crops = settings.text_crops if self.crop_net is not None else None
+        short = crops.copy_short if crops is not None else 2 * settings.image_size
 
         def per_image(data):
-            image = decode_image_bytes(data)
+            image = reading_copy(decode_for_reading(data, short), short)
             out = {"view": model_view(image, settings), "ink": ink_share(image)}
             if crops is not None:
                 out["crops"] = crop_batch(image, crops)
