@@ -107,8 +107,15 @@ class ModelInfo:
 
 
 def run_policy(model: ModelInfo, opts: ScoreOptions) -> DecisionPolicy:
-    """The decision policy of a run: the model's, with the thresholds given on the command line."""
-    return model.policy.with_decision(**dict(opts.decision_overrides)).decision
+    """The decision policy of a run: the model's, with the thresholds given on the command line. A model whose
+    agreement gate is its rotate threshold (answers that sure stand when the turned copies disagree) keeps it so
+    when --rotate-threshold moves."""
+    changes = dict(opts.decision_overrides)
+    recorded = model.policy.decision
+    if ("rotate_threshold" in changes and "tta_agreement_below" not in changes
+            and recorded.tta_agreement_below == recorded.rotate_threshold < 1.0):
+        changes["tta_agreement_below"] = changes["rotate_threshold"]
+    return model.policy.with_decision(**changes).decision
 
 
 # ---------------------------------------------------------------- pure functions (tested without Beam)

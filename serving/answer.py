@@ -239,7 +239,11 @@ class WholeAnswer:
             index = tf.cast(tf.reshape(tf.where(read), [-1]), tf.int32)
             chosen = tf.gather(prepared["crops"], index)
             flat = tf.reshape(chosen, [-1, crops.crop, crops.crop, 3])
-            crop_probs = tf.reshape(tf.cast(self.crop_net(flat), tf.float32), [-1, len(_CROP_CENTRES), 4])
+            # A batch in which no image needs its crops read skips the classifier (a convolution of an empty batch
+            # fails on some CPU kernels).
+            crop_probs = tf.cond(tf.size(index) > 0, lambda: tf.cast(self.crop_net(flat), tf.float32),
+                                 lambda: tf.zeros([0, 4], tf.float32))
+            crop_probs = tf.reshape(crop_probs, [-1, len(_CROP_CENTRES), 4])
             sub_evidence, agreeing = crop_evidence(crop_probs, crops.sure)
             sub_counted = tf.gather(unsure, index) | (agreeing >= max(crops.agree, 1))
             evidence = _scatter(index, crops.weight * sub_evidence * tf.cast(sub_counted, tf.float32)[:, None],
@@ -255,7 +259,11 @@ class WholeAnswer:
             index = tf.cast(tf.reshape(tf.where(turn), [-1]), tf.int32)
             sub_views = tf.gather(views, index)
             # Clockwise turns 90/180/270 are counter-clockwise rot90 k = 3/2/1.
-            turned = self._run(tf.concat([tf.image.rot90(sub_views, k) for k in (3, 2, 1)], 0))
+            turned_views = tf.concat([tf.image.rot90(sub_views, k) for k in (3, 2, 1)], 0)
+            # A batch of sure images skips the model's second call altogether.
+            turned = tf.cond(tf.size(index) > 0, lambda: self._run(turned_views),
+                             lambda: {key: tf.zeros([0, tf.shape(value)[1]], tf.float32)
+                                      for key, value in stored.items()})
             copies = tf.reshape(turned["o"], [3, -1, 4])
             # A copy turned t more degrees answers d + t: its column (d + t)/90 is shifted back to d.
             shifted = tf.stack([tf.gather(p0, index)] + [tf.roll(copies[i], -(i + 1), axis=-1) for i in range(3)])
@@ -265,7 +273,8 @@ class WholeAnswer:
             combined = _scatter(index, mean, combined)
             agreement = _scatter(index, agrees, agreement)
             if class_probs is not None:
-                classes = tf.concat([tf.gather(class_probs, index)[None], tf.reshape(turned["c"], [3, tf.shape(index)[0], -1])], 0)
+                classes = tf.concat([tf.gather(class_probs, index)[None],
+                                     tf.reshape(turned["c"], [3, tf.shape(index)[0], -1])], 0)
                 class_probs = _scatter(index, tf.reduce_mean(classes, 0), class_probs)
         final = tf.where(counted[:, None], fuse(combined, evidence), combined)
         outputs[P.ORIENTATION_PROBABILITIES] = final

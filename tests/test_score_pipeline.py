@@ -1,7 +1,9 @@
-"""The score job end to end with tiny exported models: decisions, errors that reconcile, corrected copies that
-are upright, --skip-known, --tta, and the same answers through a real local gRPC server as in-process."""
+"""The score job end to end with tiny exported models: decisions under the model's recorded policy (and the flags
+that override it), errors that reconcile, corrected copies that are upright, --skip-known, the graph's turned copies
+as run.json reports them, and the same rows through a real local gRPC server as in-process."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -18,6 +20,7 @@ from PIL import Image, ImageOps
 
 from pipelines import score
 from serving import export
+from serving.policy import DecisionPolicy, ScorePolicy
 from tests import score_fixtures as sf
 from tests.image_factory import encode_array, make_asymmetric_image
 from tests.test_serving_export import limit_tf_threads, make_tiny_model
@@ -31,6 +34,26 @@ def red_corner_export(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("export"))
     export.export_model(sf.make_red_corner_model(), base, class_names=sf.CLASS_NAMES, image_size=sf.IMAGE_SIZE,
                         version=3)
+    return base
+
+
+@pytest.fixture(scope="module")
+def strict_export(tmp_path_factory):
+    """A red-corner model that is 0.93 sure of the asymmetric image's turn, exported with a trainer's score settings
+    that record an auto_rotate threshold of 0.95."""
+    base = str(tmp_path_factory.mktemp("strict"))
+    export.export_model(sf.make_red_corner_model(sharpness=15.0), base, class_names=sf.CLASS_NAMES,
+                        image_size=sf.IMAGE_SIZE, version=5, score_settings={"rotate_threshold": 0.95,
+                                                                              "origin": "tuned on val"})
+    return base
+
+
+@pytest.fixture(scope="module")
+def tta_export(tmp_path_factory):
+    """The red-corner model exported with test-time turns for every image (its recorded score settings)."""
+    base = str(tmp_path_factory.mktemp("tta"))
+    export.export_model(sf.make_red_corner_model(), base, class_names=sf.CLASS_NAMES, image_size=sf.IMAGE_SIZE,
+                        version=3, score_settings={"tta": True})
     return base
 
 
@@ -72,6 +95,12 @@ def test_turns_found_and_bad_inputs_reconcile(tmp_path, red_corner_export):
         run = json.load(f)
     assert run["model"]["version"] == 3
     assert run["runner"]["runner"] == "DirectRunner" and run["runner"]["direct_num_workers"] >= 1
+    assert counts["pages_sent_as_file"] == 4  # RGB PNG files go to the model as they are
+    # An export with no score settings records the generic policy, and the run used it.
+    assert run["policy"]["from"].endswith(os.path.join("archive_vision", "3"))
+    assert run["policy"]["decision_used"] == dataclasses.asdict(DecisionPolicy())
+    assert all(r["tta_agreement"] is None and r["text_crops"] is None for r in rows.values())
+    assert not run["tta"]["enabled"] and not run["text_crops"]["enabled"]
     csv_rows = pacsv.read_csv(os.path.join(output, "results.csv")).to_pylist()
     assert len(csv_rows) == 4 and all(len(r["orientation_probabilities"].split(";")) == 4 for r in csv_rows)
 
@@ -117,41 +146,70 @@ def test_corrected_dir_inside_the_archive_is_refused(tmp_path, red_corner_export
                           "--write-corrected", os.path.join(archive, "fixed")])
 
 
-def test_tta_agrees_on_a_clear_image_and_reports_the_rate(tmp_path, red_corner_export):
+def test_tta_agrees_on_a_clear_image_and_reports_the_rate(tmp_path, tta_export):
+    """An export whose policy turns copies: the graph scores them, score needs no flag and reports the rate."""
     archive = str(tmp_path / "archive")
     sf.write_turned_archive(archive, {"upright": 0, "turned90": 90, "turned270": 270})
     output = str(tmp_path / "out")
 
-    summary = run_score(["--input", archive, "--output", output, "--model", red_corner_export, "--tta"])
+    summary = run_score(["--input", archive, "--output", output, "--model", tta_export])
 
     rows = results_by_name(output)
     assert {n: r["orientation_degrees"] for n, r in rows.items()} == {
         "upright.png": 0, "turned90.png": 90, "turned270.png": 270}
     assert all(r["tta_agreement"] == 1.0 for r in rows.values())
     assert summary["tta"]["enabled"] and summary["tta"]["images"] == 3 and summary["tta"]["disagreement_rate"] == 0.0
+    assert summary["policy"]["answer"]["tta"] and summary["policy"]["decision_used"]["tta_agreement_below"] == 0.8
 
 
-def _tiny_export_and_photos(tmp_path, version: int, photos: int):
-    """(export base of the tiny 3-class model, version `version`; an archive of `photos` random photos): a random
-    model gives them varied answers and confidences."""
+def test_pages_sure_enough_to_skip_their_turned_copies_are_answered_alone(tmp_path):
+    """tta_below gates the turned copies: a batch in which every page is sure scores no turned copy at all, and its
+    pages are still answered (each page alone with --batch-size 1, as halving a failed batch also ends)."""
     base = str(tmp_path / "export")
+    export.export_model(sf.make_red_corner_model(), base, class_names=sf.CLASS_NAMES, image_size=sf.IMAGE_SIZE,
+                        version=3, score_settings={"tta": True, "tta_below": 0.9})
+    archive, output = str(tmp_path / "archive"), str(tmp_path / "out")
+    turns = {"upright": 0, "turned90": 90, "turned180": 180}
+    sf.write_turned_archive(archive, turns)
+
+    summary = run_score(["--input", archive, "--output", output, "--model", base, "--batch-size", "1"])
+
+    rows = results_by_name(output)
+    assert summary["counts"]["errors"] == 0, pq.read_table(os.path.join(output, "errors.parquet")).to_pylist()
+    assert {name: rows[f"{name}.png"]["orientation_degrees"] for name in turns} == turns
+    assert all(r["tta_agreement"] is None for r in rows.values())  # sure on the stored copy: not turned
+    assert (summary["tta"]["images"], summary["tta"]["single_copy"]) == (0, 3)
+
+
+def _tiny_export(tmp_path, version: int, score_settings=None, name="export"):
+    """Export base of the tiny 3-class model (version `version`, the score settings its trainer recorded): a random
+    model gives random photos varied answers and confidences."""
+    base = str(tmp_path / name)
     export.export_model(make_tiny_model(image_size=sf.IMAGE_SIZE, seed=5), base, class_names=["a", "b", "c"],
-                        image_size=sf.IMAGE_SIZE, version=version)
+                        image_size=sf.IMAGE_SIZE, version=version, score_settings=score_settings)
+    return base
+
+
+def _tiny_export_and_photos(tmp_path, version: int, photos: int, score_settings=None):
+    """(_tiny_export, an archive of `photos` random photos)."""
     archive = str(tmp_path / "archive")
     sf.random_photos(archive, photos)
-    return base, archive
+    return _tiny_export(tmp_path, version, score_settings), archive
 
 
 def test_tta_below_keeps_sure_answers_and_turns_only_the_rest(tmp_path):
+    """An export recording tta_below: its graph turns only the images less sure than that, and run.json and the
+    summary line say how many went each way."""
     base, archive = _tiny_export_and_photos(tmp_path, version=1, photos=8)
     single = str(tmp_path / "single")
-    run_score(["--input", archive, "--output", single, "--model", base, "--no-tta"])
+    run_score(["--input", archive, "--output", single, "--model", base])
     once = results_by_name(single)
     assert all(r["tta_agreement"] is None for r in once.values())  # no turned copies, nothing to agree
     below = float(np.median([r["orientation_confidence"] for r in once.values()]))
+    adaptive = _tiny_export(tmp_path, 2, {"tta": True, "tta_below": below}, name="adaptive_export")
     output = str(tmp_path / "adaptive")
 
-    summary = run_score(["--input", archive, "--output", output, "--model", base, "--tta", "--tta-below", str(below)])
+    summary = run_score(["--input", archive, "--output", output, "--model", adaptive])
 
     rows = results_by_name(output)
     sure = {n for n, r in once.items() if r["orientation_confidence"] >= below}
@@ -208,8 +266,8 @@ def test_skip_known_ignores_results_of_another_model_version(tmp_path):
 
 
 def test_one_bad_image_does_not_fail_its_batch():
-    items = [{"uri": f"u{i}", "page": 0, "sha256": str(i), "images": [b"ok" if i != 3 else b"poison"],
-              "turns": (0,)} for i in range(7)]
+    items = [{"uri": f"u{i}", "page": 0, "sha256": str(i), "image": b"ok" if i != 3 else b"poison"}
+             for i in range(7)]
     calls = []
 
     def predict(images):
@@ -222,90 +280,17 @@ def test_one_bad_image_does_not_fail_its_batch():
     outcomes = score.predict_isolating(items, predict)
     assert [o[0]["uri"] for o in outcomes] == [f"u{i}" for i in range(7)]
     assert [o[2] != "" for o in outcomes] == [i == 3 for i in range(7)]
-    assert "cannot decode" in outcomes[3][2]
+    assert "cannot decode" in outcomes[3][2] and outcomes[3][1] is None
     assert all(o[1]["orientation_degrees"] == 90 for i, o in enumerate(outcomes) if i != 3)
-
-
-def _turned_items(confidences, poisoned_turn_of=()):
-    """Items in four turned copies (as --tta prepares them) of images whose stored copy answers 90 with the given
-    confidence; the copies of each image answer consistently (a copy turned t more reads 90 + t). The turned
-    copies of the images named in `poisoned_turn_of` cannot be decoded."""
-    items = []
-    for i, confidence in enumerate(confidences):
-        images = [f"{i}:{t}:{confidence}".encode() + (b":poison" if t and i in poisoned_turn_of else b"")
-                  for t in score.TURNS]
-        items.append({"uri": f"u{i}", "page": 0, "sha256": str(i), "images": images, "turns": score.TURNS})
-    return items
-
-
-def _consistent_predict(calls):
-    def predict(images):
-        calls.append([image.decode() for image in images])
-        rows = []
-        for image in images:
-            if image.endswith(b":poison"):
-                raise ValueError("cannot decode")
-            _, turn, confidence = image.decode().split(":")[:3]
-            probs = np.full(4, (1 - float(confidence)) / 3)
-            probs[(1 + int(turn) // 90) % 4] = float(confidence)
-            rows.append({"orientation_probabilities": probs, "orientation_degrees": int(np.argmax(probs)) * 90})
-        return rows
-    return predict
-
-
-def test_tta_below_scores_turned_copies_only_for_unsure_images():
-    items = _turned_items([0.99, 0.6, 0.97, 0.4])
-    calls = []
-
-    outcomes = score.predict_isolating(items, _consistent_predict(calls), tta_below=0.95)
-
-    # one call with every stored copy, then one with the three turned copies of each unsure image only
-    assert calls == [["0:0:0.99", "1:0:0.6", "2:0:0.97", "3:0:0.4"],
-                     ["1:90:0.6", "1:180:0.6", "1:270:0.6", "3:90:0.4", "3:180:0.4", "3:270:0.4"]]
-    assert [o[0]["uri"] for o in outcomes] == ["u0", "u1", "u2", "u3"] and all(o[2] == "" for o in outcomes)
-    assert all(o[1]["orientation_degrees"] == 90 for o in outcomes)
-    sure, unsure = [outcomes[0][1], outcomes[2][1]], [outcomes[1][1], outcomes[3][1]]
-    assert all("tta_agreement" not in p for p in sure)  # one copy: nothing to agree
-    assert all(p["tta_agreement"] == 1.0 for p in unsure)
-    assert [round(float(np.max(p["orientation_probabilities"])), 6) for p in sure] == [0.99, 0.97]
-
-
-def test_no_second_call_when_every_image_is_sure():
-    calls = []
-    outcomes = score.predict_isolating(_turned_items([0.99, 0.98]), _consistent_predict(calls), tta_below=0.95)
-    assert [len(c) for c in calls] == [2] and all("tta_agreement" not in o[1] for o in outcomes)
-    assert score.predict_isolating([], _consistent_predict(calls), tta_below=0.95) == [] and len(calls) == 1
-
-
-def test_a_model_without_orientation_output_always_gets_its_turned_copies():
-    calls = []
-
-    def predict(images):
-        calls.append(len(images))
-        return [{"class_probabilities": np.array([0.9, 0.1]), "class_ids": 0} for _ in images]
-
-    outcomes = score.predict_isolating(_turned_items([0.99, 0.6]), predict, tta_below=0.5)
-    assert calls == [2, 6] and all(o[1]["class_ids"] == 0 and o[2] == "" for o in outcomes)
-
-
-def test_tta_below_one_scores_every_turned_copy_in_one_call():
-    calls = []
-    outcomes = score.predict_isolating(_turned_items([0.99, 0.6]), _consistent_predict(calls), tta_below=1.0)
-    assert [len(c) for c in calls] == [8] and all(o[1]["tta_agreement"] == 1.0 for o in outcomes)
-
-
-def test_a_bad_turned_copy_fails_only_its_own_image():
-    calls = []
-    outcomes = score.predict_isolating(_turned_items([0.6, 0.5, 0.99], poisoned_turn_of=(1,)),
-                                       _consistent_predict(calls), tta_below=0.95)
-    assert [o[2] != "" for o in outcomes] == [False, True, False] and "cannot decode" in outcomes[1][2]
-    assert outcomes[1][1] is None and outcomes[0][1]["tta_agreement"] == 1.0
-    assert "tta_agreement" not in outcomes[2][1]
+    # the whole batch first, then halves down to the bad image: only it and its last partner go alone
+    assert calls[0] == 7 and calls.count(1) == 2
+    before = len(calls)
+    assert score.predict_isolating([], predict) == [] and len(calls) == before  # nothing to send: no call
 
 
 def _one_image_items(n: int):
     """n scoring items of one (placeholder) image each, as PrepareImagesFn emits them."""
-    return [{"uri": f"u{i}", "page": 0, "sha256": "", "images": [b"x"], "turns": (0,)} for i in range(n)]
+    return [{"uri": f"u{i}", "page": 0, "sha256": "", "image": b"x"} for i in range(n)]
 
 
 def _always_failing(error: Exception):
@@ -346,7 +331,7 @@ def test_a_model_that_is_not_served_aborts_without_splitting_or_error_rows():
         return [{"orientation_probabilities": np.array([0.7, 0.1, 0.1, 0.1]), "orientation_degrees": 0}
                 for _ in images]
 
-    items[5] = dict(items[5], images=[b"poison"])
+    items[5] = dict(items[5], image=b"poison")
     outcomes = score.predict_isolating(items, reject_one, fatal=(RetryableServingError,),
                                        abort=(ModelNotFoundError,))
     assert [o[1] is None for o in outcomes] == [i == 5 for i in range(8)]
@@ -390,6 +375,7 @@ class ScriptedServer:
 
         self.served = set(versions)
         self.publish_after = publish_after
+        self.policy_json = None  # the served version's score_policy signature answers this (None: no signature)
         self.predicts = []
         self._lock = threading.Lock()
 
@@ -439,7 +425,13 @@ def scripted_server(monkeypatch):
             return {v: "AVAILABLE" if v in server.served else "END" for v in sorted(server.served | {3})}
 
         def _rpc_metadata(self, timeout_s):
-            return {"version": max(server.served), "signatures": {}}
+            from serving.policy import POLICY_SIGNATURE
+
+            return {"version": max(server.served),
+                    "signatures": {POLICY_SIGNATURE: {}} if server.policy_json is not None else {}}
+
+        def _rpc_policy(self, timeout_s):
+            return server.policy_json
 
     monkeypatch.setattr(client_module, "GrpcModelServerClient", ScriptedGrpcClient)
     return server
@@ -484,6 +476,58 @@ def test_remote_run_still_isolates_a_rejected_image_and_reconciles(tmp_path, scr
     assert "InvalidInputError" in errors[0]["message"] and "INVALID_ARGUMENT" in errors[0]["message"]
     assert all(version == 3 for version, _, _ in scripted_server.predicts)
     assert summary["counts"]["reconciled"] and summary["counts"]["inputs_failed"] == 1
+
+
+def test_a_served_version_brings_its_own_policy_and_flags_override_it(tmp_path, scripted_server):
+    """--endpoint needs no settings flag: score reads the served version's score_policy signature, decides under it
+    (the scripted server answers upright at 0.97), and a decision flag given overrides that one field."""
+    archive = str(tmp_path / "archive")
+    sf.write_turned_archive(archive, {f"scan{i}": 0 for i in range(3)})
+    scripted_server.policy_json = ScorePolicy(decision=DecisionPolicy(ok_threshold=0.98, rotate_threshold=0.9),
+                                              origin="served").to_json()
+    strict = str(tmp_path / "strict")
+
+    summary = run_score(["--input", archive, "--output", strict, "--endpoint", "scripted:8500"])
+
+    assert {(r["decision"], r["review_reason"]) for r in results_by_name(strict).values()} == {
+        ("review", "orientation 0 confidence 0.97 < 0.98")}
+    assert summary["policy"]["from"] == "archive_vision v3 at scripted:8500"
+    assert summary["policy"]["decision_used"]["ok_threshold"] == 0.98 and summary["policy"]["origin"] == "served"
+    told = str(tmp_path / "told")
+    summary = run_score(["--input", archive, "--output", told, "--endpoint", "scripted:8500", "--ok-threshold", "0.9"])
+    assert {r["decision"] for r in results_by_name(told).values()} == {"ok"}
+    assert summary["policy"]["decision_used"]["ok_threshold"] == 0.9
+    assert summary["policy"]["decision_used"]["rotate_threshold"] == 0.9  # the fields not given stay the model's
+    assert summary["policy"]["decision"]["ok_threshold"] == 0.98  # what the model records is reported as recorded
+
+
+def test_a_run_without_decision_flags_uses_the_models_recorded_policy(tmp_path, strict_export):
+    """The export records rotate_threshold 0.95 (its trainer's score settings); the model is 0.93 sure of each turn:
+    with no flag those pages go to review, and --rotate-threshold 0.9 overrides the model's threshold."""
+    archive = str(tmp_path / "archive")
+    turns = {"upright": 0, "turned90": 90, "turned180": 180, "turned270": 270}
+    sf.write_turned_archive(archive, turns)
+    recorded, told = str(tmp_path / "recorded"), str(tmp_path / "told")
+
+    summary = run_score(["--input", archive, "--output", recorded, "--model", strict_export])
+
+    rows = results_by_name(recorded)
+    assert {name: rows[f"{name}.png"]["orientation_degrees"] for name in turns} == turns
+    assert all(0.9 < r["orientation_confidence"] < 0.95 for r in rows.values())
+    assert {name: rows[f"{name}.png"]["decision"] for name in turns} == {
+        "upright": "ok", "turned90": "review", "turned180": "review", "turned270": "review"}
+    assert rows["turned90.png"]["review_reason"] == "orientation 90 confidence 0.93 < 0.95"
+    assert summary["policy"]["decision_used"]["rotate_threshold"] == 0.95
+    assert summary["policy"]["origin"] == "tuned on val" and summary["policy"]["from"].endswith("5")
+
+    summary = run_score(["--input", archive, "--output", told, "--model", strict_export, "--rotate-threshold", "0.9"])
+
+    rows = results_by_name(told)
+    assert {name: rows[f"{name}.png"]["decision"] for name in turns} == {
+        "upright": "ok", "turned90": "auto_rotate", "turned180": "auto_rotate", "turned270": "auto_rotate"}
+    assert summary["policy"]["decision_used"]["rotate_threshold"] == 0.9
+    with open(os.path.join(told, "run.json")) as f:
+        assert json.load(f)["options"]["decision_overrides"] == [["rotate_threshold", 0.9]]
 
 
 def test_exported_models_config_keeps_the_previous_version_through_a_rollout(tmp_path):
@@ -554,26 +598,30 @@ def test_publishing_a_version_mid_run_on_the_local_server(tmp_path, red_corner_e
             assert summary["counts"]["reconciled"] and summary["counts"]["errors"] == 0
 
 
-def test_turned_copies_are_shifted_back_before_combining():
-    # The image is really turned 90. Copies turned a further 0/90/180/270 read as 90/180/270/0.
-    def onehot(index, p=0.85):
-        v = np.full(4, (1 - p) / 3)
-        v[index] = p
-        return {"orientation_probabilities": v}
-
-    combined = score.combine_turned([onehot(1), onehot(2), onehot(3), onehot(0)], (0, 90, 180, 270))
-    assert combined["orientation_degrees"] == 90 and combined["tta_agreement"] == 1.0
-    disagreeing = score.combine_turned([onehot(1), onehot(2), onehot(3), onehot(1)], (0, 90, 180, 270))
-    assert disagreeing["orientation_degrees"] == 90 and disagreeing["tta_agreement"] == 0.75
-
-
 @pytest.mark.slow
-def test_local_grpc_server_and_in_process_give_the_same_answers(tmp_path):
+def test_local_grpc_server_and_in_process_write_the_same_rows(tmp_path):
+    """The same folder scored in-process (--model) and through `archive-vision serve`'s server (--endpoint) writes
+    the same rows: both send the same bytes to the same graph, which computes the whole answer (turned copies of
+    the unsure images, their text crops, the fusion), and decide under the same recorded policy, read from the
+    export in one case and over gRPC from the served version in the other."""
     from archive_vision.demo import LocalServer
 
-    base, archive = _tiny_export_and_photos(tmp_path, version=7, photos=6)
-    sf.write_turned_archive(archive, {"asym": 90}, fmt="JPEG", ext="jpg")
+    archive = str(tmp_path / "archive")
+    sf.random_photos(archive, 6)
+    sf.write_turned_archive(archive, {"asym90": 90, "asym180": 180}, fmt="JPEG", ext="jpg")
+    sf.write_turned_archive(archive, {"asym0": 0})  # PNG
+    with open(os.path.join(archive, "asym270.tif"), "wb") as f:  # sent as a PNG of its pixels
+        f.write(encode_array(sf.turned(make_asymmetric_image(), 270), "TIFF"))
     sf.write_bad_files(archive)
+    # The tiny model is unsure of everything (~0.27): every image is turned and its crops counted, so the gates are
+    # set at the median of its confidences to send some images each way.
+    probe = str(tmp_path / "probe")
+    run_score(["--input", archive, "--output", probe, "--model", _tiny_export(tmp_path, 1, name="plain")])
+    confidences = sorted(r["orientation_confidence"] for r in results_by_name(probe).values())
+    gate = float(np.median(confidences))
+    settings = {"tta": True, "tta_below": gate, "rotate_threshold": 0.26, "readers": ["text_crops"],
+                "text_crops": {"below": gate, "agree": 2, "sure": 0.5, "weight": 0.7}}
+    base = _tiny_export(tmp_path, 7, settings)
     local_out, remote_out = str(tmp_path / "local"), str(tmp_path / "remote")
 
     local = run_score(["--input", archive, "--output", local_out, "--model", base, "--batch-size", "4"])
@@ -584,16 +632,28 @@ def test_local_grpc_server_and_in_process_give_the_same_answers(tmp_path):
                             "--batch-size", "3"])
 
     local_rows, remote_rows = results_by_name(local_out), results_by_name(remote_out)
-    assert sorted(local_rows) == sorted(remote_rows) and len(local_rows) == 7
+    assert sorted(local_rows) == sorted(remote_rows) and len(local_rows) == 10
+    floats = ("orientation_probabilities", "class_probabilities", "orientation_confidence", "class_confidence")
     for name, row in local_rows.items():
         other = remote_rows[name]
-        for key in ("orientation_degrees", "class_name", "class_id", "decision", "sha256", "model_version"):
-            assert row[key] == other[key], (name, key)
-        np.testing.assert_allclose(row["orientation_probabilities"], other["orientation_probabilities"], atol=1e-5)
-        np.testing.assert_allclose(row["class_probabilities"], other["class_probabilities"], atol=1e-5)
+        for key in ("orientation_degrees", "decision", "review_reason", "tta_agreement", "text_crops", "class_name",
+                    "class_id", "sha256", "model_name", "model_version", "format", "width", "height"):
+            assert row[key] == other[key], (name, key, row[key], other[key])
+        for key in floats:
+            np.testing.assert_allclose(row[key], other[key], atol=1e-5, err_msg=f"{name} {key}")
+    # The graph's gates did something both ways, so the comparison covers them.
+    values = list(local_rows.values())
+    assert {r["tta_agreement"] is None for r in values} == {True, False}
+    assert {r["text_crops"] for r in values} >= {1} and {r["decision"] for r in values} >= {"review"}
     assert local["model"]["mode"] == "in_process" and remote["model"]["mode"] == "grpc"
     assert local["counts"]["errors"] == remote["counts"]["errors"] == 3
     assert remote["counts"]["reconciled"] and remote["model"]["version"] == 7
+    assert local["policy"]["decision_used"] == remote["policy"]["decision_used"]
+    assert remote["policy"]["decision_used"]["rotate_threshold"] == 0.26
+    assert remote["policy"]["from"] == f"archive_vision v7 at {server.address}"
+    assert {k: local["tta"][k] for k in ("images", "single_copy")} == \
+        {k: remote["tta"][k] for k in ("images", "single_copy")}
+    assert local["counts"]["pages_sent_as_file"] == remote["counts"]["pages_sent_as_file"] == 9  # not the TIFF
 
 
 def test_pages_of_a_tiff_and_an_exif_turned_jpeg_are_scored_as_displayed(tmp_path, red_corner_export):
