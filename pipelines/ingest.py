@@ -400,6 +400,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[IngestOptions, List[str]]
     parser.add_argument("--exclude", action="append", default=[], help="file-name glob to skip (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier run in --output")
     known, beam_args = parser.parse_known_args(argv)
+    unknown = unknown_beam_args(beam_args)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (neither ingest's flags nor Beam pipeline options)")
     fractions = tuple(float(x) for x in known.split_fractions.split(","))
     if len(fractions) != 3:
         parser.error("--split-fractions takes three numbers")
@@ -419,6 +422,21 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[IngestOptions, List[str]]
     except ValueError as e:
         parser.error(str(e))
     return opts, beam_args
+
+
+def unknown_beam_args(beam_args: Sequence[str]) -> List[str]:
+    """The flags among a command's leftover arguments that no Beam PipelineOptions class knows: a mistyped or
+    removed flag of the command itself, which Beam would drop with a warning and the run would go on without."""
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    classes = {}
+    for cls in PipelineOptions.__subclasses__():
+        classes.setdefault(str(cls), cls)
+    for cls in classes.values():
+        cls._add_argparse_args(parser)  # noqa: SLF001 - how PipelineOptions itself builds its parser
+    _, unknown = parser.parse_known_args(list(beam_args))
+    return [arg for arg in unknown if arg.startswith("-")]
 
 
 def default_pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:

@@ -40,7 +40,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 
 from pipelines import imaging, sources
 from pipelines.imaging import make_upright, turn_clockwise  # noqa: F401 - part of score's interface (tests, report)
-from pipelines.ingest import default_pipeline_options, error_row, runner_record
+from pipelines.ingest import default_pipeline_options, error_row, runner_record, unknown_beam_args
 from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, read_table, write_job_tables
 from serving import policy as policies
 from serving.configs import SERVED_VERSIONS
@@ -885,6 +885,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
     parser.add_argument("--no-report", dest="report", action="store_false", help="do not write report.html")
     parser.add_argument("--tf-threads", type=int, default=0, help="cap TF threads per worker (0: TF's default)")
     known, beam_args = parser.parse_known_args(argv)
+    unknown = unknown_beam_args(beam_args)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (neither score's flags nor Beam pipeline options; "
+                     f"the answer's settings, turned copies and text crops, are the model's own)")
     overrides = tuple((name, float(getattr(known, name))) for name in DECISION_FLAGS
                       if getattr(known, name) is not None)
     try:

@@ -109,8 +109,8 @@ class ModelServerClient(abc.ABC):
         return self._with_retries(lambda: self._rpc_metadata(self.timeout_s))
 
     def score_policy(self) -> Optional[str]:
-        """The served version's recorded policy (serving.policy.ScorePolicy JSON, its `score_policy` signature), or
-        None for a version exported without one."""
+        """The served version's recorded policy (serving.policy.ScorePolicy JSON, its `score_policy` signature: one
+        request row in, one copy out), or None for a version exported without one."""
         from serving.policy import POLICY_SIGNATURE
 
         if POLICY_SIGNATURE not in self.metadata().get("signatures", {}):
@@ -118,7 +118,7 @@ class ModelServerClient(abc.ABC):
         return self._with_retries(lambda: self._rpc_policy(self.timeout_s))
 
     def _rpc_policy(self, timeout_s: float) -> str:
-        """One call of the `score_policy` signature (no inputs): its `policy_json`."""
+        """One call of the `score_policy` signature with one request row: its `policy_json`."""
         raise NotImplementedError(f"{type(self).__name__} cannot read a score policy")
 
     def predict(self, images: Sequence[bytes]) -> List[Dict[str, Any]]:
@@ -313,14 +313,15 @@ class GrpcModelServerClient(ModelServerClient):
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
 
-        from serving.policy import POLICY_OUTPUT, POLICY_SIGNATURE
+        from serving.policy import POLICY_INPUT, POLICY_OUTPUT, POLICY_SIGNATURE
 
         prediction, _ = self._stubs()
         request = predict_pb2.PredictRequest()
         self._spec(request.model_spec)
         request.model_spec.signature_name = POLICY_SIGNATURE
+        request.inputs[POLICY_INPUT].CopyFrom(tf.make_tensor_proto([b"policy"], dtype=tf.string))
         response = self._call(prediction.Predict, request, timeout_s, "Predict")
-        return tf.make_ndarray(response.outputs[POLICY_OUTPUT]).item().decode("utf-8")
+        return tf.make_ndarray(response.outputs[POLICY_OUTPUT]).reshape(-1)[0].decode("utf-8")
 
     def _rpc_model_states(self, timeout_s: float) -> Dict[int, str]:
         from tensorflow_serving.apis import get_model_status_pb2
@@ -395,9 +396,12 @@ class InProcessModelClient(ModelServerClient):
         return {k: v.numpy() for k, v in outputs.items()}
 
     def _rpc_policy(self, timeout_s: float) -> str:
-        from serving.policy import POLICY_OUTPUT, POLICY_SIGNATURE
+        import tensorflow as tf
 
-        return self._signature(POLICY_SIGNATURE)()[POLICY_OUTPUT].numpy().decode("utf-8")
+        from serving.policy import POLICY_INPUT, POLICY_OUTPUT, POLICY_SIGNATURE
+
+        outputs = self._signature(POLICY_SIGNATURE)(**{POLICY_INPUT: tf.constant([b"policy"])})
+        return outputs[POLICY_OUTPUT].numpy()[0].decode("utf-8")
 
     def _rpc_model_states(self, timeout_s: float) -> Dict[int, str]:
         self._signature(self.signature_name)

@@ -16,7 +16,8 @@ crops, fusion and the decision under the recorded policy, serving.policy):
 - `tf_example`: `examples` DT_STRING [-1] serialized tf.Example (schema `image/encoded`) -> the same outputs.
 - `classify`: `inputs` serialized tf.Example -> `classes`, `scores`, method `tensorflow/serving/classify`
   (class head when present, else the four orientations), for TF Serving's Classify RPC.
-- `score_policy`: no input -> `policy_json` (serving.policy.ScorePolicy): how answers become decisions.
+- `score_policy`: `request` DT_STRING [-1] (any values) -> `policy_json` [-1] (serving.policy.ScorePolicy, one copy per
+  request row): how answers become decisions.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from serving import configs
 from serving.errors import ExportError
-from serving.policy import (ORIENTATION_PROBABILITIES, POLICY_OUTPUT, POLICY_SIGNATURE, ScorePolicy,
+from serving.policy import (ORIENTATION_PROBABILITIES, POLICY_INPUT, POLICY_OUTPUT, POLICY_SIGNATURE, ScorePolicy,
                             policy_from_settings)
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,9 @@ CLASS_PROBABILITIES = "class_probabilities"
 ORIENTATION_LABELS = ("0", "90", "180", "270")
 EXPORT_METADATA = "archive_vision_export.json"
 # Bumped when the exported graph changes for the same weights (2: BatchNorm folded into the convolutions; 3: the
-# whole answer in the graph), so a cached export of the default model is redone.
-EXPORT_FORMAT = 3
+# whole answer in the graph; 4: score_policy takes a batched input), so a cached export of the default model is
+# redone.
+EXPORT_FORMAT = 4
 FOLD_TOLERANCE = 1e-3  # largest output difference accepted between the folded and the trained model
 
 
@@ -175,9 +177,11 @@ def _build_module(model, class_names: Optional[List[str]], image_size: int, poli
         classes = tf.tile(tf.expand_dims(labels, 0), [tf.shape(scores)[0], 1])
         return {"classes": classes, "scores": scores}
 
-    @tf.function(input_signature=[])
-    def score_policy():
-        return {POLICY_OUTPUT: tf.identity(module.policy_json)}
+    # One batched string input and output, like every other signature: TF Serving's batching (--enable_batching)
+    # refuses a request with no input tensor.
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=POLICY_INPUT)])
+    def score_policy(request):
+        return {POLICY_OUTPUT: tf.fill(tf.shape(request), module.policy_json)}
 
     module.serve_images = serve_images
     module.serve_examples = serve_examples

@@ -19,6 +19,7 @@ DECISIONS = ("auto_rotate", "review", "ok")
 VIEWS = ("exact", "ingest")
 RESIZE_MODES = ("pad", "crop", "stretch")
 POLICY_SIGNATURE = "score_policy"
+POLICY_INPUT = "request"
 POLICY_OUTPUT = "policy_json"
 # Outputs of the answer signatures (serving_default, serve_examples) beyond the class head's.
 ORIENTATION_PROBABILITIES = "orientation_probabilities"
