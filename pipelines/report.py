@@ -428,13 +428,9 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
                     f"{used.get('rotate_threshold')}, ok at p >= {used.get('ok_threshold')}")
     tta = run.get("tta") or {}
     if tta.get("enabled"):
-        from pipelines.score import tta_summary
-
         meta.append(f"test-time turns: {tta_summary(tta)}")
     crops = run.get("text_crops") or {}
     if crops.get("enabled"):
-        from pipelines.score import text_crops_summary
-
         meta.append(f"text crops: {text_crops_summary(crops)}")
     timings = run.get("timings") or {}
     if timings:
@@ -602,7 +598,7 @@ def _backbone_from(path: str, backbone: str, image_size: int):
         return model, int(model.inputs[0].shape[1])
     weights = "imagenet"
     if path:
-        from pipelines.score import resolve_version_dir
+        from serving.export import resolve_version_dir
 
         config_path = os.path.join(resolve_version_dir(path), "assets.extra", "training_config.json")
         if os.path.exists(config_path):
@@ -794,3 +790,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def tta_summary(tta: dict) -> str:
+    """run.json's `tta` section in words (the run's summary line and report.html)."""
+    if not (tta.get("images") or tta.get("single_copy")):  # no orientation output: only classes were averaged
+        return "class probabilities averaged over four turns (no orientation output)"
+    sure = f", {tta['single_copy']} sure on one copy (p >= {tta.get('below')})" if tta.get("single_copy") else ""
+    return f"{tta.get('images')} pages in four turns{sure}; disagreement rate among them {tta.get('disagreement_rate')}"
+
+
+def text_crops_summary(section: dict) -> str:
+    """run.json's `text_crops` section in words (the run's summary line and report.html)."""
+    return (f"evidence counted for {section.get('counted', 0)} pages, read and not counted (the crops did not "
+            f"agree) for {section.get('not_agreed', 0)}")

@@ -80,6 +80,25 @@ def _sample_images(image_size: int) -> List[bytes]:
     return [tf.io.encode_jpeg(pixels).numpy(), tf.io.encode_png(pixels).numpy()]
 
 
+def resolve_version_dir(path: str) -> str:
+    """`--model` as a version dir (holds saved_model.pb), a model dir of numeric versions (latest taken), or an
+    export base holding one model dir."""
+    path = path.rstrip("/")
+    if os.path.exists(os.path.join(path, "saved_model.pb")):
+        return path
+    versions = sorted((int(n) for n in os.listdir(path) if n.isdigit()
+                       and os.path.exists(os.path.join(path, n, "saved_model.pb")))) if os.path.isdir(path) else []
+    if versions:
+        return os.path.join(path, str(versions[-1]))
+    models = [n for n in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, n)) and not n.startswith(".")] \
+        if os.path.isdir(path) else []
+    candidates = [m for m in models if any(v.isdigit() for v in os.listdir(os.path.join(path, m)))]
+    if len(candidates) == 1:
+        return resolve_version_dir(os.path.join(path, candidates[0]))
+    raise FileNotFoundError(f"--model {path}: no SavedModel version there (want a version dir with saved_model.pb, "
+                            f"a model dir of numeric versions, or an export base with one model)")
+
+
 def inference_model(model, image_size: int):
     """(model to serve, BatchNorms folded): `model` with its conv+BN pairs folded, checked on noise and on the
     warmup images to answer as it does; the model unfolded (and a warning) if it does not."""
