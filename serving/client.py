@@ -1,4 +1,4 @@
-"""Client for TF Serving's gRPC API (the real tensorflow_model_server or serving/server.py), for bulk scoring.
+"""Client for TF Serving's gRPC API (the real tensorflow_model_server or serving/server/), for bulk scoring.
 
 Shaped like TFX infra_validator's model server clients: `ModelServerClient` owns the policy (waiting for
 AVAILABLE, splitting any number of images into batches under the message limit, N requests in flight,

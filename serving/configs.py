@@ -2,7 +2,7 @@
 
 These are the files `tensorflow_model_server --model_config_file ... --enable_batching
 --batching_parameters_file ... --monitoring_config_file ... --enable_model_warmup` reads. The local
-server (serving/server.py) reads the same files, so one export runs unchanged on either.
+server (serving/server/) reads the same files, so one export runs unchanged on either.
 """
 from __future__ import annotations
 

@@ -209,7 +209,7 @@ def test_serving_config_files_are_what_serving_configs_writes(tmp_path):
     assert annotations["prometheus.io/path"] == configs.PROMETHEUS_PATH
 
 
-def test_cronjob_scores_against_the_serving_service_with_flags_score_accepts(monkeypatch):
+def test_cronjob_scores_against_the_serving_service_with_flags_score_accepts():
     from pipelines import score
 
     cronjob = load(os.path.join(K8S, "score-cronjob.yaml"))[0]
@@ -218,12 +218,9 @@ def test_cronjob_scores_against_the_serving_service_with_flags_score_accepts(mon
     assert command[:4] == ["python", "-m", "archive_vision.cluster", "scheduled-score"]
     assert command[4:6] == ["--results-root", "gs://BUCKET/scores"]
     flags = after_double_dash(command)
-    # The score settings come from the export TF Serving serves (no bucket here: what would be read is recorded).
-    read = []
-    monkeypatch.setattr(score, "recorded_score_settings", lambda path: read.append(path) or {"size": 224})
+    # No model flag: the thresholds come from the served version itself (its score_policy signature).
+    assert not {"--model", "--model-settings"} & set(flags)
     opts, beam_args = score.parse_args(flags + ["--output", "gs://BUCKET/scores/run", "--skip-known", "x.parquet"])
-    serving_config = by_kind(serving_docs(), "ConfigMap")[0]["data"]["models.config"]
-    assert read and f'base_path: "{read[0]}"' in serving_config and opts.size == 224
     assert unknown_beam_flags(beam_args) == []
     service = by_kind(serving_docs(), "Service")[0]
     grpc_port = {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc"]
@@ -385,18 +382,15 @@ def test_dataflow_launch_builds_an_ingest_command_ingest_and_beam_accept(image):
         assert options.view_as(SetupOptions).setup_file == os.path.join(REPO, "setup.py")
 
 
-def test_flink_launch_builds_a_portable_runner_command_score_and_beam_accept(monkeypatch):
+def test_flink_launch_builds_a_portable_runner_command_score_and_beam_accept():
     from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions
     from pipelines import score
 
     argv = _dry_run("flink/launch.sh", ["score", "--input", "gs://b/scans", "--output", "gs://b/scores",
                                         "--model", "gs://b/models/archive_vision"], JOB_ENDPOINT="flink-js:8099")
     assert argv[:2] == ["archive-vision", "score"]
-    # score reads the model's recorded settings from its export (no bucket here: what it would read is recorded)
-    read = []
-    monkeypatch.setattr(score, "recorded_score_settings", lambda path: read.append(path) or {})
-    _, beam_args = score.parse_args(argv[2:])
-    assert read == ["gs://b/models/archive_vision"]
+    opts, beam_args = score.parse_args(argv[2:])
+    assert opts.model == "gs://b/models/archive_vision"
     assert unknown_beam_flags(beam_args) == []
     portable = PipelineOptions(beam_args).view_as(PortableOptions)
     assert (portable.job_endpoint, portable.environment_type, portable.environment_config) == (
