@@ -43,13 +43,13 @@ corpus:
 # Re-train the shipped default orientation model (trainer/data/default_orientation_head.npz: head + fine-tuned top
 # blocks) from the corpus, ~25 min on 2 cores; backbone features are cached in $(FEATURES) and reused by later runs.
 default-model: $(STAMP)
-	$(PY) -m archive_vision.train_default --corpus $(CORPUS) --cache $(FEATURES)
+	$(PY) -m research.train_default --corpus $(CORPUS) --cache $(FEATURES)
 
 # The default orientation model vs Tesseract OSD and docorient on the corpus' held-out split
 # (apt: tesseract-ocr tesseract-ocr-osd; pip: docorient).
 bench-quality: $(STAMP)
 	$(PIP) install -q -e '.[bench]'
-	$(PY) bench/quality.py --corpus $(CORPUS) --figures docs/quality
+	$(PY) -m research.quality --corpus $(CORPUS) --figures docs/quality
 
 clean:
 	rm -rf demo-out bench-out build *.egg-info

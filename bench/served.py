@@ -41,8 +41,8 @@ def write_turned_files(corpus_root: str, out: str, sparse: int) -> List[Dict[str
     """The held-out images turned four ways as files under `out`, and the truth rows (uri, orientation, kind, up)."""
     from PIL import Image
 
-    from archive_vision import orientation_corpus as corpus
     from archive_vision.sample_archive import render_sparse_page
+    from research import orientation_corpus as corpus
 
     ops = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
     every = corpus.load_corpus(corpus_root)

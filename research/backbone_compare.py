@@ -1,7 +1,7 @@
-"""Which frozen ImageNet backbone reads orientation best: `python -m archive_vision.train_default --experiments
+"""Which frozen ImageNet backbone reads orientation best: `python -m research.train_default --experiments
 backbones`.
 
-The shipped model stands on the torchvision MobileNetV2. The learning curve (archive_vision.learning_curve) says
+The shipped model stands on the torchvision MobileNetV2. The learning curve (research.learning_curve) says
 more photos of the same kind would carry photos only slowly, so the other lever is what the head reads. This
 trains the curve's full-size point (the head on the frozen backbone, the shipped training views of every training
 photo and page, no fine-tuned blocks) once per backbone and seed, and scores every held-out image (val and test,
@@ -18,8 +18,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from archive_vision import orientation_corpus as corpus
-from archive_vision import orientation_features as features
+from research import orientation_corpus as corpus
+from research import orientation_features as features
+from research import recipe
 
 BACKBONES = ("mobilenet_v2_torchvision", "efficientnet_lite0", "efficientnet_lite2")
 SEEDS = (0, 1, 2)
@@ -33,28 +34,25 @@ def held_out(images: Sequence[corpus.CorpusImage]) -> List[corpus.CorpusImage]:
 def backbone_answers(images: Sequence[corpus.CorpusImage], cache: str, backbone: str,
                      seeds: Sequence[int] = SEEDS, epochs: Optional[int] = None) -> List[np.ndarray]:
     """Per seed, [N held-out, 4 turns, 4] probabilities of a head trained on `backbone`'s frozen features."""
-    from archive_vision import train_default as td
-
-    epochs = td.DEFAULT_EPOCHS if epochs is None else epochs
-    train_feats, _ = td._training_views(images, (corpus.TRAIN,), cache, backbone)
+    epochs = recipe.DEFAULT_EPOCHS if epochs is None else epochs
+    train_feats, _ = recipe.training_views(images, (corpus.TRAIN,), cache, backbone)
     held_feats = features.cached_features([i.path for i in held_out(images)], "pad224", cache, backbone=backbone)
     answers = []
     for seed in seeds:
-        model, _, _ = td.fit_head(train_feats, epochs=epochs, seed=seed)
-        answers.append(td.predict_turns(model, held_feats))
+        model, _, _ = recipe.fit_head(train_feats, epochs=epochs, seed=seed)
+        answers.append(recipe.predict_turns(model, held_feats))
     return answers
 
 
 def accuracy_row(name: str, per_seed: Sequence[np.ndarray], kinds: np.ndarray) -> Dict[str, object]:
     """Accuracy per kind, alone and with test-time turns, each the mean over the seeds' answers."""
-    from archive_vision import train_default as td
-
     row: Dict[str, object] = {"name": name, "runs": len(per_seed)}
     for kind in (corpus.PHOTO, corpus.PAGE):
         mask = kinds == kind
         row[f"{kind}s"] = int(mask.sum())
-        row[f"{kind}_accuracy"] = float(np.mean([td.accuracy(p[mask]) for p in per_seed]))
-        row[f"{kind}_accuracy_turns"] = float(np.mean([td.accuracy(td.test_time_turns(p[mask])) for p in per_seed]))
+        row[f"{kind}_accuracy"] = float(np.mean([recipe.accuracy(p[mask]) for p in per_seed]))
+        row[f"{kind}_accuracy_turns"] = float(np.mean([recipe.accuracy(recipe.test_time_turns(p[mask]))
+                                                       for p in per_seed]))
     return row
 
 

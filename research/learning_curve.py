@@ -1,4 +1,4 @@
-"""How photo accuracy grows with training photos: `python -m archive_vision.train_default --experiments curve`.
+"""How photo accuracy grows with training photos: `python -m research.train_default --experiments curve`.
 
 Issue 7 asks for 95% of held-out photos right; the shipped model gets about 79%. Whether more of the same kind of
 photos would close that gap is a question about the slope of the learning curve, so this measures it: the head is
@@ -18,8 +18,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from archive_vision import orientation_corpus as corpus
-from archive_vision import orientation_features as features
+from research import orientation_corpus as corpus
+from research import orientation_features as features
+from research import recipe
 
 CURVE_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 CURVE_SEEDS = (0, 1, 2)
@@ -37,25 +38,23 @@ def photo_learning_curve(images: Sequence[corpus.CorpusImage], cache: str,
                          epochs: Optional[int] = None) -> List[Dict[str, float]]:
     """One row per (fraction, seed): training photos and groups used, and held-out photo accuracy alone
     (`accuracy`) and with test-time turns (`accuracy_turns`)."""
-    from archive_vision import train_default as td
-
-    epochs = td.DEFAULT_EPOCHS if epochs is None else epochs
+    epochs = recipe.DEFAULT_EPOCHS if epochs is None else epochs
     train_photos = [i for i in images if i.split == corpus.TRAIN and i.kind == corpus.PHOTO]
     held = [i.path for i in images if i.split in (corpus.VAL, corpus.TEST) and i.kind == corpus.PHOTO]
     held_feats = features.cached_features(held, "pad224", cache)
     pages = [i.path for i in images if i.split == corpus.TRAIN and i.kind == corpus.PAGE]
-    page_feats = [features.cached_features(pages, view, cache) for view in td.TRAIN_VIEWS[corpus.PAGE]]
+    page_feats = [features.cached_features(pages, view, cache) for view in recipe.TRAIN_VIEWS[corpus.PAGE]]
     rows: List[Dict[str, float]] = []
     for seed in seeds:
         for fraction, keep in sorted(nested_group_subsets([i.group for i in train_photos], fractions, seed).items()):
             chosen = [i.path for i in train_photos if i.group in keep]
             views = [features.cached_features(chosen, view, cache, progress=False)
-                     for view in td.TRAIN_VIEWS[corpus.PHOTO]]
-            model, _, _ = td.fit_head(np.concatenate(views + page_feats), epochs=epochs, seed=seed)
-            probs = td.predict_turns(model, held_feats)
+                     for view in recipe.TRAIN_VIEWS[corpus.PHOTO]]
+            model, _, _ = recipe.fit_head(np.concatenate(views + page_feats), epochs=epochs, seed=seed)
+            probs = recipe.predict_turns(model, held_feats)
             rows.append({"fraction": float(fraction), "seed": int(seed), "photos": len(chosen), "groups": len(keep),
-                         "held_out": len(held), "accuracy": td.accuracy(probs),
-                         "accuracy_turns": td.accuracy(td.test_time_turns(probs))})
+                         "held_out": len(held), "accuracy": recipe.accuracy(probs),
+                         "accuracy_turns": recipe.accuracy(recipe.test_time_turns(probs))})
             print(f"photos {len(chosen)} ({len(keep)} groups, fraction {fraction}, seed {seed}): held-out photos "
                   f"{100 * rows[-1]['accuracy']:.1f}%, with test-time turns {100 * rows[-1]['accuracy_turns']:.1f}%",
                   flush=True)

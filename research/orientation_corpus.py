@@ -23,7 +23,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 PHOTO, PAGE = "photo", "page"
 TRAIN, VAL, TEST = "train", "val", "test"
 
-# Fractions of source groups per split. `test` is the project's held-out benchmark (bench/quality.py);
+# Fractions of source groups per split. `test` is the project's held-out benchmark (research/quality.py);
 # `val` picks training settings and fits the temperature; never train or tune on `test`.
 SPLIT_FRACTIONS = ((TEST, 0.25), (VAL, 0.15), (TRAIN, 0.60))
 
@@ -196,7 +196,7 @@ def write_ingest_manifest(images: Sequence[CorpusImage], path: str, kinds_path: 
 # Images with no up a person could name (an empty slide background, a texture filling the frame, a tool seen from
 # above): the 4-way question has no answer for them. Listed by a labeller shown only the images (contact sheets of
 # every page and photo in a random order, never a model's answers); see the file's header. Kept in the corpus and
-# its splits (the shipped model was trained with them), and reported apart by bench/quality.py.
+# its splits (the shipped model was trained with them), and reported apart by research/quality.py.
 NO_UP_LIST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "orientation_corpus",
                           "no_up.tsv")
 

@@ -7,7 +7,7 @@ result [4, grid, grid, 1280] float16 is saved as one .npy per image and variant.
 the head's first step is that same average pooling, so a head trained on the pooled grid runs unchanged on
 the full [7, 7, 1280] map inside the model.
 
-Variants (each measured in archive_vision.train_default's experiments):
+Variants (each measured in research.train_default's experiments):
 - "pad224": the whole image letterboxed to 224 (the serving path; what the shipped model sees);
 - "flip224": the mirror image, letterboxed to 224 (a mirrored upright photo is still upright: augmentation);
 - "pad320": the same at 320 (the backbone is fully convolutional; the grid pooling absorbs the size);
@@ -27,7 +27,7 @@ GRID = 3
 # Output of MobileNetV2's block 14 (7x7x160 at 224 px): what the fine-tuned top blocks 15-18 start from.
 CUT_LAYER = "features_14_conv_3"
 # The shipped model's backbone (trainer.torchvision_mobilenet). Features of another backbone (`backbone=` a name
-# of trainer.backbones' registry, compared by archive_vision.backbone_compare) are cached under `<name>/<variant>`.
+# of trainer.backbones' registry, compared by research.backbone_compare) are cached under `<name>/<variant>`.
 DEFAULT_BACKBONE = "mobilenet_v2_torchvision"
 VARIANTS = ("pad224", "flip224", "pad320", "crop224", "tiles448")
 

@@ -1,8 +1,8 @@
 """Orientation quality benchmark on the corpus' held-out `test` split: the default model vs Tesseract OSD and docorient.
 
-    python bench/quality.py --corpus /work/corpus/data [--peer-images 60] [--cores 1]
+    python -m research.quality --corpus /work/corpus/data [--peer-images 60] [--cores 1]
 
-Every held-out image (photos split by source file, pages by PDF; see archive_vision.orientation_corpus) is
+Every held-out image (photos split by source file, pages by PDF; see research.orientation_corpus) is
 turned 0/90/180/270 degrees clockwise and each method must name the turn (4-way accuracy over all turns).
 Rows, side by side in one run:
 
@@ -43,19 +43,16 @@ import hashlib
 import io
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from archive_vision import orientation_corpus as corpus  # noqa: E402
-from archive_vision import train_default  # noqa: E402
+from research import orientation_corpus as corpus  # noqa: E402
+from research import train_default  # noqa: E402
 from trainer import default_model  # noqa: E402
 
 TURNS = (0, 90, 180, 270)

@@ -1,14 +1,14 @@
-"""Train the default orientation model on the real photo/page corpus: `python -m archive_vision.train_default`.
+"""Train the default orientation model on the real photo/page corpus: `python -m research.train_default`.
 
 One command from the corpus (`make corpus` runs data/orientation_corpus/build_train.sh) to the shipped head
 weights (`make default-model` runs it with the Makefile's folders):
 
-    python -m archive_vision.train_default --corpus corpus-data --cache corpus-features \
+    python -m research.train_default --corpus corpus-data --cache corpus-features \
         --out trainer/data/default_orientation_head.npz
 
-1. Split the corpus by source (archive_vision.orientation_corpus); `test` is never touched here.
+1. Split the corpus by source (research.orientation_corpus); `test` is never touched here.
 2. Cache frozen MobileNetV2 features of every train/val image under its four turns, pooled for the head and
-   unpooled at block 14 for fine-tuning (archive_vision.orientation_features; about a minute per 500 images
+   unpooled at block 14 for fine-tuning (research.orientation_features; about a minute per 500 images
    on 2 CPU cores, once).
 3. Train the OrientationHead (trainer.model) on the pooled features of train, then fine-tune the backbone's top
    blocks (15-18, BatchNorm frozen) together with it on the cached block-14 activations (FINE_TUNE).
@@ -32,9 +32,9 @@ make: the temperature fitted on val must match the one folded into it).
 photo views: mirror / centre crop / 320 px, page tiles, test-time turns) and for the model's input (letterboxed
 224 / centre crop 224 / letterboxed 320; `--experiments inputs` for that alone), all on cached features, and the
 --tta-below sweep on the train-only recipe (`--experiments tta` for that alone). `--experiments curve` measures
-how held-out photo accuracy grows with the number of training photos (archive_vision.learning_curve).
+how held-out photo accuracy grows with the number of training photos (research.learning_curve).
 `--experiments backbones` scores heads on other frozen ImageNet backbones, alone and averaged
-(archive_vision.backbone_compare), and `--experiments depth` the recipe with the top blocks fine-tuned from
+(research.backbone_compare), and `--experiments depth` the recipe with the top blocks fine-tuned from
 deeper blocks (compare_fine_tune_depth); both on every held-out image, nothing chosen from them.
 """
 from __future__ import annotations
@@ -47,21 +47,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from archive_vision import orientation_corpus as corpus
-from archive_vision import orientation_features as features
+from research import backbone_compare as bc
+from research import learning_curve
+from research import orientation_corpus as corpus
+from research import orientation_features as features
+# The head-training recipe the experiments share (research.recipe); part of this module's interface (bench, tests).
+from research.recipe import (DEFAULT_EPOCHS, HEAD_CONFIG, TRAIN_VIEWS, accuracy, build_pooled_head,  # noqa: F401
+                             fit_head, predict_turns, test_time_turns, training_views, turned_rows)
 from trainer import calibration
 from trainer.calibration import with_temperature  # noqa: F401 - part of this module's interface (bench, tests)
 
-HEAD_CONFIG = {"grid": 3, "projection_channels": 64, "hidden_units": 256, "dropout": 0.5}
-DEFAULT_EPOCHS = 20
 # Loss weight of photo rows against page rows. Photos are fewer and harder, but weighting them up hurt on val
 # (head alone: photos 69.7% at weight 1 vs 63.2% at 2; `--experiments`), so 1.
 PHOTO_WEIGHT = 1.0
-# Extra training views per kind (the model itself always sees pad224). For photos, mirrored, centre-cropped
-# and 320 px views added +1.7 points of 4-way accuracy in 3-fold cross-validation by source (63.4% -> 65.1%,
-# photo weight 2; an earlier session's script, not kept: `--experiments` now measures them on the val split);
-# mirrored pages are not pages anyone scans, so pages train on the serving view only.
-TRAIN_VIEWS = {corpus.PHOTO: ("pad224", "flip224", "crop224", "pad320"), corpus.PAGE: ("pad224",)}
 # Fine-tuning the top of the backbone (blocks 15-17 and the last 1x1 conv, BatchNorm frozen) together with the
 # head, on cached block-14 activations (so a CPU can do it: the frozen bottom runs once per image and turn).
 # Measured on val against the head alone it starts from (photo_weight 1), epochs 1..6 at 1e-4: photos 68.4% ->
@@ -88,74 +86,6 @@ def limit_tf_threads(threads: int) -> None:
         pass  # already initialised: keep what it has
 
 
-def build_pooled_head(config: Dict[str, float] = HEAD_CONFIG, name: str = "orientation_probabilities"):
-    """OrientationHead on an already pooled [grid, grid, 1280] input (its pooling is then the identity)."""
-    import keras
-
-    from trainer.model import OrientationHead
-
-    grid = int(config["grid"])
-    inputs = keras.Input(shape=(grid, grid, 1280), dtype="float32")
-    head = OrientationHead(grid, projection_channels=int(config["projection_channels"]),
-                           hidden_units=int(config["hidden_units"]), dropout=float(config["dropout"]), name=name)
-    return keras.Model(inputs, head(inputs)), head
-
-
-def turned_rows(feats: np.ndarray, weights: Optional[np.ndarray] = None
-                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """[N, 4, ...] features -> ([4N, ...] inputs, [4N] turn labels 0..3, [4N] sample weights)."""
-    n = len(feats)
-    x = feats.reshape((n * 4,) + feats.shape[2:]).astype(np.float32)
-    y = np.tile(np.arange(4), n)
-    w = np.repeat(np.ones(n) if weights is None else weights, 4).astype(np.float32)
-    return x, y, w
-
-
-def fit_head(train_feats: np.ndarray, train_weights: Optional[np.ndarray] = None, epochs: int = DEFAULT_EPOCHS,
-             val_feats: Optional[np.ndarray] = None, seed: int = 0, config: Dict[str, float] = HEAD_CONFIG,
-             learning_rate: float = 1e-3, verbose: int = 0):
-    """Train a pooled OrientationHead on the four turns of every image; returns (model, head, val history)."""
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    model, head = build_pooled_head(config)
-    x, y, w = turned_rows(train_feats, train_weights)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss=keras.losses.SparseCategoricalCrossentropy(), weighted_metrics=["accuracy"])
-    history: List[float] = []
-    callbacks = []
-    if val_feats is not None:
-        vx, vy, _ = turned_rows(val_feats)
-
-        class _ValAccuracy(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                history.append(float(np.mean(np.argmax(model.predict(vx, verbose=0, batch_size=512), -1) == vy)))
-
-        callbacks.append(_ValAccuracy())
-    model.fit(x, y, sample_weight=w, epochs=epochs, batch_size=64, shuffle=True, verbose=verbose,
-              callbacks=callbacks)
-    return model, head, history
-
-
-def predict_turns(model, feats: np.ndarray) -> np.ndarray:
-    """[N, 4 turns, ...] features -> [N, 4 turns, 4 probabilities]."""
-    n = len(feats)
-    x = feats.reshape((n * 4,) + feats.shape[2:]).astype(np.float32)
-    return model.predict(x, verbose=0, batch_size=512).reshape(n, 4, 4)
-
-
-def test_time_turns(probs: np.ndarray) -> np.ndarray:
-    """Combine each stored turn d with the copies turned j more (j = 0..3), like score's --tta.
-
-    The copy of stored turn d turned j more clockwise is the upright turned (d + j): its answer for d sits at
-    column d + j, so rolling it back by j aligns the four; they are averaged (score.combine_turned's rule).
-    """
-    out = np.zeros_like(probs)
-    for d in range(4):
-        out[:, d] = np.mean([np.roll(probs[:, (d + j) % 4], -j, axis=-1) for j in range(4)], axis=0)
-    return out
-
-
 def needs_turns(probs: np.ndarray, below: float) -> np.ndarray:
     """Which answers ([..., 4] probabilities) score --tta-below sends turned copies for: top probability < below,
     compared as score compares (the float32 confidence widened, not the threshold narrowed)."""
@@ -168,11 +98,6 @@ def turns_when_unsure(probs: np.ndarray, below: float) -> Tuple[np.ndarray, floa
     turned copies)."""
     unsure = needs_turns(probs, below)
     return np.where(unsure[..., None], test_time_turns(probs), probs), float(unsure.mean()) if unsure.size else 0.0
-
-
-def accuracy(probs: np.ndarray) -> float:
-    """4-way accuracy of [N, 4 turns, 4] probabilities (the right answer for row turn d is d)."""
-    return float(np.mean(np.argmax(probs, -1) == np.arange(4)[None, :])) if len(probs) else float("nan")
 
 
 def fit_temperature(probs: np.ndarray) -> float:
@@ -284,10 +209,8 @@ def compare_fine_tune_depth(images: Sequence[corpus.CorpusImage], cache: str, ep
     """The recipe trained on train alone with the top blocks fine-tuned from each depth (the head first, as
     shipped), scored on every held-out image (val and test: a measurement, nothing is chosen from it). One row
     per depth, the head alone first: accuracy per kind, alone and with test-time turns."""
-    from archive_vision.backbone_compare import accuracy_row, held_out
-
-    train, train_kinds = _training_views(images, (corpus.TRAIN,), cache)
-    held = held_out(images)
+    train, train_kinds = training_views(images, (corpus.TRAIN,), cache)
+    held = bc.held_out(images)
     kinds = np.array([i.kind for i in held])
     model, head, _ = fit_head(train, _weights(train_kinds, PHOTO_WEIGHT), epochs=epochs)
     answers = [("the head on the frozen backbone", 0,
@@ -302,7 +225,7 @@ def compare_fine_tune_depth(images: Sequence[corpus.CorpusImage], cache: str, ep
                         predict_turns(tuned_model, cut_held)))
     rows = []
     for name, layers, probs in answers:
-        row = dict(accuracy_row(name, [probs], kinds), layers=layers)
+        row = dict(bc.accuracy_row(name, [probs], kinds), layers=layers)
         rows.append(row)
         print(f"{name}: held-out photos {100 * row['photo_accuracy']:.1f}% ({100 * row['photo_accuracy_turns']:.1f}% "
               f"with turns), pages {100 * row['page_accuracy']:.1f}% ({100 * row['page_accuracy_turns']:.1f}%)",
@@ -315,18 +238,6 @@ def _split_data(images: Sequence[corpus.CorpusImage], split: str, variant: str, 
     feats = features.cached_features([i.path for i in chosen], variant, cache)
     kinds = np.array([i.kind for i in chosen])
     return feats, kinds
-
-
-def _training_views(images: Sequence[corpus.CorpusImage], splits: Sequence[str], cache: str,
-                    backbone: str = features.DEFAULT_BACKBONE):
-    """Features of every TRAIN_VIEWS view of the images of the splits, stacked, with their kinds."""
-    feats, kinds = [], []
-    for kind, views in TRAIN_VIEWS.items():
-        chosen = [i.path for i in images if i.split in splits and i.kind == kind]
-        for view in views:
-            feats.append(features.cached_features(chosen, view, cache, backbone=backbone))
-            kinds.append(np.full(len(chosen), kind))
-    return np.concatenate(feats), np.concatenate(kinds)
 
 
 def _weights(kinds: np.ndarray, photo_weight: float) -> np.ndarray:
@@ -348,7 +259,7 @@ def run_experiments(images: Sequence[corpus.CorpusImage], cache: str) -> None:
         print(f"pad224 photo_weight={photo_weight}: {_per_kind(probs, val_kinds)}; with test-time turns "
               f"{_per_kind(test_time_turns(probs), val_kinds)}; best epoch {int(np.argmax(history)) + 1} "
               f"of {len(history)}; T={t:.2f}; bands {band_stats(with_temperature(probs, t))}", flush=True)
-    views, views_kinds = _training_views(images, (corpus.TRAIN,), cache)
+    views, views_kinds = training_views(images, (corpus.TRAIN,), cache)
     model, _, _ = fit_head(views, _weights(views_kinds, PHOTO_WEIGHT))
     probs = predict_turns(model, val)
     print(f"+ photo views {TRAIN_VIEWS[corpus.PHOTO]}: {_per_kind(probs, val_kinds)}; with test-time turns "
@@ -700,7 +611,7 @@ def _train_only(images: Sequence[corpus.CorpusImage], cache: str, epochs: int, p
                 fine_tune: bool) -> Tuple[np.ndarray, np.ndarray]:
     """The recipe trained on train alone (views, head, then the top blocks): its val probabilities [N, 4, 4] at
     T = 1, and the val kinds. The temperature and --tta-below are chosen on these."""
-    train, train_kinds = _training_views(images, (corpus.TRAIN,), cache)
+    train, train_kinds = training_views(images, (corpus.TRAIN,), cache)
     val, val_kinds = _split_data(images, corpus.VAL, "pad224", cache)
     model, head, _ = fit_head(train, _weights(train_kinds, photo_weight), epochs=epochs)
     if not fine_tune:
@@ -738,7 +649,7 @@ def train_default(corpus_root: str, cache: str, out: str, epochs: int = DEFAULT_
     text_lines_meta = _choose_text_lines_on_val(images, cache, with_temperature(val_probs, temperature), val_kinds,
                                                 tta_below)
     text_crops_meta = _choose_text_crops_on_val(images, cache, with_temperature(val_probs, temperature), val_kinds)
-    both, both_kinds = _training_views(images, (corpus.TRAIN, corpus.VAL), cache)
+    both, both_kinds = training_views(images, (corpus.TRAIN, corpus.VAL), cache)
     _, final_head, _ = fit_head(both, _weights(both_kinds, photo_weight), epochs=epochs)
     tuned_layers = []
     if fine_tune:
@@ -812,9 +723,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="print val accuracy of the measured variants instead (`inputs`: only the input "
                              "comparison, pad224 / crop224 / pad320; `tta`: only score's --tta-below and "
                              "--text-lines choices, on the recipe trained on train; `curve`: held-out photo "
-                             "accuracy against the number of training photos, archive_vision.learning_curve; "
+                             "accuracy against the number of training photos, research.learning_curve; "
                              "`backbones`: held-out accuracy of heads on other frozen ImageNet backbones, alone and "
-                             "averaged, archive_vision.backbone_compare; `depth`: held-out accuracy with the top "
+                             "averaged, research.backbone_compare; `depth`: held-out accuracy with the top "
                              "blocks fine-tuned from blocks 15 (shipped), 14 and 11)")
     parser.add_argument("--curve-figure", help="with --experiments curve: also draw the curve into this PNG")
     parser.add_argument("--rechoose", action="store_true",
@@ -835,8 +746,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.experiments:
         images = corpus.load_corpus(args.corpus)
         if args.experiments == "curve":
-            from archive_vision import learning_curve
-
             rows = learning_curve.photo_learning_curve(images, args.cache, epochs=args.epochs)
             for mean in learning_curve.fraction_means(rows):
                 print(f"mean over seeds, {mean['photos']:.0f} photos: {100 * mean['accuracy']:.1f}%, with test-time "
@@ -849,7 +758,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             compare_fine_tune_depth(images, args.cache, epochs=args.epochs)
             return 0
         if args.experiments == "backbones":
-            from archive_vision import backbone_compare as bc
             from trainer import efficientnet_lite
 
             for name in bc.BACKBONES:  # a missing weights package stops the run now, not after most of it

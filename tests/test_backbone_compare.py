@@ -1,4 +1,4 @@
-"""archive_vision.backbone_compare: heads on other frozen backbones, alone and averaged (docs/orientation.md,
+"""research.backbone_compare: heads on other frozen backbones, alone and averaged (docs/orientation.md,
 "Other backbones")."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from archive_vision import backbone_compare as bc
-from archive_vision import orientation_corpus as corpus
-from archive_vision import orientation_features
+from research import backbone_compare as bc
+from research import orientation_corpus as corpus
+from research import orientation_features
 from tests.test_learning_curve import _features
 
 

@@ -1,10 +1,10 @@
-"""bench/quality.py: the contact sheet of held-out images a method gets wrong, the shortcut guard, and the archive
+"""research/quality.py: the contact sheet of held-out images a method gets wrong, the shortcut guard, and the archive
 with turned scans that the archive-tuned rows tune on."""
 import numpy as np
 from PIL import Image
 
-from archive_vision import orientation_corpus as corpus
-from bench.quality import orientation_check_of, shortcut_warnings, stored_turned, write_misses
+from research import orientation_corpus as corpus
+from research.quality import orientation_check_of, shortcut_warnings, stored_turned, write_misses
 
 
 def _image(tmp_path, name, kind, colour):

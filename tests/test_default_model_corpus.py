@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from archive_vision import orientation_corpus as corpus
+from research import orientation_corpus as corpus
 
 PHOTO_HEADER = ["file", "kind", "container", "member", "rotate_cw", "tag", "width", "height"]
 PAGE_HEADER = ["file", "group", "container", "member", "page", "pages_in_pdf"]
@@ -76,7 +76,7 @@ def test_ingest_manifest_and_kind_side_table(tmp_path):
 
 def test_licence_record_names_licences_of_free_text_copyright_files():
     """The sources record (trainer/data/ORIENTATION_SOURCES.md) says which licence, not a file's first line."""
-    from archive_vision.orientation_sources import licence_names
+    from research.orientation_sources import licence_names
 
     dep5 = "Files: *\nCopyright: 2020 A\nLicense: GPL-2+\n\nFiles: images/*\nLicense: CC-BY-SA-4.0\n"
     assert licence_names(dep5) == ["GPL-2+", "CC-BY-SA-4.0"]
@@ -92,7 +92,7 @@ def test_licence_record_names_licences_of_free_text_copyright_files():
 
 
 def test_tex_live_documents_get_their_tex_catalogue_licence():
-    from archive_vision.orientation_sources import tally_texlive_licences
+    from research.orientation_sources import tally_texlive_licences
 
     licenses = ("Licenses for source package texlive-extra\n\n"
                 "chinesechess: lppl1.3\ntexmf-dist/doc/latex/chinesechess/*\ntexmf-dist/tex/latex/chinesechess/*\n"

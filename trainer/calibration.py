@@ -5,7 +5,7 @@ for a few epochs from the calibrated default head is over-confident again at T =
 fits T on the val split's orientation answers (every turn of every val record, with the labels training used:
 the orientation check's, under --init default) and folds it into the head's last layer before evaluation and
 export (softmax(z / T) is the same head with the logits layer's kernel and bias divided by T), as
-archive_vision.train_default does for the shipped head.
+research.train_default does for the shipped head.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ fold). In inference BN is the per-channel affine map y = (x - mean) * gamma / sq
     kernel' = kernel * scale,  bias' = (bias - mean) * scale + beta,  scale = gamma / sqrt(var + eps)
 
 gives the same outputs up to float rounding with two fewer passes over every activation map. On the shipped
-MobileNetV2 (52 BNs) this takes the model from about 16 to 11 ms per image on one core (bench/quality.py
+MobileNetV2 (52 BNs) this takes the model from about 16 to 11 ms per image on one core (research/quality.py
 prints the ratio). Training never uses the folded model: it shares the unfolded layers' variables and has no
 BN statistics left to update.
 """

@@ -3,7 +3,7 @@
 `ingest --assume-upright` stores every image of an archive as upright. An archive worth tuning on is one with
 sideways and upside-down scans in it, and each of those, taken as upright, teaches the head a wrong answer under
 all four of its turns: on the corpus' held-out photos, tuning on a half in which a quarter of the images were
-turned made photos worse than not tuning at all (bench/quality.py's "archive with turned scans" rows).
+turned made photos worse than not tuning at all (research/quality.py's "archive with turned scans" rows).
 
 So before tuning, the default model (the head as shipped, calibrated) answers each record's four turns, fused as
 score's test-time turns fuse them: q[i, k], the probability that record i is stored turned k quarter turns from

@@ -28,7 +28,7 @@ def resize_for_model(image: tf.Tensor, image_size: int = DEFAULT_IMAGE_SIZE) -> 
 
     Decoded uint8 pixels go into the resize as they are: its kernel reads uint8 and writes float32, so the
     full-size float copy a cast would make first is never written (a 150 dpi page: about 2 ms less on one
-    core, the same pixels; bench/quality.py times both).
+    core, the same pixels; research/quality.py times both).
     """
     if image.dtype not in (tf.uint8, tf.float32):
         image = tf.cast(image, tf.float32)

@@ -12,7 +12,7 @@
 #           and Kivy's picture demo (about 30 MB). unseen_no_up.tsv lists those with no up (made before any was
 #           scored); they count apart.
 #
-# The packages are kept out of the training corpus (archive_vision.orientation_corpus.CHECK_PACKAGES) so that these
+# The packages are kept out of the training corpus (research.orientation_corpus.CHECK_PACKAGES) so that these
 # stay checks; nothing from them is committed or shipped.
 #
 #   usage:  bash data/orientation_corpus/unseen_check.sh people|pages|photos [score flags...]   (a minute or two each)
@@ -44,8 +44,8 @@ OUT="$WORK/$WHICH"
 rm -rf "$OUT"
 mkdir -p "$WORK/debs" "$WORK/pkgs" "$OUT/upright"
 cd "$WORK/debs"
-# this check's packages, as archive_vision.orientation_corpus keeps them out of the corpus (one list, read there)
-PACKAGES=$(cd "$REPO" && "$PY" -c "from archive_vision.orientation_corpus import CHECKS; print(*sorted(CHECKS['$WHICH']))")
+# this check's packages, as research.orientation_corpus keeps them out of the corpus (one list, read there)
+PACKAGES=$(cd "$REPO" && "$PY" -c "from research.orientation_corpus import CHECKS; print(*sorted(CHECKS['$WHICH']))")
 for package in $PACKAGES; do
   ls "${package}"_*.deb >/dev/null 2>&1 || apt-get download -q "$package" >/dev/null
   [ -d "$WORK/pkgs/$package" ] || dpkg-deb -x "$(ls "${package}"_*.deb | sort -V | tail -1)" "$WORK/pkgs/$package"
@@ -82,7 +82,7 @@ copied=$(find "$OUT/upright" -type f | wc -l)
 if [ -n "${CORPUS:-}" ]; then  # a check image the model trained on would not be a check
   (cd "$REPO" && "$PY" - "$OUT/upright" "$CORPUS" "$WHICH" <<'PYEOF'
 import glob, sys
-from archive_vision import orientation_corpus as corpus
+from research import orientation_corpus as corpus
 upright, root, which = sys.argv[1:]
 kind = corpus.PAGE if which == "pages" else corpus.PHOTO
 copies = corpus.near_copies(sorted(glob.glob(f"{upright}/*/*")),
