@@ -3,18 +3,22 @@
 Everything that decides an answer runs here, inside the exported SavedModel, with standard TF ops only, so TF
 Serving, `archive-vision serve` and `archive-vision score` (in-process or remote) give one answer per image:
 
-1. decode the bytes (JPEG/PNG/GIF/BMP) and make the image model's view (`AnswerSettings.view`): the letterboxed
-   image (exact) or the square ingest would have stored, then letterboxed;
+1. decode the bytes (JPEG/PNG/GIF/BMP) and make the image model's view (`AnswerSettings.view`) from the full-size
+   pixels, as in training: the letterboxed image (exact) or the square ingest would have stored, then letterboxed;
+   and one reading copy, reduced by area averaging to a short side of 448 px, for the readers below;
 2. the image model on that view (the stored copy's answer, `image_orientation_probabilities`);
 3. the text crops (when the policy has them): PaddleClas' text-image orientation classifier, rebuilt in TF from its
-   ONNX weights (trainer.onnx_graph), on five 224 px crops of a copy whose short side is 448 px; the summed
-   log-probabilities of the crops it is sure of are the evidence. Images whose stored answer is unsure always count
-   their crops; surer images only when `agree` sure crops name one turn;
+   ONNX weights (trainer.onnx_graph), on five 224 px crops of the reading copy; the summed log-probabilities of the
+   crops it is sure of are the evidence. Images whose stored answer is unsure always count their crops; surer
+   images only when `agree` sure crops name one turn;
 4. the turned copies (with `tta`): the view turned 90/180/270, for the images whose answer so far is below
    `tta_below`; their answers turned back and averaged with the stored copy's, the share agreeing kept;
 5. the fusion: softmax(log p + weight * evidence), p already calibrated (the head's temperature is folded in);
-6. the decision under the recorded DecisionPolicy (`decision`), which clients may also compute themselves from
-   the policy (serving.policy.decide gives the same).
+6. a second look (with `second_below`) for the images still unsure: nine crops at twice the reading size and the
+   whole image at 224 px through the same classifier, fused the same way;
+7. `ink`, the share of the reading copy that is not background, and the decision under the recorded DecisionPolicy
+   (`decision`, with the nearly-blank-page rule), which clients may also compute from the policy
+   (serving.policy.decide gives the same).
 
 Gated steps run only on the images that need them (gather, compute, scatter back), so a batch of sure pages skips
 the turned copies entirely.
@@ -28,6 +32,8 @@ import numpy as np
 from serving import policy as P
 
 _CROP_CENTRES = ((0.5, 0.5), (0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75))  # (y, x) parts of the copy
+_GRID_CENTRES = tuple((y, x) for y in (1 / 6, 0.5, 5 / 6) for x in (1 / 6, 0.5, 5 / 6))  # the second look's nine
+_SECOND_MAX_LONG = 4096
 _CROP_MAX_LONG = 2048
 _MEAN_BGR = np.array([0.406, 0.456, 0.485], np.float32)  # PaddleClas' ImageNet mean/std, in its BGR order
 _STD_BGR = np.array([0.225, 0.224, 0.229], np.float32)
@@ -39,25 +45,6 @@ def _tf():
     import tensorflow as tf
 
     return tf
-
-
-def decode_for_reading(data, short: int):
-    """uint8 RGB [H, W, 3] of one encoded image; a JPEG decoded with DCT scaling (1/2, 1/4 or 1/8) as far as its
-    short side stays at least `short`: a 24-megapixel scan then costs a fraction of a full decode, and the pixels
-    are an antialiased reduction like any other."""
-    tf = _tf()
-    from trainer.preprocessing import decode_image_bytes
-
-    def jpeg():
-        shape = tf.io.extract_jpeg_shape(data)
-        smallest = tf.minimum(shape[0], shape[1])
-        index = tf.cast(smallest >= 2 * short, tf.int32) + tf.cast(smallest >= 4 * short, tf.int32) + tf.cast(
-            smallest >= 8 * short, tf.int32)
-        branches = [lambda ratio=ratio: tf.io.decode_jpeg(data, channels=3, ratio=ratio) for ratio in (1, 2, 4, 8)]
-        return tf.ensure_shape(tf.switch_case(index, branches), [None, None, 3])
-
-    is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
-    return tf.cond(is_jpeg, jpeg, lambda: decode_image_bytes(data))
 
 
 def reading_copy(image, short: int, max_long: int = _CROP_MAX_LONG):
@@ -93,27 +80,49 @@ def model_view(image, settings: P.AnswerSettings):
     return resize_for_model(image, settings.image_size)
 
 
-def crop_batch(image, crops: P.TextCropSettings):
-    """uint8 RGB [H, W, 3] -> [5, crop, crop, 3] float32: the crop classifier's inputs (BGR, normalised, NHWC) from
-    a copy scaled to a short side of `copy_short` (long side at most 2048), as trainer.text_crops.crops."""
+def _classifier_input(batch):
+    """RGB pixels [..., 3] in [0, 255] -> the crop classifier's input: BGR (PaddleClas was trained on OpenCV's
+    order), ImageNet-normalised."""
+    tf = _tf()
+    return (tf.clip_by_value(tf.reverse(batch, axis=[-1]), 0.0, 255.0) / 255.0 - _MEAN_BGR) / _STD_BGR
+
+
+def crop_batch(image, crops: P.TextCropSettings, copy_short: int = 0, centres=_CROP_CENTRES,
+               max_long: int = _CROP_MAX_LONG):
+    """uint8 RGB [H, W, 3] -> [len(centres), crop, crop, 3] float32: the crop classifier's inputs (BGR, normalised,
+    NHWC) from a copy scaled to a short side of `copy_short` (the settings' by default; long side at most
+    `max_long`), as trainer.text_crops.crops."""
     tf = _tf()
     size = crops.crop
+    copy_short = copy_short or crops.copy_short
     h = tf.cast(tf.shape(image)[0], tf.float32)
     w = tf.cast(tf.shape(image)[1], tf.float32)
-    scale = tf.minimum(crops.copy_short / tf.minimum(h, w), _CROP_MAX_LONG / tf.maximum(h, w))
+    scale = tf.minimum(copy_short / tf.minimum(h, w), max_long / tf.maximum(h, w))
     new_h = tf.maximum(size, tf.cast(tf.round(h * scale), tf.int32))
     new_w = tf.maximum(size, tf.cast(tf.round(w * scale), tf.int32))
     size2d = tf.stack([new_h, new_w])
     copy = tf.cond(tf.reduce_all(tf.equal(size2d, tf.shape(image)[:2])), lambda: tf.cast(image, tf.float32),
                    lambda: tf.image.resize(image, size2d, method="bilinear", antialias=True))
     out = []
-    for fy, fx in _CROP_CENTRES:
+    for fy, fx in centres:
         y = tf.clip_by_value(tf.cast(tf.round(fy * tf.cast(new_h, tf.float32) - size / 2), tf.int32), 0, new_h - size)
         x = tf.clip_by_value(tf.cast(tf.round(fx * tf.cast(new_w, tf.float32) - size / 2), tf.int32), 0, new_w - size)
         out.append(copy[y:y + size, x:x + size, :])
-    batch = tf.reverse(tf.stack(out), axis=[-1])  # RGB -> BGR: PaddleClas was trained on OpenCV's order
-    batch = (tf.clip_by_value(batch, 0.0, 255.0) / 255.0 - _MEAN_BGR) / _STD_BGR
-    return tf.ensure_shape(batch, [len(_CROP_CENTRES), size, size, 3])
+    return tf.ensure_shape(_classifier_input(tf.stack(out)), [len(centres), size, size, 3])
+
+
+def second_look_batch(data, crops: P.TextCropSettings):
+    """[10, crop, crop, 3]: the second look's inputs for one encoded image: nine crops of a copy at a short side of
+    `second_short` (small print at reading size) and the whole image letterboxed to one crop (large type)."""
+    tf = _tf()
+    from trainer.preprocessing import resize_for_model
+
+    from trainer.preprocessing import decode_image_bytes
+
+    image = reading_copy(decode_image_bytes(data), crops.second_short, _SECOND_MAX_LONG)
+    grid = crop_batch(image, crops, crops.second_short, _GRID_CENTRES, _SECOND_MAX_LONG)
+    whole = _classifier_input(resize_for_model(image, crops.crop))[None]
+    return tf.concat([grid, whole], 0)
 
 
 def crop_evidence(probabilities, sure: float):
@@ -199,15 +208,19 @@ class WholeAnswer:
 
     def __call__(self, image_bytes) -> Dict[str, object]:
         tf = _tf()
+        from trainer.preprocessing import decode_image_bytes
+
         settings = self.policy.answer
         crops = settings.text_crops if self.crop_net is not None else None
         short = crops.copy_short if crops is not None else 2 * settings.image_size
 
         def per_image(data):
-            image = reading_copy(decode_for_reading(data, short), short)
-            out = {"view": model_view(image, settings), "ink": ink_share(image)}
+            image = decode_image_bytes(data)
+            # The model's view comes from the full-size pixels, as in training; the readers' copy is reduced once.
+            reading = reading_copy(image, short)
+            out = {"view": model_view(image, settings), "ink": ink_share(reading)}
             if crops is not None:
-                out["crops"] = crop_batch(image, crops)
+                out["crops"] = crop_batch(reading, crops)
             return out
 
         size = settings.image_size
@@ -277,16 +290,40 @@ class WholeAnswer:
                                      tf.reshape(turned["c"], [3, tf.shape(index)[0], -1])], 0)
                 class_probs = _scatter(index, tf.reduce_mean(classes, 0), class_probs)
         final = tf.where(counted[:, None], fuse(combined, evidence), combined)
+        second_state = -tf.ones([count], tf.int64)
+        if crops is not None and crops.second_below > 0:
+            final, second_state = self._second_look(image_bytes, final, crops)
         outputs[P.ORIENTATION_PROBABILITIES] = final
         outputs[P.ORIENTATION_DEGREES] = tf.argmax(final, -1, output_type=tf.int64) * 90
         outputs[P.IMAGE_ORIENTATION_PROBABILITIES] = p0
         outputs[P.TTA_AGREEMENT] = agreement
         outputs[P.TEXT_CROPS] = read_state
+        if crops is not None and crops.second_below > 0:
+            outputs[P.SECOND_LOOK] = second_state
         outputs[P.INK] = prepared["ink"]
         if class_probs is not None:
             outputs.update(self._class_outputs(class_probs))
         outputs[P.DECISION] = decide(self.policy.decision, final, agreement, class_probs, prepared["ink"], counted)
         return outputs
+
+    def _second_look(self, image_bytes, final, crops: P.TextCropSettings):
+        """(the answers with the second look fused into those below `second_below`, which were read: 1/-1). The
+        bytes of those images alone are decoded again, at twice the reading size."""
+        tf = _tf()
+        unsure = tf.reduce_max(final, -1) < crops.second_below
+        index = tf.cast(tf.reshape(tf.where(unsure), [-1]), tf.int32)
+        looks = len(_GRID_CENTRES) + 1
+
+        def look():
+            inputs = tf.map_fn(lambda data: second_look_batch(data, crops), tf.gather(image_bytes, index),
+                               fn_output_signature=tf.TensorSpec([looks, crops.crop, crops.crop, 3], tf.float32))
+            probs = tf.cast(self.crop_net(tf.reshape(inputs, [-1, crops.crop, crops.crop, 3])), tf.float32)
+            return crop_evidence(tf.reshape(probs, [-1, looks, 4]), crops.sure)[0]
+
+        evidence = tf.cond(tf.size(index) > 0, look, lambda: tf.zeros([0, 4], tf.float32))
+        fused = fuse(tf.gather(final, index), crops.weight * evidence)
+        state = _scatter(index, tf.ones_like(index, tf.int64), -tf.ones([tf.shape(final)[0]], tf.int64))
+        return _scatter(index, fused, final), state
 
     def _class_outputs(self, probs) -> Dict[str, object]:
         tf = _tf()

@@ -27,6 +27,7 @@ ORIENTATION_DEGREES = "orientation_degrees"
 IMAGE_ORIENTATION_PROBABILITIES = "image_orientation_probabilities"  # the image model alone, stored copy
 TTA_AGREEMENT = "tta_agreement"  # share of the four copies agreeing with the answer; -1: turned copies not scored
 TEXT_CROPS = "text_crops"  # 1: crop evidence counted, 0: read but the crops did not agree, -1: not read
+SECOND_LOOK = "second_look"  # 1: the second look's crops were read and fused, -1: not read
 INK = "ink"  # share of the image that differs from its background (a nearly blank page: under 1%)
 DECISION = "decision"  # the recorded DecisionPolicy applied in the graph
 REVIEW_REASON = "review_reason"
@@ -42,6 +43,11 @@ class TextCropSettings:
     sure: float = 0.8  # a crop counts only when its top probability reaches this
     copy_short: int = 448  # short side of the copy the crops are cut from
     crop: int = 224
+    # A second look for the images still unsure after the crops and the turned copies (below this; 0: none): nine
+    # crops of a copy at twice the reading size (small print) and the whole image at 224 px (large type), read by
+    # the same classifier and fused with the same weight. It stands in for the text lines score used to read.
+    second_below: float = 0.0
+    second_short: int = 896
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +155,9 @@ def policy_from_settings(settings: Mapping[str, Any] | None, image_size: int = 2
     if crops:
         crop_settings = TextCropSettings(weight=float(crops.get("weight", 0.7)), below=float(crops.get("below", 1.0)),
                                          agree=int(crops.get("agree", 0)), sure=float(crops.get("sure", 0.8)),
-                                         copy_short=int(crops.get("copy_short", 448)))
+                                         copy_short=int(crops.get("copy_short", 448)),
+                                         second_below=float(crops.get("second_below", 0.0)),
+                                         second_short=int(crops.get("second_short", 896)))
     tta_below = float(crops.get("tta_below", settings.get("tta_below", 1.0)) if crops and crops.get("tta_below")
                       is not None else settings.get("tta_below", 1.0))
     view = "exact" if settings.get("input_prep", "exact") == "exact" else "ingest"

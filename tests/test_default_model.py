@@ -82,7 +82,7 @@ def test_turns_of_unseen_photos_and_a_page(model, turned_images):
     truth = np.array([degrees for _, degrees, _ in turned_images])
     right = {name: int(np.sum((predicted == truth)[[n == name for n, _, _ in turned_images]]))
              for name, _, _ in turned_images}
-    # The model gets about 70% of held-out photo turns right (bench/quality.py) and these three are hard for it
+    # The model gets about 70% of held-out photo turns right (research/quality.py) and these three are hard for it
     # (a face-filling cat, a cup seen from above): at least half right (chance: a quarter).
     # The rendered page (Pillow's font at ~15 px on a 600 px page, unlike the corpus' 150 dpi pages) is read
     # right upright, upside down and at 270; its 90-degree copy is taken for 270 by the fine-tuned top blocks
@@ -111,6 +111,9 @@ def cache_root(tmp_path_factory):
 
 
 def test_export_serves_the_same_answer_from_image_bytes(monkeypatch, cache_root, model, turned_images):
+    from pipelines.score import local_model_info
+    from serving import policy as P
+
     monkeypatch.setenv("ARCHIVE_VISION_CACHE", cache_root)
     version_dir = default_model.default_export_dir()
     assert version_dir.startswith(cache_root)
@@ -118,15 +121,22 @@ def test_export_serves_the_same_answer_from_image_bytes(monkeypatch, cache_root,
     assert default_model.default_export_dir() == version_dir  # exported once, then reused
     serve = tf.saved_model.load(version_dir).signatures["serving_default"]
     images = turned_images[:4]
-    served = serve(images=tf.constant([data for _, _, data in images]))
-    np.testing.assert_allclose(served["orientation_probabilities"].numpy(), _probabilities(model, images),
-                               atol=1e-4)
-    assert list(served["orientation_degrees"].numpy()) == [
-        int(np.argmax(p)) * 90 for p in _probabilities(model, images)]
-    # How score scores it travels with it: TF Serving's copy names it to score through --model-settings.
-    from pipelines.score import recorded_score_settings
-
-    assert recorded_score_settings(version_dir) == default_model.score_settings()
+    served = {k: v.numpy() for k, v in serve(images=tf.constant([data for _, _, data in images])).items()}
+    # The image model alone on the stored copy is the in-memory model's answer (BatchNorms folded: close, not equal)
+    np.testing.assert_allclose(served["image_orientation_probabilities"], _probabilities(model, images), atol=1e-4,
+                               err_msg="the image model's view in the graph is not the letterboxed file")
+    assert list(served["orientation_degrees"]) == [int(np.argmax(p)) * 90
+                                                   for p in served["orientation_probabilities"]]
+    # The astronaut under its four turns: the whole answer (turned copies, crops) names every turn.
+    assert list(served["orientation_degrees"]) == list(TURNS)
+    # How score scores it travels with it: the policy the default model's settings make, read back from the export.
+    info = local_model_info(version_dir)
+    assert info.policy == P.policy_from_settings(default_model.score_settings(), default_model.DEFAULT_IMAGE_SIZE)
+    assert info.policy_from == os.path.abspath(version_dir) and info.name == default_model.DEFAULT_MODEL_NAME
+    for i in range(len(images)):
+        assert served["decision"][i].decode() == P.decide(
+            info.policy.decision, served["orientation_probabilities"][i], float(served["tta_agreement"][i]), None,
+            float(served["ink"][i]), int(served["text_crops"][i]))[0]
 
 
 def _archive(tmp_path, turned_images, names) -> str:
@@ -176,21 +186,33 @@ def test_score_without_a_model_uses_the_built_in_one_with_test_time_turns(monkey
                         test_pipeline=TestPipeline())
     assert summary["model"]["name"] == default_model.DEFAULT_MODEL_NAME
     assert summary["model"]["source"].startswith(cache_root)
-    assert summary["options"]["tta"] is True and summary["options"]["rotate_threshold"] == 0.9
-    assert summary["text_crops"]["enabled"] is True and summary["text_lines"]["enabled"] is True
+    # The run says whose policy decided: the export's own, turned copies, text crops and the 0.9 threshold.
+    policy = summary["policy"]
+    assert policy["from"] == summary["model"]["source"]
+    assert policy["answer"]["tta"] is True and policy["answer"]["text_crops"]["agree"] == 4
+    assert policy["decision"]["rotate_threshold"] == 0.9 and policy["decision_used"] == policy["decision"]
+    assert summary["text_crops"]["enabled"] is True and summary["tta"]["enabled"] is True
     assert summary["counts"]["reconciled"] and summary["counts"]["results"] == 8
+    assert summary["counts"]["pages_sent_as_file"] == 8  # JPEGs without an EXIF turn go as they are
     with open(output / "run.json") as f:
-        assert json.load(f)["tta"]["enabled"] is True
+        written = json.load(f)
+    assert written["tta"]["enabled"] is True and written["policy"] == json.loads(json.dumps(policy))
     rows = _rows_by_file(output)
     for file_name, row in rows.items():
         truth = int(file_name.rsplit("_", 1)[1].split(".")[0])
         assert row["orientation_degrees"] == truth, (file_name, row)
         assert row["decision"] == ("ok" if truth == 0 else "auto_rotate") or row["decision"] == "review", row
-    # Every turn is named right (test-time turns settle the photo and the page's 90-degree copy); at the
-    # built-in 0.9 threshold the page's turned copies may go to review, but nothing lands in the wrong band.
+    # Every turn is named right (turned copies and crops settle the photo and the page); at the built-in 0.9
+    # threshold a turned copy may go to review, but nothing lands in the wrong band.
     assert rows["page_0.jpg"]["decision"] == "ok"
-    # At least three of the four turned copies agree (the 90-degree one is the dissenter on this rendered page).
-    assert all(rows[f"page_{d}.jpg"]["tta_agreement"] >= 0.75 for d in TURNS)
+    assert all(rows[f"page_{d}.jpg"]["text_crops"] == 1 for d in TURNS)  # the page's crops settle every turn
+    # score decides as the graph does: the served answer's own `decision` for each file, under the same policy
+    serve = tf.saved_model.load(summary["model"]["source"]).signatures["serving_default"]
+    names = sorted(rows)
+    graph = serve(images=tf.constant([open(os.path.join(archive, n), "rb").read() for n in names]))
+    assert [rows[n]["decision"] for n in names] == [d.decode() for d in graph["decision"].numpy()]
+    np.testing.assert_allclose([rows[n]["orientation_probabilities"] for n in names],
+                               graph["orientation_probabilities"].numpy(), atol=1e-6)
 
 
 def test_a_check_set_scored_against_its_truth_says_how_right_each_decision_is(monkeypatch, cache_root, tmp_path,
@@ -224,46 +246,41 @@ def test_a_check_set_scored_against_its_truth_says_how_right_each_decision_is(mo
     assert f"  truth    orientation {100 * right / 8:.1f}% right of 8 (" in score.format_summary(summary)
 
 
-def test_score_reads_the_text_lines_of_unsure_pages_and_says_so(monkeypatch, cache_root, tmp_path, turned_images):
-    """--text-lines (on by default with the built-in model): every page below --text-lines-below has its lines
-    read, the answer is the fused one, results say how many pieces of line were read, run.json counts them."""
+@pytest.mark.parametrize("flag", ["--no-tta", "--text-lines", "--input-prep=ingest", "--text-crops-below=1.0"])
+def test_score_refuses_the_answer_flags_that_moved_into_the_model(tmp_path, flag, capsys):
+    """Turns, crops, text lines and the input view are the model's (its recorded policy): a user who still passes
+    one of the old flags is told so rather than getting an answer that silently ignored it."""
     from pipelines import score
 
-    monkeypatch.setenv("ARCHIVE_VISION_CACHE", cache_root)
-    archive = _archive(tmp_path, turned_images, ("coffee", "page"))
-    runs = _score_each(tmp_path, archive, ("--text-lines-below=1.0", "--no-text-lines"))
-    summaries = {flag: summary for flag, (summary, _) in runs.items()}
-    for flag, (_, rows) in runs.items():
-        if flag == "--no-text-lines":
-            assert all(r["text_lines"] is None for r in rows.values())
-            continue
-        for file_name, row in rows.items():
-            truth = int(file_name.rsplit("_", 1)[1].split(".")[0])
-            if file_name.startswith("page"):
-                assert row["text_lines"] >= 5 and row["orientation_degrees"] == truth, row
-                assert row["orientation_confidence"] > 0.99, row  # the lines leave no doubt
-            else:
-                assert row["text_lines"] is not None  # read (below 1.0), whatever it found
-    read = summaries["--text-lines-below=1.0"]["text_lines"]
-    assert read["enabled"] and read["below"] == 1.0 and read["read"] == 8 and read["found"] >= 4
-    assert read["failed"] == 0 and read["seconds_total"] > 0
-    assert "text     read for 8 pages below p 1.0" in score.format_summary(summaries["--text-lines-below=1.0"])
-    assert "text " not in score.format_summary(summaries["--no-text-lines"])
-    assert summaries["--no-text-lines"]["text_lines"]["enabled"] is False
-    assert summaries["--no-text-lines"]["text_lines"]["read"] == 0
+    with pytest.raises(SystemExit):
+        score.parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "o"), flag])
+    assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
 
 
 def test_score_refuses_both_a_model_and_an_endpoint(tmp_path):
+    import dataclasses
+
     from pipelines import score
+    from serving import policy as P
 
     with pytest.raises(SystemExit):
         score.parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--model", "m",
                           "--endpoint", "127.0.0.1:1"])
     opts, _ = score.parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--model", "m"])
-    assert opts.tta is False and opts.rotate_threshold == 0.8  # a user's own model keeps the plain defaults
-    opts, _ = score.parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--no-tta",
+    assert opts.decision_overrides == ()  # no flag: the model's recorded policy decides as it is
+    builtin = score.ModelInfo(name="m", version=1, policy=P.policy_from_settings(default_model.score_settings()))
+    assert score.run_policy(builtin, opts) == builtin.policy.decision
+    opts, _ = score.parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "o"),
                                 "--rotate-threshold", "0.7"])
-    assert opts.tta is False and opts.rotate_threshold == 0.7  # explicit flags win over the built-in defaults
+    assert opts.decision_overrides == (("rotate_threshold", 0.7),)
+    used = score.run_policy(builtin, opts)  # an explicit threshold wins over the model's; the rest stays the model's
+    recorded = builtin.policy.decision
+    assert recorded.tta_agreement_below == recorded.rotate_threshold == 0.9
+    # ...and the built-in agreement gate, which is its rotate threshold, moves with it
+    assert used == P.DecisionPolicy(**dict(dataclasses.asdict(recorded), rotate_threshold=0.7,
+                                           tta_agreement_below=0.7))
+    with pytest.raises(SystemExit):  # thresholds are shares
+        score.parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--ok-threshold", "1.5"])
 
 
 def test_shipped_backbone_blocks_replace_only_the_top_of_the_pretrained_backbone():
@@ -283,7 +300,7 @@ def test_shipped_backbone_blocks_replace_only_the_top_of_the_pretrained_backbone
 
 def test_fine_tuning_on_cut_activations_moves_only_the_top_convolutions():
     """train_default's fine-tuning step: blocks >= 15 and the head learn; BatchNorm and lower blocks stay."""
-    from archive_vision import train_default
+    from research import train_default
 
     rng = np.random.default_rng(0)
     cut = rng.random((6, 4, 7, 7, 160)).astype(np.float16) * 3
@@ -314,80 +331,81 @@ def test_export_cli_writes_the_default_model_for_tf_serving(tmp_path, capsys):
     version_dir = capsys.readouterr().out.strip().splitlines()[-1]
     assert version_dir == str(tmp_path / "archive_vision" / "7")
     assert (tmp_path / "models.config").exists()  # what tensorflow_model_server --model_config_file reads
-    signature = tf.saved_model.load(version_dir).signatures["serving_default"]
-    assert set(signature.structured_outputs) == {"orientation_probabilities", "orientation_degrees"}
+    loaded = tf.saved_model.load(version_dir)
+    assert set(loaded.signatures["serving_default"].structured_outputs) == {
+        "orientation_probabilities", "orientation_degrees", "image_orientation_probabilities", "tta_agreement",
+        "text_crops", "ink", "decision"}
+    from serving.policy import ScorePolicy, policy_from_settings
+
+    policy = ScorePolicy.from_json(loaded.signatures["score_policy"](request=tf.constant([b"?"]))["policy_json"].numpy()[0])
+    assert policy == policy_from_settings(default_model.score_settings(), default_model.DEFAULT_IMAGE_SIZE)
 
 
-def test_score_reads_the_text_crops_of_unsure_images_and_says_so(monkeypatch, cache_root, tmp_path, turned_images):
-    """--text-crops (on by default with the built-in model): every image below --text-crops-below has its crops
-    read from the copy made while it was decoded; the answer is the fused one; results and run.json say so."""
+def test_score_reads_the_text_crops_with_the_built_in_model_and_says_so(monkeypatch, cache_root, tmp_path,
+                                                                          turned_images):
+    """The built-in model's graph reads every image's crops (its recorded gate: unsure images always count them,
+    surer ones when 4 of 5 sure crops agree); results say per page whether they counted, run.json how many."""
+    from apache_beam.testing.test_pipeline import TestPipeline
+
     from pipelines import score
 
     monkeypatch.setenv("ARCHIVE_VISION_CACHE", cache_root)
     archive = _archive(tmp_path, turned_images, ("coffee", "page"))
-    runs = _score_each(tmp_path, archive, ("--text-crops-below=1.0", "--no-text-crops", "--text-crops"),
-                       ("--no-text-lines",))
-    summaries = {flag: summary for flag, (summary, _) in runs.items()}
-    for flag, (_, rows) in runs.items():
-        if flag == "--no-text-crops":
-            assert all(r["text_crops"] is None for r in rows.values())
-            continue
-        if flag == "--text-crops":  # the built-in gate, and the sure images' crops counted when 4 of 5 agree
-            recorded = default_model.head_metadata()["text_crops"]
-            section = summaries[flag]["text_crops"]
-            assert section["agree"] == recorded["agree"] == 4 and section["below"] == recorded["below"]
-            assert all(r["text_crops"] in (0, 1) for r in rows.values())  # every image's crops read
-            assert section["read"] + section["not_agreed"] == 8 and section["read"] >= 4  # the pages, at least
-            assert all(r["text_crops"] == 1 for name, r in rows.items() if name.startswith("page"))
-            assert all(r["orientation_degrees"] == int(name.rsplit("_", 1)[1].split(".")[0])
-                       for name, r in rows.items() if name.startswith("page"))
-            assert "or with at least 4 sure crops agreeing" in score.format_summary(summaries[flag])
-            continue
-        for file_name, row in rows.items():
-            truth = int(file_name.rsplit("_", 1)[1].split(".")[0])
-            assert row["text_crops"] == 1, row
-            if file_name.startswith("page"):
-                assert row["orientation_degrees"] == truth and row["orientation_confidence"] > 0.99, row
-    read = summaries["--text-crops-below=1.0"]["text_crops"]
-    assert read["enabled"] and read["below"] == 1.0 and read["read"] == 8 and read["failed"] == 0
-    assert read["seconds_total"] >= 0 and read["weight"] == default_model.head_metadata()["text_crops"]["weight"]
-    assert "crops    read for 8 pages below p 1.0" in score.format_summary(summaries["--text-crops-below=1.0"])
-    assert "  crops " not in score.format_summary(summaries["--no-text-crops"])
-    assert summaries["--no-text-crops"]["text_crops"] == dict(summaries["--no-text-crops"]["text_crops"],
-                                                              enabled=False, read=0)
+    output = tmp_path / "out"
+    summary = score.run(["--input", archive, "--output", str(output), "--no-report"], test_pipeline=TestPipeline())
+    rows = _rows_by_file(output)
+
+    recorded = default_model.head_metadata()["text_crops"]
+    crops = summary["policy"]["answer"]["text_crops"]
+    assert crops["agree"] == recorded["agree"] == 4 and crops["below"] == recorded["below"]
+    assert crops["weight"] == recorded["weight"]
+    assert all(r["text_crops"] in (0, 1) for r in rows.values())  # agree > 0: every image's crops read
+    section = summary["text_crops"]
+    assert section["enabled"] and section["counted"] + section["not_agreed"] == 8 and section["counted"] >= 4
+    assert section["counted"] == sum(r["text_crops"] == 1 for r in rows.values())
+    for name, row in rows.items():
+        if name.startswith("page"):  # a page's crops agree under every turn and name it right
+            assert row["text_crops"] == 1 and row["orientation_degrees"] == int(name.rsplit("_", 1)[1].split(".")[0])
+    assert f"crops    evidence counted for {section['counted']} pages" in score.format_summary(summary)
 
 
-def test_score_sends_the_built_in_model_the_pixels_it_computes_from_the_original_file(
-        monkeypatch, cache_root, tmp_path, model, turned_images):
-    """With the built-in model, score's copies are letterboxed by the serving graph's own function and sent as
-    lossless PNG at 224 px (--input-prep exact), so each answer is the model's answer on the original file; the
-    ingest-style copies (Pillow resize, JPEG) that suit models trained on ingest's shards move it further."""
+def test_score_answers_each_file_as_the_served_model_answers_its_bytes(monkeypatch, cache_root, tmp_path,
+                                                                        turned_images):
+    """score sends a JPEG or PNG page as the file itself (no EXIF turn, a mode the graph decodes alike), so its
+    rows are exactly the export's answer on the original file's bytes; a page that cannot go as it is (a TIFF)
+    goes as a lossless PNG of its pixels and gets the answer of those pixels."""
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    from pipelines import score
+
     monkeypatch.setenv("ARCHIVE_VISION_CACHE", cache_root)
-    # PNG files: Pillow and TensorFlow decode them to the same pixels (their JPEG decoders differ by about one
-    # level, which moves this model's answers by up to 0.06 however the copy is made).
     archive = tmp_path / "archive"
     archive.mkdir()
-    chosen = []
+    sent = {}
     for name, degrees, data in turned_images:
-        if name in ("page", "astronaut"):
+        if name == "page" or (name == "astronaut" and degrees in (0, 90)):
+            (archive / f"{name}_{degrees}.jpg").write_bytes(data)
+            sent[f"{name}_{degrees}.jpg"] = data
+        if name == "astronaut" and degrees == 180:
+            pixels = Image.open(io.BytesIO(data)).convert("RGB")
+            for fmt, ext in (("PNG", "png"), ("TIFF", "tif")):
+                buffer = io.BytesIO()
+                pixels.save(buffer, fmt)
+                (archive / f"{name}_{degrees}.{ext}").write_bytes(buffer.getvalue())
             buffer = io.BytesIO()
-            Image.open(io.BytesIO(data)).save(buffer, "PNG")
-            (archive / f"{name}_{degrees}.png").write_bytes(buffer.getvalue())
-            chosen.append((name, degrees, buffer.getvalue()))
-    archive = str(archive)
-    direct = {f"{name}_{degrees}.png": p for (name, degrees, _), p in zip(chosen, _probabilities(model, chosen))}
-    plain = ("--no-tta", "--no-text-crops", "--no-text-lines")
-    runs = _score_each(tmp_path, archive, ("--input-prep=exact", "--input-prep=ingest"), plain)
-    assert runs["--input-prep=exact"][0]["options"]["size"] == 224
-
-    def deviation(flag):
-        rows = runs[flag][1]
-        return max(float(np.abs(np.asarray(rows[f]["orientation_probabilities"]) - p).max())
-                   for f, p in direct.items())
-
-    # Not zero: the copy is rounded to whole levels, and the in-process model is the exported, BatchNorm-folded
-    # one; on these files the ingest-style copies move answers by about 0.17.
-    assert deviation("--input-prep=exact") < 0.05
-    assert deviation("--input-prep=exact") < deviation("--input-prep=ingest") / 3
-    for file_name, row in runs["--input-prep=exact"][1].items():
-        assert row["orientation_degrees"] == int(np.argmax(direct[file_name])) * 90, row
+            pixels.save(buffer, "PNG")
+            sent[f"{name}_{degrees}.png"] = sent[f"{name}_{degrees}.tif"] = buffer.getvalue()
+    output = tmp_path / "out"
+    summary = score.run(["--input", str(archive), "--output", str(output), "--no-report"],
+                        test_pipeline=TestPipeline())
+    rows = _rows_by_file(output)
+    assert summary["counts"]["pages_sent_as_file"] == len(sent) - 1  # all but the TIFF
+    names = sorted(sent)
+    serve = tf.saved_model.load(summary["model"]["source"]).signatures["serving_default"]
+    graph = {k: v.numpy() for k, v in serve(images=tf.constant([sent[n] for n in names])).items()}
+    np.testing.assert_allclose([rows[n]["orientation_probabilities"] for n in names],
+                               graph["orientation_probabilities"], atol=1e-5)
+    assert [rows[n]["orientation_degrees"] for n in names] == graph["orientation_degrees"].tolist()
+    assert [rows[n]["decision"] for n in names] == [d.decode() for d in graph["decision"]]
+    assert [rows[n]["tta_agreement"] for n in names] == [None if a == -1 else pytest.approx(float(a))
+                                                       for a in graph["tta_agreement"]]

@@ -172,3 +172,71 @@ def test_in_process_client_gives_the_same_rows_as_the_saved_model(tmp_path):
     np.testing.assert_allclose(np.stack([r["class_probabilities"] for r in rows]), want["class_probabilities"],
                                rtol=1e-5, atol=1e-6)
     assert [r["orientation_degrees"] for r in rows] == want["orientation_degrees"].numpy().tolist()
+    assert [r["decision"] for r in rows] == [d.decode() for d in want["decision"].numpy()]
+    assert all(r["tta_agreement"] == -1.0 and r["text_crops"] == -1 for r in rows)  # generic policy: neither
+
+
+SETTINGS = {"tta": True, "tta_below": 0.9, "rotate_threshold": 0.7, "origin": "the client test's settings"}
+
+
+def legacy_version(version_dir: str) -> str:
+    """A SavedModel version with a bytes-in serving_default and no score_policy signature (an older export)."""
+    import tensorflow as tf
+
+    module = tf.Module()
+    module.serve = tf.function(lambda images: {"orientation_probabilities": tf.ones([tf.shape(images)[0], 4]) / 4},
+                               input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    tf.saved_model.save(module, version_dir, signatures={"serving_default": module.serve.get_concrete_function()})
+    return version_dir
+
+
+def test_in_process_client_reads_the_versions_score_policy_and_none_without_one(tmp_path):
+    from serving import export
+    from serving.client import InProcessModelClient
+    from serving.policy import ScorePolicy, policy_from_settings
+    from tests.test_serving_export import CLASS_NAMES, IMAGE_SIZE, make_tiny_model
+
+    version_dir = export.export_model(make_tiny_model(), str(tmp_path), class_names=CLASS_NAMES,
+                                      image_size=IMAGE_SIZE, version=2, score_settings=SETTINGS)
+    with InProcessModelClient(version_dir) as client:
+        assert ScorePolicy.from_json(client.score_policy()) == policy_from_settings(SETTINGS, IMAGE_SIZE)
+    with InProcessModelClient(legacy_version(str(tmp_path / "legacy" / "1"))) as client:
+        assert client.score_policy() is None
+
+
+def test_a_client_without_a_policy_transport_still_predicts_and_says_when_a_policy_is_missing():
+    # _rpc_policy is optional: a transport that cannot read policies works for everything else
+    client = ScriptedClient()
+    assert client.score_policy() is None  # its metadata lists no score_policy signature
+    assert len(client.predict(images(3))) == 3
+
+
+@pytest.mark.slow
+def test_grpc_client_reads_the_served_versions_score_policy(tmp_path):
+    """Over the local server: the export's policy from its `score_policy` signature (a Predict with no inputs);
+    None for a served version exported without one."""
+    from serving import configs, export
+    from serving.policy import ScorePolicy, policy_from_settings
+    from tests.test_serving_export import CLASS_NAMES, IMAGE_SIZE, make_tiny_model
+    from tests.test_serving_server import RunningServer
+
+    base = str(tmp_path)
+    export.export_model(make_tiny_model(), base, model_name="scans", class_names=CLASS_NAMES,
+                        image_size=IMAGE_SIZE, version=1, score_settings=SETTINGS)
+    legacy_version(str(tmp_path / "legacy" / "1"))
+    with open(tmp_path / configs.MODELS_CONFIG, "w") as f:
+        f.write(configs.models_config_text({"scans": str(tmp_path / "scans"), "legacy": str(tmp_path / "legacy")}))
+    # With batching on, as in production: TF Serving's batching refuses a request with no input tensor.
+    server = RunningServer(str(tmp_path / "server.log"), ["--model_config_file", str(tmp_path / configs.MODELS_CONFIG),
+                                                          "--enable_batching"])
+    try:
+        server.wait_until_available("scans")
+        server.wait_until_available("legacy")
+        with GrpcModelServerClient(server.address, "scans", version=1) as client:
+            text = client.score_policy()
+        assert ScorePolicy.from_json(text) == policy_from_settings(SETTINGS, IMAGE_SIZE)
+        with GrpcModelServerClient(server.address, "legacy") as client:
+            assert client.score_policy() is None
+            assert len(client.predict([b"\x89PNG\r\n\x1a\n"])) == 1  # it still answers
+    finally:
+        server.stop()

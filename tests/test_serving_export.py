@@ -13,7 +13,9 @@ import tensorflow as tf
 from PIL import Image
 
 from serving import configs, export
+from serving import policy as P
 from serving.errors import ExportError
+from serving.policy import ScorePolicy
 
 IMAGE_SIZE = 32
 CLASS_NAMES = ["document", "photo", "map"]
@@ -66,6 +68,27 @@ def sample_images() -> list[bytes]:
             encoded_image(40, 24, "GIF", 5), encoded_image(24, 40, "BMP", 6)]
 
 
+ORIENTATION_OUTPUTS = {P.ORIENTATION_PROBABILITIES, P.ORIENTATION_DEGREES, P.IMAGE_ORIENTATION_PROBABILITIES,
+                       P.TTA_AGREEMENT, P.TEXT_CROPS, P.INK, P.DECISION}
+
+
+def assert_graph_decides_like_the_policy(outputs, decision: "P.DecisionPolicy") -> None:
+    """The `decision` output is serving.policy.decide on the graph's own outputs, row by row."""
+    out = {k: np.asarray(v) for k, v in outputs.items()}
+    classes = out.get("class_probabilities")
+    want = [P.decide(decision, out[P.ORIENTATION_PROBABILITIES][i], float(out[P.TTA_AGREEMENT][i]),
+                     None if classes is None else classes[i], float(out[P.INK][i]), int(out[P.TEXT_CROPS][i]))[0]
+            for i in range(len(out[P.DECISION]))]
+    assert [d.decode() for d in out[P.DECISION]] == want
+
+
+def served_policy(loaded) -> "ScorePolicy":
+    """The `score_policy` signature's answer (one copy per request row, whatever the rows hold)."""
+    out = loaded.signatures["score_policy"](request=tf.constant([b"a", b"b"]))["policy_json"].numpy()
+    assert len(out) == 2 and out[0] == out[1]
+    return ScorePolicy.from_json(out[0])
+
+
 def expected_outputs(model, images: list[bytes]) -> dict:
     """The in-memory model's answer through the shared preprocessing path."""
     from trainer.preprocessing import preprocess_batch
@@ -82,17 +105,66 @@ def test_saved_model_matches_in_memory_model_on_jpeg_png_gif_bmp(tmp_path):
 
     got = tf.saved_model.load(version_dir).signatures["serving_default"](images=tf.constant(images))
 
-    assert set(got) == {"class_probabilities", "class_ids", "class_names",
-                        "orientation_probabilities", "orientation_degrees"}
+    assert set(got) == {"class_probabilities", "class_ids", "class_names", *ORIENTATION_OUTPUTS}
     np.testing.assert_allclose(got["class_probabilities"].numpy(), want["class_probabilities"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(got["orientation_probabilities"].numpy(), want["orientation_probabilities"],
-                               rtol=1e-5, atol=1e-6)
+    # No score settings: the generic policy, no turned copies, no text crops: the answer is the model's own.
+    for key in ("orientation_probabilities", "image_orientation_probabilities"):
+        np.testing.assert_allclose(got[key].numpy(), want["orientation_probabilities"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got["tta_agreement"].numpy(), -1.0)
+    np.testing.assert_array_equal(got["text_crops"].numpy(), -1)
+    assert_graph_decides_like_the_policy(got, ScorePolicy().decision)
     ids = want["class_probabilities"].argmax(-1)
     np.testing.assert_array_equal(got["class_ids"].numpy(), ids)
     assert [n.decode() for n in got["class_names"].numpy()] == [CLASS_NAMES[i] for i in ids]
     np.testing.assert_array_equal(got["orientation_degrees"].numpy(),
                                   want["orientation_probabilities"].argmax(-1) * 90)
     assert got["orientation_degrees"].dtype == tf.int64 and got["class_ids"].dtype == tf.int64
+
+
+def test_export_records_its_score_policy_and_the_graph_answers_under_it(tmp_path):
+    """score_settings become the version's ScorePolicy: in the metadata file, behind the `score_policy` signature,
+    and in the graph, which turns every image (tta, no gate), rolls the copies' answers back and averages them."""
+    model = make_tiny_model()
+    settings = {"tta": True, "rotate_threshold": 0.7, "origin": "a test's settings"}
+    version_dir = export.export_model(model, str(tmp_path), class_names=CLASS_NAMES, image_size=IMAGE_SIZE,
+                                      score_settings=settings)
+    policy = P.policy_from_settings(settings, IMAGE_SIZE)
+    loaded = tf.saved_model.load(version_dir)
+
+    with open(os.path.join(version_dir, "assets.extra", export.EXPORT_METADATA)) as f:
+        metadata = json.load(f)
+    assert ScorePolicy.from_dict(metadata["score_policy"]) == policy and metadata["score_settings"] == settings
+    assert "score_policy" in metadata["signatures"]
+    served = served_policy(loaded)
+    assert served == policy and served.answer.tta and served.decision.rotate_threshold == 0.7
+    assert served.origin == "a test's settings"
+
+    images = sample_images()
+    got = {k: v.numpy() for k, v in loaded.signatures["serving_default"](images=tf.constant(images)).items()}
+
+    from trainer.preprocessing import preprocess_batch
+
+    views = preprocess_batch(tf.constant(images), IMAGE_SIZE)
+    # The copy turned j quarters clockwise (rot90 k = -j) answers for the stored image at column (d + j) % 4.
+    copies = [model(tf.image.rot90(views, k=(4 - j) % 4), training=False) for j in range(4)]
+    shifted = np.stack([np.roll(c["orientation_probabilities"].numpy(), -j, axis=-1) for j, c in enumerate(copies)])
+    mean = shifted.mean(0)
+    np.testing.assert_allclose(got["orientation_probabilities"], mean, atol=1e-5)
+    np.testing.assert_allclose(got["image_orientation_probabilities"], shifted[0], atol=1e-5)
+    np.testing.assert_allclose(got["tta_agreement"], (shifted.argmax(-1) == mean.argmax(-1)).mean(0), atol=1e-6)
+    np.testing.assert_allclose(got["class_probabilities"],
+                               np.mean([c["class_probabilities"].numpy() for c in copies], 0), atol=1e-5)
+    assert_graph_decides_like_the_policy(got, policy.decision)
+
+
+def test_an_export_without_score_settings_records_the_generic_policy(tmp_path):
+    version_dir = export.export_model(make_tiny_model(num_classes=None), str(tmp_path), class_names=None,
+                                      image_size=IMAGE_SIZE)
+    with open(os.path.join(version_dir, "assets.extra", export.EXPORT_METADATA)) as f:
+        metadata = json.load(f)
+    generic = ScorePolicy(answer=P.AnswerSettings(image_size=IMAGE_SIZE))
+    assert "score_settings" not in metadata and ScorePolicy.from_dict(metadata["score_policy"]) == generic
+    assert served_policy(tf.saved_model.load(version_dir)) == generic
 
 
 def test_export_folds_batch_norms_and_still_answers_like_the_trained_model(tmp_path):
@@ -185,9 +257,10 @@ def test_orientation_only_model_lacks_class_outputs(tmp_path):
         tf.train.Example(features=tf.train.Features(feature={"image/encoded": tf.train.Feature(
             bytes_list=tf.train.BytesList(value=[images[0]]))})).SerializeToString()]))
 
-    assert set(got) == {"orientation_probabilities", "orientation_degrees"}
+    assert set(got) == ORIENTATION_OUTPUTS
     np.testing.assert_allclose(got["orientation_probabilities"], expected_outputs(model, images)[
         "orientation_probabilities"], rtol=1e-5, atol=1e-6)
+    assert_graph_decides_like_the_policy(got, ScorePolicy().decision)
     assert classified["classes"].numpy().tolist() == [[b"0", b"90", b"180", b"270"]]
 
 
@@ -199,7 +272,7 @@ def test_saved_model_cli_lists_signatures_and_classify_method(tmp_path):
     shown = subprocess.run([cli, "show", "--all", "--dir", version_dir], capture_output=True, text=True,
                            timeout=120, check=True).stdout
 
-    for signature in ("serving_default", "tf_example", "classify"):
+    for signature in ("serving_default", "tf_example", "classify", "score_policy"):
         assert f"signature_def['{signature}']" in shown
     assert "inputs['images'] tensor_info:" in shown and "outputs['orientation_degrees'] tensor_info:" in shown
     classify_block = shown.split("signature_def['classify']")[1].split("signature_def[")[0]
@@ -334,14 +407,19 @@ def read_saved_model(directory: str):
 
 
 def test_exported_graph_has_only_standard_tf_ops(tmp_path):
-    # README (Export): decoding and letterboxing run inside the graph, "only standard TF ops", so a stock
+    # README (Export): the whole answer runs inside the graph (decoding, letterboxing, turned copies, the text-crop
+    # classifier rebuilt from ONNX, fusion, decision) with "only standard TF ops", so a stock
     # tensorflow_model_server (no Python, no custom op libraries) can load every version we write.
+    settings = {"tta": True, "tta_below": 0.9, "readers": ["text_crops"],
+                "text_crops": {"weight": 0.7, "below": 0.8, "agree": 4, "sure": 0.8}}
     version_dir = export.export_model(make_tiny_model(), str(tmp_path), class_names=CLASS_NAMES,
-                                      image_size=IMAGE_SIZE)
+                                      image_size=IMAGE_SIZE, score_settings=settings)
     saved = read_saved_model(version_dir)
     ops = saved_graph_ops(saved)
 
-    assert {"DecodeImage", "Conv2D", "ParseExampleV2"} <= ops  # the walk reached the signatures' functions
+    # the walk reached the signatures' functions: decoding, both nets, the gates' gather/scatter, the decision
+    assert {"DecodeImage", "Conv2D", "DepthwiseConv2dNative", "ParseExampleV2", "TensorScatterUpdate",
+            "GatherV2"} <= ops
     assert non_standard_ops(ops) == []
 
 

@@ -1,0 +1,525 @@
+"""The whole answer inside the graph (serving.answer.WholeAnswer): turned copies rolled back and averaged, the
+tta_below gate, the text-crop evidence and its gates, the fusion, the class outputs and the `decision` output,
+each checked against the numpy/Python code that defines it (trainer.text_crops, serving.policy.decide).
+
+The image model here is a tiny Keras model that reads two things off a synthetic PNG: a key (the uniform green and
+blue levels) and a turn (which quadrant carries the red marker: top-left when upright). It answers the row of a
+table chosen by (key, turn), so each test says exactly what every copy of every image answers. The crop classifier
+is a stub that reads the key off its crops the same way and answers a chosen row per crop. The last tests use the
+real default model's export.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from serving import answer as A
+from serving import policy as P
+from trainer import text_crops
+
+SIZE = 32  # the tiny model's input side
+KEYS = 256
+QUADRANTS = ((0, 0), (0, 1), (1, 1), (1, 0))  # (row, column) halves of TL, TR, BR, BL: the marker under turns 0..3
+
+
+def limit_tf_threads() -> None:
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # already initialised by an earlier test module
+        pass
+
+
+limit_tf_threads()
+
+
+# ---------------------------------------------------------------- synthetic images, model and crop classifier
+
+
+def image_bytes(key: int, turn: int, side: int = 64) -> bytes:
+    """A PNG whose green/blue levels name `key` and whose red top-left marker is turned `turn` quarters clockwise."""
+    array = np.zeros((side, side, 3), np.uint8)
+    array[..., 1] = 16 * (key // 16) + 8
+    array[..., 2] = 16 * (key % 16) + 8
+    array[: side // 2, : side // 2, 0] = 255
+    array = np.ascontiguousarray(np.rot90(array, k=-turn))  # np.rot90 turns counter-clockwise for positive k
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _key(green, blue):
+    """The key from the mean green and blue levels (0..255) of each image."""
+    return tf.cast(tf.floor(green / 16.0), tf.int32) * 16 + tf.cast(tf.floor(blue / 16.0), tf.int32)
+
+
+class LookupModel:
+    """Builds the tiny Keras model: pixels [N, S, S, 3] -> {"orientation_probabilities": table[key * 4 + turn]}
+    (and "class_probabilities" from `class_table` the same way). Counts the images it is run on."""
+
+    def __new__(cls, table: np.ndarray, class_table: np.ndarray | None = None, orientation: bool = True):
+        import keras
+
+        class Lookup(keras.Model):
+            def __init__(self):
+                super().__init__()
+                self.table = tf.constant(table, tf.float32)
+                self.class_table = None if class_table is None else tf.constant(class_table, tf.float32)
+                self.images_seen = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+            def call(self, pixels, training=False):
+                half = SIZE // 2
+                red = pixels[..., 0]
+                quadrants = tf.stack([tf.reduce_mean(red[:, r * half:(r + 1) * half, c * half:(c + 1) * half],
+                                                     axis=[1, 2]) for r, c in QUADRANTS], -1)
+                turn = tf.argmax(quadrants, -1, output_type=tf.int32)
+                key = _key(tf.reduce_mean(pixels[..., 1], [1, 2]), tf.reduce_mean(pixels[..., 2], [1, 2]))
+                row = key * 4 + turn
+                self.images_seen.assign_add(tf.cast(tf.shape(pixels)[0], tf.int64))
+                out = {}
+                if orientation:
+                    out[P.ORIENTATION_PROBABILITIES] = tf.gather(self.table, row)
+                if self.class_table is not None:
+                    out["class_probabilities"] = tf.gather(self.class_table, row)
+                return out
+
+        return Lookup()
+
+
+class StubCropNet(tf.Module):
+    """[M, 224, 224, 3] normalised BGR crops (5 per image, in order) -> crop_table[key * 5 + crop index]."""
+
+    def __init__(self, crop_table: np.ndarray):
+        super().__init__()
+        self.table = tf.constant(crop_table, tf.float32)
+        self.crops_seen = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def __call__(self, crops):
+        blue = (tf.reduce_mean(crops[..., 0], [1, 2]) * 0.225 + 0.406) * 255.0  # BGR order, PaddleClas' mean/std
+        green = (tf.reduce_mean(crops[..., 1], [1, 2]) * 0.224 + 0.456) * 255.0
+        position = tf.range(tf.shape(crops)[0]) % 5
+        self.crops_seen.assign_add(tf.cast(tf.shape(crops)[0], tf.int64))
+        return tf.gather(self.table, _key(green, blue) * 5 + position)
+
+
+def orientation_table(rows: dict) -> np.ndarray:
+    """[KEYS * 4, 4]: rows[key] is [4 turns, 4] (what the model answers for the key's image seen at each turn)."""
+    table = np.tile(np.array([0.4, 0.3, 0.2, 0.1], np.float32), (KEYS * 4, 1))
+    for key, answers in rows.items():
+        table[key * 4:(key + 1) * 4] = np.asarray(answers, np.float32)
+    return table
+
+
+def equivariant(base) -> np.ndarray:
+    """A model that sees through turns: the copy turned t answers `base` turned t."""
+    return np.stack([np.roll(np.asarray(base, np.float32), t) for t in range(4)])
+
+
+def crop_table(rows: dict) -> np.ndarray:
+    table = np.full((KEYS * 5, 4), 0.25, np.float32)
+    for key, crops in rows.items():
+        table[key * 5:(key + 1) * 5] = np.asarray(crops, np.float32)
+    return table
+
+
+def answer_fn(model, policy: P.ScorePolicy, crop_net=None, has_class: bool = False, has_orientation: bool = True):
+    """The answer as the export builds it: a tf.function over a batch of image bytes, outputs as numpy."""
+    whole = A.WholeAnswer(model, policy, has_class, has_orientation, crop_net)
+    graph = tf.function(whole, input_signature=[tf.TensorSpec([None], tf.string)])
+
+    def run(images):
+        return {k: v.numpy() for k, v in graph(tf.constant(images)).items()}
+
+    return run
+
+
+def policy_of(tta=False, tta_below=1.0, crops: P.TextCropSettings | None = None,
+              decision: P.DecisionPolicy = P.DecisionPolicy()) -> P.ScorePolicy:
+    return P.ScorePolicy(answer=P.AnswerSettings(image_size=SIZE, tta=tta, tta_below=tta_below, text_crops=crops),
+                         decision=decision)
+
+
+# ---------------------------------------------------------------- the reference, in numpy
+
+
+def reference(rows: dict, crops: dict, key: int, turn: int, answer: P.AnswerSettings) -> dict:
+    """What the graph must answer for the image (key, turn), computed with trainer.text_crops' numpy code."""
+    copies = np.asarray(rows[key], np.float64)[[(turn + j) % 4 for j in range(4)]]  # copy j: turned j more
+    p0 = copies[0]
+    settings = answer.text_crops
+    evidence, counted, state = np.zeros(4), False, -1
+    if settings is not None:
+        unsure = p0.max() < settings.below
+        if unsure or settings.agree > 0:
+            probabilities = np.asarray(crops[key], np.float32)
+            counted = bool(unsure or text_crops.agreement(probabilities, settings.sure) >= max(settings.agree, 1))
+            state = int(counted)
+            evidence = text_crops.evidence(probabilities, settings.sure)
+    weight = settings.weight if settings is not None else 0.0
+    so_far = text_crops.fuse(p0, evidence, weight) if counted else p0
+    combined, agreement = p0, -1.0
+    if answer.tta and (answer.tta_below >= 1.0 or so_far.max() < answer.tta_below):
+        shifted = np.stack([np.roll(copies[j], -j) for j in range(4)])  # each copy's answer for the stored image
+        combined = shifted.mean(0)
+        agreement = float(np.mean(shifted.argmax(-1) == combined.argmax()))
+    final = text_crops.fuse(combined, evidence, weight) if counted else combined
+    return {"probabilities": final, "agreement": agreement, "text_crops": state, "p0": p0}
+
+
+def python_decision(decision: P.DecisionPolicy, out: dict, i: int) -> str:
+    """serving.policy.decide on row i of the graph's own outputs."""
+    classes = out.get("class_probabilities")
+    return P.decide(decision, out.get(P.ORIENTATION_PROBABILITIES, [None] * (i + 1))[i],
+                    float(out[P.TTA_AGREEMENT][i]) if P.TTA_AGREEMENT in out else -1.0,
+                    None if classes is None else classes[i],
+                    float(out[P.INK][i]) if P.INK in out else None,
+                    int(out[P.TEXT_CROPS][i]) if P.TEXT_CROPS in out else None)[0]
+
+
+def assert_decisions_match_python(out: dict, decision: P.DecisionPolicy) -> None:
+    got = [d.decode() for d in out[P.DECISION]]
+    assert got == [python_decision(decision, out, i) for i in range(len(got))]
+
+
+def assert_matches_reference(out: dict, rows: dict, crops: dict, images: list, answer: P.AnswerSettings) -> list:
+    want = [reference(rows, crops, key, turn, answer) for key, turn in images]
+    np.testing.assert_allclose(out[P.ORIENTATION_PROBABILITIES], np.stack([w["probabilities"] for w in want]),
+                               atol=1e-5)
+    np.testing.assert_allclose(out[P.IMAGE_ORIENTATION_PROBABILITIES], np.stack([w["p0"] for w in want]), atol=1e-6)
+    np.testing.assert_allclose(out[P.TTA_AGREEMENT], [w["agreement"] for w in want], atol=1e-6)
+    assert out[P.TEXT_CROPS].tolist() == [w["text_crops"] for w in want]
+    assert out[P.ORIENTATION_DEGREES].tolist() == [int(np.argmax(w["probabilities"])) * 90 for w in want]
+    return want
+
+
+# ---------------------------------------------------------------- turned copies
+
+
+STEADY = 1  # the model sees through turns: every copy names the same upright
+DISSENT = 2  # its copy turned 180 more dissents; alone, the stored copy of the image turned 180 is wrong
+ROWS = {
+    STEADY: equivariant([0.6, 0.2, 0.15, 0.05]),
+    DISSENT: np.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7], [0.1, 0.1, 0.1, 0.7]]),
+}
+
+
+def test_turned_copies_are_turned_back_before_they_are_averaged():
+    images = [(STEADY, t) for t in range(4)] + [(DISSENT, t) for t in range(4)]
+    policy = policy_of(tta=True)
+    out = answer_fn(LookupModel(orientation_table(ROWS)), policy)([image_bytes(k, t) for k, t in images])
+
+    assert_matches_reference(out, ROWS, {}, images, policy.answer)
+    # Copies that all point to the same upright give the image's turn, all four agreeing.
+    assert out[P.ORIENTATION_DEGREES][:4].tolist() == [0, 90, 180, 270]
+    np.testing.assert_allclose(out[P.TTA_AGREEMENT][:4], 1.0)
+    np.testing.assert_allclose(out[P.ORIENTATION_PROBABILITIES][:4], [np.roll(ROWS[STEADY][0], t) for t in range(4)],
+                               atol=1e-6)
+    # One copy of four dissents: three quarters agree, and the turns settle the image whose stored copy alone
+    # would have been read as 270.
+    np.testing.assert_allclose(out[P.TTA_AGREEMENT][4:], 0.75)
+    assert out[P.ORIENTATION_DEGREES][4:].tolist() == [0, 90, 180, 270]
+    assert int(np.argmax(out[P.IMAGE_ORIENTATION_PROBABILITIES][6])) == 3
+    assert out[P.TEXT_CROPS].tolist() == [-1] * 8
+    assert_decisions_match_python(out, policy.decision)
+
+
+def test_without_turns_the_stored_copy_answers_and_agreement_is_minus_one():
+    images = [(DISSENT, t) for t in range(4)]
+    policy = policy_of(tta=False)
+    model = LookupModel(orientation_table(ROWS))
+    out = answer_fn(model, policy)([image_bytes(k, t) for k, t in images])
+
+    np.testing.assert_array_equal(out[P.TTA_AGREEMENT], -1.0)
+    np.testing.assert_allclose(out[P.ORIENTATION_PROBABILITIES], ROWS[DISSENT], atol=1e-6)
+    np.testing.assert_allclose(out[P.IMAGE_ORIENTATION_PROBABILITIES], ROWS[DISSENT], atol=1e-6)
+    assert out[P.ORIENTATION_DEGREES].tolist() == [0, 90, 270, 270]
+    assert int(model.images_seen.numpy()) == 4  # no turned copies were scored
+    assert_decisions_match_python(out, policy.decision)
+
+
+SURE = 3  # the stored copy is sure (0.95), but its turned copies disagree: averaging would change it
+UNSURE = 4  # below tta_below at every turn
+GATE_ROWS = {
+    SURE: np.array([[0.95, 0.02, 0.02, 0.01], [0.5, 0.3, 0.1, 0.1], [0.1, 0.6, 0.2, 0.1], [0.3, 0.3, 0.35, 0.05]]),
+    UNSURE: np.array([[0.55, 0.25, 0.15, 0.05], [0.3, 0.45, 0.15, 0.1], [0.1, 0.2, 0.6, 0.1], [0.2, 0.1, 0.1, 0.6]]),
+}
+
+
+def test_tta_below_turns_only_the_unsure_images_of_a_batch():
+    images = [(SURE, 0), (UNSURE, 0), (SURE, 0), (UNSURE, 2), (UNSURE, 3)]
+    policy = policy_of(tta=True, tta_below=0.9)
+    model = LookupModel(orientation_table(GATE_ROWS))
+    out = answer_fn(model, policy)([image_bytes(k, t) for k, t in images])
+
+    assert_matches_reference(out, GATE_ROWS, {}, images, policy.answer)
+    # The sure images keep their stored copy's answer, unturned; the unsure ones get the average of four.
+    assert out[P.TTA_AGREEMENT][[0, 2]].tolist() == [-1.0, -1.0]
+    np.testing.assert_allclose(out[P.ORIENTATION_PROBABILITIES][[0, 2]], [GATE_ROWS[SURE][0]] * 2, atol=1e-6)
+    assert all(a >= 0.25 for a in out[P.TTA_AGREEMENT][[1, 3, 4]])
+    assert not np.allclose(out[P.ORIENTATION_PROBABILITIES][1], GATE_ROWS[UNSURE][0], atol=1e-3)
+    assert int(model.images_seen.numpy()) == 5 + 3 * 3  # the stored copies, and three turns of the three unsure
+    assert_decisions_match_python(out, policy.decision)
+
+    # Without the gate the sure image is turned too, and its disagreeing copies move its answer.
+    ungated = answer_fn(LookupModel(orientation_table(GATE_ROWS)), policy_of(tta=True, tta_below=1.0))(
+        [image_bytes(SURE, 0)])
+    assert ungated[P.TTA_AGREEMENT][0] >= 0 and ungated[P.ORIENTATION_PROBABILITIES][0].max() < 0.9
+
+
+def test_a_batch_of_sure_images_scores_no_turned_copies():
+    policy = policy_of(tta=True, tta_below=0.9)
+    model = LookupModel(orientation_table(GATE_ROWS))
+    out = answer_fn(model, policy)([image_bytes(SURE, 0), image_bytes(SURE, 0)])
+
+    np.testing.assert_array_equal(out[P.TTA_AGREEMENT], -1.0)
+    np.testing.assert_allclose(out[P.ORIENTATION_PROBABILITIES], [GATE_ROWS[SURE][0]] * 2, atol=1e-6)
+    assert int(model.images_seen.numpy()) == 2
+
+
+# ---------------------------------------------------------------- text crops
+
+CROPS_SETTINGS = P.TextCropSettings(weight=0.7, below=0.8, agree=3, sure=0.8)
+READ_UNSURE = 5  # stored copy unsure: its crops count, whatever they agree on
+READ_AGREED = 6  # stored copy sure of 0; four sure crops agree on 90
+READ_SPLIT = 7  # stored copy sure of 0 (0.92); three sure crops, only two agreeing
+READ_BLANK = 8  # stored copy unsure; no crop is sure: nothing to add, so its turned copies decide
+CROP_IMAGE_ROWS = {
+    READ_UNSURE: equivariant([0.6, 0.25, 0.1, 0.05]),
+    READ_AGREED: equivariant([0.9, 0.06, 0.02, 0.02]),
+    READ_SPLIT: equivariant([0.92, 0.04, 0.02, 0.02]),
+    READ_BLANK: np.array([[0.5, 0.3, 0.1, 0.1], [0.2, 0.5, 0.2, 0.1], [0.2, 0.2, 0.5, 0.1], [0.3, 0.1, 0.1, 0.5]]),
+}
+CROP_ROWS = {
+    READ_UNSURE: [[0.9, 0.05, 0.03, 0.02], [0.85, 0.05, 0.05, 0.05], [0.4, 0.3, 0.2, 0.1], [0.1, 0.5, 0.2, 0.2],
+                  [0.3, 0.35, 0.2, 0.15]],
+    READ_AGREED: [[0.02, 0.95, 0.02, 0.01], [0.05, 0.85, 0.05, 0.05], [0.1, 0.8, 0.05, 0.05], [0.01, 0.97, 0.01, 0.01],
+                  [0.4, 0.3, 0.2, 0.1]],
+    READ_SPLIT: [[0.05, 0.05, 0.88, 0.02], [0.02, 0.02, 0.94, 0.02], [0.9, 0.05, 0.03, 0.02], [0.4, 0.3, 0.2, 0.1],
+                 [0.35, 0.3, 0.25, 0.1]],
+    READ_BLANK: [[0.4, 0.3, 0.2, 0.1], [0.3, 0.4, 0.2, 0.1], [0.25, 0.35, 0.3, 0.1], [0.5, 0.2, 0.2, 0.1],
+                 [0.3, 0.3, 0.3, 0.1]],
+}
+
+
+def test_text_crop_evidence_is_trainer_text_crops_evidence_and_agreement():
+    rng = np.random.default_rng(3)
+    probabilities = rng.dirichlet(np.full(4, 0.3), size=(40, 5)).astype(np.float32)
+    probabilities[0, :, :] = [0.8, 0.1, 0.05, 0.05]  # exactly at `sure` (as float32): counted in both
+    probabilities[1, :2] = [0.0, 1.0, 0.0, 0.0]  # log of 0 clipped alike
+    evidence, agreeing = A.crop_evidence(tf.constant(probabilities), 0.8)
+
+    np.testing.assert_allclose(evidence.numpy(), text_crops.evidence(probabilities, 0.8), atol=1e-5)
+    assert agreeing.numpy().tolist() == text_crops.agreement(probabilities, 0.8).tolist()
+    assert agreeing.numpy()[0] == 5
+
+
+def test_text_crops_count_for_unsure_images_and_for_sure_ones_only_when_enough_sure_crops_agree():
+    images = [(READ_UNSURE, 0), (READ_AGREED, 0), (READ_SPLIT, 0), (READ_UNSURE, 1)]
+    policy = policy_of(crops=CROPS_SETTINGS)
+    net = StubCropNet(crop_table(CROP_ROWS))
+    out = answer_fn(LookupModel(orientation_table(CROP_IMAGE_ROWS)), policy, net)(
+        [image_bytes(k, t) for k, t in images])
+
+    assert_matches_reference(out, CROP_IMAGE_ROWS, CROP_ROWS, images, policy.answer)
+    assert out[P.TEXT_CROPS].tolist() == [1, 1, 0, 1]
+    # The fused answer is trainer.text_crops.fuse of the stored copy's answer and the crops' numpy evidence.
+    for i, (key, turn) in enumerate(images):
+        p = CROP_IMAGE_ROWS[key][turn]
+        evidence = text_crops.evidence(np.asarray(CROP_ROWS[key], np.float32), CROPS_SETTINGS.sure)
+        want = text_crops.fuse(p, evidence, CROPS_SETTINGS.weight) if out[P.TEXT_CROPS][i] == 1 else p
+        np.testing.assert_allclose(out[P.ORIENTATION_PROBABILITIES][i], want, atol=1e-5)
+    # Four agreeing sure crops overrule a sure stored answer; two of three do not, and it stands as it was.
+    assert out[P.ORIENTATION_DEGREES][1] == 90
+    np.testing.assert_allclose(out[P.ORIENTATION_PROBABILITIES][2], CROP_IMAGE_ROWS[READ_SPLIT][0], atol=1e-6)
+    assert int(net.crops_seen.numpy()) == 5 * 4  # agree > 0: every image's crops are read
+    assert_decisions_match_python(out, policy.decision)
+
+
+def test_with_agree_zero_only_the_unsure_images_crops_are_read():
+    crops = P.TextCropSettings(weight=0.7, below=0.8, agree=0, sure=0.8)
+    images = [(READ_AGREED, 0), (READ_UNSURE, 2), (READ_SPLIT, 0)]
+    policy = policy_of(crops=crops)
+    net = StubCropNet(crop_table(CROP_ROWS))
+    out = answer_fn(LookupModel(orientation_table(CROP_IMAGE_ROWS)), policy, net)(
+        [image_bytes(k, t) for k, t in images])
+
+    assert_matches_reference(out, CROP_IMAGE_ROWS, CROP_ROWS, images, policy.answer)
+    assert out[P.TEXT_CROPS].tolist() == [-1, 1, -1]
+    np.testing.assert_allclose(out[P.ORIENTATION_PROBABILITIES][[0, 2]],
+                               [CROP_IMAGE_ROWS[READ_AGREED][0], CROP_IMAGE_ROWS[READ_SPLIT][0]], atol=1e-6)
+    assert int(net.crops_seen.numpy()) == 5  # one image read
+
+
+def test_crops_and_turns_together_gate_on_the_fused_answer_and_fuse_the_average():
+    """An unsure image its crops make sure is not turned; one they leave unsure is, and its final answer is the
+    average of the four copies fused with the crops' evidence."""
+    images = [(READ_UNSURE, 0), (READ_BLANK, 1), (READ_SPLIT, 0), (READ_AGREED, 3)]
+    policy = policy_of(tta=True, tta_below=0.9, crops=CROPS_SETTINGS)
+    out = answer_fn(LookupModel(orientation_table(CROP_IMAGE_ROWS)), policy, StubCropNet(crop_table(CROP_ROWS)))(
+        [image_bytes(k, t) for k, t in images])
+
+    want = assert_matches_reference(out, CROP_IMAGE_ROWS, CROP_ROWS, images, policy.answer)
+    assert out[P.TEXT_CROPS].tolist() == [1, 1, 0, 1]
+    assert out[P.TTA_AGREEMENT][0] == -1.0 and CROP_IMAGE_ROWS[READ_UNSURE][0].max() < 0.9  # settled by its crops
+    assert out[P.TTA_AGREEMENT][1] >= 0 and want[1]["probabilities"].max() < 0.9  # still unsure: turned
+    assert out[P.ORIENTATION_DEGREES][1] == 90
+    assert out[P.TTA_AGREEMENT][2] == -1.0  # sure of itself, crops not counted
+    assert_decisions_match_python(out, policy.decision)
+
+
+def _gradient(height: int, width: int) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    pixels = np.stack([255 * x / (width - 1), 255 * y / (height - 1), 127 + 100 * np.sin(x / 97 + y / 131)], -1)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("height, width", [(400, 600), (900, 1300), (150, 100), (3000, 500)])
+def test_crop_batch_cuts_the_crops_trainer_text_crops_cuts(height, width):
+    image = _gradient(height, width)
+    graph = A.crop_batch(tf.constant(np.asarray(image)), P.TextCropSettings()).numpy()
+    numpy = text_crops.crops(text_crops.reading_copy(image)).transpose(0, 2, 3, 1)
+
+    assert graph.shape == numpy.shape == (5, 224, 224, 3)
+    assert float(np.abs(graph - numpy).mean()) < 0.05  # resampling differs (Pillow's reduce and bilinear)
+    # Each crop is cut from the same place: the crops differ from one another far more than from their twin.
+    assert min(float(np.abs(graph[i] - numpy[j]).mean()) for i in range(5) for j in range(5) if i != j) > 0.1
+
+
+# ---------------------------------------------------------------- decisions
+
+DECISION_POLICIES = [
+    P.DecisionPolicy(),
+    P.DecisionPolicy(rotate_threshold=0.9, ok_threshold=0.5, tta_min_agreement=0.75, tta_agreement_below=0.9),
+    P.DecisionPolicy(rotate_threshold=0.75, ok_threshold=0.625, class_threshold=0.5, tta_min_agreement=1.0),
+    P.DecisionPolicy(rotate_threshold=0.8, ok_threshold=0.8, class_threshold=0.0, tta_min_agreement=0.5,
+                     tta_agreement_below=0.75, sparse_ink_below=0.0),
+]
+
+
+@pytest.mark.parametrize("decision", DECISION_POLICIES)
+def test_the_graphs_decision_is_serving_policy_decide(decision):
+    rng = np.random.default_rng(11)
+    n = 400
+    probabilities = rng.dirichlet(np.full(4, 0.5), size=n).astype(np.float32)
+    # Rows whose top value is exactly a threshold (as float32), upright and turned.
+    thresholds = [decision.rotate_threshold, decision.ok_threshold, decision.tta_agreement_below, 0.5, 0.75]
+    for i, value in enumerate(thresholds * 8):
+        column = i % 4
+        rest = (1.0 - value) / 3
+        probabilities[i] = rest
+        probabilities[i, column] = value
+    agreement = rng.choice(np.array([-1.0, 0.25, 0.5, 0.75, 1.0], np.float32), size=n)
+    classes = rng.dirichlet(np.full(3, 0.7), size=n).astype(np.float32)
+    classes[:20, 0] = np.float32(decision.class_threshold or 0.5)
+    ink = rng.choice(np.array([0.0, 0.004, 0.01, decision.sparse_ink_below, 0.2], np.float32), size=n)
+    counted = rng.random(n) < 0.5
+
+    got = A.decide(decision, tf.constant(probabilities), tf.constant(agreement), tf.constant(classes),
+                   tf.constant(ink), tf.constant(counted)).numpy()
+
+    want = [P.decide(decision, probabilities[i], float(agreement[i]), classes[i], float(ink[i]),
+                     1 if counted[i] else 0)[0] for i in range(n)]
+    assert [d.decode() for d in got] == want
+    assert set(want) == {"auto_rotate", "ok", "review"}
+
+
+# ---------------------------------------------------------------- class outputs
+
+CLASS_ROWS = {  # [4 turns, 3 classes], by key; the class answer moves with the turn, so averaging shows
+    SURE: np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.5, 0.4, 0.1]]),
+    UNSURE: np.array([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.3, 0.3, 0.4]]),
+}
+
+
+def class_table(rows: dict, classes: int = 3) -> np.ndarray:
+    table = np.full((KEYS * 4, classes), 1.0 / classes, np.float32)
+    for key, answers in rows.items():
+        table[key * 4:(key + 1) * 4] = answers
+    return table
+
+
+def test_class_outputs_are_averaged_over_the_turned_copies_of_the_turned_images():
+    images = [(SURE, 0), (UNSURE, 1), (UNSURE, 0)]
+    policy = policy_of(tta=True, tta_below=0.9)
+    out = answer_fn(LookupModel(orientation_table(GATE_ROWS), class_table(CLASS_ROWS)), policy, has_class=True)(
+        [image_bytes(k, t) for k, t in images])
+
+    want = np.stack([CLASS_ROWS[SURE][0],  # sure: its stored copy's classes
+                     CLASS_ROWS[UNSURE][[1, 2, 3, 0]].mean(0), CLASS_ROWS[UNSURE].mean(0)])
+    np.testing.assert_allclose(out["class_probabilities"], want, atol=1e-6)
+    assert out["class_ids"].tolist() == want.argmax(-1).tolist()
+    assert_decisions_match_python(out, policy.decision)
+
+
+def test_a_class_only_model_averages_every_images_classes_over_four_turns():
+    images = [(SURE, 0), (UNSURE, 3)]
+    decision = P.DecisionPolicy(class_threshold=0.45)
+    rows = {SURE: np.array([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.4, 0.4, 0.2], [0.3, 0.5, 0.2]]),
+            UNSURE: CLASS_ROWS[UNSURE]}
+    model = LookupModel(orientation_table({}), class_table(rows), orientation=False)
+    out = answer_fn(model, policy_of(tta=True, decision=decision), has_class=True, has_orientation=False)(
+        [image_bytes(k, t) for k, t in images])
+
+    want = np.stack([rows[SURE].mean(0), rows[UNSURE].mean(0)])
+    np.testing.assert_allclose(out["class_probabilities"], want, atol=1e-6)
+    assert P.ORIENTATION_PROBABILITIES not in out
+    # No orientation: ok unless the averaged class is unsure (0.5 passes 0.45; 0.375 does not)
+    assert [d.decode() for d in out[P.DECISION]] == [
+        P.decide(decision, None, -1.0, row)[0] for row in want] == ["ok", "review"]
+
+
+# ---------------------------------------------------------------- the real default model's export
+
+
+@pytest.fixture(scope="module")
+def default_export(tmp_path_factory):
+    from trainer.default_model import export_default_model
+
+    limit_tf_threads()
+    version_dir = export_default_model(str(tmp_path_factory.mktemp("default_export")), version=1)
+    return version_dir, tf.saved_model.load(version_dir)
+
+
+def _real_images() -> list[bytes]:
+    from skimage import data as skimage_data
+
+    from archive_vision.sample_archive import render_page
+
+    images = []
+    for array in (skimage_data.astronaut(), np.asarray(render_page(seed=3).convert("RGB"))):
+        for turn in (0, 1, 2):
+            buffer = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(np.rot90(array, -turn))).save(buffer, "JPEG", quality=90)
+            images.append(buffer.getvalue())
+    return images
+
+
+def test_the_default_export_decides_under_its_own_policy(default_export):
+    from trainer import default_model
+
+    version_dir, loaded = default_export
+    out = loaded.signatures[P.POLICY_SIGNATURE](**{P.POLICY_INPUT: tf.constant([b"?"])})[P.POLICY_OUTPUT]
+    policy = P.ScorePolicy.from_json(out.numpy()[0])
+    assert policy == P.policy_from_settings(default_model.score_settings(), default_model.DEFAULT_IMAGE_SIZE)
+    assert policy.answer.tta and policy.answer.text_crops is not None
+    with open(os.path.join(version_dir, "assets.extra", "archive_vision_export.json")) as f:
+        assert P.ScorePolicy.from_dict(json.load(f)["score_policy"]) == policy
+
+    out = {k: v.numpy() for k, v in loaded.signatures["serving_default"](images=tf.constant(_real_images())).items()}
+
+    assert {P.ORIENTATION_PROBABILITIES, P.ORIENTATION_DEGREES, P.IMAGE_ORIENTATION_PROBABILITIES, P.TTA_AGREEMENT,
+            P.TEXT_CROPS, P.DECISION} <= set(out)
+    np.testing.assert_allclose(out[P.ORIENTATION_PROBABILITIES].sum(-1), 1.0, atol=1e-5)
+    assert out[P.ORIENTATION_DEGREES].tolist() == (out[P.ORIENTATION_PROBABILITIES].argmax(-1) * 90).tolist()
+    assert set(out[P.TEXT_CROPS].tolist()) <= {-1, 0, 1}
+    assert all(a == -1.0 or a in (0.25, 0.5, 0.75, 1.0) for a in out[P.TTA_AGREEMENT].tolist())
+    # The page's crops count under every turn, and the page is named right under every turn.
+    assert out[P.TEXT_CROPS][3:].tolist() == [1, 1, 1]
+    assert out[P.ORIENTATION_DEGREES][3:].tolist() == [0, 90, 180]
+    assert_decisions_match_python(out, policy.decision)
