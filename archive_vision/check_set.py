@@ -31,6 +31,7 @@ import posixpath
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from pipelines.cli import command_parser
 from pipelines import imaging, sources
 
 TURNS = (0, 90, 180, 270)
@@ -167,7 +168,10 @@ def _write_csv(output: str, name: str, header: Sequence[str], rows: Sequence[Seq
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="archive-vision checkset", description=__doc__.splitlines()[0])
+    parser = command_parser("archive-vision checkset", __doc__.splitlines()[0],
+                            examples=("archive-vision checkset --input upright-sample/ --output check/",
+                                      "archive-vision score --input check/images --output check-out "
+                                      "--truth check/truth.csv"))
     parser.add_argument("--input", required=True,
                         help="images known to be upright: folder, gs://bucket/prefix, glob, or manifest .csv/.parquet "
                              "(a manifest's orientation column, where given, says how each is stored instead)")

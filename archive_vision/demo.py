@@ -20,11 +20,13 @@ import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
+from pipelines.cli import command_parser
 from archive_vision.local_processes import free_port, stop_process
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BACKBONE = "mobilenet_v2_torchvision"
 DEFAULT_WEIGHTS = "imagenet"
+DEMO_MARKER = ".archive-vision-demo"  # in a folder the demo made: the only kind it ever clears
 
 
 class LocalServer:
@@ -167,8 +169,11 @@ def held_out_accuracy(results: List[dict], truth_rows: Dict[str, int], manifest_
 
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="archive-vision demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--output", default="demo-out", help="folder for everything the demo writes")
+    parser = command_parser("archive-vision demo", __doc__.split("\n")[0],
+                            examples=("archive-vision demo --output demo-out",
+                                      "archive-vision demo --output smoke --backbone tiny --weights none"))
+    parser.add_argument("--output", default="demo-out", help="folder for everything the demo writes (a folder an "
+                                                             "earlier demo made is cleared; any other must be empty)")
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE,
                         help="trainer backbone (default: the pretrained one; `tiny` for a quick smoke run)")
     parser.add_argument("--weights", default=DEFAULT_WEIGHTS, help="backbone weights (imagenet | none | PATH)")
@@ -192,8 +197,15 @@ def run_demo(args: argparse.Namespace) -> int:
 
     out = os.path.abspath(args.output)
     if os.path.exists(out) and not args.keep:
-        shutil.rmtree(out)
+        if os.path.exists(os.path.join(out, DEMO_MARKER)):
+            shutil.rmtree(out)
+        elif os.listdir(out):  # never delete a folder the demo did not make
+            print(f"archive-vision demo: {out} exists and was not made by the demo; pick an empty or new --output "
+                  f"(or --keep to write into it)", file=sys.stderr)
+            return 2
     os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, DEMO_MARKER), "w", encoding="utf-8") as f:
+        f.write("made by archive-vision demo: the next demo run with this --output clears this folder\n")
     overall = time.monotonic()
     beam_flags = ["--direct_running_mode=in_memory"]  # a few dozen files: worker processes cost more than they save
 

@@ -9,7 +9,6 @@ Every input file ends in the manifest or in errors: the run checks that and says
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -30,6 +29,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 
 from archive_vision.local_processes import usable_cores
 from pipelines import imaging, schema, sources
+from pipelines.cli import command_parser, configure_logging
 from pipelines.tables import ERRORS_SCHEMA, MANIFEST_SCHEMA, read_table, write_job_tables
 
 LOG = logging.getLogger("archive_vision.ingest")
@@ -364,8 +364,11 @@ def build_pipeline(pipeline: beam.Pipeline, opts: IngestOptions, temp_dir: str) 
 
 def parse_args(argv: Optional[Sequence[str]]) -> Tuple[IngestOptions, List[str]]:
     """Split the job's flags from Beam's pipeline options (`parse_known_args`, as Beam examples do)."""
-    parser = argparse.ArgumentParser(
-        prog="archive-vision ingest",
+    parser = command_parser(
+        "archive-vision ingest",
+        examples=("archive-vision ingest --input /scans --output shards --labels folders",
+                  "archive-vision ingest --input scans.csv --output gs://b/ingested --assume-upright \\",
+                  "    --runner DataflowRunner --project P --region R --temp_location gs://b/tmp"),
         description="Turn an image archive (folder, gs:// prefix, glob, or CSV/Parquet manifest with a 'uri' "
                     "column) into TFRecord shards + manifest.parquet + errors.parquet. Unknown flags are passed "
                     "to Beam (e.g. --runner DataflowRunner --project P --region R --temp_location gs://...).")
@@ -599,9 +602,7 @@ def format_summary(summary: dict, output: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("apache_beam", "absl"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(argv if argv is not None else sys.argv[1:])
     # Worker-side warnings relayed by the local job service are start-up chatter; errors still show.
     logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
     summary = run(argv)

@@ -24,6 +24,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pipelines.cli import command_parser
+
 ORIENTATION_NAMES = ("0", "90", "180", "270")
 THUMB_SIZE = 160
 DEFAULT_PER_SECTION = 48
@@ -744,8 +746,10 @@ def write_activations(images: Sequence[str], output: str, *, model_path: str = "
 
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="archive-vision report",
+    parser = command_parser(
+        "archive-vision report",
+        examples=("archive-vision report scores/2026-01-01 --truth labelled.csv",
+                  "archive-vision report --activations scan1.jpg scan2.png --model job/export --activations-dir act"),
         description="Write DST/report.html for a score run (one self-contained page), or with --activations the "
                     "feature maps of backbone layers for some images.")
     parser.add_argument("output", nargs="?", help="the score --output folder (holds results.parquet)")

@@ -30,6 +30,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from pipelines.cli import command_parser
 from serving import configs
 from serving.errors import ExportError
 from serving.policy import (ORIENTATION_PROBABILITIES, POLICY_INPUT, POLICY_OUTPUT, POLICY_SIGNATURE, ScorePolicy,
@@ -369,18 +370,24 @@ def _class_names(labels_json: Optional[str]) -> Optional[List[str]]:
 
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="archive-vision export", description=__doc__.split("\n")[0])
+    parser = command_parser(
+        "archive-vision export", __doc__.split("\n")[0],
+        examples=("archive-vision export --model jobs/2026-11-22 --export-base models   # a training job's model",
+                  "archive-vision export --model default --export-base models          # the built-in model"))
     parser.add_argument("--model", required=True, help="a training job dir (its model.keras, labels, config and "
                                                        "score settings), or a Keras .keras file; `default`: the "
                                                        "shipped default orientation model")
     parser.add_argument("--trust-saved-model", action="store_true",
                         help="load a model that loads an outside SavedModel (a job trained on a hub: backbone): turns "
                              "Keras' safe mode off for the whole file, which then may run any code it holds")
-    parser.add_argument("--export_base", required=True, help="base dir; writes <export_base>/<model_name>/<version>")
-    parser.add_argument("--model_name", default=None, help="default: the job's (its training_config.json), else "
+    # The underscore spellings are the ones TF Serving's docs use; both are accepted.
+    parser.add_argument("--export-base", "--export_base", dest="export_base", required=True,
+                        help="base dir; writes <export-base>/<model-name>/<version>")
+    parser.add_argument("--model-name", "--model_name", dest="model_name", default=None, help="default: the job's (its training_config.json), else "
                                                            f"{DEFAULT_MODEL_NAME}")
     parser.add_argument("--labels", help="labels.json ({'classes': [...]}); default: labels.json beside the model")
-    parser.add_argument("--image_size", type=int, help="model input size; default: read from the model")
+    parser.add_argument("--image-size", "--image_size", dest="image_size", type=int,
+                        help="model input size; default: read from the model")
     parser.add_argument("--version", type=int, help="version number; default: a timestamp above existing ones")
     return parser.parse_args(argv)
 

@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from pipelines.cli import command_parser
+
 TASKS = ("classes", "orientation")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 ROTATION_MODES = ("all", "random")
@@ -149,8 +151,11 @@ def _bool(text: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     """The `archive-vision train` flag parser (defaults come from TrainConfig)."""
     d = TrainConfig()
-    p = argparse.ArgumentParser(
-        prog="archive-vision train",
+    p = command_parser(
+        "archive-vision train",
+        examples=("archive-vision train --data shards --job-dir jobs/first --epochs 10",
+                  "archive-vision train --data shards --job-dir jobs/tuned --tasks orientation --init default "
+                  "--cache-features"),
         description="Fine-tune a frozen pretrained backbone with a class head and an orientation head "
                     "on the shards written by `archive-vision ingest`.")
     p.add_argument("--data", required=True, help="ingest output dir (local or gs://) with <split>-*.tfrecord[.gz]")
@@ -202,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "exported head, so score's auto_rotate threshold means what it says (trainer.calibration)")
     p.add_argument("--evaluate", type=_bool, default=d.evaluate)
     p.add_argument("--max-misclassified", type=int, default=d.max_misclassified)
-    p.add_argument("--verbose", type=int, default=d.verbose)
+    p.add_argument("--keras-verbose", dest="keras_verbose", type=int, default=d.verbose,
+                   help="Keras' own progress output (0: only the per-epoch lines; -v/-q set the logs)")
     p.add_argument("--threads", type=int, default=d.threads, help="cap TF threads (shared machines); 0: default")
     return p
 
@@ -211,6 +217,8 @@ def config_from_args(argv: Optional[Sequence[str]]) -> TrainConfig:
     """Parse flags into a validated TrainConfig."""
     ns = build_parser().parse_args(list(argv) if argv is not None else None)
     values = vars(ns)
+    values["verbose"] = values.pop("keras_verbose")
+    values.pop("quiet"), values.pop("verbose_logs")
     tasks: List[str] = [t.strip() for t in values.pop("tasks").split(",") if t.strip()]
     cfg = TrainConfig(tasks=tuple(tasks), **values)
     if cfg.init == "default":

@@ -480,7 +480,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         print(f"archive-vision train: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from pipelines.cli import configure_logging
+
+    configure_logging(argv if argv is not None else sys.argv[1:])
     import tensorflow as tf
 
     if cfg.threads > 0:

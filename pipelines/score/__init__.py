@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import re
 import sys
 import time
@@ -33,6 +32,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines import sources
+from pipelines.cli import configure_logging
 from pipelines.imaging import make_upright, turn_clockwise  # noqa: F401 - part of score's interface (tests, report)
 from pipelines.ingest import default_pipeline_options, runner_record
 from pipelines.score.answers import (SENT_AS_IS, decide, draft_side, load_known, page_payload,  # noqa: F401
@@ -158,9 +158,7 @@ def run_failure_reason(error: BaseException) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("apache_beam", "absl"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(argv if argv is not None else sys.argv[1:])
     try:
         summary = run(argv)
     except Exception as e:  # a chain that cannot start (no server, no model) says why and exits non-zero

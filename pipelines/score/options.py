@@ -7,6 +7,7 @@ import logging
 from typing import List, Optional, Sequence, Tuple
 
 from pipelines import imaging, sources
+from pipelines.cli import command_parser
 from pipelines.ingest import unknown_beam_args
 from serving import policy as policies
 from serving.policy import DecisionPolicy, ScorePolicy
@@ -81,8 +82,12 @@ def run_policy(model: ModelInfo, opts: ScoreOptions) -> DecisionPolicy:
 
 def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
     """Split the job's flags from Beam's pipeline options."""
-    parser = argparse.ArgumentParser(
-        prog="archive-vision score",
+    parser = command_parser(
+        "archive-vision score",
+        examples=("archive-vision score --input /scans --output out            # the built-in model, in-process",
+                  "archive-vision score --input gs://b/scans --output gs://b/scores/today --endpoint serving:8500 \\",
+                  "    --skip-known gs://b/scores/yesterday/results.parquet --write-corrected gs://b/fixed",
+                  "archive-vision score @nightly.flags --runner DataflowRunner --project P --region R"),
         description="Classify and orient every image of an archive through an exported model: remotely over "
                     "TF Serving's gRPC API (--endpoint) or in-process with Beam RunInference (--model). The model "
                     "computes the whole answer (test-time turns, text crops, fusion); score sends each page's "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import functools
-import logging
+import sys
 import signal
 import threading
 from http.server import ThreadingHTTPServer
@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import grpc
 
+from pipelines.cli import command_parser, configure_logging
 from serving import configs
 from serving.server.grpc_api import ModelServicer, PredictionServicer
 from serving.server.metrics import Metrics
@@ -35,7 +36,11 @@ def _add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> argparse.
 
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="archive-vision serve", description=__doc__.split("\n")[0])
+    parser = command_parser("archive-vision serve", __doc__.split("\n")[0],
+                            examples=("archive-vision serve --model_name archive_vision --model_base_path models/"
+                                      "archive_vision --port 8500 --rest_api_port 8501",
+                                      "archive-vision serve --model_config_file models/models.config "
+                                      "--enable_batching --batching_parameters_file models/batching_parameters.txt"))
     bool_flag = {"nargs": "?", "const": True, "type": _flag_bool}
     flag = functools.partial(_add_flag, parser)
     flag("--port", type=int, default=8500, help="gRPC port (0: any free port)")
@@ -151,7 +156,7 @@ def _read_bytes(path: str) -> bytes:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`archive-vision serve`: serve models over TF Serving's gRPC API until SIGINT/SIGTERM."""
     args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(argv if argv is not None else sys.argv[1:])
     import tensorflow as tf
 
     if args.tensorflow_intra_op_parallelism:
