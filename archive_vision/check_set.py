@@ -31,10 +31,10 @@ import posixpath
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from pipelines import imaging, schema, sources
 from pipelines.cli import command_parser
-from pipelines import imaging, sources
 
-TURNS = (0, 90, 180, 270)
+TURNS = schema.ORIENTATIONS
 IMAGES_DIR = "images"
 TRUTH_FILE = "truth.csv"
 ERRORS_FILE = "errors.csv"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import shutil
@@ -151,6 +150,13 @@ for kind, paths in groups.items():
     for i in range(0, len(paths), 8):
         answer(images=tf.constant([open(p, "rb").read() for p in paths[i:i + 8]]))
     out[f"graph {kind}"] = len(paths) / (time.perf_counter() - started)
+# How the graph's throughput depends on the batch (what TF Serving's batching can win): pages, batches of 1 and 32.
+pages = (groups["page"] * 2)[:32]
+for size in (1, 32):
+    started = time.perf_counter()
+    for i in range(0, len(pages), size):
+        answer(images=tf.constant([open(p, "rb").read() for p in pages[i:i + size]]))
+    out[f"graph page batch {size}"] = len(pages) / (time.perf_counter() - started)
 try:
     import docorient
     from PIL import Image
@@ -246,6 +252,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       "tesseract": "Tesseract OSD"}[method]] + cells)
     print("\nimages/s on one core (file bytes -> answer), the same files:")
     print(markdown(["method"] + [f"{k}s/s" for k in groups], rows))
+    print(f"whole answer on pages, batches of 1 vs 32: {measured['graph page batch 1']:.2f} vs "
+          f"{measured['graph page batch 32']:.2f} pages/s")
     if "docorient page" in measured:
         print(f"whole answer / docorient on pages: {measured['graph page'] / measured['docorient page']:.2f}x")
     with open(os.path.join(args.out, "served.json"), "w") as f:

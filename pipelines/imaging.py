@@ -22,7 +22,7 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
-RESIZE_MODES = ("pad", "crop", "stretch")
+from pipelines.schema import RESIZE_MODES  # noqa: E402
 OUTPUT_FORMATS = ("jpeg", "png")
 DEFAULT_MAX_PIXELS = 100_000_000
 EXIF_ORIENTATION_TAG = 0x0112

@@ -27,8 +27,14 @@ SPLIT = "image/split"                    # bytes: b"train" | b"val" | b"test"
 AUGMENT_INDEX = "image/augment_index"    # int64: 0 for the original, k>0 for the k-th offline augmented copy
 
 SPLITS = ("train", "val", "test")
-ORIENTATIONS = (0, 90, 180, 270)
+ORIENTATIONS = (0, 90, 180, 270)  # clockwise turns of the stored image relative to upright, in output column order
 UNKNOWN = -1
+
+# Facts the trainer, the exported graph and score share (defined here once).
+MODEL_IMAGE_SIZE = 224  # the input side of the shipped backbones and the default orientation model
+ORIENTATION_PROBABILITIES = "orientation_probabilities"  # the orientation head's output, and the graph's answer
+CLASS_PROBABILITIES = "class_probabilities"
+RESIZE_MODES = ("pad", "crop", "stretch")  # how ingest makes its square (and the graph's ingest view copies it)
 
 INT_KEYS = (IMAGE_HEIGHT, IMAGE_WIDTH, PAGE, ORIGINAL_HEIGHT, ORIGINAL_WIDTH, EXIF_ORIENTATION,
             LABEL_INDEX, ORIENTATION, AUGMENT_INDEX)

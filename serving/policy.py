@@ -14,15 +14,16 @@ import dataclasses
 import json
 from typing import Any, Dict, Mapping, Tuple
 
-TURNS = (0, 90, 180, 270)  # clockwise turns of the stored image relative to upright, in output column order
+from pipelines.schema import MODEL_IMAGE_SIZE, ORIENTATION_PROBABILITIES  # noqa: F401 - an output name of the graph
+from pipelines.schema import ORIENTATIONS as TURNS
+from pipelines.schema import RESIZE_MODES
+
 DECISIONS = ("auto_rotate", "review", "ok")
 VIEWS = ("exact", "ingest")
-RESIZE_MODES = ("pad", "crop", "stretch")
 POLICY_SIGNATURE = "score_policy"
 POLICY_INPUT = "request"
 POLICY_OUTPUT = "policy_json"
 # Outputs of the answer signatures (serving_default, serve_examples) beyond the class head's.
-ORIENTATION_PROBABILITIES = "orientation_probabilities"
 ORIENTATION_DEGREES = "orientation_degrees"
 IMAGE_ORIENTATION_PROBABILITIES = "image_orientation_probabilities"  # the image model alone, stored copy
 TTA_AGREEMENT = "tta_agreement"  # share of the four copies agreeing with the answer; -1: turned copies not scored
@@ -54,7 +55,7 @@ class TextCropSettings:
 class AnswerSettings:
     """What the exported graph computes from an image's bytes."""
 
-    image_size: int = 224  # the image model's input side
+    image_size: int = MODEL_IMAGE_SIZE  # the image model's input side
     view: str = "exact"  # exact: letterbox the decoded image; ingest: first the square ingest would store
     view_size: int = 256  # ingest view: side of ingest's square
     resize_mode: str = "pad"  # ingest view: how ingest made the square
@@ -146,7 +147,7 @@ def decide(policy: DecisionPolicy, orientation_probabilities, tta_agreement: flo
     return ("ok" if degrees == 0 else "auto_rotate"), ""
 
 
-def policy_from_settings(settings: Mapping[str, Any] | None, image_size: int = 224) -> ScorePolicy:
+def policy_from_settings(settings: Mapping[str, Any] | None, image_size: int = MODEL_IMAGE_SIZE) -> ScorePolicy:
     """The ScorePolicy of a trainer's or the default model's score settings dict (trainer.task.score_settings,
     trainer.default_model.score_settings); generic defaults when None."""
     settings = dict(settings or {})

@@ -135,6 +135,24 @@ def test_checkset_reads_a_gs_archive_and_writes_its_turned_copies_and_truth_to_g
     assert len(expected) == len(archive["bad"]) - 1 and errors == expected
 
 
+def wait_while_progressing(processes, logs, stall_s: float = 240.0, cap_s: float = 1800.0):
+    """The processes' exit codes, waiting as long as their logs keep growing: a slow, busy machine is given the time
+    it needs, and only a run that prints nothing for `stall_s` (stuck, e.g. in a collective op) fails, as does one
+    past the hard cap."""
+    started = last_change = time.monotonic()
+    sizes = None
+    while any(p.poll() is None for p in processes):
+        now = time.monotonic()
+        current = [os.path.getsize(log) if os.path.exists(log) else 0 for log in logs]
+        if current != sizes:
+            sizes, last_change = current, now
+        if now - last_change > stall_s or now - started > cap_s:
+            raise AssertionError(f"no progress for {now - last_change:.0f}s ({now - started:.0f}s in all):\n\n"
+                                 + "\n\n".join(open(log, errors="replace").read()[-3000:] for log in logs))
+        time.sleep(1.0)
+    return [p.returncode for p in processes]
+
+
 def test_two_pods_train_from_gs_shards_into_one_gs_job_dir_and_a_restart_resumes(bucket, emulator, tmp_path):
     from tests.test_trainer_data import write_archive
 
@@ -154,7 +172,7 @@ def test_two_pods_train_from_gs_shards_into_one_gs_job_dir_and_a_restart_resumes
                                        str(tmp_path / f"cache-{index}"), "--", *trainer_flags],
                                       env=env, stdout=log, stderr=subprocess.STDOUT), log))
     try:
-        codes = [pod.wait(timeout=420) for pod, _ in pods]
+        codes = wait_while_progressing([pod for pod, _ in pods], [tmp_path / f"pod-{i}.log" for i in range(2)])
     finally:
         for pod, log in pods:
             if pod.poll() is None:

@@ -2,7 +2,7 @@
 
 It is the offline pretrained torchvision MobileNetV2 (trainer.torchvision_mobilenet, frozen) with an
 OrientationHead (trainer.model); the head's weights and the backbone's fine-tuned top blocks (15-18, stored as
-float16) ship inside the package as `trainer/data/default_orientation_head.npz` (about 4 MB), trained by `python -m archive_vision.train_default` on real
+float16) ship inside the package as `trainer/data/default_orientation_head.npz` (about 4 MB), trained by `python -m research.train_default` on real
 photographs and document pages from Debian/npm/PyPI packages (sources and licences:
 trainer/data/ORIENTATION_SOURCES.md). The temperature fitted on held-out data is folded into the logits,
 so `orientation_probabilities` are calibrated and score's auto_rotate threshold means what it says.
@@ -20,9 +20,9 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 HEAD_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "default_orientation_head.npz")
-DEFAULT_IMAGE_SIZE = 224
+from pipelines.schema import MODEL_IMAGE_SIZE as DEFAULT_IMAGE_SIZE  # noqa: E402
 DEFAULT_MODEL_NAME = "archive_vision_default_orientation"
-ORIENTATION_OUTPUT = "orientation_probabilities"
+from pipelines.schema import ORIENTATION_PROBABILITIES as ORIENTATION_OUTPUT  # noqa: E402
 
 
 def head_metadata(path: str = HEAD_WEIGHTS) -> Dict[str, object]:
@@ -31,11 +31,11 @@ def head_metadata(path: str = HEAD_WEIGHTS) -> Dict[str, object]:
         return json.loads(str(data["config"]))
 
 # How score uses this model unless told otherwise (score_settings). Test-time turns and a 0.9 auto_rotate threshold:
-# on the held-out corpus (bench/quality.py) they lift auto_rotate precision from 98.4% (no turns, 0.8) to 99.9%
+# on the held-out corpus (research/quality.py) they lift auto_rotate precision from 98.4% (no turns, 0.8) to 99.9%
 # (turns when unsure) or 100% (every image turned).
 ROTATE_THRESHOLD = 0.9
 # The three turned copies are scored only for images whose stored copy is less sure than the head's `tta_below`
-# (archive_vision.train_default chooses it on val); this is the value for a head that does not record one.
+# (research.train_default chooses it on val); this is the value for a head that does not record one.
 FALLBACK_TTA_BELOW = 0.95
 # The readers the exported graph fuses (serving.answer). Text lines (PP-OCR's line detector) are no longer read: they
 # ran outside the graph, and on val they moved under half a point over crops and turns (docs/orientation.md).
@@ -48,7 +48,7 @@ def score_settings(image_size: Optional[int] = None) -> Dict[str, object]:
     and the gates and weights of the text crops and text lines its training chose on val (head_metadata). Exports
     record it (serving.export's `score_settings`), so a model carries how it is meant to be scored."""
     meta = head_metadata()
-    return {"origin": "the default orientation model's (archive_vision.train_default chose them on its val split)",
+    return {"origin": "the default orientation model's (research.train_default chose them on its val split)",
             "input_prep": "exact", "size": int(image_size or meta.get("image_size", DEFAULT_IMAGE_SIZE)),
             "tta": True, "rotate_threshold": ROTATE_THRESHOLD,
             "tta_below": float(meta.get("tta_below", FALLBACK_TTA_BELOW)), "readers": list(READERS),

@@ -23,8 +23,8 @@ from trainer import preprocessing
 from trainer.config import TrainConfig
 
 CLASS_OUTPUT = "class_probabilities"
-ORIENTATION_OUTPUT = "orientation_probabilities"
-TURNS = (0, 90, 180, 270)
+ORIENTATION_OUTPUT = schema.ORIENTATION_PROBABILITIES
+TURNS = schema.ORIENTATIONS
 LABELS_FILENAME = "labels.json"
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-DEFAULT_IMAGE_SIZE = 224
+from pipelines.schema import MODEL_IMAGE_SIZE as DEFAULT_IMAGE_SIZE  # noqa: E402
 
 
 def decode_image_bytes(image_bytes: tf.Tensor) -> tf.Tensor:
