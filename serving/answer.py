@@ -143,6 +143,13 @@ def fuse(probabilities, log_evidence):
     return tf.cast(tf.nn.softmax(logits + tf.cast(log_evidence, tf.float64), axis=-1), tf.float32)
 
 
+def _below(probabilities, gate: float):
+    """[N] bool: the top probability is below `gate`, compared in float64 as Python (and the lab) compare, so a gate
+    such as 0.9, which float32 cannot hold, splits answers where the recorded policy says."""
+    tf = _tf()
+    return tf.cast(tf.reduce_max(probabilities, -1), tf.float64) < gate
+
+
 def _scatter(indices, values, like):
     """`like` with rows `indices` replaced by `values`."""
     tf = _tf()
@@ -247,7 +254,7 @@ class WholeAnswer:
         counted = tf.zeros([count], tf.bool)
         read_state = -tf.ones([count], tf.int64)
         if crops is not None:
-            unsure = tf.reduce_max(p0, -1) < crops.below
+            unsure = _below(p0, crops.below)
             read = unsure if crops.agree <= 0 else tf.ones_like(unsure)
             index = tf.cast(tf.reshape(tf.where(read), [-1]), tf.int32)
             chosen = tf.gather(prepared["crops"], index)
@@ -267,8 +274,7 @@ class WholeAnswer:
         combined, agreement = p0, -tf.ones([count], tf.float32)
         class_probs = stored.get("c")
         if settings.tta:
-            turn = tf.reduce_max(so_far, -1) < settings.tta_below if settings.tta_below < 1.0 else \
-                tf.ones([count], tf.bool)
+            turn = _below(so_far, settings.tta_below) if settings.tta_below < 1.0 else tf.ones([count], tf.bool)
             index = tf.cast(tf.reshape(tf.where(turn), [-1]), tf.int32)
             sub_views = tf.gather(views, index)
             # Clockwise turns 90/180/270 are counter-clockwise rot90 k = 3/2/1.
@@ -310,7 +316,7 @@ class WholeAnswer:
         """(the answers with the second look fused into those below `second_below`, which were read: 1/-1). The
         bytes of those images alone are decoded again, at twice the reading size."""
         tf = _tf()
-        unsure = tf.reduce_max(final, -1) < crops.second_below
+        unsure = _below(final, crops.second_below)
         index = tf.cast(tf.reshape(tf.where(unsure), [-1]), tf.int32)
         looks = len(_GRID_CENTRES) + 1
 

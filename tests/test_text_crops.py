@@ -1,16 +1,18 @@
-"""Text-crop evidence (trainer.text_crops) and how score uses it: the real PaddleClas classifier reads a rendered
+"""Text-crop evidence (trainer.text_crops) and the lab's use of it: the real PaddleClas classifier reads a rendered
 page under every turn, a photo-like image without text leaves the model's answer alone, the weight and gates are
-chosen the way train_default's docstring says, and score's prediction step fuses the evidence before deciding on
-turned copies (a failed read keeps the model's answer)."""
+chosen the way train_default's docstring says, and the answers the lab reports for them (train_default.crops_answers)
+are what the exported graph answers (serving.answer.WholeAnswer): the crops fused before turned copies are decided on,
+and sure images' crops counted only when enough of them agree."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines.imaging import turn_clockwise
 from research import orientation_corpus as corpus
 from research.train_default import choose_text_crops, choose_text_crops_agree, crops_answers
-from pipelines import score
+from serving import policy as P
 from trainer import text_crops
 
 TURNS = (0, 90, 180, 270)
@@ -31,7 +33,7 @@ def page() -> Image.Image:
 
 
 def _turned(image: Image.Image, degrees: int) -> Image.Image:
-    return score.turn_clockwise(image, degrees)
+    return turn_clockwise(image, degrees)
 
 
 @pytest.mark.parametrize("degrees", TURNS)
@@ -120,74 +122,6 @@ def test_choose_text_crops_reads_only_unsure_images_and_keeps_the_accuracy_of_re
     assert turned.mean() <= 1.0 and read[kinds == corpus.PHOTO].sum() == 0
 
 
-def _prediction(p):
-    return {"orientation_probabilities": np.asarray(p, np.float64), "orientation_degrees": int(np.argmax(p)) * 90}
-
-
-class _Crops(score.TextCropsStep):
-    """The real step with a stand-in reader: the item's `says` turn is what its crops show."""
-
-    def __init__(self, below, weight=1.0, fail=(), agree=0):
-        super().__init__(below, weight, agree=agree)
-        self.calls = []
-        self._fail = fail
-
-        class Reader:
-            def read_with_agreement(reader_self, copy):
-                # channel 0: the turn the crops show; channel 1: how many of them are sure of it
-                return np.where(np.arange(4) == int(copy[0, 0, 0]), 0.0, -5.0), int(copy[0, 0, 1])
-
-        self._reader = Reader()
-
-    def read(self, item, stored):
-        self.calls.append(item["uri"])
-        if item["uri"] in self._fail:
-            item = dict(item, crops_copy=None)
-        return super().read(item, stored)
-
-
-def test_score_fuses_the_crops_before_deciding_on_turned_copies():
-    answers = {  # per image bytes: the model's answer for each stored / turned copy
-        b"sure-0": [0.97, 0.01, 0.01, 0.01], b"page-180": [0.5, 0.1, 0.3, 0.1], b"photo-90": [0.4, 0.3, 0.2, 0.1],
-    }
-    turned_answer = [0.1, 0.6, 0.2, 0.1]
-
-    def predict(images):
-        return [_prediction(answers.get(image, turned_answer)) for image in images]
-
-    def item(uri, says):
-        return {"uri": uri, "page": 0, "images": [uri.encode(), b"t90", b"t180", b"t270"], "turns": list(TURNS),
-                "crops_copy": np.full((448, 448, 3), says, np.uint8)}
-
-    items = [item("sure-0", 0), item("page-180", 2), item("photo-90", 1)]
-    crops = _Crops(below=0.9, weight=1.0)
-    out = {i["uri"]: p for i, p, _ in score.predict_isolating(items, predict, tta_below=0.9, crops=crops)}
-    assert crops.calls == ["sure-0", "page-180", "photo-90"]
-    # Sure on its stored copy: not read, not turned.
-    assert out["sure-0"].get("text_crops") is None and "tta_agreement" not in out["sure-0"]
-    # The crops settle the page: sure after fusing, so its turned copies are never scored.
-    assert out["page-180"]["orientation_degrees"] == 180 and out["page-180"]["text_crops"] == 1
-    assert "tta_agreement" not in out["page-180"]
-    # The crops of the photo are fused into the stored copy, then (still unsure) into the turned copies' answer.
-    crops_weak = _Crops(below=0.9, weight=0.05)
-    out = {i["uri"]: p for i, p, _ in score.predict_isolating(items, predict, tta_below=0.9, crops=crops_weak)}
-    assert "tta_agreement" in out["photo-90"] and out["photo-90"]["text_crops"] == 1
-    # Every image turned (tta_below 1): the crops are gated on the stored copy and fused into the combined answer.
-    out = {i["uri"]: p for i, p, _ in score.predict_isolating(items, predict, tta_below=1.0, crops=crops)}
-    assert out["page-180"]["orientation_degrees"] == 180 and "tta_agreement" in out["page-180"]
-    assert out["sure-0"].get("text_crops") is None
-
-
-def test_a_failed_crop_read_keeps_the_models_answer():
-    def predict(images):
-        return [_prediction([0.5, 0.1, 0.3, 0.1]) for _ in images]
-
-    items = [{"uri": "a", "page": 0, "images": [b"x"], "turns": [0], "crops_copy": np.full((448, 448, 3), 2, np.uint8)}]
-    crops = _Crops(below=0.9, fail=("a",))
-    [(_, prediction, error)] = score.predict_isolating(items, predict, tta_below=1.0, crops=crops)
-    assert error == "" and prediction["text_crops"] == -1 and prediction["orientation_degrees"] == 0
-
-
 def test_missing_model_or_onnxruntime_names_what_to_install(monkeypatch):
     import importlib.util
 
@@ -232,42 +166,6 @@ def test_agreement_counts_the_sure_crops_that_name_one_turn():
     assert text_crops.agreement(np.stack([crops, crops])).shape == (2, 3)
 
 
-def _copy(says, agreeing):
-    copy = np.zeros((448, 448, 3), np.uint8)
-    copy[..., 0], copy[..., 1] = says, agreeing
-    return copy
-
-
-def test_score_reads_sure_images_crops_with_agree_and_counts_them_only_when_they_agree():
-    answers = {b"sure-0-agreed-180": [0.97, 0.01, 0.01, 0.01], b"sure-0-lone-90": [0.97, 0.01, 0.01, 0.01],
-               b"unsure-lone-180": [0.5, 0.1, 0.3, 0.1]}
-
-    def predict(images):
-        return [_prediction(answers[image]) for image in images]
-
-    items = [{"uri": "sure-0-agreed-180", "page": 0, "images": [b"sure-0-agreed-180"], "turns": [0],
-              "crops_copy": _copy(2, 5)},
-             {"uri": "sure-0-lone-90", "page": 0, "images": [b"sure-0-lone-90"], "turns": [0],
-              "crops_copy": _copy(1, 1)},
-             {"uri": "unsure-lone-180", "page": 0, "images": [b"unsure-lone-180"], "turns": [0],
-              "crops_copy": _copy(2, 1)}]
-    out = {i["uri"]: p for i, p, _ in score.predict_isolating(items, predict, tta_below=1.0,
-                                                               crops=_Crops(below=0.8, agree=3))}
-    # Five sure crops agree: they overrule a sure image model (the sure wrong page the gate alone lets through).
-    assert out["sure-0-agreed-180"]["text_crops"] == 1 and out["sure-0-agreed-180"]["orientation_degrees"] == 180
-    # One sure crop of a sure image: read, not counted (`text_crops` 0), the model's answer stands untouched.
-    assert out["sure-0-lone-90"]["text_crops"] == 0 and out["sure-0-lone-90"]["orientation_degrees"] == 0
-    assert out["sure-0-lone-90"]["orientation_probabilities"][0] == pytest.approx(0.97)
-    # Below the gate the crops count however few agree, as without --text-crops-agree.
-    assert out["unsure-lone-180"]["text_crops"] == 1 and out["unsure-lone-180"]["orientation_degrees"] == 180
-    # agree 0: the sure images' crops are not even read.
-    crops = _Crops(below=0.8)
-    out = {i["uri"]: p for i, p, _ in score.predict_isolating(items, predict, tta_below=1.0, crops=crops)}
-    assert out["sure-0-agreed-180"].get("text_crops") is None and out["sure-0-agreed-180"]["orientation_degrees"] == 0
-    with pytest.raises(ValueError, match="--text-crops-agree must be between 0"):
-        score.ScoreOptions(input="in", output="out", text_crops_agree=6)
-
-
 def test_choose_text_crops_agree_counts_sure_images_crops_when_enough_of_them_agree():
     """Pages the image model is sure of (0.97), two of 1,000 sure and wrong (a half turn), whose five crops all read
     them right; photos it is right about (0.9) with one sure crop naming a wrong turn. The gate (0.8) reads none of
@@ -308,45 +206,146 @@ def test_choose_text_crops_agree_counts_sure_images_crops_when_enough_of_them_ag
     assert choose_text_crops(probs, evidence, kinds)[0]["agree"] == 0
 
 
+# ---------------------------------------------------------------- the lab's answers against the graph's
+#
+# tests.test_train_default.graph_answers runs the exported graph's answer on synthetic images, one per image and
+# stored turn, for which a tiny model answers the lab's probabilities [N, 4 stored turns, 4] and a stub crop
+# classifier answers chosen rows [N, 4 stored turns, 5 crops, 4]; the lab's figures take the same crops as their
+# evidence and agreement (trainer.text_crops).
+
+
+def _sure_crop(turn: int, p: float = 0.94) -> np.ndarray:
+    row = np.full(4, (1 - p) / 3, np.float32)
+    row[turn] = p
+    return row
+
+
+def _stored(row) -> np.ndarray:
+    """[4 stored turns, 4]: a model that answers `row` turned with the image (row: its answer for the upright)."""
+    return np.stack([np.roll(np.asarray(row, np.float32), d) for d in range(4)])
+
+
+def _crops_per_turn(crops_of_turn) -> np.ndarray:
+    """[4 stored turns, 5, 4]: crops_of_turn(d) for the image stored turned d."""
+    return np.stack([np.asarray(crops_of_turn(d), np.float32) for d in range(4)])
+
+
+def _lab_and_graph(probs, crop_rows, settings: P.TextCropSettings, tta: bool, tta_below: float = 1.0):
+    """(the lab's (answers, fused, turned) by crops_answers, the graph's outputs), on the same images and crops."""
+    from tests.test_train_default import graph_answers
+
+    evidence = text_crops.evidence(crop_rows, settings.sure)
+    agreement = text_crops.agreement(crop_rows, settings.sure)
+    lab = crops_answers(probs, evidence, settings.weight, settings.below, tta_below if tta else 2.0, agreement,
+                        settings.agree)
+    out, _ = graph_answers(probs, tta=tta, tta_below=tta_below, crops=settings, crop_rows=crop_rows)
+    return lab, out
+
+
+def _assert_graph_is_the_lab(lab, out, tta: bool) -> None:
+    answers, fused, turned = lab
+    np.testing.assert_allclose(out[P.ORIENTATION_PROBABILITIES], answers, atol=1e-5)
+    np.testing.assert_array_equal(out[P.TEXT_CROPS] == 1, fused)
+    np.testing.assert_array_equal(out[P.TTA_AGREEMENT] != -1, turned if tta else np.zeros_like(turned))
+
+
+def test_the_graph_fuses_the_crops_before_deciding_on_turned_copies():
+    """Sure of its stored copy: its crops are not read (agree 0) and it is not turned. An unsure page whose crops
+    know the turn: sure once fused, so its turned copies are never scored. An unsure photo with one sure crop: still
+    unsure after fusing, so it is turned, and the crop is fused into the turned copies' combined answer."""
+    sure_0 = _stored([0.97, 0.01, 0.01, 0.01])
+    page_180 = _stored([0.3, 0.1, 0.5, 0.1])  # the upright page said to be upside down
+    photo = np.array([[0.4, 0.3, 0.2, 0.1], [0.2, 0.45, 0.25, 0.1], [0.1, 0.3, 0.4, 0.2], [0.35, 0.1, 0.1, 0.45]],
+                     np.float32)  # right but unsure under every turn; its turned copies answer otherwise
+    probs = np.stack([sure_0, page_180, photo])
+    blank = np.full((5, 4), 0.25, np.float32)
+    crop_rows = np.stack([
+        _crops_per_turn(lambda d: blank),
+        _crops_per_turn(lambda d: [_sure_crop(d)] * 5),  # the page's crops name its stored turn
+        _crops_per_turn(lambda d: [_sure_crop(d, 0.85)] + [blank[0]] * 4),
+    ])
+    settings = P.TextCropSettings(weight=0.7, below=0.9, agree=0, sure=0.8)
+
+    lab, out = _lab_and_graph(probs, crop_rows, settings, tta=True, tta_below=0.9)
+    _assert_graph_is_the_lab(lab, out, tta=True)
+    degrees = out[P.ORIENTATION_DEGREES]
+    assert out[P.TEXT_CROPS].tolist() == [[-1] * 4, [1] * 4, [1] * 4]
+    assert out[P.TTA_AGREEMENT][0].tolist() == [-1] * 4 and degrees[0].tolist() == [0, 90, 180, 270]
+    # The crops settle the page: right under every turn, and no turned copies scored for it.
+    assert out[P.TTA_AGREEMENT][1].tolist() == [-1] * 4 and degrees[1].tolist() == [0, 90, 180, 270]
+    assert (out[P.IMAGE_ORIENTATION_PROBABILITIES][1].argmax(-1) != np.arange(4)).all()
+    # The photo: turned, and its final answer is its turned copies' average fused with its crop.
+    assert (out[P.TTA_AGREEMENT][2] >= 0).all()
+    photo_evidence = text_crops.evidence(crop_rows[2], 0.8)
+    combined = np.stack([np.mean([np.roll(photo[(d + j) % 4], -j) for j in range(4)], 0) for d in range(4)])
+    np.testing.assert_allclose(out[P.ORIENTATION_PROBABILITIES][2], text_crops.fuse(combined, photo_evidence, 0.7),
+                               atol=1e-5)
+    assert not np.allclose(out[P.ORIENTATION_PROBABILITIES][2], text_crops.fuse(photo, photo_evidence, 0.7), atol=1e-3)
+
+    # Every image turned (tta_below 1): the crops still gated on the stored copy and fused into the average.
+    lab, out = _lab_and_graph(probs, crop_rows, settings, tta=True, tta_below=1.0)
+    _assert_graph_is_the_lab(lab, out, tta=True)
+    assert (out[P.TTA_AGREEMENT] >= 0).all()
+    assert out[P.ORIENTATION_DEGREES][1].tolist() == [0, 90, 180, 270]
+    assert out[P.TEXT_CROPS][0].tolist() == [-1] * 4
+
+
+def test_the_graph_reads_sure_images_crops_with_agree_and_counts_them_only_when_they_agree():
+    sure_wrong = _stored([0.01, 0.01, 0.97, 0.01])  # sure the upright image is upside down
+    sure_right = _stored([0.97, 0.01, 0.01, 0.01])
+    unsure_wrong = _stored([0.1, 0.1, 0.5, 0.3])
+    probs = np.stack([sure_wrong, sure_right, unsure_wrong])
+    blank = np.full(4, 0.25, np.float32)
+    crop_rows = np.stack([
+        _crops_per_turn(lambda d: [_sure_crop(d)] * 5),  # five sure crops agree on the truth
+        _crops_per_turn(lambda d: [_sure_crop((d + 1) % 4)] + [blank] * 4),  # one sure crop, naming a wrong turn
+        _crops_per_turn(lambda d: [_sure_crop(d)] + [blank] * 4),  # one sure crop, naming the truth
+    ])
+    settings = P.TextCropSettings(weight=0.7, below=0.8, agree=3, sure=0.8)
+
+    lab, out = _lab_and_graph(probs, crop_rows, settings, tta=False)
+    _assert_graph_is_the_lab(lab, out, tta=False)
+    right = [0, 90, 180, 270]
+    # Five sure crops agree: they overrule a sure image model (the sure wrong page the gate alone lets through).
+    assert out[P.TEXT_CROPS][0].tolist() == [1] * 4 and out[P.ORIENTATION_DEGREES][0].tolist() == right
+    # One sure crop of a sure image: read, not counted (text_crops 0), the model's answer stands untouched.
+    assert out[P.TEXT_CROPS][1].tolist() == [0] * 4 and out[P.ORIENTATION_DEGREES][1].tolist() == right
+    np.testing.assert_allclose(out[P.ORIENTATION_PROBABILITIES][1], sure_right, atol=1e-6)
+    # Below the gate the crops count however few agree.
+    assert out[P.TEXT_CROPS][2].tolist() == [1] * 4 and out[P.ORIENTATION_DEGREES][2].tolist() == right
+
+    # agree 0: the sure images' crops are not even read, and their model's answers stand.
+    lab, out = _lab_and_graph(probs, crop_rows, P.TextCropSettings(weight=0.7, below=0.8, agree=0, sure=0.8),
+                              tta=False)
+    _assert_graph_is_the_lab(lab, out, tta=False)
+    assert out[P.TEXT_CROPS][:2].tolist() == [[-1] * 4] * 2 and out[P.TEXT_CROPS][2].tolist() == [1] * 4
+    assert out[P.ORIENTATION_DEGREES][0].tolist() == [180, 270, 0, 90]
+
+
 @pytest.mark.parametrize("tta_below", [0.9, 1.0])
-def test_the_bench_answers_with_agree_are_what_score_answers(tta_below):
-    """train_default.crops_answers (the bench's and the val choice's figures) against score's prediction step, on
-    the same probabilities, crops and agreement counts: the same answer for every image and turn, and the crops
-    counted (`text_crops` 1) exactly where the bench fuses them, with and without turned copies when unsure."""
+def test_the_bench_answers_with_agree_are_what_the_graph_answers(tta_below):
+    """train_default.crops_answers (the bench's and the val choice's figures) against the exported graph, on the
+    same probabilities and crops: the same answer for every image and turn, the crops counted (`text_crops` 1)
+    exactly where the bench fuses them, and turned copies scored exactly where the bench turns."""
     rng = np.random.default_rng(3)
-    n, below, agree, weight = 12, 0.6, 3, 0.7
+    n = 12
+    settings = P.TextCropSettings(weight=0.7, below=0.6, agree=3, sure=0.8)
     logits = rng.normal(size=(n, 4, 4)) * 3
     probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)  # [image, stored turn, 4]
-    evidence = -np.abs(rng.normal(size=(n, 4, 4))) * 3
-    agreement = rng.integers(0, 6, size=(n, 4))
-    expected, fused, _ = crops_answers(probs, evidence, weight, below, tta_below, agreement, agree)
+    probs = (probs / probs.sum(-1, keepdims=True)).astype(np.float32)  # [image, stored turn, 4]
+    # Each crop sure of a turn (mostly the truth) or unsure: from none to five sure crops agreeing.
+    crop_rows = rng.dirichlet(np.ones(4), size=(n, 4, 5)) * 0.7 + 0.3 / 4
+    sure = rng.random((n, 4, 5)) < 0.6
+    said = np.where(rng.random((n, 4, 5)) < 0.7, np.arange(4)[None, :, None], rng.integers(0, 4, (n, 4, 5)))
+    top = rng.uniform(0.82, 0.99, (n, 4, 5))
+    sure_rows = np.where(np.arange(4) == said[..., None], top[..., None], ((1 - top) / 3)[..., None])
+    crop_rows = np.where(sure[..., None], sure_rows, crop_rows).astype(np.float32)
 
-    class Step(score.TextCropsStep):
-        def __init__(self):
-            super().__init__(below, weight, agree=agree)
-
-            class Reader:
-                def read_with_agreement(reader_self, copy):  # the copy names its image and stored turn
-                    return evidence[copy[0, 0, 0], copy[0, 0, 1]], int(agreement[copy[0, 0, 0], copy[0, 0, 1]])
-
-            self._reader = Reader()
-
-    def predict(images):
-        return [_prediction(probs[int(i.split(b":")[0]), int(i.split(b":")[1])]) for i in images]
-
-    items = []
-    for i in range(n):
-        for d in range(4):
-            copy = np.zeros((448, 448, 3), np.uint8)
-            copy[..., 0], copy[..., 1] = i, d
-            items.append({"uri": f"{i}/{d}", "page": 0, "turns": list(TURNS), "crops_copy": copy,
-                          "images": [f"{i}:{(d + j) % 4}".encode() for j in range(4)]})
-    outcomes = score.predict_isolating(items, predict, tta_below=tta_below, crops=Step())
-    assert len(outcomes) == 4 * n
-    for item, prediction, error in outcomes:
-        i, d = map(int, item["uri"].split("/"))
-        assert error == ""
-        np.testing.assert_allclose(prediction["orientation_probabilities"], expected[i, d], atol=1e-9)
-        assert (prediction.get("text_crops") == 1) == bool(fused[i, d])
-    assert 0 < fused.mean() < 1 and fused[np.max(probs, -1) >= below].any()  # some sure images counted, not all
+    lab, out = _lab_and_graph(probs, crop_rows, settings, tta=True, tta_below=tta_below)
+    _assert_graph_is_the_lab(lab, out, tta=True)
+    _, fused, turned = lab
+    read_sure = (probs.max(-1) >= settings.below) & (out[P.TEXT_CROPS] >= 0)
+    assert 0 < fused.mean() < 1 and fused[probs.max(-1) >= settings.below].any()  # some sure images counted
+    assert (out[P.TEXT_CROPS][read_sure] == 0).any()  # and some sure images read but not counted
+    if tta_below < 1.0:
+        assert 0 < turned.mean() < 1

@@ -1,11 +1,12 @@
-"""research.train_default's measuring tools: the numbers in the README's quality section come from these."""
+"""research.train_default's measuring tools: the numbers in the README's quality section come from these. The
+figures it reports for turned copies are checked against the answer the product gives, computed in the exported
+graph (serving.answer.WholeAnswer) with a tiny model that answers the lab's probabilities."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from research import train_default
-from pipelines.score import combine_turned
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -13,41 +14,77 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+def graph_answers(probs: np.ndarray, tta: bool = True, tta_below: float = 1.0, crops=None,
+                  crop_rows: np.ndarray | None = None):
+    """The exported graph's answers (serving.answer.WholeAnswer, as serving_default computes them) for the lab's
+    images: probs [N, 4 stored turns, 4] as the lab holds them (row d: the image stored turned d).
+
+    Image n stored turned d is a synthetic PNG with a key of its own (4n + d) whose marker shows turn d; the tiny
+    model (tests.test_answer_graph.LookupModel) answers probs[n, t] for that image seen turned t, so the copy turned
+    j more clockwise answers probs[n, (d + j) % 4], as the upright turned d + j. With `crops`, the stub crop
+    classifier answers crop_rows[n, d] ([5 crops, 4]) for its five crops. Returns ({output: [N, 4, ...]}, the
+    model, which counts the images it was run on)."""
+    from tests.test_answer_graph import (KEYS, LookupModel, StubCropNet, answer_fn, crop_table, image_bytes,
+                                         orientation_table, policy_of)
+
+    n = len(probs)
+    assert 4 * n <= KEYS
+    keys = [(4 * i + d, i, d) for i in range(n) for d in range(4)]
+    model = LookupModel(orientation_table({key: probs[i] for key, i, _ in keys}))
+    net = None
+    if crops is not None:
+        net = StubCropNet(crop_table({key: crop_rows[i, d] for key, i, d in keys}))
+    out = answer_fn(model, policy_of(tta=tta, tta_below=tta_below, crops=crops), net)(
+        [image_bytes(key, d) for key, _, d in keys])
+    return {name: value.reshape((n, 4) + value.shape[1:]) for name, value in out.items()}, model
+
+
 def test_bench_test_time_turns_combine_exactly_like_score_tta():
-    """The bench's TTA figures must be what `score --tta` would answer, copy for copy."""
+    """The bench's TTA figures must be what the model answers with tta, copy for copy: for every image and stored
+    turn, the graph's answer is train_default.test_time_turns of the same probabilities."""
+    from serving import policy as P
+
     rng = np.random.default_rng(0)
-    probs = _softmax(rng.normal(size=(5, 4, 4)) * 3)  # [image, stored turn, 4 probabilities]
+    probs = _softmax(rng.normal(size=(5, 4, 4)) * 3).astype(np.float32)  # [image, stored turn, 4 probabilities]
     combined = train_default.test_time_turns(probs)
-    for n in range(5):
-        for d in range(4):
-            # score turns the stored file j more clockwise: that copy is the upright turned d + j.
-            copies = [{"orientation_probabilities": probs[n, (d + j) % 4]} for j in range(4)]
-            scored = combine_turned(copies, [90 * j for j in range(4)])
-            np.testing.assert_allclose(scored["orientation_probabilities"], combined[n, d], atol=1e-12)
+    out, _ = graph_answers(probs, tta=True)
+
+    np.testing.assert_allclose(out[P.ORIENTATION_PROBABILITIES], combined, atol=1e-6)
+    np.testing.assert_allclose(out[P.IMAGE_ORIENTATION_PROBABILITIES], probs, atol=1e-7)  # the stored copy's own
+    assert out[P.ORIENTATION_DEGREES].tolist() == (combined.argmax(-1) * 90).tolist()
+    assert (out[P.TTA_AGREEMENT] >= 0.25).all()  # every image turned
+    assert not np.allclose(combined, probs, atol=1e-3)  # the turns change the answers: the check has teeth
 
 
 def test_bench_turns_when_unsure_answers_like_score_tta_below():
-    """The bench's figures for --tta-below come from the probabilities; score must answer the same, and send turned
-    copies for exactly the share the bench reports."""
-    from pipelines.score import TURNS, predict_isolating
+    """The bench's figures for tta_below come from the probabilities; the graph must answer the same, and score
+    turned copies for exactly the share of images the bench reports."""
+    from serving import policy as P
 
     rng = np.random.default_rng(2)
-    probs = _softmax(rng.normal(size=(6, 4, 4)) * 2)
+    probs = _softmax(rng.normal(size=(6, 4, 4)) * 2).astype(np.float32)
     below = float(np.median(probs.max(-1)))
     combined, share = train_default.turns_when_unsure(probs, below)
-    items = [{"uri": f"{n}/{d}", "turns": TURNS, "images": [f"{n}:{(d + j) % 4}".encode() for j in range(4)]}
-             for n in range(6) for d in range(4)]
-    sent = []
+    out, model = graph_answers(probs, tta=True, tta_below=below)
 
-    def predict(images):
-        sent.extend(images)
-        return [{"orientation_probabilities": probs[int(i.split(b":")[0]), int(i.split(b":")[1])]} for i in images]
+    np.testing.assert_allclose(out[P.ORIENTATION_PROBABILITIES], combined, atol=1e-6)
+    turned = out[P.TTA_AGREEMENT] != -1
+    np.testing.assert_array_equal(turned, train_default.needs_turns(probs, below))
+    assert turned.mean() == pytest.approx(share) and 0 < share < 1
+    # The turned copies are scored for those images alone: three more images each.
+    assert int(model.images_seen.numpy()) == probs[..., 0].size + 3 * int(turned.sum())
 
-    outcomes = predict_isolating(items, predict, tta_below=below)
-    for item, prediction, _ in outcomes:
-        n, d = map(int, item["uri"].split("/"))
-        np.testing.assert_allclose(prediction["orientation_probabilities"], combined[n, d], atol=1e-12)
-    assert (len(sent) - len(items)) / 3 == pytest.approx(share * len(items)) and 0 < share < 1
+
+def test_the_lab_and_the_graph_turn_an_answer_exactly_at_tta_below_alike():
+    """An answer whose top probability is exactly the threshold as float32 (0.9 is not exact in float32): the lab
+    counts it as unsure and turned; the graph must turn it too."""
+    from serving import policy as P
+
+    row = np.array([0.9, 0.05, 0.03, 0.02], np.float32)
+    probs = np.stack([np.roll(row, t) for t in range(4)])[None]
+    _, share = train_default.turns_when_unsure(probs, 0.9)
+    out, _ = graph_answers(probs, tta=True, tta_below=0.9)
+    assert (out[P.TTA_AGREEMENT] != -1).mean() == share
 
 
 def test_fit_temperature_recovers_the_overconfidence_it_is_meant_to_undo():
