@@ -50,9 +50,10 @@ CLASS_PROBABILITIES = "class_probabilities"
 ORIENTATION_LABELS = ("0", "90", "180", "270")
 EXPORT_METADATA = "archive_vision_export.json"
 # Bumped when the exported graph changes for the same weights (2: BatchNorm folded into the convolutions; 3: the
-# whole answer in the graph; 4: score_policy takes a batched input), so a cached export of the default model is
+# whole answer in the graph; 4: score_policy takes a batched input; 5: the second look, the view from the full-size
+# pixels), so a cached export of the default model is
 # redone.
-EXPORT_FORMAT = 4
+EXPORT_FORMAT = 5
 FOLD_TOLERANCE = 1e-3  # largest output difference accepted between the folded and the trained model
 
 
