@@ -293,7 +293,7 @@ class WholeAnswer:
             agreement = _scatter(index, agrees, agreement)
             if class_probs is not None:
                 classes = tf.concat([tf.gather(class_probs, index)[None],
-                                     tf.reshape(turned["c"], [3, tf.shape(index)[0], -1])], 0)
+                                     tf.reshape(turned["c"], [3, tf.shape(index)[0], tf.shape(class_probs)[1]])], 0)
                 class_probs = _scatter(index, tf.reduce_mean(classes, 0), class_probs)
         final = tf.where(counted[:, None], fuse(combined, evidence), combined)
         second_state = -tf.ones([count], tf.int64)

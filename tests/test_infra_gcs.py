@@ -233,21 +233,22 @@ def test_nightly_score_writes_gs_results_and_reuses_the_previous_night(bucket, t
     assert cluster.latest_results(root, "2026-01-03") == f"{root}/2026-01-02/results.parquet"
 
 
-def test_a_served_models_score_settings_are_read_from_its_gs_model_dir(bucket):
-    """The nightly job scores through TF Serving, which cannot say how its model is meant to be scored:
-    `--model-settings gs://.../models/archive_vision` reads what the newest version's export records (the one
-    TF Serving's default policy serves)."""
-    from pipelines.score import parse_args
+def test_an_exports_recorded_policy_is_read_from_gs(bucket):
+    """A version's metadata on gs:// (where TF Serving's base path lives) gives its recorded policy: the newer
+    `score_policy`, else the decision part of an older export's `score_settings`."""
+    from pipelines.score import export_metadata, recorded_policy
     from serving.export import EXPORT_METADATA
+    from serving.policy import DecisionPolicy, ScorePolicy
 
-    for version, size in ((3, 256), (12, 320), (20, 512)):  # numerically, not lexically, newest: 12
-        bucket.blob(f"models/archive_vision/{version}/assets.extra/{EXPORT_METADATA}").upload_from_string(json.dumps(
-            {"version": version, "score_settings": {"input_prep": "ingest", "size": size, "tta": True}}))
-        if version != 20:  # 20 has no SavedModel (a version being written): TF Serving does not serve it
-            bucket.blob(f"models/archive_vision/{version}/saved_model.pb").upload_from_string(b"")
-    opts, _ = parse_args(["--input", "in", "--output", "out", "--endpoint", "127.0.0.1:8500", "--model-settings",
-                          f"gs://{BUCKET}/models/archive_vision"])
-    assert (opts.size, opts.tta, opts.settings_from) == (320, True, f"gs://{BUCKET}/models/archive_vision")
-    pinned, _ = parse_args(["--input", "in", "--output", "out", "--endpoint", "127.0.0.1:8500", "--model-settings",
-                            f"gs://{BUCKET}/models/archive_vision/3"])
-    assert pinned.size == 256
+    policy = ScorePolicy(decision=DecisionPolicy(rotate_threshold=0.95, ok_threshold=0.6))
+    bucket.blob(f"models/archive_vision/12/assets.extra/{EXPORT_METADATA}").upload_from_string(json.dumps(
+        {"version": 12, "score_policy": json.loads(policy.to_json()), "score_settings": {"rotate_threshold": 0.7}}))
+    bucket.blob(f"models/archive_vision/3/assets.extra/{EXPORT_METADATA}").upload_from_string(json.dumps(
+        {"version": 3, "score_settings": {"rotate_threshold": 0.85, "tta": True}}))
+    newer = f"gs://{BUCKET}/models/archive_vision/12"
+    assert recorded_policy(export_metadata(newer), newer) == (policy, newer)
+    older = f"gs://{BUCKET}/models/archive_vision/3"
+    read, where = recorded_policy(export_metadata(older), older)
+    assert (read.decision.rotate_threshold, read.decision.tta_agreement_below, read.answer.tta, where) == (
+        0.85, 0.85, True, older)
+    assert export_metadata(f"gs://{BUCKET}/models/archive_vision/99") == {}  # no metadata: the generic policy

@@ -267,7 +267,7 @@ def test_split_counts_come_from_the_ingest_manifest_without_reading_the_shards(t
     write_sample_archive(str(tmp_path / "in"), n_per_class=6, size=(40, 56))
     data = str(tmp_path / "shards")
     ingest.run(["--input", str(tmp_path / "in"), "--output", data, "--size", "32", "--assume-upright",
-                "--val-fraction", "0.3", "--num-shards", "2"])
+                "--split-fractions", "0.7,0.3,0", "--num-shards", "2"])
     configs = [_cfg(data), _cfg(data, tasks=("orientation",)), _cfg(data, rotations="one")]
     from_manifest = {(i, split): train_input.count_split(data, split, cfg)
                      for i, cfg in enumerate(configs) for split in ("train", "val")}
@@ -303,7 +303,7 @@ def test_split_counts_come_from_the_ingest_manifest_without_reading_the_shards(t
     write_sample_archive(str(tmp_path / "in"), n_per_class=3, size=(40, 56))
     old_run_json_there = []  # looked at once the pipeline is built, before anything runs
     ingest.run(["--input", str(tmp_path / "in"), "--output", stale, "--size", "32", "--assume-upright",
-                "--val-fraction", "0.3", "--num-shards", "2", "--overwrite"],
+                "--split-fractions", "0.7,0.3,0", "--num-shards", "2", "--overwrite"],
                extend_pipeline=lambda _: old_run_json_there.append(os.path.exists(os.path.join(stale, "run.json"))))
     assert old_run_json_there == [False]
     fresh = train_input.count_split(stale, "train", configs[0])

@@ -102,11 +102,12 @@ def test_job_dir_holds_resolved_config_best_checkpoint_and_export(trained_job):
     with open(os.path.join(assets, "archive_vision_export.json")) as f:
         recorded = json.load(f)["score_settings"]
     assert {k: v for k, v in recorded.items() if k != "origin"} == {"input_prep": "ingest", "size": 32,
-                                                                    "resize_mode": "pad"}
-    from pipelines.score import parse_args
+                                                                    "resize_mode": "pad", "tta": True}
+    # ... which the export turns into the graph's policy: ingest's square, turned copies for the orientation head.
+    from pipelines.score import local_model_info
 
-    opts, _ = parse_args(["--input", "in", "--output", "out", "--model", summary["export_dir"]])
-    assert (opts.input_prep, opts.size, opts.resize_mode, opts.tta) == ("ingest", 32, "pad", False)
+    answer = local_model_info(summary["export_dir"]).policy.answer
+    assert (answer.view, answer.view_size, answer.resize_mode, answer.tta) == ("ingest", 32, "pad", True)
 
 
 def assert_reexport_answers_as_the_trainers_export(job: str, export_base: str, *flags: str):
@@ -187,7 +188,7 @@ def test_score_settings_of_a_head_tuned_from_the_default_are_the_defaults(tmp_pa
     tuned = task.score_settings(config.config_from_args(common + ["--init", "default"]))
     assert tuned.pop("origin").startswith("the default orientation model's")
     assert tuned == {k: v for k, v in score_settings(224).items() if k != "origin"}
-    assert tuned["tta"] and tuned["readers"] == ["text_crops", "text_lines"] and tuned["input_prep"] == "exact"
+    assert tuned["tta"] and tuned["readers"] == ["text_crops"] and tuned["input_prep"] == "exact"
     # Shards whose ingest run is unknown (no run.json): nothing to record; a JPEG run records its quality.
     assert task.score_settings(config.config_from_args(common)) is None
     with open(os.path.join(data, "run.json"), "w") as f:
