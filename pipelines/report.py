@@ -11,7 +11,6 @@ accuracy. Thumbnails are made from the original files; a file that is gone shows
 from __future__ import annotations
 
 import argparse
-import base64
 import html
 import io
 import json
@@ -22,100 +21,15 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from pipelines.activations import write_activations  # noqa: F401 - report --activations, and tests
 from pipelines.cli import command_parser
+from pipelines.pictures import (THUMB_SIZE, _CSS, _jpeg_data_uri, _png_data_uri,  # noqa: F401
+                                confusion_picture, load_page)
 
 ORIENTATION_NAMES = ("0", "90", "180", "270")
-THUMB_SIZE = 160
 DEFAULT_PER_SECTION = 48
-
-
-# ---------------------------------------------------------------- pictures
-
-
-def _png_data_uri(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def _jpeg_data_uri(image: Image.Image, quality: int = 80) -> str:
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, "JPEG", quality=quality)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def load_page(uri: str, page: int, max_side: int = THUMB_SIZE) -> Optional[Image.Image]:
-    """The page as the model saw it (EXIF applied, RGB), shrunk to `max_side`; None when it cannot be read."""
-    from apache_beam.io.filesystems import FileSystems
-
-    from pipelines import imaging
-
-    try:
-        with FileSystems.open(uri) as handle:
-            data = handle.read()
-        for decoded in imaging.decode_pages(data, draft_for=(max_side, "pad"), max_pages=max(page, 0) + 1):
-            if decoded.page == max(page, 0):
-                image = decoded.image.copy()
-                image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-                return image
-    except Exception:  # a thumbnail is a courtesy: a missing or broken original shows as a grey tile
-        return None
-    return None
-
-
-def _font(size: int = 12):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType sizing
-        return ImageFont.load_default()
-
-
-def confusion_picture(matrix: np.ndarray, labels: Sequence[str], title: str, cell: int = 44) -> Image.Image:
-    """A confusion matrix drawn as a picture: rows are the truth, columns the prediction, shade = row share."""
-    n = len(labels)
-    font, small = _font(13), _font(11)
-    texts = [str(label)[:16] for label in labels]
-    cell = max(cell, 10 + max(int(small.getlength(t)) for t in texts))
-    margin_left = 20 + max(int(small.getlength(t)) for t in texts + ["truth (rows)"])
-    margin_top = 60
-    width = max(margin_left + n * cell + 20, 20 + int(font.getlength(title)),
-                margin_left + 20 + int(small.getlength("predicted (columns)")))
-    height = margin_top + n * cell + 20
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((10, 8), title, fill="black", font=font)
-    draw.text((margin_left, 28), "predicted (columns)", fill="#444", font=small)
-    draw.text((10, 28), "truth (rows)", fill="#444", font=small)
-    totals = matrix.sum(axis=1, keepdims=True).clip(min=1)
-    share = matrix / totals
-    for j, text in enumerate(texts):
-        draw.text((margin_left + j * cell + 4, margin_top - 16), text, fill="black", font=small)
-    for i, text in enumerate(texts):
-        y = margin_top + i * cell
-        draw.text((10, y + cell // 2 - 6), text, fill="black", font=small)
-        for j in range(n):
-            x = margin_left + j * cell
-            s = float(share[i, j])
-            # Right answers shade green, wrong ones red: the eye finds the off-diagonal mass at once.
-            colour = (int(255 - 200 * s), 255, int(255 - 200 * s)) if i == j else \
-                (255, int(255 - 190 * s), int(255 - 190 * s))
-            draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=colour, outline="#999")
-            draw.text((x + 6, y + cell // 2 - 7), str(int(matrix[i, j])), fill="black", font=font)
-    return image
-
-
-_MAGMA = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
-                   [250, 193, 39], [252, 253, 191]], np.float64)
-
-
-def colour_map(values: np.ndarray) -> np.ndarray:
-    """[h, w] floats in [0, 1] -> [h, w, 3] uint8 through a magma-like ramp (no matplotlib needed)."""
-    x = np.clip(values, 0, 1) * (len(_MAGMA) - 1)
-    low = np.floor(x).astype(int).clip(0, len(_MAGMA) - 2)
-    t = (x - low)[..., None]
-    return (_MAGMA[low] * (1 - t) + _MAGMA[low + 1] * t).astype(np.uint8)
 
 
 # ---------------------------------------------------------------- tables
@@ -326,25 +240,6 @@ def truth_label_lines(summary: Dict[str, Any], most: int = 12) -> List[str]:
 
 
 # ---------------------------------------------------------------- the page
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;background:#fafafa}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd}
-.meta{color:#666;font-size:13px} table{border-collapse:collapse;margin:6px 0;font-size:13px;background:white}
-td,th{border:1px solid #ddd;padding:4px 10px;text-align:left} th{background:#f0f0f0}
-td.n{text-align:right;font-variant-numeric:tabular-nums}
-.sheet{display:flex;flex-wrap:wrap;gap:10px}
-figure.thumb{margin:0;background:white;border:1px solid #ddd;padding:6px;width:auto;font-size:11px}
-figure.thumb img{display:block;max-width:160px;max-height:160px;margin:auto}
-figure.pair .imgs{display:flex;gap:6px;align-items:center}
-figcaption{max-width:330px;overflow-wrap:anywhere;margin-top:4px;color:#333}
-.missing{width:120px;height:120px;background:#ccc;display:flex;align-items:center;justify-content:center;color:#555}
-.pill{display:inline-block;border-radius:9px;padding:0 7px;color:white;font-size:11px}
-.auto_rotate{background:#c05621}.review{background:#b7791f}.ok{background:#2f855a}.skipped{background:#718096}
-.bars{display:flex;height:18px;width:520px;border:1px solid #ccc;margin:6px 0}
-.bars div{height:100%}
-"""
 
 
 def img_tag(image: Optional[Image.Image], alt: str) -> str:
@@ -580,169 +475,6 @@ def write_report(output: str, truth: Optional[str] = None, per_section: int = DE
     with FileSystems.create(path) as handle:
         handle.write(page.encode("utf-8"))
     return path
-
-
-# ---------------------------------------------------------------- activations
-
-
-def _backbone_from(path: str, backbone: str, image_size: int):
-    """A Keras model to look into: a .keras file / job dir, else the backbone named in an export's
-    training_config.json (the trainer freezes it, so its feature maps are the trained model's), else `backbone`."""
-    import keras
-
-    from trainer import backbones
-
-    if path and (path.endswith(".keras") or (os.path.isdir(path) and any(
-            f.endswith(".keras") for _, _, files in os.walk(path) for f in files))):
-        from serving.export import load_keras_model
-
-        model, _ = load_keras_model(path)
-        return model, int(model.inputs[0].shape[1])
-    weights = "imagenet"
-    if path:
-        from serving.export import resolve_version_dir
-
-        config_path = os.path.join(resolve_version_dir(path), "assets.extra", "training_config.json")
-        if os.path.exists(config_path):
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
-            config = config.get("config", config)
-            backbone = config.get("backbone", backbone)
-            weights = config.get("weights", weights)
-            image_size = int(config.get("image_size", image_size))
-    model = backbones.build_backbone(backbone, weights=weights, image_size=image_size)
-    assert isinstance(model, keras.Model)
-    return model, image_size
-
-
-def feature_map_layers(model) -> List[Tuple[Tuple[str, ...], Any]]:
-    """(path of nested model names, layer) for every layer with a 4-D output, nested models flattened."""
-    import keras
-
-    out = []
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            out.extend(((layer.name,) + path, inner) for path, inner in feature_map_layers(layer))
-            continue
-        try:
-            shape = layer.output.shape
-        except (AttributeError, ValueError):
-            continue
-        if len(shape) == 4 and not isinstance(layer, keras.layers.InputLayer):
-            out.append(((), layer))
-    return out
-
-
-def _tap(model, path: Tuple[str, ...], layer_name: str):
-    """pixels -> that layer's output, for a layer inside nested models (each level cut at its input)."""
-    import keras
-
-    if not path:
-        return keras.Model(model.inputs, model.get_layer(layer_name).output)
-    inner = model.get_layer(path[0])
-    # The tensor that feeds the nested model in this graph: everything before it, as a model of its own.
-    feeding = inner._inbound_nodes[0].input_tensors
-    before = keras.Model(model.inputs, feeding[0] if len(feeding) == 1 else feeding)
-    inside = _tap(inner, path[1:], layer_name)
-    return lambda pixels: inside(before(pixels))
-
-
-def choose_layers(model, names: Sequence[str], count: int = 4) -> List[Tuple[Tuple[str, ...], Any]]:
-    """The named layers, or `count` convolution outputs spread evenly from the first to the last."""
-    import keras
-
-    found = feature_map_layers(model)
-    if names:
-        by_name = {layer.name: (path, layer) for path, layer in found}
-        missing = [n for n in names if n not in by_name]
-        if missing:
-            raise ValueError(f"no 4-D layer named {missing}; some are: {[l.name for _, l in found][:40]}")
-        return [by_name[n] for n in names]
-    convs = [(p, l) for p, l in found if isinstance(l, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))] \
-        or found
-    if len(convs) <= count:
-        return convs
-    picks = np.linspace(0, len(convs) - 1, count).round().astype(int)
-    return [convs[i] for i in sorted(set(picks))]
-
-
-def feature_grid(maps: np.ndarray, tiles: int = 16, tile: int = 64) -> Image.Image:
-    """[h, w, C] activations -> a grid of the `tiles` most active channels, each scaled to its own range."""
-    order = np.argsort(-maps.mean(axis=(0, 1)))[:tiles]
-    cols = int(np.ceil(np.sqrt(len(order))))
-    rows = int(np.ceil(len(order) / cols))
-    grid = Image.new("RGB", (cols * (tile + 2), rows * (tile + 2)), "white")
-    for k, channel in enumerate(order):
-        m = maps[..., channel]
-        m = (m - m.min()) / (m.max() - m.min() + 1e-9)
-        picture = Image.fromarray(colour_map(m)).resize((tile, tile), Image.Resampling.NEAREST)
-        grid.paste(picture, ((k % cols) * (tile + 2), (k // cols) * (tile + 2)))
-    return grid
-
-
-def energy_overlay(image: Image.Image, maps: np.ndarray) -> Image.Image:
-    """The image with the mean activation of a (late) layer laid over it: where the network responds."""
-    energy = np.abs(maps).mean(axis=-1)
-    energy = (energy - energy.min()) / (energy.max() - energy.min() + 1e-9)
-    heat = Image.fromarray(colour_map(energy)).resize(image.size, Image.Resampling.BILINEAR)
-    return Image.blend(image.convert("RGB"), heat, 0.5)
-
-
-def write_activations(images: Sequence[str], output: str, *, model_path: str = "", backbone: str = "",
-                      layers: Sequence[str] = (), image_size: int = 224) -> str:
-    """OUTPUT/activations.html (self-contained) + OUTPUT/<image>.activations.png; returns the HTML path."""
-    from pipelines import imaging
-    from trainer.backbones import DEFAULT_BACKBONE
-
-    import warnings
-
-    warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")  # Keras' list-vs-tensor note
-    model, size = _backbone_from(model_path, backbone or DEFAULT_BACKBONE, image_size)
-    chosen = choose_layers(model, layers)
-    taps = [(layer.name, _tap(model, path, layer.name)) for path, layer in chosen]
-    os.makedirs(output, exist_ok=True)
-    sections = []
-    for path in images:
-        with open(path, "rb") as f:
-            page = next(imaging.decode_pages(f.read()))
-        square = imaging.resize(page.image, size, "pad")
-        pixels = np.asarray(square, np.float32)[None]
-        figures, panels = [], [square]
-        last = None
-        for name, tap in taps:
-            maps = np.asarray(tap(pixels))[0]
-            last = maps
-            grid = feature_grid(maps)
-            panels.append(grid)
-            figures.append(f'<figure class="thumb"><img style="max-width:280px;max-height:280px" '
-                           f'src="{_png_data_uri(grid)}" alt="{html.escape(name)}"><figcaption>{html.escape(name)} '
-                           f'{maps.shape[0]}x{maps.shape[1]}x{maps.shape[2]} (16 most active channels)'
-                           f'</figcaption></figure>')
-        overlay = energy_overlay(square, last) if last is not None else square
-        figures.insert(0, f'<figure class="thumb"><img src="{_jpeg_data_uri(overlay)}" alt="overlay">'
-                          f'<figcaption>mean activation of {html.escape(taps[-1][0])} over the image</figcaption>'
-                          f'</figure>')
-        strip_height = 280
-        strip = Image.new("RGB", (sum(int(p.width * strip_height / p.height) + 8 for p in panels + [overlay]),
-                                  strip_height), "white")
-        x = 0
-        for panel in [square, overlay] + panels[1:]:
-            w = int(panel.width * strip_height / panel.height)
-            strip.paste(panel.resize((w, strip_height)), (x, 0))
-            x += w + 8
-        strip.save(os.path.join(output, os.path.basename(path) + ".activations.png"))
-        sections.append(f'<h2>{html.escape(os.path.basename(path))}</h2><div class="sheet">{"".join(figures)}</div>')
-    page_html = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>archive-vision activations"
-                 f"</title><style>{_CSS}</style></head><body><h1>What the backbone sees</h1><p class=meta>"
-                 f"{html.escape(model.name)}, layers {', '.join(html.escape(n) for n, _ in taps)}</p>"
-                 f"{''.join(sections)}</body></html>")
-    out_path = os.path.join(output, "activations.html")
-    with open(out_path, "w", encoding="utf-8") as f:
-        f.write(page_html)
-    return out_path
-
-
-# ---------------------------------------------------------------- CLI
 
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

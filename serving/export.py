@@ -384,8 +384,8 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     # The underscore spellings are the ones TF Serving's docs use; both are accepted.
     parser.add_argument("--export-base", "--export_base", dest="export_base", required=True,
                         help="base dir; writes <export-base>/<model-name>/<version>")
-    parser.add_argument("--model-name", "--model_name", dest="model_name", default=None, help="default: the job's (its training_config.json), else "
-                                                           f"{DEFAULT_MODEL_NAME}")
+    parser.add_argument("--model-name", "--model_name", dest="model_name", default=None,
+                        help=f"default: the job's (its training_config.json), else {DEFAULT_MODEL_NAME}")
     parser.add_argument("--labels", help="labels.json ({'classes': [...]}); default: labels.json beside the model")
     parser.add_argument("--image-size", "--image_size", dest="image_size", type=int,
                         help="model input size; default: read from the model")

@@ -91,7 +91,8 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
         "model": {"name": model.name, "version": model.version, "class_names": list(model.class_names),
                   "source": model.endpoint or model.version_dir, "mode": "grpc" if model.endpoint else "in_process"},
         "policy": {"from": model.policy_from or "none recorded (generic defaults)",
-                   **policies.policy_as_dict(model.policy), "decision_used": dataclasses.asdict(run_policy(model, opts))},
+                   **policies.policy_as_dict(model.policy),
+                   "decision_used": dataclasses.asdict(run_policy(model, opts))},
         "counts": counts,
         # What the graph did for the pages it answered (its tta_agreement and text_crops outputs).
         "tta": {"enabled": model.policy.answer.tta, "images": len(tta), "below": model.policy.answer.tta_below,

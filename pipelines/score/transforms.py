@@ -301,5 +301,6 @@ def build_pipeline(pipeline: beam.Pipeline, opts: ScoreOptions, model: ModelInfo
                    known: Dict[str, List[dict]]) -> Dict[str, beam.PCollection]:
     """Wire the score job and its table writes onto `pipeline`; returns the ScoreArchive outputs for tests."""
     outputs = pipeline | "ScoreArchive" >> ScoreArchive(opts, model, known)
-    write_job_tables(outputs, opts.output, [("results", "results", RESULTS_SCHEMA), ("errors", "errors", ERRORS_SCHEMA)])
+    write_job_tables(outputs, opts.output,
+                     [("results", "results", RESULTS_SCHEMA), ("errors", "errors", ERRORS_SCHEMA)])
     return outputs
