@@ -39,7 +39,6 @@ images that land there and how many of those are right.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import os
 import subprocess
@@ -54,6 +53,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from research import orientation_corpus as corpus  # noqa: E402
 from research import train_default  # noqa: E402
 from trainer import default_model  # noqa: E402
+from research.archive_tuning import (TUNING_SEEDS, TURNED_SHARES, archive_tune, archive_tuning_runs,  # noqa: E402,F401
+                                     orientation_check_of, stored_turned, tuning_half)
+from research.quality_figures import calibration, write_confusions, write_misses  # noqa: E402,F401
 
 TURNS = (0, 90, 180, 270)
 # Accuracy turned on the square minus turned as files above which the bench warns of a shortcut (a JPEG decoded by
@@ -86,11 +88,6 @@ def builtin_text_crops() -> dict:
             "agree": int(recorded.get("agree", 0)), "tta_below": recorded.get("tta_below"),
             "text_lines_below": recorded.get("text_lines_below"),
             "text_lines_weights": recorded.get("text_lines_weights")}
-
-
-def tuning_half(image: corpus.CorpusImage) -> bool:
-    """Which half of the held-out sources the archive-tuning row learns from (by source, like the split)."""
-    return hashlib.sha256(("tune:" + image.group).encode()).digest()[0] < 128
 
 
 class DefaultModelRunner:
@@ -438,176 +435,6 @@ def page_costs(runner: DefaultModelRunner, paths: Sequence[str], batch: int = 16
             ("MobileNetV2 + head with its BatchNorm layers", clock(trained, [pixels] * len(chunks))),
             ("MobileNetV2 + head, BatchNorm folded (shipped)", clock(served, [pixels] * len(chunks)))]
     return rows
-
-
-def calibration(probs: np.ndarray, bins: int = 15) -> Tuple[float, float]:
-    """(negative log-likelihood, expected calibration error over `bins` confidence bins) of [N, 4 turns, 4]."""
-    flat = probs.reshape(-1, 4)
-    truth = np.tile(np.arange(4), len(probs))
-    nll = float(-np.mean(np.log(np.clip(flat[np.arange(len(flat)), truth], 1e-12, 1.0))))
-    confidence, right = flat.max(-1), (flat.argmax(-1) == truth)
-    edges = np.linspace(0.25, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges) - 1, 0, bins - 1)
-    ece = sum(abs(confidence[which == b].mean() - right[which == b].mean()) * np.mean(which == b)
-              for b in range(bins) if np.any(which == b))
-    return nll, float(ece)
-
-
-TUNING_SEEDS = 3          # the archive-tuned rows are means over this many tuning runs (they move by points)
-TURNED_SHARES = (0.25, 0.5)  # archives with this share of their scans turned, still taken as upright
-
-
-def archive_tune(runner: DefaultModelRunner, feats: np.ndarray, epochs: int = 8, seed: int = 0,
-                 offsets: Optional[np.ndarray] = None, weights: Optional[np.ndarray] = None
-                 ) -> Callable[[np.ndarray], np.ndarray]:
-    """Re-fit a copy of the default head on unlabelled images taken as upright (their 4 turns are the labels), as
-    `train --init default` does; `offsets` (quarter turns) and `weights` per image are the orientation check's
-    (trainer.orientation_check), None: every image as stored (--orientation-labels stored)."""
-    import keras
-
-    from trainer.default_model import load_head_weights
-
-    keras.utils.set_random_seed(seed)  # before the head is built: its dropout draws its seed when built
-    model, head = train_default.build_pooled_head({k: runner.meta[k] for k in train_default.HEAD_CONFIG})
-    load_head_weights(head)
-    temperature = float(runner.meta["temperature"])
-    x, y, w = train_default.turned_rows(feats, weights)
-    if offsets is not None:
-        y = (y + np.repeat(offsets, 4)) % 4
-    # The shipped logits are divided by T; train at T = 1 and fold T back in afterwards, as train_default does
-    # (`train` fits T again on the archive's val split, trainer.calibration; this half has no val of its own).
-    kernel, bias = head.logits.get_weights()
-    head.logits.set_weights([kernel * temperature, bias * temperature])
-    model.compile(optimizer=keras.optimizers.Adam(3e-4), loss=keras.losses.SparseCategoricalCrossentropy())
-    model.fit(x, y, sample_weight=w, epochs=epochs, batch_size=64, verbose=0)
-    kernel, bias = head.logits.get_weights()
-    head.logits.set_weights([kernel / temperature, bias / temperature])
-    return lambda f: train_default.predict_turns(model, f)
-
-
-def stored_turned(feats: np.ndarray, probs: np.ndarray, share: float, seed: int
-                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """An archive with turned scans in it: a `share` of the images stored turned 90, 180 or 270 (drawn with
-    `seed`). Returns its [N, 4 turns, ...] features and [N, 4, 4] answers as stored (row j: the stored image turned
-    j more), and each image's true stored turn (quarter turns)."""
-    rng = np.random.default_rng(1000 + seed)
-    turn = np.where(rng.random(len(feats)) < share, rng.integers(1, 4, len(feats)), 0)
-    order = (turn[:, None] + np.arange(4)) % 4
-    rows = np.arange(len(feats))[:, None]
-    return feats[rows, order], probs[rows, order], turn
-
-
-def orientation_check_of(stored_probs: np.ndarray):
-    """trainer.orientation_check on an archive's [N, 4, 4] calibrated answers as stored (all taken as upright)."""
-    from trainer import orientation_check
-
-    n = len(stored_probs)
-    layouts = {"archive": ([str(i) for i in range(n)], np.full(n, 4), np.zeros(n, np.int64))}
-    return orientation_check.check({"archive": stored_probs.reshape(-1, 4)}, layouts, temperature=1.0)
-
-
-def archive_tuning_runs(runner: DefaultModelRunner, feats: np.ndarray, probs: np.ndarray, tune: np.ndarray,
-                        evaluation: np.ndarray, kinds: np.ndarray) -> Dict[str, List[np.ndarray]]:
-    """The archive-tuned heads' answers on the eval half, TUNING_SEEDS runs each: tuned on the other half as it
-    is (upright), and on it with TURNED_SHARES of its images turned, labels as stored or checked."""
-    runs: Dict[str, List[np.ndarray]] = {"upright": []}
-    for seed in range(TUNING_SEEDS):
-        runs["upright"].append(archive_tune(runner, feats[tune], seed=seed)(feats[evaluation]))
-    for share in TURNED_SHARES:
-        for labels in ("stored", "checked"):
-            runs[f"{share}/{labels}"] = []
-        found = []
-        for seed in range(TUNING_SEEDS):
-            stored_feats, stored_probs, truth = stored_turned(feats[tune], probs[tune], share, seed)
-            runs[f"{share}/stored"].append(archive_tune(runner, stored_feats, seed=seed)(feats[evaluation]))
-            result = orientation_check_of(stored_probs)
-            offsets, weights = result.offsets["archive"], result.weights["archive"]
-            runs[f"{share}/checked"].append(
-                archive_tune(runner, stored_feats, seed=seed, offsets=offsets, weights=weights)(feats[evaluation]))
-            found.append((float(np.mean(truth > 0)), 1 - float(result.turn_mix[0]), float(np.mean(offsets == truth)),
-                          float(np.mean(offsets[truth > 0] == truth[truth > 0])),
-                          float(np.mean(offsets[truth == 0] == 0))))
-        mean = np.mean(found, axis=0)
-        print(f"orientation check, tuning half with {100 * share:.0f}% turned (mean of {TUNING_SEEDS} draws): "
-              f"{100 * mean[0]:.1f}% turned, estimated {100 * mean[1]:.1f}%; each image given its true turn: "
-              f"{100 * mean[2]:.1f}% (turned ones {100 * mean[3]:.1f}%, upright ones {100 * mean[4]:.1f}%), against "
-              f"{100 * (1 - mean[0]):.1f}% with every image taken as stored", flush=True)
-    for name, answers in runs.items():
-        for kind in (corpus.PHOTO, corpus.PAGE):
-            each = [train_default.accuracy(train_default.test_time_turns(a)[kinds[evaluation] == kind])
-                    for a in answers]
-            print(f"archive-tuned ({name}) + test-time turns, eval half, {kind}s by seed: "
-                  + " / ".join(f"{100 * v:.1f}%" for v in each), flush=True)
-    return runs
-
-
-def write_confusions(folder: str, methods: Dict[str, np.ndarray], kinds: np.ndarray) -> List[str]:
-    """confusion_<method>_<kind>.png (rows: the turn applied, columns: the turn answered) for each method and kind;
-    the 4x4 counts are printed too."""
-    from trainer.evaluate import confusion_matrix, draw_confusion_matrix
-
-    names = [f"{d} cw" for d in TURNS]
-    paths = []
-    for method, probs in methods.items():
-        for kind in (corpus.PHOTO, corpus.PAGE):
-            chosen = probs[kinds == kind]  # [N, 4 turns applied, 4 answers]
-            truth = np.tile(np.arange(4), len(chosen))
-            cm = confusion_matrix(truth, chosen.reshape(-1, 4).argmax(-1), 4)
-            print(f"confusion, {method}, {kind}s (rows: turn applied 0/90/180/270; columns: answered):\n{cm}")
-            slug = method.replace(" + ", "_").replace(" ", "_").replace("-", "_")
-            paths.append(draw_confusion_matrix(
-                cm, names, f"{method}, {kind}s: {100 * np.trace(cm) / cm.sum():.1f}% of {cm.sum()}",
-                os.path.join(folder, f"confusion_{slug}_{kind}.png")))
-    return paths
-
-
-def write_misses(folder: str, images: Sequence[corpus.CorpusImage], probs: np.ndarray, method: str,
-                 thumb: int = 150, columns: int = 8, no_up: Sequence[str] = ()) -> List[str]:
-    """misses_<kind>.png: a contact sheet of the held-out images `method` gets wrong under at least one of the four
-    turns, each shown upright with how many of its turns it got right and its source package, fewest right first
-    (what the numbers alone hide: which subjects fail, and whether they would fool a person too). The images whose
-    paths are in `no_up` (listed as having no up) say so on the sheet and in the list's `no_up` column."""
-    from PIL import Image, ImageDraw
-
-    right = probs.argmax(-1) == np.arange(4)  # [N, 4 turns applied]
-    no_up = set(no_up)
-    paths = []
-    for kind in (corpus.PHOTO, corpus.PAGE):
-        missed = sorted((int(right[i].sum()), images[i].package, images[i].path) for i in range(len(images))
-                        if images[i].kind == kind and not right[i].all())
-        rows = max(1, -(-len(missed) // columns))
-        sheet = Image.new("RGB", (columns * thumb, rows * (thumb + 16) + 20), "white")
-        draw = ImageDraw.Draw(sheet)
-        draw.text((4, 4), f"{method}, {kind}s: {len(missed)} of {int(np.sum([i.kind == kind for i in images]))} "
-                          f"images wrong under at least one turn (shown upright; right turns of 4, package)",
-                  fill="black")
-        for k, (n_right, package, path) in enumerate(missed):
-            x, y = (k % columns) * thumb, 20 + (k // columns) * (thumb + 16)
-            try:
-                with Image.open(path) as image:
-                    image = image.convert("RGB")
-                    image.thumbnail((thumb - 4, thumb - 4))
-                    sheet.paste(image, (x + 2, y + 2))
-            except OSError:
-                draw.rectangle((x + 2, y + 2, x + thumb - 2, y + thumb - 2), fill="grey")
-            listed = path in no_up
-            draw.text((x + 2, y + thumb), f"{n_right}/4 " + ("no up (listed)" if listed else package[:20]),
-                      fill="grey" if listed else "red")
-        out = os.path.join(folder, f"misses_{kind}.png")
-        sheet.save(out)
-        paths.append(out)
-        listing = os.path.join(folder, f"misses_{kind}.tsv")
-        root = os.path.commonpath([image.path for image in images]) if len(images) > 1 else ""
-        with open(listing, "w") as f:  # the same misses as text: which files, and what was answered per turn
-            f.write("right_turns\tpackage\tpath\tanswers_for_0_90_180_270\tno_up\n")
-            index = {image.path: i for i, image in enumerate(images)}
-            for n_right, package, path in missed:
-                answers = probs[index[path]].argmax(-1) * 90
-                shown = os.path.relpath(path, root) if root else path  # relative to the corpus folder
-                f.write(f"{n_right}\t{package}\t{shown}\t{','.join(str(int(a)) for a in answers)}\t"
-                        f"{'listed' if path in no_up else ''}\n")
-        paths.append(listing)
-    return paths
 
 
 def _pct(value: float) -> str:

@@ -1,14 +1,50 @@
 """The built-in orientation model as a servable version: exported once (in the launcher) and reused.
 
-score and the demo call this when no model is named; it is the one place outside `trainer/` that knows how the
-shipped default model is built, so Beam code never imports the trainer: workers only load the SavedModel.
+score and the demo call this when no model is named, and `archive-vision export --model default` writes it; it is the
+one place that turns trainer.default_model's shipped weights into an export, so the trainer never imports serving
+and Beam code never imports the trainer: workers only load the SavedModel.
 """
 from __future__ import annotations
 
+import json
+import os
+from typing import Optional
 
-def builtin_model_dir() -> str:
-    """The shipped default orientation model as a SavedModel version dir (trainer.default_model.default_export_dir:
-    exported on first use into $ARCHIVE_VISION_CACHE, keyed by the weights and the export format)."""
-    from trainer.default_model import default_export_dir
+from serving.export import EXPORT_FORMAT, export_model
 
-    return default_export_dir()
+
+def default_cache_dir() -> str:
+    """Where exports of the default model are kept: $ARCHIVE_VISION_CACHE or ~/.cache/archive_vision."""
+    root = os.environ.get("ARCHIVE_VISION_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "archive_vision")
+    return os.path.join(root, "default_orientation")
+
+
+def builtin_model_dir(cache_dir: Optional[str] = None) -> str:
+    """The default model as a TF Serving SavedModel version dir, exported once per shipped weights file.
+
+    The export base is keyed by the weights' hash and the export format, so a package upgrade (or a new export
+    format) exports afresh and an existing export is reused as is (score and TF Serving then load it like any
+    other exported model).
+    """
+    from trainer.default_model import DEFAULT_MODEL_NAME, HEAD_WEIGHTS, weights_digest
+
+    base = os.path.join(cache_dir or default_cache_dir(), f"{weights_digest(HEAD_WEIGHTS)}-v{EXPORT_FORMAT}")
+    version_dir = os.path.join(base, DEFAULT_MODEL_NAME, "1")
+    if os.path.exists(os.path.join(version_dir, "saved_model.pb")):
+        return version_dir
+    return export_default_model(base, DEFAULT_MODEL_NAME, version=1)
+
+
+def export_default_model(export_base: str, model_name: Optional[str] = None, version: Optional[int] = None) -> str:
+    """Write the default model as `<export_base>/<model_name>/<version>` for TF Serving (`archive-vision export
+    --model default`); the head's config and provenance go along as an asset, and its score_settings (the policy the
+    graph is built with) in the export's metadata."""
+    from trainer import default_model
+
+    meta = default_model.head_metadata()
+    return export_model(default_model.build_default_orientation_model(), export_base,
+                        model_name=model_name or default_model.DEFAULT_MODEL_NAME, class_names=None,
+                        image_size=default_model.DEFAULT_IMAGE_SIZE, version=version,
+                        score_settings=default_model.score_settings(),
+                        extra_assets={"default_orientation_head.json": json.dumps(meta, indent=1, sort_keys=True)})

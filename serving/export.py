@@ -398,7 +398,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     try:
         if args.model == "default":
-            from trainer.default_model import export_default_model
+            from serving.builtin import export_default_model
 
             print(export_default_model(args.export_base, args.model_name or DEFAULT_MODEL_NAME, args.version))
             return 0

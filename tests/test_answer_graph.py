@@ -479,7 +479,7 @@ def test_a_class_only_model_averages_every_images_classes_over_four_turns():
 
 @pytest.fixture(scope="module")
 def default_export(tmp_path_factory):
-    from trainer.default_model import export_default_model
+    from serving.builtin import export_default_model
 
     limit_tf_threads()
     version_dir = export_default_model(str(tmp_path_factory.mktemp("default_export")), version=1)

@@ -15,6 +15,7 @@ import tensorflow as tf
 from PIL import Image
 from skimage import data as skimage_data
 
+from serving import builtin
 from trainer import default_model
 from trainer.preprocessing import preprocess_image_bytes
 
@@ -115,10 +116,10 @@ def test_export_serves_the_same_answer_from_image_bytes(monkeypatch, cache_root,
     from serving import policy as P
 
     monkeypatch.setenv("ARCHIVE_VISION_CACHE", cache_root)
-    version_dir = default_model.default_export_dir()
+    version_dir = builtin.builtin_model_dir()
     assert version_dir.startswith(cache_root)
     assert os.path.exists(os.path.join(version_dir, "saved_model.pb"))
-    assert default_model.default_export_dir() == version_dir  # exported once, then reused
+    assert builtin.builtin_model_dir() == version_dir  # exported once, then reused
     serve = tf.saved_model.load(version_dir).signatures["serving_default"]
     images = turned_images[:4]
     served = {k: v.numpy() for k, v in serve(images=tf.constant([data for _, _, data in images])).items()}

@@ -142,38 +142,3 @@ def weights_digest(path: str) -> str:
     """The first 12 hex digits of the file's SHA-256: names which shipped weights a thing was made from."""
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:12]
-
-
-def default_cache_dir() -> str:
-    """Where exports of the default model are kept: $ARCHIVE_VISION_CACHE or ~/.cache/archive_vision."""
-    root = os.environ.get("ARCHIVE_VISION_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "archive_vision")
-    return os.path.join(root, "default_orientation")
-
-
-def default_export_dir(cache_dir: Optional[str] = None) -> str:
-    """The default model as a TF Serving SavedModel version dir, exported once per shipped weights file.
-
-    The export base is keyed by the weights' hash and the export format, so a package upgrade (or a new export
-    format) exports afresh and an existing export is reused as is (score and TF Serving then load it like any
-    other exported model).
-    """
-    from serving.export import EXPORT_FORMAT
-
-    base = os.path.join(cache_dir or default_cache_dir(), f"{weights_digest(HEAD_WEIGHTS)}-v{EXPORT_FORMAT}")
-    version_dir = os.path.join(base, DEFAULT_MODEL_NAME, "1")
-    if os.path.exists(os.path.join(version_dir, "saved_model.pb")):
-        return version_dir
-    return export_default_model(base, DEFAULT_MODEL_NAME, version=1)
-
-
-def export_default_model(export_base: str, model_name: str = DEFAULT_MODEL_NAME, version: Optional[int] = None) -> str:
-    """Write the default model as `<export_base>/<model_name>/<version>` for TF Serving (`archive-vision export
-    --model default`); the head's config and provenance go along as an asset, and its score_settings in the export's
-    metadata."""
-    from serving.export import export_model
-
-    meta = head_metadata()
-    return export_model(build_default_orientation_model(), export_base, model_name=model_name, class_names=None,
-                        image_size=DEFAULT_IMAGE_SIZE, version=version, score_settings=score_settings(),
-                        extra_assets={"default_orientation_head.json": json.dumps(meta, indent=1, sort_keys=True)})
