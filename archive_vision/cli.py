@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "serve": ("serving.server", "local TF-Serving-compatible gRPC server"),
     "score": ("pipelines.score", "Beam job: classify and orient an archive through a model"),
     "report": ("pipelines.report", "write the HTML report of a score run"),
+    "activations": ("trainer.activations", "what the backbone sees: feature maps of a few layers for some images"),
     "checkset": ("archive_vision.check_set", "turn images known to be upright four ways, with truth.csv for score"),
     "demo": ("archive_vision.demo", "build a sample archive and run the whole chain end to end"),
     "submit": ("archive_vision.cluster", "render / submit a multi-worker training job to Kubernetes"),
@@ -23,7 +24,7 @@ SUBCOMMANDS = {
 def _usage() -> str:
     lines = ["usage: archive-vision <command> [options]   (archive-vision <command> --help)", "", "commands:"]
     for name, (module, text) in SUBCOMMANDS.items():
-        lines.append(f"  {name:<8} {text}")
+        lines.append(f"  {name:<11} {text}")
     return "\n".join(lines)
 
 

@@ -1,7 +1,6 @@
 """`archive-vision report`: one self-contained HTML page about a score run, and pictures of what the backbone sees.
 
     archive-vision report DST [--truth manifest.csv|parquet]      -> DST/report.html
-    archive-vision report --activations IMAGE... --model PATH      -> OUT/activations.html (+ one PNG per image)
 
 The page inlines every picture as base64 (no files beside it, nothing fetched): counts per decision and class,
 contact sheets of auto_rotate images before/after, review images with their top guesses, a sample of ok
@@ -23,7 +22,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from pipelines.activations import write_activations  # noqa: F401 - report --activations, and tests
 from pipelines.cli import command_parser
 from pipelines.pictures import (THUMB_SIZE, _CSS, _jpeg_data_uri, _png_data_uri,  # noqa: F401
                                 confusion_picture, load_page)
@@ -480,38 +478,20 @@ def write_report(output: str, truth: Optional[str] = None, per_section: int = DE
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = command_parser(
         "archive-vision report",
-        examples=("archive-vision report scores/2026-01-01 --truth labelled.csv",
-                  "archive-vision report --activations scan1.jpg scan2.png --model job/export --activations-dir act"),
-        description="Write DST/report.html for a score run (one self-contained page), or with --activations the "
-                    "feature maps of backbone layers for some images.")
-    parser.add_argument("output", nargs="?", help="the score --output folder (holds results.parquet)")
+        examples=("archive-vision report scores/2026-01-01",
+                  "archive-vision report scores/2026-01-01 --truth labelled.csv   # the figures against a truth"),
+        description="Write OUTPUT/report.html for a score run (one self-contained page), again, against another "
+                    "truth manifest if asked. (What the backbone sees: archive-vision activations.)")
+    parser.add_argument("output", help="the score --output folder (holds results.parquet)")
     parser.add_argument("--truth", help="labelled manifest (.csv/.parquet: uri + label and/or orientation) for "
                                         "confusion matrices and per-class accuracy")
     parser.add_argument("--per-section", type=int, default=DEFAULT_PER_SECTION, help="most thumbnails per sheet")
-    parser.add_argument("--activations", nargs="+", metavar="IMAGE", help="images to show feature maps for")
-    parser.add_argument("--model", default="", help="with --activations: an export (version dir or base; its "
-                                                    "training_config.json names the backbone) or a .keras model")
-    parser.add_argument("--backbone", default="", help="with --activations and no --model: a backbone name")
-    parser.add_argument("--layers", default="", help="comma-separated layer names (default: 4 spread out)")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--activations-dir", default="", help="where activations.html goes (default: OUTPUT or "
-                                                             "./activations)")
-    args = parser.parse_args(argv)
-    if not args.activations and not args.output:
-        parser.error("pass the score output folder, or --activations IMAGE...")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`archive-vision report`."""
     args = _parse_args(argv)
-    if args.activations:
-        out = args.activations_dir or args.output or "activations"
-        path = write_activations(args.activations, out, model_path=args.model, backbone=args.backbone,
-                                 layers=[n.strip() for n in args.layers.split(",") if n.strip()],
-                                 image_size=args.image_size)
-        print(f"activations: {path}")
-        return 0
     tables = read_run(args.output)
     metrics = truth_metrics(tables[0], read_truth(args.truth)) if args.truth else None
     path = write_report(args.output, truth=args.truth, per_section=args.per_section, metrics=metrics, tables=tables)

@@ -3,15 +3,12 @@ half of the held-out sources, and on archives with turned scans in them, measure
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from research import orientation_corpus as corpus
 from research import train_default
-
-if TYPE_CHECKING:  # the study's runner, which imports this module
-    from research.quality import DefaultModelRunner
 
 
 def tuning_half(image: corpus.CorpusImage) -> bool:
@@ -23,7 +20,7 @@ TUNING_SEEDS = 3          # the archive-tuned rows are means over this many tuni
 TURNED_SHARES = (0.25, 0.5)  # archives with this share of their scans turned, still taken as upright
 
 
-def archive_tune(runner: DefaultModelRunner, feats: np.ndarray, epochs: int = 8, seed: int = 0,
+def archive_tune(runner, feats: np.ndarray, epochs: int = 8, seed: int = 0,
                  offsets: Optional[np.ndarray] = None, weights: Optional[np.ndarray] = None
                  ) -> Callable[[np.ndarray], np.ndarray]:
     """Re-fit a copy of the default head on unlabelled images taken as upright (their 4 turns are the labels), as
@@ -72,7 +69,7 @@ def orientation_check_of(stored_probs: np.ndarray):
     return orientation_check.check({"archive": stored_probs.reshape(-1, 4)}, layouts, temperature=1.0)
 
 
-def archive_tuning_runs(runner: DefaultModelRunner, feats: np.ndarray, probs: np.ndarray, tune: np.ndarray,
+def archive_tuning_runs(runner, feats: np.ndarray, probs: np.ndarray, tune: np.ndarray,
                         evaluation: np.ndarray, kinds: np.ndarray) -> Dict[str, List[np.ndarray]]:
     """The archive-tuned heads' answers on the eval half, TUNING_SEEDS runs each: tuned on the other half as it
     is (upright), and on it with TURNED_SHARES of its images turned, labels as stored or checked."""

@@ -6,11 +6,10 @@ and Beam code never imports the trainer: workers only load the SavedModel.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
-from serving.export import EXPORT_FORMAT, export_model
+from serving.export import EXPORT_FORMAT, export_default_model
 
 
 def default_cache_dir() -> str:
@@ -34,17 +33,3 @@ def builtin_model_dir(cache_dir: Optional[str] = None) -> str:
     if os.path.exists(os.path.join(version_dir, "saved_model.pb")):
         return version_dir
     return export_default_model(base, DEFAULT_MODEL_NAME, version=1)
-
-
-def export_default_model(export_base: str, model_name: Optional[str] = None, version: Optional[int] = None) -> str:
-    """Write the default model as `<export_base>/<model_name>/<version>` for TF Serving (`archive-vision export
-    --model default`); the head's config and provenance go along as an asset, and its score_settings (the policy the
-    graph is built with) in the export's metadata."""
-    from trainer import default_model
-
-    meta = default_model.head_metadata()
-    return export_model(default_model.build_default_orientation_model(), export_base,
-                        model_name=model_name or default_model.DEFAULT_MODEL_NAME, class_names=None,
-                        image_size=default_model.DEFAULT_IMAGE_SIZE, version=version,
-                        score_settings=default_model.score_settings(),
-                        extra_assets={"default_orientation_head.json": json.dumps(meta, indent=1, sort_keys=True)})

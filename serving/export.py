@@ -290,6 +290,20 @@ def export_model(model, export_base: str, *, model_name: str = DEFAULT_MODEL_NAM
     return version_dir
 
 
+def export_default_model(export_base: str, model_name: Optional[str] = None, version: Optional[int] = None) -> str:
+    """Write the default model as `<export_base>/<model_name>/<version>` for TF Serving (`archive-vision export
+    --model default`); the head's config and provenance go along as an asset, and its score_settings (the policy the
+    graph is built with) in the export's metadata."""
+    from trainer import default_model
+
+    meta = default_model.head_metadata()
+    return export_model(default_model.build_default_orientation_model(), export_base,
+                        model_name=model_name or default_model.DEFAULT_MODEL_NAME, class_names=None,
+                        image_size=default_model.DEFAULT_IMAGE_SIZE, version=version,
+                        score_settings=default_model.score_settings(),
+                        extra_assets={"default_orientation_head.json": json.dumps(meta, indent=1, sort_keys=True)})
+
+
 def load_keras_model(path: str, trust_saved_model: bool = False):
     """Load a trainer-saved Keras model from a .keras file or a job dir holding one (the trainer's model.keras, else
     the newest .keras under it). Keras refuses a model that loads an outside SavedModel (a hub: backbone) unless
@@ -398,8 +412,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     try:
         if args.model == "default":
-            from serving.builtin import export_default_model
-
             print(export_default_model(args.export_base, args.model_name or DEFAULT_MODEL_NAME, args.version))
             return 0
         model, model_path = load_keras_model(args.model, trust_saved_model=args.trust_saved_model)

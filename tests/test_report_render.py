@@ -277,7 +277,9 @@ def test_activations_show_feature_maps_of_chosen_layers(tmp_path):
     image = str(tmp_path / "scan.png")
     sf.write_turned_archive(str(tmp_path), {"scan": 90})
 
-    html_path = report.write_activations([image], str(tmp_path / "act"), model_path=path, layers=["early", "late"])
+    from trainer.activations import write_activations
+
+    html_path = write_activations([image], str(tmp_path / "act"), model_path=path, layers=["early", "late"])
 
     page = open(html_path, encoding="utf-8").read()
     assert "early 30x30x6" in page and "late 28x28x5" in page

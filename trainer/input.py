@@ -22,7 +22,7 @@ from pipelines import schema
 from trainer import preprocessing
 from trainer.config import TrainConfig
 
-CLASS_OUTPUT = "class_probabilities"
+CLASS_OUTPUT = schema.CLASS_PROBABILITIES
 ORIENTATION_OUTPUT = schema.ORIENTATION_PROBABILITIES
 TURNS = schema.ORIENTATIONS
 LABELS_FILENAME = "labels.json"

@@ -11,7 +11,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import keras
 import tensorflow as tf
 
-from trainer.input import CLASS_OUTPUT, ORIENTATION_OUTPUT
+from pipelines.schema import CLASS_PROBABILITIES as CLASS_OUTPUT
+from pipelines.schema import ORIENTATION_PROBABILITIES as ORIENTATION_OUTPUT
 
 
 def _grid_bounds(length: int, cells: int) -> List[Tuple[int, int]]:

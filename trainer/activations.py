@@ -1,15 +1,18 @@
-"""What the frozen backbone sees (`archive-vision report --activations`): feature maps of a few layers and a
-mean-activation overlay, as one self-contained HTML page."""
+"""What the frozen backbone sees (`archive-vision activations`): feature maps of a few layers and a mean-activation
+overlay, as one self-contained HTML page."""
 from __future__ import annotations
 
+import argparse
 import html
+import sys
 import json
 import os
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
+from pipelines.cli import command_parser
 from pipelines.pictures import _CSS, _jpeg_data_uri, _png_data_uri, colour_map
 
 def _backbone_from(path: str, backbone: str, image_size: int):
@@ -172,3 +175,32 @@ def write_activations(images: Sequence[str], output: str, *, model_path: str = "
 # ---------------------------------------------------------------- CLI
 
 
+def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = command_parser(
+        "archive-vision activations",
+        examples=("archive-vision activations scan1.jpg scan2.png --model jobs/run1/export --output act",
+                  "archive-vision activations scan1.jpg --backbone mobilenet_v2 --layers block_3_add,block_13_add"),
+        description="Write OUTPUT/activations.html: the feature maps of a few backbone layers and a mean-activation "
+                    "overlay for some images.")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="images to show feature maps for")
+    parser.add_argument("--model", default="", help="an export (version dir or base; its training_config.json "
+                                                    "names the backbone) or a .keras model")
+    parser.add_argument("--backbone", default="", help="without --model: a backbone name")
+    parser.add_argument("--layers", default="", help="comma-separated layer names (default: 4 spread out)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--output", default="activations", help="where activations.html goes")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`archive-vision activations`."""
+    args = _parse_args(argv)
+    path = write_activations(args.images, args.output, model_path=args.model, backbone=args.backbone,
+                             layers=[n.strip() for n in args.layers.split(",") if n.strip()],
+                             image_size=args.image_size)
+    print(f"activations: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
