@@ -1,9 +1,20 @@
 """Multi-worker training on a cluster: TF_CONFIG per worker, the Kubernetes manifest, and `submit`.
 
-`archive-vision submit` (this module's `main`) renders one Kubernetes Job per worker plus a headless Service
-whose DNS names the workers use to find each other, each Job carrying its own TF_CONFIG (the cluster's
-worker list and that pod's task index), and pipes the YAML to `kubectl apply -f -` (or prints it with
-`--dry-run`). `--kind tfjob` renders a Kubeflow TFJob instead (the training operator then writes TF_CONFIG).
+`archive-vision submit` (this module's `main`) renders the training job and pipes the YAML to
+`kubectl apply -f -` (or prints it with `--dry-run`). Three kinds:
+
+- `jobset` (the default for more than one worker): one JobSet (jobset.x-k8s.io/v1alpha2) holding one Indexed
+  Job of N pods. Any pod failing fails that Job and the JobSet controller recreates all the workers together
+  (`failurePolicy.maxRestarts`), so a restarted worker never leaves its peers stuck in collective ops; exit
+  code 2 (usage or setup error, e.g. no GPU visible) fails the JobSet at once instead of restarting it.
+  Each pod's TF_CONFIG names every pod's JobSet DNS name, its own index coming from the Job's completion index.
+- `jobs` (the default for one worker): a headless Service plus one Job per worker, each with its own TF_CONFIG
+  (works without the JobSet controller, but a worker restarts alone).
+- `tfjob`: a Kubeflow TFJob (the training operator writes TF_CONFIG).
+
+With `--gpus-per-worker N > 0` the pods run the CUDA image (the `-gpu` tag, infra/docker/Dockerfile built
+with `TF_PACKAGE='tensorflow[and-cuda]==...'`) and the trainer gets `--require-gpus N`, so a pod that sees no
+GPU stops with the reason instead of training on the CPU.
 
 Each pod runs `python -m archive_vision.cluster train-staged -- <trainer flags>`: gs:// data is copied to a
 local cache and the job dir is trained locally, then uploaded to its gs:// location, through Beam's
@@ -25,6 +36,15 @@ import sys
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 DEFAULT_IMAGE = "us-docker.pkg.dev/PROJECT/archive-vision/archive-vision:0.1.0"
+GPU_TAG_SUFFIX = "-gpu"  # the CUDA build of the same image (README: --build-arg TF_PACKAGE='tensorflow[and-cuda]...')
+DEFAULT_GPU_IMAGE = DEFAULT_IMAGE + GPU_TAG_SUFFIX
+JOBSET_REPLICATED_JOB = "worker"
+# The index Kubernetes gives each pod of an Indexed Job (JOB_COMPLETION_INDEX is the same value, but it is
+# appended after the template's env vars, so TF_CONFIG could not refer to it).
+COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+WORKER_INDEX_ENV = "WORKER_INDEX"
+# Exit codes that no restart can fix (trainer.task: 2 = usage or setup error, e.g. no GPU visible).
+NON_RETRYABLE_EXIT_CODES = (2,)
 TRAINING_PORT = 2222
 DEFAULT_CACHE = "/var/cache/archive-vision"
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -39,6 +59,18 @@ def worker_addresses(name: str, num_workers: int, namespace: str = "default", po
     if num_workers < 1:
         raise ValueError("a training cluster needs at least one worker")
     return [f"{name}-worker-{i}.{name}.{namespace}.svc:{port}" for i in range(num_workers)]
+
+
+def jobset_worker_addresses(name: str, num_workers: int, namespace: str = "default",
+                            port: int = TRAINING_PORT) -> List[str]:
+    """`host:port` of every pod of a JobSet `name` whose one replicated Job is an Indexed Job of `num_workers` pods.
+
+    JobSet's DNS names: `<jobset>-<replicatedJob>-<jobIndex>-<podIndex>.<subdomain>` (subdomain = the JobSet's name,
+    served by the headless Service the JobSet controller creates); here jobIndex is always 0.
+    """
+    if num_workers < 1:
+        raise ValueError("a training cluster needs at least one worker")
+    return [f"{name}-{JOBSET_REPLICATED_JOB}-0-{i}.{name}.{namespace}.svc:{port}" for i in range(num_workers)]
 
 
 def build_tf_config(addresses: Sequence[str], task_index: int) -> Dict[str, object]:
@@ -87,7 +119,7 @@ class TrainingJob:
     name: str
     data: str
     job_dir: str
-    image: str = DEFAULT_IMAGE
+    image: str = ""                 # empty: the project image, its -gpu tag when gpus_per_worker > 0
     num_workers: int = 2
     gpus_per_worker: int = 1
     namespace: str = "default"
@@ -98,33 +130,59 @@ class TrainingJob:
     cpu: str = "4"
     memory: str = "16Gi"
     cache_size: str = "100Gi"
+    allow_non_gpu_tag: bool = False  # take an explicit image whose tag does not end in -gpu for a GPU job
+    max_restarts: int = 3            # JobSet: how often the whole group is recreated after a worker fails
+
+    @property
+    def container_image(self) -> str:
+        """The image the pods run: --image, else the project image (its CUDA build when GPUs are asked for)."""
+        return self.image or (DEFAULT_GPU_IMAGE if self.gpus_per_worker else DEFAULT_IMAGE)
 
     def validate(self) -> None:
         """Raise ValueError for a job Kubernetes or the trainer would refuse."""
-        longest = f"{self.name}-worker-{self.num_workers - 1}"
+        longest = max(f"{self.name}-worker-{self.num_workers - 1}",
+                      f"{self.name}-{JOBSET_REPLICATED_JOB}-0-{self.num_workers - 1}", key=len)
         if not _DNS_LABEL.match(self.name) or len(longest) > 63:
             raise ValueError(f"--name {self.name!r} must be a DNS label (a-z, 0-9, '-') short enough for {longest!r} "
                              f"to fit 63 characters")
         if self.num_workers < 1 or self.gpus_per_worker < 0:
             raise ValueError("--workers >= 1 and --gpus-per-worker >= 0 are required")
+        if self.max_restarts < 0:
+            raise ValueError("--max-restarts >= 0 is required")
+        if self.gpus_per_worker and not _is_gpu_image(self.container_image) and not self.allow_non_gpu_tag:
+            raise ValueError(
+                f"--gpus-per-worker {self.gpus_per_worker} with --image {self.container_image}: that tag is not a "
+                f"'{GPU_TAG_SUFFIX}' one, and the CPU image's TensorFlow cannot use the GPUs (each pod would stop "
+                f"at start). Use the CUDA image (infra/docker/Dockerfile built with --build-arg "
+                f"TF_PACKAGE='tensorflow[and-cuda]==2.21.*', tagged e.g. :0.1.0{GPU_TAG_SUFFIX}), or pass "
+                f"--allow-non-gpu-tag if this image has CUDA under another tag")
         for flag, value in (("--data", self.data), ("--job-dir", self.job_dir)):
             if not value.startswith("gs://"):
                 raise ValueError(f"{flag} must be a gs:// location every pod can reach, got {value!r}")
         trainer_flags = {a.split("=", 1)[0] for a in self.trainer_args if a.startswith("--")}
         if trainer_flags & {"--data", "--job-dir"}:
             raise ValueError("pass --data and --job-dir to submit itself, not among the trainer flags")
+        if "--require-gpus" in trainer_flags:
+            raise ValueError("--require-gpus is set from --gpus-per-worker; do not pass it among the trainer flags")
         from trainer.config import config_from_args
 
         config_from_args(self.trainer_command_flags())  # the trainer's own parser: a bad flag fails here, not in a pod
 
     def trainer_command_flags(self) -> List[str]:
         """The flags `python -m trainer.task` gets (through train-staged)."""
-        return ["--data", self.data, "--job-dir", self.job_dir, *self.trainer_args]
+        gpus = ["--require-gpus", str(self.gpus_per_worker)] if self.gpus_per_worker else []
+        return ["--data", self.data, "--job-dir", self.job_dir, *gpus, *self.trainer_args]
 
     def container_command(self) -> List[str]:
         """The command each worker container runs."""
         return ["python", "-m", "archive_vision.cluster", "train-staged", "--cache", DEFAULT_CACHE, "--",
                 *self.trainer_command_flags()]
+
+
+def _is_gpu_image(image: str) -> bool:
+    """Whether `image`'s tag is a CUDA build's (`...:<version>-gpu`); a digest or no tag is not."""
+    last = image.rsplit("/", 1)[-1]
+    return "@" not in last and ":" in last and last.rsplit(":", 1)[1].endswith(GPU_TAG_SUFFIX)
 
 
 def _labels(job: TrainingJob, **extra: str) -> Dict[str, str]:
@@ -154,7 +212,7 @@ def _pod_placement(job: TrainingJob) -> Dict[str, object]:
 
 def _worker_container(job: TrainingJob, env: List[Dict[str, str]], command: List[str]) -> Dict[str, object]:
     return {
-        "name": "trainer", "image": job.image, "imagePullPolicy": "IfNotPresent", "command": command,
+        "name": "trainer", "image": job.container_image, "imagePullPolicy": "IfNotPresent", "command": command,
         "env": env + [{"name": "PYTHONUNBUFFERED", "value": "1"}],
         "ports": [{"name": "tf-worker", "containerPort": job.port}],
         "resources": _worker_resources(job),
@@ -202,6 +260,52 @@ def render_training_jobs(job: TrainingJob) -> List[Dict[str, object]]:
                                   "spec": pod_spec}},
         })
     return documents
+
+
+def jobset_tf_config_template(addresses: Sequence[str]) -> str:
+    """TF_CONFIG text whose task index is `$(WORKER_INDEX)`, which Kubernetes expands from the pod's earlier env var."""
+    placeholder = "__worker_index__"
+    text = json.dumps({"cluster": build_tf_config(addresses, 0)["cluster"],
+                       "task": {"type": "worker", "index": placeholder}})
+    return text.replace(json.dumps(placeholder), f"$({WORKER_INDEX_ENV})")
+
+
+def render_jobset(job: TrainingJob) -> List[Dict[str, object]]:
+    """A JobSet whose one Indexed Job runs every worker: the workers fail and restart as one group."""
+    job.validate()
+    addresses = jobset_worker_addresses(job.name, job.num_workers, job.namespace, job.port)
+    env = [{"name": WORKER_INDEX_ENV, "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX_FIELD}}},
+           {"name": "TF_CONFIG", "value": jobset_tf_config_template(addresses)}]
+    pod_spec: Dict[str, object] = {
+        "serviceAccountName": job.service_account,
+        # A failed pod fails its Job (backoffLimit 0) and JobSet recreates all workers; never restart one alone.
+        "restartPolicy": "Never",
+        "containers": [_worker_container(job, env, job.container_command())],
+        "volumes": _volumes(job),
+    }
+    pod_spec.update(_pod_placement(job))
+    job_spec = {
+        "completionMode": "Indexed", "completions": job.num_workers, "parallelism": job.num_workers,
+        "backoffLimit": 0,
+        # A usage or setup error (exit 2: bad flags or data, no GPU visible) fails the Job by this rule, and the
+        # JobSet's rule below then fails the whole set rather than restarting it.
+        "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+            "containerName": "trainer", "operator": "In", "values": list(NON_RETRYABLE_EXIT_CODES)}}]},
+        "template": {"metadata": {"labels": _labels(job)}, "spec": pod_spec},
+    }
+    return [{
+        "apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
+        "metadata": {"name": job.name, "namespace": job.namespace, "labels": _labels(job)},
+        "spec": {
+            # The controller creates the headless Service `subdomain`; pods resolve each other before Ready.
+            "network": {"enableDNSHostnames": True, "subdomain": job.name, "publishNotReadyAddresses": True},
+            "failurePolicy": {"maxRestarts": job.max_restarts, "rules": [
+                {"name": "UsageOrSetupError", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}]},
+            "ttlSecondsAfterFinished": 7 * 24 * 3600,
+            "replicatedJobs": [{"name": JOBSET_REPLICATED_JOB, "replicas": 1,
+                                "template": {"metadata": {"labels": _labels(job)}, "spec": job_spec}}],
+        },
+    }]
 
 
 def render_tfjob(job: TrainingJob) -> List[Dict[str, object]]:
@@ -426,11 +530,17 @@ def parse_submit_args(argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace
     """`archive-vision submit` flags -> the TrainingJob they describe (validated)."""
     parser = argparse.ArgumentParser(
         prog="archive-vision submit",
-        description="Render (and apply) the Kubernetes manifest of a multi-worker training job: one Job per worker "
-                    "with its TF_CONFIG plus a headless Service, or a Kubeflow TFJob. Flags after `--` go to "
-                    "the trainer (python -m trainer.task).")
+        description="Render (and apply) the Kubernetes manifest of a multi-worker training job: a JobSet whose "
+                    "workers restart together, one Job per worker plus a headless Service, or a Kubeflow TFJob. "
+                    "Flags after `--` go to the trainer (python -m trainer.task).")
     parser.add_argument("--name", default="archive-vision-train", help="job name (DNS label)")
-    parser.add_argument("--image", default=DEFAULT_IMAGE, help="the pipeline/trainer image (infra/docker/Dockerfile)")
+    parser.add_argument("--image", default="",
+                        help=f"the pipeline/trainer image (infra/docker/Dockerfile); default {DEFAULT_IMAGE}, or "
+                             f"its CUDA build {DEFAULT_GPU_IMAGE} with --gpus-per-worker > 0, where a tag not "
+                             f"ending in '{GPU_TAG_SUFFIX}' is refused")
+    parser.add_argument("--allow-non-gpu-tag", action="store_true",
+                        help="take --image for a GPU job although its tag does not end in -gpu (CUDA under another "
+                             "tag or a digest); the trainer still stops if it sees fewer GPUs than asked for")
     parser.add_argument("--workers", type=int, default=2, help="number of worker pods (worker 0 is the chief)")
     parser.add_argument("--gpus-per-worker", type=int, default=1, help="nvidia.com/gpu per pod (0: CPU only)")
     parser.add_argument("--accelerator", default="", help="GKE accelerator node label, e.g. nvidia-l4")
@@ -442,8 +552,14 @@ def parse_submit_args(argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace
     parser.add_argument("--port", type=int, default=TRAINING_PORT, help="port the workers' collective ops use")
     parser.add_argument("--cpu", default="4", help="CPU request per worker")
     parser.add_argument("--memory", default="16Gi", help="memory per worker")
-    parser.add_argument("--kind", choices=("jobs", "tfjob"), default="jobs",
-                        help="jobs: plain Jobs + headless Service; tfjob: Kubeflow training operator")
+    parser.add_argument("--kind", choices=("auto", "jobset", "jobs", "tfjob"), default="auto",
+                        help="jobset: a JobSet (needs the JobSet controller) whose workers fail and restart as one "
+                             "group; jobs: one Job per worker + headless Service (a worker restarts alone, its "
+                             "peers may hang); tfjob: Kubeflow training operator; auto: jobset for more than one "
+                             "worker, else jobs")
+    parser.add_argument("--max-restarts", type=int, default=3,
+                        help="jobset: how many times the whole group is recreated after a worker fails (each "
+                             "restart resumes from the job dir's backup)")
     parser.add_argument("--dry-run", action="store_true", help="print the YAML instead of applying it")
     parser.add_argument("--kubectl", default="kubectl", help="kubectl binary")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -453,6 +569,7 @@ def parse_submit_args(argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace
         argv, trainer_args = argv[:split], argv[split + 1:]
     args = parser.parse_args(argv)
     job = TrainingJob(name=args.name, data=args.data, job_dir=args.job_dir.rstrip("/"), image=args.image,
+                      allow_non_gpu_tag=args.allow_non_gpu_tag, max_restarts=args.max_restarts,
                       num_workers=args.workers, gpus_per_worker=args.gpus_per_worker, namespace=args.namespace,
                       port=args.port, trainer_args=tuple(trainer_args), service_account=args.service_account,
                       accelerator=args.accelerator, cpu=args.cpu, memory=args.memory)
@@ -468,7 +585,9 @@ def parse_submit_args(argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`archive-vision submit`: render the training manifest; apply it with kubectl unless --dry-run."""
     args, job = parse_submit_args(argv)
-    documents = render_tfjob(job) if args.kind == "tfjob" else render_training_jobs(job)
+    kind = args.kind if args.kind != "auto" else ("jobset" if job.num_workers > 1 else "jobs")
+    render = {"jobset": render_jobset, "jobs": render_training_jobs, "tfjob": render_tfjob}[kind]
+    documents = render(job)
     text = to_yaml(documents)
     if args.dry_run:
         sys.stdout.write(text)

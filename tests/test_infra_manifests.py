@@ -45,6 +45,8 @@ def pod_specs(doc: dict) -> list:
         return [spec["template"]["spec"] for spec in doc["spec"]["tfReplicaSpecs"].values()]
     if kind == "FlinkDeployment":
         return [doc["spec"]["taskManager"]["podTemplate"]["spec"]]
+    if kind == "JobSet":
+        return [rj["template"]["spec"]["template"]["spec"] for rj in doc["spec"]["replicatedJobs"]]
     return []
 
 
@@ -91,8 +93,8 @@ def test_every_manifest_parses_into_named_kubernetes_objects():
             for spec in pod_specs(doc):
                 # every pod reaches GCS as the one service account that Workload Identity maps
                 assert spec["serviceAccountName"] == "archive-vision", path
-    assert kinds >= {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap", "CronJob", "Job",
-                     "ServiceAccount"}
+    assert kinds >= {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap", "CronJob", "JobSet",
+                     "ServiceAccount", "PodDisruptionBudget", "PodMonitoring"}
 
 
 def missing_after_round_trip(original, typed, path=""):
@@ -121,8 +123,16 @@ def test_every_object_matches_the_kubernetes_api_schema_field_for_field(capsys):
         name="t", data="gs://b/d", job_dir="gs://b/j")) for w in d["spec"]["tfReplicaSpecs"].values()]
     # custom resources have no typed model here; the pod templates inside them do
     pod_templates += [d["spec"]["taskManager"]["podTemplate"] for d in docs if d["kind"] == "FlinkDeployment"]
+    jobsets = by_kind(docs, "JobSet") + cluster.render_jobset(cluster.TrainingJob(
+        name="t", data="gs://b/d", job_dir="gs://b/j", num_workers=3, gpus_per_worker=0))
+    assert len(jobsets) == 2  # the checked-in one and a CPU rendering
+    # a JobSet's replicated Job template is a batch/v1 JobTemplateSpec, which holds the pod template
+    job_templates = [rj["template"] for d in jobsets for rj in d["spec"]["replicatedJobs"]]
+    pod_templates += [t["spec"]["template"] for t in job_templates]
     checked = [(f"V{doc['apiVersion'].split('/')[-1][1:]}{doc['kind']}", doc) for doc in docs
-               if doc["apiVersion"].split("/")[0] in ("v1", "apps", "batch", "autoscaling")]
+               if doc["apiVersion"].split("/")[0] in ("v1", "apps", "batch", "autoscaling", "policy")]
+    assert "V1PodDisruptionBudget" in {model for model, _ in checked}
+    checked += [("V1JobTemplateSpec", t) for t in job_templates]
     checked += [("V1PodTemplateSpec" if "kind" not in t else "V1Pod", t) for t in pod_templates]
     for model, doc in checked:
         typed = api.sanitize_for_serialization(api._ApiClient__deserialize(doc, model))
@@ -143,8 +153,39 @@ def test_images_are_the_project_image_at_the_package_version_or_tf_serving_at_th
         elif repo.startswith("apache/beam_flink"):
             assert tag == beam_version, image  # the job server speaks the launcher's Beam version
         else:
-            assert (repo, tag) == (PROJECT_IMAGE_REPO, __version__), image
+            assert (repo, tag) in {(PROJECT_IMAGE_REPO, __version__), (PROJECT_IMAGE_REPO, __version__ + "-gpu")}, image
     assert "tensorflow/serving:" in " ".join(images) and cluster.DEFAULT_IMAGE in images
+    assert cluster.DEFAULT_GPU_IMAGE == f"{PROJECT_IMAGE_REPO}:{__version__}-gpu"
+
+
+def gpu_workloads() -> list:
+    """(image, GPUs asked for, trainer flags) of every training container and Vertex pool in infra/."""
+    found = []
+    for path in manifest_files():
+        for c in containers(load(path)):
+            if c.get("command", [])[:4] == ["python", "-m", "archive_vision.cluster", "train-staged"]:
+                found.append((c["image"], c["resources"].get("limits", {}).get("nvidia.com/gpu", 0),
+                              after_double_dash(c["command"])))
+    vertex = load(os.path.join(INFRA, "vertex", "custom_job.yaml"))[0]
+    for pool in vertex["workerPoolSpecs"]:
+        spec = pool["containerSpec"]
+        found.append((spec["imageUri"], pool["machineSpec"].get("acceleratorCount", 0),
+                      after_double_dash(spec["command"] + spec["args"])))
+    return found
+
+
+def test_gpu_workloads_run_the_cuda_image_and_make_the_trainer_require_their_gpus():
+    from trainer.config import config_from_args
+
+    workloads = gpu_workloads()
+    assert len(workloads) >= 3 and all(gpus > 0 for _, gpus, _ in workloads)
+    with open(os.path.join(INFRA, "docker", "Dockerfile"), encoding="utf-8") as f:
+        dockerfile = f.read()
+    cuda_package = "tensorflow[and-cuda]"
+    assert f"TF_PACKAGE='{cuda_package}==" in dockerfile  # how the -gpu tag is built
+    for image, gpus, flags in workloads:
+        assert image.endswith("-gpu"), image
+        assert config_from_args(flags).require_gpus == gpus, flags
 
 
 def test_dockerfile_builds_on_the_beam_sdk_image_of_the_installed_beam():
@@ -276,6 +317,7 @@ def test_worker_command_is_train_staged_around_flags_the_trainer_accepts():
             assert command[:4] == ["python", "-m", "archive_vision.cluster", "train-staged"]
             cfg = config_from_args(after_double_dash(command))
             assert cfg.job_dir.startswith("gs://") and cfg.data.startswith("gs://")
+            assert cfg.require_gpus == container["resources"]["limits"]["nvidia.com/gpu"]
     vertex = load(os.path.join(INFRA, "vertex", "custom_job.yaml"))[0]
     for pool in vertex["workerPoolSpecs"]:
         spec = pool["containerSpec"]
@@ -332,7 +374,7 @@ def test_submit_pipes_the_manifest_to_kubectl_apply(tmp_path, capsys):
     fake = tmp_path / "kubectl"
     fake.write_text(f"#!/bin/sh\necho \"$@\" > {record}.args\ncat > {record}.stdin\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    status = cluster.main(["--kubectl", str(fake), "--workers", "3", "--gpus-per-worker", "0",
+    status = cluster.main(["--kubectl", str(fake), "--workers", "3", "--gpus-per-worker", "0", "--kind", "jobs",
                            "--data", "gs://b/d", "--job-dir", "gs://b/j"])
     assert status == 0
     assert (tmp_path / "kubectl-call.args").read_text().split() == ["apply", "-f", "-"]
@@ -345,7 +387,7 @@ def test_submit_without_kubectl_prints_the_manifest_and_says_so(capsys):
     status = cluster.main(["--kubectl", "no-such-kubectl-binary", "--data", "gs://b/d", "--job-dir", "gs://b/j"])
     out, err = capsys.readouterr()
     assert status == 3 and "not found" in err
-    assert [d["kind"] for d in yaml.safe_load_all(out)] == ["Service", "Job", "Job"]
+    assert [d["kind"] for d in yaml.safe_load_all(out)] == ["JobSet"]  # 2 workers: restarted as one group
 
 
 def _dry_run(script: str, args: list, **env) -> list:
@@ -424,3 +466,181 @@ def test_launch_scripts_refuse_unknown_jobs_and_missing_settings():
     no_project = subprocess.run(["bash", os.path.join(INFRA, "dataflow/launch.sh"), "ingest"], capture_output=True,
                                 text=True, env=env, timeout=30)
     assert no_project.returncode != 0 and "PROJECT" in no_project.stderr
+
+
+# --------------------------------------------------------------------------------------------- JobSet, GPUs
+
+# The JobSet fields (jobset.x-k8s.io/v1alpha2) the kubernetes client has no model for: a small schema of our own.
+JOBSET_SPEC_FIELDS = {"replicatedJobs", "network", "successPolicy", "failurePolicy", "startupPolicy", "suspend",
+                      "coordinator", "managedBy", "ttlSecondsAfterFinished"}
+JOBSET_NETWORK_FIELDS = {"enableDNSHostnames", "subdomain", "publishNotReadyAddresses"}
+JOBSET_FAILURE_POLICY_FIELDS = {"maxRestarts", "restartStrategy", "rules"}
+JOBSET_FAILURE_RULE_FIELDS = {"name", "action", "onJobFailureReasons", "targetReplicatedJobs"}
+JOBSET_FAILURE_ACTIONS = {"FailJobSet", "RestartJobSet", "RestartJobSetAndIgnoreMaxRestarts"}
+JOBSET_REPLICATED_JOB_FIELDS = {"name", "groupName", "template", "replicas", "dependsOn"}
+DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def check_jobset_schema(doc: dict) -> None:
+    assert doc["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and doc["kind"] == "JobSet"
+    assert set(doc) <= {"apiVersion", "kind", "metadata", "spec"}
+    spec = doc["spec"]
+    assert set(spec) <= JOBSET_SPEC_FIELDS and spec["replicatedJobs"], set(spec) - JOBSET_SPEC_FIELDS
+    network = spec["network"]
+    assert set(network) <= JOBSET_NETWORK_FIELDS and all(
+        isinstance(network[k], bool) for k in ("enableDNSHostnames", "publishNotReadyAddresses") if k in network)
+    assert DNS_LABEL.match(network.get("subdomain", doc["metadata"]["name"]))
+    policy = spec["failurePolicy"]
+    assert set(policy) <= JOBSET_FAILURE_POLICY_FIELDS
+    assert isinstance(policy["maxRestarts"], int) and policy["maxRestarts"] >= 0
+    for rule in policy.get("rules", []):
+        assert set(rule) <= JOBSET_FAILURE_RULE_FIELDS and rule["action"] in JOBSET_FAILURE_ACTIONS
+        assert re.match(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", rule["name"])
+        assert set(rule.get("targetReplicatedJobs", [])) <= {rj["name"] for rj in spec["replicatedJobs"]}
+    assert isinstance(spec.get("ttlSecondsAfterFinished", 0), int)
+    for rj in spec["replicatedJobs"]:
+        assert set(rj) <= JOBSET_REPLICATED_JOB_FIELDS and DNS_LABEL.match(rj["name"])
+        assert isinstance(rj["replicas"], int) and rj["replicas"] >= 1
+        assert set(rj["template"]) <= {"metadata", "spec"}  # a batch/v1 JobTemplateSpec (round-tripped above)
+
+
+def expand_env(env: list, annotations: dict) -> dict:
+    """The env Kubernetes gives the container: fieldRefs to annotations read, `$(VAR)` of earlier vars expanded."""
+    values: dict = {}
+    for var in env:
+        if "valueFrom" in var:
+            path = var["valueFrom"]["fieldRef"]["fieldPath"]
+            key = re.fullmatch(r"metadata\.annotations\['([^']+)'\]", path).group(1)
+            values[var["name"]] = annotations[key]
+        else:
+            values[var["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                                         lambda m: values.get(m.group(1), m.group(0)), var["value"])
+    return values
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_jobset_pods_each_get_a_tf_config_naming_its_own_jobset_dns_name(workers):
+    job = cluster.TrainingJob(name="av-train", data="gs://b/data", job_dir="gs://b/job", num_workers=workers,
+                              gpus_per_worker=2, namespace="ml", trainer_args=("--epochs", "3"))
+    (jobset,) = cluster.render_jobset(job)
+    check_jobset_schema(jobset)
+    spec = jobset["spec"]
+    # every worker restarts with the group: a failed pod fails its Job, and JobSet recreates all of them
+    assert spec["network"]["enableDNSHostnames"] is True and spec["network"]["publishNotReadyAddresses"] is True
+    assert spec["failurePolicy"]["maxRestarts"] == job.max_restarts
+    (rj,) = spec["replicatedJobs"]
+    job_spec = rj["template"]["spec"]
+    pod = job_spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and job_spec["backoffLimit"] == 0
+    assert job_spec["completionMode"] == "Indexed" and job_spec["completions"] == job_spec["parallelism"] == workers
+    # exit 2 (usage or setup error) ends the JobSet instead of restarting it
+    (pod_rule,) = job_spec["podFailurePolicy"]["rules"]
+    assert pod_rule["action"] == "FailJob" and pod_rule["onExitCodes"]["values"] == [2]
+    assert pod_rule["onExitCodes"]["containerName"] == pod["containers"][0]["name"]
+    (set_rule,) = spec["failurePolicy"]["rules"]
+    assert set_rule["action"] == "FailJobSet" and set_rule["onJobFailureReasons"] == ["PodFailurePolicy"]
+    container = pod["containers"][0]
+    port = container["ports"][0]["containerPort"]
+    # JobSet's DNS names: <jobset>-<replicatedJob>-<jobIndex>-<podIndex>.<subdomain>(.<namespace>.svc)
+    subdomain = spec["network"]["subdomain"]
+    expected = [f"{jobset['metadata']['name']}-{rj['name']}-{j}-{p}.{subdomain}.ml.svc:{port}"
+                for j in range(rj["replicas"]) for p in range(job_spec["completions"])]
+    clusters = []
+    for index in range(workers):
+        env = expand_env(container["env"], {"batch.kubernetes.io/job-completion-index": str(index)})
+        tf_config = json.loads(env["TF_CONFIG"])
+        cluster.validate_tf_config(tf_config)
+        assert tf_config["task"] == {"type": "worker", "index": index}
+        assert tf_config["cluster"]["worker"][index] == expected[index]
+        clusters.append(tf_config["cluster"])
+    assert all(c == {"worker": expected} for c in clusters)
+    assert max(len(a.split(".")[0]) for a in expected) <= 63
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2 and container["image"].endswith(":0.1.0-gpu")
+    assert after_double_dash(container["command"])[4:6] == ["--require-gpus", "2"]
+
+
+def test_checked_in_jobset_passes_the_schema_check():
+    (jobset,) = by_kind(load(os.path.join(K8S, "training-multiworker.yaml")), "JobSet")
+    check_jobset_schema(jobset)
+    with pytest.raises(AssertionError):
+        check_jobset_schema({**jobset, "spec": {**jobset["spec"], "failurePolicy": {"maxRestart": 3}}})
+
+
+@pytest.mark.parametrize("argv, kinds", [
+    (["--workers", "2"], ["JobSet"]),
+    (["--workers", "1"], ["Service", "Job"]),
+    (["--workers", "2", "--kind", "jobs"], ["Service", "Job", "Job"]),
+    (["--workers", "1", "--kind", "jobset"], ["JobSet"]),
+    (["--workers", "2", "--kind", "tfjob"], ["TFJob"]),
+])
+def test_submit_restarts_multi_worker_jobs_as_a_group_by_default(argv, kinds, capsys):
+    assert cluster.main(["--dry-run", "--data", "gs://b/d", "--job-dir", "gs://b/j", *argv]) == 0
+    assert [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)] == kinds
+
+
+def _rendered_container(argv: list, capsys) -> dict:
+    assert cluster.main(["--dry-run", "--data", "gs://b/d", "--job-dir", "gs://b/j", *argv]) == 0
+    return containers(list(yaml.safe_load_all(capsys.readouterr().out)))[0]
+
+
+def test_submit_picks_the_cuda_image_for_gpus_and_the_cpu_image_without(capsys):
+    gpu = _rendered_container(["--gpus-per-worker", "2"], capsys)
+    assert gpu["image"] == cluster.DEFAULT_GPU_IMAGE
+    assert after_double_dash(gpu["command"])[4:6] == ["--require-gpus", "2"]
+    cpu = _rendered_container(["--gpus-per-worker", "0"], capsys)
+    assert cpu["image"] == cluster.DEFAULT_IMAGE and "--require-gpus" not in cpu["command"]
+    mine = _rendered_container(["--image", "eu.gcr.io/p/av:7-gpu"], capsys)
+    assert mine["image"] == "eu.gcr.io/p/av:7-gpu"
+    # a CUDA image under another tag is taken when told so; the trainer still checks the GPUs it sees
+    digest = "eu.gcr.io/p/av@sha256:" + "0" * 64
+    taken = _rendered_container(["--image", digest, "--allow-non-gpu-tag"], capsys)
+    assert taken["image"] == digest and after_double_dash(taken["command"])[4:6] == ["--require-gpus", "1"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image", "us-docker.pkg.dev/p/r/archive-vision:0.1.0"], "not a '-gpu' one"),
+    (["--image", "localhost:5000/archive-vision"], "not a '-gpu' one"),
+    (["--image", "eu.gcr.io/p/av@sha256:" + "0" * 64, "--gpus-per-worker", "2"], "--allow-non-gpu-tag"),
+    (["--", "--require-gpus", "0"], "set from --gpus-per-worker"),
+    (["--max-restarts", "-1"], "--max-restarts"),
+])
+def test_submit_refuses_a_cpu_image_for_a_gpu_job_with_the_reason(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cluster.main(["--dry-run", "--data", "gs://b/d", "--job-dir", "gs://b/j", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    if "'-gpu'" in message:
+        assert "tensorflow[and-cuda]" in err
+
+
+# --------------------------------------------------------------------------------------------- serving extras
+
+POD_MONITORING_ENDPOINT_FIELDS = {"port", "scheme", "interval", "timeout", "path", "params", "proxyUrl",
+                                  "metricRelabeling", "authorization", "basicAuth", "oauth2", "tls"}
+
+
+def test_serving_has_a_pod_monitoring_on_the_annotated_metrics_port_and_a_disruption_budget():
+    from serving import configs
+
+    deployment = by_kind(serving_docs(), "Deployment")[0]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    ports = {p["name"]: p["containerPort"] for p in serving_container()["ports"]}
+    (monitoring,) = by_kind(serving_docs(), "PodMonitoring")
+    assert monitoring["apiVersion"] == "monitoring.googleapis.com/v1"
+    assert set(monitoring["spec"]) <= {"selector", "endpoints", "targetLabels", "limits", "filterRunning"}
+    assert set(monitoring["spec"]["selector"]) <= {"matchLabels", "matchExpressions"}
+    assert monitoring["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    (endpoint,) = monitoring["spec"]["endpoints"]
+    assert set(endpoint) <= POD_MONITORING_ENDPOINT_FIELDS
+    port = ports[endpoint["port"]] if isinstance(endpoint["port"], str) else endpoint["port"]
+    assert port == int(annotations["prometheus.io/port"])
+    assert endpoint["path"] == annotations["prometheus.io/path"] == configs.PROMETHEUS_PATH
+    assert re.fullmatch(r"\d+(ms|s|m)", endpoint["interval"])
+    (budget,) = by_kind(serving_docs(), "PodDisruptionBudget")
+    assert budget["apiVersion"] == "policy/v1" and budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    # the budget never blocks every drain: the autoscaler keeps more replicas than it protects
+    hpa = by_kind(serving_docs(), "HorizontalPodAutoscaler")[0]
+    assert hpa["spec"]["minReplicas"] > budget["spec"]["minAvailable"]

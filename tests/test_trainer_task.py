@@ -261,6 +261,46 @@ def test_help_exits_cleanly(capsys):
     assert "--cache-features" in capsys.readouterr().out
 
 
+def test_a_job_asked_for_more_gpus_than_it_sees_stops_with_the_image_or_driver_problem(archive, tmp_path, capsys):
+    import tensorflow as tf
+
+    from trainer import strategy
+
+    wanted = len(tf.config.list_physical_devices("GPU")) + 1  # one more than this machine has, GPUs or not
+    job = str(tmp_path / "job")
+    assert _run(["--data", archive, "--job-dir", job, "--epochs", "1", "--require-gpus", str(wanted), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"asked for {wanted} GPU(s) (--require-gpus {wanted}) but TensorFlow sees {wanted - 1}" in err
+    assert "instead of training on the CPU" in err and "Likely cause:" in err
+    if not strategy._cuda_libraries_installed():  # this CPU venv: the message names the image to use
+        assert "CPU image" in err and "tensorflow[and-cuda]" in err and ":0.1.0-gpu" in err
+    assert not os.path.exists(os.path.join(job, "history_heads.csv"))
+
+
+def test_a_job_asked_for_the_gpus_it_sees_trains_as_before(archive, tmp_path):
+    import tensorflow as tf
+
+    visible = len(tf.config.list_physical_devices("GPU"))  # 0 on a CPU machine: no check, training as always
+    job = str(tmp_path / "job")
+    assert _run(["--data", archive, "--job-dir", job, "--epochs", "1", "--require-gpus", str(visible),
+                 "--export", "false", "--evaluate", "false", *TINY]) == 0
+    assert len(_history(job)) == 1
+    with open(os.path.join(job, "training_config.json")) as f:
+        assert json.load(f)["require_gpus"] == visible
+
+
+@pytest.mark.parametrize("cuda_libs, driver, cause", [
+    (False, False, "CPU image"), (True, False, "/dev/nvidiactl is missing"), (True, True, "no usable GPU")])
+def test_the_missing_gpu_message_names_the_likely_cause(monkeypatch, cuda_libs, driver, cause):
+    from trainer import strategy
+
+    monkeypatch.setattr(strategy, "_cuda_libraries_installed", lambda: cuda_libs)
+    monkeypatch.setattr(strategy.os.path, "exists", lambda path: driver if path == "/dev/nvidiactl" else False)
+    problems = "; ".join(strategy._gpu_problems())
+    assert cause in problems
+    assert ("CPU image" in problems) is (not cuda_libs)
+
+
 def _real_photo_archive(directory: str, turned: Optional[Dict[str, int]] = None) -> str:
     """Upright real photos (scikit-image's samples, reserved for evaluation: never in the default model's training)
     at 224 px, orientation 0, no classes: what `ingest --assume-upright` makes of an unlabelled archive. `turned`:

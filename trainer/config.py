@@ -56,6 +56,7 @@ class TrainConfig:
     max_misclassified: int = 500
     verbose: int = 0                           # Keras' own progress bar (0: only our per-epoch lines)
     threads: int = 0                           # TF intra/inter-op threads, 0 = TensorFlow's default
+    require_gpus: int = 0                      # stop (exit 2) unless TensorFlow sees at least this many GPUs
 
     @property
     def uses_classes(self) -> bool:
@@ -127,6 +128,8 @@ class TrainConfig:
                                                                      or self.weights.endswith(".pth")):
                 raise ValueError("--init default needs the backbone the default head was trained on: "
                                  "--backbone mobilenet_v2_torchvision --weights imagenet")
+        if self.require_gpus < 0:
+            raise ValueError("--require-gpus is a number of GPUs >= 0")
         if self.stop_at_accuracy is not None and not 0.0 < self.stop_at_accuracy <= 1.0:
             raise ValueError("--stop-at-accuracy is a fraction in (0, 1]")
 
@@ -210,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keras-verbose", dest="keras_verbose", type=int, default=d.verbose,
                    help="Keras' own progress output (0: only the per-epoch lines; -v/-q set the logs)")
     p.add_argument("--threads", type=int, default=d.threads, help="cap TF threads (shared machines); 0: default")
+    p.add_argument("--require-gpus", type=int, default=d.require_gpus, metavar="N",
+                   help="stop with exit 2 before training unless TensorFlow sees at least N GPUs in this process "
+                        "(a CPU-only image or a node without the NVIDIA driver fails loudly instead of training on "
+                        "the CPU); `archive-vision submit --gpus-per-worker N` and the GPU manifests pass it. "
+                        "0: no check")
     return p
 
 

@@ -55,6 +55,49 @@ def worker_role() -> WorkerRole:
     return WorkerRole(task.get("type", "worker"), int(task.get("index", 0)), max(cluster_size(), 1))
 
 
+class MissingGpuError(RuntimeError):
+    """The job was asked for GPUs (--require-gpus N) and TensorFlow sees fewer."""
+
+
+def _cuda_libraries_installed() -> bool:
+    """Whether the CUDA/cuDNN wheels that `tensorflow[and-cuda]` pulls in are installed (the -gpu image has them)."""
+    from importlib import metadata
+
+    return any((dist.metadata["Name"] or "").lower().startswith("nvidia-cudnn") for dist in metadata.distributions())
+
+
+def _gpu_problems() -> list:
+    """Likely reasons why no GPU is visible, most basic first."""
+    problems = []
+    if not tf.test.is_built_with_cuda():
+        problems.append("this TensorFlow build has no CUDA support")
+    if not _cuda_libraries_installed():
+        problems.append("the CUDA libraries are not installed, so this is the CPU image: use the -gpu image "
+                        "(infra/docker/Dockerfile built with --build-arg TF_PACKAGE='tensorflow[and-cuda]==2.21.*', "
+                        "tagged e.g. :0.1.0-gpu)")
+    if not os.path.exists("/dev/nvidiactl"):
+        problems.append("no NVIDIA driver device is visible in this container (/dev/nvidiactl is missing): the pod "
+                        "needs an nvidia.com/gpu limit and a node whose NVIDIA driver is installed")
+    if not problems:
+        problems.append("the CUDA libraries and the driver device are present but TensorFlow found no usable GPU: "
+                        "check that the node's driver supports TensorFlow's CUDA version (see TensorFlow's log "
+                        "above) and CUDA_VISIBLE_DEVICES / NVIDIA_VISIBLE_DEVICES")
+    return problems
+
+
+def check_required_gpus(required: int) -> int:
+    """Number of GPUs TensorFlow sees; MissingGpuError naming the likely image/driver problem if under `required`.
+
+    Lists physical devices only, so it may run before make_strategy (TensorFlow's runtime is not initialised).
+    """
+    visible = len(tf.config.list_physical_devices("GPU"))
+    if visible < required:
+        raise MissingGpuError(
+            f"this job was asked for {required} GPU(s) (--require-gpus {required}) but TensorFlow sees {visible}; "
+            f"stopping instead of training on the CPU. Likely cause: {'; '.join(_gpu_problems())}.")
+    return visible
+
+
 def make_strategy(name: str = "auto", devices: Optional[list] = None) -> tf.distribute.Strategy:
     """Build the strategy: auto = multi-worker if TF_CONFIG names a cluster, mirrored over >1 GPU, else one device.
 

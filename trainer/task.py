@@ -494,6 +494,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from trainer import strategy as strategy_lib
     from trainer.input import DataError
 
+    if cfg.require_gpus > 0:
+        try:
+            visible = strategy_lib.check_required_gpus(cfg.require_gpus)
+        except strategy_lib.MissingGpuError as e:
+            print(f"archive-vision train: {e}", file=sys.stderr)
+            return 2
+        log.info("GPUs visible: %d (--require-gpus %d)", visible, cfg.require_gpus)
     strategy = strategy_lib.make_strategy(cfg.strategy)
     role = strategy_lib.worker_role()
     try:
