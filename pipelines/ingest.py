@@ -534,9 +534,10 @@ def _version() -> str:
     return __version__
 
 
-def _metric_totals(result) -> Dict[str, int]:
+def metric_totals(result, namespace: str = COUNTER_NAMESPACE) -> Dict[str, int]:
+    """A finished pipeline's counters in `namespace`, summed over steps ({} where the runner reports none)."""
     try:
-        query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(COUNTER_NAMESPACE))
+        query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(namespace))
     except Exception:  # some runners do not report metrics; the tables are the ground truth anyway
         return {}
     totals: Dict[str, int] = {}
@@ -579,7 +580,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
             FileSystems.delete([temp_dir])
         except Exception:  # nothing left to clean once every shard was renamed
             pass
-    summary = summarize(opts.output, opts, time.time() - started, _metric_totals(result), runner_record(pipeline))
+    summary = summarize(opts.output, opts, time.time() - started, metric_totals(result), runner_record(pipeline))
     with FileSystems.create(run_json) as handle:
         handle.write(json.dumps(summary, indent=2, default=str).encode())
     return summary

@@ -9,22 +9,16 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.report import text_crops_summary, tta_summary
+from pipelines.ingest import metric_totals
+from pipelines.report import text_crops_summary, truth_label_lines, truth_summary_line, tta_summary
 from pipelines.score.options import COUNTER_NAMESPACE, ModelInfo, ScoreOptions, run_policy
 from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, read_table
 from serving import policy as policies
 
 
 def _metric_totals(result) -> Dict[str, int]:
-    try:
-        query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(COUNTER_NAMESPACE))
-    except Exception:  # some runners do not report metrics; the tables are the ground truth anyway
-        return {}
-    totals: Dict[str, int] = {}
-    for counter in query["counters"]:
-        value = counter.committed if counter.committed is not None else counter.attempted
-        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + int(value or 0)
-    return totals
+    """The score job's counters (pipelines.ingest.metric_totals in score's namespace)."""
+    return metric_totals(result, COUNTER_NAMESPACE)
 
 
 def write_results_csv(output: str) -> str:
@@ -130,8 +124,6 @@ def format_summary(summary: dict) -> str:
     if summary.get("text_crops", {}).get("enabled"):
         lines.append(f"  crops    {text_crops_summary(summary['text_crops'])}")
     if summary.get("truth"):
-        from pipelines.report import truth_label_lines, truth_summary_line
-
         truth = summary["truth"]
         line = (f"FAILED: {truth['error']}" if truth.get("error") else
                 truth_summary_line(truth) or f"no result matched a labelled row of {truth['manifest']}")
