@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "ingest": ("pipelines.ingest", "Beam job: image archive -> TFRecord shards + manifest + errors"),
     "train": ("trainer.task", "fine-tune a frozen backbone with class and orientation heads"),
     "export": ("serving.export", "export a trained model as a TF Serving SavedModel version"),
+    "publish": ("serving.publish", "validate an exported version in a local server, then copy it to the servers"),
     "serve": ("serving.server", "local TF-Serving-compatible gRPC server"),
     "score": ("pipelines.score", "Beam job: classify and orient an archive through a model"),
     "report": ("pipelines.report", "write the HTML report of a score run"),

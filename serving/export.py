@@ -4,6 +4,7 @@ Layout written (what `tensorflow_model_server` expects):
 
     EXPORT_BASE/models.config, batching_parameters.txt, monitoring.config
     EXPORT_BASE/<model_name>/<version>/saved_model.pb, variables/, assets.extra/tf_serving_warmup_requests
+    .../assets.extra/canary/, canary_answers.json: a canary set and this version's answers on it (for publish)
 
 Signatures (the whole answer inside the graph, serving.answer: decoding, the model's view, test-time turns, text
 crops, fusion and the decision under the recorded policy, serving.policy):
@@ -49,11 +50,16 @@ CLASSIFY_INPUT = "inputs"
 CLASS_PROBABILITIES = "class_probabilities"
 ORIENTATION_LABELS = ("0", "90", "180", "270")
 EXPORT_METADATA = "archive_vision_export.json"
+# The version's own answers on a small deterministic canary set, recorded right after saving: `archive-vision
+# publish` checks that a server answers the same before it copies the version where the servers look.
+CANARY_DIR = "canary"  # under assets.extra: the canary images, one file each
+CANARY_ANSWERS = "canary_answers.json"  # under assets.extra: image file name -> its answer
+CANARY_FORMAT = 1
 # Bumped when the exported graph changes for the same weights (2: BatchNorm folded into the convolutions; 3: the
 # whole answer in the graph; 4: score_policy takes a batched input; 5: the second look, the view from the full-size
-# pixels), so a cached export of the default model is
+# pixels; 6: the canary answers publish checks), so a cached export of the default model is
 # redone.
-EXPORT_FORMAT = 5
+EXPORT_FORMAT = 6
 FOLD_TOLERANCE = 1e-3  # largest output difference accepted between the folded and the trained model
 
 
@@ -80,6 +86,62 @@ def _sample_images(image_size: int) -> List[bytes]:
     y, x = np.mgrid[0:image_size, 0:image_size // 2]
     pixels = np.stack([x * 2 % 256, y % 256, (x + y) % 256], axis=-1).astype(np.uint8)
     return [tf.io.encode_jpeg(pixels).numpy(), tf.io.encode_png(pixels).numpy()]
+
+
+def canary_images(image_size: int) -> Dict[str, bytes]:
+    """The canary set recorded with every export: the warmup samples and the same pattern turned 90/180/270
+    degrees and at another aspect, all cheap and deterministic (file name -> encoded bytes)."""
+    import numpy as np
+    import tensorflow as tf
+
+    y, x = np.mgrid[0:image_size, 0:image_size // 2]
+    pixels = np.stack([x * 2 % 256, y % 256, (x + y) % 256], axis=-1).astype(np.uint8)
+    pixels[: image_size // 4, : image_size // 8] = [255, 0, 0]  # an asymmetric block, so turns differ
+    jpeg, png = _sample_images(image_size)
+    images = {"warmup_0.jpg": jpeg, "warmup_1.png": png}
+    for turns in (1, 2, 3):
+        images[f"turned_{turns * 90}.png"] = tf.io.encode_png(np.ascontiguousarray(np.rot90(pixels, turns))).numpy()
+    wide = np.ascontiguousarray(np.tile(pixels.transpose(1, 0, 2), (1, 2, 1))[: image_size // 3])
+    images["wide.jpg"] = tf.io.encode_jpeg(wide, quality=90).numpy()
+    return images
+
+
+def canary_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """What is recorded (and compared) of each answer: the orientation probabilities and the decision (and the
+    class probabilities of a class head)."""
+    import numpy as np
+
+    kept = []
+    for row in rows:
+        answer: Dict[str, Any] = {"decision": row.get("decision")}
+        for key in (ORIENTATION_PROBABILITIES, CLASS_PROBABILITIES):
+            if row.get(key) is not None:
+                answer[key] = [float(v) for v in np.asarray(row[key], np.float32).reshape(-1)]
+        kept.append(answer)
+    return kept
+
+
+def record_canary_answers(version_dir: str, image_size: int) -> str:
+    """Write VERSION/assets.extra/canary/ and canary_answers.json: the saved version, loaded back and called
+    through serving_default, on canary_images."""
+    from serving.client import InProcessModelClient
+
+    images = canary_images(image_size)
+    canary_dir = os.path.join(version_dir, "assets.extra", CANARY_DIR)
+    os.makedirs(canary_dir, exist_ok=True)
+    for name, data in images.items():
+        with open(os.path.join(canary_dir, name), "wb") as f:
+            f.write(data)
+    client = InProcessModelClient(version_dir, max_attempts=1)
+    try:
+        rows = canary_rows(client.predict(list(images.values())))
+    finally:
+        client.close()
+    path = os.path.join(version_dir, "assets.extra", CANARY_ANSWERS)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"format": CANARY_FORMAT, "signature": PREDICT_SIGNATURE,
+                   "answers": dict(zip(images, rows))}, f, indent=1, sort_keys=True)
+    return path
 
 
 def resolve_version_dir(path: str) -> str:
@@ -279,6 +341,7 @@ def export_model(model, export_base: str, *, model_name: str = DEFAULT_MODEL_NAM
             raise ExportError(f"extra asset names must be plain file names, got {name!r}")
         with open(os.path.join(extra_dir, name), "w", encoding="utf-8") as f:
             f.write(text)
+    record_canary_answers(tmp_dir, image_size)
     version_dir = os.path.join(model_dir, str(version))
     os.rename(tmp_dir, version_dir)
 
