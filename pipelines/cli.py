@@ -10,7 +10,13 @@ from typing import Optional, Sequence
 EXIT_OK = 0
 EXIT_FAILED = 1  # an internal error, or counts that do not reconcile
 EXIT_USAGE = 2  # a bad flag or setup (argparse's own code)
-EXIT_CODES = "exit codes: 0 ok; 1 internal error or counts that do not reconcile; 2 usage or setup error"
+EXIT_TOO_MANY_FAILED = 3  # more inputs failed than --max-failed-fraction allows (every table still written)
+EXIT_CODES = ("exit codes: 0 ok; 1 internal error or counts that do not reconcile; 2 usage or setup error; "
+              "3 too many failed inputs (over --max-failed-fraction; every table is still written)")
+# A healthy archive loses well under 1% of its scans (truncated uploads, odd formats, decompression bombs); when
+# more than 5% fail, something systematic broke (a wrong --input, lost permissions, a decoder or model server
+# failing), and a scheduled run must not report success on a night that dropped that many scans.
+DEFAULT_MAX_FAILED_FRACTION = 0.05
 NOISY_LOGGERS = ("apache_beam", "absl", "tensorflow", "h5py")
 
 
@@ -24,6 +30,51 @@ def command_parser(prog: str, description: str, examples: Sequence[str] = (), **
                                      fromfile_prefix_chars="@", **kwargs)
     add_verbosity(parser)
     return parser
+
+
+def add_max_failed_fraction(parser: argparse.ArgumentParser) -> None:
+    """--max-failed-fraction F: the share of inputs that may fail before the command exits 3."""
+    def fraction(text: str) -> float:
+        value = float(text)
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+        return value
+
+    parser.add_argument("--max-failed-fraction", type=fraction, default=DEFAULT_MAX_FAILED_FRACTION,
+                        metavar="F",
+                        help=f"exit {EXIT_TOO_MANY_FAILED} (after writing every table and run.json) when more than "
+                             f"this share of the inputs failed (default {DEFAULT_MAX_FAILED_FRACTION}: a healthy "
+                             f"archive loses well under 1%%, so more than 5%% means something systematic broke, "
+                             f"e.g. a wrong --input, lost permissions or a failing decoder or server); 1.0 turns "
+                             f"the check off")
+
+
+def failed_inputs_check(counts: dict, max_fraction: float) -> dict:
+    """run.json's `failed_inputs`: the share of inputs that failed, the limit, and whether it was exceeded."""
+    inputs = int(counts.get("inputs") or 0)
+    failed = int(counts.get("inputs_failed") or 0)
+    share = failed / inputs if inputs else 0.0
+    return {"inputs_failed": failed, "inputs": inputs, "fraction": round(share, 6),
+            "max_fraction": max_fraction, "exceeded": share > max_fraction}
+
+
+def exit_code(summary: dict) -> int:
+    """A finished run's exit code from its run.json: 1 when the counts do not reconcile, 3 when more inputs
+    failed than allowed, else 0."""
+    if not summary["counts"]["reconciled"]:
+        return EXIT_FAILED
+    if summary.get("failed_inputs", {}).get("exceeded"):
+        return EXIT_TOO_MANY_FAILED
+    return EXIT_OK
+
+
+def failed_inputs_line(summary: dict) -> str:
+    """The line printed under the summary when a run failed too many inputs ('' otherwise)."""
+    check = summary.get("failed_inputs") or {}
+    if not check.get("exceeded"):
+        return ""
+    return (f"  FAILED   {check['inputs_failed']} of {check['inputs']} inputs failed ({check['fraction']:.1%}), over "
+            f"--max-failed-fraction {check['max_fraction']}: exit {EXIT_TOO_MANY_FAILED} (see errors.parquet)")
 
 
 def add_verbosity(parser: argparse.ArgumentParser) -> None:

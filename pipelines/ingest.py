@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import sys
 import time
@@ -29,12 +28,13 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 
 from archive_vision.local_processes import usable_cores
 from pipelines import imaging, schema, sources
-from pipelines.cli import command_parser, configure_logging
+from pipelines.cli import (DEFAULT_MAX_FAILED_FRACTION, add_max_failed_fraction, command_parser, configure_logging,
+                           exit_code, failed_inputs_check, failed_inputs_line)
+from pipelines.progress import ShowProgress
 from pipelines.tables import ERRORS_SCHEMA, MANIFEST_SCHEMA, read_table, write_job_tables
 
 LOG = logging.getLogger("archive_vision.ingest")
 COUNTER_NAMESPACE = "ingest"
-PROGRESS_SECONDS = float(os.environ.get("ARCHIVE_VISION_PROGRESS_SECONDS", "5"))
 ERROR_STAGES = ("list", "read", "decode", "resize", "encode")
 
 # Words that make a class a document class: its pictures hold text, and mirrored text is not a real
@@ -94,6 +94,7 @@ class IngestOptions:
     num_shards: int = 0
     exclude: Tuple[str, ...] = ()
     overwrite: bool = False
+    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION
 
     def __post_init__(self):
         if self.resize_mode not in imaging.RESIZE_MODES:
@@ -121,7 +122,8 @@ def error_row(uri: str, stage: str, error_type: str, message: str, page: int = -
 class DecodeImagesFn(beam.DoFn):
     """Read one input file and emit a record per page (plus augmented copies), or error rows.
 
-    A thin shell over `pipelines.imaging`: it adds counters, progress lines and failure routing.
+    A thin shell over `pipelines.imaging`: it adds counters and failure routing (the progress line is
+    pipelines.progress.ShowProgress, just before it).
     """
 
     ERRORS = "errors"
@@ -134,21 +136,6 @@ class DecodeImagesFn(beam.DoFn):
         self._failed_inputs = Metrics.counter(COUNTER_NAMESPACE, "failed_inputs")
         self._bytes_read = Metrics.counter(COUNTER_NAMESPACE, "bytes_read")
 
-    def setup(self):
-        self._started = time.monotonic()
-        self._last_log = self._started
-        self._seen = 0
-
-    def _progress(self):
-        self._seen += 1
-        now = time.monotonic()
-        if now - self._last_log >= PROGRESS_SECONDS:
-            self._last_log = now
-            # Straight to stderr: worker processes inherit the launcher's terminal, while their
-            # logging is re-wrapped by the runner and filtered with the rest of Beam's chatter.
-            print(f"  [ingest worker {os.getpid()}] {self._seen} inputs read, "
-                  f"{self._seen / max(now - self._started, 1e-9):.1f} inputs/s", file=sys.stderr, flush=True)
-
     def _fail(self, uri, stage, kind, message, page=-1, sha=""):
         self._errors.inc()
         Metrics.counter(COUNTER_NAMESPACE, f"errors_{kind}").inc()
@@ -156,7 +143,6 @@ class DecodeImagesFn(beam.DoFn):
 
     def process(self, entry: sources.SourceEntry, classes: Sequence[str]):
         self._inputs.inc()
-        self._progress()
         opts = self._options
         if entry.error:
             self._failed_inputs.inc()
@@ -346,7 +332,7 @@ class IngestArchive(beam.PTransform):
                        | "SortedClasses" >> beam.combiners.ToList()
                        | "Sort" >> beam.Map(sorted))
         _ = classes | "WriteLabels" >> beam.Map(_write_labels, opts.output, label_mode)
-        decoded = entries | "DecodeImages" >> beam.ParDo(
+        decoded = entries | "Progress" >> ShowProgress("ingest") | "DecodeImages" >> beam.ParDo(
             DecodeImagesFn(opts), beam.pvalue.AsSingleton(classes)).with_outputs(DecodeImagesFn.ERRORS,
                                                                                  main="records")
         rows = decoded.records | "WriteShards" >> WriteShards(opts, self._temp_dir)
@@ -402,6 +388,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[IngestOptions, List[str]]
     parser.add_argument("--num-shards", type=int, default=0, help="fixed shards per split (0: from --shard-mb)")
     parser.add_argument("--exclude", action="append", default=[], help="file-name glob to skip (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier run in --output")
+    add_max_failed_fraction(parser)
     known, beam_args = parser.parse_known_args(argv)
     unknown = unknown_beam_args(beam_args)
     if unknown:
@@ -421,7 +408,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[IngestOptions, List[str]]
             classes=names(known.classes), assume_upright=known.assume_upright, split_fractions=fractions,
             augment_copies=known.augment_copies, max_shift=known.max_shift, text_archive=known.text_archive,
             no_flip_classes=names(known.no_flip_classes), compression=known.compression, shard_mb=known.shard_mb,
-            num_shards=known.num_shards, exclude=tuple(known.exclude), overwrite=known.overwrite)
+            num_shards=known.num_shards, exclude=tuple(known.exclude), overwrite=known.overwrite,
+            max_failed_fraction=known.max_failed_fraction)
     except ValueError as e:
         parser.error(str(e))
     return opts, beam_args
@@ -517,6 +505,7 @@ def summarize(output: str, opts: IngestOptions, elapsed: float, metrics: Dict[st
     never_flipped = [c for c in classes if not flip_allowed(c, opts.text_archive, opts.no_flip_classes)]
     return {
         "job": "ingest", "options": dataclasses.asdict(opts), "runner": runner or {}, "counts": counts,
+        "failed_inputs": failed_inputs_check(counts, opts.max_failed_fraction),
         "elapsed_seconds": round(elapsed, 3),
         "augmentation": {"copies_per_train_image": opts.augment_copies,
                          "flip_unlabelled": flip_allowed("", opts.text_archive, opts.no_flip_classes),
@@ -599,7 +588,8 @@ def format_summary(summary: dict, output: str) -> str:
         f"  errors   {c['errors']}  ({kinds})",
         f"  output   {output}  (manifest.parquet, errors.parquet, labels.json, run.json)",
     ]
-    return "\n".join(lines)
+    failed = failed_inputs_line(summary)
+    return "\n".join(lines + ([failed] if failed else []))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -608,7 +598,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
     summary = run(argv)
     print(format_summary(summary, summary["options"]["output"]))
-    return 0 if summary["counts"]["reconciled"] else 1
+    # run() wrote every table and run.json first: 1 when the counts do not reconcile, 3 over --max-failed-fraction.
+    return exit_code(summary)
 
 
 if __name__ == "__main__":

@@ -270,6 +270,47 @@ def test_cronjob_scores_against_the_serving_service_with_flags_score_accepts():
     assert f'name: "{opts.model_name}"' in config_map["models.config"]
 
 
+def test_cronjob_fails_a_night_that_lost_too_many_inputs_without_retrying_it():
+    from pipelines import cli, score
+
+    cronjob = load(os.path.join(K8S, "score-cronjob.yaml"))[0]
+    assert cronjob["spec"]["failedJobsHistoryLimit"] >= 1  # failed nights stay listed
+    job = cronjob["spec"]["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 0  # a bad night is not run again
+    # Only a disruption (eviction, preemption) is ignored, never the run's own exit code.
+    rules = job.get("podFailurePolicy", {}).get("rules", [])
+    assert all("onExitCodes" not in r and r["action"] == "Ignore" for r in rules)
+    assert job["template"]["spec"]["restartPolicy"] == "Never"  # a failed container fails the pod
+    command = containers([cronjob])[0]["command"]
+    assert command[:4] == ["python", "-m", "archive_vision.cluster", "scheduled-score"]
+    opts, _ = score.parse_args(after_double_dash(command) + ["--output", "gs://BUCKET/scores/run"])
+    assert 0 < opts.max_failed_fraction < 1.0
+    assert cli.EXIT_TOO_MANY_FAILED == 3 and "3 too many failed inputs" in cli.EXIT_CODES
+
+
+@pytest.mark.parametrize("code", [0, 1, 3])
+def test_scheduled_score_exits_with_scores_own_code(tmp_path, monkeypatch, code):
+    from pipelines import score
+
+    seen = []
+    monkeypatch.setattr(score, "main", lambda argv: seen.append(list(argv)) or code)
+    status = cluster.scheduled_score(["--results-root", str(tmp_path), "--run-name", "2024-01-02T020000Z", "--",
+                                      "--input", "gs://b/scans", "--max-failed-fraction", "0.05"])
+    assert status == code
+    assert seen == [["--input", "gs://b/scans", "--max-failed-fraction", "0.05", "--output",
+                     f"{tmp_path}/2024-01-02T020000Z"]]
+
+
+def test_the_pod_command_exit_status_is_scheduled_scores(tmp_path):
+    """`python -m archive_vision.cluster scheduled-score` (the CronJob's command) exits with score's code."""
+    script = ("import sys, runpy; from pipelines import score; score.main = lambda argv: 3; "
+              "sys.argv = ['cluster', 'scheduled-score', '--results-root', sys.argv[1], '--', '--input', 'x']; "
+              "runpy.run_module('archive_vision.cluster', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 3, proc.stderr[-2000:]
+
+
 def test_checked_in_training_manifest_is_what_submit_renders(capsys):
     path = os.path.join(K8S, "training-multiworker.yaml")
     with open(path, encoding="utf-8") as f:

@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -253,10 +254,11 @@ def test_cli_runs_multiprocess_direct_runner_and_prints_a_summary(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "archive_vision.cli", "ingest", "--input", str(tmp_path / "in"),
                            "--output", str(out), "--size", "48"], capture_output=True, text=True, timeout=300,
                           cwd=REPO, env={**os.environ, "ARCHIVE_VISION_PROGRESS_SECONDS": "0"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "reconciled" in proc.stdout
-    assert "inputs read" in proc.stderr  # the per-worker progress display
     n = len(archive["good"]) + len(archive["bad"])
+    # The sample's bad inputs are far over the default --max-failed-fraction: exit 3, the tables all written.
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "reconciled" in proc.stdout and f"{len(archive['bad'])} of {n} inputs failed" in proc.stdout
+    assert re.search(rf"inputs done, [\d.]+ inputs/s; {n} listed for \d+ worker", proc.stderr)  # per-worker progress
     assert f"inputs   {n}" in proc.stdout
     run = json.load(open(out / "run.json"))
     assert run["counts"]["errors"] == len(archive["bad"])
@@ -409,3 +411,78 @@ def test_an_unlistable_folder_is_a_failed_input_in_the_errors_table(tmp_path, mo
     assert "Permission denied" in errors[0]["message"]
     counts = summary["counts"]
     assert (counts["inputs"], counts["records"], counts["inputs_failed"]) == (3, 2, 1) and counts["reconciled"]
+
+
+def third_corrupt_archive(root):
+    """Six good scans and three corrupt ones: a third of the inputs fail."""
+    os.makedirs(root)
+    for i in range(6):
+        with open(os.path.join(root, f"good_{i}.png"), "wb") as f:
+            f.write(encode_array(make_random_image(40, 40, 3, seed=i), "PNG"))
+    for i in range(3):
+        with open(os.path.join(root, f"corrupt_{i}.jpg"), "wb") as f:
+            f.write(b"not a scan %d\n" % i)
+    return root
+
+
+@pytest.fixture()
+def restore_logging():
+    """main() configures the root logger (-q: WARNING); put it back for the tests after."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, root.handlers[:]
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers
+
+
+def test_a_run_losing_a_third_of_its_inputs_exits_3_with_every_table_written(tmp_path, capfd, monkeypatch,
+                                                                              restore_logging):
+    from pipelines import cli
+
+    archive = third_corrupt_archive(str(tmp_path / "in"))
+    monkeypatch.setenv("ARCHIVE_VISION_PROGRESS_SECONDS", "0")
+    out = tmp_path / "out"
+    code = ingest.main(["-q", "--input", archive, "--output", str(out), "--size", "32",
+                        "--direct_running_mode=in_memory"])
+    assert code == cli.EXIT_TOO_MANY_FAILED == 3
+    assert {"manifest.parquet", "errors.parquet", "labels.json", "run.json"} <= set(os.listdir(out))
+    assert glob.glob(str(out / "*.tfrecord"))
+    assert pq.read_table(out / "manifest.parquet").num_rows == 6
+    assert pq.read_table(out / "errors.parquet").num_rows == 3
+    run = json.load(open(out / "run.json"))
+    assert run["counts"]["reconciled"] and run["options"]["max_failed_fraction"] == 0.05
+    assert run["failed_inputs"] == {"inputs_failed": 3, "inputs": 9, "fraction": round(3 / 9, 6),
+                                    "max_fraction": 0.05, "exceeded": True}
+    printed = capfd.readouterr()
+    assert "FAILED   3 of 9 inputs failed" in printed.out
+    assert "[ingest worker" not in printed.err  # -q: no progress lines
+
+    again = tmp_path / "again"
+    assert ingest.main(["--input", archive, "--output", str(again), "--size", "32", "--max-failed-fraction", "1.0",
+                        "--direct_running_mode=in_memory"]) == 0
+    run = json.load(open(again / "run.json"))
+    assert run["failed_inputs"]["max_fraction"] == 1.0 and not run["failed_inputs"]["exceeded"]
+    # Without -q each worker says how far it is: done, rate, and the ETA from the listing's size.
+    assert re.search(r"\[ingest worker \d+\] \d+ inputs done, [\d.]+ inputs/s; 9 listed for 1 worker, ETA",
+                     capfd.readouterr().err)
+
+
+def test_max_failed_fraction_must_be_a_share():
+    with pytest.raises(SystemExit):
+        ingest.parse_args(["--input", "a", "--output", "b", "--max-failed-fraction", "1.5"])
+    opts, _ = ingest.parse_args(["--input", "a", "--output", "b", "--max-failed-fraction", "0.2"])
+    assert opts.max_failed_fraction == 0.2
+
+
+def test_progress_line_gives_done_rate_and_eta():
+    from pipelines.progress import ProgressLine, duration
+
+    line = ProgressLine("score", every=10.0, workers=2)
+    line.start(now=100.0)
+    assert [line.tick(total=200, now=100.0 + t) for t in (1, 2, 3)] == [None, None, None]
+    text = line.tick(total=200, now=112.0)  # 4 done in 12 s; this worker's share is 100
+    assert text.endswith("4 inputs done, 0.3 inputs/s; 200 listed for 2 workers, ETA 4m48s")
+    assert ProgressLine("ingest", enabled=False, every=0).tick(total=5) is None
+    assert (duration(42), duration(185), duration(7620)) == ("42s", "3m05s", "2h07m")

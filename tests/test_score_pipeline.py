@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import time
 
@@ -704,3 +705,58 @@ def test_lossless_jpeg_turn_matches_the_decoded_pixels(exif, degrees):
     assert method == "jpegtran_lossless"
     shown = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(payload))).convert("RGB")).astype(int)
     assert shown.shape == expected.shape and np.abs(shown - expected).mean() < 2
+
+
+@pytest.fixture()
+def restore_logging():
+    """main() configures the root logger (-q: WARNING); put it back for the tests after."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, root.handlers[:]
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers
+
+
+def test_a_run_losing_a_third_of_its_inputs_exits_3_after_writing_everything(tmp_path, red_corner_export, capfd,
+                                                                             monkeypatch, restore_logging):
+    """Exit 3 over --max-failed-fraction, with every table, run.json and the report written; 1.0 turns it off;
+    each worker prints its progress line (done, rate, ETA), and -q keeps it quiet."""
+    from pipelines import cli
+
+    archive = str(tmp_path / "archive")
+    sf.write_turned_archive(archive, {f"scan{i}": (90 * i) % 360 for i in range(6)})
+    sf.write_bad_files(archive)  # three of nine inputs
+    monkeypatch.setenv("ARCHIVE_VISION_PROGRESS_SECONDS", "0")
+    output = tmp_path / "out"
+    beam_flags = ["--direct_running_mode=in_memory"]
+    code = score.main(["-q", "--input", archive, "--output", str(output), "--model", red_corner_export, *beam_flags])
+    assert code == cli.EXIT_TOO_MANY_FAILED == 3
+    assert {"results.parquet", "results.csv", "errors.parquet", "run.json", "report.html"} <= set(os.listdir(output))
+    assert len(results_by_name(str(output))) == 6 and pq.read_table(output / "errors.parquet").num_rows == 3
+    with open(output / "run.json") as f:
+        run = json.load(f)
+    assert run["counts"]["reconciled"] and run["options"]["max_failed_fraction"] == 0.05
+    assert run["failed_inputs"] == {"inputs_failed": 3, "inputs": 9, "fraction": round(3 / 9, 6),
+                                    "max_fraction": 0.05, "exceeded": True}
+    printed = capfd.readouterr()
+    assert "FAILED   3 of 9 inputs failed (33.3%)" in printed.out
+    assert "[score worker" not in printed.err  # -q
+
+    calm = tmp_path / "calm"
+    assert score.main(["--input", archive, "--output", str(calm), "--model", red_corner_export, "--no-report",
+                       "--max-failed-fraction", "1.0", *beam_flags]) == 0
+    with open(calm / "run.json") as f:
+        assert json.load(f)["failed_inputs"]["exceeded"] is False
+    printed = capfd.readouterr()
+    assert "FAILED" not in printed.out
+    assert re.search(r"\[score worker \d+\] \d+ inputs done, [\d.]+ inputs/s; 9 listed for 1 worker, ETA \S+",
+                     printed.err)
+
+
+def test_score_help_lists_the_exit_codes_and_the_limit(capsys):
+    with pytest.raises(SystemExit):
+        score.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "3 too many failed inputs" in text and "--max-failed-fraction F" in text and "1.0 turns the check off" in text

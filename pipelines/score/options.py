@@ -7,7 +7,7 @@ import logging
 from typing import List, Optional, Sequence, Tuple
 
 from pipelines import imaging, sources
-from pipelines.cli import command_parser
+from pipelines.cli import DEFAULT_MAX_FAILED_FRACTION, add_max_failed_fraction, command_parser
 from pipelines.ingest import unknown_beam_args
 from serving import policy as policies
 from serving.policy import DecisionPolicy, ScorePolicy
@@ -45,6 +45,7 @@ class ScoreOptions:
     truth: str = ""
     report: bool = True
     tf_threads: int = 0
+    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION
 
     def __post_init__(self):
         if self.endpoint and self.model:
@@ -137,6 +138,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
                                                     "report's confusion matrices")
     parser.add_argument("--no-report", dest="report", action="store_false", help="do not write report.html")
     parser.add_argument("--tf-threads", type=int, default=0, help="cap TF threads per worker (0: TF's default)")
+    add_max_failed_fraction(parser)
     known, beam_args = parser.parse_known_args(argv)
     unknown = unknown_beam_args(beam_args)
     if unknown:
@@ -151,7 +153,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
             max_file_mb=known.max_file_mb, max_pages=known.max_pages, exclude=tuple(known.exclude),
             batch_size=known.batch_size, timeout_s=known.timeout_s, max_attempts=known.max_attempts,
             wait_s=known.wait_s, decision_overrides=overrides, write_corrected=known.write_corrected.rstrip("/"),
-            skip_known=known.skip_known, truth=known.truth, report=known.report, tf_threads=known.tf_threads)
+            skip_known=known.skip_known, truth=known.truth, report=known.report, tf_threads=known.tf_threads,
+            max_failed_fraction=known.max_failed_fraction)
     except ValueError as e:
         parser.error(str(e))
     _check_corrected_dir(opts, parser)

@@ -9,6 +9,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines.cli import failed_inputs_check, failed_inputs_line
 from pipelines.ingest import metric_totals
 from pipelines.report import text_crops_summary, truth_label_lines, truth_summary_line, tta_summary
 from pipelines.score.options import COUNTER_NAMESPACE, ModelInfo, ScoreOptions, run_policy
@@ -88,6 +89,7 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
                    **policies.policy_as_dict(model.policy),
                    "decision_used": dataclasses.asdict(run_policy(model, opts))},
         "counts": counts,
+        "failed_inputs": failed_inputs_check(counts, opts.max_failed_fraction),
         # What the graph did for the pages it answered (its tta_agreement and text_crops outputs).
         "tta": {"enabled": model.policy.answer.tta, "images": len(tta), "below": model.policy.answer.tta_below,
                 "single_copy": len(with_orientation) - len(tta) if model.policy.answer.tta else 0,
@@ -137,4 +139,6 @@ def format_summary(summary: dict) -> str:
                  f"{', report.html' if summary.get('report') else ''})")
     if summary.get("report_error"):
         lines.append(f"  report   FAILED: {summary['report_error']}")
+    if failed_inputs_line(summary):
+        lines.append(failed_inputs_line(summary))
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 
 from pipelines import imaging, sources
 from pipelines.ingest import error_row
+from pipelines.progress import ShowProgress
 from pipelines.score.answers import draft_side, page_payload, predict_isolating, result_row
 from pipelines.score.corrected import WriteCorrectedFn
 from pipelines.score.options import COUNTER_NAMESPACE, ModelInfo, ScoreOptions, run_policy
@@ -283,7 +284,7 @@ class ScoreArchive(beam.PTransform):
                    | "ListArchive" >> beam.FlatMap(sources.list_archive, "none", list(opts.exclude))
                    | "Distribute" >> beam.Reshuffle())
         known = pbegin | "Known" >> beam.Create(sorted(self._known.items()))
-        prepared = entries | "PrepareImages" >> beam.ParDo(
+        prepared = entries | "Progress" >> ShowProgress("score") | "PrepareImages" >> beam.ParDo(
             PrepareImagesFn(opts, draft_side(self._model.policy)), beam.pvalue.AsDict(known)).with_outputs(
             PrepareImagesFn.ERRORS, PrepareImagesFn.REUSED, main="items")
         scored = prepared.items | "Score" >> ScoreImages(self._model, opts)
