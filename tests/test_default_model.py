@@ -335,7 +335,7 @@ def test_export_cli_writes_the_default_model_for_tf_serving(tmp_path, capsys):
     loaded = tf.saved_model.load(version_dir)
     assert set(loaded.signatures["serving_default"].structured_outputs) == {
         "orientation_probabilities", "orientation_degrees", "image_orientation_probabilities", "tta_agreement",
-        "text_crops", "ink", "decision"}
+        "text_crops", "second_look", "ink", "decision"}
     from serving.policy import ScorePolicy, policy_from_settings
 
     policy = ScorePolicy.from_json(loaded.signatures["score_policy"](request=tf.constant([b"?"]))["policy_json"].numpy()[0])

@@ -73,7 +73,9 @@ def test_ingest_through_job_service_and_external_worker_pool_matches_the_direct_
     from pipelines import ingest
 
     archive = write_sample_archive(str(tmp_path / "archive"))
-    job_flags = ["--input", str(tmp_path / "archive"), "--size", "48", "--num-shards", "2"]
+    # The sample's bad files are a third of it, on purpose: the failed-input limit is off so both runs exit 0.
+    job_flags = ["--input", str(tmp_path / "archive"), "--size", "48", "--num-shards", "2",
+                 "--max-failed-fraction", "1"]
 
     direct_out = str(tmp_path / "direct")
     ingest.run([*job_flags, "--output", direct_out, "--direct_running_mode=in_memory"])
