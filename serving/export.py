@@ -121,10 +121,12 @@ def canary_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return kept
 
 
-def record_canary_answers(version_dir: str, image_size: int) -> str:
-    """Write VERSION/assets.extra/canary/ and canary_answers.json: the saved version, loaded back and called
-    through serving_default, on canary_images."""
-    from serving.client import InProcessModelClient
+def record_canary_answers(version_dir: str, image_size: int, serving_default=None) -> str:
+    """Write VERSION/assets.extra/canary/ and canary_answers.json: the version's serving_default answers on
+    canary_images. `serving_default` is the concrete function the version was saved from (export passes it: the same
+    graph and weights, without loading the SavedModel back, which costs seconds per export); without it the saved
+    version is loaded and called."""
+    from serving.client import InProcessModelClient, prediction_rows
 
     images = canary_images(image_size)
     canary_dir = os.path.join(version_dir, "assets.extra", CANARY_DIR)
@@ -132,11 +134,17 @@ def record_canary_answers(version_dir: str, image_size: int) -> str:
     for name, data in images.items():
         with open(os.path.join(canary_dir, name), "wb") as f:
             f.write(data)
-    client = InProcessModelClient(version_dir, max_attempts=1)
-    try:
-        rows = canary_rows(client.predict(list(images.values())))
-    finally:
-        client.close()
+    if serving_default is not None:
+        import tensorflow as tf
+
+        outputs = serving_default(**{IMAGES_INPUT: tf.constant(list(images.values()), tf.string)})
+        rows = canary_rows(prediction_rows({k: v.numpy() for k, v in outputs.items()}, len(images)))
+    else:
+        client = InProcessModelClient(version_dir, max_attempts=1)
+        try:
+            rows = canary_rows(client.predict(list(images.values())))
+        finally:
+            client.close()
     path = os.path.join(version_dir, "assets.extra", CANARY_ANSWERS)
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"format": CANARY_FORMAT, "signature": PREDICT_SIGNATURE,
@@ -341,7 +349,7 @@ def export_model(model, export_base: str, *, model_name: str = DEFAULT_MODEL_NAM
             raise ExportError(f"extra asset names must be plain file names, got {name!r}")
         with open(os.path.join(extra_dir, name), "w", encoding="utf-8") as f:
             f.write(text)
-    record_canary_answers(tmp_dir, image_size)
+    record_canary_answers(tmp_dir, image_size, signatures[PREDICT_SIGNATURE])
     version_dir = os.path.join(model_dir, str(version))
     os.rename(tmp_dir, version_dir)
 
