@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 # A skip reason that names a missing tool: "<what> is not installed" / "needs <tool>".
 _MISSING = re.compile(r"(not installed|needs )")
 
@@ -39,9 +41,19 @@ SLOW_TESTS = {"test_the_default_export_decides_under_its_own_policy",
 
 
 def pytest_collection_modifyitems(config, items):
-    import pytest
-
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if module in SLOW_MODULES or item.originalname in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture()
+def restore_logging():
+    """main() configures the root logger (-q: WARNING); put it back for the tests after."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, root.handlers[:]
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers

@@ -425,18 +425,6 @@ def third_corrupt_archive(root):
     return root
 
 
-@pytest.fixture()
-def restore_logging():
-    """main() configures the root logger (-q: WARNING); put it back for the tests after."""
-    import logging
-
-    root = logging.getLogger()
-    level, handlers = root.level, root.handlers[:]
-    yield
-    root.setLevel(level)
-    root.handlers[:] = handlers
-
-
 def test_a_run_losing_a_third_of_its_inputs_exits_3_with_every_table_written(tmp_path, capfd, monkeypatch,
                                                                               restore_logging):
     from pipelines import cli

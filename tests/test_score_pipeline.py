@@ -707,18 +707,6 @@ def test_lossless_jpeg_turn_matches_the_decoded_pixels(exif, degrees):
     assert shown.shape == expected.shape and np.abs(shown - expected).mean() < 2
 
 
-@pytest.fixture()
-def restore_logging():
-    """main() configures the root logger (-q: WARNING); put it back for the tests after."""
-    import logging
-
-    root = logging.getLogger()
-    level, handlers = root.level, root.handlers[:]
-    yield
-    root.setLevel(level)
-    root.handlers[:] = handlers
-
-
 def test_a_run_losing_a_third_of_its_inputs_exits_3_after_writing_everything(tmp_path, red_corner_export, capfd,
                                                                              monkeypatch, restore_logging):
     """Exit 3 over --max-failed-fraction, with every table, run.json and the report written; 1.0 turns it off;
