@@ -32,10 +32,11 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from pipelines.cli import command_parser
+from pipelines.schema import CLASS_PROBABILITIES
 from serving import configs
 from serving.errors import ExportError
-from serving.policy import (ORIENTATION_PROBABILITIES, POLICY_INPUT, POLICY_OUTPUT, POLICY_SIGNATURE, ScorePolicy,
-                            policy_from_settings)
+from serving.policy import (ORIENTATION_PROBABILITIES, POLICY_INPUT, POLICY_OUTPUT, POLICY_SIGNATURE, TURNS,
+                            ScorePolicy, policy_from_settings)
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,7 @@ CLASSIFY_METHOD = "tensorflow/serving/classify"
 IMAGES_INPUT = "images"
 EXAMPLES_INPUT = "examples"
 CLASSIFY_INPUT = "inputs"
-CLASS_PROBABILITIES = "class_probabilities"
-ORIENTATION_LABELS = ("0", "90", "180", "270")
+ORIENTATION_LABELS = tuple(str(turn) for turn in TURNS)
 EXPORT_METADATA = "archive_vision_export.json"
 # The version's own answers on a small deterministic canary set, recorded right after saving: `archive-vision
 # publish` checks that a server answers the same before it copies the version where the servers look.

@@ -159,8 +159,9 @@ def policy_from_settings(settings: Mapping[str, Any] | None, image_size: int = M
                                          copy_short=int(crops.get("copy_short", 448)),
                                          second_below=float(crops.get("second_below", 0.0)),
                                          second_short=int(crops.get("second_short", 896)))
-    tta_below = float(crops.get("tta_below", settings.get("tta_below", 1.0)) if crops and crops.get("tta_below")
-                      is not None else settings.get("tta_below", 1.0))
+    # A model scored with text crops records the turned copies' gate chosen with them.
+    tta_below = float(crops["tta_below"] if crops and crops.get("tta_below") is not None
+                      else settings.get("tta_below", 1.0))
     view = "exact" if settings.get("input_prep", "exact") == "exact" else "ingest"
     rotate = float(settings.get("rotate_threshold", 0.8))
     tta = bool(settings.get("tta", False))

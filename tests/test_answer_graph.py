@@ -21,19 +21,12 @@ from PIL import Image
 
 from serving import answer as A
 from serving import policy as P
+from tests.test_serving_export import limit_tf_threads
 from trainer import text_crops
 
 SIZE = 32  # the tiny model's input side
 KEYS = 256
 QUADRANTS = ((0, 0), (0, 1), (1, 1), (1, 0))  # (row, column) halves of TL, TR, BR, BL: the marker under turns 0..3
-
-
-def limit_tf_threads() -> None:
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    except RuntimeError:  # already initialised by an earlier test module
-        pass
 
 
 limit_tf_threads()
