@@ -9,7 +9,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["archive_vision*", "pipelines*", "trainer*", "serving*"]),
-    package_data={"archive_vision": ["data/*"], "trainer": ["data/*"], "serving": ["data/*"]},
+    package_data={"archive_vision": ["data/*"], "trainer": ["data/*"], "serving": ["data/*"],
+                  "pipelines": ["review/*.html"]},
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "tensorboard>=2.21,<2.22",  # tf.summary needs it; tensorflow no longer pulls it in

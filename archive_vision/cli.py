@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "serve": ("serving.server", "local TF-Serving-compatible gRPC server"),
     "score": ("pipelines.score", "Beam job: classify and orient an archive through a model"),
     "report": ("pipelines.report", "write the HTML report of a score run"),
+    "review": ("pipelines.review", "a local page to clear a score run's review queue with the keyboard"),
     "activations": ("trainer.activations", "what the backbone sees: feature maps of a few layers for some images"),
     "checkset": ("archive_vision.check_set", "turn images known to be upright four ways, with truth.csv for score"),
     "demo": ("archive_vision.demo", "build a sample archive and run the whole chain end to end"),
