@@ -252,3 +252,37 @@ def test_an_exports_recorded_policy_is_read_from_gs(bucket):
     assert (read.decision.rotate_threshold, read.decision.tta_agreement_below, read.answer.tta, where) == (
         0.85, 0.85, True, older)
     assert export_metadata(f"gs://{BUCKET}/models/archive_vision/99") == {}  # no metadata: the generic policy
+
+
+def test_review_answers_land_in_a_gs_run_and_survive_a_killed_server(bucket, tmp_path):
+    """archive-vision review on a gs:// RUN_DIR: one journal object per answer, corrections.parquet as their merge,
+    and a server killed after answering loses nothing (the next one rebuilds the table from the journal)."""
+    import signal
+
+    from tests.test_review import Server, make_run, right_answer
+
+    run_dir, truth = make_run(tmp_path)
+    prefix = "runs/review"
+    bucket.blob(f"{prefix}/results.parquet").upload_from_filename(os.path.join(run_dir, "results.parquet"))
+    gs_run = f"gs://{BUCKET}/{prefix}"
+    server = Server(gs_run, "--reviewer", "ana")
+    try:
+        answered = []
+        for item in server.state()["head"][:4]:
+            answer = right_answer({"uri": item["uri"], "model": item["model_orientation"]}, truth)
+            status, body = server.answer((item["uri"], item["page"], answer))
+            assert status == 200, body
+            answered.append((item["uri"], item["page"], answer))
+        assert len([n for n in names_under(bucket, prefix) if n.startswith("corrections.journal/")]) == 4
+        rows = read_parquet(bucket, f"{prefix}/corrections.parquet")
+        assert sorted((r["uri"], r["page"], r["label"]) for r in rows) == sorted(answered)
+    finally:
+        server.stop(signal.SIGKILL)
+    bucket.blob(f"{prefix}/corrections.parquet").delete()  # as if the kill came between the journal and the table
+    again = Server(gs_run, "--reviewer", "ana")
+    try:
+        assert again.state()["done"] == 4
+        rows = read_parquet(bucket, f"{prefix}/corrections.parquet")
+        assert sorted((r["uri"], r["page"], r["label"]) for r in rows) == sorted(answered)
+    finally:
+        again.stop()
