@@ -37,7 +37,20 @@ SLOW_MODULES = {"test_trainer_distributed", "test_infra_gcs", "test_infra_multiw
 SLOW_TESTS = {"test_the_default_export_decides_under_its_own_policy",
               "test_grpc_client_reads_the_served_versions_score_policy",
               "test_saved_model_cli_lists_signatures_and_classify_method",
-              "test_exported_graph_has_only_standard_tf_ops"}
+              "test_exported_graph_has_only_standard_tf_ops",
+              # tests/test_review.py: each starts `archive-vision review` processes, some headless Chromium too
+              "test_answers_round_trip_into_corrections_with_the_orientation_meant",
+              "test_pictures_show_the_page_as_the_model_would_turn_it",
+              "test_undo_brings_the_page_back_and_leaves_the_table_without_it",
+              "test_a_server_killed_after_answering_loses_nothing",
+              "test_two_servers_on_one_run_keep_each_others_answers",
+              "test_two_tabs_get_different_pages", "test_bad_requests_are_refused_with_a_reason",
+              "test_a_folder_without_results_or_with_another_runs_corrections_is_refused",
+              "test_rebuild_adopts_a_tables_rows_and_merges_the_journal",
+              "test_the_page_takes_one_keystroke_and_one_post_per_page",
+              "test_the_group_key_accepts_the_page_and_its_strip_in_one_post",
+              "test_a_killed_server_loses_no_answer_and_the_page_picks_up_after_a_reload",
+              "test_two_tabs_work_on_different_pages_and_see_each_others_progress"}
 
 
 def pytest_collection_modifyitems(config, items):

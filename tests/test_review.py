@@ -494,6 +494,7 @@ def test_the_group_key_accepts_the_page_and_its_strip_in_one_post(tmp_path, serv
     while not item["strip"]:  # the first page with more of its group after it
         answer_shown(tab, truth)
         item = tab.wait_for(SHOWN)
+    tab.wait_for(SETTLED)  # the answers before it on disk
     before = standing(run_dir)
     posts = len([r for r in tab.requests() if r["method"] == "POST"])
     tab.press("g")

@@ -37,7 +37,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                     "G accept the group strip, S skip, Backspace/Z undo. Reference: docs/review.md.",
         examples=("archive-vision review --results out --open          # then answer in the browser tab",
                   "archive-vision review --results gs://bucket/runs/2026-01-01 --reviewer ana --port 0",
-                  "archive-vision review --results out --rebuild       # corrections.parquet from the journal, no page"))
+                  "archive-vision review --results out --rebuild   # corrections.parquet from the journal, no page"))
     where = parser.add_argument_group("what to review")
     where.add_argument("--results", required=True, metavar="RUN_DIR",
                        help="a score --output folder (local or gs://) holding results.parquet")
@@ -75,7 +75,8 @@ def open_session(run_dir: str, decisions: Sequence[str], reviewer: str):
         results = read_table(path, RESULTS_SCHEMA).to_pylist()
     except Exception as e:
         raise SetupError(f"{path} cannot be read as a Parquet table: {type(e).__name__}: {e}") from e
-    missing = [c for c in ("uri", "page", "sha256", "orientation_degrees", "decision") if results and c not in results[0]]
+    needed = ("uri", "page", "sha256", "orientation_degrees", "decision")
+    missing = [c for c in needed if results and c not in results[0]]
     if missing:
         raise SetupError(f"{path} is not a score results table: no {', '.join(missing)} column")
     try:
@@ -127,6 +128,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     configure_logging(argv)
     reviewer = args.reviewer or os.environ.get("USER") or getpass.getuser()
     decisions = tuple(d.strip() for d in args.decisions.split(",") if d.strip())
+    from serving.policy import DECISIONS  # no TensorFlow (importing pipelines.score would load it)
+
+    SKIPPED = "skipped"  # pipelines.score.options.SKIPPED: rows a --skip-known manifest listed unscored
+
+    unknown = [d for d in decisions if d not in DECISIONS + (SKIPPED,)]
+    if unknown or not decisions:
+        print(f"archive-vision review: --decisions {args.decisions!r}: each must be one of "
+              f"{', '.join(DECISIONS + (SKIPPED,))}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         session, results = open_session(args.results, decisions, reviewer)
         if args.rebuild:
