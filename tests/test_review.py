@@ -327,7 +327,15 @@ def test_two_tabs_get_different_pages(tmp_path, servers):
     run_dir, truth = make_run(tmp_path, pages=30)
     server = servers(run_dir)
     one, two = server.state("tab1")["head"], server.state("tab2")["head"]
-    assert one and two and not {h["sha256"] for h in one} & {h["sha256"] for h in two}
+    held = review_session.LEASED
+    assert len(one) == len(two) == review_session.HEAD_SIZE
+    assert not {h["sha256"] for h in one[:held]} & {h["sha256"] for h in two[:held]}
+    assert [h["sha256"] for h in two[:held]] == [h["sha256"] for h in one[held:2 * held]]  # the next ones
+    # With fewer pages left than tabs hold, a tab gets the held ones rather than nothing.
+    small, _ = make_run(tmp_path / "small", pages=1)
+    server = servers(small)
+    one, two = server.state("tab1")["head"], server.state("tab2")["head"]
+    assert len(one) == 3 and [h["sha256"] for h in two] == [h["sha256"] for h in one]
 
 
 def test_bad_requests_are_refused_with_a_reason(tmp_path, servers):

@@ -19,8 +19,9 @@ from pipelines import corrections
 from pipelines.schema import ORIENTATIONS
 
 DEFAULT_DECISIONS = ("review",)
-HEAD_SIZE = 24  # the pages a page holds ahead (shown, prefetched, offered as the group strip)
-LEASE_SECONDS = 90.0  # how long pages sent to one tab stay away from the others after its last call
+HEAD_SIZE = 24  # the pages a tab holds ahead (shown, prefetched, offered as the group strip)
+LEASED = 4  # of those, the first few (the shown page and the next) are kept from the other tabs...
+LEASE_SECONDS = 90.0  # ...until this long after the tab's last call (a closed tab lets them go then)
 PACE_ANSWERS = 20  # the pace figure: items per minute over this many latest answers
 
 
@@ -197,24 +198,29 @@ class ReviewSession:
         return len(new)
 
     def _head(self, client: str, answered) -> List[Item]:
+        """This tab's next pages: those no other tab holds first, then (rather than nothing) those they hold; the
+        first LEASED of them become this tab's to hold."""
         now = time.monotonic()
-        head: List[Item] = []
+        free: List[Item] = []
+        held: List[Item] = []
         with self._lock:
             for item in self.items:
                 if item.key in answered:
                     continue
                 holder = self._leases.get(item.index)
                 if holder is not None and holder[0] != client and holder[1] > now:
+                    if len(held) < self.head_size:
+                        held.append(item)
                     continue
-                head.append(item)
-                if len(head) >= self.head_size:
+                free.append(item)
+                if len(free) >= self.head_size:
                     break
             for index, holder in list(self._leases.items()):
-                if holder[0] == client:
+                if holder[0] == client or holder[1] <= now:
                     del self._leases[index]
-            for item in head:
+            for item in free[:LEASED]:
                 self._leases[item.index] = (client, now + self.lease_seconds)
-        return head
+        return (free + held)[:self.head_size]
 
     def state(self, client: str = "") -> dict:
         """What a page shows: progress, pace, its reviewer's latest answers (for undo) and its next pages."""
