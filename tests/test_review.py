@@ -358,10 +358,13 @@ def test_bad_requests_are_refused_with_a_reason(tmp_path, servers):
     assert status == 400
     for body, reason in (({"client": "x"}, "no answers given"), ([1, 2], "must be a JSON object")):
         assert server.post("api/answer", body)[0] == 400 and reason in server.post("api/answer", body)[1]["error"]
-    request = urllib.request.Request(server.url + "api/answer", data=b"{not json", method="POST")
-    with pytest.raises(urllib.error.HTTPError) as bad:
-        urllib.request.urlopen(request, timeout=30)
-    assert bad.value.code == 400 and "not JSON" in json.loads(bad.value.read())["error"]
+    for data, content_type, code, reason in ((b"{not json", "application/json", 400, "not JSON"),
+                                             (b'{"answers": []}', "text/plain", 415, "application/json")):
+        request = urllib.request.Request(server.url + "api/answer", data=data, method="POST",
+                                         headers={"Content-Type": content_type})
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            urllib.request.urlopen(request, timeout=30)
+        assert bad.value.code == code and reason in json.loads(bad.value.read())["error"]
     assert server.state()["done"] == 0
     assert table_rows(run_dir) == []
 

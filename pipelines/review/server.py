@@ -7,7 +7,7 @@ JSON, and the pages' pictures as cached JPEG thumbnails, made ahead of the revie
     POST /api/undo    {client, ids: [...]}                              -> the state
     GET  /img/SHA256/PAGE.jpg       the page as the model would turn it (a few hundred px)
 
-A bad request is answered 400 with {"error": why}; an unknown path 404.
+A bad request is answered 400 with {"error": why} (a POST that is not application/json 415); an unknown path 404.
 """
 from __future__ import annotations
 
@@ -174,6 +174,10 @@ class ReviewHandler(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         url = urlparse(self.path)
         try:
+            if (self.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
+                # Only JSON: a form on another web site cannot post to this page without the browser asking first.
+                self._error(415, "send the answers as application/json")
+                return
             length = int(self.headers.get("Content-Length") or 0)
             if length > MAX_BODY:
                 self._error(413, f"request body over {MAX_BODY} bytes")
