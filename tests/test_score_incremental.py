@@ -134,9 +134,11 @@ def test_a_touched_file_is_read_once_reused_by_content_and_then_known_by_its_new
     rows = rows_by_name(str(tmp_path / "run2"))
     assert rows["b.png"]["reused"] and rows["b.png"]["orientation_degrees"] == 90
     assert rows["b.png"]["fingerprint"] == sources.local_fingerprint(os.stat(touched))
-    # The next night knows it by its new listing: nothing is read.
-    third = run_score(archive, str(tmp_path / "run3"), model_bases[3], str(tmp_path / "run2" / "results.parquet"))
+    # The next night knows it by its new listing: nothing is read. Given both earlier tables (a pattern), a file
+    # they both hold still gets one row per page.
+    third = run_score(archive, str(tmp_path / "run3"), model_bases[3], str(tmp_path / "run[12]" / "results.parquet"))
     assert third["counts"]["bytes_read"] == 0 and third["counts"]["inputs_reused_by_listing"] == 3
+    assert third["counts"]["known_rows"] == 6 and third["counts"]["results"] == 3
 
 
 def test_a_changed_file_is_scored_again_and_a_moved_one_reused(tmp_path, model_bases, first_run):

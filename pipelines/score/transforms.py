@@ -299,8 +299,7 @@ class ScoreArchive(beam.PTransform):
         entries = (pbegin
                    | "Source" >> beam.Create([opts.input])
                    | "ListArchive" >> beam.FlatMap(sources.list_archive, "none", list(opts.exclude))
-                   | "Distribute" >> beam.Reshuffle()
-                   | "Progress" >> ShowProgress("score"))
+                   | "Distribute" >> beam.Reshuffle())
         reused = []
         known = None
         if self._known is not None:
@@ -313,7 +312,10 @@ class ScoreArchive(beam.PTransform):
                     ReuseByListingFn.UNMATCHED, main="rows"))
             reused.append(by_listing.rows)
             entries = by_listing[ReuseByListingFn.UNMATCHED]
-        read = entries | "ReadInputs" >> beam.ParDo(ReadInputFn(opts)).with_outputs(ReadInputFn.ERRORS, main="read")
+        # The progress line counts the files read (fused with the reading): those reused unread are not work.
+        read = (entries
+                | "Progress" >> ShowProgress("score")
+                | "ReadInputs" >> beam.ParDo(ReadInputFn(opts)).with_outputs(ReadInputFn.ERRORS, main="read"))
         fresh = read.read
         if known is not None:
             by_content = (
