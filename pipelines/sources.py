@@ -1,9 +1,11 @@
 """Listing an archive: a local folder (recursive), a gs:// prefix, a glob, or a CSV/Parquet manifest.
 
 Listing is pure (no Beam transforms) so it is unit-tested directly; the ingest and score jobs run it
-inside the pipeline. A row that cannot become an input (a manifest row without a URI, an unknown
-orientation value, a folder that cannot be listed) is still returned, with `error` set, so it reaches
-errors.parquet.
+inside the pipeline. Each file carries what the listing gives without reading it: its size and a fingerprint of
+its version (local: size and mtime; gs://: size and the object's MD5, else generation and CRC32C), which lets
+`score --skip-known` tell an unchanged file from a changed one without opening it. A row that cannot become an
+input (a manifest row without a URI, an unknown orientation value, a folder that cannot be listed) is still
+returned, with `error` set, so it reaches errors.parquet.
 """
 from __future__ import annotations
 
@@ -34,6 +36,33 @@ class SourceEntry:
     size_bytes: int = -1
     error: str = ""
     error_type: str = "bad_manifest_row"  # errors.parquet's error_type for `error` (read only when error is set)
+    fingerprint: str = ""  # the file's version as its listing gives it (local_fingerprint, gcs_fingerprint; "": none)
+
+
+def local_fingerprint(info: os.stat_result) -> str:
+    """A local file's listing fingerprint: size and mtime in ns (rsync's quick check: a rewrite moves the mtime)."""
+    return f"local:{info.st_size}:{info.st_mtime_ns}"
+
+
+def gcs_fingerprint(blob) -> str:
+    """A GCS object's listing fingerprint, from its listing entry (a google.cloud.storage Blob): the size and the
+    MD5 GCS keeps of the content (the same bytes uploaded again keep it), else, for composite objects that have no
+    MD5, the generation (a new one on every write) and the CRC32C; '' when the listing carried neither."""
+    if blob.md5_hash:
+        return f"gs:{blob.size}:md5:{blob.md5_hash}"
+    if blob.generation:
+        return f"gs:{blob.size}:{blob.generation}:{blob.crc32c or ''}"
+    return ""
+
+
+def _stat_local(path: str) -> tuple:
+    """(size, listing fingerprint) of a local file, without opening it; (-1, '') when it cannot be stat'ed
+    (a broken symlink, a vanished file: reading it fails later, as a read error)."""
+    try:
+        info = os.stat(path)  # follows symlinks: the fingerprint is the target's
+    except OSError:
+        return -1, ""
+    return info.st_size, local_fingerprint(info)
 
 
 def is_manifest(src: str) -> bool:
@@ -120,11 +149,9 @@ def _list_local_dir(root: str, label_mode: str, exclude: Sequence[str]) -> Itera
             if _excluded(path, exclude):
                 continue
             label, split = _folder_label_and_split(os.path.relpath(path, root))
-            try:
-                size = os.stat(path).st_size  # follows symlinks: a broken one fails later, as a read error
-            except OSError:
-                size = -1
-            yield SourceEntry(uri=path, label=label if label_mode == "folders" else "", split=split, size_bytes=size)
+            size, fingerprint = _stat_local(path)
+            yield SourceEntry(uri=path, label=label if label_mode == "folders" else "", split=split, size_bytes=size,
+                              fingerprint=fingerprint)
     yield from _unlisted_dirs(walk_errors, root)
 
 
@@ -138,17 +165,64 @@ def _unlisted_dirs(walk_errors: List[OSError], root: str) -> Iterator[SourceEntr
                                 f"{type(error).__name__}: {error}")
 
 
-def _list_pattern(pattern: str, root: str, label_mode: str, exclude: Sequence[str]) -> Iterator[SourceEntry]:
+def _matched_files(pattern: str) -> Iterator[tuple]:
+    """(path, size, listing fingerprint) of every file `pattern` matches, as Beam's FileSystems.match lists them.
+
+    gs:// is listed once through Beam's own GCS client, whose listing entries carry each object's generation,
+    CRC32C and MD5 (FileSystems.match keeps only size and time); local files are stat'ed (mtime in ns); any other
+    filesystem's fingerprint is its size and last-updated time, where it gives one."""
     from apache_beam.io.filesystems import FileSystems
 
+    if pattern.startswith("gs://"):
+        listed = _gcs_matched_files(pattern)
+        if listed is not None:
+            yield from listed
+            return
     for match in FileSystems.match([pattern]):
-        for meta in sorted(match.metadata_list, key=lambda m: m.path):
-            if meta.path.endswith("/") or _excluded(meta.path, exclude):
+        for meta in match.metadata_list:
+            if not is_remote(meta.path):
+                size, fingerprint = _stat_local(meta.path)
+                yield meta.path, meta.size_in_bytes, fingerprint
                 continue
-            rel = meta.path[len(root):].lstrip("/") if root and meta.path.startswith(root) else posixpath.basename(meta.path)
-            label, split = _folder_label_and_split(rel)
-            yield SourceEntry(uri=meta.path, label=label if label_mode == "folders" else "", split=split,
-                              size_bytes=meta.size_in_bytes)
+            updated = getattr(meta, "last_updated_in_seconds", 0.0) or 0.0
+            scheme = meta.path.split("://", 1)[0]
+            yield meta.path, meta.size_in_bytes, f"{scheme}:{meta.size_in_bytes}:{updated!r}" if updated else ""
+
+
+def _gcs_matched_files(pattern: str) -> Optional[List[tuple]]:
+    """gs:// files matching `pattern` with their fingerprints, in one listing call (None: Beam's GCS filesystem
+    exposes no client here, so the caller falls back to FileSystems.match, without fingerprints)."""
+    import re
+
+    from apache_beam.io.filesystem import FileMetadata
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.io.gcp.gcsio import parse_gcs_path
+
+    filesystem = FileSystems.get_filesystem(pattern)
+    if not hasattr(filesystem, "_gcsIO"):
+        return None
+    gcs = filesystem._gcsIO()  # Beam's own client, configured by the pipeline options as its reads are
+    if pattern.endswith("/"):
+        pattern += "*"  # as FileSystem.match does
+    prefix = re.match(r"^[^[*?]*", pattern).group(0)
+    bucket, name_prefix = parse_gcs_path(prefix, object_optional=True)
+    retry = getattr(gcs, "_storage_client_retry", None)
+    kwargs = {"retry": retry} if retry is not None else {}
+    blobs = {f"gs://{bucket}/{blob.name}": blob
+             for blob in gcs.client.list_blobs(bucket, prefix=name_prefix, **kwargs)}
+    metas = [FileMetadata(path, blob.size or 0) for path, blob in blobs.items()]
+    return [(meta.path, meta.size_in_bytes, gcs_fingerprint(blobs[meta.path]))
+            for meta in filesystem.match_files(metas, pattern)]
+
+
+def _list_pattern(pattern: str, root: str, label_mode: str, exclude: Sequence[str]) -> Iterator[SourceEntry]:
+    for path, size, fingerprint in sorted(_matched_files(pattern)):
+        if path.endswith("/") or _excluded(path, exclude):
+            continue
+        rel = path[len(root):].lstrip("/") if root and path.startswith(root) else posixpath.basename(path)
+        label, split = _folder_label_and_split(rel)
+        yield SourceEntry(uri=path, label=label if label_mode == "folders" else "", split=split,
+                          size_bytes=size, fingerprint=fingerprint)
 
 
 def read_manifest_table(src: str):
@@ -207,8 +281,11 @@ def _list_manifest(src: str, label_mode: str) -> Iterator[SourceEntry]:
         orientation, orientation_error = _manifest_orientation(row.get("orientation"))
         label = row.get("label")
         label = "" if label is None or label_mode != "manifest" else str(label).strip()
+        # A local file is stat'ed here (cheap, no content read); a remote one would cost a request per file, so it
+        # has no fingerprint and is read (and matched by its content hash) instead.
+        size, fingerprint = (-1, "") if is_remote(uri) else _stat_local(uri)
         yield SourceEntry(uri=uri, label=label, split=split, orientation=orientation,
-                          error=error or orientation_error)
+                          error=error or orientation_error, size_bytes=size, fingerprint=fingerprint)
 
 
 def list_archive(src: str, label_mode: str = "auto", exclude: Sequence[str] = ()) -> Iterator[SourceEntry]:
@@ -226,7 +303,8 @@ def list_archive(src: str, label_mode: str = "auto", exclude: Sequence[str] = ()
         prefix = src.rstrip("/") + "/"
         yield from _list_pattern(prefix + "**", prefix, label_mode, exclude)
     elif os.path.isfile(src) or os.path.islink(src):
-        yield SourceEntry(uri=os.path.abspath(src))
+        size, fingerprint = _stat_local(src)
+        yield SourceEntry(uri=os.path.abspath(src), size_bytes=size, fingerprint=fingerprint)
     else:
         raise FileNotFoundError(f"input {src!r} is not a folder, file, glob, gs:// prefix or manifest")
 

@@ -26,9 +26,13 @@ ERRORS_SCHEMA = pa.schema([
 # clockwise, classes as in labels.json. `reused` rows were copied from --skip-known instead of being scored.
 # `tta_agreement` and `text_crops` are the graph's own outputs (serving.answer): the share of the four turned copies
 # that agreed (null: not turned), and the text-crop evidence (1: counted, 0: read and not counted, null: not read).
-# `text_lines` stays for tables written before text lines left score (always null now).
+# `text_lines` stays for tables written before text lines left score (always null now). `fingerprint` is the file's
+# listing fingerprint (pipelines.sources.SourceEntry) when it was scored or reused: a later --skip-known run reuses
+# the rows of a file listed again at the same uri with the same fingerprint without reading it (tables written
+# before the column, or files listed without one, are matched by sha256, read).
 RESULTS_SCHEMA = pa.schema([
-    ("uri", pa.string()), ("page", pa.int64()), ("sha256", pa.string()), ("format", pa.string()),
+    ("uri", pa.string()), ("page", pa.int64()), ("sha256", pa.string()), ("fingerprint", pa.string()),
+    ("format", pa.string()),
     ("width", pa.int64()), ("height", pa.int64()), ("exif_orientation", pa.int64()),
     ("class_name", pa.string()), ("class_id", pa.int64()), ("class_confidence", pa.float64()),
     ("class_probabilities", pa.list_(pa.float32())),

@@ -222,15 +222,39 @@ def test_nightly_score_writes_gs_results_and_reuses_the_previous_night(bucket, t
     assert {n: r["orientation_degrees"] for n, r in first.items()} == {"a.png": 0, "b.png": 90}
     assert not any(r["reused"] for r in first.values())
 
+    assert all(r["fingerprint"].startswith("gs:") for r in first.values())
+
     sf.write_turned_archive(local, {"c": 270})
-    upload_dir(bucket, local, "nightly")
+    upload_dir(bucket, local, "nightly")  # a and b uploaded again: new generations, the same bytes (and MD5)
     assert cluster.scheduled_score(["--results-root", root, "--run-name", "2026-01-02", *flags]) == 0
     second = {r["uri"].rsplit("/", 1)[1]: r for r in read_parquet(bucket, "scores/2026-01-02/results.parquet")}
     assert {n for n, r in second.items() if r["reused"]} == {"a.png", "b.png"}
     assert {n for n, r in second.items() if not r["reused"]} == {"c.png"} and second["c.png"][
         "orientation_degrees"] == 270
+    # a and b were reused from the listing alone (their MD5 did not change): only c was read.
+    counts = json.loads(bucket.blob("scores/2026-01-02/run.json").download_as_text())["counts"]
+    assert (counts["inputs_reused_by_listing"], counts["files_read"]) == (2, 1)
+    assert counts["bytes_read"] == os.path.getsize(os.path.join(local, "c.png"))
     assert {"results.csv", "errors.parquet", "run.json"} <= set(names_under(bucket, "scores/2026-01-02"))
     assert cluster.latest_results(root, "2026-01-03") == f"{root}/2026-01-02/results.parquet"
+
+
+def test_a_gs_listing_fingerprints_each_object_from_the_listing_itself(bucket, tmp_path):
+    from pipelines import sources
+
+    local = str(tmp_path / "fp")
+    os.makedirs(local)
+    for name, data in (("x.png", b"one"), ("y.png", b"two"), ("z.txt", b"one")):
+        with open(os.path.join(local, name), "wb") as f:
+            f.write(data)
+    upload_dir(bucket, local, "fingerprints")
+    listed = {e.uri.rsplit("/", 1)[1]: e for e in sources.list_archive(f"gs://{BUCKET}/fingerprints")}
+    assert sorted(listed) == ["x.png", "y.png", "z.txt"] and all(e.size_bytes == 3 for e in listed.values())
+    blobs = {b.name.rsplit("/", 1)[1]: b for b in bucket.client.list_blobs(bucket, prefix="fingerprints/")}
+    assert {n: e.fingerprint for n, e in listed.items()} == {n: sources.gcs_fingerprint(b) for n, b in blobs.items()}
+    assert listed["x.png"].fingerprint == listed["z.txt"].fingerprint != listed["y.png"].fingerprint  # by content
+    globbed = list(sources.list_archive(f"gs://{BUCKET}/fingerprints/*.png"))
+    assert [e.fingerprint for e in globbed] == [listed["x.png"].fingerprint, listed["y.png"].fingerprint]
 
 
 def test_an_exports_recorded_policy_is_read_from_gs(bucket):

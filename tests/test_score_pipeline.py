@@ -262,8 +262,11 @@ def test_skip_known_ignores_results_of_another_model_version(tmp_path):
                reused=False, orientation_probabilities=[1.0, 0.0, 0.0, 0.0])
     path = str(tmp_path / "old.parquet")
     pq.write_table(pa.Table.from_pylist([row], RESULTS_SCHEMA), path)
-    assert score.load_known(path, score.ModelInfo("archive_vision", 2)) == {}
-    assert list(score.load_known(path, score.ModelInfo("archive_vision", 1))) == ["abc"]
+    table = score.inspect_known(path)
+    assert table.kind == "results"
+    assert score.known_row(row, table, score.ModelInfo("archive_vision", 2)) is None
+    assert score.known_row(row, table, score.ModelInfo("other_model", 1)) is None
+    assert score.known_row(row, table, score.ModelInfo("archive_vision", 1))["sha256"] == "abc"
 
 
 def test_one_bad_image_does_not_fail_its_batch():

@@ -109,3 +109,29 @@ def test_symlinked_folders_are_followed_once_and_loops_end(tmp_path):
     entries = list(sources.list_archive(str(tmp_path / "archive")))
     assert [(os.path.relpath(e.uri, tmp_path / "archive"), e.label, e.error) for e in entries] == \
         [("document/d.jpg", "document", ""), ("photo/p.jpg", "photo", "")]
+
+
+def test_local_listings_carry_size_and_mtime_without_reading(tmp_path):
+    touch(str(tmp_path / "d" / "a.jpg"), b"abc")
+    touch(str(tmp_path / "d" / "b.jpg"), b"abcd")
+    path = str(tmp_path / "d" / "a.jpg")
+    os.utime(path, ns=(1_000_000_000, 1_234_567_891_011))
+    (tmp_path / "m.csv").write_text(f"uri\n{path}\nd/b.jpg\nd/gone.jpg\n")
+    folder = {os.path.basename(e.uri): e for e in sources.list_archive(str(tmp_path / "d"))}
+    globbed = {os.path.basename(e.uri): e for e in sources.list_archive(str(tmp_path / "d" / "*.jpg"))}
+    manifest = {os.path.basename(e.uri): e for e in sources.list_archive(str(tmp_path / "m.csv"))}
+    single = list(sources.list_archive(path))
+    for listing in (folder, globbed, manifest, {"a.jpg": single[0]}):
+        assert (listing["a.jpg"].size_bytes, listing["a.jpg"].fingerprint) == (3, "local:3:1234567891011")
+    assert folder["b.jpg"].fingerprint == globbed["b.jpg"].fingerprint == manifest["b.jpg"].fingerprint
+    assert folder["b.jpg"].fingerprint.startswith("local:4:")
+    assert (manifest["gone.jpg"].size_bytes, manifest["gone.jpg"].fingerprint) == (-1, "")  # read (and fail) later
+
+
+def test_a_gcs_fingerprint_is_the_content_md5_else_the_generation_and_crc32c():
+    from types import SimpleNamespace as Blob
+
+    assert sources.gcs_fingerprint(Blob(size=3, md5_hash="bWQ1", generation=7, crc32c="Y3Jj")) == "gs:3:md5:bWQ1"
+    composite = Blob(size=3, md5_hash=None, generation=7, crc32c="Y3Jj")  # composed objects have no MD5
+    assert sources.gcs_fingerprint(composite) == "gs:3:7:Y3Jj"
+    assert sources.gcs_fingerprint(Blob(size=3, md5_hash=None, generation=None, crc32c=None)) == ""

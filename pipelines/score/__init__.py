@@ -1,7 +1,10 @@
 """`archive-vision score`: the Beam job that classifies and orients every image of an archive through a model.
 
-    archive -> ListArchive -> PrepareImages (items | reused | errors) -> ScoreImages (scored | errors)
+    archive -> ListArchive [-> JoinByListing: reused unread] -> ReadInputs [-> JoinByContent: reused by sha256]
+            -> PrepareImages (items | errors) -> ScoreImages (scored | errors)
             -> Decide (+ corrected copies) -> results.parquet/.csv, errors.parquet, run.json, report.html
+
+(the joins only with --skip-known: pipelines.score.known).
 
 score is a client of the exported model: the SavedModel computes the whole answer (serving.answer: the model's
 view, test-time turns, text crops, fusion, calibration), and score lists and limits the inputs, sends each page's
@@ -35,33 +38,35 @@ from pipelines import sources
 from pipelines.cli import EXIT_USAGE, configure_logging, exit_code
 from pipelines.imaging import make_upright, turn_clockwise  # noqa: F401 - part of score's interface (tests, report)
 from pipelines.ingest import default_pipeline_options, runner_record
-from pipelines.score.answers import (SENT_AS_IS, decide, draft_side, load_known, page_payload,  # noqa: F401
+from pipelines.score.answers import (SENT_AS_IS, decide, draft_side, page_payload,  # noqa: F401
                                      predict_isolating, result_row)
 from pipelines.score.corrected import (WriteCorrectedFn, corrected_path, jpegtran_operation,  # noqa: F401
                                        jpegtran_path, reset_exif_orientation, upright_bytes)
+from pipelines.score.known import KnownTable, inspect_known, known_row  # noqa: F401
 from pipelines.score.models import (ScorePolicyError, builtin_model_dir, export_metadata,  # noqa: F401
                                     _class_names_file, local_model_info, recorded_policy, remote_model_info,
                                     uses_builtin_model)
 from pipelines.score.options import (BUILTIN_MODEL, COUNTER_NAMESPACE, DECISION_FLAGS, LOG, SKIPPED,  # noqa: F401
                                      TURNS, ModelInfo, ScoreOptions, parse_args, run_policy)
 from pipelines.score.summary import format_summary, summarize, write_results_csv, _metric_totals  # noqa: F401
-from pipelines.score.transforms import (PinnedVersionGoneError, PrepareImagesFn, RemotePredictFn,  # noqa: F401
-                                        ScoreArchive, ScoreImages, ServingSignatureModelHandler, build_pipeline,
-                                        version_gone_message)
+from pipelines.score.transforms import (PinnedVersionGoneError, PrepareImagesFn, ReadInputFn,  # noqa: F401
+                                        RemotePredictFn, ScoreArchive, ScoreImages, ServingSignatureModelHandler,
+                                        build_pipeline, version_gone_message)
 from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA  # noqa: F401
 from serving.export import EXPORT_METADATA, resolve_version_dir  # noqa: F401
 from serving.policy import DECISIONS, DecisionPolicy, ScorePolicy  # noqa: F401
 
 __all__ = [
     'BUILTIN_MODEL', 'COUNTER_NAMESPACE', 'DECISIONS', 'DECISION_FLAGS', 'DecisionPolicy', 'ERRORS_SCHEMA',
-    'EXPORT_METADATA', 'LOG', 'ModelInfo', 'PinnedVersionGoneError', 'PrepareImagesFn', 'RESULTS_SCHEMA',
-    'RemotePredictFn', 'SENT_AS_IS', 'SKIPPED', 'ScoreArchive', 'ScoreImages', 'ScoreOptions', 'ScorePolicy',
-    'ScorePolicyError', 'ServingSignatureModelHandler', 'TURNS', 'WriteCorrectedFn', '_class_names_file',
-    '_metric_totals', 'build_pipeline', 'builtin_model_dir', 'corrected_path', 'decide', 'draft_side',
-    'export_metadata', 'format_summary', 'jpegtran_operation', 'jpegtran_path', 'load_known', 'local_model_info',
-    'make_upright', 'page_payload', 'parse_args', 'predict_isolating', 'recorded_policy', 'remote_model_info',
-    'reset_exif_orientation', 'resolve_version_dir', 'result_row', 'run_policy', 'summarize', 'turn_clockwise',
-    'upright_bytes', 'uses_builtin_model', 'version_gone_message', 'write_results_csv', 'main', 'resolve_model',
+    'EXPORT_METADATA', 'KnownTable', 'LOG', 'ModelInfo', 'PinnedVersionGoneError', 'PrepareImagesFn',
+    'RESULTS_SCHEMA', 'ReadInputFn', 'RemotePredictFn', 'SENT_AS_IS', 'SKIPPED', 'ScoreArchive', 'ScoreImages',
+    'ScoreOptions', 'ScorePolicy', 'ScorePolicyError', 'ServingSignatureModelHandler', 'TURNS', 'WriteCorrectedFn',
+    '_class_names_file', '_metric_totals', 'build_pipeline', 'builtin_model_dir', 'corrected_path', 'decide',
+    'draft_side', 'export_metadata', 'format_summary', 'inspect_known', 'jpegtran_operation', 'jpegtran_path',
+    'known_row', 'local_model_info', 'make_upright', 'page_payload', 'parse_args', 'predict_isolating',
+    'recorded_policy', 'remote_model_info', 'reset_exif_orientation', 'resolve_version_dir', 'result_row',
+    'run_policy', 'summarize', 'turn_clockwise', 'upright_bytes', 'uses_builtin_model', 'version_gone_message',
+    'write_results_csv', 'main', 'resolve_model',
     'run', 'run_failure_reason'
 ]
 
@@ -89,9 +94,10 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     if not FileSystems.exists(opts.output):
         FileSystems.mkdirs(opts.output)
     opts, model = resolve_model(opts)
-    known = load_known(opts.skip_known, model) if opts.skip_known else {}
-    LOG.info("scoring %s with %s v%d (%s); %d known hashes", opts.input, model.name, model.version,
-             model.endpoint or model.version_dir, len(known))
+    known = inspect_known(opts.skip_known) if opts.skip_known else None  # its schema; the workers read its rows
+    LOG.info("scoring %s with %s v%d (%s)%s", opts.input, model.name, model.version,
+             model.endpoint or model.version_dir,
+             f"; reusing the {known.kind} {known.path}" if known else "")
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=default_pipeline_options(beam_args))
     outputs = build_pipeline(pipeline, opts, model, known)
@@ -102,7 +108,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     elapsed = time.time() - started
     write_results_csv(opts.output)
     tool = ("jpegtran" if jpegtran_path() else "none (JPEG re-encoded at quality 95)") if opts.write_corrected else ""
-    summary = summarize(opts, model, elapsed, _metric_totals(result), len(known), tool, runner_record(pipeline))
+    summary = summarize(opts, model, elapsed, _metric_totals(result), tool, runner_record(pipeline))
     truth = opts.truth or _labelled_input(opts.input)
     metrics = tables = None  # the score tables read and the truth figures computed once, for run.json and the report
     if truth:

@@ -1,18 +1,15 @@
-"""The pure parts of score (tested without Beam): what a page sends, how an answer becomes a row and a decision,
-and which earlier results a run reuses."""
+"""The pure parts of score (tested without Beam): what a page sends, and how an answer becomes a row and a decision
+(which earlier rows a run reuses: pipelines.score.known)."""
 from __future__ import annotations
 
-import io
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
 
-from pipelines import imaging, sources
-from pipelines.score.options import SKIPPED, ModelInfo
-from pipelines.tables import RESULTS_SCHEMA
+from pipelines import imaging
+from pipelines.score.options import ModelInfo
 from serving import policy as policies
-from serving.policy import DECISIONS, DecisionPolicy, ScorePolicy
+from serving.policy import DecisionPolicy, ScorePolicy
 
 # Pages sent as the file's own bytes: formats the graph decodes exactly as stored, in modes it reads as Pillow does.
 SENT_AS_IS = {"jpeg": ("RGB", "L"), "png": ("RGB", "RGBA", "L", "LA", "P")}
@@ -64,6 +61,7 @@ def result_row(item: dict, prediction: Dict[str, Any], model: ModelInfo, policy:
     """One row of results.parquet from a prepared item and the model's answer."""
     decision, reason = decide(prediction, policy)
     row = {key: item[key] for key in ("uri", "page", "sha256", "format", "width", "height", "exif_orientation")}
+    row["fingerprint"] = item.get("fingerprint") or ""
     agreement = _optional(prediction.get(policies.TTA_AGREEMENT))
     crops = _optional(prediction.get(policies.TEXT_CROPS))
     row.update(class_name="", class_id=-1, class_confidence=None, class_probabilities=None,
@@ -104,49 +102,3 @@ def draft_side(policy: ScorePolicy) -> int:
     or the text crops' reading copy."""
     crops = policy.answer.text_crops
     return max(policy.answer.image_size, crops.copy_short if crops else 0)
-
-
-def load_known(path: str, model: ModelInfo) -> Dict[str, List[dict]]:
-    """sha256 -> rows to reuse, from a previous results table (same model name and version only) or an
-    ingest manifest (its files are listed as `skipped`, not scored)."""
-    import pyarrow.parquet as pq
-
-    table = (sources.read_manifest_table(path) if path.lower().endswith(".csv")
-             else pq.read_table(io.BytesIO(FileSystems.open(path).read())))
-    columns = set(table.column_names)
-    if "sha256" not in columns:
-        raise ValueError(f"--skip-known {path} has no sha256 column (columns: {sorted(columns)})")
-    known: Dict[str, List[dict]] = {}
-    if {"model_name", "model_version", "decision"} <= columns:
-        for row in table.to_pylist():
-            if row["model_name"] == model.name and int(row["model_version"]) == model.version \
-                    and row["decision"] in DECISIONS:
-                known.setdefault(row["sha256"], []).append(
-                    {name: _csv_value(name, row.get(name)) for name in RESULTS_SCHEMA.names})
-    else:  # an ingest manifest: one row per page (augmented copies collapse onto their page)
-        for row in table.to_pylist():
-            pages = known.setdefault(row["sha256"], [])
-            page = int(row.get("page") or 0)
-            if all(p["page"] != page for p in pages):
-                pages.append(_skipped_row(row, page, model))
-    for rows in known.values():
-        rows.sort(key=lambda r: r["page"])
-    return known
-
-
-def _skipped_row(row: dict, page: int, model: ModelInfo) -> dict:
-    out = {name: None for name in RESULTS_SCHEMA.names}
-    out.update(uri=row.get("source_uri") or row.get("uri") or "", page=page, sha256=row["sha256"],
-               format=row.get("format") or "", width=row.get("original_width") or -1,
-               height=row.get("original_height") or -1, exif_orientation=row.get("exif_orientation") or 0,
-               class_name="", class_id=-1, orientation_degrees=-1, decision=SKIPPED,
-               review_reason="already in the --skip-known manifest", model_name=model.name,
-               model_version=model.version, corrected_uri="", corrected_method="")
-    return out
-
-
-def _csv_value(name: str, value):
-    """Undo results.csv's flattening of probability lists (a ;-joined string) when a CSV is reused."""
-    if name in ("class_probabilities", "orientation_probabilities") and isinstance(value, str):
-        return [float(x) for x in value.split(";") if x] or None
-    return value

@@ -145,6 +145,8 @@ class WriteCorrectedFn(beam.DoFn):
         self._dir = corrected_dir
         self._root = input_root
         self._written = Metrics.counter(COUNTER_NAMESPACE, "corrected_written")
+        self._files = Metrics.counter(COUNTER_NAMESPACE, "files_read")
+        self._bytes = Metrics.counter(COUNTER_NAMESPACE, "bytes_read")
 
     def process(self, row: dict):
         if row["decision"] != "auto_rotate":
@@ -153,6 +155,8 @@ class WriteCorrectedFn(beam.DoFn):
         try:
             with FileSystems.open(row["uri"], compression_type=CompressionTypes.UNCOMPRESSED) as handle:
                 data = handle.read()
+            self._files.inc()
+            self._bytes.inc(len(data))
             if imaging.content_sha256(data) != row["sha256"]:
                 raise RuntimeError("the file changed since it was scored")
             payload, ext, method = upright_bytes(data, row["page"], row["orientation_degrees"], row["format"])

@@ -131,9 +131,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
                           help="review a nearly blank page (ink on less than this share of it) unless its text "
                                "crops settled it (0: off)")
     parser.add_argument("--write-corrected", default="", help="write upright copies of auto_rotate images here")
-    parser.add_argument("--skip-known", default="", help="previous results.parquet/.csv (or an ingest manifest): "
-                                                         "files whose sha256 was scored by this model version "
-                                                         "are copied over (reused=True), not scored again")
+    parser.add_argument("--skip-known", default="", help="previous results.parquet/.csv or a pattern of them (or "
+                                                         "an ingest manifest): files this model version scored are "
+                                                         "copied over (reused=True), not scored again; unchanged "
+                                                         "ones (same uri and listed size+mtime / GCS MD5) unread, "
+                                                         "the others matched by sha256")
     parser.add_argument("--truth", default="", help="labelled manifest (uri + label and/or orientation) for the "
                                                     "report's confusion matrices")
     parser.add_argument("--no-report", dest="report", action="store_false", help="do not write report.html")

@@ -44,7 +44,7 @@ def write_results_csv(output: str) -> str:
 
 
 def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dict[str, int],
-              known_count: int, corrected_tool: str, runner: Optional[Dict[str, object]] = None) -> dict:
+              corrected_tool: str, runner: Optional[Dict[str, object]] = None) -> dict:
     """run.json: options, model and its policy, counts per decision/class/error kind, what the graph's readers did,
     timings, reconciliation."""
     import platform
@@ -73,7 +73,14 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
         "results": len(rows), "pages_scored": len(scored), "pages_reused": len(rows) - len(scored),
         "pages_sent_as_file": metrics.get("pages_sent_as_file", 0),
         "errors": errors.num_rows, "errors_per_type": per_kind, "per_decision": per_decision,
-        "per_class": per_class, "known_hashes": known_count,
+        "per_class": per_class,
+        # --skip-known (Beam counters): the earlier rows this model version may reuse, and the inputs that reused
+        # them unread (same uri and listing fingerprint) or once read (same sha256).
+        "known_rows": metrics.get("known_rows", 0),
+        "inputs_reused_by_listing": metrics.get("inputs_reused_by_listing", 0),
+        "inputs_reused_by_content": metrics.get("inputs_reused_by_content", 0),
+        # What score read of the archive: files opened and their bytes (to score them, and again for upright copies).
+        "files_read": metrics.get("files_read", 0), "bytes_read": metrics.get("bytes_read", 0),
         "corrected_written": sum(1 for r in rows if r["corrected_uri"] and not r["reused"]),
         "corrected_failed": sum(1 for r in rows if (r["corrected_method"] or "").startswith("failed")),
         "inputs_with_some_failed_page": len(error_uris & ok_uris),

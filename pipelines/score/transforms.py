@@ -1,5 +1,5 @@
-"""score's Beam transforms: list and read the archive, send each page to the model (gRPC or RunInference), route
-the answers to result rows or error rows."""
+"""score's Beam transforms: list and read the archive (reusing earlier rows through pipelines.score.known), send
+each page to the model (gRPC or RunInference), route the answers to result rows or error rows."""
 from __future__ import annotations
 
 import os
@@ -15,49 +15,63 @@ from pipelines.ingest import error_row
 from pipelines.progress import ShowProgress
 from pipelines.score.answers import draft_side, page_payload, predict_isolating, result_row
 from pipelines.score.corrected import WriteCorrectedFn
+from pipelines.score.known import (KnownTable, ReadKnown, ReuseByContentFn, ReuseByListingFn, content_key,
+                                   entry_listing_key, listing_key)
 from pipelines.score.options import COUNTER_NAMESPACE, ModelInfo, ScoreOptions, run_policy
 from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, write_job_tables
 from serving.configs import SERVED_VERSIONS
 from serving.errors import ModelNotFoundError, RetryableServingError
 
 
-class PrepareImagesFn(beam.DoFn):
-    """Read one input file: reuse known results by content hash, else emit one item per page carrying the bytes
-    sent to the model (page_payload); unreadable inputs leave as error rows."""
+def _failure(uri, stage, kind, message, page=-1, sha=""):
+    """An errors.parquet row on the `errors` output, counted by its kind."""
+    Metrics.counter(COUNTER_NAMESPACE, f"errors_{kind}").inc()
+    return beam.pvalue.TaggedOutput("errors", error_row(uri, stage, kind, message, page, sha))
+
+
+class ReadInputFn(beam.DoFn):
+    """Read one listed input and hash its content: {entry, data, sha256}; listing errors and unreadable inputs leave
+    as error rows. The only step that reads the archive's bytes to score them (counters files_read, bytes_read)."""
 
     ERRORS = "errors"
-    REUSED = "reused"
+
+    def __init__(self, options: ScoreOptions):
+        self._options = options
+        self._inputs = Metrics.counter(COUNTER_NAMESPACE, "inputs")
+        self._files = Metrics.counter(COUNTER_NAMESPACE, "files_read")
+        self._bytes = Metrics.counter(COUNTER_NAMESPACE, "bytes_read")
+
+    def process(self, entry: sources.SourceEntry):
+        self._inputs.inc()
+        if entry.error:
+            yield _failure(entry.uri, "list", entry.error_type, entry.error)
+            return
+        try:
+            data = sources.read_input(entry, self._options.max_file_mb)
+        except imaging.ImageError as e:
+            yield _failure(entry.uri, "read", e.kind, str(e))
+            return
+        self._files.inc()
+        self._bytes.inc(len(data))
+        yield {"entry": entry, "data": data, "sha256": imaging.content_sha256(data)}
+
+
+class PrepareImagesFn(beam.DoFn):
+    """One read input file that is to be scored -> one item per page carrying the bytes sent to the model
+    (page_payload); a file that does not decode leaves as error rows."""
+
+    ERRORS = "errors"
 
     def __init__(self, options: ScoreOptions, draft_side: int = 448):
         self._options = options
         self._draft_side = draft_side
-        self._inputs = Metrics.counter(COUNTER_NAMESPACE, "inputs")
         self._items = Metrics.counter(COUNTER_NAMESPACE, "pages_prepared")
         self._as_file = Metrics.counter(COUNTER_NAMESPACE, "pages_sent_as_file")
-        self._reused = Metrics.counter(COUNTER_NAMESPACE, "inputs_reused")
         self._failed = Metrics.counter(COUNTER_NAMESPACE, "inputs_failed_decode")
 
-    def _fail(self, uri, stage, kind, message, page=-1, sha=""):
-        Metrics.counter(COUNTER_NAMESPACE, f"errors_{kind}").inc()
-        return beam.pvalue.TaggedOutput(self.ERRORS, error_row(uri, stage, kind, message, page, sha))
-
-    def process(self, entry: sources.SourceEntry, known: Dict[str, List[dict]]):
-        self._inputs.inc()
+    def process(self, read: dict):
         opts = self._options
-        if entry.error:
-            yield self._fail(entry.uri, "list", entry.error_type, entry.error)
-            return
-        try:
-            data = sources.read_input(entry, opts.max_file_mb)
-        except imaging.ImageError as e:
-            yield self._fail(entry.uri, "read", e.kind, str(e))
-            return
-        sha = imaging.content_sha256(data)
-        if sha in known:
-            self._reused.inc()
-            for row in known[sha]:
-                yield beam.pvalue.TaggedOutput(self.REUSED, dict(row, uri=entry.uri, reused=True))
-            return
+        entry, data, sha = read["entry"], read["data"], read["sha256"]
         fmt = imaging.sniff_format(data) or ""
         emitted = 0
         try:
@@ -70,17 +84,17 @@ class PrepareImagesFn(beam.DoFn):
                 self._items.inc()
                 if sent == "file":
                     self._as_file.inc()
-                yield {"uri": entry.uri, "page": page.page, "sha256": sha, "format": fmt,
-                       "width": page.original_width, "height": page.original_height,
+                yield {"uri": entry.uri, "page": page.page, "sha256": sha, "fingerprint": entry.fingerprint,
+                       "format": fmt, "width": page.original_width, "height": page.original_height,
                        "exif_orientation": page.exif_orientation, "image": image}
         except imaging.ImageError as e:
             if emitted == 0:
                 self._failed.inc()
-            yield self._fail(entry.uri, "decode", e.kind, str(e), e.page, sha)
+            yield _failure(entry.uri, "decode", e.kind, str(e), e.page, sha)
         except Exception as e:  # anything Pillow throws that we did not foresee still becomes a row
             if emitted == 0:
                 self._failed.inc()
-            yield self._fail(entry.uri, "decode", "corrupt", f"{type(e).__name__}: {e}", -1, sha)
+            yield _failure(entry.uri, "decode", "corrupt", f"{type(e).__name__}: {e}", -1, sha)
 
 
 class _PredictionRouting:
@@ -269,9 +283,12 @@ class ScoreImages(beam.PTransform):
 
 
 class ScoreArchive(beam.PTransform):
-    """archive path -> {results, errors}: the whole score graph but the table writes."""
+    """archive path -> {results, errors}: the whole score graph but the table writes.
 
-    def __init__(self, options: ScoreOptions, model: ModelInfo, known: Dict[str, List[dict]]):
+    With an earlier table (`known`), two keyed joins decide what is reused before anything is decoded (see
+    pipelines.score.known): listed files by (uri, fingerprint), unread; the rest, once read, by sha256."""
+
+    def __init__(self, options: ScoreOptions, model: ModelInfo, known: Optional[KnownTable] = None):
         super().__init__()
         self._options = options
         self._model = model
@@ -283,23 +300,48 @@ class ScoreArchive(beam.PTransform):
                    | "Source" >> beam.Create([opts.input])
                    | "ListArchive" >> beam.FlatMap(sources.list_archive, "none", list(opts.exclude))
                    | "Distribute" >> beam.Reshuffle())
-        known = pbegin | "Known" >> beam.Create(sorted(self._known.items()))
-        prepared = entries | "Progress" >> ShowProgress("score") | "PrepareImages" >> beam.ParDo(
-            PrepareImagesFn(opts, draft_side(self._model.policy)), beam.pvalue.AsDict(known)).with_outputs(
-            PrepareImagesFn.ERRORS, PrepareImagesFn.REUSED, main="items")
+        reused = []
+        known = None
+        if self._known is not None:
+            known = pbegin | "Known" >> ReadKnown(self._known, self._model)
+            by_listing = (
+                {"entries": entries | "KeyByListing" >> beam.Map(entry_listing_key),
+                 "known": known | "KnownByListing" >> beam.FlatMap(listing_key)}
+                | "JoinByListing" >> beam.CoGroupByKey()
+                | "ReuseByListing" >> beam.ParDo(ReuseByListingFn()).with_outputs(
+                    ReuseByListingFn.UNMATCHED, main="rows"))
+            reused.append(by_listing.rows)
+            entries = by_listing[ReuseByListingFn.UNMATCHED]
+        # The progress line counts the files read (fused with the reading): those reused unread are not work.
+        read = (entries
+                | "Progress" >> ShowProgress("score")
+                | "ReadInputs" >> beam.ParDo(ReadInputFn(opts)).with_outputs(ReadInputFn.ERRORS, main="read"))
+        fresh = read.read
+        if known is not None:
+            by_content = (
+                {"read": read.read | "KeyByContent" >> beam.Map(content_key),
+                 "known": known | "KnownByContent" >> beam.Map(content_key)}
+                | "JoinByContent" >> beam.CoGroupByKey()
+                | "ReuseByContent" >> beam.ParDo(ReuseByContentFn()).with_outputs(
+                    ReuseByContentFn.UNMATCHED, main="rows"))
+            reused.append(by_content.rows)
+            fresh = by_content[ReuseByContentFn.UNMATCHED]
+        prepared = fresh | "PrepareImages" >> beam.ParDo(
+            PrepareImagesFn(opts, draft_side(self._model.policy))).with_outputs(PrepareImagesFn.ERRORS, main="items")
         scored = prepared.items | "Score" >> ScoreImages(self._model, opts)
         rows = scored["rows"]
         if opts.write_corrected:
             root = os.path.abspath(opts.input) if not sources.is_remote(opts.input) and os.path.isdir(opts.input) \
                 else ""
             rows = rows | "WriteCorrected" >> beam.ParDo(WriteCorrectedFn(opts.write_corrected, root))
-        results = (rows, prepared[PrepareImagesFn.REUSED]) | "AllResults" >> beam.Flatten()
-        errors = (prepared[PrepareImagesFn.ERRORS], scored["errors"]) | "AllErrors" >> beam.Flatten()
+        results = (rows, *reused) | "AllResults" >> beam.Flatten()
+        errors = (read[ReadInputFn.ERRORS], prepared[PrepareImagesFn.ERRORS], scored["errors"]) \
+            | "AllErrors" >> beam.Flatten()
         return {"results": results, "errors": errors}
 
 
 def build_pipeline(pipeline: beam.Pipeline, opts: ScoreOptions, model: ModelInfo,
-                   known: Dict[str, List[dict]]) -> Dict[str, beam.PCollection]:
+                   known: Optional[KnownTable] = None) -> Dict[str, beam.PCollection]:
     """Wire the score job and its table writes onto `pipeline`; returns the ScoreArchive outputs for tests."""
     outputs = pipeline | "ScoreArchive" >> ScoreArchive(opts, model, known)
     write_job_tables(outputs, opts.output,

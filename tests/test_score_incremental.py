@@ -1,0 +1,223 @@
+"""Incremental score runs (--skip-known): an unchanged file is reused by its listing (uri + fingerprint) without being
+opened, a touched or moved one by its content hash once read, a changed one is scored again; the earlier table is
+joined inside the pipeline (no side input built from it) and run.json says what was read."""
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.testing.test_pipeline import TestPipeline
+
+from pipelines import imaging, score, sources
+from pipelines.tables import MANIFEST_SCHEMA
+from serving import export
+from tests import score_fixtures as sf
+from tests.test_serving_export import limit_tf_threads
+
+limit_tf_threads()
+TURNS = {"a": 0, "b": 90, "c": 180}
+
+
+@pytest.fixture(scope="module")
+def model_bases(tmp_path_factory):
+    """Version 3 and version 4 of the red-corner model, in two export bases."""
+    bases = {}
+    for version in (3, 4):
+        base = str(tmp_path_factory.mktemp(f"export{version}"))
+        export.export_model(sf.make_red_corner_model(), base, class_names=sf.CLASS_NAMES, image_size=sf.IMAGE_SIZE,
+                            version=version)
+        bases[version] = base
+    return bases
+
+
+class OpenedFiles:
+    """Records every archive file score opens (FileSystems.open is how it reads inputs; runs are in-process)."""
+
+    def __init__(self, monkeypatch, archive: str):
+        self.paths = []
+        original = FileSystems.open  # a staticmethod
+
+        def recording_open(path, *args, **kwargs):
+            if os.path.abspath(path).startswith(archive + os.sep):
+                self.paths.append(os.path.basename(path))
+            return original(path, *args, **kwargs)
+
+        monkeypatch.setattr(FileSystems, "open", staticmethod(recording_open))
+
+
+def run_score(archive, output, model_base, known=None, graphs=None):
+    args = ["--input", archive, "--output", output, "--model", model_base, "--no-report"]
+    if known:
+        args += ["--skip-known", known]
+    extend = (lambda outputs: graphs.append(outputs["results"].pipeline.to_runner_api())) if graphs is not None \
+        else None
+    return score.run(args, test_pipeline=TestPipeline(), extend_pipeline=extend)
+
+
+def rows_by_name(output):
+    rows = pq.read_table(os.path.join(output, "results.parquet")).to_pylist()
+    return {os.path.basename(r["uri"]): r for r in rows}
+
+
+@pytest.fixture()
+def first_run(tmp_path, model_bases):
+    """An archive of three turned images and a first run over it (version 3): (archive, its results.parquet)."""
+    archive = str(tmp_path / "archive")
+    sf.write_turned_archive(archive, TURNS)
+    output = str(tmp_path / "run1")
+    summary = run_score(archive, output, model_bases[3])
+    assert summary["counts"]["files_read"] == 3 and summary["counts"]["pages_scored"] == 3
+    return archive, os.path.join(output, "results.parquet")
+
+
+def side_input_producers(proto, under: str) -> set:
+    """The names of the steps producing the side inputs of the steps `under` a composite of the pipeline `proto`
+    (the table writes have Beam's own side inputs: the files each bundle wrote)."""
+    from apache_beam.portability import common_urns
+    from apache_beam.portability.api import beam_runner_api_pb2
+
+    transforms = proto.components.transforms
+    producer = {pcoll: t.unique_name for t in transforms.values() if not t.subtransforms
+                for pcoll in t.outputs.values()}
+    names = set()
+    for t in transforms.values():
+        if t.spec.urn == common_urns.primitives.PAR_DO.urn and t.unique_name.startswith(under):
+            payload = beam_runner_api_pb2.ParDoPayload.FromString(t.spec.payload)
+            names.update(producer[t.inputs[local]] for local in payload.side_inputs)
+    return names
+
+
+def test_an_unchanged_archive_is_reused_whole_without_opening_a_file(tmp_path, model_bases, first_run, monkeypatch):
+    archive, known = first_run
+    before = rows_by_name(os.path.dirname(known))
+    opened = OpenedFiles(monkeypatch, archive)
+    graphs = []
+
+    summary = run_score(archive, str(tmp_path / "run2"), model_bases[3], known, graphs)
+
+    counts = summary["counts"]
+    assert (counts["files_read"], counts["bytes_read"]) == (0, 0) and opened.paths == []
+    assert counts["inputs_reused_by_listing"] == 3 and counts["inputs_reused_by_content"] == 0
+    assert counts["inputs"] == counts["inputs_reused"] == 3 and counts["pages_scored"] == 0
+    assert counts["known_rows"] == 3 and counts["reconciled"]
+    after = rows_by_name(str(tmp_path / "run2"))
+    assert all(r["reused"] for r in after.values())
+    ignore = {"reused"}
+    assert {n: {k: v for k, v in r.items() if k not in ignore} for n, r in after.items()} == \
+        {n: {k: v for k, v in r.items() if k not in ignore} for n, r in before.items()}
+    assert all(r["fingerprint"].startswith("local:") for r in after.values())
+    # The earlier table is read by the pipeline and joined by key: the only side input is the progress line's count.
+    producers = side_input_producers(graphs[0], "ScoreArchive/")
+    assert producers and all("/Progress/" in name for name in producers), producers
+    names = {t.unique_name for t in graphs[0].components.transforms.values()}
+    assert {"ScoreArchive/Known/ReadParquet", "ScoreArchive/JoinByListing", "ScoreArchive/JoinByContent"} <= names
+
+
+def test_a_touched_file_is_read_once_reused_by_content_and_then_known_by_its_new_listing(tmp_path, model_bases,
+                                                                                         first_run, monkeypatch):
+    archive, known = first_run
+    touched = os.path.join(archive, "b.png")
+    info = os.stat(touched)
+    os.utime(touched, ns=(info.st_atime_ns, info.st_mtime_ns + 5_000_000_000))
+    opened = OpenedFiles(monkeypatch, archive)
+
+    summary = run_score(archive, str(tmp_path / "run2"), model_bases[3], known)
+
+    counts = summary["counts"]
+    assert opened.paths == ["b.png"]
+    assert (counts["files_read"], counts["bytes_read"]) == (1, os.path.getsize(touched))
+    assert (counts["inputs_reused_by_listing"], counts["inputs_reused_by_content"]) == (2, 1)
+    assert counts["pages_scored"] == 0 and counts["reconciled"]
+    rows = rows_by_name(str(tmp_path / "run2"))
+    assert rows["b.png"]["reused"] and rows["b.png"]["orientation_degrees"] == 90
+    assert rows["b.png"]["fingerprint"] == sources.local_fingerprint(os.stat(touched))
+    # The next night knows it by its new listing: nothing is read. Given both earlier tables (a pattern), a file
+    # they both hold still gets one row per page.
+    third = run_score(archive, str(tmp_path / "run3"), model_bases[3], str(tmp_path / "run[12]" / "results.parquet"))
+    assert third["counts"]["bytes_read"] == 0 and third["counts"]["inputs_reused_by_listing"] == 3
+    assert third["counts"]["known_rows"] == 6 and third["counts"]["results"] == 3
+
+
+def test_a_changed_file_is_scored_again_and_a_moved_one_reused(tmp_path, model_bases, first_run):
+    archive, known = first_run
+    changed = os.path.join(archive, "b.png")
+    sf.write_turned_archive(archive, {"b": 270})  # new content under the old name
+    os.rename(os.path.join(archive, "c.png"), os.path.join(archive, "moved_c.png"))
+
+    summary = run_score(archive, str(tmp_path / "run2"), model_bases[3], known)
+
+    rows = rows_by_name(str(tmp_path / "run2"))
+    assert set(rows) == {"a.png", "b.png", "moved_c.png"}
+    assert not rows["b.png"]["reused"] and rows["b.png"]["orientation_degrees"] == 270
+    assert rows["moved_c.png"]["reused"] and rows["moved_c.png"]["orientation_degrees"] == 180
+    counts = summary["counts"]
+    assert (counts["inputs_reused_by_listing"], counts["inputs_reused_by_content"], counts["pages_scored"]) == (1, 1, 1)
+    assert counts["files_read"] == 2
+    assert counts["bytes_read"] == os.path.getsize(changed) + os.path.getsize(os.path.join(archive, "moved_c.png"))
+    assert counts["reconciled"] and counts["inputs"] == 3
+
+
+def test_results_of_another_model_version_reuse_nothing(tmp_path, model_bases, first_run):
+    archive, known = first_run
+    summary = run_score(archive, str(tmp_path / "run2"), model_bases[4], known)
+    counts = summary["counts"]
+    assert counts["known_rows"] == 0 and counts["inputs_reused"] == 0 and counts["pages_scored"] == 3
+    assert counts["files_read"] == 3 and counts["reconciled"]
+    assert {r["model_version"] for r in rows_by_name(str(tmp_path / "run2")).values()} == {4}
+
+
+def test_a_table_from_before_the_fingerprint_column_reuses_by_content(tmp_path, model_bases, first_run):
+    archive, known = first_run
+    old = str(tmp_path / "old_results.parquet")
+    pq.write_table(pq.read_table(known).drop(["fingerprint"]), old)
+
+    summary = run_score(archive, str(tmp_path / "run2"), model_bases[3], old)
+
+    counts = summary["counts"]
+    assert (counts["inputs_reused_by_listing"], counts["inputs_reused_by_content"]) == (0, 3)
+    assert counts["files_read"] == 3 and counts["pages_scored"] == 0 and counts["reconciled"]
+    rows = rows_by_name(str(tmp_path / "run2"))
+    assert {n: r["orientation_degrees"] for n, r in rows.items()} == {"a.png": 0, "b.png": 90, "c.png": 180}
+    assert all(r["fingerprint"].startswith("local:") for r in rows.values())  # recorded now, for the next run
+
+
+def test_a_results_csv_is_joined_the_same_way(tmp_path, model_bases, first_run):
+    archive, known = first_run
+    summary = run_score(archive, str(tmp_path / "run2"), model_bases[3], known.replace(".parquet", ".csv"))
+    assert summary["counts"]["inputs_reused_by_listing"] == 3 and summary["counts"]["bytes_read"] == 0
+    before, after = rows_by_name(os.path.dirname(known)), rows_by_name(str(tmp_path / "run2"))
+    for name, row in after.items():
+        assert row["orientation_probabilities"] == pytest.approx(before[name]["orientation_probabilities"], abs=1e-5)
+        assert row["sha256"] == before[name]["sha256"] and row["reused"]
+
+
+def test_an_ingest_manifest_marks_its_files_skipped_once_per_page(tmp_path, model_bases):
+    archive = str(tmp_path / "archive")
+    paths = sf.write_turned_archive(archive, {"known": 0, "new": 90})
+    sha = imaging.content_sha256(open(paths["known"], "rb").read())
+    rows = [{name: None for name in MANIFEST_SCHEMA.names} for _ in range(2)]
+    for augment, row in enumerate(rows):  # an augmented copy of the same page: one skipped row
+        row.update(source_uri="/elsewhere/known.png", page=0, augment_index=augment, sha256=sha, format="png",
+                   original_width=64, original_height=48, exif_orientation=1, shard="train-00000")
+    manifest = str(tmp_path / "manifest.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, MANIFEST_SCHEMA), manifest)
+
+    summary = run_score(archive, str(tmp_path / "run"), model_bases[3], manifest)
+
+    out = rows_by_name(str(tmp_path / "run"))
+    assert (out["known.png"]["decision"], out["known.png"]["reused"]) == ("skipped", True)
+    assert out["known.png"]["uri"] == paths["known"] and out["known.png"]["width"] == 64
+    assert not out["new.png"]["reused"] and out["new.png"]["orientation_degrees"] == 90
+    assert summary["counts"]["results"] == 2 and summary["counts"]["reconciled"]
+
+
+def test_a_missing_or_hashless_known_table_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--skip-known"):
+        score.inspect_known(str(tmp_path / "nope.parquet"))
+    bad = str(tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"uri": ["x"]}), bad)
+    with pytest.raises(ValueError, match="no sha256 column"):
+        score.inspect_known(bad)
