@@ -68,6 +68,7 @@ def test_score_with_a_gs_model_writes_the_rows_of_the_local_path(bucket, red_cor
     remote = score.run(["--input", archive, "--output", str(tmp_path / "remote"), "--model",
                         f"gs://{BUCKET}/models/x", "--no-report"], test_pipeline=TestPipeline())
 
+    assert local["model"]["source"] == os.path.join(red_corner_export, "archive_vision", "3")
     source = f"gs://{BUCKET}/models/x/archive_vision/3"
     assert remote["model"]["source"] == source and remote["policy"]["from"] == source
     assert remote["counts"]["results"] == len(TURNS) and remote["counts"]["reconciled"]
