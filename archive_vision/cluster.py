@@ -35,6 +35,8 @@ import subprocess
 import sys
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from serving.model_files import download_prefix, upload_tree  # noqa: F401 - the staging copies, part of this API
+
 DEFAULT_IMAGE = "us-docker.pkg.dev/PROJECT/archive-vision/archive-vision:0.1.0"
 GPU_TAG_SUFFIX = "-gpu"  # the CUDA build of the same image (README: --build-arg TF_PACKAGE='tensorflow[and-cuda]...')
 DEFAULT_GPU_IMAGE = DEFAULT_IMAGE + GPU_TAG_SUFFIX
@@ -344,55 +346,6 @@ def apply_manifest(text: str, kubectl: str = "kubectl") -> int:
 
 def _is_remote(path: str) -> bool:
     return "://" in path
-
-
-def _skipped(relative: str, skip_prefixes: Sequence[str]) -> bool:
-    return any(relative.startswith(prefix) for prefix in skip_prefixes)
-
-
-def download_prefix(remote: str, local: str, patterns: Sequence[str] = ("*",), recursive: bool = False,
-                    skip_prefixes: Sequence[str] = ()) -> List[str]:
-    """Copy the files under `remote` (gs://..., any Beam filesystem) matching `patterns` into `local`.
-
-    `recursive` takes every file below `remote` instead; relative paths starting with one of `skip_prefixes`
-    are left out.
-    """
-    from apache_beam.io.filesystems import FileSystems
-
-    remote = remote.rstrip("/")
-    os.makedirs(local, exist_ok=True)
-    globs = [f"{remote}/**"] if recursive else [f"{remote}/{p}" for p in patterns]
-    copied = []
-    for match in FileSystems.match(globs):
-        for meta in match.metadata_list:
-            relative = meta.path[len(remote) + 1:]
-            if not relative or relative.endswith("/") or _skipped(relative, skip_prefixes):
-                continue
-            target = os.path.join(local, *relative.split("/"))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with FileSystems.open(meta.path) as src, open(target + ".partial", "wb") as dst:
-                shutil.copyfileobj(src, dst, 8 << 20)
-            os.replace(target + ".partial", target)
-            copied.append(target)
-    return copied
-
-
-def upload_tree(local: str, remote: str, skip_prefixes: Sequence[str] = ()) -> List[str]:
-    """Copy every file under the local dir `local` to the same relative path under `remote`."""
-    from apache_beam.io.filesystems import FileSystems
-
-    remote = remote.rstrip("/")
-    written = []
-    for root, _, files in os.walk(local):
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            relative = os.path.relpath(path, local).replace(os.sep, "/")
-            if _skipped(relative, skip_prefixes):
-                continue
-            with open(path, "rb") as src, FileSystems.create(f"{remote}/{relative}") as dst:
-                shutil.copyfileobj(src, dst, 8 << 20)
-            written.append(f"{remote}/{relative}")
-    return written
 
 
 def _replace_flag(argv: List[str], flag: str, value: str) -> List[str]:

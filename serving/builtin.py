@@ -2,7 +2,8 @@
 
 score and the demo call this when no model is named, and `archive-vision export --model default` writes it; it is the
 one place that turns trainer.default_model's shipped weights into an export, so the trainer never imports serving
-and Beam code never imports the trainer: workers only load the SavedModel.
+and Beam code never imports the trainer: workers only load the SavedModel. Workers on other machines (Dataflow, Flink)
+load a copy score's launcher staged where they can read it (pipelines.score.models.builtin_model_dir).
 """
 from __future__ import annotations
 
@@ -10,13 +11,12 @@ import os
 from typing import Optional
 
 from serving.export import EXPORT_FORMAT, export_default_model
+from serving.model_files import cache_root
 
 
 def default_cache_dir() -> str:
     """Where exports of the default model are kept: $ARCHIVE_VISION_CACHE or ~/.cache/archive_vision."""
-    root = os.environ.get("ARCHIVE_VISION_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "archive_vision")
-    return os.path.join(root, "default_orientation")
+    return os.path.join(cache_root(), "default_orientation")
 
 
 def builtin_model_dir(cache_dir: Optional[str] = None) -> str:

@@ -117,7 +117,7 @@ def write_models_config(export_base: str, model_name: str, model_base_path: str,
         for entry in read_models_config(path).model_config_list.config:
             models[entry.name] = entry.base_path
             labels[entry.name] = dict(entry.version_labels)
-    models[model_name] = os.path.abspath(model_base_path)
+    models[model_name] = model_base_path if "://" in model_base_path else os.path.abspath(model_base_path)
     _write_text(path, models_config_text(models, labels, num_versions))
     return path
 

@@ -29,12 +29,13 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from pipelines.cli import command_parser
 from pipelines.schema import CLASS_PROBABILITIES
 from serving import configs
 from serving.errors import ExportError
+from serving.model_files import is_remote, resolve_version_dir  # noqa: F401 - resolve_version_dir: its former home
 from serving.policy import (ORIENTATION_PROBABILITIES, POLICY_INPUT, POLICY_OUTPUT, POLICY_SIGNATURE, TURNS,
                             ScorePolicy, policy_from_settings)
 
@@ -63,9 +64,10 @@ EXPORT_FORMAT = 6
 FOLD_TOLERANCE = 1e-3  # largest output difference accepted between the folded and the trained model
 
 
-def next_version(model_dir: str, now: Optional[float] = None) -> int:
-    """A timestamp version strictly greater than every numeric version already under model_dir."""
-    existing = existing_versions(model_dir)
+def next_version(model_dir: str, now: Optional[float] = None, existing: Optional[Sequence[int]] = None) -> int:
+    """A timestamp version strictly greater than every numeric version already under model_dir (or in
+    `existing`)."""
+    existing = existing_versions(model_dir) if existing is None else existing
     stamp = int(time.time() if now is None else now)
     return max([stamp] + [v + 1 for v in existing])
 
@@ -150,25 +152,6 @@ def record_canary_answers(version_dir: str, image_size: int, serving_default=Non
         json.dump({"format": CANARY_FORMAT, "signature": PREDICT_SIGNATURE,
                    "answers": dict(zip(images, rows))}, f, indent=1, sort_keys=True)
     return path
-
-
-def resolve_version_dir(path: str) -> str:
-    """`--model` as a version dir (holds saved_model.pb), a model dir of numeric versions (latest taken), or an
-    export base holding one model dir."""
-    path = path.rstrip("/")
-    if os.path.exists(os.path.join(path, "saved_model.pb")):
-        return path
-    versions = sorted((int(n) for n in os.listdir(path) if n.isdigit()
-                       and os.path.exists(os.path.join(path, n, "saved_model.pb")))) if os.path.isdir(path) else []
-    if versions:
-        return os.path.join(path, str(versions[-1]))
-    models = [n for n in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, n)) and not n.startswith(".")] \
-        if os.path.isdir(path) else []
-    candidates = [m for m in models if any(v.isdigit() for v in os.listdir(os.path.join(path, m)))]
-    if len(candidates) == 1:
-        return resolve_version_dir(os.path.join(path, candidates[0]))
-    raise FileNotFoundError(f"--model {path}: no SavedModel version there (want a version dir with saved_model.pb, "
-                            f"a model dir of numeric versions, or an export base with one model)")
 
 
 def inference_model(model, image_size: int):
@@ -375,6 +358,70 @@ def export_default_model(export_base: str, model_name: Optional[str] = None, ver
                         extra_assets={"default_orientation_head.json": json.dumps(meta, indent=1, sort_keys=True)})
 
 
+def export_to(export_base: str, model_name: str, version: Optional[int],
+              write: Callable[[str, Optional[int]], str]) -> str:
+    """`write(base, version)` (a call of export_model or export_default_model) into `export_base`; returns the version
+    dir. A gs:// base (any Beam filesystem) is written in a local folder first, holding the base's own models.config
+    and server files, and copied up: the version (saved_model.pb last, so a polling TF Serving never loads half of
+    it), then models.config naming the gs:// model dir. The version number is chosen against the versions there."""
+    if not is_remote(export_base):
+        return write(export_base, version)
+    import tempfile
+
+    from apache_beam.io.filesystems import FileSystems
+
+    from serving.model_files import SAVED_MODEL, download_prefix, upload_tree
+
+    base = export_base.rstrip("/")
+    model_dir = f"{base}/{model_name}"
+    names = [m.path[len(model_dir) + 1:].split("/")[0]
+             for m in FileSystems.match([f"{model_dir}/*/{SAVED_MODEL}"])[0].metadata_list]
+    taken = sorted(int(name) for name in names if name.isdigit())
+    if version is None:
+        version = next_version(model_dir, existing=taken)
+    elif version in taken:
+        raise ExportError(f"version {version} already exists under {model_dir}")
+    server_files = (configs.MODELS_CONFIG, configs.BATCHING_PARAMETERS, configs.MONITORING_CONFIG)
+    with tempfile.TemporaryDirectory(prefix="export-") as local_base:
+        download_prefix(base, local_base, server_files)  # models.config keeps the other models it lists
+        local_version = write(local_base, version)
+        target = f"{model_dir}/{version}"
+        upload_tree(local_version, target, last=(SAVED_MODEL,))
+        configs.write_models_config(local_base, model_name, model_dir)
+        upload_tree(local_base, base, skip_prefixes=(f"{model_name}/",))
+    return target
+
+
+def _local_job_files(path: str, folder: str) -> str:
+    """A gs:// training job dir or .keras file copied into `folder` (the model file and what export reads beside
+    it); returns the local path to load."""
+    from serving.model_files import download_prefix
+
+    beside = ("labels.json", "training_config.json", "run_summary.json")
+    path = path.rstrip("/")
+    if path.endswith(".keras"):
+        parent, name = path.rsplit("/", 1)
+        copied = download_prefix(parent, folder, (name, *beside))
+        local = os.path.join(folder, name)
+    else:
+        copied = download_prefix(path, folder, ("*.keras", *beside))
+        local = folder
+    if not any(c.endswith(".keras") for c in copied):
+        raise ExportError(f"{path}: no .keras model file there (a training job writes {JOB_MODEL_FILE} in its job "
+                          f"dir once it finishes)")
+    return local
+
+
+def _read_text(path: str) -> str:
+    """A small text file, local or gs://."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if not FileSystems.exists(path):
+        raise ExportError(f"labels file {path} does not exist")
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        return f.read().decode("utf-8")
+
+
 def load_keras_model(path: str, trust_saved_model: bool = False):
     """Load a trainer-saved Keras model from a .keras file or a job dir holding one (the trainer's model.keras, else
     the newest .keras under it). Keras refuses a model that loads an outside SavedModel (a hub: backbone) unless
@@ -459,19 +506,22 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = command_parser(
         "archive-vision export", __doc__.split("\n")[0],
         examples=("archive-vision export --model jobs/2026-11-22 --export-base models   # a training job's model",
-                  "archive-vision export --model default --export-base models          # the built-in model"))
+                  "archive-vision export --model default --export-base models          # the built-in model",
+                  "archive-vision export --model gs://b/jobs/j1 --export-base gs://b/models  # from and to gs://"))
     parser.add_argument("--model", required=True, help="a training job dir (its model.keras, labels, config and "
-                                                       "score settings), or a Keras .keras file; `default`: the "
-                                                       "shipped default orientation model")
+                                                       "score settings), or a Keras .keras file, local or gs://; "
+                                                       "`default`: the shipped default orientation model")
     parser.add_argument("--trust-saved-model", action="store_true",
                         help="load a model that loads an outside SavedModel (a job trained on a hub: backbone): turns "
                              "Keras' safe mode off for the whole file, which then may run any code it holds")
     # The underscore spellings are the ones TF Serving's docs use; both are accepted.
     parser.add_argument("--export-base", "--export_base", dest="export_base", required=True,
-                        help="base dir; writes <export-base>/<model-name>/<version>")
+                        help="base dir, local or gs://; writes <export-base>/<model-name>/<version> (on gs:// "
+                             "written locally first, then copied up with saved_model.pb last)")
     parser.add_argument("--model-name", "--model_name", dest="model_name", default=None,
                         help=f"default: the job's (its training_config.json), else {DEFAULT_MODEL_NAME}")
-    parser.add_argument("--labels", help="labels.json ({'classes': [...]}); default: labels.json beside the model")
+    parser.add_argument("--labels", help="labels.json ({'classes': [...]}), local or gs://; default: labels.json "
+                                         "beside the model")
     parser.add_argument("--image-size", "--image_size", dest="image_size", type=int,
                         help="model input size; default: read from the model")
     parser.add_argument("--version", type=int, help="version number; default: a timestamp above existing ones")
@@ -480,27 +530,32 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`archive-vision export`: write a new SavedModel version of a trained Keras model."""
+    import tempfile
+
     args = _parse_args(argv)
     try:
         if args.model == "default":
-            print(export_default_model(args.export_base, args.model_name or DEFAULT_MODEL_NAME, args.version))
+            name = args.model_name or DEFAULT_MODEL_NAME
+            print(export_to(args.export_base, name, args.version,
+                            lambda base, version: export_default_model(base, name, version)))
             return 0
-        model, model_path = load_keras_model(args.model, trust_saved_model=args.trust_saved_model)
-        image_size = args.image_size or model.inputs[0].shape[1]
-        if not image_size:
-            raise ExportError("the model's input size is not fixed; pass --image_size")
-        assets, settings = job_files(model_path)
+        with tempfile.TemporaryDirectory(prefix="export-job-") as staged:
+            model_ref = _local_job_files(args.model, staged) if is_remote(args.model) else args.model
+            model, model_path = load_keras_model(model_ref, trust_saved_model=args.trust_saved_model)
+            image_size = args.image_size or model.inputs[0].shape[1]
+            if not image_size:
+                raise ExportError("the model's input size is not fixed; pass --image_size")
+            assets, settings = job_files(model_path)
         if args.labels:  # instead of the labels.json beside the model: the names and the version's asset alike
-            if not os.path.exists(args.labels):
-                raise ExportError(f"labels file {args.labels} does not exist")
-            with open(args.labels, encoding="utf-8") as f:
-                assets["labels.json"] = f.read()
+            assets["labels.json"] = _read_text(args.labels)
         model_name = args.model_name or json.loads(assets.get("training_config.json") or "{}").get(
             "model_name") or DEFAULT_MODEL_NAME
-        version_dir = export_model(model, args.export_base, model_name=model_name,
-                                   class_names=_class_names(assets.get("labels.json")),
-                                   image_size=int(image_size), version=args.version, extra_assets=assets or None,
-                                   score_settings=settings)
+        version_dir = export_to(
+            args.export_base, model_name, args.version,
+            lambda base, version: export_model(model, base, model_name=model_name,
+                                               class_names=_class_names(assets.get("labels.json")),
+                                               image_size=int(image_size), version=version,
+                                               extra_assets=assets or None, score_settings=settings))
     except ExportError as e:
         print(f"archive-vision export: {e}", file=sys.stderr)
         return 2

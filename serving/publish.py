@@ -298,14 +298,6 @@ def validate(version_dir: str, model_name: str, canary_paths: Sequence[str] = ()
 
 # --- the copy --------------------------------------------------------------------------------------------------
 
-def _files(version_dir: str) -> List[str]:
-    """The version's files relative to it, saved_model.pb last."""
-    found = []
-    for root, _, names in os.walk(version_dir, followlinks=True):
-        found += [os.path.relpath(os.path.join(root, n), version_dir) for n in names]
-    return sorted(found, key=lambda rel: (rel == "saved_model.pb", rel))
-
-
 def check_target_free(version_dir: str, base_path: str) -> str:
     """BASE_PATH/<version>, which must not exist yet (UsageError)."""
     version = str(version_of(version_dir))
@@ -337,15 +329,9 @@ def copy_version(version_dir: str, base_path: str) -> str:
             shutil.rmtree(tmp, ignore_errors=True)
         return target
 
-    from apache_beam.io.filesystems import FileSystems
+    from serving.model_files import SAVED_MODEL, upload_tree
 
-    for rel in _files(version_dir):
-        with open(os.path.join(version_dir, rel), "rb") as src:
-            out = FileSystems.create(FileSystems.join(target, *rel.split(os.sep)))
-            try:
-                shutil.copyfileobj(src, out, 8 << 20)
-            finally:
-                out.close()
+    upload_tree(version_dir, target, last=(SAVED_MODEL,))
     return target
 
 

@@ -34,7 +34,7 @@ SLOW_MODULES = {"test_trainer_distributed", "test_infra_gcs", "test_infra_multiw
                 "test_efficientnet_lite", "test_train_default", "test_trainer_model", "test_backbone_compare",
                 "test_learning_curve", "test_serving_server", "test_score_pipeline", "test_default_model_corpus",
                 "test_local_cores", "test_orientation_check", "test_torchvision_mobilenet",
-                "test_score_incremental"}
+                "test_score_incremental", "test_models_anywhere"}
 SLOW_TESTS = {"test_the_default_export_decides_under_its_own_policy",
               "test_grpc_client_reads_the_served_versions_score_policy",
               "test_saved_model_cli_lists_signatures_and_classify_method",

@@ -40,10 +40,10 @@ def venv_env(**extra: str) -> dict:
 
 
 @contextlib.contextmanager
-def started(args: list, port: int, log_path: str):
+def started(args: list, port: int, log_path: str, env: dict = None):
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                   env=venv_env())
+                                   env=env or venv_env())
     try:
         wait_for_port(port, process)
         yield process

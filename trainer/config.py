@@ -13,7 +13,8 @@ TASKS = ("classes", "orientation")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 ROTATION_MODES = ("all", "random")
 CACHE_LOCATIONS = ("disk", "memory")
-INIT_CHOICES = ("none", "default")
+INIT_CHOICES = ("none", "default")  # or PATH: a head weights .npz in the shipped format, local or gs://
+INIT_SUFFIX = ".npz"
 ORIENTATION_LABEL_CHOICES = ("auto", "checked", "stored")
 CONFIG_FILENAME = "training_config.json"
 
@@ -34,7 +35,7 @@ class TrainConfig:
     dropout: float = 0.2
     orientation_grid: int = 3                  # OrientationHead pools the feature map to grid x grid cells
     orientation_hidden_units: int = 256
-    init: str = "none"                         # none | default: start the orientation head from the shipped one
+    init: str = "none"                         # none | default | PATH.npz: start the orientation head from that head
     orientation_labels: str = "auto"           # checked (auto with --init default) | stored (auto otherwise)
     rotations: str = "all"                     # all: each image in its 4 turns per epoch; random: one turn
     allow_flip: bool = False                   # mirror only where the archive allows it (never for text)
@@ -72,7 +73,7 @@ class TrainConfig:
     def checks_orientation_labels(self) -> bool:
         """Whether the default model reads the records' turns before the tuning (trainer.orientation_check)."""
         return self.uses_orientation and (self.orientation_labels == "checked" or
-                                          (self.orientation_labels == "auto" and self.init == "default"))
+                                          (self.orientation_labels == "auto" and self.init != "none"))
 
     @property
     def augments_pixels(self) -> bool:
@@ -114,19 +115,20 @@ class TrainConfig:
             raise ValueError("--batch-size >= 1, --epochs >= 0 and --image-size >= 32 are required")
         if not 0.0 <= self.max_shift < 0.5:
             raise ValueError("--max-shift is a fraction of the image side in [0, 0.5)")
-        if self.init not in INIT_CHOICES:
-            raise ValueError(f"--init must be one of {INIT_CHOICES}")
+        if self.init not in INIT_CHOICES and not self.init.endswith(INIT_SUFFIX):
+            raise ValueError(f"--init is none, default, or a head weights file ({INIT_SUFFIX}, local or gs://), got "
+                             f"{self.init!r}")
         if self.orientation_labels not in ORIENTATION_LABEL_CHOICES:
             raise ValueError(f"--orientation-labels must be one of {ORIENTATION_LABEL_CHOICES}")
-        if self.orientation_labels == "checked" and self.init != "default":
+        if self.orientation_labels == "checked" and self.init == "none":
             raise ValueError("--orientation-labels checked reads the records' turns with the default model: "
-                             "it needs --init default")
-        if self.init == "default":
+                             "it needs --init default (or --init PATH)")
+        if self.init != "none":
             if not self.uses_orientation:
-                raise ValueError("--init default starts the orientation head: --tasks must include orientation")
+                raise ValueError(f"--init {self.init} starts the orientation head: --tasks must include orientation")
             if self.backbone != "mobilenet_v2_torchvision" or not (self.weights == "imagenet"
                                                                      or self.weights.endswith(".pth")):
-                raise ValueError("--init default needs the backbone the default head was trained on: "
+                raise ValueError(f"--init {self.init} needs the backbone the default head was trained on: "
                                  "--backbone mobilenet_v2_torchvision --weights imagenet")
         if self.require_gpus < 0:
             raise ValueError("--require-gpus is a number of GPUs >= 0")
@@ -135,10 +137,14 @@ class TrainConfig:
 
 
 def with_default_head_shape(cfg: TrainConfig) -> TrainConfig:
-    """--init default: the orientation head takes the shipped head's grid and hidden units (and its backbone)."""
-    from trainer.default_model import head_metadata
+    """--init default (or PATH): the orientation head takes that head's grid and hidden units (and its backbone)."""
+    from trainer.default_model import head_metadata, init_weights
 
-    meta = head_metadata()
+    try:
+        meta = head_metadata(init_weights(cfg.init))
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"--init {cfg.init}: not a head weights file in the shipped format "
+                         f"({type(e).__name__}: {e})") from e
     return dataclasses.replace(cfg, orientation_grid=int(meta["grid"]),
                                orientation_hidden_units=int(meta["hidden_units"]))
 
@@ -177,10 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--orientation-grid", type=int, default=d.orientation_grid)
     p.add_argument("--orientation-hidden-units", type=int, default=d.orientation_hidden_units)
-    p.add_argument("--init", choices=INIT_CHOICES, default=d.init,
+    p.add_argument("--init", default=d.init, metavar="none|default|PATH",
                    help="default: start the orientation head from the shipped default model (its grid and "
                         "sizes are taken over) to tune it on this archive, e.g. --tasks orientation on an "
-                        "unlabelled, mostly upright archive")
+                        "unlabelled, mostly upright archive; PATH: from another head weights file in the shipped "
+                        "format (.npz, local or gs://, e.g. one research.train_default wrote)")
     p.add_argument("--orientation-labels", choices=ORIENTATION_LABEL_CHOICES, default=d.orientation_labels,
                    help="checked (auto's choice with --init default): before tuning, the default model reads "
                         "each record's turn and the archive's mix of turns is estimated from its answers; "
@@ -229,7 +236,7 @@ def config_from_args(argv: Optional[Sequence[str]]) -> TrainConfig:
     values.pop("quiet"), values.pop("verbose_logs")
     tasks: List[str] = [t.strip() for t in values.pop("tasks").split(",") if t.strip()]
     cfg = TrainConfig(tasks=tuple(tasks), **values)
-    if cfg.init == "default":
+    if cfg.init == "default" or cfg.init.endswith(INIT_SUFFIX):  # else validate() says what --init takes
         cfg = with_default_head_shape(cfg)
     cfg.validate()
     return cfg

@@ -46,12 +46,23 @@ READERS = ("text_crops",)
 SECOND_LOOK = {"second_below": 0.5, "second_short": 896}
 
 
-def score_settings(image_size: Optional[int] = None) -> Dict[str, object]:
+def init_weights(init: str) -> str:
+    """train's --init as a local head weights file: `default` the shipped one, a path (gs:// copied into the local
+    cache once, through Beam's FileSystems: serving.model_files) a head .npz in the shipped format."""
+    if init == "default":
+        return HEAD_WEIGHTS
+    from serving.model_files import local_file
+
+    return local_file(init)
+
+
+def score_settings(image_size: Optional[int] = None, path: str = HEAD_WEIGHTS) -> Dict[str, object]:
     """How `archive-vision score` scores this model (and heads tuned from it, `train --init default`) unless told
     otherwise: the graph's own letterbox at the model's input size, test-time turns, the 0.9 auto_rotate threshold,
     and the gates and weights of the text crops its training chose on val (head_metadata), with the second look. Exports
-    record it (serving.export's `score_settings`), so a model carries how it is meant to be scored."""
-    meta = head_metadata()
+    record it (serving.export's `score_settings`), so a model carries how it is meant to be scored. `path`: another
+    head .npz in the shipped format (train --init PATH)."""
+    meta = head_metadata(path)
     return {"origin": "the default orientation model's (research.train_default chose them on its val split)",
             "input_prep": "exact", "size": int(image_size or meta.get("image_size", DEFAULT_IMAGE_SIZE)),
             "tta": True, "rotate_threshold": ROTATE_THRESHOLD,

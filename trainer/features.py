@@ -49,10 +49,10 @@ def _fingerprint(cfg: TrainConfig, split: str) -> str:
     # --init default replaces the backbone's top layers with the shipped fine-tuned ones: other features (and
     # other ones again when the shipped weights change).
     init = cfg.init
-    if init == "default":
-        from trainer.default_model import HEAD_WEIGHTS, weights_digest
+    if init != "none":
+        from trainer.default_model import init_weights, weights_digest
 
-        init += ":" + weights_digest(HEAD_WEIGHTS)
+        init += ":" + weights_digest(init_weights(cfg.init))
     key = json.dumps({"backbone": cfg.backbone, "weights": cfg.weights, "size": cfg.image_size,
                       "tasks": sorted(cfg.tasks), "shards": shards, "init": init}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -358,7 +358,7 @@ def check_task_labels(cfg: TrainConfig, split: str = "train") -> SplitSize:
         rest = [t for t in cfg.tasks if t != task]
         return f", or train without this head: --tasks {','.join(rest)}" if rest else ""
 
-    if cfg.uses_orientation and size.orientation_records == 0 and cfg.init != "default":
+    if cfg.uses_orientation and size.orientation_records == 0 and cfg.init == "none":
         raise DataError(
             f"task 'orientation': no {split} record in {cfg.data} has a known orientation (all are stored with "
             f"orientation -1), so the orientation head would never see a label and would be exported untrained. "

@@ -160,7 +160,7 @@ def _check_orientation_labels(cfg, heads, full_model, caches: Dict[str, Any], pr
     from trainer import evaluate
     from trainer import input as train_input
     from trainer import orientation_check
-    from trainer.default_model import head_metadata
+    from trainer.default_model import head_metadata, init_weights
 
     started = time.time()
     layouts = {split: train_input.record_layout(cfg.data, split, cfg) for split in ("train", "val", "test")
@@ -178,7 +178,7 @@ def _check_orientation_labels(cfg, heads, full_model, caches: Dict[str, Any], pr
                                                             train_input.ORIENTATION_OUTPUT)
         else:
             answers[split] = evaluate.predict_split(full_model, cfg, split)[train_input.ORIENTATION_OUTPUT]
-    result = orientation_check.check(answers, layouts, float(head_metadata()["temperature"]))
+    result = orientation_check.check(answers, layouts, float(head_metadata(init_weights(cfg.init))["temperature"]))
     orientation_check.save(result, orientation_check.check_path(private_dir, ".npz"))
     written = [result.write(orientation_check.check_path(private_dir))]
     if role_is_chief:  # and a contact sheet of what it found (the other workers' dirs are scratch)
@@ -195,7 +195,7 @@ def _calibrate_orientation(plain_model, plain_heads, cfg, corrections) -> Tuple[
     """Fit the orientation head's temperature on every turn of the val records (with the labels training used)
     and fold it into the head (trainer.calibration). With too few val records for a fit (MIN_RECORDS), or a fit
     that runs to the end of the range (a val split the head gets all right says only "more confident", never how
-    much): the shipped head's temperature under --init default, else none. Returns the temperature folded in, and
+    much): the initial head's temperature under --init default (or PATH), else none. Returns the temperature folded in, and
     val's predictions (evaluate.predict_split) at that temperature when they were made, for evaluation to reuse."""
     from trainer import calibration, evaluate
     from trainer import input as train_input
@@ -203,14 +203,14 @@ def _calibrate_orientation(plain_model, plain_heads, cfg, corrections) -> Tuple[
     head = plain_heads.get_layer(train_input.ORIENTATION_OUTPUT)
 
     def fall_back(why: str) -> Optional[float]:
-        if cfg.init != "default":
+        if cfg.init == "none":
             print(f"[calibrate] {why}: the orientation head is not calibrated", flush=True)
             return None
-        from trainer.default_model import head_metadata
+        from trainer.default_model import head_metadata, init_weights
 
-        shipped = float(head_metadata()["temperature"])
+        shipped = float(head_metadata(init_weights(cfg.init))["temperature"])
         calibration.fold_temperature(head, shipped)
-        print(f"[calibrate] {why}: the shipped head's temperature {shipped:.2f} is folded in", flush=True)
+        print(f"[calibrate] {why}: the initial head's temperature {shipped:.2f} is folded in", flush=True)
         return shipped
 
     records = train_input.count_split(cfg.data, "val", cfg).orientation_records \
@@ -256,10 +256,11 @@ def score_settings(cfg) -> Optional[Dict[str, Any]]:
     same pixels; None when the shards' ingest run is unknown."""
     from trainer import input as train_input
 
-    if cfg.init == "default":
+    if cfg.init != "none":
+        from trainer.default_model import init_weights
         from trainer.default_model import score_settings as default_settings
 
-        return dict(default_settings(cfg.image_size),
+        return dict(default_settings(cfg.image_size, init_weights(cfg.init)),
                     origin="the default orientation model's, which this head was tuned from (its val chose them)")
     options = train_input.ingest_options(cfg.data)
     if not options.get("size"):
@@ -336,15 +337,17 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
             backbone, num_classes, cfg.tasks, cfg.dropout, cfg.orientation_grid, cfg.orientation_hidden_units,
             name=cfg.model_name)
     log.info("backbone %s: feature map %s", cfg.backbone, tuple(backbone.output.shape[1:]))
-    if cfg.init == "default":
-        # The shipped head's weights at temperature 1 (its folded calibration undone): the start of the
+    if cfg.init != "none":
+        # The initial head's weights at temperature 1 (its folded calibration undone): the start of the
         # archive tuning. A resumed job then overwrites them from its backup or finished-phase weights.
-        from trainer.default_model import load_backbone_overrides, load_head_weights
+        from trainer.default_model import init_weights, load_backbone_overrides, load_head_weights
 
-        load_head_weights(heads.get_layer(model_lib.ORIENTATION_OUTPUT), calibrated=False)
-        replaced = load_backbone_overrides(backbone)
-        print(f"{prefix}[init] orientation head (and {replaced} fine-tuned backbone layers) from the shipped "
-              f"default model", flush=True)
+        weights = init_weights(cfg.init)
+        load_head_weights(heads.get_layer(model_lib.ORIENTATION_OUTPUT), weights, calibrated=False)
+        replaced = load_backbone_overrides(backbone, weights)
+        source = "the shipped default model" if cfg.init == "default" else cfg.init
+        print(f"{prefix}[init] orientation head (and {replaced} fine-tuned backbone layers) from {source}",
+              flush=True)
 
     heads_weights = os.path.join(private_dir, "checkpoints", "heads_final.weights.h5")
     heads_done = tf.io.gfile.exists(_marker(private_dir, PHASE_HEADS)) and tf.io.gfile.exists(heads_weights)
@@ -461,10 +464,13 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
             for name, path in (("training_config.json", config_path), ("labels.json", labels_path)):
                 with tf.io.gfile.GFile(path) as f:
                     assets[name] = f.read()
-            summary["export_dir"] = serving_export.export_model(
-                plain_model, os.path.join(cfg.job_dir, "export"), model_name=cfg.model_name,
-                class_names=class_names or None, image_size=cfg.image_size, extra_assets=assets,
-                score_settings=summary["score_settings"])
+            # A gs:// job dir's export is written locally and copied up (serving.export.export_to).
+            summary["export_dir"] = serving_export.export_to(
+                os.path.join(cfg.job_dir, "export"), cfg.model_name, None,
+                lambda base, version: serving_export.export_model(
+                    plain_model, base, model_name=cfg.model_name, class_names=class_names or None,
+                    image_size=cfg.image_size, version=version, extra_assets=assets,
+                    score_settings=summary["score_settings"]))
             print(f"[export] {summary['export_dir']}", flush=True)
     with tf.io.gfile.GFile(os.path.join(cfg.job_dir, "run_summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)

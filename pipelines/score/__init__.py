@@ -33,6 +33,7 @@ from typing import Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import sources
 from pipelines.cli import EXIT_USAGE, configure_logging, exit_code
@@ -71,10 +72,13 @@ __all__ = [
 ]
 
 
-def resolve_model(opts: ScoreOptions) -> Tuple[ScoreOptions, ModelInfo]:
-    """The run's options (the built-in model's path filled in) and the model that answers (launcher side)."""
+def resolve_model(opts: ScoreOptions, beam_args: Sequence[str] = (),
+                  test_pipeline: Optional[beam.Pipeline] = None) -> Tuple[ScoreOptions, ModelInfo]:
+    """The run's options (the built-in model's path filled in: where the runner's workers can read it) and the model
+    that answers (launcher side)."""
     if uses_builtin_model(opts.endpoint, opts.model):
-        opts = dataclasses.replace(opts, model=builtin_model_dir())
+        options = getattr(test_pipeline, "_options", None) or PipelineOptions(list(beam_args))
+        opts = dataclasses.replace(opts, model=builtin_model_dir(options, opts.output))
         LOG.info("no --model/--endpoint: scoring with the built-in orientation model %s", opts.model)
     model = remote_model_info(opts) if opts.endpoint else local_model_info(opts.model)
     if not model.class_names and opts.labels:
@@ -93,7 +97,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     opts, beam_args = parse_args(argv)
     if not FileSystems.exists(opts.output):
         FileSystems.mkdirs(opts.output)
-    opts, model = resolve_model(opts)
+    opts, model = resolve_model(opts, beam_args, test_pipeline)
     known = inspect_known(opts.skip_known) if opts.skip_known else None  # its schema; the workers read its rows
     LOG.info("scoring %s with %s v%d (%s)%s", opts.input, model.name, model.version,
              model.endpoint or model.version_dir,

@@ -1,16 +1,18 @@
-"""Which model a score run asks, and with which recorded policy: an export on disk (or gs://), a served version, or
-the built-in model (exported once, in the launcher)."""
+"""Which model a score run asks, and with which recorded policy: an export on disk or gs://, a served version, or
+the built-in model (exported once, in the launcher, and staged where the workers can read it)."""
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, PortableOptions, StandardOptions
 
 from pipelines.score.options import BUILTIN_MODEL, ModelInfo, ScoreOptions
 from serving import policy as policies
-from serving.export import EXPORT_METADATA, resolve_version_dir
+from serving.export import EXPORT_METADATA
+from serving.model_files import is_remote, resolve_version_dir
 from serving.policy import ScorePolicy
 
 
@@ -48,12 +50,52 @@ def recorded_policy(metadata: Dict[str, Any], where: str) -> Tuple[ScorePolicy, 
     return ScorePolicy(), ""
 
 
-def builtin_model_dir() -> str:
-    """The shipped default orientation model as a SavedModel version dir (exported on first use, then reused). The
-    export runs in the launcher: workers only load the SavedModel."""
+# Runners whose workers run on this machine (or in this process) and so can read the launcher's cache.
+LOCAL_RUNNERS = ("directrunner", "direct", "bundlebaseddirectrunner", "switchingdirectrunner", "interactiverunner",
+                 "prismrunner", "prism")
+STAGED_BUILTIN = "archive_vision_builtin_model"  # <temp_location or --output>/<this>/<weights-format>/<model>/1
+
+
+def workers_see_this_machine(options: Optional[PipelineOptions]) -> bool:
+    """Whether the job's workers read this machine's files: a direct runner, or a portable one in LOOPBACK mode
+    (the SDK workers run inside the launcher). Dataflow, Flink and Spark workers are other machines."""
+    options = options or PipelineOptions([])
+    runner = options.view_as(StandardOptions).runner
+    name = (runner if isinstance(runner, str) else type(runner).__name__ if runner else "DirectRunner")
+    if name.rsplit(".", 1)[-1].lower() in LOCAL_RUNNERS:
+        return True
+    return (options.view_as(PortableOptions).environment_type or "").upper() == "LOOPBACK"
+
+
+def staging_root(options: Optional[PipelineOptions], output: str) -> str:
+    """Where the launcher puts what the workers must read: Beam's --temp_location (gs:// on Dataflow), else the
+    job's --output (which the workers write, so they can reach it)."""
+    temp = (options or PipelineOptions([])).view_as(GoogleCloudOptions).temp_location
+    return (temp or output).rstrip("/")
+
+
+def builtin_model_dir(options: Optional[PipelineOptions] = None, output: str = "") -> str:
+    """The shipped default orientation model as a SavedModel version dir the job's workers can read.
+
+    It is exported once per launcher machine (serving.builtin, into $ARCHIVE_VISION_CACHE): building it takes the
+    trainer's code, which workers never import. Workers on this machine load that export; workers elsewhere (see
+    workers_see_this_machine) load a copy the launcher staged under staging_root, keyed by the shipped weights and
+    the export format, so later runs reuse it. A gs:// copy is then copied into each worker's own cache before
+    TensorFlow loads it (serving.model_files.local_copy)."""
     from serving.builtin import builtin_model_dir as export_once
 
-    return export_once()
+    local = export_once()
+    if workers_see_this_machine(options) or not staging_root(options, output):
+        return local
+    from serving.model_files import SAVED_MODEL, upload_tree
+
+    model_dir = os.path.dirname(local)
+    key = os.path.basename(os.path.dirname(model_dir))  # <weights digest>-v<export format>
+    target = "/".join([staging_root(options, output), STAGED_BUILTIN, key, os.path.basename(model_dir),
+                       os.path.basename(local)])
+    if not FileSystems.exists(FileSystems.join(target, SAVED_MODEL)):  # written last: there means whole
+        upload_tree(local, target, last=(SAVED_MODEL,))
+    return target
 
 
 def local_model_info(path: str) -> ModelInfo:
@@ -67,7 +109,8 @@ def local_model_info(path: str) -> ModelInfo:
     version = int(meta.get("version") or os.path.basename(version_dir))
     policy, where = recorded_policy(meta, version_dir)
     return ModelInfo(name=name, version=version, class_names=tuple(meta.get("class_names") or ()),
-                     version_dir=os.path.abspath(version_dir), policy=policy, policy_from=where)
+                     version_dir=version_dir if is_remote(version_dir) else os.path.abspath(version_dir),
+                     policy=policy, policy_from=where)
 
 
 def remote_model_info(opts: ScoreOptions) -> ModelInfo:

@@ -209,13 +209,18 @@ class ServingSignatureModelHandler(ModelHandler):
     def load_model(self):
         import tensorflow as tf
 
+        from serving.model_files import local_copy
+
         if self._tf_threads:
             try:
                 tf.config.threading.set_intra_op_parallelism_threads(self._tf_threads)
                 tf.config.threading.set_inter_op_parallelism_threads(self._tf_threads)
             except RuntimeError:  # TF already initialised in this process; keep its pools
                 pass
-        return tf.saved_model.load(self._version_dir)  # keeps the variables alive; the signature is looked up per call
+        # A gs:// version is copied into this worker's cache first (once per machine; TensorFlow's own gs:// reader
+        # cannot be pointed at an emulator). The loaded object keeps the variables alive; the signature is looked
+        # up per call.
+        return tf.saved_model.load(local_copy(self._version_dir))
 
     def run_inference(self, batch: Sequence[dict], model, inference_args: Optional[dict] = None
                       ) -> Iterable[PredictionResult]:
