@@ -16,6 +16,7 @@ from pipelines.progress import ShowProgress
 from pipelines.score.answers import draft_side, page_payload, predict_isolating, result_row
 from pipelines.score.corrected import WriteCorrectedFn
 from pipelines.score.options import COUNTER_NAMESPACE, ModelInfo, ScoreOptions, run_policy
+from pipelines.score.review import ApplyCorrections
 from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, write_job_tables
 from serving.configs import SERVED_VERSIONS
 from serving.errors import ModelNotFoundError, RetryableServingError
@@ -289,6 +290,8 @@ class ScoreArchive(beam.PTransform):
             PrepareImagesFn.ERRORS, PrepareImagesFn.REUSED, main="items")
         scored = prepared.items | "Score" >> ScoreImages(self._model, opts)
         rows = scored["rows"]
+        if opts.corrections:  # a person's answers decide the pages they answered (pipelines.score.review)
+            rows = rows | "ApplyCorrections" >> ApplyCorrections(opts.corrections)
         if opts.write_corrected:
             root = os.path.abspath(opts.input) if not sources.is_remote(opts.input) and os.path.isdir(opts.input) \
                 else ""
