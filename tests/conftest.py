@@ -37,7 +37,7 @@ SLOW_MODULES = {"test_trainer_distributed", "test_infra_gcs", "test_infra_multiw
 SLOW_TESTS = {"test_the_default_export_decides_under_its_own_policy",
               "test_grpc_client_reads_the_served_versions_score_policy",
               "test_saved_model_cli_lists_signatures_and_classify_method",
-              "test_exported_graph_has_only_standard_tf_ops"}
+              "test_exported_graph_has_only_standard_tf_ops", "test_a_tiny_run_learns_from_the_answers"}
 
 
 def pytest_collection_modifyitems(config, items):
