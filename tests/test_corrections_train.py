@@ -68,8 +68,6 @@ def scanned(tmp_path_factory):
 
 
 def test_answered_records_are_trained_as_the_person_said(scanned):
-    import tensorflow as tf
-
     from trainer import config, review
     from trainer import input as train_input
 

@@ -444,7 +444,10 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
                                           if task in report}
                 print(f"[eval] {split}: " + " ".join(f"{k}_accuracy={v:.4f}" for k, v in
                                                      summary["eval"][split].items() if v is not None)
-                      + (" (orientation against the labels the check made)" if corrections is not None else ""),
+                      + ((" (orientation against the labels the check made" if cfg.checks_orientation_labels
+                          else " (orientation against the stored labels")
+                         + (" and a person's answers)" if answers is not None else ")")
+                         if corrections is not None else ""),
                       flush=True)
         evaluate.draw_training_curves(summary["history"], os.path.join(eval_dir, "training_curves.png"))
 
