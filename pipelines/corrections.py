@@ -341,3 +341,34 @@ def open_journal(run_dir: str, known: Optional[Iterable[Key]] = None, against: s
     journal.adopt_table()
     journal.write_table()
     return journal
+
+
+def check_answers(corrections: Dict[Key, dict], source: str) -> None:
+    """Refuse answers a reader cannot act on: an unknown label, an orientation that is no quarter turn, or a
+    label and an orientation that disagree (no_up/not_image with a turn, a turn answer with -1)."""
+    bad = []
+    for correction in corrections.values():
+        label, orientation = correction.get("label"), correction.get("orientation")
+        if label not in ANSWERS:
+            bad.append(f"{correction['uri']}: unknown answer {label!r}")
+        elif orientation is None or int(orientation) not in ORIENTATIONS + (UNKNOWN,):
+            bad.append(f"{correction['uri']}: orientation {orientation!r} is not 0/90/180/270 or -1")
+        elif (ANSWERS[label] is None) != (int(orientation) == UNKNOWN):
+            bad.append(f"{correction['uri']}: answer {label!r} with orientation {orientation}")
+    if bad:
+        raise CorrectionsError(f"{len(bad)} of {len(corrections)} answers in {source} cannot be used "
+                               f"(answers: {', '.join(ANSWERS)}): {'; '.join(bad[:3])}")
+
+
+def load(path: str) -> Dict[Key, dict]:
+    """The standing answer per (sha256, page) of the corrections table at `path`, checked (read_corrections,
+    latest, check_answers)."""
+    table = read_corrections(path)
+    corrections = latest(table.to_pylist())
+    check_answers(corrections, path)
+    return corrections
+
+
+def turns_page(correction: Mapping) -> bool:
+    """Whether the answer stands the page up by a turn (never for no_up / not_image, nor an upright page)."""
+    return int(correction["orientation"]) in ORIENTATIONS[1:]

@@ -108,7 +108,7 @@ figure.pair .imgs{display:flex;gap:6px;align-items:center}
 figcaption{max-width:330px;overflow-wrap:anywhere;margin-top:4px;color:#333}
 .missing{width:120px;height:120px;background:#ccc;display:flex;align-items:center;justify-content:center;color:#555}
 .pill{display:inline-block;border-radius:9px;padding:0 7px;color:white;font-size:11px}
-.auto_rotate{background:#c05621}.review{background:#b7791f}.ok{background:#2f855a}.skipped{background:#718096}
+.auto_rotate{background:#c05621}.review{background:#b7791f}.ok{background:#2f855a}.skipped{background:#718096}.corrected{background:#2b6cb0}
 .bars{display:flex;height:18px;width:520px;border:1px solid #ccc;margin:6px 0}
 .bars div{height:100%}
 """

@@ -333,7 +333,8 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
     parts.append("<p class=meta>" + "<br>".join(meta) + "</p>")
 
     total = max(1, len(results))
-    colours = {"auto_rotate": "#c05621", "review": "#b7791f", "ok": "#2f855a", "skipped": "#718096"}
+    colours = {"auto_rotate": "#c05621", "review": "#b7791f", "ok": "#2f855a", "skipped": "#718096",
+               "corrected": "#2b6cb0"}
     bars = "".join(f'<div style="width:{100 * v / total:.2f}%;background:{colours.get(k, "#555")}" '
                    f'title="{html.escape(k)} {v}"></div>' for k, v in sorted(per_decision.items()))
     parts.append(f'<h2 id="summary">Summary</h2><div class="bars">{bars}</div><div style="display:flex;gap:24px;'

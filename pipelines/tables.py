@@ -26,8 +26,9 @@ ERRORS_SCHEMA = pa.schema([
 # clockwise, classes as in labels.json. `reused` rows were copied from --skip-known instead of being scored.
 # `tta_agreement` and `text_crops` are the graph's own outputs (serving.answer): the share of the four turned copies
 # that agreed (null: not turned), and the text-crop evidence (1: counted, 0: read and not counted, null: not read).
-# `text_lines` stays for tables written before text lines left score (always null now). `fingerprint` is the file's
-# listing fingerprint (pipelines.sources.SourceEntry) when it was scored or reused: a later --skip-known run reuses
+# `text_lines` stays for tables written before text lines left score (always null now). `corrected_orientation`: a
+# person's answer (score --corrections; decision `corrected`), -1 for no up / not an image, null where none.
+# `fingerprint` is the file's listing fingerprint (pipelines.sources.SourceEntry) when it was scored or reused: a later --skip-known run reuses
 # the rows of a file listed again at the same uri with the same fingerprint without reading it (tables written
 # before the column, or files listed without one, are matched by sha256, read).
 RESULTS_SCHEMA = pa.schema([
@@ -41,7 +42,7 @@ RESULTS_SCHEMA = pa.schema([
     ("text_lines", pa.int64()), ("text_crops", pa.int64()),
     ("decision", pa.string()), ("review_reason", pa.string()),
     ("model_name", pa.string()), ("model_version", pa.int64()), ("reused", pa.bool_()),
-    ("corrected_uri", pa.string()), ("corrected_method", pa.string()),
+    ("corrected_uri", pa.string()), ("corrected_method", pa.string()), ("corrected_orientation", pa.int64()),
 ])
 
 class WriteTable(beam.PTransform):

@@ -51,7 +51,8 @@ SLOW_TESTS = {"test_the_default_export_decides_under_its_own_policy",
               "test_the_page_takes_one_keystroke_and_one_post_per_page",
               "test_the_group_key_accepts_the_page_and_its_strip_in_one_post",
               "test_a_killed_server_loses_no_answer_and_the_page_picks_up_after_a_reload",
-              "test_two_tabs_work_on_different_pages_and_see_each_others_progress"}
+              "test_two_tabs_work_on_different_pages_and_see_each_others_progress",
+              "test_a_tiny_run_learns_from_the_answers"}
 
 
 def pytest_collection_modifyitems(config, items):

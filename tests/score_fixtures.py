@@ -86,3 +86,32 @@ def random_photos(root: str, count: int) -> List[str]:
             f.write(encode_array(make_random_image(48 + 8 * i, 64, 3, seed=50 + i), "JPEG", quality=92))
         paths.append(path)
     return paths
+
+
+def write_corrections(path: str, answers: List[dict]) -> str:
+    """A corrections table (pipelines.corrections.CORRECTIONS_SCHEMA) as the review page writes it. Each answer gives
+    uri, label and model_orientation (and optionally sha256, page, answered_at, reviewer); sha256 is the file's own
+    unless given, orientation follows from the answer and the model's, answered_at counts up from 2026-01-01."""
+    import datetime
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.corrections import CORRECTIONS_SCHEMA, corrected_orientation
+
+    start = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    rows = []
+    for index, answer in enumerate(answers):
+        sha = answer.get("sha256")
+        if sha is None:
+            with open(answer["uri"], "rb") as f:
+                sha = hashlib.sha256(f.read()).hexdigest()
+        rows.append({"uri": answer["uri"], "sha256": sha, "page": answer.get("page", 0),
+                     "orientation": answer["orientation"] if "orientation" in answer else
+                     corrected_orientation(answer["model_orientation"], answer["label"]),
+                     "label": answer["label"], "model_orientation": answer["model_orientation"],
+                     "model_name": "archive_vision", "model_version": 1, "reviewer": answer.get("reviewer", "tester"),
+                     "answered_at": answer.get("answered_at", start + datetime.timedelta(minutes=index))})
+    pq.write_table(pa.Table.from_pylist(rows, CORRECTIONS_SCHEMA), path)
+    return path

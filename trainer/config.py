@@ -37,6 +37,7 @@ class TrainConfig:
     orientation_hidden_units: int = 256
     init: str = "none"                         # none | default | PATH.npz: start the orientation head from that head
     orientation_labels: str = "auto"           # checked (auto with --init default) | stored (auto otherwise)
+    corrections: str = ""                      # a person's answers (corrections.parquet): trained as answered
     rotations: str = "all"                     # all: each image in its 4 turns per epoch; random: one turn
     allow_flip: bool = False                   # mirror only where the archive allows it (never for text)
     max_shift: float = 0.0                     # random shift, fraction of the image side (train only)
@@ -123,6 +124,9 @@ class TrainConfig:
         if self.orientation_labels == "checked" and self.init == "none":
             raise ValueError("--orientation-labels checked reads the records' turns with the default model: "
                              "it needs --init default (or --init PATH)")
+        if self.corrections and not self.uses_orientation:
+            raise ValueError("--corrections trains the orientation head on a person's answers: --tasks must include "
+                             "orientation")
         if self.init != "none":
             if not self.uses_orientation:
                 raise ValueError(f"--init {self.init} starts the orientation head: --tasks must include orientation")
@@ -164,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         "archive-vision train",
         examples=("archive-vision train --data shards --job-dir jobs/first --epochs 10",
                   "archive-vision train --data shards --job-dir jobs/tuned --tasks orientation --init default "
-                  "--cache-features"),
+                  "--cache-features",
+                  "archive-vision train --data shards --job-dir jobs/reviewed --tasks orientation --init default "
+                  "--cache-features --corrections run1/corrections.parquet"),
         description="Fine-tune a frozen pretrained backbone with a class head and an orientation head "
                     "on the shards written by `archive-vision ingest`.")
     p.add_argument("--data", required=True, help="ingest output dir (local or gs://) with <split>-*.tfrecord[.gz]")
@@ -194,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "records it finds turned are trained as turned, each weighted by how sure it is "
                         "(JOB/orientation_check.json lists them). stored: every stored orientation (e.g. "
                         "ingest --assume-upright's 0) is taken as true")
+    p.add_argument("--corrections", default=d.corrections, metavar="FILE",
+                   help="a person's answers to the review queue (the review page's corrections.parquet, e.g. "
+                        "RUN/corrections.parquet): the pages answered, matched to --data's records by content, are "
+                        "trained as the person said, over the stored orientation and the check; no_up/not_image "
+                        "pages are left out of orientation training (JOB/corrections_used.json says what was taken)")
     p.add_argument("--rotations", choices=ROTATION_MODES, default=d.rotations,
                    help="all: every train image in all 4 turns each epoch; random: one random turn")
     p.add_argument("--allow-flip", type=_bool, default=d.allow_flip, help="random left-right mirror (train only)")

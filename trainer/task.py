@@ -310,6 +310,11 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
     num_classes = len(class_names) if cfg.uses_classes else 0
     # Before any model is built or trained: every active head must have labelled train records.
     train_size = train_input.check_task_labels(cfg, "train")
+    answers = None
+    if cfg.corrections:  # read and matched before anything is built: a table that cannot be used stops the job here
+        from trainer import review
+
+        answers = review.match_answers(cfg.corrections, cfg.data)
     if cfg.uses_orientation and train_size.orientation_records == 0:  # only reached with --init default
         print(f"[data] no train record in {cfg.data} has a known orientation: the orientation head is not tuned "
               f"on this archive and ships as the default model's head (--init default)", flush=True)
@@ -368,6 +373,8 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
     # Before any tuning (and before a finished phase's weights are loaded): the shipped model reads the turns.
     check = _check_orientation_labels(cfg, heads, full_model, caches, private_dir, prefix, role.is_chief) \
         if cfg.checks_orientation_labels else None
+    if answers is not None:  # a person's answers over the check's labels (or the stored ones)
+        check = review.apply_answers(cfg, check, answers, private_dir, prefix)
     corrections = train_input.Corrections(check.table()) if check is not None else None
 
     if heads_done:
@@ -440,7 +447,10 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
                                           if task in report}
                 print(f"[eval] {split}: " + " ".join(f"{k}_accuracy={v:.4f}" for k, v in
                                                      summary["eval"][split].items() if v is not None)
-                      + (" (orientation against the labels the check made)" if corrections is not None else ""),
+                      + ((" (orientation against the labels the check made" if cfg.checks_orientation_labels
+                          else " (orientation against the stored labels")
+                         + (" and a person's answers)" if answers is not None else ")")
+                         if corrections is not None else ""),
                       flush=True)
         evaluate.draw_training_curves(summary["history"], os.path.join(eval_dir, "training_curves.png"))
 
@@ -498,6 +508,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         except RuntimeError:  # TF already initialised in this process (e.g. main() called twice)
             log.warning("--threads ignored: TensorFlow is already initialised in this process")
     from trainer import strategy as strategy_lib
+    from pipelines.corrections import CorrectionsError
     from trainer.input import DataError
 
     if cfg.require_gpus > 0:
@@ -511,7 +522,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     role = strategy_lib.worker_role()
     try:
         train_and_export(cfg, strategy, role)
-    except DataError as e:
+    except (DataError, CorrectionsError) as e:
         log.debug("usage error", exc_info=True)
         print(f"archive-vision train: {e}", file=sys.stderr)
         return 2

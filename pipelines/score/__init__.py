@@ -20,7 +20,7 @@ TF Serving client sending the file gets score's answer; any other page (TIFF, We
 
 The job lives in pipelines/score/: options (flags, the run's policy), models (which model, which policy), answers
 (pure functions), transforms (the Beam graph), corrected (upright copies), summary (run.json and the printout); this
-module runs it.
+module runs it. review joins a person's answers (--corrections) to the decided rows.
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ from pipelines.score.known import KnownTable, inspect_known, known_row  # noqa: 
 from pipelines.score.models import (ScorePolicyError, builtin_model_dir, export_metadata,  # noqa: F401
                                     _class_names_file, local_model_info, recorded_policy, remote_model_info,
                                     uses_builtin_model)
+from pipelines.score import review
 from pipelines.score.options import (BUILTIN_MODEL, COUNTER_NAMESPACE, DECISION_FLAGS, LOG, SKIPPED,  # noqa: F401
                                      TURNS, ModelInfo, ScoreOptions, parse_args, run_policy)
 from pipelines.score.summary import format_summary, summarize, write_results_csv, _metric_totals  # noqa: F401
@@ -95,6 +96,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         extend_pipeline=None) -> dict:
     """Run the score job (and the report) and return the run.json summary."""
     opts, beam_args = parse_args(argv)
+    # A person's answers are read and checked before anything is scored (pipelines.score.review).
+    answered = review.launch_check(opts.corrections, opts.input) if opts.corrections else None
     if not FileSystems.exists(opts.output):
         FileSystems.mkdirs(opts.output)
     opts, model = resolve_model(opts, beam_args, test_pipeline)
@@ -113,6 +116,11 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     write_results_csv(opts.output)
     tool = ("jpegtran" if jpegtran_path() else "none (JPEG re-encoded at quality 95)") if opts.write_corrected else ""
     summary = summarize(opts, model, elapsed, _metric_totals(result), tool, runner_record(pipeline))
+    if answered is not None:
+        from pipelines.tables import read_table
+
+        results = read_table(FileSystems.join(opts.output, "results.parquet"), RESULTS_SCHEMA).to_pylist()
+        summary["corrections"] = review.unmatched_record(answered[1], answered[0], results)
     truth = opts.truth or _labelled_input(opts.input)
     metrics = tables = None  # the score tables read and the truth figures computed once, for run.json and the report
     if truth:

@@ -70,7 +70,7 @@ def result_row(item: dict, prediction: Dict[str, Any], model: ModelInfo, policy:
                text_crops=None if crops is None else int(crops),
                decision=decision, review_reason=reason,
                model_name=model.name, model_version=model.version, reused=False, corrected_uri="",
-               corrected_method="")
+               corrected_method="", corrected_orientation=None)
     if "class_probabilities" in prediction:
         probs = np.asarray(prediction["class_probabilities"], np.float32)
         class_id = int(prediction.get("class_ids", int(np.argmax(probs))))

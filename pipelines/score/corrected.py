@@ -138,8 +138,19 @@ def upright_bytes(data: bytes, page: int, orientation_degrees: int, fmt: str,
     return buffer.getvalue(), ".png", "png_lossless_pixels"
 
 
+def copy_turn(row: dict) -> Optional[int]:
+    """The turn an upright copy of the row's page undoes, or None for no copy: the model's for auto_rotate, the
+    person's for a page a person answered (score --corrections) with a turn (never no_up / not_image)."""
+    if row["decision"] == "auto_rotate":
+        return row["orientation_degrees"]
+    if row["decision"] == "corrected" and (row.get("corrected_orientation") or 0) in (90, 180, 270):
+        return row["corrected_orientation"]
+    return None
+
+
 class WriteCorrectedFn(beam.DoFn):
-    """auto_rotate rows -> an upright copy under --write-corrected (never over an original); other rows pass."""
+    """auto_rotate rows, and rows a person answered with a turn -> an upright copy under --write-corrected (never
+    over an original); other rows pass."""
 
     def __init__(self, corrected_dir: str, input_root: str):
         self._dir = corrected_dir
@@ -149,7 +160,8 @@ class WriteCorrectedFn(beam.DoFn):
         self._bytes = Metrics.counter(COUNTER_NAMESPACE, "bytes_read")
 
     def process(self, row: dict):
-        if row["decision"] != "auto_rotate":
+        turn = copy_turn(row)
+        if turn is None:
             yield row
             return
         try:
@@ -159,7 +171,7 @@ class WriteCorrectedFn(beam.DoFn):
             self._bytes.inc(len(data))
             if imaging.content_sha256(data) != row["sha256"]:
                 raise RuntimeError("the file changed since it was scored")
-            payload, ext, method = upright_bytes(data, row["page"], row["orientation_degrees"], row["format"])
+            payload, ext, method = upright_bytes(data, row["page"], turn, row["format"])
             target = os.path.splitext(corrected_path(row["uri"], self._root, self._dir, row["page"]))[0] + ext
             if not sources.is_remote(target):
                 if os.path.exists(target) and os.path.samefile(target, row["uri"]):

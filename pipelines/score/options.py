@@ -41,6 +41,7 @@ class ScoreOptions:
     wait_s: float = 120.0
     decision_overrides: Tuple[Tuple[str, float], ...] = ()  # (DecisionPolicy field, value) given on the command line
     write_corrected: str = ""
+    corrections: str = ""
     skip_known: str = ""
     truth: str = ""
     report: bool = True
@@ -88,6 +89,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
         examples=("archive-vision score --input /scans --output out            # the built-in model, in-process",
                   "archive-vision score --input gs://b/scans --output gs://b/scores/today --endpoint serving:8500 \\",
                   "    --skip-known gs://b/scores/yesterday/results.parquet --write-corrected gs://b/fixed",
+                  "archive-vision score --input /scans --output out2 --corrections out1/corrections.parquet "
+                  "--write-corrected fixed",
                   "archive-vision score @nightly.flags --runner DataflowRunner --project P --region R"),
         description="Classify and orient every image of an archive through an exported model: remotely over "
                     "TF Serving's gRPC API (--endpoint) or in-process with Beam RunInference (--model). The model "
@@ -131,6 +134,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
                           help="review a nearly blank page (ink on less than this share of it) unless its text "
                                "crops settled it (0: off)")
     parser.add_argument("--write-corrected", default="", help="write upright copies of auto_rotate images here")
+    parser.add_argument("--corrections", default="", metavar="FILE",
+                        help="a person's answers to the review queue (the review page's corrections.parquet, e.g. "
+                             "PREV_RUN/corrections.parquet): each page answered is decided `corrected` by the "
+                             "answer (--write-corrected turns it by the person's turn; no_up/not_image pages are "
+                             "never turned). Default: none")
     parser.add_argument("--skip-known", default="", help="previous results.parquet/.csv or a pattern of them (or "
                                                          "an ingest manifest): files this model version scored are "
                                                          "copied over (reused=True), not scored again; unchanged "
@@ -155,6 +163,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
             max_file_mb=known.max_file_mb, max_pages=known.max_pages, exclude=tuple(known.exclude),
             batch_size=known.batch_size, timeout_s=known.timeout_s, max_attempts=known.max_attempts,
             wait_s=known.wait_s, decision_overrides=overrides, write_corrected=known.write_corrected.rstrip("/"),
+            corrections=known.corrections,
             skip_known=known.skip_known, truth=known.truth, report=known.report, tf_threads=known.tf_threads,
             max_failed_fraction=known.max_failed_fraction)
     except ValueError as e:

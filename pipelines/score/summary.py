@@ -138,6 +138,11 @@ def format_summary(summary: dict) -> str:
                 truth_summary_line(truth) or f"no result matched a labelled row of {truth['manifest']}")
         lines.append(f"  truth    {line}")
         lines.extend(f"           {label_line}" for label_line in truth_label_lines(truth))
+    if summary.get("corrections"):
+        answered = summary["corrections"]
+        lines.append(f"  answers  {answered['pages_corrected']} pages decided by a person's answer "
+                     f"({answered['file']}: {answered['answers']} answers, {answered['unmatched']} matched no page "
+                     f"of this run, {answered['outside_input']} of files outside its input)")
     if summary["corrected"]["dir"]:
         lines.append(f"  corrected {c['corrected_written']} upright copies in {summary['corrected']['dir']} "
                      f"(JPEG: {summary['corrected']['jpeg_tool']})")

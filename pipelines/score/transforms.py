@@ -18,6 +18,7 @@ from pipelines.score.corrected import WriteCorrectedFn
 from pipelines.score.known import (KnownTable, ReadKnown, ReuseByContentFn, ReuseByListingFn, content_key,
                                    entry_listing_key, listing_key)
 from pipelines.score.options import COUNTER_NAMESPACE, ModelInfo, ScoreOptions, run_policy
+from pipelines.score.review import ApplyCorrections
 from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, write_job_tables
 from serving.configs import SERVED_VERSIONS
 from serving.errors import ModelNotFoundError, RetryableServingError
@@ -335,6 +336,8 @@ class ScoreArchive(beam.PTransform):
             PrepareImagesFn(opts, draft_side(self._model.policy))).with_outputs(PrepareImagesFn.ERRORS, main="items")
         scored = prepared.items | "Score" >> ScoreImages(self._model, opts)
         rows = scored["rows"]
+        if opts.corrections:  # a person's answers decide the pages they answered (pipelines.score.review)
+            rows = rows | "ApplyCorrections" >> ApplyCorrections(opts.corrections)
         if opts.write_corrected:
             root = os.path.abspath(opts.input) if not sources.is_remote(opts.input) and os.path.isdir(opts.input) \
                 else ""
