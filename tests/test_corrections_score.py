@@ -67,6 +67,40 @@ def test_answers_decide_their_pages_and_corrected_copies_take_the_persons_turn(t
         assert json.load(f)["corrections"]["pages_corrected"] == 3
 
 
+def test_a_corrected_file_is_known_and_a_reused_page_answered_since_takes_the_answer(tmp_path, red_corner_export):
+    """Night 1 scores; a person answers a; night 2 (--skip-known, --corrections) reads nothing, decides a by the
+    answer and writes its copy; night 3 reuses a's corrected row as it stands and writes nothing again."""
+    archive = str(tmp_path / "archive")
+    paths = sf.write_turned_archive(archive, {"a": 90, "b": 0})
+    common = ["--input", archive, "--model", red_corner_export, "--no-report"]
+    first = str(tmp_path / "night1")
+    score.run(common + ["--output", first], test_pipeline=TestPipeline())
+    answers = sf.write_corrections(str(tmp_path / "corrections.parquet"), [
+        {"uri": paths["a"], "label": "turn_left", "model_orientation": 90}])
+    second, fixed = str(tmp_path / "night2"), str(tmp_path / "fixed")
+
+    summary = score.run(common + ["--output", second, "--skip-known", os.path.join(first, "results.parquet"),
+                                  "--corrections", answers, "--write-corrected", fixed], test_pipeline=TestPipeline())
+
+    rows = results_by_name(second)
+    assert all(r["reused"] for r in rows.values())
+    assert (rows["a.png"]["decision"], rows["a.png"]["corrected_orientation"]) == ("corrected", 180)
+    assert rows["b.png"]["decision"] == "ok" and rows["b.png"]["corrected_uri"] == ""
+    # Only the answered page was opened, for its copy (turned by the person's 180, not the model's 90).
+    assert summary["counts"]["files_read"] == 1 and summary["counts"]["corrected_written"] == 1, (rows["a.png"], summary["counts"])
+    stored = Image.open(paths["a"]).convert("RGB")
+    assert np.array_equal(np.asarray(Image.open(rows["a.png"]["corrected_uri"]).convert("RGB")),
+                          np.asarray(score.make_upright(stored, 180)))
+
+    third = str(tmp_path / "night3")
+    summary = score.run(common + ["--output", third, "--skip-known", os.path.join(second, "results.parquet"),
+                                  "--corrections", answers, "--write-corrected", fixed], test_pipeline=TestPipeline())
+    again = results_by_name(third)
+    assert again["a.png"]["decision"] == "corrected" and again["a.png"]["review_reason"] == \
+        rows["a.png"]["review_reason"] and again["a.png"]["corrected_uri"] == rows["a.png"]["corrected_uri"]
+    assert summary["counts"]["files_read"] == 0 and summary["counts"]["bytes_read"] == 0
+
+
 def test_a_run_over_part_of_the_archive_takes_the_answers_of_its_part(tmp_path, red_corner_export):
     archive = str(tmp_path / "archive")
     first = sf.write_turned_archive(os.path.join(archive, "box1"), {"a": 90})

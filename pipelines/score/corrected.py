@@ -161,6 +161,9 @@ class WriteCorrectedFn(beam.DoFn):
 
     def process(self, row: dict):
         turn = copy_turn(row)
+        # A reused row (--skip-known) keeps what the earlier run wrote: only a page answered since gets its copy.
+        if row.get("reused") and (row["decision"] != "corrected" or row.get("corrected_uri")):
+            turn = None
         if turn is None:
             yield row
             return

@@ -22,11 +22,14 @@ from apache_beam.metrics import Metrics
 
 from pipelines.score.options import COUNTER_NAMESPACE, SKIPPED, ModelInfo
 from pipelines.tables import RESULTS_SCHEMA
+from pipelines.score.review import CORRECTED
 from serving.policy import DECISIONS
 
 RESULTS = "results"
 MANIFEST = "manifest"
 RESULT_MARKERS = {"model_name", "model_version", "decision"}
+# Rows a file may reuse: the model's own decisions, and a person's (a page answered is known: pipelines.score.review).
+KNOWN_DECISIONS = frozenset(DECISIONS) | {CORRECTED}
 # An ingest manifest's columns that a `skipped` row takes (augmented copies collapse onto their page).
 MANIFEST_COLUMNS = ("source_uri", "uri", "page", "sha256", "fingerprint", "format", "original_width",
                     "original_height", "exif_orientation")
@@ -79,7 +82,7 @@ def known_row(row: dict, table: KnownTable, model: ModelInfo) -> Optional[dict]:
     if table.kind == MANIFEST:
         return _skipped_row(row, int(row.get("page") or 0), model)
     if row.get("model_name") != model.name or row.get("model_version") is None \
-            or int(row["model_version"]) != model.version or row.get("decision") not in DECISIONS:
+            or int(row["model_version"]) != model.version or row.get("decision") not in KNOWN_DECISIONS:
         return None
     out = {name: _csv_value(name, row.get(name)) for name in RESULTS_SCHEMA.names}
     out["fingerprint"] = out["fingerprint"] or ""

@@ -13,8 +13,9 @@ run's input (under its folder or prefix, in its manifest, matching its glob): an
 answers outside the input (a run over part of the archive) are said and counted (`outside_input`); they match no
 page unless the same content is also inside. An answer of a file in the input that no page of this run matches by
 content (the file was changed or removed since it was answered, or failed this time) is counted as `unmatched` and
-named in run.json; the run goes on. (With --skip-known, a reused page keeps the earlier run's row: the join applies
-to the pages scored.)
+named in run.json; the run goes on. With --skip-known, a page answered in an earlier run is known (its `corrected`
+row is reused, unread), and the join applies to reused rows too: a reused page answered since is decided by the
+answer (its upright copy is written only when it has none by that answer).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from pipelines.score.options import COUNTER_NAMESPACE, LOG
 
 CORRECTED = "corrected"  # the decision of a page a person answered (not a model decision: serving.policy.DECISIONS)
 NAMED = 20  # unmatched answers named in run.json
+MODEL_SAID = "the model's decision was "
 
 
 def _key(row) -> Tuple[str, int]:
@@ -90,10 +92,17 @@ def _apply(element) -> List[dict]:
 def corrected_row(row: dict, correction: dict) -> dict:
     """The row decided by a person's answer: decision `corrected`, corrected_orientation the person's, the model's
     answer kept in its own columns and its decision in review_reason."""
-    said = row["decision"] + (f": {row['review_reason']}" if row.get("review_reason") else "")
+    orientation = int(correction["orientation"])
+    if row["decision"] == CORRECTED:  # a row reused from an earlier run that took answers (--skip-known)
+        if row.get("corrected_orientation") == orientation:
+            return row
+        said = (row.get("review_reason") or "").partition(MODEL_SAID)[2].rstrip(")") or "unknown"
+        row = dict(row, corrected_uri="", corrected_method="")  # its copy stood by the earlier answer
+    else:
+        said = row["decision"] + (f": {row['review_reason']}" if row.get("review_reason") else "")
     who = f" by {correction['reviewer']}" if correction.get("reviewer") else ""
-    return dict(row, decision=CORRECTED, corrected_orientation=int(correction["orientation"]),
-                review_reason=f"a person answered {correction['label']}{who} (the model's decision was {said})")
+    return dict(row, decision=CORRECTED, corrected_orientation=orientation,
+                review_reason=f"a person answered {correction['label']}{who} ({MODEL_SAID}{said})")
 
 
 class ApplyCorrections(beam.PTransform):

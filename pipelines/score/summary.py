@@ -81,7 +81,9 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
         "inputs_reused_by_content": metrics.get("inputs_reused_by_content", 0),
         # What score read of the archive: files opened and their bytes (to score them, and again for upright copies).
         "files_read": metrics.get("files_read", 0), "bytes_read": metrics.get("bytes_read", 0),
-        "corrected_written": sum(1 for r in rows if r["corrected_uri"] and not r["reused"]),
+        # Copies written this run (Beam counter): a reused row's copy was written by the run that made it, unless a
+        # person answered the page since.
+        "corrected_written": metrics.get("corrected_written", 0),
         "corrected_failed": sum(1 for r in rows if (r["corrected_method"] or "").startswith("failed")),
         "inputs_with_some_failed_page": len(error_uris & ok_uris),
     }

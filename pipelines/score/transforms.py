@@ -336,6 +336,9 @@ class ScoreArchive(beam.PTransform):
             PrepareImagesFn(opts, draft_side(self._model.policy))).with_outputs(PrepareImagesFn.ERRORS, main="items")
         scored = prepared.items | "Score" >> ScoreImages(self._model, opts)
         rows = scored["rows"]
+        if reused and (opts.corrections or opts.write_corrected):
+            rows = (rows, *reused) | "ScoredAndReused" >> beam.Flatten()
+            reused = []
         if opts.corrections:  # a person's answers decide the pages they answered (pipelines.score.review)
             rows = rows | "ApplyCorrections" >> ApplyCorrections(opts.corrections)
         if opts.write_corrected:
