@@ -7,6 +7,7 @@ load a copy score's launcher staged where they can read it (pipelines.score.mode
 """
 from __future__ import annotations
 
+import fcntl
 import os
 from typing import Optional
 
@@ -32,4 +33,14 @@ def builtin_model_dir(cache_dir: Optional[str] = None) -> str:
     version_dir = os.path.join(base, DEFAULT_MODEL_NAME, "1")
     if os.path.exists(os.path.join(version_dir, "saved_model.pb")):
         return version_dir
-    return export_default_model(base, DEFAULT_MODEL_NAME, version=1)
+    # Several processes on one machine (Beam workers, parallel test runs, two scores at once) may all find it
+    # missing: one exports while the others wait on the lock, then find it there.
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    with open(base + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if os.path.exists(os.path.join(version_dir, "saved_model.pb")):
+                return version_dir
+            return export_default_model(base, DEFAULT_MODEL_NAME, version=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

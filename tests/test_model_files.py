@@ -86,3 +86,34 @@ def test_train_init_takes_a_head_file(tmp_path):
     assert cfg.init == head and cfg.checks_orientation_labels  # the head reads the records' turns, as default's does
     assert cfg.orientation_grid == head_metadata(head)["grid"] and init_weights(cfg.init) == head
     assert init_weights("default") == HEAD_WEIGHTS
+
+
+def test_processes_finding_the_built_in_model_missing_export_it_once(tmp_path, monkeypatch):
+    """Two scores (or Beam workers, or parallel test runs) starting on a fresh cache: one exports, the other waits
+    on the cache's lock and takes that export instead of writing a second one over it."""
+    import threading
+    import time
+
+    from serving import builtin
+
+    calls = []
+
+    def slow_export(base, name, version):
+        calls.append(base)
+        time.sleep(0.5)  # long enough for the other caller to find the export missing and reach the lock
+        version_dir = os.path.join(base, name, str(version))
+        os.makedirs(version_dir)
+        with open(os.path.join(version_dir, "saved_model.pb"), "wb") as f:
+            f.write(b"graph")
+        return version_dir
+
+    monkeypatch.setattr(builtin, "export_default_model", slow_export)
+    found = []
+    callers = [threading.Thread(target=lambda: found.append(builtin.builtin_model_dir(str(tmp_path))))
+               for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(timeout=30)
+    assert len(calls) == 1 and len(found) == 2 and found[0] == found[1]
+    assert os.path.isfile(os.path.join(found[0], "saved_model.pb"))
