@@ -449,7 +449,8 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
         parts.append("".join(section))
 
     if errors:
-        rows = "".join(f"<tr><td>{html.escape(_short(e['uri']))}</td><td>{e['page']}</td>"
+        # The whole uri: an error is acted on, and the person must find the file (contact sheets shorten theirs).
+        rows = "".join(f"<tr><td>{html.escape(e['uri'])}</td><td>{e['page']}</td>"
                        f"<td>{html.escape(e['stage'])}</td><td>{html.escape(e['error_type'])}</td>"
                        f"<td>{html.escape(e['message'][:200])}</td></tr>" for e in errors[:200])
         parts.append(f'<h2 id="errors">Errors ({len(errors)})</h2><table><tr><th>uri</th><th>page</th>'
