@@ -110,6 +110,33 @@ def test_a_tiny_run_learns_from_the_answers(scanned, tmp_path, capsys):
     assert answered >= 0.9 and answered > stored + 0.1, (answered, stored)
 
 
+@pytest.mark.slow
+def test_the_val_records_a_person_answered_do_not_calibrate_the_head(tmp_path, capsys):
+    """The temperature the tuned head is exported with is fitted on the val records no one answered (the answers are
+    the hardest pages, not a sample); run_summary.json and corrections_used.json say which records and the T."""
+    from trainer import task
+
+    data = write_scanned_archive(str(tmp_path / "scans"), {"train": 16, "val": 40}, {"val": [0, 2, 4, 6, 8]})
+    answers = _answers(str(tmp_path / "corrections.parquet"),
+                       {"val": {i: "turn_180" if i % 2 == 0 else "accept" for i in range(10)}})
+    job = str(tmp_path / "job")
+    assert task.main(["--data", data, "--job-dir", job, *TINY, "--epochs", "1", "--learning-rate", "1e-4",
+                      "--cache-features", "--evaluate", "false", "--corrections", answers]) == 0
+    out = capsys.readouterr().out
+    with open(os.path.join(job, "run_summary.json")) as f:
+        calibrated = json.load(f)["orientation_calibration"]
+    with open(os.path.join(job, "corrections_used.json")) as f:
+        used = json.load(f)
+    assert used["per_split"] == {"val": 10} and used["calibration"] == calibrated
+    assert (calibrated["fit"]["records"], calibrated["fit"]["examples"], calibrated["fit"]["answered_left_out"]) == (
+        30, 120, 10), calibrated
+    if calibrated["temperature"] is not None:
+        assert calibrated["source"] == "fitted on the val records no one answered"
+        assert "fitted on 120 val examples" in out and "10 val records a person answered left out of the fit" in out
+    else:  # a head right on every unanswered val turn: no fit, said
+        assert calibrated["why"] and calibrated["why"] in out
+
+
 def test_answers_that_do_not_fit_the_shards_stop_the_job_before_training(scanned, tmp_path, capsys):
     from trainer import review, task
 

@@ -6,10 +6,17 @@ fits T on the val split's orientation answers (every turn of every val record, w
 the orientation check's, under --init default) and folds it into the head's last layer before evaluation and
 export (softmax(z / T) is the same head with the logits layer's kernel and bias divided by T), as
 research.train_default does for the shipped head.
+
+Under `train --corrections` the val records a person answered are left out of the fit (`fit_unanswered`): the
+answers are the review queue's, the archive's least-sure pages, so a val split holding them is a sample biased to the
+hardest images, and a temperature fitted on it makes the tuned head less sure of every page (the review loop's
+bench: T 2.67 with 200 answers against 1.50 without, and a review share that rose; docs/review-loop.md). The
+answers train the head; what calibrates it is the val records nobody picked.
 """
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Collection, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -48,3 +55,47 @@ def fold_temperature(head, temperature: float) -> None:
     """Divide an OrientationHead's logits layer by T in place (its softmax is then at temperature T)."""
     kernel, bias = head.logits.get_weights()
     head.logits.set_weights([kernel / temperature, bias / temperature])
+
+
+@dataclasses.dataclass
+class Fit:
+    """A temperature fitted on the val records no one answered (fit_unanswered), and what it was fitted on.
+    temperature None: no usable fit (`why_not` says why; the caller falls back)."""
+
+    temperature: Optional[float]
+    records: int  # val records with an orientation that the fit read (none of them answered by a person)
+    examples: int  # their turns (each record under its four)
+    answered_left_out: int  # val records with an orientation a person answered: not read by the fit
+    why_not: str = ""
+    nll_before: Optional[float] = None
+    nll_after: Optional[float] = None
+
+    def summary(self) -> Dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def fit_unanswered(probs: np.ndarray, labels: np.ndarray, weights: np.ndarray, record_keys: Sequence[str],
+                   answered: Collection[str] = ()) -> Fit:
+    """fit_temperature on the examples of [R, 4] answers with an orientation (weight > 0) whose record
+    (record_keys[i], trainer.input.record_key) is not in `answered`. No fit with fewer than MIN_RECORDS such records,
+    or when the fit runs to the end of GRID (a head right on all of them says only "more sure", never how much)."""
+    keys = np.asarray(record_keys, dtype=object)
+    known = np.asarray(weights) > 0
+    by_person = np.array([key in answered for key in keys], bool) if len(answered) else np.zeros(len(keys), bool)
+    use = known & ~by_person
+    fit = Fit(None, len(set(keys[use])), int(use.sum()), len(set(keys[known & by_person])))
+    if fit.records < MIN_RECORDS:
+        fit.why_not = (f"{fit.records} val records have an orientation no one answered, a temperature needs "
+                       f"{MIN_RECORDS}" + (f" ({fit.answered_left_out} answered ones left out: a person's answers "
+                                           f"are the hardest pages, not a sample)" if fit.answered_left_out else ""))
+        return fit
+    probs, labels, weights = probs[use], np.asarray(labels)[use].astype(np.int64), np.asarray(weights)[use]
+    temperature = fit_temperature(probs, labels, weights)
+    if temperature in (GRID[0], GRID[-1]):
+        fit.why_not = (f"the temperature fitted on {fit.examples} val examples ran to the end of its range "
+                       f"({temperature:.2f}; {100 * np.mean(probs.argmax(1) == labels):.1f}% of them right)")
+        return fit
+    fit.temperature = temperature
+    fit.nll_before = negative_log_likelihood(probs, labels, weights)
+    fit.nll_after = negative_log_likelihood(with_temperature(probs, temperature), labels, weights)
+    return fit

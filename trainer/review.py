@@ -124,3 +124,16 @@ def apply_answers(cfg, check: Optional[OrientationCheck], answers: MatchedAnswer
           f"trained as the person answered ({splits}); {counts['no_orientation']} with no up left out of orientation "
           f"training, {counts['augmented_copies_left_out']} augmented copies left out", flush=True)
     return with_answers(check, answers)
+
+
+def record_calibration(private_dir: str, calibration: Dict[str, object]) -> None:
+    """Add what calibrated the tuned head (the temperature, and the val records it was fitted on: none a person
+    answered) to JOB/corrections_used.json, beside the answers it was tuned on."""
+    import tensorflow as tf
+
+    path = os.path.join(private_dir, ANSWERS_FILE)
+    with tf.io.gfile.GFile(path) as f:
+        used = json.load(f)
+    used["calibration"] = calibration
+    with tf.io.gfile.GFile(path, "w") as f:
+        json.dump(used, f, indent=2)

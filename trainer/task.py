@@ -191,50 +191,57 @@ def _check_orientation_labels(cfg, heads, full_model, caches: Dict[str, Any], pr
     return result
 
 
-def _calibrate_orientation(plain_model, plain_heads, cfg, corrections) -> Tuple[Optional[float], Optional[Dict]]:
+def _calibrate_orientation(plain_model, plain_heads, cfg, corrections, answered=frozenset()
+                           ) -> Tuple[Optional[float], Optional[Dict], Dict[str, Any]]:
     """Fit the orientation head's temperature on every turn of the val records (with the labels training used)
-    and fold it into the head (trainer.calibration). With too few val records for a fit (MIN_RECORDS), or a fit
-    that runs to the end of the range (a val split the head gets all right says only "more confident", never how
-    much): the initial head's temperature under --init default (or PATH), else none. Returns the temperature folded in, and
-    val's predictions (evaluate.predict_split) at that temperature when they were made, for evaluation to reuse."""
+    and fold it into the head (trainer.calibration). `answered`: the record keys a person answered (train
+    --corrections), left out of the fit: the answers are the review queue's hardest pages, not a sample of the
+    archive (calibration.fit_unanswered). With too few val records left for a fit (MIN_RECORDS), or a fit that runs
+    to the end of the range (a val split the head gets all right says only "more confident", never how much): the
+    initial head's temperature under --init default (or PATH), else none. Returns the temperature folded in, val's
+    predictions (evaluate.predict_split) at that temperature when they were made, for evaluation to reuse, and what
+    calibrated the head (run_summary's orientation_calibration)."""
     from trainer import calibration, evaluate
     from trainer import input as train_input
 
     head = plain_heads.get_layer(train_input.ORIENTATION_OUTPUT)
 
-    def fall_back(why: str) -> Optional[float]:
+    def fall_back(why: str, fit: Optional[calibration.Fit] = None):
+        said = {"temperature": None, "source": "none", "why": why, **({"fit": fit.summary()} if fit else {})}
         if cfg.init == "none":
             print(f"[calibrate] {why}: the orientation head is not calibrated", flush=True)
-            return None
+            return None, None, said
         from trainer.default_model import head_metadata, init_weights
 
         shipped = float(head_metadata(init_weights(cfg.init))["temperature"])
         calibration.fold_temperature(head, shipped)
         print(f"[calibrate] {why}: the initial head's temperature {shipped:.2f} is folded in", flush=True)
-        return shipped
+        return shipped, None, dict(said, temperature=shipped, source="the initial head's (--init)")
 
     records = train_input.count_split(cfg.data, "val", cfg).orientation_records \
         if train_input.list_shards(cfg.data, "val") else 0
     if records < calibration.MIN_RECORDS:
-        return fall_back(f"{records} val records have an orientation, a temperature needs {calibration.MIN_RECORDS}"
-                         ), None
+        return fall_back(f"{records} val records have an orientation, a temperature needs {calibration.MIN_RECORDS}")
     pred = evaluate.predict_split(plain_model, cfg, "val", corrections=corrections)
-    known = pred["orientation_weight"] > 0
-    probs = pred[train_input.ORIENTATION_OUTPUT][known]
-    labels, weights = pred["orientation_label"][known].astype(np.int64), pred["orientation_weight"][known]
-    temperature = calibration.fit_temperature(probs, labels, weights)
-    if temperature in (calibration.GRID[0], calibration.GRID[-1]):
-        return fall_back(f"the temperature fitted on {len(labels)} val examples ran to the end of its range "
-                         f"({temperature:.2f}; {100 * np.mean(probs.argmax(1) == labels):.1f}% of them right)"), None
-    before = calibration.negative_log_likelihood(probs, labels, weights)
-    after = calibration.negative_log_likelihood(calibration.with_temperature(probs, temperature), labels, weights)
+    keys = [train_input.record_key(uri.decode("utf-8", "replace"), page)
+            for uri, page in zip(pred["source_uri"], pred["page"])]
+    fit = calibration.fit_unanswered(pred[train_input.ORIENTATION_OUTPUT], pred["orientation_label"],
+                                     pred["orientation_weight"], keys, answered)
+    if fit.temperature is None:
+        return fall_back(fit.why_not, fit)
+    temperature = fit.temperature
     calibration.fold_temperature(head, temperature)
-    print(f"[calibrate] orientation temperature {temperature:.2f} fitted on {len(labels)} val examples "
-          f"(negative log-likelihood {before:.3f} -> {after:.3f}); folded into the exported head", flush=True)
+    left_out = (f"; {fit.answered_left_out} val records a person answered left out of the fit"
+                if fit.answered_left_out else "")
+    print(f"[calibrate] orientation temperature {temperature:.2f} fitted on {fit.examples} val examples "
+          f"(negative log-likelihood {fit.nll_before:.3f} -> {fit.nll_after:.3f}){left_out}; folded into the "
+          f"exported head", flush=True)
     # What the folded head now answers on val (argmax unchanged), so evaluation need not run val again.
     pred[train_input.ORIENTATION_OUTPUT] = calibration.with_temperature(pred[train_input.ORIENTATION_OUTPUT],
                                                                         temperature).astype(np.float32)
-    return temperature, pred
+    return temperature, pred, {"temperature": temperature, "why": "",
+                               "source": "fitted on the val records no one answered" if answered
+                               else "fitted on the val records", "fit": fit.summary()}
 
 
 def _relabelled(cache, check, split: str):
@@ -431,10 +438,14 @@ def train_and_export(cfg, strategy, role) -> Dict[str, Any]:
     plain_model.set_weights(trained)
     predictions: Dict[str, Dict] = {}  # split -> evaluate.predict_split of the model as exported, when made
     if cfg.uses_orientation:  # None: exported as trained (not calibrated)
-        summary["orientation_temperature"], val_pred = (
-            _calibrate_orientation(plain_model, plain_heads, cfg, corrections) if cfg.calibrate else (None, None))
+        answered = frozenset(key for key, (_, weight) in answers.by_key.items() if weight > 0) if answers else ()
+        summary["orientation_temperature"], val_pred, summary["orientation_calibration"] = (
+            _calibrate_orientation(plain_model, plain_heads, cfg, corrections, answered) if cfg.calibrate
+            else (None, None, {"temperature": None, "source": "none", "why": "--calibrate false"}))
         if val_pred is not None:
             predictions["val"] = val_pred
+        if answers is not None:  # the person's answers and what calibrated the head they tuned, side by side
+            review.record_calibration(private_dir, summary["orientation_calibration"])
 
     eval_dir = os.path.join(cfg.job_dir, "eval")
     if cfg.evaluate:
