@@ -202,6 +202,20 @@ def figures(work: str, model: str, name: str) -> Dict[str, Dict[str, float]]:
     return out
 
 
+def _decision_policy(work: str, model: str) -> Dict[str, float]:
+    """The decision policy the model's measure run decided under (score's run.json: the export's own)."""
+    with open(os.path.join(work, "runs", model, "measure", "run.json")) as f:
+        return json.load(f)["policy"]["decision_used"]
+
+
+def _calibration(work: str, k: int) -> Dict[str, object]:
+    """What calibrated the K-answer tuning's head (its run_summary.json): the temperature and the records fitted."""
+    with open(os.path.join(work, "jobs", f"k{k}", "run_summary.json")) as f:
+        summary = json.load(f)
+    return summary.get("orientation_calibration") or {"temperature": summary.get("orientation_temperature"),
+                                                       "source": "fitted on every val record (an older trainer)"}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", default="/work/corpus/data")
@@ -234,8 +248,21 @@ def main(argv=None) -> int:
                 score_set(work, f"k{k}", name, exports[k])
             table[f"k{k}"] = {name: figures(work, f"k{k}", name) for name in SETS[1:]}
             print(f"[measure] K={k} done", flush=True)
+        models = {"base": {"policy": _decision_policy(work, "base")}}
+        for k in ks:
+            models[f"k{k}"] = {"policy": _decision_policy(work, f"k{k}"), "calibration": _calibration(work, k)}
+            # Apples to apples: the tuned export must decide under the built-in model's policy (same thresholds).
+            if models[f"k{k}"]["policy"] != models["base"]["policy"]:
+                raise SystemExit(f"K={k}: the tuned export's decision policy {models[f'k{k}']['policy']} is not the "
+                                 f"built-in model's {models['base']['policy']}: the review shares do not compare")
+            c = models[f"k{k}"]["calibration"]
+            fit = c.get("fit") or {}
+            why = f"; {c['why']}" if c.get("why") else ""
+            print(f"[calibration] K={k}: T {c.get('temperature')} ({c.get('source')}{why}; fit read {fit.get('records')} val records, {fit.get('answered_left_out')} answered left out)",
+                  flush=True)
         with open(os.path.join(work, "review_loop.json"), "w") as f:
-            json.dump({"sets": json.load(open(os.path.join(work, "sets.json"))), "figures": table}, f, indent=2)
+            json.dump({"sets": json.load(open(os.path.join(work, "sets.json"))), "models": models,
+                       "figures": table}, f, indent=2)
         print(markdown(table))
     return 0
 
