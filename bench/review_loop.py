@@ -16,8 +16,10 @@ Stages (each reuses what an earlier run wrote, so the bench runs in parts on a b
            four turns in one split) and `train --init default --tasks orientation --cache-features --corrections`
            tunes the shipped model on it; K = 0 is the same tuning without answers (the default model's check alone).
   measure  every tuned export scores the measure half and the other-source checks; accuracy (images with an up),
-           the review share and the auto_rotate band's precision, before and after, into WORK/review_loop.json and
-           a Markdown table on stdout.
+           the review share, the auto_rotate band's precision and the calibration in truth (mean confidence, the
+           negative log-likelihood of the true turn), before and after, into WORK/review_loop.json with each tuned
+           head's temperature and the val records it was fitted on, and a Markdown table on stdout. A tuned export
+           that does not answer and decide under the built-in model's policy stops it (the shares would not compare).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import csv
 import datetime
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -193,19 +196,25 @@ def figures(work: str, model: str, name: str) -> Dict[str, Dict[str, float]]:
         up = [(f, r) for f, r in pairs if f["up"]]
         right = sum(1 for f, r in up if r and r["orientation_degrees"] == f["orientation"])
         auto = [(f, r) for f, r in up if r and r["decision"] == "auto_rotate"]
+        # Calibration in truth: the mean confidence against the accuracy, and the probability given the true turn.
+        truth_p = [(r["orientation_probabilities"] or [0.0] * 4)[TURNS.index(f["orientation"])] for f, r in up if r]
         out[group] = {"files": len(pairs), "accuracy": round(right / max(1, len(up)), 4),
                       "review_share": round(sum(1 for _, r in pairs if r and r["decision"] == "review")
                                             / max(1, len(pairs)), 4),
                       "auto_rotate": len(auto),
                       "auto_rotate_right": sum(1 for f, r in auto if r["orientation_degrees"] == f["orientation"]),
-                      "missing": sum(1 for _, r in pairs if r is None)}
+                      "missing": sum(1 for _, r in pairs if r is None),
+                      "mean_confidence": round(sum(r["orientation_confidence"] or 0.0 for _, r in up if r)
+                                               / max(1, len(truth_p)), 4),
+                      "nll": round(-sum(math.log(max(p, 1e-12)) for p in truth_p) / max(1, len(truth_p)), 4)}
     return out
 
 
-def _decision_policy(work: str, model: str) -> Dict[str, float]:
-    """The decision policy the model's measure run decided under (score's run.json: the export's own)."""
+def _decision_policy(work: str, model: str) -> Dict[str, dict]:
+    """How the model's measure run answered and decided (score's run.json: the export's own policy, as used)."""
     with open(os.path.join(work, "runs", model, "measure", "run.json")) as f:
-        return json.load(f)["policy"]["decision_used"]
+        policy = json.load(f)["policy"]
+    return {"answer": policy["answer"], "decision": policy["decision_used"]}
 
 
 def _calibration(work: str, k: int) -> Dict[str, object]:
@@ -251,10 +260,11 @@ def main(argv=None) -> int:
         models = {"base": {"policy": _decision_policy(work, "base")}}
         for k in ks:
             models[f"k{k}"] = {"policy": _decision_policy(work, f"k{k}"), "calibration": _calibration(work, k)}
-            # Apples to apples: the tuned export must decide under the built-in model's policy (same thresholds).
+            # Apples to apples: the tuned export answers and decides as the built-in model does (same turned copies,
+            # text crops and thresholds), so the review shares compare.
             if models[f"k{k}"]["policy"] != models["base"]["policy"]:
-                raise SystemExit(f"K={k}: the tuned export's decision policy {models[f'k{k}']['policy']} is not the "
-                                 f"built-in model's {models['base']['policy']}: the review shares do not compare")
+                raise SystemExit(f"K={k}: the tuned export's policy {models[f'k{k}']['policy']} is not the built-in "
+                                 f"model's {models['base']['policy']}: the review shares do not compare")
             c = models[f"k{k}"]["calibration"]
             fit = c.get("fit") or {}
             why = f"; {c['why']}" if c.get("why") else ""
@@ -269,13 +279,14 @@ def main(argv=None) -> int:
 
 def markdown(table: Dict[str, Dict[str, Dict[str, Dict[str, float]]]]) -> str:
     """One row per model and group: accuracy (images with an up), review share, auto_rotate right/answers."""
-    lines = ["| model | set | group | files | accuracy | review share | auto_rotate right |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| model | set | group | files | accuracy | review share | auto_rotate right | mean confidence | nll |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for model, sets in table.items():
         for name, groups in sets.items():
             for group, f in sorted(groups.items(), key=lambda kv: kv[0] != "all"):
                 lines.append(f"| {model} | {name} | {group} | {f['files']} | {100 * f['accuracy']:.1f}% | "
-                             f"{100 * f['review_share']:.1f}% | {f['auto_rotate_right']}/{f['auto_rotate']} |")
+                             f"{100 * f['review_share']:.1f}% | {f['auto_rotate_right']}/{f['auto_rotate']} | "
+                             f"{100 * f.get('mean_confidence', 0):.1f}% | {f.get('nll', 0):.3f} |")
     return "\n".join(lines)
 
 
