@@ -215,7 +215,8 @@ def _write_labels(classes: Sequence[str], output: str, source: str) -> None:
 
 
 class IngestArchive(beam.PTransform):
-    """archive path -> {records, errors, manifest_rows, classes}: the whole ingest graph but the table writes."""
+    """archive path -> {records, errors, manifest_rows (shard: a part id), shard_names ({part id: shard file}),
+    classes}: the whole ingest graph but the table writes."""
 
     def __init__(self, options: IngestOptions, temp_dir: str):
         super().__init__()
@@ -241,17 +242,18 @@ class IngestArchive(beam.PTransform):
         decoded = entries | "Progress" >> ShowProgress("ingest") | "DecodeImages" >> beam.ParDo(
             DecodeImagesFn(opts), beam.pvalue.AsSingleton(classes)).with_outputs(DecodeImagesFn.ERRORS,
                                                                                  main="records")
-        rows = decoded.records | "WriteShards" >> WriteShards(
+        written = decoded.records | "WriteShards" >> WriteShards(
             self._temp_dir, opts.output, compression=opts.compression, shard_mb=opts.shard_mb,
             num_shards=opts.num_shards, suffix=opts.shard_suffix)
-        return {"records": decoded.records, "errors": decoded[DecodeImagesFn.ERRORS], "manifest_rows": rows,
-                "classes": classes}
+        return {"records": decoded.records, "errors": decoded[DecodeImagesFn.ERRORS], "manifest_rows": written["rows"],
+                "shard_names": written["shard_names"], "classes": classes}
 
 
 def build_pipeline(pipeline: beam.Pipeline, opts: IngestOptions, temp_dir: str) -> Dict[str, beam.PCollection]:
     """Wire ingest and its table writes onto `pipeline`; returns the IngestArchive outputs for tests."""
     outputs = pipeline | "Ingest" >> IngestArchive(opts, temp_dir)
-    write_job_tables(outputs, opts.output, [("manifest_rows", "manifest", MANIFEST_SCHEMA),
+    write_job_tables(outputs, opts.output, [("manifest_rows", "manifest", MANIFEST_SCHEMA,
+                                             ("shard", outputs["shard_names"])),
                                             ("errors", "errors", ERRORS_SCHEMA)])
     return outputs
 

@@ -6,7 +6,7 @@ into `<split>-NNNNN-of-MMMMM.tfrecord[.gz]` shards of about --shard-mb each.
             -> PlanShards (parts -> shards: first-fit packing by size, or by bucket)
             -> AssembleShards (a lone part stays as it is; several are concatenated: TFRecord framing and gzip
                members both concatenate) -> RenameShards (every shard into place at once)
-            -> NameShards (each manifest row gets its shard's final name)
+            -> {part id: shard name}, which the manifest's writer applies as it merges its parts (pipelines.tables)
 
 Memory is bounded by one record, never by a shard or the archive: no step groups records. Only small things cross a
 shuffle or a side input (part descriptors, shard plans, manifest rows), so a runner that keeps its shuffles in memory
@@ -107,7 +107,7 @@ class WritePartsFn(beam.DoFn):
         self._open.move_to_end(key)
         part.write(schema.serialize_example(record))
         row = record.manifest_row()
-        row["shard_key"] = part.part_id
+        row["shard"] = part.part_id  # the shard's final name replaces it when the manifest is merged
         yield beam.pvalue.TaggedOutput(self.ROWS, row)
         if not self._num_shards and part.bytes >= self._target_bytes:  # full: it becomes a shard of its own
             yield self._open.pop(key).close()
@@ -193,7 +193,8 @@ def rename_shards(assembled: List[Tuple[str, str, List[str]]]) -> Dict[str, str]
 
 class WriteShards(beam.PTransform):
     """Records -> `<split>-NNNNN-of-MMMMM<suffix>` shards of about `shard_mb` each (or `num_shards` per split) in
-    `output`, plus one manifest row per record naming its shard."""
+    `output`; returns {rows: one manifest row per record, its `shard` the id of the part holding it, shard_names: one
+    {part id: shard file name} dict, ready once every shard is in place} (the manifest writer applies the names)."""
 
     def __init__(self, temp_dir: str, output: str, *, compression: str, shard_mb: float, num_shards: int,
                  suffix: str):
@@ -216,10 +217,4 @@ class WriteShards(beam.PTransform):
                  | "AssembleShards" >> beam.ParDo(AssembleShardFn(self._temp_dir, self._output))
                  | "AllShards" >> beam.combiners.ToList()
                  | "RenameShards" >> beam.Map(rename_shards))
-
-        def name_row(row, shard_names):
-            row = dict(row)
-            row["shard"] = shard_names[row.pop("shard_key")]
-            return row
-
-        return written[WritePartsFn.ROWS] | "NameShards" >> beam.Map(name_row, beam.pvalue.AsSingleton(names))
+        return {"rows": written[WritePartsFn.ROWS], "shard_names": names}

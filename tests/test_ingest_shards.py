@@ -1,4 +1,5 @@
-"""ingest's shard writer (pipelines.shards): records stream to disk, shards come out whole and about --shard-mb."""
+"""ingest's shard writer (pipelines.shards) and the job tables (pipelines.tables): records and rows stream to disk,
+shards come out whole and about --shard-mb, a table is one file."""
 import glob
 import os
 import struct
@@ -114,3 +115,25 @@ def test_shards_are_about_shard_mb(tmp_path):
     sizes = [os.path.getsize(os.path.join(out, name)) for name in found]
     assert len(sizes) > 2 and max(sizes) <= target * 1024 * 1024 + largest
     assert sum(1 for s in sizes if s < target * 1024 * 1024 / 2) <= 1
+
+
+def test_a_table_is_one_file_merged_from_part_files_with_names_applied_and_empty_tables_keep_their_schema(tmp_path):
+    import apache_beam as beam
+    import pyarrow as pa
+
+    from pipelines import tables
+
+    schema = pa.schema([("uri", pa.string()), ("shard", pa.string()), ("page", pa.int64())])
+    rows = [{"uri": f"/a/{i}", "shard": f"part-{i % 3}", "page": i} for i in range(5000)]  # > ROWS_PER_BATCH
+    with TestPipeline() as pipeline:
+        names = pipeline | "Names" >> beam.Create([{f"part-{k}": f"train-{k:05d}-of-00003" for k in range(3)}])
+        source = pipeline | "Rows" >> beam.Create(rows)
+        _ = source | "Table" >> tables.WriteTable(str(tmp_path / "manifest"), schema, ("shard", names))
+        _ = pipeline | "NoRows" >> beam.Create([]) | "Empty" >> tables.WriteTable(str(tmp_path / "errors"), schema)
+    written = pq.read_table(tmp_path / "manifest.parquet")
+    assert written.schema == schema
+    assert sorted(written.to_pylist(), key=lambda r: r["page"]) == [
+        dict(row, shard=f"train-{i % 3:05d}-of-00003") for i, row in enumerate(rows)]
+    empty = pq.read_table(tmp_path / "errors.parquet")
+    assert empty.num_rows == 0 and empty.schema == schema
+    assert sorted(os.listdir(tmp_path)) == ["errors.parquet", "manifest.parquet"]  # no parts or temp folders left
