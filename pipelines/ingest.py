@@ -1,6 +1,6 @@
 """`archive-vision ingest`: the Beam job that turns an image archive into TFRecord shards.
 
-    archive -> ListArchive -> DecodeImages (records | errors) -> WriteShards -> manifest.parquet
+    archive -> ListArchive -> DecodeImages (records | errors) -> WriteShards (pipelines.shards) -> manifest.parquet
                                                               \\-> errors.parquet
 
 Outputs in DST: `<split>-NNNNN-of-MMMMM.tfrecord[.gz]`, manifest.parquet (one row per record, with its
@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import re
 import sys
 import time
@@ -21,7 +20,6 @@ import uuid
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
@@ -31,6 +29,7 @@ from pipelines import imaging, schema, sources
 from pipelines.cli import (DEFAULT_MAX_FAILED_FRACTION, add_max_failed_fraction, command_parser, configure_logging,
                            exit_code, failed_inputs_check, failed_inputs_line)
 from pipelines.progress import ShowProgress
+from pipelines.shards import WriteShards
 from pipelines.tables import ERRORS_SCHEMA, MANIFEST_SCHEMA, read_table, write_job_tables
 
 LOG = logging.getLogger("archive_vision.ingest")
@@ -209,107 +208,38 @@ class DecodeImagesFn(beam.DoFn):
                 orientation=copy_orientation, split=split, augment_index=index)
 
 
-def shard_name(split: str, index: int, total: int, suffix: str) -> str:
-    """`train-00003-of-00010.tfrecord`: the naming tf.data users and TFDS expect."""
-    return f"{split}-{index:05d}-of-{total:05d}{suffix}"
-
-
-def _record_key(record: schema.ImageRecord) -> str:
-    return f"{record.sha256}:{record.source_uri}:{record.page}:{record.augment_index}"
-
-
-class _WriteShardFn(beam.DoFn):
-    """Write one (split, shard) group to a temporary file; the finalize step renames it into place."""
-
-    ROWS = "rows"
-
-    def __init__(self, temp_dir: str, compression: str):
-        self._temp_dir = temp_dir
-        self._compression = compression
-
-    def process(self, element):
-        from apache_beam.io.tfrecordio import _TFRecordUtil  # the same framing WriteToTFRecord uses
-
-        (split, shard), records = element
-        records = sorted(records, key=_record_key)  # deterministic shard contents for the same input
-        path = FileSystems.join(self._temp_dir, f"{split}-{shard:05d}-{uuid.uuid4().hex}")
-        compression = CompressionTypes.GZIP if self._compression == "gzip" else CompressionTypes.UNCOMPRESSED
-        handle = FileSystems.create(path, compression_type=compression)
-        try:
-            for record in records:
-                _TFRecordUtil.write_record(handle, schema.serialize_example(record))
-        finally:
-            handle.close()
-        for record in records:
-            row = record.manifest_row()
-            row["shard_key"] = f"{split}/{shard}"
-            yield beam.pvalue.TaggedOutput(self.ROWS, row)
-        yield {"split": split, "shard": shard, "temp_path": path, "records": len(records)}
-
-
-def _finalize_shards(written: List[dict], output: str, suffix: str) -> Dict[str, str]:
-    """Rename every temp shard to its final name at once: shards only ever appear complete."""
-    by_split: Dict[str, List[dict]] = {}
-    for item in written:
-        by_split.setdefault(item["split"], []).append(item)
-    sources_, destinations, names = [], [], {}
-    for split, items in by_split.items():
-        items.sort(key=lambda item: item["shard"])
-        for index, item in enumerate(items):
-            name = shard_name(split, index, len(items), suffix)
-            names[f"{split}/{item['shard']}"] = name
-            sources_.append(item["temp_path"])
-            destinations.append(FileSystems.join(output, name))
-    if sources_:
-        FileSystems.rename(sources_, destinations)
-    return names
-
-
-class WriteShards(beam.PTransform):
-    """Records -> `<split>-NNNNN-of-MMMMM.tfrecord` shards of about `shard_mb` each, plus manifest rows."""
-
-    def __init__(self, options: IngestOptions, temp_dir: str):
-        super().__init__()
-        self._options = options
-        self._temp_dir = temp_dir
-
-    def expand(self, records):
-        opts = self._options
-        target = max(1, int(opts.shard_mb * 1024 * 1024))
-        split_bytes = (records
-                       | "SplitBytes" >> beam.Map(lambda r: (r.split, len(r.encoded) + 64))
-                       | "SumSplitBytes" >> beam.CombinePerKey(sum))
-
-        def assign(record, totals):
-            total = opts.num_shards or max(1, math.ceil(totals.get(record.split, 0) / target))
-            digest = int(hashlib.sha256(_record_key(record).encode()).hexdigest()[:8], 16)
-            return (record.split, digest % total), record
-
-        written = (records
-                   | "AssignShard" >> beam.Map(assign, beam.pvalue.AsDict(split_bytes))
-                   | "GroupShards" >> beam.GroupByKey()
-                   | "WriteTempShards" >> beam.ParDo(_WriteShardFn(self._temp_dir, opts.compression))
-                   .with_outputs(_WriteShardFn.ROWS, main="written"))
-        names = (written.written
-                 | "AllShards" >> beam.combiners.ToList()
-                 | "FinalizeShards" >> beam.Map(_finalize_shards, opts.output, opts.shard_suffix))
-
-        def name_row(row, shard_names):
-            row = dict(row)
-            row["shard"] = shard_names[row.pop("shard_key")]
-            return row
-
-        return written[_WriteShardFn.ROWS] | "NameShards" >> beam.Map(name_row, beam.pvalue.AsSingleton(names))
-
-
 def _write_labels(classes: Sequence[str], output: str, source: str) -> None:
     payload = json.dumps({"classes": list(classes), "source": source}, indent=2).encode()
     with FileSystems.create(FileSystems.join(output, "labels.json")) as handle:
         handle.write(payload)
 
 
+def _entry_fields(entry: sources.SourceEntry) -> tuple:
+    return dataclasses.astuple(entry)
+
+
+def _entry_from_fields(fields: tuple) -> sources.SourceEntry:
+    return sources.SourceEntry(*fields)
+
+
+class DistributeEntries(beam.PTransform):
+    """Listed entries -> the same entries spread over the workers (a Reshuffle: the listing is one element's work).
+
+    They cross the shuffle as plain tuples, which Beam's primitive coder writes compactly, rather than pickled
+    dataclasses: the DirectRunner holds a shuffle whole in the launcher, and a listing of 20,000 files took 57 MB
+    there as dataclasses, 27 MB as tuples.
+    """
+
+    def expand(self, entries):
+        return (entries
+                | "AsFields" >> beam.Map(_entry_fields)
+                | "Reshuffle" >> beam.Reshuffle()
+                | "AsEntries" >> beam.Map(_entry_from_fields))
+
+
 class IngestArchive(beam.PTransform):
-    """archive path -> {records, errors, manifest_rows, classes}: the whole ingest graph but the table writes."""
+    """archive path -> {records, errors, manifest_rows (shard: a part id), shard_names ({part id: shard file}),
+    classes}: the whole ingest graph but the table writes."""
 
     def __init__(self, options: IngestOptions, temp_dir: str):
         super().__init__()
@@ -322,7 +252,7 @@ class IngestArchive(beam.PTransform):
         entries = (pbegin
                    | "Source" >> beam.Create([opts.input])
                    | "ListArchive" >> beam.FlatMap(sources.list_archive, label_mode, list(opts.exclude))
-                   | "Distribute" >> beam.Reshuffle())
+                   | "Distribute" >> DistributeEntries())
         if opts.classes:
             classes = pbegin | "PinnedClasses" >> beam.Create([list(opts.classes)])
         else:
@@ -335,15 +265,18 @@ class IngestArchive(beam.PTransform):
         decoded = entries | "Progress" >> ShowProgress("ingest") | "DecodeImages" >> beam.ParDo(
             DecodeImagesFn(opts), beam.pvalue.AsSingleton(classes)).with_outputs(DecodeImagesFn.ERRORS,
                                                                                  main="records")
-        rows = decoded.records | "WriteShards" >> WriteShards(opts, self._temp_dir)
-        return {"records": decoded.records, "errors": decoded[DecodeImagesFn.ERRORS], "manifest_rows": rows,
-                "classes": classes}
+        written = decoded.records | "WriteShards" >> WriteShards(
+            self._temp_dir, opts.output, compression=opts.compression, shard_mb=opts.shard_mb,
+            num_shards=opts.num_shards, suffix=opts.shard_suffix)
+        return {"records": decoded.records, "errors": decoded[DecodeImagesFn.ERRORS], "manifest_rows": written["rows"],
+                "shard_names": written["shard_names"], "classes": classes}
 
 
 def build_pipeline(pipeline: beam.Pipeline, opts: IngestOptions, temp_dir: str) -> Dict[str, beam.PCollection]:
     """Wire ingest and its table writes onto `pipeline`; returns the IngestArchive outputs for tests."""
     outputs = pipeline | "Ingest" >> IngestArchive(opts, temp_dir)
-    write_job_tables(outputs, opts.output, [("manifest_rows", "manifest", MANIFEST_SCHEMA),
+    write_job_tables(outputs, opts.output, [("manifest_rows", "manifest", MANIFEST_SCHEMA,
+                                             ("shard", outputs["shard_names"])),
                                             ("errors", "errors", ERRORS_SCHEMA)])
     return outputs
 

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import io
+import uuid
+from typing import Dict, List, Optional, Tuple
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms import window
+from apache_beam.utils.windowed_value import WindowedValue
 
 MANIFEST_SCHEMA = pa.schema([
     ("source_uri", pa.string()), ("page", pa.int64()), ("augment_index", pa.int64()), ("sha256", pa.string()),
@@ -45,31 +50,118 @@ RESULTS_SCHEMA = pa.schema([
     ("corrected_uri", pa.string()), ("corrected_method", pa.string()), ("corrected_orientation", pa.int64()),
 ])
 
-class WriteTable(beam.PTransform):
-    """Rows (dicts) -> exactly one `<prefix>.parquet` file, written atomically by Beam's file sink,
-    present (with its schema) even when there are no rows, so readers never guess."""
+# Rows per Parquet write: what one worker holds of a table at a time (a few MB of results rows at most).
+ROWS_PER_BATCH = 2048
 
-    def __init__(self, prefix: str, schema: pa.Schema):
+
+class _WriteTablePartsFn(beam.DoFn):
+    """Rows -> one Parquet part file per bundle, ROWS_PER_BATCH rows at a time; yields the part's path."""
+
+    def __init__(self, temp_dir: str, schema: pa.Schema):
+        self._temp_dir = temp_dir
+        self._schema = schema
+
+    def start_bundle(self):
+        self._rows, self._writer, self._handle, self._path = [], None, None, ""
+
+    def process(self, row: dict):
+        self._rows.append(row)
+        if len(self._rows) >= ROWS_PER_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._rows:
+            return
+        if self._writer is None:
+            self._path = FileSystems.join(self._temp_dir, f"part-{uuid.uuid4().hex}.parquet")
+            self._handle = FileSystems.create(self._path, compression_type=CompressionTypes.UNCOMPRESSED)
+            self._writer = pq.ParquetWriter(self._handle, self._schema)
+        self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self._schema))
+        self._rows = []
+
+    def finish_bundle(self):
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._handle.close()
+            yield WindowedValue(self._path, window.GlobalWindow().max_timestamp(), [window.GlobalWindow()])
+        self._writer = self._handle = None
+
+
+def merge_parts(parts: List[str], path: str, schema: pa.Schema, temp_dir: str,
+                renames: Optional[Tuple[str, Dict[str, str]]] = None) -> str:
+    """Concatenate the part files into `path` one batch at a time (an empty table when there are none), renamed into
+    place at the end; `renames` = (column, {old: new}) rewrites one column's values on the way (ingest's shard names)."""
+    merged = FileSystems.join(temp_dir, f"merged-{uuid.uuid4().hex}.parquet")
+    raw = CompressionTypes.UNCOMPRESSED
+    with FileSystems.create(merged, compression_type=raw) as handle:
+        writer = pq.ParquetWriter(handle, schema)
+        for part in sorted(parts):
+            with FileSystems.open(part, compression_type=raw) as source:
+                for batch in pq.ParquetFile(source).iter_batches(batch_size=ROWS_PER_BATCH):
+                    table = pa.Table.from_batches([batch], schema=schema)
+                    if renames:
+                        column, names = renames
+                        index = schema.get_field_index(column)
+                        values = pa.array([names[v] for v in table.column(column).to_pylist()],
+                                          schema.field(column).type)
+                        table = table.set_column(index, schema.field(column), values)
+                    writer.write_table(table)
+        writer.close()
+    FileSystems.rename([merged], [path])
+    try:
+        FileSystems.delete([temp_dir])
+    except Exception:  # noqa: BLE001 - the table stands; a leftover temp folder is only clutter
+        pass
+    return path
+
+
+class WriteTable(beam.PTransform):
+    """Rows (dicts) -> exactly one `<prefix>.parquet` file, present (with its schema) even when there are no rows, so
+    readers never guess. Rows never cross a shuffle: each bundle streams its rows into a part file, and one step
+    concatenates the parts batch by batch, so no process holds the table (a runner that keeps shuffles in memory,
+    the DirectRunner, would hold every row of it, and a grouped single key would land whole on one worker).
+
+    `renames`: (column, a PCollection of one {old: new} dict) rewrites that column's values as the parts are merged.
+    """
+
+    def __init__(self, prefix: str, schema: pa.Schema, renames=None):
         super().__init__()
         self._prefix = prefix
         self._schema = schema
+        self._renames = renames
 
     def expand(self, rows):
-        return rows | beam.io.WriteToParquet(self._prefix, self._schema, file_name_suffix=".parquet",
-                                              num_shards=1, shard_name_template="")
+        folder, _, name = self._prefix.rstrip("/").rpartition("/")
+        temp_dir = FileSystems.join(folder or ".", f".temp-{name}-{uuid.uuid4().hex[:12]}")
+        parts = (rows
+                 | "WriteParts" >> beam.ParDo(_WriteTablePartsFn(temp_dir, self._schema))
+                 | "AllParts" >> beam.combiners.ToList())
+        path = f"{self._prefix}.parquet"
+        if self._renames is None:
+            return parts | "Merge" >> beam.Map(merge_parts, path, self._schema, temp_dir)
+        column, names = self._renames
+        return parts | "Merge" >> beam.Map(_merge_renamed, path, self._schema, temp_dir, column,
+                                           beam.pvalue.AsSingleton(names))
 
 
-def write_table_from_rows(prefix: str, schema: pa.Schema) -> WriteTable:
+def _merge_renamed(parts: List[str], path: str, schema: pa.Schema, temp_dir: str, column: str,
+                   names: Dict[str, str]) -> str:
+    return merge_parts(parts, path, schema, temp_dir, (column, names))
+
+
+def write_table_from_rows(prefix: str, schema: pa.Schema, renames=None) -> WriteTable:
     """The Beam transform writing `<prefix>.parquet`."""
-    return WriteTable(prefix, schema)
+    return WriteTable(prefix, schema, renames)
 
 
 def write_job_tables(outputs, output_dir: str, tables) -> None:
     """Write each `outputs[key]` PCollection of rows to `output_dir/<name>.parquet`, for (key, name, schema) in
-    `tables`; the step is labelled `Write<Name>` (stable labels keep Dataflow job updates possible)."""
-    for key, name, schema in tables:
+    `tables` (or (key, name, schema, renames), see WriteTable); the step is labelled `Write<Name>` (stable labels
+    keep Dataflow job updates possible)."""
+    for key, name, schema, *renames in tables:
         _ = outputs[key] | f"Write{name.capitalize()}" >> write_table_from_rows(
-            FileSystems.join(output_dir, name), schema)
+            FileSystems.join(output_dir, name), schema, renames[0] if renames else None)
 
 
 def read_table(path: str, schema: pa.Schema) -> pa.Table:

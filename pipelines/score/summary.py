@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 from typing import Dict, Optional
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.cli import failed_inputs_check, failed_inputs_line
@@ -23,23 +23,33 @@ def _metric_totals(result) -> Dict[str, int]:
 
 
 def write_results_csv(output: str) -> str:
-    """results.csv beside results.parquet, probability lists flattened to `p0;p1;...` for spreadsheets."""
+    """results.csv beside results.parquet, probability lists flattened to `p0;p1;...` for spreadsheets; written a
+    batch of rows at a time, so a table of millions of rows is never held whole."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
 
-    table = read_table(FileSystems.join(output, "results.parquet"), RESULTS_SCHEMA)
-    columns = {}
-    for name in table.column_names:
-        column = table.column(name)
-        if pa.types.is_list(column.type):
-            column = pa.array([";".join(f"{p:.6f}" for p in v) if v is not None else None
-                               for v in column.to_pylist()], pa.string())
-        columns[name] = column
-    buffer = io.BytesIO()
-    pacsv.write_csv(pa.table(columns), buffer)
+    def flattened(table):
+        columns = {}
+        for name in table.column_names:
+            column = table.column(name)
+            if pa.types.is_list(column.type):
+                column = pa.array([";".join(f"{p:.6f}" for p in v) if v is not None else None
+                                   for v in column.to_pylist()], pa.string())
+            columns[name] = column
+        return pa.table(columns)
+
+    source = FileSystems.join(output, "results.parquet")
     path = FileSystems.join(output, "results.csv")
-    with FileSystems.create(path) as handle:
-        handle.write(buffer.getvalue())
+    raw = CompressionTypes.UNCOMPRESSED
+    with FileSystems.create(path, compression_type=raw) as handle:
+        header = flattened(RESULTS_SCHEMA.empty_table())
+        writer = pacsv.CSVWriter(handle, header.schema)
+        if FileSystems.exists(source):
+            with FileSystems.open(source, compression_type=raw) as parquet:
+                for batch in pq.ParquetFile(parquet).iter_batches(batch_size=4096):
+                    writer.write_table(flattened(pa.Table.from_batches([batch])).cast(header.schema))
+        writer.close()
     return path
 
 

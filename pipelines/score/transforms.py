@@ -11,7 +11,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from pipelines import imaging, sources
-from pipelines.ingest import error_row
+from pipelines.ingest import DistributeEntries, error_row
 from pipelines.progress import ShowProgress
 from pipelines.score.answers import draft_side, page_payload, predict_isolating, result_row
 from pipelines.score.corrected import WriteCorrectedFn
@@ -305,7 +305,7 @@ class ScoreArchive(beam.PTransform):
         entries = (pbegin
                    | "Source" >> beam.Create([opts.input])
                    | "ListArchive" >> beam.FlatMap(sources.list_archive, "none", list(opts.exclude))
-                   | "Distribute" >> beam.Reshuffle())
+                   | "Distribute" >> DistributeEntries())
         reused = []
         known = None
         if self._known is not None:
