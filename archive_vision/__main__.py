@@ -1,5 +1,5 @@
-import sys
+"""`python -m archive_vision`: the same exit as the console script (archive_vision.cli.entry: no interpreter teardown
+under the native threads gRPC and TensorFlow leave, which can abort a finished run with SIGABRT)."""
+from archive_vision.cli import entry
 
-from archive_vision.cli import main
-
-sys.exit(main())
+entry()
