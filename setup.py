@@ -32,7 +32,7 @@ setup(
         "onnx>=1.16",
     ],
     extras_require={
-        "test": ["pytest>=8", "scikit-image>=0.22", "pyyaml>=6", "gcp-storage-emulator>=2024.8.3",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-image>=0.22", "pyyaml>=6", "gcp-storage-emulator>=2024.8.3",
                  # the rebuilt crop classifier is checked against onnxruntime; the lab's text-line reader
                  "onnxruntime>=1.17", "rapidocr_onnxruntime==1.4.4",
                  # 37+ pulls python-dateutil 4, which apache-beam 2.77 refuses.
