@@ -6,6 +6,8 @@ from typing import Dict, Optional
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa  # noqa: F401 - the tables' type
+import pyarrow.compute as pc
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
@@ -13,7 +15,7 @@ from pipelines.cli import failed_inputs_check, failed_inputs_line
 from pipelines.ingest import metric_totals
 from pipelines.report import text_crops_summary, truth_label_lines, truth_summary_line, tta_summary
 from pipelines.score.options import COUNTER_NAMESPACE, ModelInfo, ScoreOptions, run_policy
-from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, read_table
+from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 from serving import policy as policies
 
 
@@ -53,34 +55,59 @@ def write_results_csv(output: str) -> str:
     return path
 
 
+
+# The results columns run.json counts (summarize reads only these).
+SUMMARY_COLUMNS = ("uri", "decision", "class_name", "reused", "tta_agreement", "text_crops", "corrected_method",
+                   "orientation_probabilities")
+
+
+def _columns(output: str, name: str, schema, columns) -> "pa.Table":
+    """`columns` of a job table (local or gs://); an absent file reads as an empty table of those columns."""
+    import pyarrow.parquet as pq
+
+    path = FileSystems.join(output, name)
+    if not FileSystems.exists(path):
+        return schema.empty_table().select(list(columns))
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return pq.read_table(handle, columns=list(columns))
+
+
+def _value_counts(column) -> Dict[str, int]:
+    """value -> rows, nulls left out."""
+    return {item["values"].as_py(): item["counts"].as_py() for item in pc.value_counts(column.drop_null())}
+
+
+def _true(mask) -> int:
+    """How many of a boolean column are true (nulls are not)."""
+    return int(pc.sum(pc.fill_null(mask, False).cast("int64")).as_py() or 0)
+
+
 def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dict[str, int],
               corrected_tool: str, runner: Optional[Dict[str, object]] = None) -> dict:
     """run.json: options, model and its policy, counts per decision/class/error kind, what the graph's readers did,
     timings, reconciliation."""
     import platform
 
-    results = read_table(FileSystems.join(opts.output, "results.parquet"), RESULTS_SCHEMA)
-    errors = read_table(FileSystems.join(opts.output, "errors.parquet"), ERRORS_SCHEMA)
-    rows = results.to_pylist()
-    ok_uris = {r["uri"] for r in rows}
-    error_uris = set(errors.column("uri").to_pylist())
-    failed_uris = error_uris - ok_uris
-    per_decision: Dict[str, int] = {}
-    per_class: Dict[str, int] = {}
-    for r in rows:
-        per_decision[r["decision"]] = per_decision.get(r["decision"], 0) + 1
-        if r["class_name"]:
-            per_class[r["class_name"]] = per_class.get(r["class_name"], 0) + 1
-    per_kind: Dict[str, int] = {}
-    for kind in errors.column("error_type").to_pylist():
-        per_kind[kind] = per_kind.get(kind, 0) + 1
-    inputs = metrics.get("inputs", len(ok_uris) + len(failed_uris))
-    scored = [r for r in rows if not r["reused"]]
-    tta = [r["tta_agreement"] for r in scored if r["tta_agreement"] is not None]
+    # Columns, not rows: run.json needs counts, so only the columns it counts are read, and counted by pyarrow
+    # (a results table of millions of rows never becomes millions of Python dicts in the launcher).
+    results = _columns(opts.output, "results.parquet", RESULTS_SCHEMA, SUMMARY_COLUMNS)
+    errors = _columns(opts.output, "errors.parquet", ERRORS_SCHEMA, ("uri", "error_type"))
+    ok_uris = pc.unique(results["uri"])
+    error_uris = pc.unique(errors["uri"])
+    errors_of_ok = pc.is_in(error_uris, value_set=ok_uris)
+    failed_count = len(error_uris) - _true(errors_of_ok)
+    per_decision = _value_counts(results["decision"])
+    per_class = {k: v for k, v in _value_counts(results["class_name"]).items() if k}
+    per_kind = _value_counts(errors["error_type"])
+    reused_mask = pc.fill_null(results["reused"], False)
+    scored = results.filter(pc.invert(reused_mask))
+    tta = np.asarray(scored["tta_agreement"].drop_null().to_numpy(), dtype=np.float64)
+    inputs = metrics.get("inputs", len(ok_uris) + failed_count)
     counts = {
-        "inputs": inputs, "inputs_ok": len(ok_uris), "inputs_failed": len(failed_uris),
-        "inputs_reused": len({r["uri"] for r in rows if r["reused"]}),
-        "results": len(rows), "pages_scored": len(scored), "pages_reused": len(rows) - len(scored),
+        "inputs": inputs, "inputs_ok": len(ok_uris), "inputs_failed": failed_count,
+        "inputs_reused": len(pc.unique(results.filter(reused_mask)["uri"])),
+        "results": results.num_rows, "pages_scored": scored.num_rows,
+        "pages_reused": results.num_rows - scored.num_rows,
         "pages_sent_as_file": metrics.get("pages_sent_as_file", 0),
         "errors": errors.num_rows, "errors_per_type": per_kind, "per_decision": per_decision,
         "per_class": per_class,
@@ -94,12 +121,12 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
         # Copies written this run (Beam counter): a reused row's copy was written by the run that made it, unless a
         # person answered the page since.
         "corrected_written": metrics.get("corrected_written", 0),
-        "corrected_failed": sum(1 for r in rows if (r["corrected_method"] or "").startswith("failed")),
-        "inputs_with_some_failed_page": len(error_uris & ok_uris),
+        "corrected_failed": _true(pc.starts_with(pc.fill_null(results["corrected_method"], ""), "failed")),
+        "inputs_with_some_failed_page": _true(errors_of_ok),
     }
     counts["reconciled"] = counts["inputs"] == counts["inputs_ok"] + counts["inputs_failed"]
     predict_s = metrics.get("predict_ms", 0) / 1000.0
-    with_orientation = [r for r in scored if r["orientation_probabilities"] is not None]
+    with_orientation = scored.num_rows - scored["orientation_probabilities"].null_count
     return {
         "job": "score", "options": dataclasses.asdict(opts), "runner": runner or {},
         "model": {"name": model.name, "version": model.version, "class_names": list(model.class_names),
@@ -111,14 +138,14 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
         "failed_inputs": failed_inputs_check(counts, opts.max_failed_fraction),
         # What the graph did for the pages it answered (its tta_agreement and text_crops outputs).
         "tta": {"enabled": model.policy.answer.tta, "images": len(tta), "below": model.policy.answer.tta_below,
-                "single_copy": len(with_orientation) - len(tta) if model.policy.answer.tta else 0,
-                "disagreement_rate": round(sum(1 for a in tta if a < 1.0) / len(tta), 4) if tta else None,
-                "mean_agreement": round(float(np.mean(tta)), 4) if tta else None},
+                "single_copy": with_orientation - len(tta) if model.policy.answer.tta else 0,
+                "disagreement_rate": round(float(np.mean(tta < 1.0)), 4) if len(tta) else None,
+                "mean_agreement": round(float(np.mean(tta)), 4) if len(tta) else None},
         "text_crops": {"enabled": model.policy.answer.text_crops is not None,
-                       "counted": sum(1 for r in scored if r.get("text_crops") == 1),
-                       "not_agreed": sum(1 for r in scored if r.get("text_crops") == 0)},
+                       "counted": _true(pc.equal(scored["text_crops"], 1)),
+                       "not_agreed": _true(pc.equal(scored["text_crops"], 0))},
         "timings": {"elapsed_seconds": round(elapsed, 3),
-                    "pages_per_second": round(len(scored) / elapsed, 2) if elapsed > 0 else None,
+                    "pages_per_second": round(scored.num_rows / elapsed, 2) if elapsed > 0 else None,
                     "predict_seconds_total": round(predict_s, 3) if predict_s else None,
                     "rpc_retries": metrics.get("rpc_retries", 0)},
         "corrected": {"dir": opts.write_corrected, "jpeg_tool": corrected_tool},
