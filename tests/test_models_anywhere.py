@@ -20,20 +20,12 @@ from serving import export, model_files
 from tests import score_fixtures as sf
 from tests.test_infra_gcs import BUCKET, bucket, emulator, names_under, upload_dir  # noqa: F401 - fixtures
 from tests.test_infra_portable_beam import REPO, started, venv_env
+from tests.test_score_pipeline import red_corner_export  # noqa: F401 - the module's fixture
 from tests.test_serving_export import limit_tf_threads, make_tiny_model, sample_images
 
 pytestmark = pytest.mark.slow
 limit_tf_threads()
 TURNS = {"up": 0, "right": 90, "down": 180}
-
-
-@pytest.fixture(scope="module")
-def red_corner_export(tmp_path_factory):
-    """Export base holding version 3 of the red-corner model (it finds the asymmetric image's turn)."""
-    base = str(tmp_path_factory.mktemp("export"))
-    export.export_model(sf.make_red_corner_model(), base, class_names=sf.CLASS_NAMES, image_size=sf.IMAGE_SIZE,
-                        version=3)
-    return base
 
 
 def rows_of(output: str) -> dict:
