@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines import sources
 from pipelines.schema import ORIENTATIONS, UNKNOWN
 
 CORRECTIONS_FILE = "corrections.parquet"
@@ -125,15 +126,11 @@ def correction_row(result: Mapping, answer: str, reviewer: str) -> dict:
             "model_version": result.get("model_version"), "reviewer": reviewer, "answered_at": None}
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path
-
-
 def write_atomically(path: str, data: bytes) -> None:
     """`path` holds `data` whole or keeps what it held: locally a temp file beside it, fsync'd, renamed over it and
     the folder fsync'd (so a crash or power cut after returning loses nothing); on gs:// one object upload, which
     appears complete or not at all."""
-    if not _is_local(path):
+    if sources.is_remote(path):
         with FileSystems.create(path, compression_type="uncompressed") as handle:
             handle.write(data)
         return
@@ -188,7 +185,7 @@ class CorrectionsJournal:
     # -- reading
 
     def _names(self) -> List[str]:
-        if _is_local(self.folder):
+        if not sources.is_remote(self.folder):
             if not os.path.isdir(self.folder):
                 return []
             return sorted(n for n in os.listdir(self.folder) if n.endswith(".json") and not n.startswith("."))
@@ -218,7 +215,7 @@ class CorrectionsJournal:
         new = [name for name in self._names() if name not in self._seen]
         if not new:
             return []
-        if _is_local(self.folder) or len(new) < 4:
+        if not sources.is_remote(self.folder) or len(new) < 4:
             entries = [self._read(name) for name in new]
         else:  # one GET per object: many at once when a writer opens a long journal on gs://
             with ThreadPoolExecutor(16) as pool:
