@@ -50,8 +50,9 @@ NON_RETRYABLE_EXIT_CODES = (2,)
 TRAINING_PORT = 2222
 DEFAULT_CACHE = "/var/cache/archive-vision"
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-# The trainer files a worker needs from an ingest output dir (manifest/errors tables are not read by training).
-_DATA_PATTERNS = ("*.tfrecord", "*.tfrecord.gz", "labels.json")
+# The trainer files a worker needs from an ingest output dir: the shards, the classes, and the manifest and run.json
+# (which records `ingest --append` superseded, and the split sizes without a pass over the shards; errors are not read).
+_DATA_PATTERNS = ("*.tfrecord", "*.tfrecord.gz", "labels.json", "manifest.parquet", "run.json")
 
 
 # --------------------------------------------------------------------------------------------- TF_CONFIG

@@ -53,8 +53,12 @@ def _fingerprint(cfg: TrainConfig, split: str) -> str:
         from trainer.default_model import init_weights, weights_digest
 
         init += ":" + weights_digest(init_weights(cfg.init))
-    key = json.dumps({"backbone": cfg.backbone, "weights": cfg.weights, "size": cfg.image_size,
-                      "tasks": sorted(cfg.tasks), "shards": shards, "init": init}, sort_keys=True)
+    fields = {"backbone": cfg.backbone, "weights": cfg.weights, "size": cfg.image_size, "tasks": sorted(cfg.tasks),
+              "shards": shards, "init": init}
+    superseded = train_input.superseded_records(cfg.data)
+    if superseded:  # an `ingest --append` may supersede records without adding a shard (a changed file that failed)
+        fields["superseded"] = hashlib.sha256("\n".join(superseded).encode()).hexdigest()
+    key = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

@@ -26,6 +26,8 @@ CLASS_OUTPUT = schema.CLASS_PROBABILITIES
 ORIENTATION_OUTPUT = schema.ORIENTATION_PROBABILITIES
 TURNS = schema.ORIENTATIONS
 LABELS_FILENAME = "labels.json"
+MANIFEST_FILENAME = "manifest.parquet"
+RUN_FILENAME = "run.json"  # ingest writes it last: its presence says the manifest describes a finished run
 
 
 class DataError(ValueError):
@@ -47,25 +49,49 @@ class SplitSize:
 
 
 def list_shards(data_dir: str, split: str) -> List[str]:
-    """Sorted shard files of one split: DIR/<split>-NNNNN-of-MMMMM.tfrecord[.gz].
+    """Sorted shard files of one split: DIR/<split>-NNNNN-of-MMMMM.tfrecord[.gz], and the sets `ingest --append`
+    adds beside them, DIR/<split>-a<N>-NNNNN-of-MMMMM.tfrecord[.gz] (one per append).
 
-    A numbered set must be whole: ingest renames its shards into place one by one at the end, so a job that died
-    there (or a copy that stopped half way) leaves some of them, and training on those would silently drop data.
+    Each numbered set must be whole: ingest renames its shards into place one by one at the end, so a job that died
+    there (or a copy that stopped half way) leaves some of them, and training on those would silently drop data. An
+    appended set must also be one the folder's run.json records (where there is one): an append that did not finish
+    (or is still running) has not yet marked the records its files replace as superseded.
     """
     files = sorted(tf.io.gfile.glob(os.path.join(data_dir, f"{split}-*.tfrecord")) +
                    tf.io.gfile.glob(os.path.join(data_dir, f"{split}-*.tfrecord.gz")))
-    pattern = rf"^{re.escape(split)}-(\d+)-of-(\d+)\.tfrecord(\.gz)?$"
-    numbered = [re.match(pattern, os.path.basename(f)) for f in files]
-    totals = {int(m.group(2)) for m in numbered if m}
-    if totals:
-        found = {int(m.group(1)) for m in numbered if m}
-        missing = sorted(set(range(max(totals))) - found)
+    pattern = rf"^{re.escape(split)}-(?:(a\d+)-)?(\d+)-of-(\d+)\.tfrecord(\.gz)?$"
+    sets: Dict[str, List[Tuple[int, int]]] = {}
+    appended = []
+    for path in files:
+        match = re.match(pattern, os.path.basename(path))
+        if match:
+            sets.setdefault(match.group(1) or "", []).append((int(match.group(2)), int(match.group(3))))
+            appended += [os.path.basename(path)] if match.group(1) else []
+    for tag, numbers in sorted(sets.items()):
+        totals = {total for _, total in numbers}
+        missing = sorted(set(range(max(totals))) - {index for index, _ in numbers})
         if len(totals) > 1 or missing:
             shown = ", ".join(f"{i:05d}" for i in missing[:10]) + (" ..." if len(missing) > 10 else "")
-            raise DataError(f"{data_dir}: the {split} shards are not a whole set (of {sorted(totals)}; missing: "
-                            f"{shown or 'none'}): an ingest that did not finish, or an incomplete copy; rerun ingest "
-                            f"into an empty folder")
+            raise DataError(f"{data_dir}: the {split} shards{f' of append {tag}' if tag else ''} are not a whole set "
+                            f"(of {sorted(totals)}; missing: {shown or 'none'}): an ingest that did not finish, or an "
+                            f"incomplete copy; rerun ingest into an empty folder")
+    if appended:
+        _check_appended(data_dir, split, appended)
     return files
+
+
+def _check_appended(data_dir: str, split: str, appended: List[str]) -> None:
+    """Refuse appended shards (file names) the folder's run.json does not record (ingest writes it last)."""
+    path = os.path.join(data_dir, RUN_FILENAME)
+    if not tf.io.gfile.exists(path):
+        return
+    with tf.io.gfile.GFile(path) as f:
+        recorded = json.load(f).get("shard_bytes") or {}
+    unrecorded = [name for name in appended if name not in recorded]
+    if unrecorded:
+        raise DataError(f"{data_dir}: its run.json does not record the {split} shards {', '.join(unrecorded[:5])}"
+                        f"{' ...' if len(unrecorded) > 5 else ''}: an `ingest --append` that did not finish (its next "
+                        f"run removes them) or is still running")
 
 
 def read_class_names(data_dir: str) -> List[str]:
@@ -77,15 +103,67 @@ def read_class_names(data_dir: str) -> List[str]:
         return list(json.load(f).get("classes", []))
 
 
+def superseded_records(data_dir: str) -> List[str]:
+    """The records `ingest --append` marked superseded in DIR's manifest, as keys of their shard file name, sha256
+    and source uri joined by newlines ([] when none): they stay in their shards, never rewritten, but describe a
+    version of their file that is gone.
+
+    Only the row groups whose statistics show a superseded row are read (a local manifest is read in place; a remote
+    one is fetched first, as a staged training job has it locally: archive_vision.cluster)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = os.path.join(data_dir, MANIFEST_FILENAME)
+    if not tf.io.gfile.exists(path):
+        return []
+    if "://" in path:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            manifest = pq.ParquetFile(pa.BufferReader(f.read()))
+    else:
+        manifest = pq.ParquetFile(path)
+    if "superseded" not in manifest.schema_arrow.names:
+        return []
+    column = manifest.schema_arrow.get_field_index("superseded")
+    keys = set()
+    for group in range(manifest.num_row_groups):
+        stats = manifest.metadata.row_group(group).column(column).statistics
+        if stats is not None and stats.has_min_max and not stats.max:
+            continue
+        table = manifest.read_row_group(group, columns=["shard", "sha256", "source_uri", "superseded"])
+        table = table.filter(pc.fill_null(table["superseded"], False))
+        keys.update(f"{shard}\n{sha}\n{uri}" for shard, sha, uri in zip(
+            *(table[name].to_pylist() for name in ("shard", "sha256", "source_uri"))))
+    return sorted(keys)
+
+
 def _read_records(files: List[str], shuffle_files: bool, seed: int) -> tf.data.Dataset:
-    """Interleaved raw records of the given files; GZIP detected per file by its suffix."""
+    """Interleaved raw records of the given files (all in one data dir); GZIP detected per file by its suffix. The
+    records the manifest marks superseded (superseded_records) are left out."""
     ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle_files:
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    superseded = superseded_records(os.path.dirname(files[0])) if files else []
+    table = None
+    if superseded:
+        table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+            tf.constant(superseded), tf.ones([len(superseded)], tf.int64)), default_value=0)
+    spec = schema.tf_feature_spec()
+    identity = {key: spec[key] for key in (schema.SHA256, schema.SOURCE_URI)}
 
     def open_file(path: tf.Tensor) -> tf.data.Dataset:
         compression = tf.where(tf.strings.regex_full_match(path, r".*\.gz"), "GZIP", "")
-        return tf.data.TFRecordDataset(path, compression_type=compression)
+        records = tf.data.TFRecordDataset(path, compression_type=compression)
+        if table is None:
+            return records
+        shard = tf.strings.regex_replace(path, r"^.*/", "")
+
+        def current(serialized: tf.Tensor) -> tf.Tensor:
+            parsed = tf.io.parse_single_example(serialized, identity)
+            key = tf.strings.join([shard, parsed[schema.SHA256], parsed[schema.SOURCE_URI]], separator="\n")
+            return tf.equal(table.lookup(key), 0)
+
+        return records.filter(current)
 
     # Deterministic order (given the seed): runs are reproducible and strategies comparable.
     return ds.interleave(open_file, cycle_length=max(1, min(len(files), 8)),
@@ -233,10 +311,6 @@ def record_layout(data_dir: str, split: str, cfg: TrainConfig) -> Tuple[List[str
     return names, np.concatenate(rows), np.concatenate(stored)
 
 
-MANIFEST_FILENAME = "manifest.parquet"
-RUN_FILENAME = "run.json"  # ingest writes it last: its presence says the manifest describes a finished run
-
-
 def record_images(data_dir: str, wanted: Dict[str, Sequence[str]]) -> Dict[str, Tuple[bytes, int]]:
     """{record key: (its stored image's encoded bytes, stored orientation in degrees)} for the keys `wanted` per
     split (record_key); one pass over those splits' shards, stopping once every key is found."""
@@ -311,7 +385,10 @@ def _manifest_labels(data_dir: str, split: str, files: List[str]):
             print(f"[data] {run_path} does not describe the {split} shards now in {data_dir}; counting from them")
             return None
         with tf.io.gfile.GFile(manifest_path, "rb") as f:  # local or gs://; the manifest has no pixels
-            table = pq.read_table(pa.BufferReader(f.read()), columns=["split", "shard", "label_index", "orientation"])
+            manifest = pq.ParquetFile(pa.BufferReader(f.read()))
+            columns = ["split", "shard", "label_index", "orientation"] + \
+                (["superseded"] if "superseded" in manifest.schema_arrow.names else [])
+            table = manifest.read(columns=columns)
     except Exception as e:  # noqa: BLE001 - an unreadable manifest or run.json only costs the reading pass
         print(f"[data] {manifest_path} unreadable ({type(e).__name__}: {e}); counting {split} from the shards")
         return None
@@ -319,6 +396,8 @@ def _manifest_labels(data_dir: str, split: str, files: List[str]):
     if set(table["shard"].to_pylist()) != {os.path.basename(f) for f in files}:
         print(f"[data] {manifest_path} names other {split} shards than {data_dir} holds; counting from the shards")
         return None
+    if "superseded" in table.column_names:  # records `ingest --append` replaced stay in their shards, unread
+        table = table.filter(pc.invert(pc.fill_null(table["superseded"], False)))
     return (table["label_index"].to_numpy(zero_copy_only=False).astype(np.int64),
             table["orientation"].to_numpy(zero_copy_only=False).astype(np.int64))
 
