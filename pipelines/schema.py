@@ -63,12 +63,14 @@ class ImageRecord:
     orientation: int
     split: str
     augment_index: int = 0
+    fingerprint: str = ""  # not a feature: the source's listing fingerprint, for the manifest (ingest --append)
 
     def manifest_row(self) -> Dict[str, Any]:
-        """The record's columns for manifest.parquet (everything except the pixels)."""
+        """The record's columns for manifest.parquet (everything except the pixels; a new record is current)."""
         row = dataclasses.asdict(self)
         row.pop("encoded")
         row["encoded_bytes"] = len(self.encoded)
+        row["superseded"] = False
         return row
 
 

@@ -36,9 +36,11 @@ COPY_CHUNK_BYTES = 4 * 1024 * 1024
 MAX_OPEN_PARTS = 32
 
 
-def shard_name(split: str, index: int, total: int, suffix: str) -> str:
-    """`train-00003-of-00010.tfrecord`: the naming tf.data users and TFDS expect."""
-    return f"{split}-{index:05d}-of-{total:05d}{suffix}"
+def shard_name(split: str, index: int, total: int, suffix: str, tag: str = "") -> str:
+    """`train-00003-of-00010.tfrecord`: the naming tf.data users and TFDS expect; an `ingest --append` run's shards
+    carry its tag (`train-a0002-00000-of-00003.tfrecord`), so each run's set is whole on its own and no name is ever
+    taken twice."""
+    return f"{split}-{tag + '-' if tag else ''}{index:05d}-of-{total:05d}{suffix}"
 
 
 def record_key(record: schema.ImageRecord) -> str:
@@ -119,7 +121,7 @@ class WritePartsFn(beam.DoFn):
         self._open = collections.OrderedDict()
 
 
-def plan_shards(parts: List[dict], target_bytes: int, num_shards: int, suffix: str) -> List[dict]:
+def plan_shards(parts: List[dict], target_bytes: int, num_shards: int, suffix: str, tag: str = "") -> List[dict]:
     """Parts -> shards [{name, split, parts: [descriptor...]}]: under --num-shards one shard per bucket that has
     records (as many as were asked for, or fewer), else the parts of each split packed first-fit, largest first,
     into shards of at most `target_bytes` (a part that reached it alone), so at most one shard per split is under
@@ -148,7 +150,7 @@ def plan_shards(parts: List[dict], target_bytes: int, num_shards: int, suffix: s
                     groups.append([part])
                     sizes.append(part["bytes"])
         for index, group in enumerate(groups):
-            plan.append({"name": shard_name(split, index, len(groups), suffix), "split": split, "parts": group})
+            plan.append({"name": shard_name(split, index, len(groups), suffix, tag), "split": split, "parts": group})
     return plan
 
 
@@ -194,10 +196,11 @@ def rename_shards(assembled: List[Tuple[str, str, List[str]]]) -> Dict[str, str]
 class WriteShards(beam.PTransform):
     """Records -> `<split>-NNNNN-of-MMMMM<suffix>` shards of about `shard_mb` each (or `num_shards` per split) in
     `output`; returns {rows: one manifest row per record, its `shard` the id of the part holding it, shard_names: one
-    {part id: shard file name} dict, ready once every shard is in place} (the manifest writer applies the names)."""
+    {part id: shard file name} dict, ready once every shard is in place} (the manifest writer applies the names).
+    `tag` names an `ingest --append` run's shards (shard_name)."""
 
     def __init__(self, temp_dir: str, output: str, *, compression: str, shard_mb: float, num_shards: int,
-                 suffix: str):
+                 suffix: str, tag: str = ""):
         super().__init__()
         self._temp_dir = temp_dir
         self._output = output
@@ -205,6 +208,7 @@ class WriteShards(beam.PTransform):
         self._target = max(1, int(shard_mb * 1024 * 1024))
         self._num_shards = num_shards
         self._suffix = suffix
+        self._tag = tag
 
     def expand(self, records):
         written = records | "WriteParts" >> beam.ParDo(
@@ -212,7 +216,7 @@ class WriteShards(beam.PTransform):
             WritePartsFn.ROWS, main="parts")
         names = (written.parts
                  | "AllParts" >> beam.combiners.ToList()
-                 | "PlanShards" >> beam.FlatMap(plan_shards, self._target, self._num_shards, self._suffix)
+                 | "PlanShards" >> beam.FlatMap(plan_shards, self._target, self._num_shards, self._suffix, self._tag)
                  | "SpreadShards" >> beam.Reshuffle()
                  | "AssembleShards" >> beam.ParDo(AssembleShardFn(self._temp_dir, self._output))
                  | "AllShards" >> beam.combiners.ToList()

@@ -13,18 +13,29 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms import window
 from apache_beam.utils.windowed_value import WindowedValue
 
+# One row per record (ingest). `fingerprint`: the source file's listing fingerprint when it was ingested
+# (pipelines.sources.SourceEntry), which lets `ingest --append` keep the file's records without reading it.
+# `superseded`: the record stays in its shard (shards are never rewritten) but describes a version of its file that is
+# gone (changed, or moved to a uri ingested since); the trainer skips it (pipelines.ingest_append, trainer.input).
 MANIFEST_SCHEMA = pa.schema([
     ("source_uri", pa.string()), ("page", pa.int64()), ("augment_index", pa.int64()), ("sha256", pa.string()),
     ("split", pa.string()), ("shard", pa.string()), ("label_index", pa.int64()), ("label_name", pa.string()),
     ("orientation", pa.int64()), ("exif_orientation", pa.int64()), ("format", pa.string()),
     ("height", pa.int64()), ("width", pa.int64()), ("original_height", pa.int64()),
-    ("original_width", pa.int64()), ("encoded_bytes", pa.int64()),
+    ("original_width", pa.int64()), ("encoded_bytes", pa.int64()), ("fingerprint", pa.string()),
+    ("superseded", pa.bool_()),
 ])
 
 ERRORS_SCHEMA = pa.schema([
     ("uri", pa.string()), ("page", pa.int64()), ("stage", pa.string()), ("error_type", pa.string()),
     ("message", pa.string()), ("sha256", pa.string()),
 ])
+
+
+def error_row(uri: str, stage: str, error_type: str, message: str, page: int = -1, sha256: str = "") -> dict:
+    """One row of errors.parquet."""
+    return {"uri": uri, "page": page, "stage": stage, "error_type": error_type, "message": message[:2000],
+            "sha256": sha256}
 
 
 # One row per scored page (score job). Probabilities are in the model's column order: orientations 0/90/180/270
@@ -91,7 +102,8 @@ class _WriteTablePartsFn(beam.DoFn):
 def merge_parts(parts: List[str], path: str, schema: pa.Schema, temp_dir: str,
                 renames: Optional[Tuple[str, Dict[str, str]]] = None) -> str:
     """Concatenate the part files into `path` one batch at a time (an empty table when there are none), renamed into
-    place at the end; `renames` = (column, {old: new}) rewrites one column's values on the way (ingest's shard names)."""
+    place at the end; `renames` = (column, {old: new}) rewrites one column's values on the way (ingest's shard names;
+    a value it does not name stays, as an `ingest --append` run's earlier rows keep their shards)."""
     merged = FileSystems.join(temp_dir, f"merged-{uuid.uuid4().hex}.parquet")
     raw = CompressionTypes.UNCOMPRESSED
     with FileSystems.create(merged, compression_type=raw) as handle:
@@ -103,7 +115,7 @@ def merge_parts(parts: List[str], path: str, schema: pa.Schema, temp_dir: str,
                     if renames:
                         column, names = renames
                         index = schema.get_field_index(column)
-                        values = pa.array([names[v] for v in table.column(column).to_pylist()],
+                        values = pa.array([names.get(v, v) for v in table.column(column).to_pylist()],
                                           schema.field(column).type)
                         table = table.set_column(index, schema.field(column), values)
                     writer.write_table(table)

@@ -30,9 +30,10 @@ MANIFEST = "manifest"
 RESULT_MARKERS = {"model_name", "model_version", "decision"}
 # Rows a file may reuse: the model's own decisions, and a person's (a page answered is known: pipelines.score.review).
 KNOWN_DECISIONS = frozenset(DECISIONS) | {CORRECTED}
-# An ingest manifest's columns that a `skipped` row takes (augmented copies collapse onto their page).
+# An ingest manifest's columns that a `skipped` row takes (augmented copies collapse onto their page), and whether
+# `ingest --append` superseded the record (its file has changed since: not known).
 MANIFEST_COLUMNS = ("source_uri", "uri", "page", "sha256", "fingerprint", "format", "original_width",
-                    "original_height", "exif_orientation")
+                    "original_height", "exif_orientation", "superseded")
 LIST_COLUMNS = ("class_probabilities", "orientation_probabilities")  # results.csv writes them as `p0;p1;...`
 
 
@@ -78,9 +79,9 @@ def inspect_known(path: str) -> KnownTable:
 
 def known_row(row: dict, table: KnownTable, model: ModelInfo) -> Optional[dict]:
     """An earlier table's row as a results row a file may reuse, or None when it may not be reused (another model
-    name or version, or not a decision of its own: a `skipped` row was never scored)."""
+    name or version, not a decision of its own: a `skipped` row was never scored, or a superseded manifest row)."""
     if table.kind == MANIFEST:
-        return _skipped_row(row, int(row.get("page") or 0), model)
+        return None if row.get("superseded") else _skipped_row(row, int(row.get("page") or 0), model)
     if row.get("model_name") != model.name or row.get("model_version") is None \
             or int(row["model_version"]) != model.version or row.get("decision") not in KNOWN_DECISIONS:
         return None
@@ -122,7 +123,8 @@ def _csv_types(columns: Iterable[str]) -> dict:
     block never guesses differently from the first one."""
     import pyarrow as pa
 
-    manifest_only = {"source_uri": pa.string(), "original_width": pa.int64(), "original_height": pa.int64()}
+    manifest_only = {"source_uri": pa.string(), "original_width": pa.int64(), "original_height": pa.int64(),
+                     "superseded": pa.bool_()}
     return {name: pa.string() if name in LIST_COLUMNS else
             RESULTS_SCHEMA.field(name).type if name in RESULTS_SCHEMA.names else manifest_only[name]
             for name in columns}

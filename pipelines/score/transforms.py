@@ -11,7 +11,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from pipelines import imaging, sources
-from pipelines.ingest import DistributeEntries, error_row
+from pipelines.ingest import DistributeEntries
 from pipelines.progress import ShowProgress
 from pipelines.score.answers import draft_side, page_payload, predict_isolating, result_row
 from pipelines.score.corrected import WriteCorrectedFn
@@ -19,7 +19,7 @@ from pipelines.score.known import (KnownTable, ReadKnown, ReuseByContentFn, Reus
                                    entry_listing_key, listing_key)
 from pipelines.score.options import COUNTER_NAMESPACE, ModelInfo, ScoreOptions, run_policy
 from pipelines.score.review import ApplyCorrections
-from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, write_job_tables
+from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, error_row, write_job_tables
 from serving.configs import SERVED_VERSIONS
 from serving.errors import ModelNotFoundError, RetryableServingError
 
