@@ -1,11 +1,14 @@
 """`archive-vision ingest`: the Beam job that turns an image archive into TFRecord shards.
 
-    archive -> ListArchive -> DecodeImages (records | errors) -> WriteShards (pipelines.shards) -> manifest.parquet
-                                                              \\-> errors.parquet
+    archive -> ListArchive [-> JoinEarlier] -> DecodeImages (records | errors)
+    records -> WriteShards (pipelines.shards) -> shards, manifest.parquet
+    errors  -> errors.parquet
 
 Outputs in DST: `<split>-NNNNN-of-MMMMM.tfrecord[.gz]`, manifest.parquet (one row per record, with its
 shard), errors.parquet (one row per failed input or page), labels.json, run.json.
 Every input file ends in the manifest or in errors: the run checks that and says so in run.json.
+With --append, the files DST already holds are kept without being read and only new and changed ones are decoded,
+into shards of their own (the joins: pipelines.ingest_append).
 """
 from __future__ import annotations
 
@@ -25,15 +28,15 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
 from archive_vision.local_processes import usable_cores
-from pipelines import imaging, schema, sources
-from pipelines.cli import (DEFAULT_MAX_FAILED_FRACTION, add_max_failed_fraction, command_parser, configure_logging,
-                           exit_code, failed_inputs_check, failed_inputs_line)
+from pipelines import imaging, ingest_append, schema, sources
+from pipelines.cli import (DEFAULT_MAX_FAILED_FRACTION, EXIT_USAGE, add_max_failed_fraction, command_parser,
+                           configure_logging, exit_code, failed_inputs_check, failed_inputs_line)
+from pipelines.ingest_append import COUNTER_NAMESPACE, AppendError, EarlierRun, JoinEarlier
 from pipelines.progress import ShowProgress
 from pipelines.shards import WriteShards
-from pipelines.tables import ERRORS_SCHEMA, MANIFEST_SCHEMA, read_table, write_job_tables
+from pipelines.tables import ERRORS_SCHEMA, MANIFEST_SCHEMA, error_row, read_table, write_job_tables
 
 LOG = logging.getLogger("archive_vision.ingest")
-COUNTER_NAMESPACE = "ingest"
 ERROR_STAGES = ("list", "read", "decode", "resize", "encode")
 
 # Words that make a class a document class: its pictures hold text, and mirrored text is not a real
@@ -93,6 +96,7 @@ class IngestOptions:
     num_shards: int = 0
     exclude: Tuple[str, ...] = ()
     overwrite: bool = False
+    append: bool = False
     max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION
 
     def __post_init__(self):
@@ -112,17 +116,12 @@ class IngestOptions:
         return ".tfrecord.gz" if self.compression == "gzip" else ".tfrecord"
 
 
-def error_row(uri: str, stage: str, error_type: str, message: str, page: int = -1, sha256: str = "") -> dict:
-    """One row of errors.parquet."""
-    return {"uri": uri, "page": page, "stage": stage, "error_type": error_type, "message": message[:2000],
-            "sha256": sha256}
-
-
 class DecodeImagesFn(beam.DoFn):
     """Read one input file and emit a record per page (plus augmented copies), or error rows.
 
     A thin shell over `pipelines.imaging`: it adds counters and failure routing (the progress line is
-    pipelines.progress.ShowProgress, just before it).
+    pipelines.progress.ShowProgress, just before it). Under --append its inputs come read and counted already
+    ({entry, data, sha256}: pipelines.ingest_append.ReadAgainstEarlierFn).
     """
 
     ERRORS = "errors"
@@ -133,20 +132,26 @@ class DecodeImagesFn(beam.DoFn):
         self._records = Metrics.counter(COUNTER_NAMESPACE, "records")
         self._errors = Metrics.counter(COUNTER_NAMESPACE, "errors")
         self._failed_inputs = Metrics.counter(COUNTER_NAMESPACE, "failed_inputs")
+        self._files_read = Metrics.counter(COUNTER_NAMESPACE, "files_read")
         self._bytes_read = Metrics.counter(COUNTER_NAMESPACE, "bytes_read")
+        self._ingested = Metrics.counter(COUNTER_NAMESPACE, "inputs_ingested")
 
     def _fail(self, uri, stage, kind, message, page=-1, sha=""):
         self._errors.inc()
         Metrics.counter(COUNTER_NAMESPACE, f"errors_{kind}").inc()
         return beam.pvalue.TaggedOutput(self.ERRORS, error_row(uri, stage, kind, message, page, sha))
 
-    def process(self, entry: sources.SourceEntry, classes: Sequence[str]):
-        self._inputs.inc()
+    def process(self, element, classes: Sequence[str]):
         opts = self._options
-        if entry.error:
-            self._failed_inputs.inc()
-            yield self._fail(entry.uri, "list", entry.error_type, entry.error)
-            return
+        if isinstance(element, sources.SourceEntry):
+            entry, data, sha = element, None, None
+            self._inputs.inc()
+            if entry.error:
+                self._failed_inputs.inc()
+                yield self._fail(entry.uri, "list", entry.error_type, entry.error)
+                return
+        else:
+            entry, data, sha = element["entry"], element["data"], element["sha256"]
         label_index = schema.UNKNOWN
         if entry.label:
             if entry.label not in classes:
@@ -155,14 +160,16 @@ class DecodeImagesFn(beam.DoFn):
                                  f"label {entry.label!r} is not one of --classes {list(classes)}")
                 return
             label_index = list(classes).index(entry.label)
-        try:
-            data = sources.read_input(entry, opts.max_file_mb)
-        except imaging.ImageError as e:
-            self._failed_inputs.inc()
-            yield self._fail(entry.uri, "read", e.kind, str(e))
-            return
-        self._bytes_read.inc(len(data))
-        sha = imaging.content_sha256(data)
+        if data is None:
+            try:
+                data = sources.read_input(entry, opts.max_file_mb)
+            except imaging.ImageError as e:
+                self._failed_inputs.inc()
+                yield self._fail(entry.uri, "read", e.kind, str(e))
+                return
+            self._files_read.inc()
+            self._bytes_read.inc(len(data))
+            sha = imaging.content_sha256(data)
         split = entry.split or imaging.split_for(sha, opts.split_fractions)
         orientation = entry.orientation
         if orientation == schema.UNKNOWN and opts.assume_upright:
@@ -184,6 +191,8 @@ class DecodeImagesFn(beam.DoFn):
             if emitted == 0:
                 self._failed_inputs.inc()
             yield self._fail(entry.uri, "decode", "corrupt", f"{type(e).__name__}: {e}", -1, sha)
+        if emitted:
+            self._ingested.inc()
 
     def _records_for_page(self, entry, page, sha, split, label_index, classes, orientation):
         opts = self._options
@@ -205,7 +214,7 @@ class DecodeImagesFn(beam.DoFn):
                 height=pixels.size[1], width=pixels.size[0], source_uri=entry.uri, page=page.page, sha256=sha,
                 original_height=page.original_height, original_width=page.original_width,
                 exif_orientation=page.exif_orientation, label_index=label_index, label_name=label_name,
-                orientation=copy_orientation, split=split, augment_index=index)
+                orientation=copy_orientation, split=split, augment_index=index, fingerprint=entry.fingerprint)
 
 
 def _write_labels(classes: Sequence[str], output: str, source: str) -> None:
@@ -238,21 +247,25 @@ class DistributeEntries(beam.PTransform):
 
 
 class IngestArchive(beam.PTransform):
-    """archive path -> {records, errors, manifest_rows (shard: a part id), shard_names ({part id: shard file}),
-    classes}: the whole ingest graph but the table writes."""
+    """archive path -> {records, errors, manifest_rows (shard: a part id, or an earlier shard's name), shard_names
+    ({part id: shard file}), classes}: the whole ingest graph but the table writes. With `earlier` (--append), the
+    set's rows join the listing (pipelines.ingest_append.JoinEarlier) and only what it does not hold is decoded."""
 
-    def __init__(self, options: IngestOptions, temp_dir: str):
+    def __init__(self, options: IngestOptions, temp_dir: str, earlier: Optional[EarlierRun] = None):
         super().__init__()
         self._options = options
         self._temp_dir = temp_dir
+        self._earlier = earlier
 
     def expand(self, pbegin) -> Dict[str, beam.PCollection]:
-        opts = self._options
+        opts, earlier = self._options, self._earlier
         label_mode = sources.resolve_label_mode(opts.input, opts.labels)
         entries = (pbegin
                    | "Source" >> beam.Create([opts.input])
                    | "ListArchive" >> beam.FlatMap(sources.list_archive, label_mode, list(opts.exclude))
                    | "Distribute" >> DistributeEntries())
+        if earlier is not None:
+            return self._append(entries, earlier)
         if opts.classes:
             classes = pbegin | "PinnedClasses" >> beam.Create([list(opts.classes)])
         else:
@@ -271,11 +284,36 @@ class IngestArchive(beam.PTransform):
         return {"records": decoded.records, "errors": decoded[DecodeImagesFn.ERRORS], "manifest_rows": written["rows"],
                 "shard_names": written["shard_names"], "classes": classes}
 
+    def _append(self, entries, earlier: EarlierRun) -> Dict[str, beam.PCollection]:
+        """The --append graph: the set's classes (checked against the listing's labels, before anything is decoded:
+        DecodeImages waits for them), the joins, then decoding and shards for what the set does not hold."""
+        opts = self._options
+        classes = (entries
+                   | "Labels" >> beam.FlatMap(lambda e: [e.label] if e.label and not e.error else [])
+                   | "DistinctLabels" >> beam.Distinct()
+                   | "AllLabels" >> beam.combiners.ToList()
+                   | "CheckClasses" >> beam.Map(ingest_append.checked_classes, earlier.classes, earlier.pinned))
+        joined = entries | "JoinEarlier" >> JoinEarlier(earlier, opts.assume_upright, opts.max_file_mb)
+        decoded = joined["fresh"] | "DecodeImages" >> beam.ParDo(
+            DecodeImagesFn(opts), beam.pvalue.AsSingleton(classes)).with_outputs(DecodeImagesFn.ERRORS,
+                                                                                 main="records")
+        written = decoded.records | "WriteShards" >> WriteShards(
+            self._temp_dir, opts.output, compression=opts.compression, shard_mb=opts.shard_mb,
+            num_shards=opts.num_shards, suffix=opts.shard_suffix, tag=earlier.tag)
+        rows = (written["rows"], joined["rows"]) | "AllManifestRows" >> beam.Flatten()
+        errors = (decoded[DecodeImagesFn.ERRORS], joined["errors"]) | "AllErrors" >> beam.Flatten()
+        return {"records": decoded.records, "errors": errors, "manifest_rows": rows,
+                "shard_names": written["shard_names"], "classes": classes}
 
-def build_pipeline(pipeline: beam.Pipeline, opts: IngestOptions, temp_dir: str) -> Dict[str, beam.PCollection]:
-    """Wire ingest and its table writes onto `pipeline`; returns the IngestArchive outputs for tests."""
-    outputs = pipeline | "Ingest" >> IngestArchive(opts, temp_dir)
-    write_job_tables(outputs, opts.output, [("manifest_rows", "manifest", MANIFEST_SCHEMA,
+
+def build_pipeline(pipeline: beam.Pipeline, opts: IngestOptions, temp_dir: str,
+                   earlier: Optional[EarlierRun] = None) -> Dict[str, beam.PCollection]:
+    """Wire ingest and its table writes onto `pipeline`; returns the IngestArchive outputs for tests. An append's
+    manifest names its run's tag in its footer (pipelines.ingest_append.prepare_append reads it)."""
+    outputs = pipeline | "Ingest" >> IngestArchive(opts, temp_dir, earlier)
+    manifest_schema = MANIFEST_SCHEMA.with_metadata({ingest_append.SHARD_TAG_KEY: earlier.tag.encode()}) \
+        if earlier is not None else MANIFEST_SCHEMA
+    write_job_tables(outputs, opts.output, [("manifest_rows", "manifest", manifest_schema,
                                              ("shard", outputs["shard_names"])),
                                             ("errors", "errors", ERRORS_SCHEMA)])
     return outputs
@@ -321,11 +359,17 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[IngestOptions, List[str]]
     parser.add_argument("--num-shards", type=int, default=0, help="fixed shards per split (0: from --shard-mb)")
     parser.add_argument("--exclude", action="append", default=[], help="file-name glob to skip (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier run in --output")
+    parser.add_argument("--append", action="store_true",
+                        help="add the input's new and changed files to the set in --output: files it holds (same "
+                             "uri, same listing fingerprint) are not read, new records go into shards of their own, "
+                             "the records of changed files are marked superseded; the set's record options apply")
     add_max_failed_fraction(parser)
     known, beam_args = parser.parse_known_args(argv)
     unknown = unknown_beam_args(beam_args)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (neither ingest's flags nor Beam pipeline options)")
+    if known.append and known.overwrite:
+        parser.error("--append adds to the set in --output, --overwrite replaces it: pass one")
     fractions = tuple(float(x) for x in known.split_fractions.split(","))
     if len(fractions) != 3:
         parser.error("--split-fractions takes three numbers")
@@ -341,7 +385,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[IngestOptions, List[str]]
             classes=names(known.classes), assume_upright=known.assume_upright, split_fractions=fractions,
             augment_copies=known.augment_copies, max_shift=known.max_shift, text_archive=known.text_archive,
             no_flip_classes=names(known.no_flip_classes), compression=known.compression, shard_mb=known.shard_mb,
-            num_shards=known.num_shards, exclude=tuple(known.exclude), overwrite=known.overwrite,
+            num_shards=known.num_shards, exclude=tuple(known.exclude), overwrite=known.overwrite, append=known.append,
             max_failed_fraction=known.max_failed_fraction)
     except ValueError as e:
         parser.error(str(e))
@@ -405,12 +449,41 @@ def existing_shards(output: str) -> List[str]:
 
 
 def summarize(output: str, opts: IngestOptions, elapsed: float, metrics: Dict[str, int],
-              runner: Optional[Dict[str, object]] = None) -> dict:
-    """run.json: options, versions, counts per split and error kind, and whether they reconcile."""
+              runner: Optional[Dict[str, object]] = None, shard_tag: str = "") -> dict:
+    """run.json: options, versions, counts per split and error kind, and whether they reconcile (an append's: its
+    inputs from the counters, the set's records from its tables, pipelines.ingest_append.append_counts)."""
     import platform
 
     import PIL
 
+    counts = ingest_append.append_counts(metrics, ingest_append.table_counts(output)) if shard_tag \
+        else _run_counts(output, metrics)
+    classes: List[str] = []
+    labels_path = FileSystems.join(output, "labels.json")
+    if FileSystems.exists(labels_path):
+        with FileSystems.open(labels_path) as handle:
+            classes = json.loads(handle.read().decode())["classes"]
+    # Which classes' copies may be mirrored, resolved from the flags and the document-class rule.
+    never_flipped = [c for c in classes if not flip_allowed(c, opts.text_archive, opts.no_flip_classes)]
+    return {
+        "job": "ingest", "options": dataclasses.asdict(opts), "runner": runner or {}, "counts": counts,
+        "failed_inputs": failed_inputs_check(counts, opts.max_failed_fraction),
+        "elapsed_seconds": round(elapsed, 3),
+        "augmentation": {"copies_per_train_image": opts.augment_copies,
+                         "flip_unlabelled": flip_allowed("", opts.text_archive, opts.no_flip_classes),
+                         "never_flipped_classes": never_flipped},
+        "images_per_second": round(counts["inputs"] / elapsed, 2) if elapsed > 0 else None,
+        # What the trainer checks before it takes its split sizes from the manifest (trainer.input.count_split); an
+        # append also checks that every shard in the folder is one of them (ingest_append.prepare_append).
+        "shard_bytes": shard_sizes(output),
+        "shard_tag": shard_tag,  # the tag of this run's shards ("" for a first run), as the manifest's footer says
+        "versions": {"archive_vision": _version(), "apache_beam": beam.__version__, "pillow": PIL.__version__,
+                     "python": platform.python_version()},
+    }
+
+
+def _run_counts(output: str, metrics: Dict[str, int]) -> dict:
+    """A first run's counts: its tables hold exactly its inputs."""
     manifest = read_table(FileSystems.join(output, "manifest.parquet"), MANIFEST_SCHEMA)
     errors = read_table(FileSystems.join(output, "errors.parquet"), ERRORS_SCHEMA)
     ok_uris = set(manifest.column("source_uri").to_pylist())
@@ -427,28 +500,10 @@ def summarize(output: str, opts: IngestOptions, elapsed: float, metrics: Dict[st
         "records": manifest.num_rows, "errors": errors.num_rows, "records_per_split": per_split,
         "errors_per_type": per_kind,
         "augmented_records": sum(1 for i in manifest.column("augment_index").to_pylist() if i > 0),
+        "files_read": metrics.get("files_read", 0), "bytes_read": metrics.get("bytes_read", 0),
     }
     counts["reconciled"] = counts["inputs"] == counts["inputs_ok"] + counts["inputs_failed"]
-    classes: List[str] = []
-    labels_path = FileSystems.join(output, "labels.json")
-    if FileSystems.exists(labels_path):
-        with FileSystems.open(labels_path) as handle:
-            classes = json.loads(handle.read().decode())["classes"]
-    # Which classes' copies may be mirrored, resolved from the flags and the document-class rule.
-    never_flipped = [c for c in classes if not flip_allowed(c, opts.text_archive, opts.no_flip_classes)]
-    return {
-        "job": "ingest", "options": dataclasses.asdict(opts), "runner": runner or {}, "counts": counts,
-        "failed_inputs": failed_inputs_check(counts, opts.max_failed_fraction),
-        "elapsed_seconds": round(elapsed, 3),
-        "augmentation": {"copies_per_train_image": opts.augment_copies,
-                         "flip_unlabelled": flip_allowed("", opts.text_archive, opts.no_flip_classes),
-                         "never_flipped_classes": never_flipped},
-        "images_per_second": round(inputs / elapsed, 2) if elapsed > 0 else None,
-        # What the trainer checks before it takes its split sizes from the manifest (trainer.input.count_split).
-        "shard_bytes": shard_sizes(output),
-        "versions": {"archive_vision": _version(), "apache_beam": beam.__version__, "pillow": PIL.__version__,
-                     "python": platform.python_version()},
-    }
+    return counts
 
 
 def _version() -> str:
@@ -478,7 +533,14 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     opts, beam_args = parse_args(argv)
     FileSystems.mkdirs(opts.output) if not FileSystems.exists(opts.output) else None
     run_json = FileSystems.join(opts.output, "run.json")
-    stale = existing_shards(opts.output)
+    earlier = ingest_append.prepare_append(opts.output, shard_sizes(opts.output)) if opts.append else None
+    if earlier is not None:
+        defaults = {field.name: field.default for field in dataclasses.fields(IngestOptions)}
+        opts = dataclasses.replace(opts, **ingest_append.inherited_options(dataclasses.asdict(opts), defaults,
+                                                                           earlier))
+        LOG.info("appending to %s (%d classes); this run's shards are tagged %s", opts.output, len(earlier.classes),
+                 earlier.tag)
+    stale = existing_shards(opts.output) if earlier is None else []
     if stale and opts.overwrite and FileSystems.exists(run_json):
         # Gone before any shard changes: an earlier run's run.json must never vouch for this run's shards.
         FileSystems.delete([run_json])
@@ -491,7 +553,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     FileSystems.mkdirs(temp_dir)
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=default_pipeline_options(beam_args))
-    outputs = build_pipeline(pipeline, opts, temp_dir)
+    outputs = build_pipeline(pipeline, opts, temp_dir, earlier)
     if extend_pipeline is not None:
         extend_pipeline(outputs)
     try:
@@ -502,25 +564,36 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
             FileSystems.delete([temp_dir])
         except Exception:  # nothing left to clean once every shard was renamed
             pass
-    summary = summarize(opts.output, opts, time.time() - started, metric_totals(result), runner_record(pipeline))
+    summary = summarize(opts.output, opts, time.time() - started, metric_totals(result), runner_record(pipeline),
+                        earlier.tag if earlier is not None else "")
     with FileSystems.create(run_json) as handle:
         handle.write(json.dumps(summary, indent=2, default=str).encode())
     return summary
 
 
 def format_summary(summary: dict, output: str) -> str:
-    """The few lines a person reads after the run."""
+    """The few lines a person reads after the run (after an append: what it kept, added and superseded, and the
+    set's records)."""
     c = summary["counts"]
     splits = ", ".join(f"{k} {v}" for k, v in sorted(c["records_per_split"].items())) or "none"
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(c["errors_per_type"].items())) or "none"
-    lines = [
-        f"ingest finished in {summary['elapsed_seconds']:.1f}s ({summary['images_per_second']} inputs/s)",
-        f"  inputs   {c['inputs']}  (ok {c['inputs_ok']}, failed {c['inputs_failed']})"
-        f"  {'reconciled' if c['reconciled'] else 'NOT RECONCILED'}",
-        f"  records  {c['records']}  ({splits}; {c['augmented_records']} augmented)",
-        f"  errors   {c['errors']}  ({kinds})",
-        f"  output   {output}  (manifest.parquet, errors.parquet, labels.json, run.json)",
-    ]
+    reconciled = "reconciled" if c["reconciled"] else "NOT RECONCILED"
+    lines = [f"ingest finished in {summary['elapsed_seconds']:.1f}s ({summary['images_per_second']} inputs/s)"]
+    if summary.get("shard_tag"):
+        lines += [
+            f"  inputs   {c['inputs']}  (kept unread {c['inputs_reused_by_listing']}, kept once read "
+            f"{c['inputs_reused_by_content']}, ingested {c['inputs_ingested']}, failed {c['inputs_failed']})"
+            f"  {reconciled}",
+            f"  appended {c['records_added']} records in {summary['shard_tag']} shards, {c['records_superseded']} "
+            f"superseded ({c['inputs_changed']} files changed, {c['inputs_moved']} moved), {c['files_read']} files "
+            f"read",
+            f"  set      {c['records']} records  ({splits}; {c['augmented_records']} augmented; "
+            f"{c['superseded_records']} superseded)"]
+    else:
+        lines += [f"  inputs   {c['inputs']}  (ok {c['inputs_ok']}, failed {c['inputs_failed']})  {reconciled}",
+                  f"  records  {c['records']}  ({splits}; {c['augmented_records']} augmented)"]
+    lines += [f"  errors   {c['errors']}  ({kinds})",
+              f"  output   {output}  (manifest.parquet, errors.parquet, labels.json, run.json)"]
     failed = failed_inputs_line(summary)
     return "\n".join(lines + ([failed] if failed else []))
 
@@ -529,7 +602,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     configure_logging(argv if argv is not None else sys.argv[1:])
     # Worker-side warnings relayed by the local job service are start-up chatter; errors still show.
     logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
-    summary = run(argv)
+    try:
+        summary = run(argv)
+    except AppendError as e:
+        print(f"archive-vision ingest: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # a run stopped by new classes says why (the runner may have wrapped the exception)
+        message = ingest_append.new_classes_message(e)
+        if not message:
+            raise
+        print(f"archive-vision ingest: {message}", file=sys.stderr)
+        return EXIT_USAGE
     print(format_summary(summary, summary["options"]["output"]))
     # run() wrote every table and run.json first: 1 when the counts do not reconcile, 3 over --max-failed-fraction.
     return exit_code(summary)
