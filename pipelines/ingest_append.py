@@ -158,8 +158,8 @@ def inherited_options(requested: Dict[str, object], defaults: Dict[str, object],
         same = asked == was or (name == "classes" and asked == earlier.classes)
         if not same and asked != _comparable(defaults[name]):
             flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-            shown = ",".join(map(str, asked)) if isinstance(asked, tuple) else asked
-            set_value = ",".join(map(str, was)) if isinstance(was, tuple) else was
+            shown, set_value = (",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+                                for v in (asked, earlier.classes if name == "classes" else was))
             conflicts.append(f"{flag} {shown} (the set's: {set_value or 'none'})")
         chosen[name] = was
     if conflicts:
