@@ -235,17 +235,20 @@ def _build_module(model, class_names: Optional[List[str]], image_size: int, poli
         spec = {schema.IMAGE_ENCODED: tf.io.FixedLenFeature([], tf.string)}
         return tf.io.parse_example(serialized, spec)[schema.IMAGE_ENCODED]
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGES_INPUT)])
+    # The whole answer is traced once, in serve_images; the other signatures parse their input and call it (one
+    # function in the graph, called from three places). The answer's control flow is tf.cond on tensors and Python
+    # on settings, so autograph has nothing to convert (and would only slow the export's tracing).
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGES_INPUT)], autograph=False)
     def serve_images(images):
         return outputs_from_bytes(images)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)], autograph=False)
     def serve_examples(examples):
-        return outputs_from_bytes(image_bytes_from_examples(examples))
+        return serve_images(image_bytes_from_examples(examples))
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUT)])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUT)], autograph=False)
     def classify(inputs):
-        out = outputs_from_bytes(image_bytes_from_examples(inputs))
+        out = serve_images(image_bytes_from_examples(inputs))
         scores = out[CLASS_PROBABILITIES] if has_class else out[ORIENTATION_PROBABILITIES]
         labels = module.class_names if has_class else module.orientation_labels
         classes = tf.tile(tf.expand_dims(labels, 0), [tf.shape(scores)[0], 1])
