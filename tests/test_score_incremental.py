@@ -70,6 +70,7 @@ def first_run(tmp_path, model_bases):
     output = str(tmp_path / "run1")
     summary = run_score(archive, output, model_bases[3])
     assert summary["counts"]["files_read"] == 3 and summary["counts"]["pages_scored"] == 3
+    assert summary["counts"]["models_loaded"] >= 1
     return archive, os.path.join(output, "results.parquet")
 
 
@@ -103,6 +104,7 @@ def test_an_unchanged_archive_is_reused_whole_without_opening_a_file(tmp_path, m
     assert counts["inputs_reused_by_listing"] == 3 and counts["inputs_reused_by_content"] == 0
     assert counts["inputs"] == counts["inputs_reused"] == 3 and counts["pages_scored"] == 0
     assert counts["known_rows"] == 3 and counts["reconciled"]
+    assert counts["models_loaded"] == 0  # nothing to score: no worker loads the model
     after = rows_by_name(str(tmp_path / "run2"))
     assert all(r["reused"] for r in after.values())
     ignore = {"reused"}

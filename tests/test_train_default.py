@@ -298,6 +298,7 @@ def test_the_depth_comparison_scores_the_head_and_each_depth_on_every_held_out_i
         return np.stack([_features(p, 3.0) for p in paths]) if paths else np.zeros((0, 4, 3, 3, 1280), np.float32)
 
     monkeypatch.setattr(orientation_features, "cached_features", fake_cached_features)
+    monkeypatch.setitem(td.FINE_TUNE, "epochs", 1)  # the rows' shape is under test, not what fine-tuning learns
     rows = td.compare_fine_tune_depth(images, "unused", epochs=6, depths=((15, "features_14_conv_3"),))
     assert [r["name"].split(" (")[0] for r in rows] == ["the head on the frozen backbone", "blocks 15-18 fine-tuned"]
     assert [r["layers"] for r in rows] == [0, 10]

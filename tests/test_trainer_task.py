@@ -399,11 +399,15 @@ def test_init_default_reads_the_archives_turns_before_tuning(tmp_path, cache, ca
     job = str(tmp_path / "job")
     assert _run(common + ["--job-dir", job]) == 0
     first = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[check] ")]
-    # Run again in the same job dir (a restart): the heads phase is done, and the check is reused, not redone.
-    assert _run(common + ["--job-dir", job]) == 0
-    again = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[check] ")]
-    assert len(first) == len(again) == 1 and again[0].endswith("(reused from this job's earlier run)"), again
-    assert again[0].split(" (")[0] == first[0].split(" (")[0]
+    assert len(first) == 1
+    # The restart and the comparison with stored labels below read the check's results, the same on either input
+    # path: the feature-cache run does them.
+    if cache:
+        # Run again in the same job dir (a restart): the heads phase is done, and the check is reused, not redone.
+        assert _run(common + ["--job-dir", job]) == 0
+        again = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[check] ")]
+        assert len(again) == 1 and again[0].endswith("(reused from this job's earlier run)"), again
+        assert again[0].split(" (")[0] == first[0].split(" (")[0]
     with open(os.path.join(job, "orientation_check.json")) as f:
         found = json.load(f)
     listed = {r["record"]: r["turned_more_degrees"] for r in found["turned_records"]}
@@ -420,6 +424,8 @@ def test_init_default_reads_the_archives_turns_before_tuning(tmp_path, cache, ca
     with open(os.path.join(job, "run_summary.json")) as f:
         summary = json.load(f)
     assert summary["orientation_temperature"] > 0
+    if not cache:
+        return
 
     plain = str(tmp_path / "plain")
     assert _run(common + ["--job-dir", plain, "--orientation-labels", "stored"]) == 0

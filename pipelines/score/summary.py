@@ -118,6 +118,9 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
         "inputs_reused_by_content": metrics.get("inputs_reused_by_content", 0),
         # What score read of the archive: files opened and their bytes (to score them, and again for upright copies).
         "files_read": metrics.get("files_read", 0), "bytes_read": metrics.get("bytes_read", 0),
+        # Workers that loaded the SavedModel in process (on their first image: a re-run that reuses every row loads
+        # it nowhere).
+        "models_loaded": metrics.get("models_loaded", 0),
         # Copies written this run (Beam counter): a reused row's copy was written by the run that made it, unless a
         # person answered the page since.
         "corrected_written": metrics.get("corrected_written", 0),

@@ -3,6 +3,7 @@ each page to the model (gRPC or RunInference), route the answers to result rows 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
@@ -195,6 +196,23 @@ class RemotePredictFn(beam.DoFn):
             client.close()
 
 
+class _LoadedOnFirstBatch:
+    """The SavedModel, loaded when its first batch arrives: RunInference loads its model when a worker sets the stage
+    up, and a worker that sees no image (a --skip-known re-run that reuses every row) need not load it at all."""
+
+    def __init__(self, load):
+        self._load = load
+        self._model = None
+        self._lock = threading.Lock()
+
+    def get(self):
+        with self._lock:  # the worker's threads share one model
+            if self._model is None:
+                self._model = self._load()
+                Metrics.counter(COUNTER_NAMESPACE, "models_loaded").inc()
+            return self._model
+
+
 class ServingSignatureModelHandler(ModelHandler):
     """RunInference handler for an exported SavedModel: items in, PredictionResult(item, (prediction, error)) out.
 
@@ -208,6 +226,9 @@ class ServingSignatureModelHandler(ModelHandler):
         self._tf_threads = tf_threads
 
     def load_model(self):
+        return _LoadedOnFirstBatch(self._load)
+
+    def _load(self):
         import tensorflow as tf
 
         from serving.model_files import local_copy
@@ -229,7 +250,7 @@ class ServingSignatureModelHandler(ModelHandler):
 
         from serving.client import prediction_rows
 
-        signature = model.signatures["serving_default"]
+        signature = model.get().signatures["serving_default"]
 
         def predict(images: List[bytes]) -> List[Dict[str, Any]]:
             outputs = signature(images=tf.constant(images, dtype=tf.string))
