@@ -19,6 +19,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+import pipelines
 from archive_vision import cluster
 from tests.image_factory import write_sample_archive
 from archive_vision.local_processes import free_port, stop_process
@@ -49,6 +50,7 @@ def emulator(tmp_path_factory):
         time.sleep(0.2)
     saved = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    pipelines.gcs_emulator_connects_anonymously()  # as every process started with it set does on importing pipelines
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
