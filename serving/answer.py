@@ -3,9 +3,11 @@
 Everything that decides an answer runs here, inside the exported SavedModel, with standard TF ops only, so TF
 Serving, `archive-vision serve` and `archive-vision score` (in-process or remote) give one answer per image:
 
-1. decode the bytes (JPEG/PNG/GIF/BMP) and make the image model's view (`AnswerSettings.view`) from the full-size
-   pixels, as in training: the letterboxed image (exact) or the square ingest would have stored, then letterboxed;
-   and one reading copy, reduced by area averaging to a short side of 448 px, for the readers below;
+1. decode the bytes (JPEG/PNG/GIF/BMP; a large JPEG DCT-scaled, to no less than twice the copy) and reduce them once,
+   by area averaging, to a reading copy of a short side of 448 px for the readers below; the image model's view
+   (`AnswerSettings.view`: the letterboxed image (exact) or the square ingest would have stored, then letterboxed)
+   is cut from that copy where the copy is at most half the decoded image and twice the view's side, else from the
+   decoded pixels, as in training;
 2. the image model on that view (the stored copy's answer, `image_orientation_probabilities`);
 3. the text crops (when the policy has them): PaddleClas' text-image orientation classifier, rebuilt in TF from its
    ONNX weights (trainer.onnx_graph), on five 224 px crops of the reading copy; the summed log-probabilities of the
@@ -35,6 +37,7 @@ _CROP_CENTRES = ((0.5, 0.5), (0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.
 _GRID_CENTRES = tuple((y, x) for y in (1 / 6, 0.5, 5 / 6) for x in (1 / 6, 0.5, 5 / 6))  # the second look's nine
 _SECOND_MAX_LONG = 4096
 _CROP_MAX_LONG = 2048
+_DCT_RATIOS = (1, 2, 4, 8)  # the downscalings libjpeg makes in the DCT domain (decode_jpeg's ratio)
 _MEAN_BGR = np.array([0.406, 0.456, 0.485], np.float32)  # PaddleClas' ImageNet mean/std, in its BGR order
 _STD_BGR = np.array([0.225, 0.224, 0.229], np.float32)
 _LOG_FLOOR = 1e-6  # crop probabilities are clipped here before the log (as trainer.text_crops.evidence)
@@ -47,15 +50,47 @@ def _tf():
     return tf
 
 
+def _reduction(height, width, short: int, max_long: int):
+    """float32: the scale that takes an image of height x width to a short side of `short` and a long side of at
+    most `max_long` (at least 1: a smaller image is not enlarged)."""
+    tf = _tf()
+    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    return tf.minimum(short / tf.minimum(h, w), max_long / tf.maximum(h, w))
+
+
+def decode_for_copy(data, short: int, max_long: int, view_side: int = 0):
+    """uint8 RGB [H, W, 3] of one encoded image, for reading_copy(short, max_long): a JPEG decoded DCT-scaled by the
+    largest of 1/2, 1/4 and 1/8 that leaves both sides at least twice the copy's (libjpeg skips most of the inverse
+    DCT and pixel work: a 6000x4000 scan decodes several times faster, bench/ingest.py), any other image (and a JPEG
+    with no room to spare) as trainer.preprocessing.decode_image_bytes decodes it. The copy stays an area reduction
+    of at least 2x: DCT scaling alone is sharper than area averaging, and a copy made by it alone moved the ink of
+    nearly blank 300 dpi pages across the 1% of the sparse-page rule (docs/performance.md). With `view_side`, a JPEG
+    is scaled only when the copy's long side is at least 2 * view_side, so that the model's view is cut from the
+    copy (model_view_of); else the view needs the full-size pixels."""
+    tf = _tf()
+    from trainer.preprocessing import decode_image_bytes
+
+    def jpeg():
+        shape = tf.image.extract_jpeg_shape(data)
+        scale = _reduction(shape[0], shape[1], short, max_long)
+        room = 0.5 / scale  # a ratio r leaves twice the copy's size while r <= room
+        if view_side:
+            room = tf.where(tf.cast(tf.maximum(shape[0], shape[1]), tf.float32) * scale >= 2.0 * view_side, room, 1.0)
+        index = tf.reduce_sum(tf.cast(tf.constant(_DCT_RATIOS[1:], tf.float32) <= room, tf.int32))
+        # decode_jpeg's ratio is an attribute: one decode op per ratio, of which the case runs one.
+        branches = [lambda ratio=ratio: tf.io.decode_jpeg(data, channels=3, ratio=ratio) for ratio in _DCT_RATIOS]
+        return tf.ensure_shape(tf.switch_case(index, branches), [None, None, 3])
+
+    return tf.cond(tf.io.is_jpeg(data), jpeg, lambda: decode_image_bytes(data))
+
+
 def reading_copy(image, short: int, max_long: int = _CROP_MAX_LONG):
     """float32 [h, w, 3]: the image reduced (area averaging) to a short side of `short` and a long side of at most
     `max_long`; a smaller image as it is. Every view of the graph is cut from it, so the full-size pixels are read
     once."""
     tf = _tf()
-    h = tf.cast(tf.shape(image)[0], tf.float32)
-    w = tf.cast(tf.shape(image)[1], tf.float32)
-    scale = tf.minimum(short / tf.minimum(h, w), max_long / tf.maximum(h, w))
-    size = tf.maximum(1, tf.cast(tf.round(tf.stack([h, w]) * scale), tf.int32))
+    scale = _reduction(tf.shape(image)[0], tf.shape(image)[1], short, max_long)
+    size = tf.maximum(1, tf.cast(tf.round(tf.cast(tf.shape(image)[:2], tf.float32) * scale), tf.int32))
     return tf.cond(scale < 1.0, lambda: tf.image.resize(image, size, method="area"),
                    lambda: tf.cast(image, tf.float32))
 
@@ -78,6 +113,22 @@ def model_view(image, settings: P.AnswerSettings):
         # ingest stores 8-bit pixels
         image = tf.cast(tf.clip_by_value(tf.round(square), 0.0, 255.0), tf.uint8)
     return resize_for_model(image, settings.image_size)
+
+
+def view_side(settings: P.AnswerSettings) -> int:
+    """The side the image model's view is first resized to (model_view): the model's input, or ingest's square."""
+    return max(settings.image_size, settings.view_size if settings.view == "ingest" else 0)
+
+
+def model_view_of(image, copy, settings: P.AnswerSettings):
+    """model_view of the decoded image, cut from its reading copy where the copy is at most half the image and still
+    at least twice view_side: the view's resize then reads the copy's pixels instead of the image's, and the area
+    step before it blurs the view by a fraction of one of its pixels. Else (a small image, or one the copy barely
+    reduces, whose own pixels cost little more) from the decoded pixels, as training made it."""
+    tf = _tf()
+    copy_long, image_long = tf.reduce_max(tf.shape(copy)[:2]), tf.reduce_max(tf.shape(image)[:2])
+    return tf.cond((copy_long >= 2 * view_side(settings)) & (2 * copy_long <= image_long),
+                   lambda: model_view(copy, settings), lambda: model_view(image, settings))
 
 
 def _classifier_input(batch):
@@ -117,9 +168,8 @@ def second_look_batch(data, crops: P.TextCropSettings):
     tf = _tf()
     from trainer.preprocessing import resize_for_model
 
-    from trainer.preprocessing import decode_image_bytes
-
-    image = reading_copy(decode_image_bytes(data), crops.second_short, _SECOND_MAX_LONG)
+    image = reading_copy(decode_for_copy(data, crops.second_short, _SECOND_MAX_LONG), crops.second_short,
+                         _SECOND_MAX_LONG)
     grid = crop_batch(image, crops, crops.second_short, _GRID_CENTRES, _SECOND_MAX_LONG)
     whole = _classifier_input(resize_for_model(image, crops.crop))[None]
     return tf.concat([grid, whole], 0)
@@ -163,7 +213,8 @@ def ink_share(image, side: int = 224, contrast: float = 48.0):
     tf = _tf()
     small = tf.image.resize(tf.cast(image, tf.float32), [side, side], method="area")
     grey = tf.reshape(tf.reduce_mean(small, -1), [-1])
-    median = tf.sort(grey)[side * side // 2]
+    # The middle value of the sorted levels, found without sorting them (std::nth_element: linear time).
+    median = tf.raw_ops.NthElement(input=grey, n=side * side // 2)
     return tf.reduce_mean(tf.cast(tf.abs(grey - median) > contrast, tf.float32))
 
 
@@ -215,17 +266,17 @@ class WholeAnswer:
 
     def __call__(self, image_bytes) -> Dict[str, object]:
         tf = _tf()
-        from trainer.preprocessing import decode_image_bytes
 
         settings = self.policy.answer
         crops = settings.text_crops if self.crop_net is not None else None
         short = crops.copy_short if crops is not None else 2 * settings.image_size
 
         def per_image(data):
-            image = decode_image_bytes(data)
-            # The model's view comes from the full-size pixels, as in training; the readers' copy is reduced once.
+            image = decode_for_copy(data, short, _CROP_MAX_LONG, view_side(settings))
+            # The full-size pixels (or a JPEG's DCT-scaled decode) are reduced once; the view and the readers
+            # start from that copy.
             reading = reading_copy(image, short)
-            out = {"view": model_view(image, settings), "ink": ink_share(reading)}
+            out = {"view": model_view_of(image, reading, settings), "ink": ink_share(reading)}
             if crops is not None:
                 out["crops"] = crop_batch(reading, crops)
             return out

@@ -23,6 +23,7 @@ from serving import answer as A
 from serving import policy as P
 from tests.test_serving_export import limit_tf_threads
 from trainer import text_crops
+from trainer.preprocessing import decode_image_bytes
 
 SIZE = 32  # the tiny model's input side
 KEYS = 256
@@ -382,6 +383,92 @@ def test_crop_batch_cuts_the_crops_trainer_text_crops_cuts(height, width):
     assert float(np.abs(graph - numpy).mean()) < 0.05  # resampling differs (Pillow's reduce and bilinear)
     # Each crop is cut from the same place: the crops differ from one another far more than from their twin.
     assert min(float(np.abs(graph[i] - numpy[j]).mean()) for i in range(5) for j in range(5) if i != j) > 0.1
+
+
+# ---------------------------------------------------------------- decoding, the model's view, the ink
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _page_scan(width: int, height: int) -> Image.Image:
+    """A typed page (sample_archive.render_page) scanned at width x height."""
+    from archive_vision.sample_archive import render_page
+
+    return render_page(seed=5).convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+
+
+@pytest.mark.parametrize("width, height, ratio", [(2480, 3508, 2), (6000, 4000, 4), (1800, 1800, 2),
+                                                  (1400, 2000, 1), (3000, 500, 1), (800, 600, 1)])
+def test_a_jpeg_is_decoded_dct_scaled_as_far_as_its_reading_copy_allows(width, height, ratio):
+    """The copy the readers and the view start from keeps its size and is still an area reduction of at least 2x;
+    only the decode before it is cheaper. A 150 dpi page, a strip whose long side binds (3000 x 500 at most 2048
+    long) and a small scan are decoded at full size, as before."""
+    data = _encoded(_page_scan(width, height), "JPEG", quality=90)
+    full = decode_image_bytes(tf.constant(data))
+    got = A.decode_for_copy(tf.constant(data), 448, 2048, view_side=224)
+
+    assert tuple(got.shape) == (-(-height // ratio), -(-width // ratio), 3)
+    if ratio == 1:
+        assert np.array_equal(got.numpy(), full.numpy())
+    want, copy = A.reading_copy(full, 448).numpy(), A.reading_copy(got, 448).numpy()
+    assert copy.shape == want.shape
+    assert float(np.abs(copy - want).mean()) < 2.5  # levels of 255: the same page, DCT-scaled first
+
+
+def test_a_jpeg_whose_copy_is_too_small_for_the_view_is_decoded_at_full_size():
+    """A copy under twice the view's side cannot make the view: the view then needs the full-size pixels."""
+    data = _encoded(_page_scan(1000, 1400), "JPEG", quality=90)
+    assert tuple(A.decode_for_copy(tf.constant(data), 160, 2048, view_side=224).shape) == (1400, 1000, 3)
+    assert tuple(A.decode_for_copy(tf.constant(data), 160, 2048).shape) == (700, 500, 3)  # no view: 1/2
+
+
+@pytest.mark.parametrize("fmt, options", [("PNG", {}), ("GIF", {}), ("BMP", {}), ("JPEG", {"quality": 95})])
+def test_other_images_and_small_jpegs_decode_as_the_training_path_decodes_them(fmt, options):
+    data = _encoded(_page_scan(420, 600), fmt, **options)
+    got = A.decode_for_copy(tf.constant(data), 448, 2048, view_side=224).numpy()
+    assert np.array_equal(got, decode_image_bytes(tf.constant(data)).numpy())
+
+
+@pytest.mark.parametrize("width, height", [(1241, 1754), (2000, 1500), (460, 470)])
+def test_the_view_from_the_reading_copy_is_the_view_from_the_full_size_pixels(width, height):
+    image = tf.constant(np.asarray(_page_scan(width, height)))
+    settings = P.AnswerSettings()
+    want = A.model_view(image, settings).numpy()
+    got = A.model_view_of(image, A.reading_copy(image, 448), settings).numpy()
+
+    assert got.shape == want.shape == (224, 224, 3)
+    assert float(np.abs(got - want).mean()) < 0.5
+    assert np.array_equal(got.max(axis=(1, 2)) > 0, want.max(axis=(1, 2)) > 0)  # the same letterbox margins
+    assert np.array_equal(got.max(axis=(0, 2)) > 0, want.max(axis=(0, 2)) > 0)
+
+
+def test_a_small_image_keeps_the_exact_view():
+    """Under twice the model's side the reading copy is the image itself: the view is the one training made."""
+    image = tf.constant(np.asarray(_page_scan(300, 420)))
+    settings = P.AnswerSettings()
+    assert np.array_equal(A.model_view_of(image, A.reading_copy(image, 448), settings).numpy(),
+                          A.model_view(image, settings).numpy())
+
+
+def test_ink_is_measured_against_the_middle_level_and_tells_a_nearly_blank_page_from_a_typed_one():
+    from archive_vision.sample_archive import render_page, render_sparse_page
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (300, 400, 3)).astype(np.float32)
+    grey = tf.reshape(tf.reduce_mean(tf.image.resize(pixels, [224, 224], method="area"), -1), [-1]).numpy()
+    median = np.sort(grey)[224 * 224 // 2]
+    assert float(A.ink_share(tf.constant(pixels))) == pytest.approx(np.mean(np.abs(grey - median) > 48.0), abs=1e-7)
+
+    def ink(image: Image.Image) -> float:
+        return float(A.ink_share(A.reading_copy(tf.constant(np.asarray(image.convert("RGB"))), 448)))
+
+    sparse = [ink(render_sparse_page(seed)) for seed in range(6)]
+    typed = [ink(_page_scan(1240, 1754)), ink(render_page(seed=8))]
+    assert max(sparse) < 0.01 < 0.03 < min(typed)
 
 
 # ---------------------------------------------------------------- decisions

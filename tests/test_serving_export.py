@@ -417,9 +417,10 @@ def test_exported_graph_has_only_standard_tf_ops(tmp_path):
     saved = read_saved_model(version_dir)
     ops = saved_graph_ops(saved)
 
-    # the walk reached the signatures' functions: decoding, both nets, the gates' gather/scatter, the decision
-    assert {"DecodeImage", "Conv2D", "DepthwiseConv2dNative", "ParseExampleV2", "TensorScatterUpdate",
-            "GatherV2"} <= ops
+    # the walk reached the signatures' functions: decoding (JPEGs DCT-scaled), both nets, the gates'
+    # gather/scatter, the ink's median, the decision
+    assert {"DecodeImage", "DecodeJpeg", "ExtractJpegShape", "Conv2D", "DepthwiseConv2dNative", "ParseExampleV2",
+            "TensorScatterUpdate", "GatherV2", "NthElement"} <= ops
     assert non_standard_ops(ops) == []
 
 
