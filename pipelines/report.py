@@ -33,17 +33,57 @@ DEFAULT_PER_SECTION = 48
 # ---------------------------------------------------------------- tables
 
 
-def read_run(output: str) -> Tuple[List[dict], List[dict], dict]:
-    """(result rows, error rows, run.json) of a score output folder."""
+def read_tables(output: str):
+    """(results, errors, run.json) of a score output folder, the tables as pyarrow Tables (columnar: a million rows
+    are a few hundred MB less than as Python rows)."""
     from apache_beam.io.filesystems import FileSystems
 
     from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, read_table
 
-    results = read_table(FileSystems.join(output, "results.parquet"), RESULTS_SCHEMA).to_pylist()
-    errors = read_table(FileSystems.join(output, "errors.parquet"), ERRORS_SCHEMA).to_pylist()
+    results = read_table(FileSystems.join(output, "results.parquet"), RESULTS_SCHEMA)
+    errors = read_table(FileSystems.join(output, "errors.parquet"), ERRORS_SCHEMA)
     run_path = FileSystems.join(output, "run.json")
     run = json.loads(FileSystems.open(run_path).read()) if FileSystems.exists(run_path) else {}
     return results, errors, run
+
+
+def read_run(output: str) -> Tuple[List[dict], List[dict], dict]:
+    """(result rows, error rows, run.json) of a score output folder."""
+    results, errors, run = read_tables(output)
+    return results.to_pylist(), errors.to_pylist(), run
+
+
+def _as_table(rows, schema):
+    """A pyarrow Table of `rows` (a Table already, or a list of row dicts)."""
+    import pyarrow as pa
+
+    return rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows), schema=schema)
+
+
+def _counts(table, column: str) -> Dict[str, int]:
+    """{value: rows} of a string column, nulls and empty strings left out, most frequent first."""
+    import pyarrow.compute as pc
+
+    counted = pc.value_counts(table[column]).to_pylist() if table.num_rows else []
+    pairs = [(c["values"], c["counts"]) for c in counted if c["values"]]
+    return dict(sorted(pairs, key=lambda item: -item[1]))
+
+
+def _rows_where(table, decision: str):
+    import pyarrow.compute as pc
+
+    return table.filter(pc.equal(table["decision"], decision))
+
+
+def _most(table, column: str, descending: bool, n: int) -> List[dict]:
+    """The first `n` rows of `table` by `column` (nulls as 0), in a stable order, as row dicts."""
+    import pyarrow.compute as pc
+
+    if not table.num_rows:
+        return []
+    keys = pc.fill_null(table[column], 0.0)
+    order = pc.sort_indices(keys, sort_keys=[("", "descending" if descending else "ascending")])
+    return table.take(order[:n]).to_pylist()
 
 
 def read_truth(path: str) -> Dict[Tuple[str, int], Dict[str, Any]]:
@@ -270,9 +310,17 @@ def _top_guesses(probabilities, names: Sequence[str], k: int = 3) -> str:
     return ", ".join(f"{names[i] if i < len(names) else f'class_{i}'} {probs[i]:.2f}" for i in order)
 
 
-def _class_names(results: List[dict], run: dict) -> List[str]:
+def _class_names(results, run: dict) -> List[str]:
+    """The model's class names; `results` (a Table): a served model tells only the winning name, the rest are learnt
+    from the rows."""
+    import pyarrow.compute as pc
+
     names = list((run.get("model") or {}).get("class_names") or [])
-    for row in results:  # a served model tells only the winning name: learn the rest from the rows
+    named = results.select(["class_id", "class_name"])
+    named = named.filter(pc.and_(pc.greater_equal(pc.fill_null(named["class_id"], -1), 0),
+                                 pc.invert(pc.equal(pc.fill_null(named["class_name"], ""), ""))))
+    pairs = named.group_by(["class_id", "class_name"]).aggregate([]).to_pylist() if named.num_rows else []
+    for row in sorted(pairs, key=lambda r: (r["class_id"], r["class_name"])):
         cid = row.get("class_id")
         if cid is not None and cid >= 0 and row.get("class_name"):
             while len(names) <= cid:
@@ -295,18 +343,16 @@ def _count_table(title: str, counts: Dict[str, int], css_pills: bool = False) ->
 def build_report_html(results: List[dict], errors: List[dict], run: dict, *, title: str,
                       metrics: Optional[Dict[str, Any]] = None,
                       per_section: int = DEFAULT_PER_SECTION, seed: int = 0) -> str:
-    """The whole page as one string (thumbnails read from the original files); `metrics`: truth_metrics of these
-    results against a truth manifest, for its section (none for an empty manifest)."""
+    """The whole page as one string (thumbnails read from the original files); `results` and `errors`: pyarrow
+    Tables (or lists of rows), read column-wise, so only the rows shown become Python rows; `metrics`: truth_metrics
+    of these results against a truth manifest, for its section (none for an empty manifest)."""
+    from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
+
+    results, errors = _as_table(results, RESULTS_SCHEMA), _as_table(errors, ERRORS_SCHEMA)
     names = _class_names(results, run)
-    per_decision: Dict[str, int] = {}
-    per_class: Dict[str, int] = {}
-    for row in results:
-        per_decision[row["decision"]] = per_decision.get(row["decision"], 0) + 1
-        if row["class_name"]:
-            per_class[row["class_name"]] = per_class.get(row["class_name"], 0) + 1
-    per_error: Dict[str, int] = {}
-    for row in errors:
-        per_error[row["error_type"]] = per_error.get(row["error_type"], 0) + 1
+    per_decision = _counts(results, "decision")
+    per_class = _counts(results, "class_name")
+    per_error = _counts(errors, "error_type")
     counts = run.get("counts", {})
     model = run.get("model", {})
     parts: List[str] = []
@@ -332,7 +378,7 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
         meta.append(f"{timings.get('elapsed_seconds')} s, {timings.get('pages_per_second')} pages/s")
     parts.append("<p class=meta>" + "<br>".join(meta) + "</p>")
 
-    total = max(1, len(results))
+    total = max(1, results.num_rows)
     colours = {"auto_rotate": "#c05621", "review": "#b7791f", "ok": "#2f855a", "skipped": "#718096",
                "corrected": "#2b6cb0"}
     bars = "".join(f'<div style="width:{100 * v / total:.2f}%;background:{colours.get(k, "#555")}" '
@@ -357,10 +403,9 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
             bits.append("reused")
         return ", ".join(bits)
 
-    auto = sorted((r for r in results if r["decision"] == "auto_rotate"),
-                  key=lambda r: -(r["orientation_confidence"] or 0))
+    auto = _rows_where(results, "auto_rotate")
     sheet = []
-    for row in auto[:per_section]:
+    for row in _most(auto, "orientation_confidence", True, per_section):
         from pipelines.imaging import make_upright
 
         before = load_page(row["uri"], row["page"])
@@ -369,15 +414,14 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
         extra = describe(row) + (f"<br>copy: {html.escape(_short(row['corrected_uri']))}"
                                  if row.get("corrected_uri") else "")
         sheet.append(figure(row, body, extra, "thumb pair"))
-    parts.append(f'<h2 id="auto-rotate">Turned upright automatically ({len(auto)}'
-                 f'{f", first {per_section} shown" if len(auto) > per_section else ""})</h2>'
+    parts.append(f'<h2 id="auto-rotate">Turned upright automatically ({auto.num_rows}'
+                 f'{f", first {per_section} shown" if auto.num_rows > per_section else ""})</h2>'
                  f'<p class=meta>before (as stored) and after (turned upright)</p>'
                  f'<div class="sheet">{"".join(sheet) or "<p>none</p>"}</div>')
 
-    review = sorted((r for r in results if r["decision"] == "review"),
-                    key=lambda r: (r["orientation_confidence"] or 0))
+    review = _rows_where(results, "review")
     sheet = []
-    for row in review[:per_section]:
+    for row in _most(review, "orientation_confidence", False, per_section):
         guesses = []
         if row["orientation_probabilities"] is not None:
             guesses.append("turn: " + _top_guesses(row["orientation_probabilities"], [f"{d}°" for d in
@@ -387,15 +431,16 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
         reason = f"<br><i>{html.escape(row['review_reason'])}</i>" if row.get("review_reason") else ""
         sheet.append(figure(row, img_tag(load_page(row["uri"], row["page"]), "review"),
                             "<br>".join(guesses) + reason))
-    parts.append(f'<h2 id="review">For a person to look at ({len(review)}'
-                 f'{f", first {per_section} shown" if len(review) > per_section else ""})</h2>'
+    parts.append(f'<h2 id="review">For a person to look at ({review.num_rows}'
+                 f'{f", first {per_section} shown" if review.num_rows > per_section else ""})</h2>'
                  f'<div class="sheet">{"".join(sheet) or "<p>none</p>"}</div>')
 
-    ok = [r for r in results if r["decision"] == "ok"]
-    sample = random.Random(seed).sample(ok, min(len(ok), per_section))
-    sample.sort(key=lambda r: (r["uri"], r["page"]))
+    ok = _rows_where(results, "ok")
+    # The positions random.sample would pick from the list of ok rows, taken from the table.
+    picked = random.Random(seed).sample(range(ok.num_rows), min(ok.num_rows, per_section))
+    sample = sorted(ok.take(picked).to_pylist() if picked else [], key=lambda r: (r["uri"], r["page"]))
     sheet = [figure(row, img_tag(load_page(row["uri"], row["page"]), "ok"), describe(row)) for row in sample]
-    parts.append(f'<h2 id="ok">Upright and sure: a sample ({len(sample)} of {len(ok)})</h2>'
+    parts.append(f'<h2 id="ok">Upright and sure: a sample ({len(sample)} of {ok.num_rows})</h2>'
                  f'<div class="sheet">{"".join(sheet) or "<p>none</p>"}</div>')
 
     if metrics and metrics["coverage"]["truth_rows"]:
@@ -448,12 +493,12 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
             section.append("<p>no result matched a labelled row of the truth manifest</p>")
         parts.append("".join(section))
 
-    if errors:
+    if errors.num_rows:
         # The whole uri: an error is acted on, and the person must find the file (contact sheets shorten theirs).
         rows = "".join(f"<tr><td>{html.escape(e['uri'])}</td><td>{e['page']}</td>"
                        f"<td>{html.escape(e['stage'])}</td><td>{html.escape(e['error_type'])}</td>"
-                       f"<td>{html.escape(e['message'][:200])}</td></tr>" for e in errors[:200])
-        parts.append(f'<h2 id="errors">Errors ({len(errors)})</h2><table><tr><th>uri</th><th>page</th>'
+                       f"<td>{html.escape(e['message'][:200])}</td></tr>" for e in errors.slice(0, 200).to_pylist())
+        parts.append(f'<h2 id="errors">Errors ({errors.num_rows})</h2><table><tr><th>uri</th><th>page</th>'
                      f'<th>stage</th><th>type</th><th>message</th></tr>{rows}</table>')
     return html_page(title, "".join(parts))
 
@@ -466,9 +511,9 @@ def write_report(output: str, truth: Optional[str] = None, per_section: int = DE
     does not read or compute it again."""
     from apache_beam.io.filesystems import FileSystems
 
-    results, errors, run = tables if tables is not None else read_run(output)
+    results, errors, run = tables if tables is not None else read_tables(output)
     if metrics is None and truth:
-        metrics = truth_metrics(results, read_truth(truth))
+        metrics = truth_metrics(results if isinstance(results, list) else results.to_pylist(), read_truth(truth))
     page = build_report_html(results, errors, run, title=f"archive-vision report: {output}", metrics=metrics,
                              per_section=per_section)
     path = FileSystems.join(output, "report.html")

@@ -9,12 +9,12 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from pipelines import imaging, ingest, schema
 from pipelines.ingest_append import AppendError
 from tests.image_factory import encode_array, make_random_image
+from tests.test_score_incremental import OpenedFiles
 
 FRACTIONS = "0.5,0.5,0"  # two splits of even odds: a changed file's new content lands in the other split half the time
 
@@ -77,21 +77,6 @@ def split_counts(output: str) -> dict:
 
     cfg = TrainConfig(data=output, job_dir="/unused", backbone="tiny", weights="none", image_size=32, batch_size=4)
     return {split: train_input.count_split(output, split, cfg).records for split in schema.SPLITS}
-
-
-class OpenedFiles:
-    """Records every archive file ingest opens (FileSystems.open is how it reads inputs; runs are in-process)."""
-
-    def __init__(self, monkeypatch, archive: str):
-        self.paths = []
-        original = FileSystems.open  # a staticmethod
-
-        def recording_open(path, *args, **kwargs):
-            if os.path.abspath(path).startswith(archive + os.sep):
-                self.paths.append(os.path.basename(path))
-            return original(path, *args, **kwargs)
-
-        monkeypatch.setattr(FileSystems, "open", staticmethod(recording_open))
 
 
 def side_input_producers(proto, under: str) -> set:

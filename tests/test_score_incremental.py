@@ -34,7 +34,8 @@ def model_bases(tmp_path_factory):
 
 
 class OpenedFiles:
-    """Records every archive file score opens (FileSystems.open is how it reads inputs; runs are in-process)."""
+    """Records every archive file score or ingest opens (FileSystems.open is how both read inputs; runs are
+    in-process)."""
 
     def __init__(self, monkeypatch, archive: str):
         self.paths = []
