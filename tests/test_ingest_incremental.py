@@ -14,7 +14,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from pipelines import imaging, ingest, schema
 from pipelines.ingest_append import AppendError
 from tests.image_factory import encode_array, make_random_image
-from tests.test_score_incremental import OpenedFiles
+from tests.test_score_incremental import OpenedFiles, side_input_producers
 
 FRACTIONS = "0.5,0.5,0"  # two splits of even odds: a changed file's new content lands in the other split half the time
 
@@ -77,22 +77,6 @@ def split_counts(output: str) -> dict:
 
     cfg = TrainConfig(data=output, job_dir="/unused", backbone="tiny", weights="none", image_size=32, batch_size=4)
     return {split: train_input.count_split(output, split, cfg).records for split in schema.SPLITS}
-
-
-def side_input_producers(proto, under: str) -> set:
-    """The steps producing the side inputs of the steps `under` a composite of the pipeline `proto`."""
-    from apache_beam.portability import common_urns
-    from apache_beam.portability.api import beam_runner_api_pb2
-
-    transforms = proto.components.transforms
-    producer = {pcoll: t.unique_name for t in transforms.values() if not t.subtransforms
-                for pcoll in t.outputs.values()}
-    names = set()
-    for t in transforms.values():
-        if t.spec.urn == common_urns.primitives.PAR_DO.urn and t.unique_name.startswith(under):
-            payload = beam_runner_api_pb2.ParDoPayload.FromString(t.spec.payload)
-            names.update(producer[t.inputs[local]] for local in payload.side_inputs)
-    return names
 
 
 def test_an_unchanged_archive_appends_nothing_and_opens_no_file(first_run, monkeypatch):
