@@ -260,22 +260,25 @@ class IngestArchive(beam.PTransform):
     def expand(self, pbegin) -> Dict[str, beam.PCollection]:
         opts, earlier = self._options, self._earlier
         label_mode = sources.resolve_label_mode(opts.input, opts.labels)
-        entries = (pbegin
-                   | "Source" >> beam.Create([opts.input])
-                   | "ListArchive" >> beam.FlatMap(sources.list_archive, label_mode, list(opts.exclude))
-                   | "Distribute" >> DistributeEntries())
+        listed = (pbegin
+                  | "Source" >> beam.Create([opts.input])
+                  | "ListArchive" >> beam.FlatMap(sources.list_archive, label_mode, list(opts.exclude)))
+        entries = listed | "Distribute" >> DistributeEntries()
         if earlier is not None:
             return self._append(entries, earlier)
+        # The classes and the progress line's total come from the listing before its Reshuffle, not from the
+        # entries the decoding reads: side inputs made from those would make the runner hold every entry until
+        # they are known.
         if opts.classes:
             classes = pbegin | "PinnedClasses" >> beam.Create([list(opts.classes)])
         else:
-            classes = (entries
+            classes = (listed
                        | "Labels" >> beam.FlatMap(lambda e: [e.label] if e.label and not e.error else [])
                        | "DistinctLabels" >> beam.Distinct()
                        | "SortedClasses" >> beam.combiners.ToList()
                        | "Sort" >> beam.Map(sorted))
         _ = classes | "WriteLabels" >> beam.Map(_write_labels, opts.output, label_mode)
-        decoded = entries | "Progress" >> ShowProgress("ingest") | "DecodeImages" >> beam.ParDo(
+        decoded = entries | "Progress" >> ShowProgress("ingest", counted=listed) | "DecodeImages" >> beam.ParDo(
             DecodeImagesFn(opts), beam.pvalue.AsSingleton(classes)).with_outputs(DecodeImagesFn.ERRORS,
                                                                                  main="records")
         written = decoded.records | "WriteShards" >> WriteShards(

@@ -116,13 +116,19 @@ class ShowProgress(beam.PTransform):
     Put it right before the DoFn that reads the inputs: the two fuse, so an input is counted as its reading starts.
     """
 
-    def __init__(self, job: str, unit: str = "inputs"):
+    def __init__(self, job: str, unit: str = "inputs", counted=None):
+        """`counted`: the PCollection whose size is the total, when it is not the entries themselves. Give the
+        listing before its Reshuffle: a side input made from the very entries this step reads makes the runner
+        hold all of them (as Python objects, in the DirectRunner's launcher) until the count is known, where the
+        listing's count is known by the time the shuffle's entries come out."""
         super().__init__()
         self._job = job
         self._unit = unit
+        self._counted = counted
 
     def expand(self, entries):
-        total = entries | "CountInputs" >> beam.combiners.Count.Globally()
+        counted = entries if self._counted is None else self._counted
+        total = counted | "CountInputs" >> beam.combiners.Count.Globally()
         workers = expected_workers(getattr(entries.pipeline, "_options", None))
         fn = _ProgressFn(self._job, self._unit, progress_wanted(), workers, progress_seconds())
         return entries | "Tick" >> beam.ParDo(fn, beam.pvalue.AsSingleton(total))

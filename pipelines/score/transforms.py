@@ -323,10 +323,10 @@ class ScoreArchive(beam.PTransform):
 
     def expand(self, pbegin) -> Dict[str, beam.PCollection]:
         opts = self._options
-        entries = (pbegin
-                   | "Source" >> beam.Create([opts.input])
-                   | "ListArchive" >> beam.FlatMap(sources.list_archive, "none", list(opts.exclude))
-                   | "Distribute" >> DistributeEntries())
+        listed = (pbegin
+                  | "Source" >> beam.Create([opts.input])
+                  | "ListArchive" >> beam.FlatMap(sources.list_archive, "none", list(opts.exclude)))
+        entries = listed | "Distribute" >> DistributeEntries()
         reused = []
         known = None
         if self._known is not None:
@@ -340,8 +340,10 @@ class ScoreArchive(beam.PTransform):
             reused.append(by_listing.rows)
             entries = by_listing[ReuseByListingFn.UNMATCHED]
         # The progress line counts the files read (fused with the reading): those reused unread are not work.
+        # Without earlier rows every listed input is read: its total is the listing's, counted before the Reshuffle
+        # (a count of the entries read here would make the runner hold them all until it is known).
         read = (entries
-                | "Progress" >> ShowProgress("score")
+                | "Progress" >> ShowProgress("score", counted=listed if known is None else None)
                 | "ReadInputs" >> beam.ParDo(ReadInputFn(opts)).with_outputs(ReadInputFn.ERRORS, main="read"))
         fresh = read.read
         if known is not None:
