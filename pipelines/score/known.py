@@ -108,11 +108,22 @@ def _csv_value(name: str, value):
     return value
 
 
-def reused_rows(entry, known: Iterable[dict]) -> List[dict]:
-    """The rows a listed file reuses: one earlier row per page (page order; of several, the one with the smallest
-    earlier uri), carrying this file's uri and fingerprint."""
+def packed(row: dict) -> tuple:
+    """An earlier row as the tuple of its values in RESULTS_SCHEMA's order: how it crosses the joins' shuffles
+    (Beam's primitive coder writes a tuple without a dict's key names, and the DirectRunner holds a shuffle in its
+    launcher's memory)."""
+    return tuple(row[name] for name in RESULTS_SCHEMA.names)
+
+
+def unpacked(values: tuple) -> dict:
+    return dict(zip(RESULTS_SCHEMA.names, values))
+
+
+def reused_rows(entry, known: Iterable[tuple]) -> List[dict]:
+    """The rows a listed file reuses (`known`: earlier rows, packed): one earlier row per page (page order; of
+    several, the one with the smallest earlier uri), carrying this file's uri and fingerprint."""
     pages = {}
-    for row in sorted(known, key=lambda r: (r["page"], r["uri"] or "")):
+    for row in sorted(map(unpacked, known), key=lambda r: (r["page"], r["uri"] or "")):
         pages.setdefault(row["page"], row)
     return [dict(row, uri=entry.uri, fingerprint=entry.fingerprint, reused=True)
             for _, row in sorted(pages.items())]
@@ -177,14 +188,20 @@ class ReadKnown(beam.PTransform):
         return rows | "Reusable" >> beam.ParDo(_KnownRowFn(table, self._model))
 
 
-def listing_key(row: dict) -> Iterable[Tuple[Tuple[str, str], dict]]:
-    """An earlier row keyed by (uri, fingerprint); none for a row without a fingerprint (an older table's)."""
+def listing_key(row: dict) -> Iterable[Tuple[Tuple[str, str], tuple]]:
+    """An earlier row (packed) keyed by (uri, fingerprint); none for a row without a fingerprint (an older
+    table's)."""
     if row["fingerprint"] and row["uri"]:
-        yield (row["uri"], row["fingerprint"]), row
+        yield (row["uri"], row["fingerprint"]), packed(row)
+
+
+def known_content_key(row: dict) -> Tuple[str, tuple]:
+    """An earlier row (packed) keyed by its content's sha256."""
+    return row["sha256"], packed(row)
 
 
 def content_key(element: dict) -> Tuple[str, dict]:
-    """A read file ({entry, data, sha256}) or an earlier row keyed by its content's sha256."""
+    """A read file ({entry, data, sha256}) keyed by its content's sha256."""
     return element["sha256"], element
 
 

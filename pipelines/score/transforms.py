@@ -17,7 +17,7 @@ from pipelines.progress import ShowProgress
 from pipelines.score.answers import draft_side, page_payload, predict_isolating, result_row
 from pipelines.score.corrected import WriteCorrectedFn
 from pipelines.score.known import (KnownTable, ReadKnown, ReuseByContentFn, ReuseByListingFn, content_key,
-                                   entry_listing_key, listing_key)
+                                   entry_listing_key, known_content_key, listing_key)
 from pipelines.score.options import COUNTER_NAMESPACE, ModelInfo, ScoreOptions, run_policy
 from pipelines.score.review import ApplyCorrections
 from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, error_row, write_job_tables
@@ -349,7 +349,7 @@ class ScoreArchive(beam.PTransform):
         if known is not None:
             by_content = (
                 {"read": read.read | "KeyByContent" >> beam.Map(content_key),
-                 "known": known | "KnownByContent" >> beam.Map(content_key)}
+                 "known": known | "KnownByContent" >> beam.Map(known_content_key)}
                 | "JoinByContent" >> beam.CoGroupByKey()
                 | "ReuseByContent" >> beam.ParDo(ReuseByContentFn()).with_outputs(
                     ReuseByContentFn.UNMATCHED, main="rows"))
