@@ -246,6 +246,13 @@ class DistributeEntries(beam.PTransform):
                 | "AsEntries" >> beam.Map(_entry_from_fields))
 
 
+def _distinct_labels(listed):
+    """The labels of the listed files (those the listing could not read left out), each once."""
+    return (listed
+            | "Labels" >> beam.FlatMap(lambda e: [e.label] if e.label and not e.error else [])
+            | "DistinctLabels" >> beam.Distinct())
+
+
 class IngestArchive(beam.PTransform):
     """archive path -> {records, errors, manifest_rows (shard: a part id, or an earlier shard's name), shard_names
     ({part id: shard file}), classes}: the whole ingest graph but the table writes. With `earlier` (--append), the
@@ -265,16 +272,14 @@ class IngestArchive(beam.PTransform):
                   | "ListArchive" >> beam.FlatMap(sources.list_archive, label_mode, list(opts.exclude)))
         entries = listed | "Distribute" >> DistributeEntries()
         if earlier is not None:
-            return self._append(entries, earlier)
+            return self._append(listed, entries, earlier)
         # The classes and the progress line's total come from the listing before its Reshuffle, not from the
         # entries the decoding reads: side inputs made from those would make the runner hold every entry until
         # they are known.
         if opts.classes:
             classes = pbegin | "PinnedClasses" >> beam.Create([list(opts.classes)])
         else:
-            classes = (listed
-                       | "Labels" >> beam.FlatMap(lambda e: [e.label] if e.label and not e.error else [])
-                       | "DistinctLabels" >> beam.Distinct()
+            classes = (_distinct_labels(listed)
                        | "SortedClasses" >> beam.combiners.ToList()
                        | "Sort" >> beam.Map(sorted))
         _ = classes | "WriteLabels" >> beam.Map(_write_labels, opts.output, label_mode)
@@ -287,13 +292,11 @@ class IngestArchive(beam.PTransform):
         return {"records": decoded.records, "errors": decoded[DecodeImagesFn.ERRORS], "manifest_rows": written["rows"],
                 "shard_names": written["shard_names"], "classes": classes}
 
-    def _append(self, entries, earlier: EarlierRun) -> Dict[str, beam.PCollection]:
+    def _append(self, listed, entries, earlier: EarlierRun) -> Dict[str, beam.PCollection]:
         """The --append graph: the set's classes (checked against the listing's labels, before anything is decoded:
         DecodeImages waits for them), the joins, then decoding and shards for what the set does not hold."""
         opts = self._options
-        classes = (entries
-                   | "Labels" >> beam.FlatMap(lambda e: [e.label] if e.label and not e.error else [])
-                   | "DistinctLabels" >> beam.Distinct()
+        classes = (_distinct_labels(listed)
                    | "AllLabels" >> beam.combiners.ToList()
                    | "CheckClasses" >> beam.Map(ingest_append.checked_classes, earlier.classes, earlier.pinned))
         joined = entries | "JoinEarlier" >> JoinEarlier(earlier, opts.assume_upright, opts.max_file_mb)

@@ -320,13 +320,12 @@ def _class_names(results, run: dict) -> List[str]:
     named = named.filter(pc.and_(pc.greater_equal(pc.fill_null(named["class_id"], -1), 0),
                                  pc.invert(pc.equal(pc.fill_null(named["class_name"], ""), ""))))
     pairs = named.group_by(["class_id", "class_name"]).aggregate([]).to_pylist() if named.num_rows else []
-    for row in sorted(pairs, key=lambda r: (r["class_id"], r["class_name"])):
-        cid = row.get("class_id")
-        if cid is not None and cid >= 0 and row.get("class_name"):
-            while len(names) <= cid:
-                names.append(f"class_{len(names)}")
-            if names[cid].startswith("class_"):
-                names[cid] = row["class_name"]
+    for row in sorted(pairs, key=lambda r: (r["class_id"], r["class_name"])):  # each has an id >= 0 and a name
+        cid = row["class_id"]
+        while len(names) <= cid:
+            names.append(f"class_{len(names)}")
+        if names[cid].startswith("class_"):
+            names[cid] = row["class_name"]
     return names
 
 

@@ -148,7 +148,7 @@ def crop_batch(image, crops: P.TextCropSettings, copy_short: int = 0, centres=_C
     copy_short = copy_short or crops.copy_short
     h = tf.cast(tf.shape(image)[0], tf.float32)
     w = tf.cast(tf.shape(image)[1], tf.float32)
-    scale = tf.minimum(copy_short / tf.minimum(h, w), max_long / tf.maximum(h, w))
+    scale = _reduction(h, w, copy_short, max_long)
     new_h = tf.maximum(size, tf.cast(tf.round(h * scale), tf.int32))
     new_w = tf.maximum(size, tf.cast(tf.round(w * scale), tf.int32))
     size2d = tf.stack([new_h, new_w])
