@@ -30,7 +30,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 from archive_vision.local_processes import usable_cores
 from pipelines import imaging, ingest_append, schema, sources
 from pipelines.cli import (DEFAULT_MAX_FAILED_FRACTION, EXIT_USAGE, add_max_failed_fraction, command_parser,
-                           configure_logging, exit_code, failed_inputs_check, failed_inputs_line)
+                           configure_logging, exit_code, failed_inputs_check, failed_inputs_line,
+                           return_freed_memory)
 from pipelines.ingest_append import COUNTER_NAMESPACE, AppendError, EarlierRun, JoinEarlier
 from pipelines.progress import ShowProgress
 from pipelines.shards import WriteShards
@@ -223,27 +224,17 @@ def _write_labels(classes: Sequence[str], output: str, source: str) -> None:
         handle.write(payload)
 
 
-def _entry_fields(entry: sources.SourceEntry) -> tuple:
-    return dataclasses.astuple(entry)
-
-
-def _entry_from_fields(fields: tuple) -> sources.SourceEntry:
-    return sources.SourceEntry(*fields)
-
-
 class DistributeEntries(beam.PTransform):
     """Listed entries -> the same entries spread over the workers (a Reshuffle: the listing is one element's work).
 
-    They cross the shuffle as plain tuples, which Beam's primitive coder writes compactly, rather than pickled
-    dataclasses: the DirectRunner holds a shuffle whole in the launcher, and a listing of 20,000 files took 57 MB
-    there as dataclasses, 27 MB as tuples.
+    They cross the shuffle as plain tuples (SourceEntry.fields).
     """
 
     def expand(self, entries):
         return (entries
-                | "AsFields" >> beam.Map(_entry_fields)
+                | "AsFields" >> beam.Map(sources.SourceEntry.fields)
                 | "Reshuffle" >> beam.Reshuffle()
-                | "AsEntries" >> beam.Map(_entry_from_fields))
+                | "AsEntries" >> beam.Map(sources.SourceEntry.from_fields))
 
 
 def _distinct_labels(listed):
@@ -270,9 +261,9 @@ class IngestArchive(beam.PTransform):
         listed = (pbegin
                   | "Source" >> beam.Create([opts.input])
                   | "ListArchive" >> beam.FlatMap(sources.list_archive, label_mode, list(opts.exclude)))
+        if earlier is not None:  # its join spreads the entries over the workers: no Reshuffle before it
+            return self._append(listed, earlier)
         entries = listed | "Distribute" >> DistributeEntries()
-        if earlier is not None:
-            return self._append(listed, entries, earlier)
         # The classes and the progress line's total come from the listing before its Reshuffle, not from the
         # entries the decoding reads: side inputs made from those would make the runner hold every entry until
         # they are known.
@@ -292,22 +283,22 @@ class IngestArchive(beam.PTransform):
         return {"records": decoded.records, "errors": decoded[DecodeImagesFn.ERRORS], "manifest_rows": written["rows"],
                 "shard_names": written["shard_names"], "classes": classes}
 
-    def _append(self, listed, entries, earlier: EarlierRun) -> Dict[str, beam.PCollection]:
+    def _append(self, listed, earlier: EarlierRun) -> Dict[str, beam.PCollection]:
         """The --append graph: the set's classes (checked against the listing's labels, before anything is decoded:
         DecodeImages waits for them), the joins, then decoding and shards for what the set does not hold."""
         opts = self._options
         classes = (_distinct_labels(listed)
                    | "AllLabels" >> beam.combiners.ToList()
                    | "CheckClasses" >> beam.Map(ingest_append.checked_classes, earlier.classes, earlier.pinned))
-        joined = entries | "JoinEarlier" >> JoinEarlier(earlier, opts.assume_upright, opts.max_file_mb)
+        joined = listed | "JoinEarlier" >> JoinEarlier(earlier, opts.assume_upright, opts.max_file_mb)
         decoded = joined["fresh"] | "DecodeImages" >> beam.ParDo(
             DecodeImagesFn(opts), beam.pvalue.AsSingleton(classes)).with_outputs(DecodeImagesFn.ERRORS,
                                                                                  main="records")
         written = decoded.records | "WriteShards" >> WriteShards(
             self._temp_dir, opts.output, compression=opts.compression, shard_mb=opts.shard_mb,
             num_shards=opts.num_shards, suffix=opts.shard_suffix, tag=earlier.tag)
-        rows = (written["rows"], joined["rows"]) | "AllManifestRows" >> beam.Flatten()
-        errors = (decoded[DecodeImagesFn.ERRORS], joined["errors"]) | "AllErrors" >> beam.Flatten()
+        rows = (written["rows"], *joined["rows"])  # written part by part (pipelines.tables.WriteTable)
+        errors = (decoded[DecodeImagesFn.ERRORS], *joined["errors"])
         return {"records": decoded.records, "errors": errors, "manifest_rows": rows,
                 "shard_names": written["shard_names"], "classes": classes}
 
@@ -606,6 +597,7 @@ def format_summary(summary: dict, output: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     configure_logging(argv if argv is not None else sys.argv[1:])
+    return_freed_memory()  # before the runner starts its workers
     # Worker-side warnings relayed by the local job service are start-up chatter; errors still show.
     logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
     try:

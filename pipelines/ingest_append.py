@@ -241,7 +241,8 @@ class ReuseByListingFn(beam.DoFn):
 
     def process(self, element):
         _, grouped = element
-        listed, rows, errors = list(grouped["listed"]), list(grouped["rows"]), list(grouped["errors"])
+        listed = [sources.SourceEntry.from_fields(fields) for fields in grouped["listed"]]
+        rows, errors = list(grouped["rows"]), list(grouped["errors"])
         if not listed:
             for row in rows:
                 yield beam.pvalue.TaggedOutput(self.UNLISTED, row)
@@ -365,7 +366,7 @@ class JoinEarlier(beam.PTransform):
             errors = pipeline | "ReadErrors" >> beam.io.ReadFromParquet(earlier.errors, columns=ERRORS_SCHEMA.names)
         else:
             errors = pipeline | "NoErrors" >> beam.Create([])
-        by_uri = ({"listed": entries | "ListedByUri" >> beam.Map(lambda entry: (entry.uri, entry)),
+        by_uri = ({"listed": entries | "ListedByUri" >> beam.Map(lambda entry: (entry.uri, entry.fields())),
                    "rows": known.current | "RowsByUri" >> beam.Map(lambda row: (row["source_uri"], row)),
                    "errors": errors | "ErrorsByUri" >> beam.Map(lambda row: (row["uri"], row))}
                   | "JoinByUri" >> beam.CoGroupByKey()
@@ -383,9 +384,10 @@ class JoinEarlier(beam.PTransform):
                   "fresh": read[ReadAgainstEarlierFn.NEW_CONTENT]}
                  | "JoinMoved" >> beam.CoGroupByKey()
                  | "SupersedeMoved" >> beam.ParDo(SupersedeMovedFn()))
-        rows = (by_uri.rows, read.rows, moved, known[_EarlierRowFn.SUPERSEDED]) | "EarlierRowsNow" >> beam.Flatten()
-        kept_errors = (by_uri[ReuseByListingFn.ERRORS], read[ReadAgainstEarlierFn.ERRORS]) \
-            | "EarlierErrorsNow" >> beam.Flatten()
+        # Tuples of PCollections, written part by part (pipelines.tables.WriteTable: a Flatten would make the
+        # DirectRunner hold every row in its launcher).
+        rows = (by_uri.rows, read.rows, moved, known[_EarlierRowFn.SUPERSEDED])
+        kept_errors = (by_uri[ReuseByListingFn.ERRORS], read[ReadAgainstEarlierFn.ERRORS])
         return {"fresh": read[ReadAgainstEarlierFn.FRESH], "rows": rows, "errors": kept_errors}
 
 

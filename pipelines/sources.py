@@ -38,6 +38,16 @@ class SourceEntry:
     error_type: str = "bad_manifest_row"  # errors.parquet's error_type for `error` (read only when error is set)
     fingerprint: str = ""  # the file's version as its listing gives it (local_fingerprint, gcs_fingerprint; "": none)
 
+    def fields(self) -> tuple:
+        """The entry as a plain tuple: how it crosses a shuffle (Beam's primitive coder writes a tuple compactly,
+        a dataclass only pickled; the DirectRunner holds a shuffle in its launcher: 20,000 listed files took 57 MB
+        there as dataclasses, 27 MB as tuples)."""
+        return dataclasses.astuple(self)
+
+    @classmethod
+    def from_fields(cls, fields: tuple) -> "SourceEntry":
+        return cls(*fields)
+
 
 def local_fingerprint(info: os.stat_result) -> str:
     """A local file's listing fingerprint: size and mtime in ns (rsync's quick check: a rewrite moves the mtime)."""

@@ -14,7 +14,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from pipelines import imaging, ingest, schema
 from pipelines.ingest_append import AppendError
 from tests.image_factory import encode_array, make_random_image
-from tests.test_score_incremental import OpenedFiles, side_input_producers
+from tests.test_score_incremental import OpenedFiles, flattens_before_writers, side_input_producers
 
 FRACTIONS = "0.5,0.5,0"  # two splits of even odds: a changed file's new content lands in the other split half the time
 
@@ -103,6 +103,9 @@ def test_an_unchanged_archive_appends_nothing_and_opens_no_file(first_run, monke
     names = {t.unique_name for t in graphs[0].components.transforms.values()}
     assert {"Ingest/JoinEarlier/ReadManifest", "Ingest/JoinEarlier/JoinByUri",
             "Ingest/JoinEarlier/JoinMoved"} <= names
+    # The kept rows stream into the manifest's part files; the listing crosses one shuffle, the join's.
+    assert flattens_before_writers(graphs[0], "Manifest") == set()
+    assert not any(name.startswith("Ingest/Distribute") for name in names)
 
 
 def test_new_files_go_into_shards_of_their_own_and_the_trainer_reads_every_record_once(first_run, monkeypatch):

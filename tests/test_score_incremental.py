@@ -53,7 +53,7 @@ def run_score(archive, output, model_base, known=None, graphs=None):
     args = ["--input", archive, "--output", output, "--model", model_base, "--no-report"]
     if known:
         args += ["--skip-known", known]
-    extend = (lambda outputs: graphs.append(outputs["results"].pipeline.to_runner_api())) if graphs is not None \
+    extend = (lambda outputs: graphs.append(outputs["results"][0].pipeline.to_runner_api())) if graphs is not None \
         else None
     return score.run(args, test_pipeline=TestPipeline(), extend_pipeline=extend)
 
@@ -92,6 +92,21 @@ def side_input_producers(proto, under: str) -> set:
     return names
 
 
+def flattens_before_writers(proto, table: str) -> set:
+    """The Flatten steps whose output a table writer (`Write<Table>`) takes rows from directly: none, if its rows
+    are to stream into part files where they are made (the DirectRunner holds a Flatten's inputs whole in its
+    launcher)."""
+    from apache_beam.portability import common_urns
+
+    transforms = proto.components.transforms
+    producer = {pcoll: t for t in transforms.values() if not t.subtransforms for pcoll in t.outputs.values()}
+    writers = [t for t in transforms.values() if t.unique_name.startswith(f"Write{table}/WriteParts")
+               and not t.subtransforms]
+    assert writers, f"no Write{table}/WriteParts step"
+    return {producer[pcoll].unique_name for t in writers for pcoll in t.inputs.values()
+            if producer[pcoll].spec.urn == common_urns.primitives.FLATTEN.urn}
+
+
 def test_an_unchanged_archive_is_reused_whole_without_opening_a_file(tmp_path, model_bases, first_run, monkeypatch):
     archive, known = first_run
     before = rows_by_name(os.path.dirname(known))
@@ -117,6 +132,9 @@ def test_an_unchanged_archive_is_reused_whole_without_opening_a_file(tmp_path, m
     assert producers and all("/Progress/" in name for name in producers), producers
     names = {t.unique_name for t in graphs[0].components.transforms.values()}
     assert {"ScoreArchive/Known/ReadParquet", "ScoreArchive/JoinByListing", "ScoreArchive/JoinByContent"} <= names
+    # The reused rows stream into the results' part files; the listing crosses one shuffle, the join's.
+    assert flattens_before_writers(graphs[0], "Results") == set()
+    assert not any(name.startswith("ScoreArchive/Distribute") for name in names)
 
 
 def test_a_touched_file_is_read_once_reused_by_content_and_then_known_by_its_new_listing(tmp_path, model_bases,

@@ -36,7 +36,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import sources
-from pipelines.cli import EXIT_USAGE, configure_logging, exit_code
+from pipelines.cli import EXIT_USAGE, configure_logging, return_freed_memory, exit_code
 from pipelines.imaging import make_upright, turn_clockwise  # noqa: F401 - part of score's interface (tests, report)
 from pipelines.ingest import default_pipeline_options, runner_record
 from pipelines.score.answers import (SENT_AS_IS, decide, draft_side, page_payload,  # noqa: F401
@@ -177,6 +177,7 @@ def run_failure_reason(error: BaseException) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     configure_logging(argv if argv is not None else sys.argv[1:])
+    return_freed_memory()  # before the runner starts its workers
     try:
         summary = run(argv)
     except Exception as e:  # a chain that cannot start (no server, no model) says why and exits non-zero

@@ -20,6 +20,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from pipelines.sources import SourceEntry
 from pipelines.score.options import COUNTER_NAMESPACE, SKIPPED, ModelInfo
 from pipelines.tables import RESULTS_SCHEMA
 from pipelines.score.review import CORRECTED
@@ -205,8 +206,9 @@ def content_key(element: dict) -> Tuple[str, dict]:
     return element["sha256"], element
 
 
-def entry_listing_key(entry) -> Tuple[Tuple[str, str], object]:
-    return (entry.uri, entry.fingerprint), entry
+def entry_listing_key(entry: SourceEntry) -> Tuple[Tuple[str, str], tuple]:
+    """A listed file keyed by (uri, fingerprint), as a tuple of its fields (SourceEntry.fields)."""
+    return (entry.uri, entry.fingerprint), entry.fields()
 
 
 class ReuseByListingFn(beam.DoFn):
@@ -222,7 +224,7 @@ class ReuseByListingFn(beam.DoFn):
 
     def process(self, element):
         (_, fingerprint), grouped = element
-        entries = list(grouped["entries"])
+        entries = [SourceEntry.from_fields(fields) for fields in grouped["entries"]]
         known = list(grouped["known"]) if fingerprint else []  # no fingerprint: nothing to match by listing
         for entry in entries:
             if not known or entry.error:

@@ -310,7 +310,8 @@ class ScoreImages(beam.PTransform):
 
 
 class ScoreArchive(beam.PTransform):
-    """archive path -> {results, errors}: the whole score graph but the table writes.
+    """archive path -> {results, errors}, each a tuple of PCollections of rows: the whole score graph but the table
+    writes.
 
     With an earlier table (`known`), two keyed joins decide what is reused before anything is decoded (see
     pipelines.score.known): listed files by (uri, fingerprint), unread; the rest, once read, by sha256."""
@@ -326,13 +327,14 @@ class ScoreArchive(beam.PTransform):
         listed = (pbegin
                   | "Source" >> beam.Create([opts.input])
                   | "ListArchive" >> beam.FlatMap(sources.list_archive, "none", list(opts.exclude)))
-        entries = listed | "Distribute" >> DistributeEntries()
         reused = []
         known = None
-        if self._known is not None:
+        if self._known is None:
+            entries = listed | "Distribute" >> DistributeEntries()
+        else:  # the join spreads the entries over the workers: no Reshuffle before it
             known = pbegin | "Known" >> ReadKnown(self._known, self._model)
             by_listing = (
-                {"entries": entries | "KeyByListing" >> beam.Map(entry_listing_key),
+                {"entries": listed | "KeyByListing" >> beam.Map(entry_listing_key),
                  "known": known | "KnownByListing" >> beam.FlatMap(listing_key)}
                 | "JoinByListing" >> beam.CoGroupByKey()
                 | "ReuseByListing" >> beam.ParDo(ReuseByListingFn()).with_outputs(
@@ -368,9 +370,10 @@ class ScoreArchive(beam.PTransform):
             root = os.path.abspath(opts.input) if not sources.is_remote(opts.input) and os.path.isdir(opts.input) \
                 else ""
             rows = rows | "WriteCorrected" >> beam.ParDo(WriteCorrectedFn(opts.write_corrected, root))
-        results = (rows, *reused) | "AllResults" >> beam.Flatten()
-        errors = (read[ReadInputFn.ERRORS], prepared[PrepareImagesFn.ERRORS], scored["errors"]) \
-            | "AllErrors" >> beam.Flatten()
+        # Tuples of PCollections, written part by part (pipelines.tables.WriteTable): a Flatten here would make the
+        # DirectRunner hold every row in its launcher.
+        results = (rows, *reused)
+        errors = (read[ReadInputFn.ERRORS], prepared[PrepareImagesFn.ERRORS], scored["errors"])
         return {"results": results, "errors": errors}
 
 
