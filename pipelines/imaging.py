@@ -54,6 +54,11 @@ _PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "gif": "GIF", "tiff": "TIFF", "bmp
 SUPPORTED_FORMATS = tuple(_PIL_FORMATS)
 
 
+# ImageError kinds that are a property of a file's bytes: the same bytes fail the same way on every run. The others
+# (too_large, too_many_pages, unreadable) depend on the run's limits or on the storage, and are tried again.
+CONTENT_DEFECTS = frozenset({"empty", "unknown_format", "corrupt", "truncated"})
+
+
 class ImageError(Exception):
     """A bad input, as data: `kind` is a short machine-readable reason, the message says more."""
 

@@ -137,10 +137,10 @@ class DecodeImagesFn(beam.DoFn):
         self._bytes_read = Metrics.counter(COUNTER_NAMESPACE, "bytes_read")
         self._ingested = Metrics.counter(COUNTER_NAMESPACE, "inputs_ingested")
 
-    def _fail(self, uri, stage, kind, message, page=-1, sha=""):
+    def _fail(self, uri, stage, kind, message, page=-1, sha="", fingerprint=""):
         self._errors.inc()
         Metrics.counter(COUNTER_NAMESPACE, f"errors_{kind}").inc()
-        return beam.pvalue.TaggedOutput(self.ERRORS, error_row(uri, stage, kind, message, page, sha))
+        return beam.pvalue.TaggedOutput(self.ERRORS, error_row(uri, stage, kind, message, page, sha, fingerprint))
 
     def process(self, element, classes: Sequence[str]):
         opts = self._options
@@ -187,11 +187,11 @@ class DecodeImagesFn(beam.DoFn):
         except imaging.ImageError as e:
             if emitted == 0:
                 self._failed_inputs.inc()
-            yield self._fail(entry.uri, "decode", e.kind, str(e), e.page, sha)
+            yield self._fail(entry.uri, "decode", e.kind, str(e), e.page, sha, entry.fingerprint)
         except Exception as e:  # anything Pillow throws that we did not foresee still becomes a row
             if emitted == 0:
                 self._failed_inputs.inc()
-            yield self._fail(entry.uri, "decode", "corrupt", f"{type(e).__name__}: {e}", -1, sha)
+            yield self._fail(entry.uri, "decode", "corrupt", f"{type(e).__name__}: {e}", -1, sha, entry.fingerprint)
         if emitted:
             self._ingested.inc()
 
@@ -579,8 +579,9 @@ def format_summary(summary: dict, output: str) -> str:
     if summary.get("shard_tag"):
         lines += [
             f"  inputs   {c['inputs']}  (kept unread {c['inputs_reused_by_listing']}, kept once read "
-            f"{c['inputs_reused_by_content']}, ingested {c['inputs_ingested']}, failed {c['inputs_failed']})"
-            f"  {reconciled}",
+            f"{c['inputs_reused_by_content']}, ingested {c['inputs_ingested']}, failed {c['inputs_failed']}"
+            + (f" ({c['inputs_failed_before']} failed before and unchanged, unread)"
+               if c.get("inputs_failed_before") else "") + f")  {reconciled}",
             f"  appended {c['records_added']} records in {summary['shard_tag']} shards, {c['records_superseded']} "
             f"superseded ({c['inputs_changed']} files changed, {c['inputs_moved']} moved), {c['files_read']} files "
             f"read",

@@ -32,7 +32,7 @@ from apache_beam.metrics import Metrics
 
 from pipelines import imaging, schema, sources
 from pipelines.progress import ShowProgress
-from pipelines.tables import ERRORS_SCHEMA, MANIFEST_SCHEMA, error_row
+from pipelines.tables import ERRORS_SCHEMA, MANIFEST_SCHEMA, error_row, failure_stands
 
 LOG = logging.getLogger("archive_vision.ingest")
 COUNTER_NAMESPACE = "ingest"  # the ingest job's counters (pipelines.ingest)
@@ -66,7 +66,7 @@ class EarlierRun:
     pinned: bool  # the set's classes were pinned (--classes): other labels are error rows, not new classes
     options: Dict[str, object]  # the record options the set was made with (RECORD_OPTIONS)
     manifest_columns: Tuple[str, ...]
-    has_errors: bool
+    errors_columns: Tuple[str, ...]  # of its errors.parquet (none: there is none; no fingerprint: written before it)
 
     @property
     def manifest(self) -> str:
@@ -89,6 +89,14 @@ def _footer(path: str) -> Tuple[List[str], str]:
     with FileSystems.open(path) as handle:
         arrow_schema = pq.ParquetFile(handle).schema_arrow
     return list(arrow_schema.names), ((arrow_schema.metadata or {}).get(SHARD_TAG_KEY) or b"").decode()
+
+
+def _errors_columns(output: str) -> Tuple[str, ...]:
+    path = FileSystems.join(output, "errors.parquet")
+    if not FileSystems.exists(path):
+        return ()
+    columns = set(_footer(path)[0])
+    return tuple(c for c in ERRORS_SCHEMA.names if c in columns)
 
 
 def _read_json(path: str) -> dict:
@@ -141,7 +149,7 @@ def prepare_append(output: str, present: Dict[str, int]) -> Optional[EarlierRun]
     tag_number = max([_tag_number(name) for name in present] + [_tag_number(run_tag)]) + 1
     return EarlierRun(output=output, tag=f"a{tag_number:04d}", classes=classes, pinned=bool(options.get("classes")),
                       options=options, manifest_columns=tuple(c for c in MANIFEST_SCHEMA.names if c in columns),
-                      has_errors=FileSystems.exists(FileSystems.join(output, "errors.parquet")))
+                      errors_columns=_errors_columns(output))
 
 
 def _comparable(value):
@@ -227,8 +235,9 @@ class _EarlierRowFn(beam.DoFn):
 
 
 class ReuseByListingFn(beam.DoFn):
-    """uri -> {listed, rows, errors}: a file listed with its rows' fingerprint and labels keeps them unread (main);
-    the others are read (TO_READ, with their rows and error rows); the rows of files not listed go to the moved check
+    """uri -> {listed, rows, errors}: a file listed with its rows' fingerprint and labels keeps them unread (main),
+    and so does a file whose earlier failure stands (a defect of its unchanged bytes: its error rows, ERRORS); the
+    others are read (TO_READ, with their rows and error rows); the rows of files not listed go to the moved check
     (UNLISTED), and their error rows stay (ERRORS)."""
 
     TO_READ, UNLISTED, ERRORS = "to_read", "unlisted", "errors"
@@ -238,6 +247,8 @@ class ReuseByListingFn(beam.DoFn):
         self._inputs = Metrics.counter(COUNTER_NAMESPACE, "inputs")
         self._reused = Metrics.counter(COUNTER_NAMESPACE, "inputs_reused")
         self._by_listing = Metrics.counter(COUNTER_NAMESPACE, "inputs_reused_by_listing")
+        self._failed = Metrics.counter(COUNTER_NAMESPACE, "failed_inputs")
+        self._failed_before = Metrics.counter(COUNTER_NAMESPACE, "inputs_failed_before")
 
     def process(self, element):
         _, grouped = element
@@ -257,6 +268,13 @@ class ReuseByListingFn(beam.DoFn):
             self._reused.inc()
             self._by_listing.inc()
             yield from rows
+            for row in errors:
+                yield beam.pvalue.TaggedOutput(self.ERRORS, row)
+            return
+        if not rows and errors and not entry.error and all(failure_stands(row, entry.fingerprint) for row in errors):
+            self._inputs.inc()
+            self._failed.inc()
+            self._failed_before.inc()
             for row in errors:
                 yield beam.pvalue.TaggedOutput(self.ERRORS, row)
             return
@@ -362,8 +380,9 @@ class JoinEarlier(beam.PTransform):
         known = (pipeline
                  | "ReadManifest" >> beam.io.ReadFromParquet(earlier.manifest, columns=list(earlier.manifest_columns))
                  | "EarlierRows" >> beam.ParDo(_EarlierRowFn()).with_outputs(_EarlierRowFn.SUPERSEDED, main="current"))
-        if earlier.has_errors:
-            errors = pipeline | "ReadErrors" >> beam.io.ReadFromParquet(earlier.errors, columns=ERRORS_SCHEMA.names)
+        if earlier.errors_columns:
+            errors = pipeline | "ReadErrors" >> beam.io.ReadFromParquet(earlier.errors,
+                                                                        columns=list(earlier.errors_columns))
         else:
             errors = pipeline | "NoErrors" >> beam.Create([])
         by_uri = ({"listed": entries | "ListedByUri" >> beam.Map(lambda entry: (entry.uri, entry.fields())),
@@ -427,6 +446,7 @@ def append_counts(metrics: Dict[str, int], tables: dict) -> dict:
         "inputs_reused": by_listing + by_content, "inputs_reused_by_listing": by_listing,
         "inputs_reused_by_content": by_content, "inputs_ingested": ingested,
         "inputs_changed": metrics.get("inputs_changed", 0), "inputs_moved": metrics.get("inputs_moved", 0),
+        "inputs_failed_before": metrics.get("inputs_failed_before", 0),
         "known_rows": metrics.get("known_rows", 0), "files_read": metrics.get("files_read", 0),
         "bytes_read": metrics.get("bytes_read", 0), "records_added": metrics.get("records", 0),
         "records_superseded": metrics.get("records_superseded", 0), **tables,

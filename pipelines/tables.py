@@ -13,6 +13,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms import window
 from apache_beam.utils.windowed_value import WindowedValue
 
+from pipelines.imaging import CONTENT_DEFECTS
+
 # One row per record (ingest). `fingerprint`: the source file's listing fingerprint when it was ingested
 # (pipelines.sources.SourceEntry), which lets `ingest --append` keep the file's records without reading it.
 # `superseded`: the record stays in its shard (shards are never rewritten) but describes a version of its file that is
@@ -26,16 +28,26 @@ MANIFEST_SCHEMA = pa.schema([
     ("superseded", pa.bool_()),
 ])
 
+# One row per failure. `fingerprint`: the failed file's listing fingerprint when the failure is a defect of its bytes
+# (imaging.CONTENT_DEFECTS; "" otherwise): an incremental run (score --skip-known, ingest --append) keeps such a row
+# for a file listed again with the same fingerprint, unread (tables written before the column keep none).
 ERRORS_SCHEMA = pa.schema([
     ("uri", pa.string()), ("page", pa.int64()), ("stage", pa.string()), ("error_type", pa.string()),
-    ("message", pa.string()), ("sha256", pa.string()),
+    ("message", pa.string()), ("sha256", pa.string()), ("fingerprint", pa.string()),
 ])
 
 
-def error_row(uri: str, stage: str, error_type: str, message: str, page: int = -1, sha256: str = "") -> dict:
-    """One row of errors.parquet."""
+def error_row(uri: str, stage: str, error_type: str, message: str, page: int = -1, sha256: str = "",
+              fingerprint: str = "") -> dict:
+    """One row of errors.parquet (`fingerprint` kept only for a defect of the file's bytes)."""
     return {"uri": uri, "page": page, "stage": stage, "error_type": error_type, "message": message[:2000],
-            "sha256": sha256}
+            "sha256": sha256, "fingerprint": fingerprint if error_type in CONTENT_DEFECTS else ""}
+
+
+def failure_stands(row: dict, fingerprint: str) -> bool:
+    """Whether an earlier error row still holds for a file listed now with `fingerprint`: a defect of its bytes
+    (the row carries the fingerprint it failed with), and the file unchanged since."""
+    return bool(fingerprint) and row.get("fingerprint") == fingerprint and row.get("error_type") in CONTENT_DEFECTS
 
 
 # One row per scored page (score job). Probabilities are in the model's column order: orientations 0/90/180/270

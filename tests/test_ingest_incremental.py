@@ -254,3 +254,37 @@ def test_score_skip_known_given_the_manifest_skips_no_file_for_a_superseded_reco
     row = {"source_uri": "/a/p0.png", "page": 0, "sha256": "ab" * 32, "fingerprint": "local:1:2"}
     assert known_row(dict(row, superseded=False), table, model)["decision"] == "skipped"
     assert known_row(dict(row, superseded=True), table, model) is None  # its file has changed since
+
+
+def test_files_that_failed_for_a_defect_of_their_bytes_stay_failed_unread_and_a_fixed_one_is_ingested(tmp_path,
+                                                                                                    monkeypatch):
+    archive, output = str(tmp_path / "archive"), str(tmp_path / "set")
+    make_archive(archive)
+    truncated = os.path.join(archive, "photo", "cut.png")
+    with open(truncated, "wb") as f:
+        f.write(encode_array(make_random_image(40, 56, 3, seed=99), "PNG")[:300])
+    with open(os.path.join(archive, "document", "empty.png"), "wb"):
+        pass
+    first = run_ingest(archive, output, "--size", "32", "--split-fractions", FRACTIONS)
+    assert first["counts"]["records"] == 6 and first["counts"]["errors"] == 2
+    before = pq.read_table(os.path.join(output, "errors.parquet")).to_pylist()
+    opened = OpenedFiles(monkeypatch, archive)
+
+    summary = run_ingest(archive, output, "--append")
+
+    counts = summary["counts"]
+    assert opened.paths == [] and (counts["files_read"], counts["bytes_read"]) == (0, 0)
+    assert (counts["inputs"], counts["inputs_reused_by_listing"], counts["inputs_failed"]) == (8, 6, 2)
+    assert counts["inputs_failed_before"] == 2 and counts["reconciled"] and counts["errors"] == 2
+    assert "2 failed before and unchanged, unread" in ingest.format_summary(summary, output)
+    after = pq.read_table(os.path.join(output, "errors.parquet")).to_pylist()
+    key = lambda r: (r["uri"], r["error_type"])  # noqa: E731
+    assert sorted(map(key, after)) == sorted(map(key, before)) == \
+        sorted([(truncated, "truncated"), (os.path.join(archive, "document", "empty.png"), "empty")])
+
+    # The truncated file is uploaded again whole: it alone is read, and becomes a record; its error row goes.
+    write_image(truncated, 99)
+    summary = run_ingest(archive, output, "--append")
+    assert opened.paths == ["cut.png"] and summary["counts"]["inputs_ingested"] == 1
+    assert summary["counts"]["inputs_failed_before"] == 1 and summary["counts"]["records"] == 7
+    assert [key(r)[1] for r in pq.read_table(os.path.join(output, "errors.parquet")).to_pylist()] == ["empty"]

@@ -242,3 +242,42 @@ def test_a_missing_or_hashless_known_table_is_refused(tmp_path):
     pq.write_table(pa.table({"uri": ["x"]}), bad)
     with pytest.raises(ValueError, match="no sha256 column"):
         score.inspect_known(bad)
+
+
+def test_files_that_failed_for_a_defect_of_their_bytes_are_not_read_again_until_they_change(tmp_path, model_bases,
+                                                                                           monkeypatch):
+    archive = str(tmp_path / "archive")
+    sf.write_turned_archive(archive, TURNS)
+    bad = sf.write_bad_files(archive)  # empty, truncated, not an image
+    first = run_score(archive, str(tmp_path / "run1"), model_bases[3])
+    assert first["counts"]["inputs_failed"] == 3 and first["counts"]["reconciled"]
+    errors = pq.read_table(str(tmp_path / "run1" / "errors.parquet")).to_pylist()
+    assert all(e["fingerprint"].startswith("local:") for e in errors)  # defects of the bytes carry their fingerprint
+    opened = OpenedFiles(monkeypatch, archive)
+
+    again = run_score(archive, str(tmp_path / "run2"), model_bases[3], str(tmp_path / "run1" / "results.parquet"))
+
+    counts = again["counts"]
+    assert opened.paths == [] and (counts["files_read"], counts["bytes_read"]) == (0, 0)
+    assert (counts["inputs"], counts["inputs_ok"], counts["inputs_failed"]) == (6, 3, 3) and counts["reconciled"]
+    assert counts["inputs_failed_before"] == 3 and counts["inputs_reused_by_listing"] == 3
+    kept = pq.read_table(str(tmp_path / "run2" / "errors.parquet")).to_pylist()
+    assert sorted((e["uri"], e["error_type"], e["message"]) for e in kept) == \
+        sorted((e["uri"], e["error_type"], e["message"]) for e in errors)
+    assert {e["uri"]: e["error_type"] for e in kept} == bad
+    assert "failed before and unchanged 3" in score.format_summary(again)
+
+    # The truncated file is uploaded again whole: it alone is read, and scored.
+    fixed = next(path for path, kind in bad.items() if kind == "truncated")
+    with open(fixed, "wb") as f:
+        f.write(imaging_png(270))  # content no earlier row has
+    third = run_score(archive, str(tmp_path / "run3"), model_bases[3], str(tmp_path / "run2" / "results.parquet"))
+    assert opened.paths == [os.path.basename(fixed)]
+    assert (third["counts"]["inputs_ok"], third["counts"]["inputs_failed"]) == (4, 2)
+    assert third["counts"]["inputs_failed_before"] == 2 and third["counts"]["pages_scored"] == 1
+
+
+def imaging_png(degrees: int) -> bytes:
+    from tests.image_factory import encode_array
+
+    return encode_array(sf.turned(sf.make_asymmetric_image(), degrees), "PNG")

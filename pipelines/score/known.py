@@ -22,12 +22,13 @@ from apache_beam.metrics import Metrics
 
 from pipelines.sources import SourceEntry
 from pipelines.score.options import COUNTER_NAMESPACE, SKIPPED, ModelInfo
-from pipelines.tables import RESULTS_SCHEMA
+from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, failure_stands
 from pipelines.score.review import CORRECTED
 from serving.policy import DECISIONS
 
 RESULTS = "results"
 MANIFEST = "manifest"
+ERRORS_TABLE = "errors.parquet"  # beside a results table: its run's failures
 RESULT_MARKERS = {"model_name", "model_version", "decision"}
 # Rows a file may reuse: the model's own decisions, and a person's (a page answered is known: pipelines.score.review).
 KNOWN_DECISIONS = frozenset(DECISIONS) | {CORRECTED}
@@ -45,6 +46,7 @@ class KnownTable:
     path: str  # a file or a Beam file pattern (every match is read)
     kind: str  # RESULTS or MANIFEST
     columns: Tuple[str, ...]
+    errors: Tuple[str, ...] = ()  # the errors.parquet beside each results table, where it records fingerprints
 
     @property
     def is_csv(self) -> bool:
@@ -75,7 +77,10 @@ def inspect_known(path: str) -> KnownTable:
         raise ValueError(f"--skip-known {path} has no sha256 column (columns: {sorted(columns)})")
     kind = RESULTS if RESULT_MARKERS <= set(columns) else MANIFEST
     wanted = RESULTS_SCHEMA.names if kind == RESULTS else MANIFEST_COLUMNS
-    return KnownTable(path, kind, tuple(c for c in wanted if c in columns))
+    errors = tuple(sorted({FileSystems.join(FileSystems.split(m)[0], ERRORS_TABLE) for m in matched})) \
+        if kind == RESULTS else ()
+    errors = tuple(e for e in errors if FileSystems.exists(e) and set(ERRORS_SCHEMA.names) <= set(_columns_of(e)))
+    return KnownTable(path, kind, tuple(c for c in wanted if c in columns), errors)
 
 
 def known_row(row: dict, table: KnownTable, model: ModelInfo) -> Optional[dict]:
@@ -189,6 +194,29 @@ class ReadKnown(beam.PTransform):
         return rows | "Reusable" >> beam.ParDo(_KnownRowFn(table, self._model))
 
 
+def _failure_keys(row: dict) -> Iterable[Tuple[Tuple[str, str], tuple]]:
+    """An earlier error row keyed by (uri, fingerprint), as a tuple in ERRORS_SCHEMA's order; none unless it is a
+    defect of the file's bytes (only those carry a fingerprint: pipelines.tables.error_row)."""
+    if row["fingerprint"] and failure_stands(row, row["fingerprint"]):
+        yield (row["uri"], row["fingerprint"]), tuple(row[name] for name in ERRORS_SCHEMA.names)
+
+
+class ReadKnownFailures(beam.PTransform):
+    """pbegin -> the earlier run's failures that stand while their file is unchanged (a corrupt, truncated, empty or
+    unknown file), keyed by (uri, fingerprint): read by the workers from the errors.parquet beside the earlier
+    results (none when it has no fingerprint column: written before it)."""
+
+    def __init__(self, table: KnownTable):
+        super().__init__()
+        self._table = table
+
+    def expand(self, pbegin):
+        return (pbegin
+                | "Tables" >> beam.Create(list(self._table.errors))
+                | "ReadErrors" >> beam.io.ReadAllFromParquet(columns=list(ERRORS_SCHEMA.names))
+                | "Defects" >> beam.FlatMap(_failure_keys))
+
+
 def listing_key(row: dict) -> Iterable[Tuple[Tuple[str, str], tuple]]:
     """An earlier row (packed) keyed by (uri, fingerprint); none for a row without a fingerprint (an older
     table's)."""
@@ -212,28 +240,37 @@ def entry_listing_key(entry: SourceEntry) -> Tuple[Tuple[str, str], tuple]:
 
 
 class ReuseByListingFn(beam.DoFn):
-    """(uri, fingerprint) -> {entries, known}: a listed file with earlier rows reuses them unread; the others go on
-    (UNMATCHED) to be read. Earlier rows of files not listed now are dropped."""
+    """(uri, fingerprint) -> {entries, known, failed}: a listed file with earlier rows reuses them unread, and one
+    whose earlier failure stands (a defect of its unchanged bytes) keeps its error rows unread (ERRORS; it is still
+    a failed input); the others go on (UNMATCHED) to be read. Earlier rows of files not listed now are dropped."""
 
-    UNMATCHED = "unmatched"
+    UNMATCHED, ERRORS = "unmatched", "errors"
 
     def __init__(self):
         self._inputs = Metrics.counter(COUNTER_NAMESPACE, "inputs")
         self._reused = Metrics.counter(COUNTER_NAMESPACE, "inputs_reused")
         self._by_listing = Metrics.counter(COUNTER_NAMESPACE, "inputs_reused_by_listing")
+        self._failed_before = Metrics.counter(COUNTER_NAMESPACE, "inputs_failed_before")
 
     def process(self, element):
         (_, fingerprint), grouped = element
         entries = [SourceEntry.from_fields(fields) for fields in grouped["entries"]]
-        known = list(grouped["known"]) if fingerprint else []  # no fingerprint: nothing to match by listing
+        # no fingerprint: nothing to match by listing
+        known = list(grouped["known"]) if fingerprint else []
+        failed = [dict(zip(ERRORS_SCHEMA.names, values)) for values in grouped["failed"]] if fingerprint else []
         for entry in entries:
-            if not known or entry.error:
+            if not (known or failed) or entry.error:
                 yield beam.pvalue.TaggedOutput(self.UNMATCHED, entry)
                 continue
             self._inputs.inc()  # the reading step counts the others
-            self._reused.inc()
-            self._by_listing.inc()
-            yield from reused_rows(entry, known)
+            if known:
+                self._reused.inc()
+                self._by_listing.inc()
+                yield from reused_rows(entry, known)
+            else:
+                self._failed_before.inc()
+            for row in sorted(failed, key=lambda r: (r["page"], r["stage"])):
+                yield beam.pvalue.TaggedOutput(self.ERRORS, dict(row, uri=entry.uri))
 
 
 class ReuseByContentFn(beam.DoFn):

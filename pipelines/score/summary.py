@@ -112,10 +112,12 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
         "errors": errors.num_rows, "errors_per_type": per_kind, "per_decision": per_decision,
         "per_class": per_class,
         # --skip-known (Beam counters): the earlier rows this model version may reuse, and the inputs that reused
-        # them unread (same uri and listing fingerprint) or once read (same sha256).
+        # them unread (same uri and listing fingerprint) or once read (same sha256); the failed inputs whose earlier
+        # error rows stand, unread (a corrupt, truncated, empty or unknown file, unchanged since).
         "known_rows": metrics.get("known_rows", 0),
         "inputs_reused_by_listing": metrics.get("inputs_reused_by_listing", 0),
         "inputs_reused_by_content": metrics.get("inputs_reused_by_content", 0),
+        "inputs_failed_before": metrics.get("inputs_failed_before", 0),
         # What score read of the archive: files opened and their bytes (to score them, and again for upright copies).
         "files_read": metrics.get("files_read", 0), "bytes_read": metrics.get("bytes_read", 0),
         # Workers that loaded the SavedModel in process (on their first image: a re-run that reuses every row loads
@@ -165,8 +167,9 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"score finished in {summary['timings']['elapsed_seconds']:.1f}s "
         f"({summary['timings']['pages_per_second']} pages/s) with {m['name']} v{m['version']} ({m['mode']})",
-        f"  inputs   {c['inputs']}  (ok {c['inputs_ok']}, failed {c['inputs_failed']}, reused {c['inputs_reused']})"
-        f"  {'reconciled' if c['reconciled'] else 'NOT RECONCILED'}",
+        f"  inputs   {c['inputs']}  (ok {c['inputs_ok']}, failed {c['inputs_failed']}, reused {c['inputs_reused']}"
+        + (f", failed before and unchanged {c['inputs_failed_before']}" if c.get("inputs_failed_before") else "")
+        + f")  {'reconciled' if c['reconciled'] else 'NOT RECONCILED'}",
         f"  results  {c['results']}  ({decisions})",
         f"  errors   {c['errors']}  ({kinds})",
     ]

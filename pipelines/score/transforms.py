@@ -16,8 +16,8 @@ from pipelines.ingest import DistributeEntries
 from pipelines.progress import ShowProgress
 from pipelines.score.answers import draft_side, page_payload, predict_isolating, result_row
 from pipelines.score.corrected import WriteCorrectedFn
-from pipelines.score.known import (KnownTable, ReadKnown, ReuseByContentFn, ReuseByListingFn, content_key,
-                                   entry_listing_key, known_content_key, listing_key)
+from pipelines.score.known import (KnownTable, ReadKnown, ReadKnownFailures, ReuseByContentFn, ReuseByListingFn,
+                                   content_key, entry_listing_key, known_content_key, listing_key)
 from pipelines.score.options import COUNTER_NAMESPACE, ModelInfo, ScoreOptions, run_policy
 from pipelines.score.review import ApplyCorrections
 from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, error_row, write_job_tables
@@ -25,10 +25,10 @@ from serving.configs import SERVED_VERSIONS
 from serving.errors import ModelNotFoundError, RetryableServingError
 
 
-def _failure(uri, stage, kind, message, page=-1, sha=""):
+def _failure(uri, stage, kind, message, page=-1, sha="", fingerprint=""):
     """An errors.parquet row on the `errors` output, counted by its kind."""
     Metrics.counter(COUNTER_NAMESPACE, f"errors_{kind}").inc()
-    return beam.pvalue.TaggedOutput("errors", error_row(uri, stage, kind, message, page, sha))
+    return beam.pvalue.TaggedOutput("errors", error_row(uri, stage, kind, message, page, sha, fingerprint))
 
 
 class ReadInputFn(beam.DoFn):
@@ -92,11 +92,11 @@ class PrepareImagesFn(beam.DoFn):
         except imaging.ImageError as e:
             if emitted == 0:
                 self._failed.inc()
-            yield _failure(entry.uri, "decode", e.kind, str(e), e.page, sha)
+            yield _failure(entry.uri, "decode", e.kind, str(e), e.page, sha, entry.fingerprint)
         except Exception as e:  # anything Pillow throws that we did not foresee still becomes a row
             if emitted == 0:
                 self._failed.inc()
-            yield _failure(entry.uri, "decode", "corrupt", f"{type(e).__name__}: {e}", -1, sha)
+            yield _failure(entry.uri, "decode", "corrupt", f"{type(e).__name__}: {e}", -1, sha, entry.fingerprint)
 
 
 class _PredictionRouting:
@@ -327,7 +327,7 @@ class ScoreArchive(beam.PTransform):
         listed = (pbegin
                   | "Source" >> beam.Create([opts.input])
                   | "ListArchive" >> beam.FlatMap(sources.list_archive, "none", list(opts.exclude)))
-        reused = []
+        reused, known_errors = [], []
         known = None
         if self._known is None:
             entries = listed | "Distribute" >> DistributeEntries()
@@ -335,11 +335,13 @@ class ScoreArchive(beam.PTransform):
             known = pbegin | "Known" >> ReadKnown(self._known, self._model)
             by_listing = (
                 {"entries": listed | "KeyByListing" >> beam.Map(entry_listing_key),
-                 "known": known | "KnownByListing" >> beam.FlatMap(listing_key)}
+                 "known": known | "KnownByListing" >> beam.FlatMap(listing_key),
+                 "failed": pbegin | "KnownFailures" >> ReadKnownFailures(self._known)}
                 | "JoinByListing" >> beam.CoGroupByKey()
                 | "ReuseByListing" >> beam.ParDo(ReuseByListingFn()).with_outputs(
-                    ReuseByListingFn.UNMATCHED, main="rows"))
+                    ReuseByListingFn.UNMATCHED, ReuseByListingFn.ERRORS, main="rows"))
             reused.append(by_listing.rows)
+            known_errors.append(by_listing[ReuseByListingFn.ERRORS])
             entries = by_listing[ReuseByListingFn.UNMATCHED]
         # The progress line counts the files read (fused with the reading): those reused unread are not work.
         # Without earlier rows every listed input is read: its total is the listing's, counted before the Reshuffle
@@ -373,7 +375,7 @@ class ScoreArchive(beam.PTransform):
         # Tuples of PCollections, written part by part (pipelines.tables.WriteTable): a Flatten here would make the
         # DirectRunner hold every row in its launcher.
         results = (rows, *reused)
-        errors = (read[ReadInputFn.ERRORS], prepared[PrepareImagesFn.ERRORS], scored["errors"])
+        errors = (read[ReadInputFn.ERRORS], prepared[PrepareImagesFn.ERRORS], scored["errors"], *known_errors)
         return {"results": results, "errors": errors}
 
 
