@@ -292,6 +292,65 @@ def bench_builtin(work: str, count: int, pictures: List[bytes]) -> dict:
     return row
 
 
+def synthetic_results(folder: str, count: int) -> None:
+    """A score output folder whose results.parquet holds `count` rows shaped like a nightly run's (a third each
+    auto_rotate, review, ok; uris of files that are not there: the report shows grey tiles), and its run.json."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, ROWS_PER_BATCH
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    n = count
+    decisions = np.array(["auto_rotate", "review", "ok"])[rng.integers(0, 3, n)]
+    orientation = rng.dirichlet(np.ones(4), n).astype(np.float32)
+    classes = rng.dirichlet(np.ones(2), n).astype(np.float32)
+    columns = {
+        "uri": [f"/nonexistent/archive/b{i // 1000:05d}/scan{i:08d}.jpg" for i in range(n)],
+        "page": np.zeros(n, np.int64), "sha256": [f"{i:064x}" for i in range(n)],
+        "fingerprint": [f"local:3100000:{1796600000000000000 + i}" for i in range(n)],
+        "format": ["jpeg"] * n, "width": np.full(n, 6000), "height": np.full(n, 4000),
+        "exif_orientation": np.ones(n, np.int64), "class_name": np.array(["page", "photo"])[classes.argmax(1)],
+        "class_id": classes.argmax(1).astype(np.int64), "class_confidence": classes.max(1).astype(np.float64),
+        "class_probabilities": pa.FixedSizeListArray.from_arrays(classes.ravel(), 2).cast(pa.list_(pa.float32())),
+        "orientation_degrees": orientation.argmax(1).astype(np.int64) * 90,
+        "orientation_confidence": orientation.max(1).astype(np.float64),
+        "orientation_probabilities": pa.FixedSizeListArray.from_arrays(orientation.ravel(), 4).cast(
+            pa.list_(pa.float32())),
+        "tta_agreement": np.full(n, 1.0), "text_lines": pa.nulls(n, pa.int64()), "text_crops": np.ones(n, np.int64),
+        "decision": decisions, "review_reason": np.where(decisions == "review", "orientation unsure (p 0.61)", ""),
+        "model_name": ["archive_vision"] * n, "model_version": np.ones(n, np.int64), "reused": np.zeros(n, bool),
+        "corrected_uri": pa.nulls(n, pa.string()), "corrected_method": pa.nulls(n, pa.string()),
+        "corrected_orientation": pa.nulls(n, pa.int64()),
+    }
+    table = pa.table({name: pa.array(columns[name], RESULTS_SCHEMA.field(name).type)
+                      if not isinstance(columns[name], pa.Array) else columns[name] for name in RESULTS_SCHEMA.names})
+    # Row groups of ROWS_PER_BATCH rows, as the jobs write them (pipelines.tables.merge_parts).
+    pq.write_table(table.cast(RESULTS_SCHEMA), os.path.join(folder, "results.parquet"), row_group_size=ROWS_PER_BATCH)
+    pq.write_table(ERRORS_SCHEMA.empty_table(), os.path.join(folder, "errors.parquet"))
+    with open(os.path.join(folder, "run.json"), "w") as f:
+        json.dump({"model": {"name": "archive_vision", "version": 1, "class_names": ["page", "photo"]},
+                   "counts": {"inputs": n, "inputs_ok": n, "inputs_failed": 0, "reconciled": True}}, f)
+
+
+def bench_report(work: str, counts: List[int]) -> List[dict]:
+    """`archive-vision report` over synthetic results tables of each size: the launcher's peak RSS."""
+    rows = []
+    for count in counts:
+        folder = os.path.join(work, f"report-{count}")
+        if not os.path.exists(os.path.join(folder, "results.parquet")):
+            synthetic_results(folder, count)
+        row = run_watched(["report", folder], folder, count, "report")
+        rows.append(row)
+        print_row(row)
+    if len(rows) > 1:
+        ratio = rows[-1]["launcher_mb"] / rows[0]["launcher_mb"]
+        print(f"  report: peak at {counts[-1]} rows / at {counts[0]} = {ratio:.2f}  (a batch at a time: ~1)")
+    return rows
+
+
 HEADER = (f"  {'run':<24}{'images':>8}{'wall s':>9}{'ms/image':>10}{'launcher MB':>13}{'worker MB':>11}"
           f"{'tree MB':>9}{'read MB':>9}  run.json counters")
 
@@ -331,6 +390,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--out", default=os.path.join(REPO, "bench-out", "scale"), help="work folder")
     parser.add_argument("--json", default="", help="also write every row here")
     parser.add_argument("--keep", action="store_true", help="keep the archives and outputs")
+    parser.add_argument("--report-rows", default="100000,1000000",
+                        help="`archive-vision report` over synthetic results tables of these sizes ('': none)")
     args = parser.parse_args(argv)
     sizes = sorted(QUICK_SIZES if args.quick else {int(s) for s in args.sizes.split(",") if s.strip()})
     builtin = 0 if args.quick else args.builtin_images
@@ -346,6 +407,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             rows += bench_size(args.out, count, pictures, model)
         if builtin:
             rows.append(bench_builtin(args.out, builtin, pictures))
+        report_rows = [] if args.quick else sorted(int(r) for r in args.report_rows.split(",") if r.strip())
+        if report_rows:
+            rows += bench_report(args.out, report_rows)
     finally:
         if args.json:
             with open(args.json, "w") as f:

@@ -32,7 +32,7 @@ from apache_beam.metrics import Metrics
 
 from pipelines import imaging, schema, sources
 from pipelines.progress import ShowProgress
-from pipelines.tables import ERRORS_SCHEMA, MANIFEST_SCHEMA, error_row, failure_stands
+from pipelines.tables import ERRORS_SCHEMA, MANIFEST_SCHEMA, error_row, failure_stands, parquet_batches
 
 LOG = logging.getLogger("archive_vision.ingest")
 COUNTER_NAMESPACE = "ingest"  # the ingest job's counters (pipelines.ingest)
@@ -414,13 +414,12 @@ def table_counts(output: str) -> dict:
     """The set's records (current ones, per split, augmented), superseded records and error rows as its tables hold
     them now, read a few columns a batch at a time (the launcher never holds a table)."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     per_split: Dict[str, int] = {}
     per_kind: Dict[str, int] = {}
     counts = {"records": 0, "superseded_records": 0, "augmented_records": 0, "errors": 0}
     with FileSystems.open(FileSystems.join(output, "manifest.parquet")) as handle:
-        for batch in pq.ParquetFile(handle).iter_batches(columns=["split", "augment_index", "superseded"]):
+        for batch in parquet_batches(handle, 65_536, ["split", "augment_index", "superseded"]):
             gone = pc.fill_null(batch.column(2), False)
             current = batch.filter(pc.invert(gone))
             counts["superseded_records"] += batch.num_rows - current.num_rows
@@ -429,7 +428,7 @@ def table_counts(output: str) -> dict:
             for item in pc.value_counts(current.column(0)).to_pylist():
                 per_split[item["values"]] = per_split.get(item["values"], 0) + item["counts"]
     with FileSystems.open(FileSystems.join(output, "errors.parquet")) as handle:
-        for batch in pq.ParquetFile(handle).iter_batches(columns=["error_type"]):
+        for batch in parquet_batches(handle, 65_536, ["error_type"]):
             counts["errors"] += batch.num_rows
             for item in pc.value_counts(batch.column(0)).to_pylist():
                 per_kind[item["values"]] = per_kind.get(item["values"], 0) + item["counts"]

@@ -42,9 +42,14 @@ def read_tables(output: str):
 
     results = read_table(FileSystems.join(output, "results.parquet"), RESULTS_SCHEMA)
     errors = read_table(FileSystems.join(output, "errors.parquet"), ERRORS_SCHEMA)
+    return results, errors, _run_json(output)
+
+
+def _run_json(output: str) -> dict:
+    from apache_beam.io.filesystems import FileSystems
+
     run_path = FileSystems.join(output, "run.json")
-    run = json.loads(FileSystems.open(run_path).read()) if FileSystems.exists(run_path) else {}
-    return results, errors, run
+    return json.loads(FileSystems.open(run_path).read()) if FileSystems.exists(run_path) else {}
 
 
 def read_run(output: str) -> Tuple[List[dict], List[dict], dict]:
@@ -60,30 +65,184 @@ def _as_table(rows, schema):
     return rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows), schema=schema)
 
 
-def _counts(table, column: str) -> Dict[str, int]:
-    """{value: rows} of a string column, nulls and empty strings left out, most frequent first."""
+# Rows per batch when a report reads a table: what it holds of it at a time (a few tens of MB of results rows).
+BATCH_ROWS = 65_536
+ERRORS_SHOWN = 200
+# The columns the report counts and ranks by; the other columns are read only for the rows it shows.
+_COUNTED = ("decision", "class_name", "class_id", "orientation_confidence")
+
+
+def _batches(source, schema, columns: Optional[Sequence[str]] = None):
+    """The record batches of a table: `source` a Parquet path (local or gs://; absent: none) or a Table already in
+    memory (or a list of row dicts). Only `columns` (those the file has) when given."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipelines.tables import parquet_batches
+
+    if isinstance(source, str):
+        if not FileSystems.exists(source):
+            return
+        with FileSystems.open(source) as handle:
+            names = pq.ParquetFile(handle).schema_arrow.names
+            wanted = [c for c in columns if c in names] if columns is not None else None
+            handle.seek(0)
+            yield from parquet_batches(handle, BATCH_ROWS, wanted)
+        return
+    table = _as_table(source, schema)
+    if columns is not None:
+        table = table.select([c for c in columns if c in table.column_names])
+    yield from table.to_batches(max_chunksize=BATCH_ROWS)
+
+
+def _row_dicts(batch, schema) -> List[dict]:
+    """A batch's rows as dicts with every column of `schema` (None for one a table written before it lacks)."""
+    rows = batch.to_pylist()
+    missing = [name for name in schema.names if name not in batch.schema.names]
+    for row in rows:
+        row.update(dict.fromkeys(missing))
+    return rows
+
+
+def _add_counts(into: Dict[str, int], column) -> None:
     import pyarrow.compute as pc
 
-    counted = pc.value_counts(table[column]).to_pylist() if table.num_rows else []
-    pairs = [(c["values"], c["counts"]) for c in counted if c["values"]]
-    return dict(sorted(pairs, key=lambda item: -item[1]))
+    for item in pc.value_counts(column).to_pylist():
+        if item["values"]:
+            into[item["values"]] = into.get(item["values"], 0) + item["counts"]
 
 
-def _rows_where(table, decision: str):
+def _most_frequent_first(counts: Dict[str, int]) -> Dict[str, int]:
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+
+class _Ranked:
+    """The first `n` rows of a decision by orientation_confidence (nulls as 0; ties in table order), chosen a batch
+    at a time: only (confidence, row index) pairs are kept."""
+
+    def __init__(self, decision: str, descending: bool, n: int):
+        self.decision, self.descending, self.n = decision, descending, n
+        self.count = 0
+        self.keys = np.zeros(0, np.float64)
+        self.index = np.zeros(0, np.int64)
+
+    def add(self, decisions, confidence, offset: int) -> None:
+        import pyarrow.compute as pc
+
+        mask = pc.fill_null(pc.equal(decisions, self.decision), False).to_numpy(zero_copy_only=False)
+        positions = np.flatnonzero(mask)
+        self.count += len(positions)
+        if not len(positions) or not self.n:
+            return
+        keys = pc.fill_null(confidence, 0.0).to_numpy(zero_copy_only=False).astype(np.float64)[positions]
+        keys = np.concatenate([self.keys, keys])
+        index = np.concatenate([self.index, positions + offset])
+        order = np.lexsort((index, -keys if self.descending else keys))[:self.n]
+        self.keys, self.index = keys[order], index[order]
+
+
+class ResultsDigest:
+    """What the report shows of a results table, read a batch at a time, so a table of millions of rows is never
+    held whole: the counts per decision and class, the class names the rows carry, and the rows of its sections
+    (the surest auto_rotate rows, the least sure review rows, a seeded sample of ok rows)."""
+
+    def __init__(self, source, per_section: int, seed: int = 0):
+        from pipelines.tables import RESULTS_SCHEMA
+
+        self.rows = 0
+        per_decision: Dict[str, int] = {}
+        per_class: Dict[str, int] = {}
+        self.class_pairs = set()
+        auto, review = _Ranked("auto_rotate", True, per_section), _Ranked("review", False, per_section)
+        ok_count = 0
+        for batch in _batches(source, RESULTS_SCHEMA, _COUNTED):
+            columns = dict(zip(batch.schema.names, batch.columns))
+            _add_counts(per_decision, columns["decision"])
+            _add_counts(per_class, columns["class_name"])
+            self._add_class_pairs(columns["class_id"], columns["class_name"])
+            auto.add(columns["decision"], columns["orientation_confidence"], self.rows)
+            review.add(columns["decision"], columns["orientation_confidence"], self.rows)
+            ok_count += per_decision_count(columns["decision"], "ok")
+            self.rows += batch.num_rows
+        self.per_decision, self.per_class = _most_frequent_first(per_decision), _most_frequent_first(per_class)
+        self.auto_count, self.review_count, self.ok_count = auto.count, review.count, ok_count
+        # The positions random.sample would pick from the list of ok rows.
+        picked = random.Random(seed).sample(range(ok_count), min(ok_count, per_section))
+        wanted = {int(i): None for i in np.concatenate([auto.index, review.index])}
+        ok_wanted = {position: None for position in picked}
+        if wanted or ok_wanted:
+            self._fetch(source, wanted, ok_wanted)
+        self.auto_rows = [wanted[int(i)] for i in auto.index]
+        self.review_rows = [wanted[int(i)] for i in review.index]
+        self.ok_rows = sorted(ok_wanted.values(), key=lambda r: (r["uri"], r["page"]))
+
+    def _add_class_pairs(self, ids, names) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        keep = pc.and_(pc.greater_equal(pc.fill_null(ids, -1), 0),
+                       pc.invert(pc.equal(pc.fill_null(names, ""), "")))
+        pairs = pa.table({"class_id": ids, "class_name": names}).filter(keep)
+        if pairs.num_rows:
+            self.class_pairs.update((r["class_id"], r["class_name"])
+                                    for r in pairs.group_by(["class_id", "class_name"]).aggregate([]).to_pylist())
+
+    def _fetch(self, source, wanted: Dict[int, Optional[dict]], ok_wanted: Dict[int, Optional[dict]]) -> None:
+        """Fill `wanted` (row index -> row) and `ok_wanted` (position among the ok rows -> row): a second pass, all
+        columns, a batch at a time."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        from pipelines.tables import RESULTS_SCHEMA
+
+        offset = ok_seen = 0
+        for batch in _batches(source, RESULTS_SCHEMA):
+            is_ok = pc.fill_null(pc.equal(batch.column(batch.schema.get_field_index("decision")), "ok"), False)
+            ok_positions = np.flatnonzero(is_ok.to_numpy(zero_copy_only=False))
+            take = [i - offset for i in wanted if offset <= i < offset + batch.num_rows]
+            take_ok = [(p, ok_positions[p - ok_seen]) for p in ok_wanted if ok_seen <= p < ok_seen + len(ok_positions)]
+            if take or take_ok:
+                indices = pa.array(take + [int(i) for _, i in take_ok], pa.int64())
+                rows = _row_dicts(pa.Table.from_batches([batch]).take(indices), RESULTS_SCHEMA)
+                for i, row in zip(take, rows):
+                    wanted[i + offset] = row
+                for (p, _), row in zip(take_ok, rows[len(take):]):
+                    ok_wanted[p] = row
+            offset += batch.num_rows
+            ok_seen += len(ok_positions)
+
+    def class_names(self, run: dict) -> List[str]:
+        """The model's class names: a served model tells only the winning name, the rest are learnt from the rows."""
+        names = list((run.get("model") or {}).get("class_names") or [])
+        for cid, name in sorted(self.class_pairs):  # each has an id >= 0 and a name
+            while len(names) <= cid:
+                names.append(f"class_{len(names)}")
+            if names[cid].startswith("class_"):
+                names[cid] = name
+        return names
+
+
+def per_decision_count(decisions, decision: str) -> int:
     import pyarrow.compute as pc
 
-    return table.filter(pc.equal(table["decision"], decision))
+    return int(pc.sum(pc.fill_null(pc.equal(decisions, decision), False)).as_py() or 0)
 
 
-def _most(table, column: str, descending: bool, n: int) -> List[dict]:
-    """The first `n` rows of `table` by `column` (nulls as 0), in a stable order, as row dicts."""
-    import pyarrow.compute as pc
+class ErrorsDigest:
+    """The errors table as the report shows it, read a batch at a time: the rows, the counts per error type, the
+    first ERRORS_SHOWN rows."""
 
-    if not table.num_rows:
-        return []
-    keys = pc.fill_null(table[column], 0.0)
-    order = pc.sort_indices(keys, sort_keys=[("", "descending" if descending else "ascending")])
-    return table.take(order[:n]).to_pylist()
+    def __init__(self, source):
+        from pipelines.tables import ERRORS_SCHEMA
+
+        self.rows = 0
+        per_error: Dict[str, int] = {}
+        self.first: List[dict] = []
+        for batch in _batches(source, ERRORS_SCHEMA):
+            _add_counts(per_error, batch.column(batch.schema.get_field_index("error_type")))
+            if len(self.first) < ERRORS_SHOWN:
+                self.first += _row_dicts(batch.slice(0, ERRORS_SHOWN - len(self.first)), ERRORS_SCHEMA)
+            self.rows += batch.num_rows
+        self.per_error = _most_frequent_first(per_error)
 
 
 def read_truth(path: str) -> Dict[Tuple[str, int], Dict[str, Any]]:
@@ -310,25 +469,6 @@ def _top_guesses(probabilities, names: Sequence[str], k: int = 3) -> str:
     return ", ".join(f"{names[i] if i < len(names) else f'class_{i}'} {probs[i]:.2f}" for i in order)
 
 
-def _class_names(results, run: dict) -> List[str]:
-    """The model's class names; `results` (a Table): a served model tells only the winning name, the rest are learnt
-    from the rows."""
-    import pyarrow.compute as pc
-
-    names = list((run.get("model") or {}).get("class_names") or [])
-    named = results.select(["class_id", "class_name"])
-    named = named.filter(pc.and_(pc.greater_equal(pc.fill_null(named["class_id"], -1), 0),
-                                 pc.invert(pc.equal(pc.fill_null(named["class_name"], ""), ""))))
-    pairs = named.group_by(["class_id", "class_name"]).aggregate([]).to_pylist() if named.num_rows else []
-    for row in sorted(pairs, key=lambda r: (r["class_id"], r["class_name"])):  # each has an id >= 0 and a name
-        cid = row["class_id"]
-        while len(names) <= cid:
-            names.append(f"class_{len(names)}")
-        if names[cid].startswith("class_"):
-            names[cid] = row["class_name"]
-    return names
-
-
 def _count_table(title: str, counts: Dict[str, int], css_pills: bool = False) -> str:
     def label(key: str) -> str:
         key = html.escape(key)
@@ -345,13 +485,10 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
     """The whole page as one string (thumbnails read from the original files); `results` and `errors`: pyarrow
     Tables (or lists of rows), read column-wise, so only the rows shown become Python rows; `metrics`: truth_metrics
     of these results against a truth manifest, for its section (none for an empty manifest)."""
-    from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
 
-    results, errors = _as_table(results, RESULTS_SCHEMA), _as_table(errors, ERRORS_SCHEMA)
-    names = _class_names(results, run)
-    per_decision = _counts(results, "decision")
-    per_class = _counts(results, "class_name")
-    per_error = _counts(errors, "error_type")
+    digest, failures = ResultsDigest(results, per_section, seed), ErrorsDigest(errors)
+    names = digest.class_names(run)
+    per_decision, per_class, per_error = digest.per_decision, digest.per_class, failures.per_error
     counts = run.get("counts", {})
     model = run.get("model", {})
     parts: List[str] = []
@@ -377,7 +514,7 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
         meta.append(f"{timings.get('elapsed_seconds')} s, {timings.get('pages_per_second')} pages/s")
     parts.append("<p class=meta>" + "<br>".join(meta) + "</p>")
 
-    total = max(1, results.num_rows)
+    total = max(1, digest.rows)
     colours = {"auto_rotate": "#c05621", "review": "#b7791f", "ok": "#2f855a", "skipped": "#718096",
                "corrected": "#2b6cb0"}
     bars = "".join(f'<div style="width:{100 * v / total:.2f}%;background:{colours.get(k, "#555")}" '
@@ -402,9 +539,8 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
             bits.append("reused")
         return ", ".join(bits)
 
-    auto = _rows_where(results, "auto_rotate")
     sheet = []
-    for row in _most(auto, "orientation_confidence", True, per_section):
+    for row in digest.auto_rows:
         from pipelines.imaging import make_upright
 
         before = load_page(row["uri"], row["page"])
@@ -413,14 +549,13 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
         extra = describe(row) + (f"<br>copy: {html.escape(_short(row['corrected_uri']))}"
                                  if row.get("corrected_uri") else "")
         sheet.append(figure(row, body, extra, "thumb pair"))
-    parts.append(f'<h2 id="auto-rotate">Turned upright automatically ({auto.num_rows}'
-                 f'{f", first {per_section} shown" if auto.num_rows > per_section else ""})</h2>'
+    parts.append(f'<h2 id="auto-rotate">Turned upright automatically ({digest.auto_count}'
+                 f'{f", first {per_section} shown" if digest.auto_count > per_section else ""})</h2>'
                  f'<p class=meta>before (as stored) and after (turned upright)</p>'
                  f'<div class="sheet">{"".join(sheet) or "<p>none</p>"}</div>')
 
-    review = _rows_where(results, "review")
     sheet = []
-    for row in _most(review, "orientation_confidence", False, per_section):
+    for row in digest.review_rows:
         guesses = []
         if row["orientation_probabilities"] is not None:
             guesses.append("turn: " + _top_guesses(row["orientation_probabilities"], [f"{d}°" for d in
@@ -430,16 +565,13 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
         reason = f"<br><i>{html.escape(row['review_reason'])}</i>" if row.get("review_reason") else ""
         sheet.append(figure(row, img_tag(load_page(row["uri"], row["page"]), "review"),
                             "<br>".join(guesses) + reason))
-    parts.append(f'<h2 id="review">For a person to look at ({review.num_rows}'
-                 f'{f", first {per_section} shown" if review.num_rows > per_section else ""})</h2>'
+    parts.append(f'<h2 id="review">For a person to look at ({digest.review_count}'
+                 f'{f", first {per_section} shown" if digest.review_count > per_section else ""})</h2>'
                  f'<div class="sheet">{"".join(sheet) or "<p>none</p>"}</div>')
 
-    ok = _rows_where(results, "ok")
-    # The positions random.sample would pick from the list of ok rows, taken from the table.
-    picked = random.Random(seed).sample(range(ok.num_rows), min(ok.num_rows, per_section))
-    sample = sorted(ok.take(picked).to_pylist() if picked else [], key=lambda r: (r["uri"], r["page"]))
+    sample = digest.ok_rows
     sheet = [figure(row, img_tag(load_page(row["uri"], row["page"]), "ok"), describe(row)) for row in sample]
-    parts.append(f'<h2 id="ok">Upright and sure: a sample ({len(sample)} of {ok.num_rows})</h2>'
+    parts.append(f'<h2 id="ok">Upright and sure: a sample ({len(sample)} of {digest.ok_count})</h2>'
                  f'<div class="sheet">{"".join(sheet) or "<p>none</p>"}</div>')
 
     if metrics and metrics["coverage"]["truth_rows"]:
@@ -492,12 +624,12 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
             section.append("<p>no result matched a labelled row of the truth manifest</p>")
         parts.append("".join(section))
 
-    if errors.num_rows:
+    if failures.rows:
         # The whole uri: an error is acted on, and the person must find the file (contact sheets shorten theirs).
         rows = "".join(f"<tr><td>{html.escape(e['uri'])}</td><td>{e['page']}</td>"
                        f"<td>{html.escape(e['stage'])}</td><td>{html.escape(e['error_type'])}</td>"
-                       f"<td>{html.escape(e['message'][:200])}</td></tr>" for e in errors.slice(0, 200).to_pylist())
-        parts.append(f'<h2 id="errors">Errors ({errors.num_rows})</h2><table><tr><th>uri</th><th>page</th>'
+                       f"<td>{html.escape(e['message'][:200])}</td></tr>" for e in failures.first)
+        parts.append(f'<h2 id="errors">Errors ({failures.rows})</h2><table><tr><th>uri</th><th>page</th>'
                      f'<th>stage</th><th>type</th><th>message</th></tr>{rows}</table>')
     return html_page(title, "".join(parts))
 
@@ -510,9 +642,15 @@ def write_report(output: str, truth: Optional[str] = None, per_section: int = DE
     does not read or compute it again."""
     from apache_beam.io.filesystems import FileSystems
 
-    results, errors, run = tables if tables is not None else read_tables(output)
-    if metrics is None and truth:
+    if metrics is None and truth:  # the truth figures need every row (a labelled check set, not a nightly run)
+        tables = tables if tables is not None else read_run(output)
+        results = tables[0]
         metrics = truth_metrics(results if isinstance(results, list) else results.to_pylist(), read_truth(truth))
+    if tables is not None:
+        results, errors, run = tables
+    else:  # read a batch at a time (ResultsDigest, ErrorsDigest)
+        results, errors = FileSystems.join(output, "results.parquet"), FileSystems.join(output, "errors.parquet")
+        run = _run_json(output)
     page = build_report_html(results, errors, run, title=f"archive-vision report: {output}", metrics=metrics,
                              per_section=per_section)
     path = FileSystems.join(output, "report.html")
@@ -538,7 +676,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`archive-vision report`."""
     args = _parse_args(argv)
-    tables = read_run(args.output)
+    tables = read_run(args.output) if args.truth else None  # every row only for the truth figures
     metrics = truth_metrics(tables[0], read_truth(args.truth)) if args.truth else None
     path = write_report(args.output, truth=args.truth, per_section=args.per_section, metrics=metrics, tables=tables)
     print(f"report: {path}")

@@ -293,3 +293,55 @@ def test_report_says_whose_decision_policy_the_run_used():
     told = report.build_report_html([], [], run, title="t")
     assert "decision policy: gs://b/models/archive_vision/12's; rotate at p >= 0.95, ok at p >= 0.5" in told
     assert "decision policy" not in report.build_report_html([], [], {"options": {}}, title="t")
+
+
+def test_a_results_table_is_read_a_batch_at_a_time_and_shows_what_the_whole_table_would(tmp_path, monkeypatch):
+    """ResultsDigest over a Parquet file read in batches of 7 rows shows the same rows as ranking and sampling the
+    whole table at once would: the surest auto_rotate rows, the least sure review rows (nulls as 0, ties in table
+    order), the seeded sample of ok rows, the counts; a table written before a column reads it as empty."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
+
+    rng = random.Random(5)
+    rows = []
+    for i in range(120):
+        row = {name: None for name in RESULTS_SCHEMA.names}
+        row.update(uri=f"/a/{i:03d}.png", page=i % 3, decision=rng.choice(["auto_rotate", "review", "ok", "ok"]),
+                   class_name=rng.choice(["letter", "photo", ""]), class_id=rng.choice([0, 1, -1]),
+                   orientation_confidence=rng.choice([None, 0.5, 0.75, 0.9, rng.random()]))
+        rows.append(row)
+    path = str(tmp_path / "results.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA).drop(["corrected_orientation"]), path)
+    monkeypatch.setattr(report, "BATCH_ROWS", 7)
+
+    digest = report.ResultsDigest(path, per_section=10, seed=3)
+
+    def ranked(decision, descending):
+        chosen = [(i, r) for i, r in enumerate(rows) if r["decision"] == decision]
+        key = lambda item: (-(item[1]["orientation_confidence"] or 0.0) if descending  # noqa: E731
+                            else (item[1]["orientation_confidence"] or 0.0), item[0])
+        return [r["uri"] for _, r in sorted(chosen, key=key)[:10]]
+
+    assert [r["uri"] for r in digest.auto_rows] == ranked("auto_rotate", True)
+    assert [r["uri"] for r in digest.review_rows] == ranked("review", False)
+    ok = [r for r in rows if r["decision"] == "ok"]
+    picked = random.Random(3).sample(range(len(ok)), 10)
+    assert [r["uri"] for r in digest.ok_rows] == sorted(ok[i]["uri"] for i in picked)
+    assert digest.ok_count == len(ok) and digest.rows == 120
+    assert digest.per_decision == dict(collections.Counter(r["decision"] for r in rows).most_common())
+    assert digest.per_class == {k: v for k, v in collections.Counter(r["class_name"] for r in rows).most_common() if k}
+    assert all(r["corrected_orientation"] is None for r in digest.auto_rows)  # the column the file lacks
+    assert digest.class_pairs == {(r["class_id"], r["class_name"]) for r in rows
+                                  if r["class_id"] >= 0 and r["class_name"]}
+
+    errors = [dict(uri=f"/a/bad{i}.jpg", page=-1, stage="decode", error_type=["corrupt", "empty"][i % 2],
+                   message="m", sha256="", fingerprint="") for i in range(230)]
+    errors_path = str(tmp_path / "errors.parquet")
+    pq.write_table(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), errors_path)
+    failures = report.ErrorsDigest(errors_path)
+    assert failures.rows == 230 and failures.per_error == {"corrupt": 115, "empty": 115}
+    assert [e["uri"] for e in failures.first] == [e["uri"] for e in errors[:report.ERRORS_SHOWN]]

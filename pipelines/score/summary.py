@@ -15,7 +15,7 @@ from pipelines.cli import failed_inputs_check, failed_inputs_line
 from pipelines.ingest import metric_totals
 from pipelines.report import text_crops_summary, truth_label_lines, truth_summary_line, tta_summary
 from pipelines.score.options import COUNTER_NAMESPACE, ModelInfo, ScoreOptions, run_policy
-from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA
+from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, parquet_batches
 from serving import policy as policies
 
 
@@ -29,7 +29,6 @@ def write_results_csv(output: str) -> str:
     batch of rows at a time, so a table of millions of rows is never held whole."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
 
     def flattened(table):
         columns = {}
@@ -49,7 +48,7 @@ def write_results_csv(output: str) -> str:
         writer = pacsv.CSVWriter(handle, header.schema)
         if FileSystems.exists(source):
             with FileSystems.open(source, compression_type=raw) as parquet:
-                for batch in pq.ParquetFile(parquet).iter_batches(batch_size=4096):
+                for batch in parquet_batches(parquet, 4096):
                     writer.write_table(flattened(pa.Table.from_batches([batch])).cast(header.schema))
         writer.close()
     return path
