@@ -15,7 +15,7 @@ from pipelines.cli import failed_inputs_check, failed_inputs_line
 from pipelines.ingest import metric_totals
 from pipelines.report import text_crops_summary, truth_label_lines, truth_summary_line, tta_summary
 from pipelines.score.options import COUNTER_NAMESPACE, ModelInfo, ScoreOptions, run_policy
-from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, parquet_batches
+from pipelines.tables import RESULTS_SCHEMA, parquet_batches
 from serving import policy as policies
 
 
@@ -60,15 +60,58 @@ SUMMARY_COLUMNS = ("uri", "decision", "class_name", "reused", "tta_agreement", "
                    "orientation_probabilities")
 
 
-def _columns(output: str, name: str, schema, columns) -> "pa.Table":
-    """`columns` of a job table (local or gs://); an absent file reads as an empty table of those columns."""
-    import pyarrow.parquet as pq
+def _uri_hashes(column) -> np.ndarray:
+    """64-bit hashes of a string column's distinct values (nulls left out)."""
+    return np.fromiter((hash(uri) for uri in pc.unique(column.drop_null()).to_pylist()), np.int64)
 
-    path = FileSystems.join(output, name)
-    if not FileSystems.exists(path):
-        return schema.empty_table().select(list(columns))
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        return pq.read_table(handle, columns=list(columns))
+
+class _ResultsCounts:
+    """What run.json counts of a job table (results.parquet, or errors.parquet with name=), a batch at a time: rows,
+    distinct uris (as 64-bit hashes: two of ten million colliding is about a 1 in 400,000 chance), counts per
+    decision, class and error type, and the scored rows' test-time-turn and text-crop figures."""
+
+    def __init__(self, output: str, name: str = "results.parquet"):
+        errors = name == "errors.parquet"
+        self.rows = self.scored = self.with_orientation = self.corrected_failed = 0
+        self.tta_images = self.tta_disagreeing = self.text_crops_counted = self.text_crops_not_agreed = 0
+        self.tta_sum = 0.0
+        self.per_decision: Dict[str, int] = {}
+        self.per_class: Dict[str, int] = {}
+        self.per_kind: Dict[str, int] = {}
+        uris, reused_uris = [], []
+        path = FileSystems.join(output, name)
+        if FileSystems.exists(path):
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+                for batch in parquet_batches(handle, 65_536, ["uri", "error_type"] if errors else
+                                             list(SUMMARY_COLUMNS)):
+                    table = pa.Table.from_batches([batch])
+                    self.rows += table.num_rows
+                    uris.append(_uri_hashes(table["uri"]))
+                    if errors:
+                        _add(self.per_kind, _value_counts(table["error_type"]))
+                        continue
+                    _add(self.per_decision, _value_counts(table["decision"]))
+                    _add(self.per_class, _value_counts(table["class_name"]))
+                    reused = pc.fill_null(table["reused"], False)
+                    reused_uris.append(_uri_hashes(table.filter(reused)["uri"]))
+                    scored = table.filter(pc.invert(reused))
+                    self.scored += scored.num_rows
+                    self.with_orientation += scored.num_rows - scored["orientation_probabilities"].null_count
+                    tta = np.asarray(scored["tta_agreement"].drop_null().to_numpy(), dtype=np.float64)
+                    self.tta_images += len(tta)
+                    self.tta_disagreeing += int((tta < 1.0).sum())
+                    self.tta_sum += float(tta.sum())
+                    self.text_crops_counted += _true(pc.equal(scored["text_crops"], 1))
+                    self.text_crops_not_agreed += _true(pc.equal(scored["text_crops"], 0))
+                    self.corrected_failed += _true(pc.starts_with(pc.fill_null(table["corrected_method"], ""),
+                                                                  "failed"))
+        self.uris = np.unique(np.concatenate(uris)) if uris else np.zeros(0, np.int64)
+        self.reused_uris = np.unique(np.concatenate(reused_uris)) if reused_uris else np.zeros(0, np.int64)
+
+
+def _add(into: Dict[str, int], counts: Dict[str, int]) -> None:
+    for key, value in counts.items():
+        into[key] = into.get(key, 0) + value
 
 
 def _value_counts(column) -> Dict[str, int]:
@@ -87,28 +130,24 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
     timings, reconciliation."""
     import platform
 
-    # Columns, not rows: run.json needs counts, so only the columns it counts are read, and counted by pyarrow
-    # (a results table of millions of rows never becomes millions of Python dicts in the launcher).
-    results = _columns(opts.output, "results.parquet", RESULTS_SCHEMA, SUMMARY_COLUMNS)
-    errors = _columns(opts.output, "errors.parquet", ERRORS_SCHEMA, ("uri", "error_type"))
-    ok_uris = pc.unique(results["uri"])
-    error_uris = pc.unique(errors["uri"])
-    errors_of_ok = pc.is_in(error_uris, value_set=ok_uris)
-    failed_count = len(error_uris) - _true(errors_of_ok)
-    per_decision = _value_counts(results["decision"])
-    per_class = {k: v for k, v in _value_counts(results["class_name"]).items() if k}
-    per_kind = _value_counts(errors["error_type"])
-    reused_mask = pc.fill_null(results["reused"], False)
-    scored = results.filter(pc.invert(reused_mask))
-    tta = np.asarray(scored["tta_agreement"].drop_null().to_numpy(), dtype=np.float64)
+    # Counted a batch at a time from the columns run.json needs (a results table of millions of rows is never held
+    # in the launcher, not even as columns): files are told apart by 64-bit hashes of their uris.
+    results = _ResultsCounts(opts.output)
+    errors = _ResultsCounts(opts.output, "errors.parquet")
+    ok_uris = results.uris
+    error_uris = errors.uris
+    errors_of_ok = np.isin(error_uris, ok_uris)
+    failed_count = len(error_uris) - int(errors_of_ok.sum())
+    per_decision, per_kind = results.per_decision, errors.per_kind
+    per_class = {k: v for k, v in results.per_class.items() if k}
     inputs = metrics.get("inputs", len(ok_uris) + failed_count)
     counts = {
         "inputs": inputs, "inputs_ok": len(ok_uris), "inputs_failed": failed_count,
-        "inputs_reused": len(pc.unique(results.filter(reused_mask)["uri"])),
-        "results": results.num_rows, "pages_scored": scored.num_rows,
-        "pages_reused": results.num_rows - scored.num_rows,
+        "inputs_reused": len(results.reused_uris),
+        "results": results.rows, "pages_scored": results.scored,
+        "pages_reused": results.rows - results.scored,
         "pages_sent_as_file": metrics.get("pages_sent_as_file", 0),
-        "errors": errors.num_rows, "errors_per_type": per_kind, "per_decision": per_decision,
+        "errors": errors.rows, "errors_per_type": per_kind, "per_decision": per_decision,
         "per_class": per_class,
         # --skip-known (Beam counters): the earlier rows this model version may reuse, and the inputs that reused
         # them unread (same uri and listing fingerprint) or once read (same sha256); the failed inputs whose earlier
@@ -125,12 +164,12 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
         # Copies written this run (Beam counter): a reused row's copy was written by the run that made it, unless a
         # person answered the page since.
         "corrected_written": metrics.get("corrected_written", 0),
-        "corrected_failed": _true(pc.starts_with(pc.fill_null(results["corrected_method"], ""), "failed")),
-        "inputs_with_some_failed_page": _true(errors_of_ok),
+        "corrected_failed": results.corrected_failed,
+        "inputs_with_some_failed_page": int(errors_of_ok.sum()),
     }
     counts["reconciled"] = counts["inputs"] == counts["inputs_ok"] + counts["inputs_failed"]
     predict_s = metrics.get("predict_ms", 0) / 1000.0
-    with_orientation = scored.num_rows - scored["orientation_probabilities"].null_count
+    tta_images = results.tta_images
     return {
         "job": "score", "options": dataclasses.asdict(opts), "runner": runner or {},
         "model": {"name": model.name, "version": model.version, "class_names": list(model.class_names),
@@ -141,15 +180,14 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
         "counts": counts,
         "failed_inputs": failed_inputs_check(counts, opts.max_failed_fraction),
         # What the graph did for the pages it answered (its tta_agreement and text_crops outputs).
-        "tta": {"enabled": model.policy.answer.tta, "images": len(tta), "below": model.policy.answer.tta_below,
-                "single_copy": with_orientation - len(tta) if model.policy.answer.tta else 0,
-                "disagreement_rate": round(float(np.mean(tta < 1.0)), 4) if len(tta) else None,
-                "mean_agreement": round(float(np.mean(tta)), 4) if len(tta) else None},
+        "tta": {"enabled": model.policy.answer.tta, "images": tta_images, "below": model.policy.answer.tta_below,
+                "single_copy": results.with_orientation - tta_images if model.policy.answer.tta else 0,
+                "disagreement_rate": round(results.tta_disagreeing / tta_images, 4) if tta_images else None,
+                "mean_agreement": round(results.tta_sum / tta_images, 4) if tta_images else None},
         "text_crops": {"enabled": model.policy.answer.text_crops is not None,
-                       "counted": _true(pc.equal(scored["text_crops"], 1)),
-                       "not_agreed": _true(pc.equal(scored["text_crops"], 0))},
+                       "counted": results.text_crops_counted, "not_agreed": results.text_crops_not_agreed},
         "timings": {"elapsed_seconds": round(elapsed, 3),
-                    "pages_per_second": round(scored.num_rows / elapsed, 2) if elapsed > 0 else None,
+                    "pages_per_second": round(results.scored / elapsed, 2) if elapsed > 0 else None,
                     "predict_seconds_total": round(predict_s, 3) if predict_s else None,
                     "rpc_retries": metrics.get("rpc_retries", 0)},
         "corrected": {"dir": opts.write_corrected, "jpeg_tool": corrected_tool},
