@@ -281,3 +281,41 @@ def imaging_png(degrees: int) -> bytes:
     from tests.image_factory import encode_array
 
     return encode_array(sf.turned(sf.make_asymmetric_image(), degrees), "PNG")
+
+
+def upstream_steps(proto, name: str) -> set:
+    """The leaf steps that feed the step `name` of the pipeline `proto` (itself included), side inputs too."""
+    transforms = proto.components.transforms
+    producer = {pcoll: t for t in transforms.values() if not t.subtransforms for pcoll in t.outputs.values()}
+    start = next(t for t in transforms.values() if t.unique_name == name)
+    seen, stack = set(), [start]
+    while stack:
+        step = stack.pop()
+        if step.unique_name in seen:
+            continue
+        seen.add(step.unique_name)
+        stack.extend(producer[pcoll] for pcoll in step.inputs.values() if pcoll in producer)
+    return seen
+
+
+@pytest.mark.parametrize("job", ["score", "ingest"])
+def test_the_progress_total_is_counted_from_the_listing_before_its_reshuffle(tmp_path, model_bases, job):
+    """The progress line's total comes from the listing itself, not from the entries after the Reshuffle that
+    spreads them (a count of those made the DirectRunner hold every listed entry in its launcher)."""
+    from pipelines import ingest
+
+    archive = str(tmp_path / "archive")
+    sf.write_turned_archive(archive, TURNS)
+    graphs = []
+    if job == "score":
+        run_score(archive, str(tmp_path / "out"), model_bases[3], graphs=graphs)
+        prefix = "ScoreArchive"
+    else:
+        ingest.run(["--input", archive, "--output", str(tmp_path / "out")], test_pipeline=TestPipeline(),
+                   extend_pipeline=lambda outputs: graphs.append(outputs["records"].pipeline.to_runner_api()))
+        prefix = "Ingest"
+    counting = [t.unique_name for t in graphs[0].components.transforms.values()
+                if t.unique_name.startswith(f"{prefix}/Progress/CountInputs/") and not t.subtransforms]
+    steps = set().union(*(upstream_steps(graphs[0], name) for name in counting))
+    assert counting and f"{prefix}/ListArchive" in steps
+    assert not any("/Distribute/" in step for step in steps), sorted(steps)
