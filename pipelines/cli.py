@@ -107,12 +107,14 @@ def return_freed_memory() -> None:
     multi-megabyte data-plane buffers (a shuffle's, a stage's output) land in thread heaps that keep the pages: a
     `--skip-known` re-run over 20,000 unchanged scans peaked at 431-490 MB in the launcher against 250-284 MB at
     4,000, and at about 300 MB with a fixed threshold (bench/scale.py). A threshold already in the environment is
-    kept. Not glibc (macOS, musl): nothing to do."""
-    threshold = int(os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(MALLOC_TRIM_THRESHOLD)))
+    kept (one glibc cannot read is left to glibc). Not glibc (macOS, musl): nothing to do."""
+    value = os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(MALLOC_TRIM_THRESHOLD))
     try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_TRIM_THRESHOLD, threshold)
-    except (OSError, AttributeError):
-        pass
+        threshold = int(value)
+        if 0 <= threshold < 2 ** 31:  # mallopt takes an int
+            ctypes.CDLL("libc.so.6").mallopt(_M_TRIM_THRESHOLD, threshold)
+    except (OSError, AttributeError, ValueError):
+        pass  # not glibc, or a value glibc would not take either: its own default stands
 
 
 def configure_logging(argv: Optional[Sequence[str]]) -> None:

@@ -35,7 +35,8 @@ from pipelines.cli import (DEFAULT_MAX_FAILED_FRACTION, EXIT_USAGE, add_max_fail
 from pipelines.ingest_append import COUNTER_NAMESPACE, AppendError, EarlierRun, JoinEarlier
 from pipelines.progress import ShowProgress
 from pipelines.shards import WriteShards
-from pipelines.tables import ERRORS_SCHEMA, MANIFEST_SCHEMA, error_row, read_table, write_job_tables
+from pipelines.tables import (ERRORS_SCHEMA, MANIFEST_SCHEMA, error_row, read_table, whole_file_failed,
+                              write_job_tables)
 
 LOG = logging.getLogger("archive_vision.ingest")
 ERROR_STAGES = ("list", "read", "decode", "resize", "encode")
@@ -187,11 +188,12 @@ class DecodeImagesFn(beam.DoFn):
         except imaging.ImageError as e:
             if emitted == 0:
                 self._failed_inputs.inc()
-            yield self._fail(entry.uri, "decode", e.kind, str(e), e.page, sha, entry.fingerprint)
+            yield self._fail(entry.uri, "decode", e.kind, str(e), e.page, sha, whole_file_failed(emitted, entry))
         except Exception as e:  # anything Pillow throws that we did not foresee still becomes a row
             if emitted == 0:
                 self._failed_inputs.inc()
-            yield self._fail(entry.uri, "decode", "corrupt", f"{type(e).__name__}: {e}", -1, sha, entry.fingerprint)
+            yield self._fail(entry.uri, "decode", "corrupt", f"{type(e).__name__}: {e}", -1, sha,
+                        whole_file_failed(emitted, entry))
         if emitted:
             self._ingested.inc()
 

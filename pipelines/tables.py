@@ -28,8 +28,8 @@ MANIFEST_SCHEMA = pa.schema([
     ("superseded", pa.bool_()),
 ])
 
-# One row per failure. `fingerprint`: the failed file's listing fingerprint when the failure is a defect of its bytes
-# (imaging.CONTENT_DEFECTS; "" otherwise): an incremental run (score --skip-known, ingest --append) keeps such a row
+# One row per failure. `fingerprint`: the failed file's listing fingerprint when the whole file failed for a defect of
+# its bytes (imaging.CONTENT_DEFECTS; "" otherwise): an incremental run (score --skip-known, ingest --append) keeps such a row
 # for a file listed again with the same fingerprint, unread (tables written before the column keep none).
 ERRORS_SCHEMA = pa.schema([
     ("uri", pa.string()), ("page", pa.int64()), ("stage", pa.string()), ("error_type", pa.string()),
@@ -42,6 +42,12 @@ def error_row(uri: str, stage: str, error_type: str, message: str, page: int = -
     """One row of errors.parquet (`fingerprint` kept only for a defect of the file's bytes)."""
     return {"uri": uri, "page": page, "stage": stage, "error_type": error_type, "message": message[:2000],
             "sha256": sha256, "fingerprint": fingerprint if error_type in CONTENT_DEFECTS else ""}
+
+
+def whole_file_failed(pages_done: int, entry) -> str:
+    """The fingerprint an error row keeps: the file's, when it failed before any of its pages was done (a file
+    whose later page failed is read again by the next incremental run, for the pages it had)."""
+    return entry.fingerprint if not pages_done else ""
 
 
 def failure_stands(row: dict, fingerprint: str) -> bool:

@@ -267,6 +267,10 @@ def test_files_that_failed_for_a_defect_of_their_bytes_are_not_read_again_until_
     assert {e["uri"]: e["error_type"] for e in kept} == bad
     assert "failed before and unchanged 3" in score.format_summary(again)
 
+    # Both earlier runs given as one pattern: each failure is kept once, not once per table that holds it.
+    both = run_score(archive, str(tmp_path / "both"), model_bases[3], str(tmp_path / "run?" / "results.parquet"))
+    assert both["counts"]["errors"] == 3 and both["counts"]["inputs_failed_before"] == 3 and opened.paths == []
+
     # The truncated file is uploaded again whole: it alone is read, and scored.
     fixed = next(path for path, kind in bad.items() if kind == "truncated")
     with open(fixed, "wb") as f:
@@ -319,3 +323,31 @@ def test_the_progress_total_is_counted_from_the_listing_before_its_reshuffle(tmp
     steps = set().union(*(upstream_steps(graphs[0], name) for name in counting))
     assert counting and f"{prefix}/ListArchive" in steps
     assert not any("/Distribute/" in step for step in steps), sorted(steps)
+
+
+def test_a_file_whose_later_page_failed_is_read_again_for_its_other_pages(monkeypatch):
+    """Only a failure of the whole file keeps its fingerprint (and so stands on the next incremental run); a file
+    with pages done before one failed must be read again, or a new model version would never score those pages."""
+    from pipelines.score.options import ScoreOptions
+
+    entry = sources.SourceEntry(uri="/a/two_pages.tif", fingerprint="local:10:1")
+    page = next(imaging.decode_pages(sf.encode_array(sf.make_asymmetric_image(), "PNG")))
+
+    def one_page_then_a_truncated_one(data, **kwargs):
+        yield page
+        raise imaging.ImageError("truncated", "page 1 failed to decode", 1)
+
+    fn = score.PrepareImagesFn(ScoreOptions(input="/a", output="/o"))
+    monkeypatch.setattr(imaging, "decode_pages", one_page_then_a_truncated_one)
+    outputs = list(fn.process({"entry": entry, "data": b"II*\x00", "sha256": "s"}))
+    errors = [o.value for o in outputs if getattr(o, "tag", None) == "errors"]
+    assert len(outputs) == 2 and len(errors) == 1
+    assert errors[0]["error_type"] == "truncated" and errors[0]["fingerprint"] == ""
+
+    def truncated_at_once(data, **kwargs):
+        raise imaging.ImageError("truncated", "no page decodes")
+        yield
+
+    monkeypatch.setattr(imaging, "decode_pages", truncated_at_once)
+    errors = [o.value for o in fn.process({"entry": entry, "data": b"II*\x00", "sha256": "s"})]
+    assert [e["fingerprint"] for e in errors] == ["local:10:1"]

@@ -239,6 +239,10 @@ def entry_listing_key(entry: SourceEntry) -> Tuple[Tuple[str, str], tuple]:
     return (entry.uri, entry.fingerprint), entry.fields()
 
 
+def _failure_order(row: dict) -> tuple:
+    return row["page"], row["stage"], row["error_type"], row["message"] or "", row["uri"] or ""
+
+
 class ReuseByListingFn(beam.DoFn):
     """(uri, fingerprint) -> {entries, known, failed}: a listed file with earlier rows reuses them unread, and one
     whose earlier failure stands (a defect of its unchanged bytes) keeps its error rows unread (ERRORS; it is still
@@ -269,7 +273,9 @@ class ReuseByListingFn(beam.DoFn):
                 yield from reused_rows(entry, known)
             else:
                 self._failed_before.inc()
-            for row in sorted(failed, key=lambda r: (r["page"], r["stage"])):
+            # One row per failure: several earlier tables (a --skip-known pattern) may each hold the same one.
+            kept = {(r["page"], r["stage"], r["error_type"]): r for r in sorted(failed, key=_failure_order)}
+            for row in kept.values():
                 yield beam.pvalue.TaggedOutput(self.ERRORS, dict(row, uri=entry.uri))
 
 

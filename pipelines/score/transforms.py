@@ -20,7 +20,7 @@ from pipelines.score.known import (KnownTable, ReadKnown, ReadKnownFailures, Reu
                                    content_key, entry_listing_key, known_content_key, listing_key)
 from pipelines.score.options import COUNTER_NAMESPACE, ModelInfo, ScoreOptions, run_policy
 from pipelines.score.review import ApplyCorrections
-from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, error_row, write_job_tables
+from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, error_row, whole_file_failed, write_job_tables
 from serving.configs import SERVED_VERSIONS
 from serving.errors import ModelNotFoundError, RetryableServingError
 
@@ -92,11 +92,12 @@ class PrepareImagesFn(beam.DoFn):
         except imaging.ImageError as e:
             if emitted == 0:
                 self._failed.inc()
-            yield _failure(entry.uri, "decode", e.kind, str(e), e.page, sha, entry.fingerprint)
+            yield _failure(entry.uri, "decode", e.kind, str(e), e.page, sha, whole_file_failed(emitted, entry))
         except Exception as e:  # anything Pillow throws that we did not foresee still becomes a row
             if emitted == 0:
                 self._failed.inc()
-            yield _failure(entry.uri, "decode", "corrupt", f"{type(e).__name__}: {e}", -1, sha, entry.fingerprint)
+            yield _failure(entry.uri, "decode", "corrupt", f"{type(e).__name__}: {e}", -1, sha,
+                        whole_file_failed(emitted, entry))
 
 
 class _PredictionRouting:
