@@ -99,6 +99,7 @@ class IngestOptions:
     exclude: Tuple[str, ...] = ()
     overwrite: bool = False
     append: bool = False
+    drop_removed: bool = False
     max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION
 
     def __post_init__(self):
@@ -292,7 +293,8 @@ class IngestArchive(beam.PTransform):
         classes = (_distinct_labels(listed)
                    | "AllLabels" >> beam.combiners.ToList()
                    | "CheckClasses" >> beam.Map(ingest_append.checked_classes, earlier.classes, earlier.pinned))
-        joined = listed | "JoinEarlier" >> JoinEarlier(earlier, opts.assume_upright, opts.max_file_mb)
+        joined = listed | "JoinEarlier" >> JoinEarlier(earlier, opts.assume_upright, opts.max_file_mb,
+                                                       opts.drop_removed)
         decoded = joined["fresh"] | "DecodeImages" >> beam.ParDo(
             DecodeImagesFn(opts), beam.pvalue.AsSingleton(classes)).with_outputs(DecodeImagesFn.ERRORS,
                                                                                  main="records")
@@ -362,6 +364,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[IngestOptions, List[str]]
                         help="add the input's new and changed files to the set in --output: files it holds (same "
                              "uri, same listing fingerprint) are not read, new records go into shards of their own, "
                              "the records of changed files are marked superseded; the set's record options apply")
+    parser.add_argument("--drop-removed", action="store_true",
+                        help="with --append: also mark superseded the records of files that no longer exist (deleted "
+                             "or taken down), so training stops reading them; without it an append never removes "
+                             "what it is not shown")
     add_max_failed_fraction(parser)
     known, beam_args = parser.parse_known_args(argv)
     unknown = unknown_beam_args(beam_args)
@@ -369,6 +375,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[IngestOptions, List[str]]
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (neither ingest's flags nor Beam pipeline options)")
     if known.append and known.overwrite:
         parser.error("--append adds to the set in --output, --overwrite replaces it: pass one")
+    if known.drop_removed and not known.append:
+        parser.error("--drop-removed goes with --append (a first run or --overwrite holds only what it lists)")
     fractions = tuple(float(x) for x in known.split_fractions.split(","))
     if len(fractions) != 3:
         parser.error("--split-fractions takes three numbers")
@@ -385,7 +393,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[IngestOptions, List[str]]
             augment_copies=known.augment_copies, max_shift=known.max_shift, text_archive=known.text_archive,
             no_flip_classes=names(known.no_flip_classes), compression=known.compression, shard_mb=known.shard_mb,
             num_shards=known.num_shards, exclude=tuple(known.exclude), overwrite=known.overwrite, append=known.append,
-            max_failed_fraction=known.max_failed_fraction)
+            drop_removed=known.drop_removed, max_failed_fraction=known.max_failed_fraction)
     except ValueError as e:
         parser.error(str(e))
     return opts, beam_args
@@ -585,8 +593,8 @@ def format_summary(summary: dict, output: str) -> str:
             + (f" ({c['inputs_failed_before']} failed before and unchanged, unread)"
                if c.get("inputs_failed_before") else "") + f")  {reconciled}",
             f"  appended {c['records_added']} records in {summary['shard_tag']} shards, {c['records_superseded']} "
-            f"superseded ({c['inputs_changed']} files changed, {c['inputs_moved']} moved), {c['files_read']} files "
-            f"read",
+            f"superseded ({c['inputs_changed']} files changed, {c['inputs_moved']} moved, "
+            f"{c.get('inputs_removed', 0)} removed), {c['files_read']} files read",
             f"  set      {c['records']} records  ({splits}; {c['augmented_records']} augmented; "
             f"{c['superseded_records']} superseded)"]
     else:

@@ -344,19 +344,23 @@ class ReadAgainstEarlierFn(beam.DoFn):
 class SupersedeMovedFn(beam.DoFn):
     """sha256 -> {unlisted, fresh}: the rows of files not listed now whose content this run ingests at another uri
     are marked superseded where their uri no longer exists (a moved file, trained once, at its new uri); a copy at a
-    uri that still exists keeps its records."""
+    uri that still exists keeps its records. With `drop_removed` (--drop-removed), so are the rows of any file not
+    listed whose uri no longer exists (deleted, taken down): the trainer stops reading them."""
 
-    def __init__(self):
+    def __init__(self, drop_removed: bool = False):
+        self._drop_removed = drop_removed
         self._moved = Metrics.counter(COUNTER_NAMESPACE, "inputs_moved")
+        self._removed = Metrics.counter(COUNTER_NAMESPACE, "inputs_removed")
         self._superseded = Metrics.counter(COUNTER_NAMESPACE, "records_superseded")
 
     def process(self, element):
         _, grouped = element
         rows = list(grouped["unlisted"])
+        moved = bool(list(grouped["fresh"]))
         gone = set()
-        if rows and list(grouped["fresh"]):
+        if rows and (moved or self._drop_removed):
             gone = {uri for uri in {row["source_uri"] for row in rows} if not FileSystems.exists(uri)}
-            self._moved.inc(len(gone))
+            (self._moved if moved else self._removed).inc(len(gone))
         for row in rows:
             if row["source_uri"] in gone:
                 self._superseded.inc()
@@ -369,8 +373,9 @@ class JoinEarlier(beam.PTransform):
     """Listed entries -> {fresh: files to decode ({entry, data, sha256}), rows: the set's manifest rows as this run
     leaves them, errors: the set's error rows this run keeps and its own listing and read failures}."""
 
-    def __init__(self, earlier: EarlierRun, assume_upright: bool, max_file_mb: float):
+    def __init__(self, earlier: EarlierRun, assume_upright: bool, max_file_mb: float, drop_removed: bool = False):
         super().__init__()
+        self._drop_removed = drop_removed
         self._earlier = earlier
         self._assume_upright = assume_upright
         self._max_file_mb = max_file_mb
@@ -402,7 +407,7 @@ class JoinEarlier(beam.PTransform):
                      lambda row: (row["sha256"], row)),
                   "fresh": read[ReadAgainstEarlierFn.NEW_CONTENT]}
                  | "JoinMoved" >> beam.CoGroupByKey()
-                 | "SupersedeMoved" >> beam.ParDo(SupersedeMovedFn()))
+                 | "SupersedeMoved" >> beam.ParDo(SupersedeMovedFn(self._drop_removed)))
         # Tuples of PCollections, written part by part (pipelines.tables.WriteTable: a Flatten would make the
         # DirectRunner hold every row in its launcher).
         rows = (by_uri.rows, read.rows, moved, known[_EarlierRowFn.SUPERSEDED])
@@ -445,6 +450,7 @@ def append_counts(metrics: Dict[str, int], tables: dict) -> dict:
         "inputs_reused": by_listing + by_content, "inputs_reused_by_listing": by_listing,
         "inputs_reused_by_content": by_content, "inputs_ingested": ingested,
         "inputs_changed": metrics.get("inputs_changed", 0), "inputs_moved": metrics.get("inputs_moved", 0),
+        "inputs_removed": metrics.get("inputs_removed", 0),
         "inputs_failed_before": metrics.get("inputs_failed_before", 0),
         "known_rows": metrics.get("known_rows", 0), "files_read": metrics.get("files_read", 0),
         "bytes_read": metrics.get("bytes_read", 0), "records_added": metrics.get("records", 0),

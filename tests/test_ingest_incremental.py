@@ -192,6 +192,26 @@ def test_a_moved_file_is_trained_once_and_a_copy_is_a_record_of_its_own(first_ru
     assert by_uri[moved_to]["sha256"] != "" and by_uri[copied_to]["split"] == by_uri[paths["d2"]]["split"]
 
 
+def test_a_deleted_file_keeps_its_records_unless_the_append_drops_removed_files(first_run):
+    archive, paths, output = first_run
+    os.remove(paths["d1"])
+
+    kept = run_ingest(archive, output, "--append")
+    assert kept["counts"]["inputs_removed"] == 0 and kept["counts"]["records"] == 6
+    assert paths["d1"] in [uri for uri, _, _ in trained_records(output)]  # an append removes nothing it is not shown
+
+    dropped = run_ingest(archive, output, "--append", "--drop-removed")
+
+    counts = dropped["counts"]
+    assert (counts["inputs"], counts["inputs_removed"], counts["records_superseded"]) == (5, 1, 1)
+    assert counts["records"] == 5 and counts["files_read"] == 0 and counts["reconciled"]
+    trained = [uri for uri, _, _ in trained_records(output)]
+    assert paths["d1"] not in trained and len(trained) == 5
+    assert "1 removed" in ingest.format_summary(dropped, output)
+    with pytest.raises(SystemExit):  # only with --append
+        ingest.parse_args(["--input", archive, "--output", output, "--drop-removed"])
+
+
 def test_a_new_class_stops_the_append_with_exit_2_and_writes_nothing(first_run, capsys):
     archive, _, output = first_run
     write_image(os.path.join(archive, "map", "m0.png"), 70)
