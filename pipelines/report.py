@@ -33,16 +33,16 @@ DEFAULT_PER_SECTION = 48
 # ---------------------------------------------------------------- tables
 
 
-def read_tables(output: str):
-    """(results, errors, run.json) of a score output folder, the tables as pyarrow Tables (columnar: a million rows
-    are a few hundred MB less than as Python rows)."""
+def read_run(output: str) -> Tuple[List[dict], List[dict], dict]:
+    """(result rows, error rows, run.json) of a score output folder, every row (the truth figures need them; the
+    page itself reads the tables a batch at a time: ResultsDigest, ErrorsDigest)."""
     from apache_beam.io.filesystems import FileSystems
 
     from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, read_table
 
     results = read_table(FileSystems.join(output, "results.parquet"), RESULTS_SCHEMA)
     errors = read_table(FileSystems.join(output, "errors.parquet"), ERRORS_SCHEMA)
-    return results, errors, _run_json(output)
+    return results.to_pylist(), errors.to_pylist(), _run_json(output)
 
 
 def _run_json(output: str) -> dict:
@@ -50,12 +50,6 @@ def _run_json(output: str) -> dict:
 
     run_path = FileSystems.join(output, "run.json")
     return json.loads(FileSystems.open(run_path).read()) if FileSystems.exists(run_path) else {}
-
-
-def read_run(output: str) -> Tuple[List[dict], List[dict], dict]:
-    """(result rows, error rows, run.json) of a score output folder."""
-    results, errors, run = read_tables(output)
-    return results.to_pylist(), errors.to_pylist(), run
 
 
 def _as_table(rows, schema):
@@ -75,7 +69,6 @@ _COUNTED = ("decision", "class_name", "class_id", "orientation_confidence")
 def _batches(source, schema, columns: Optional[Sequence[str]] = None):
     """The record batches of a table: `source` a Parquet path (local or gs://; absent: none) or a Table already in
     memory (or a list of row dicts). Only `columns` (those the file has) when given."""
-    import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
 
     from pipelines.tables import parquet_batches
@@ -84,10 +77,7 @@ def _batches(source, schema, columns: Optional[Sequence[str]] = None):
         if not FileSystems.exists(source):
             return
         with FileSystems.open(source) as handle:
-            names = pq.ParquetFile(handle).schema_arrow.names
-            wanted = [c for c in columns if c in names] if columns is not None else None
-            handle.seek(0)
-            yield from parquet_batches(handle, BATCH_ROWS, wanted)
+            yield from parquet_batches(handle, BATCH_ROWS, columns, present_only=True)
         return
     table = _as_table(source, schema)
     if columns is not None:
@@ -104,16 +94,9 @@ def _row_dicts(batch, schema) -> List[dict]:
     return rows
 
 
-def _add_counts(into: Dict[str, int], column) -> None:
-    import pyarrow.compute as pc
-
-    for item in pc.value_counts(column).to_pylist():
-        if item["values"]:
-            into[item["values"]] = into.get(item["values"], 0) + item["counts"]
-
-
 def _most_frequent_first(counts: Dict[str, int]) -> Dict[str, int]:
-    return dict(sorted(counts.items(), key=lambda item: -item[1]))
+    """{value: rows}, empty values left out, most frequent first (ties in the order first seen)."""
+    return dict(sorted(((k, v) for k, v in counts.items() if k), key=lambda item: -item[1]))
 
 
 class _Ranked:
@@ -122,7 +105,6 @@ class _Ranked:
 
     def __init__(self, decision: str, descending: bool, n: int):
         self.decision, self.descending, self.n = decision, descending, n
-        self.count = 0
         self.keys = np.zeros(0, np.float64)
         self.index = np.zeros(0, np.int64)
 
@@ -131,7 +113,6 @@ class _Ranked:
 
         mask = pc.fill_null(pc.equal(decisions, self.decision), False).to_numpy(zero_copy_only=False)
         positions = np.flatnonzero(mask)
-        self.count += len(positions)
         if not len(positions) or not self.n:
             return
         keys = pc.fill_null(confidence, 0.0).to_numpy(zero_copy_only=False).astype(np.float64)[positions]
@@ -147,27 +128,26 @@ class ResultsDigest:
     (the surest auto_rotate rows, the least sure review rows, a seeded sample of ok rows)."""
 
     def __init__(self, source, per_section: int, seed: int = 0):
-        from pipelines.tables import RESULTS_SCHEMA
+        from pipelines.tables import RESULTS_SCHEMA, add_value_counts
 
         self.rows = 0
         per_decision: Dict[str, int] = {}
         per_class: Dict[str, int] = {}
         self.class_pairs = set()
         auto, review = _Ranked("auto_rotate", True, per_section), _Ranked("review", False, per_section)
-        ok_count = 0
         for batch in _batches(source, RESULTS_SCHEMA, _COUNTED):
             columns = dict(zip(batch.schema.names, batch.columns))
-            _add_counts(per_decision, columns["decision"])
-            _add_counts(per_class, columns["class_name"])
+            add_value_counts(per_decision, columns["decision"])
+            add_value_counts(per_class, columns["class_name"])
             self._add_class_pairs(columns["class_id"], columns["class_name"])
             auto.add(columns["decision"], columns["orientation_confidence"], self.rows)
             review.add(columns["decision"], columns["orientation_confidence"], self.rows)
-            ok_count += per_decision_count(columns["decision"], "ok")
             self.rows += batch.num_rows
         self.per_decision, self.per_class = _most_frequent_first(per_decision), _most_frequent_first(per_class)
-        self.auto_count, self.review_count, self.ok_count = auto.count, review.count, ok_count
+        self.auto_count, self.review_count, self.ok_count = (self.per_decision.get(decision, 0)
+                                                             for decision in ("auto_rotate", "review", "ok"))
         # The positions random.sample would pick from the list of ok rows.
-        picked = random.Random(seed).sample(range(ok_count), min(ok_count, per_section))
+        picked = random.Random(seed).sample(range(self.ok_count), min(self.ok_count, per_section))
         wanted = {int(i): None for i in np.concatenate([auto.index, review.index])}
         ok_wanted = {position: None for position in picked}
         if wanted or ok_wanted:
@@ -196,7 +176,7 @@ class ResultsDigest:
 
         offset = ok_seen = 0
         for batch in _batches(source, RESULTS_SCHEMA):
-            is_ok = pc.fill_null(pc.equal(batch.column(batch.schema.get_field_index("decision")), "ok"), False)
+            is_ok = pc.fill_null(pc.equal(batch.column("decision"), "ok"), False)
             ok_positions = np.flatnonzero(is_ok.to_numpy(zero_copy_only=False))
             take = [i - offset for i in wanted if offset <= i < offset + batch.num_rows]
             take_ok = [(p, ok_positions[p - ok_seen]) for p in ok_wanted if ok_seen <= p < ok_seen + len(ok_positions)]
@@ -221,24 +201,18 @@ class ResultsDigest:
         return names
 
 
-def per_decision_count(decisions, decision: str) -> int:
-    import pyarrow.compute as pc
-
-    return int(pc.sum(pc.fill_null(pc.equal(decisions, decision), False)).as_py() or 0)
-
-
 class ErrorsDigest:
     """The errors table as the report shows it, read a batch at a time: the rows, the counts per error type, the
     first ERRORS_SHOWN rows."""
 
     def __init__(self, source):
-        from pipelines.tables import ERRORS_SCHEMA
+        from pipelines.tables import ERRORS_SCHEMA, add_value_counts
 
         self.rows = 0
         per_error: Dict[str, int] = {}
         self.first: List[dict] = []
         for batch in _batches(source, ERRORS_SCHEMA):
-            _add_counts(per_error, batch.column(batch.schema.get_field_index("error_type")))
+            add_value_counts(per_error, batch.column("error_type"))
             if len(self.first) < ERRORS_SHOWN:
                 self.first += _row_dicts(batch.slice(0, ERRORS_SHOWN - len(self.first)), ERRORS_SCHEMA)
             self.rows += batch.num_rows
@@ -485,7 +459,6 @@ def build_report_html(results: List[dict], errors: List[dict], run: dict, *, tit
     """The whole page as one string (thumbnails read from the original files); `results` and `errors`: pyarrow
     Tables (or lists of rows), read column-wise, so only the rows shown become Python rows; `metrics`: truth_metrics
     of these results against a truth manifest, for its section (none for an empty manifest)."""
-
     digest, failures = ResultsDigest(results, per_section, seed), ErrorsDigest(errors)
     names = digest.class_names(run)
     per_decision, per_class, per_error = digest.per_decision, digest.per_class, failures.per_error

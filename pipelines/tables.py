@@ -83,11 +83,23 @@ RESULTS_SCHEMA = pa.schema([
 ROWS_PER_BATCH = 2048
 
 
-def parquet_batches(handle, batch_size: int = ROWS_PER_BATCH, columns=None):
+def parquet_batches(handle, batch_size: int = ROWS_PER_BATCH, columns=None, present_only: bool = False):
     """The record batches of an open Parquet file, read as they are used. Not pre-buffered: pyarrow's default
     (pre_buffer=True) coalesces and keeps the reads of a file opened through Python (Beam's FileSystems), which
-    held about 200 MB of a 3,000,000-row results table while it was read a batch at a time."""
-    return pq.ParquetFile(handle, pre_buffer=False).iter_batches(batch_size=batch_size, columns=columns)
+    held about 200 MB of a 3,000,000-row results table while it was read a batch at a time. `present_only`: of
+    `columns`, those the file has (a table written before a column)."""
+    parquet = pq.ParquetFile(handle, pre_buffer=False)
+    if present_only and columns is not None:
+        columns = [c for c in columns if c in parquet.schema_arrow.names]
+    return parquet.iter_batches(batch_size=batch_size, columns=columns)
+
+
+def add_value_counts(into: Dict[str, int], column) -> None:
+    """Add a column's {value: rows} (nulls left out) to `into`, which keeps the order values were first seen."""
+    import pyarrow.compute as pc
+
+    for item in pc.value_counts(column.drop_null()).to_pylist():
+        into[item["values"]] = into.get(item["values"], 0) + item["counts"]
 
 
 class _WriteTablePartsFn(beam.DoFn):

@@ -195,9 +195,9 @@ class ReadKnown(beam.PTransform):
 
 
 def _failure_keys(row: dict) -> Iterable[Tuple[Tuple[str, str], tuple]]:
-    """An earlier error row keyed by (uri, fingerprint), as a tuple in ERRORS_SCHEMA's order; none unless it is a
-    defect of the file's bytes (only those carry a fingerprint: pipelines.tables.error_row)."""
-    if row["fingerprint"] and failure_stands(row, row["fingerprint"]):
+    """An earlier error row keyed by (uri, fingerprint), as a tuple in ERRORS_SCHEMA's order; none unless it can
+    stand (the join then matches its fingerprint with the file's now: pipelines.tables.failure_stands)."""
+    if failure_stands(row, row["fingerprint"]):
         yield (row["uri"], row["fingerprint"]), tuple(row[name] for name in ERRORS_SCHEMA.names)
 
 

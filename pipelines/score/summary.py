@@ -15,7 +15,7 @@ from pipelines.cli import failed_inputs_check, failed_inputs_line
 from pipelines.ingest import metric_totals
 from pipelines.report import text_crops_summary, truth_label_lines, truth_summary_line, tta_summary
 from pipelines.score.options import COUNTER_NAMESPACE, ModelInfo, ScoreOptions, run_policy
-from pipelines.tables import RESULTS_SCHEMA, parquet_batches
+from pipelines.tables import RESULTS_SCHEMA, add_value_counts, parquet_batches
 from serving import policy as policies
 
 
@@ -65,58 +65,64 @@ def _uri_hashes(column) -> np.ndarray:
     return np.fromiter((hash(uri) for uri in pc.unique(column.drop_null()).to_pylist()), np.int64)
 
 
-class _ResultsCounts:
-    """What run.json counts of a job table (results.parquet, or errors.parquet with name=), a batch at a time: rows,
-    distinct uris (as 64-bit hashes: two of ten million colliding is about a 1 in 400,000 chance), counts per
-    decision, class and error type, and the scored rows' test-time-turn and text-crop figures."""
+def _table_batches(output: str, name: str, columns):
+    """`columns` of a job table (local or gs://), a Table per batch; none when the file is absent."""
+    path = FileSystems.join(output, name)
+    if not FileSystems.exists(path):
+        return
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        for batch in parquet_batches(handle, 65_536, list(columns)):
+            yield pa.Table.from_batches([batch])
 
-    def __init__(self, output: str, name: str = "results.parquet"):
-        errors = name == "errors.parquet"
+
+def _distinct(hashes) -> np.ndarray:
+    return np.unique(np.concatenate(hashes)) if hashes else np.zeros(0, np.int64)
+
+
+class _ResultsCounts:
+    """What run.json counts of results.parquet, a batch at a time: rows, distinct uris (as 64-bit hashes: two of ten
+    million colliding is about a 1 in 400,000 chance), counts per decision and class, and the scored rows'
+    test-time-turn and text-crop figures."""
+
+    def __init__(self, output: str):
         self.rows = self.scored = self.with_orientation = self.corrected_failed = 0
         self.tta_images = self.tta_disagreeing = self.text_crops_counted = self.text_crops_not_agreed = 0
         self.tta_sum = 0.0
         self.per_decision: Dict[str, int] = {}
         self.per_class: Dict[str, int] = {}
-        self.per_kind: Dict[str, int] = {}
         uris, reused_uris = [], []
-        path = FileSystems.join(output, name)
-        if FileSystems.exists(path):
-            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-                for batch in parquet_batches(handle, 65_536, ["uri", "error_type"] if errors else
-                                             list(SUMMARY_COLUMNS)):
-                    table = pa.Table.from_batches([batch])
-                    self.rows += table.num_rows
-                    uris.append(_uri_hashes(table["uri"]))
-                    if errors:
-                        _add(self.per_kind, _value_counts(table["error_type"]))
-                        continue
-                    _add(self.per_decision, _value_counts(table["decision"]))
-                    _add(self.per_class, _value_counts(table["class_name"]))
-                    reused = pc.fill_null(table["reused"], False)
-                    reused_uris.append(_uri_hashes(table.filter(reused)["uri"]))
-                    scored = table.filter(pc.invert(reused))
-                    self.scored += scored.num_rows
-                    self.with_orientation += scored.num_rows - scored["orientation_probabilities"].null_count
-                    tta = np.asarray(scored["tta_agreement"].drop_null().to_numpy(), dtype=np.float64)
-                    self.tta_images += len(tta)
-                    self.tta_disagreeing += int((tta < 1.0).sum())
-                    self.tta_sum += float(tta.sum())
-                    self.text_crops_counted += _true(pc.equal(scored["text_crops"], 1))
-                    self.text_crops_not_agreed += _true(pc.equal(scored["text_crops"], 0))
-                    self.corrected_failed += _true(pc.starts_with(pc.fill_null(table["corrected_method"], ""),
-                                                                  "failed"))
-        self.uris = np.unique(np.concatenate(uris)) if uris else np.zeros(0, np.int64)
-        self.reused_uris = np.unique(np.concatenate(reused_uris)) if reused_uris else np.zeros(0, np.int64)
+        for table in _table_batches(output, "results.parquet", SUMMARY_COLUMNS):
+            self.rows += table.num_rows
+            uris.append(_uri_hashes(table["uri"]))
+            add_value_counts(self.per_decision, table["decision"])
+            add_value_counts(self.per_class, table["class_name"])
+            reused = pc.fill_null(table["reused"], False)
+            reused_uris.append(_uri_hashes(table.filter(reused)["uri"]))
+            scored = table.filter(pc.invert(reused))
+            self.scored += scored.num_rows
+            self.with_orientation += scored.num_rows - scored["orientation_probabilities"].null_count
+            tta = np.asarray(scored["tta_agreement"].drop_null().to_numpy(), dtype=np.float64)
+            self.tta_images += len(tta)
+            self.tta_disagreeing += int((tta < 1.0).sum())
+            self.tta_sum += float(tta.sum())
+            self.text_crops_counted += _true(pc.equal(scored["text_crops"], 1))
+            self.text_crops_not_agreed += _true(pc.equal(scored["text_crops"], 0))
+            self.corrected_failed += _true(pc.starts_with(pc.fill_null(table["corrected_method"], ""), "failed"))
+        self.uris, self.reused_uris = _distinct(uris), _distinct(reused_uris)
 
 
-def _add(into: Dict[str, int], counts: Dict[str, int]) -> None:
-    for key, value in counts.items():
-        into[key] = into.get(key, 0) + value
+class _ErrorCounts:
+    """What run.json counts of errors.parquet, a batch at a time: rows, distinct uris (hashes), counts per kind."""
 
-
-def _value_counts(column) -> Dict[str, int]:
-    """value -> rows, nulls left out."""
-    return {item["values"].as_py(): item["counts"].as_py() for item in pc.value_counts(column.drop_null())}
+    def __init__(self, output: str):
+        self.rows = 0
+        self.per_kind: Dict[str, int] = {}
+        uris = []
+        for table in _table_batches(output, "errors.parquet", ("uri", "error_type")):
+            self.rows += table.num_rows
+            uris.append(_uri_hashes(table["uri"]))
+            add_value_counts(self.per_kind, table["error_type"])
+        self.uris = _distinct(uris)
 
 
 def _true(mask) -> int:
@@ -133,7 +139,7 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
     # Counted a batch at a time from the columns run.json needs (a results table of millions of rows is never held
     # in the launcher, not even as columns): files are told apart by 64-bit hashes of their uris.
     results = _ResultsCounts(opts.output)
-    errors = _ResultsCounts(opts.output, "errors.parquet")
+    errors = _ErrorCounts(opts.output)
     ok_uris = results.uris
     error_uris = errors.uris
     errors_of_ok = np.isin(error_uris, ok_uris)
