@@ -1,6 +1,6 @@
 """The served path on the held-out split: a raw TF Serving client gets score's answer, how right it is, how fast.
 
-    python bench/served.py --corpus /work/corpus/data [--sparse 40] [--peer-images 24] [--out bench-out/served]
+    python bench/served.py --corpus /work/corpus/data [--sparse 40] [--peer-images N] [--out bench-out/served]
 
 1. Every held-out test image of the corpus (photos split by source file, pages by PDF) is written turned
    0/90/180/270 degrees clockwise as a file (photos as JPEG q95, pages as PNG), with generated nearly blank pages
@@ -12,7 +12,8 @@
 4. Accuracy per kind (photos, pages, nearly blank pages; all, and only the images with an up), and the two bands
    that act: auto_rotate and ok, each with how many of its answers are right.
 5. Speed on one core, in one child process pinned to it: the whole answer (file bytes -> the graph's answer,
-   batches of 8) beside docorient and Tesseract OSD on the same images (each decoding the file on the clock).
+   batches of 8) beside docorient and Tesseract OSD on the same images (each decoding the file on the clock): every
+   upright held-out file of each kind unless --peer-images says fewer.
 """
 from __future__ import annotations
 
@@ -196,7 +197,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", required=True, help="folder build_train.sh wrote (photos/, docs/)")
     parser.add_argument("--sparse", type=int, default=40, help="generated nearly blank pages (each in 4 turns)")
-    parser.add_argument("--peer-images", type=int, default=24, help="files per kind timed on one core")
+    parser.add_argument("--peer-images", type=int, default=0,
+                        help="files per kind timed on one core (0: every upright held-out file; the graph's gates make "
+                             "its speed depend on the files, so a few are not a fair sample)")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "bench-out", "served"))
     parser.add_argument("--keep", action="store_true", help="reuse the turned files of an earlier run")
     args = parser.parse_args(argv)
@@ -242,7 +245,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     score_rows = accuracy_table(truth, scored)
     print("\n" + markdown(["archive-vision score"] + header[1:], score_rows))
 
-    groups = {kind: [t["uri"] for t in truth if t["label"] == kind and t["orientation"] == 0][:args.peer_images]
+    upright = [t for t in truth if t["orientation"] == 0]
+    groups = {kind: [t["uri"] for t in upright if t["label"] == kind][:args.peer_images or None]
               for kind in ("page", "photo", SPARSE)}
     measured = speeds(version_dir, groups)
     rows = []

@@ -12,7 +12,7 @@ Serving, `archive-vision serve` and `archive-vision score` (in-process or remote
 3. the text crops (when the policy has them): PaddleClas' text-image orientation classifier, rebuilt in TF from its
    ONNX weights (trainer.onnx_graph), on five 224 px crops of the reading copy; the summed log-probabilities of the
    crops it is sure of are the evidence. Images whose stored answer is unsure always count their crops; surer
-   images only when `agree` sure crops name one turn;
+   images only when `agree` sure crops name one turn, and are read only below `read_below` (or nearly blank);
 4. the turned copies (with `tta`): the view turned 90/180/270, for the images whose answer so far is below
    `tta_below`; their answers turned back and averaged with the stored copy's, the share agreeing kept;
 5. the fusion: softmax(log p + weight * evidence), p already calibrated (the head's temperature is folded in);
@@ -306,7 +306,13 @@ class WholeAnswer:
         read_state = -tf.ones([count], tf.int64)
         if crops is not None:
             unsure = _below(p0, crops.below)
-            read = unsure if crops.agree <= 0 else tf.ones_like(unsure)
+            if crops.agree <= 0:
+                read = unsure
+            elif crops.read_below < 1.0:
+                sparse = tf.cast(prepared["ink"], tf.float64) < self.policy.decision.sparse_ink_below
+                read = _below(p0, crops.read_below) | sparse
+            else:
+                read = tf.ones_like(unsure)
             index = tf.cast(tf.reshape(tf.where(read), [-1]), tf.int32)
             chosen = tf.gather(prepared["crops"], index)
             flat = tf.reshape(chosen, [-1, crops.crop, crops.crop, 3])

@@ -41,6 +41,10 @@ class TextCropSettings:
     weight: float = 0.7  # evidence weight in the log-probability fusion (fitted on val)
     below: float = 0.8  # crops of images whose stored copy is less sure than this always count
     agree: int = 4  # surer images: their crops count only when at least this many sure crops agree (0: not read)
+    # ...and are read only while their stored answer is below this (1: always), or the page is nearly blank
+    # (DecisionPolicy.sparse_ink_below: its answer stands only when the crops settle it). A surer image's crops
+    # almost never move its answer, and they are a fifth of an image's cost (docs/performance.md).
+    read_below: float = 1.0
     sure: float = 0.8  # a crop counts only when its top probability reaches this
     copy_short: int = 448  # short side of the copy the crops are cut from
     crop: int = 224
@@ -156,6 +160,7 @@ def policy_from_settings(settings: Mapping[str, Any] | None, image_size: int = M
     if crops:
         crop_settings = TextCropSettings(weight=float(crops.get("weight", 0.7)), below=float(crops.get("below", 1.0)),
                                          agree=int(crops.get("agree", 0)), sure=float(crops.get("sure", 0.8)),
+                                         read_below=float(crops.get("read_below", 1.0)),
                                          copy_short=int(crops.get("copy_short", 448)),
                                          second_below=float(crops.get("second_below", 0.0)),
                                          second_short=int(crops.get("second_short", 896)))

@@ -142,15 +142,17 @@ def policy_of(tta=False, tta_below=1.0, crops: P.TextCropSettings | None = None,
 # ---------------------------------------------------------------- the reference, in numpy
 
 
-def reference(rows: dict, crops: dict, key: int, turn: int, answer: P.AnswerSettings) -> dict:
-    """What the graph must answer for the image (key, turn), computed with trainer.text_crops' numpy code."""
+def reference(rows: dict, crops: dict, key: int, turn: int, answer: P.AnswerSettings, sparse: bool = False) -> dict:
+    """What the graph must answer for the image (key, turn), computed with trainer.text_crops' numpy code (`sparse`:
+    the image is nearly blank under the decision policy)."""
     copies = np.asarray(rows[key], np.float64)[[(turn + j) % 4 for j in range(4)]]  # copy j: turned j more
     p0 = copies[0]
     settings = answer.text_crops
     evidence, counted, state = np.zeros(4), False, -1
     if settings is not None:
         unsure = p0.max() < settings.below
-        if unsure or settings.agree > 0:
+        read = settings.read_below >= 1.0 or p0.max() < settings.read_below or sparse
+        if unsure or (settings.agree > 0 and read):
             probabilities = np.asarray(crops[key], np.float32)
             counted = bool(unsure or text_crops.agreement(probabilities, settings.sure) >= max(settings.agree, 1))
             state = int(counted)
@@ -181,8 +183,9 @@ def assert_decisions_match_python(out: dict, decision: P.DecisionPolicy) -> None
     assert got == [python_decision(decision, out, i) for i in range(len(got))]
 
 
-def assert_matches_reference(out: dict, rows: dict, crops: dict, images: list, answer: P.AnswerSettings) -> list:
-    want = [reference(rows, crops, key, turn, answer) for key, turn in images]
+def assert_matches_reference(out: dict, rows: dict, crops: dict, images: list, answer: P.AnswerSettings,
+                             sparse: bool = False) -> list:
+    want = [reference(rows, crops, key, turn, answer, sparse) for key, turn in images]
     np.testing.assert_allclose(out[P.ORIENTATION_PROBABILITIES], np.stack([w["probabilities"] for w in want]),
                                atol=1e-5)
     np.testing.assert_allclose(out[P.IMAGE_ORIENTATION_PROBABILITIES], np.stack([w["p0"] for w in want]), atol=1e-6)
@@ -348,6 +351,29 @@ def test_with_agree_zero_only_the_unsure_images_crops_are_read():
     np.testing.assert_allclose(out[P.ORIENTATION_PROBABILITIES][[0, 2]],
                                [CROP_IMAGE_ROWS[READ_AGREED][0], CROP_IMAGE_ROWS[READ_SPLIT][0]], atol=1e-6)
     assert int(net.crops_seen.numpy()) == 5  # one image read
+
+
+@pytest.mark.parametrize("nearly_blank", [False, True])
+def test_with_read_below_a_sure_images_crops_are_read_only_when_it_is_nearly_blank(nearly_blank):
+    """The cost gate: crops are read below read_below, and for a nearly blank page at any confidence (its answer
+    stands only when they settle it)."""
+    crops = P.TextCropSettings(weight=0.7, below=0.8, agree=3, sure=0.8, read_below=0.85)
+    images = [(READ_AGREED, 0), (READ_UNSURE, 2), (READ_SPLIT, 0)]
+    # Every synthetic image has ink on a quarter of it (the red marker): "nearly blank" below 0.3, never below 0.01.
+    decision = P.DecisionPolicy(sparse_ink_below=0.3 if nearly_blank else 0.01)
+    policy = policy_of(crops=crops, decision=decision)
+    net = StubCropNet(crop_table(CROP_ROWS))
+    out = answer_fn(LookupModel(orientation_table(CROP_IMAGE_ROWS)), policy, net)(
+        [image_bytes(k, t) for k, t in images])
+
+    assert_matches_reference(out, CROP_IMAGE_ROWS, CROP_ROWS, images, policy.answer, sparse=nearly_blank)
+    if nearly_blank:
+        assert out[P.TEXT_CROPS].tolist() == [1, 1, 0] and int(net.crops_seen.numpy()) == 5 * 3
+        assert out[P.ORIENTATION_DEGREES][0] == 90  # its four agreeing sure crops overrule it, as without the gate
+    else:
+        assert out[P.TEXT_CROPS].tolist() == [-1, 1, -1] and int(net.crops_seen.numpy()) == 5
+        assert out[P.ORIENTATION_DEGREES][0] == 0  # sure (0.9) and not read: the stored copy's answer stands
+    assert_decisions_match_python(out, decision)
 
 
 def test_crops_and_turns_together_gate_on_the_fused_answer_and_fuse_the_average():

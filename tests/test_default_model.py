@@ -190,7 +190,8 @@ def test_score_without_a_model_uses_the_built_in_one_with_test_time_turns(monkey
     # The run says whose policy decided: the export's own, turned copies, text crops and the 0.9 threshold.
     policy = summary["policy"]
     assert policy["from"] == summary["model"]["source"]
-    assert policy["answer"]["tta"] is True and policy["answer"]["text_crops"]["agree"] == 4
+    assert policy["answer"]["tta"] is True and policy["answer"]["text_crops"]["agree"] == 2
+    assert policy["answer"]["tta_below"] == policy["answer"]["text_crops"]["read_below"] == 0.99
     assert policy["decision"]["rotate_threshold"] == 0.9 and policy["decision_used"] == policy["decision"]
     assert summary["text_crops"]["enabled"] is True and summary["tta"]["enabled"] is True
     assert summary["counts"]["reconciled"] and summary["counts"]["results"] == 8
@@ -344,8 +345,9 @@ def test_export_cli_writes_the_default_model_for_tf_serving(tmp_path, capsys):
 
 def test_score_reads_the_text_crops_with_the_built_in_model_and_says_so(monkeypatch, cache_root, tmp_path,
                                                                           turned_images):
-    """The built-in model's graph reads every image's crops (its recorded gate: unsure images always count them,
-    surer ones when 4 of 5 sure crops agree); results say per page whether they counted, run.json how many."""
+    """The built-in model's graph reads the crops of every image its stored copy is not sure of (below 0.99):
+    unsure images (below the head's recorded 0.8) always count them, surer ones when 2 sure crops agree; results
+    say per page whether they counted, run.json how many, and how many were not read."""
     from apache_beam.testing.test_pipeline import TestPipeline
 
     from pipelines import score
@@ -358,16 +360,23 @@ def test_score_reads_the_text_crops_with_the_built_in_model_and_says_so(monkeypa
 
     recorded = default_model.head_metadata()["text_crops"]
     crops = summary["policy"]["answer"]["text_crops"]
-    assert crops["agree"] == recorded["agree"] == 4 and crops["below"] == recorded["below"]
-    assert crops["weight"] == recorded["weight"]
-    assert all(r["text_crops"] in (0, 1) for r in rows.values())  # agree > 0: every image's crops read
+    assert crops["agree"] == default_model.ANSWER_CHOICES["agree"] == 2 and crops["below"] == recorded["below"]
+    assert crops["weight"] == recorded["weight"] and crops["read_below"] == 0.99
+    states = [r["text_crops"] for r in rows.values()]
+    assert set(states) <= {0, 1, None}
     section = summary["text_crops"]
-    assert section["enabled"] and section["counted"] + section["not_agreed"] == 8 and section["counted"] >= 4
+    assert section["enabled"] and section["counted"] >= 4
+    assert (section["counted"], section["not_agreed"], section["not_read"]) == (
+        states.count(1), states.count(0), states.count(None))
+    assert section["counted"] + section["not_agreed"] + section["not_read"] == 8
     assert section["counted"] == sum(r["text_crops"] == 1 for r in rows.values())
     for name, row in rows.items():
         if name.startswith("page"):  # a page's crops agree under every turn and name it right
             assert row["text_crops"] == 1 and row["orientation_degrees"] == int(name.rsplit("_", 1)[1].split(".")[0])
-    assert f"crops    evidence counted for {section['counted']} pages" in score.format_summary(summary)
+    text = score.format_summary(summary)
+    assert f"crops    evidence counted for {section['counted']} pages" in text
+    unread = f"not read (sure on the stored copy, p >= 0.99) for {section['not_read']}"
+    assert (unread in text) == (section["not_read"] > 0) and ("not read" in text) == (section["not_read"] > 0)
 
 
 def test_score_answers_each_file_as_the_served_model_answers_its_bytes(monkeypatch, cache_root, tmp_path,

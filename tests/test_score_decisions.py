@@ -220,8 +220,9 @@ def test_thresholds_outside_zero_to_one_are_refused(field):
 
 
 def test_the_builtin_models_recorded_policy_turns_copies_reads_crops_and_uses_the_stricter_rotate_band():
-    # README: the built-in model turns copies of the images less sure than the head's tta_below, reads their text
-    # crops with the gates and weight its training fitted on val, and auto-rotates only at 0.9 unless told otherwise
+    # README: the built-in model reads text crops and turns copies only for the images less sure than 0.99, fuses
+    # the crops with the gate and weight its training fitted on val, and auto-rotates only at 0.9 unless told
+    # otherwise
     from trainer import default_model
     from trainer.default_model import head_metadata
 
@@ -229,10 +230,11 @@ def test_the_builtin_models_recorded_policy_turns_copies_reads_crops_and_uses_th
     recorded = policy_from_settings(default_model.score_settings(), size)
     crops = head_metadata()["text_crops"]
     assert recorded.answer.tta and (recorded.answer.view, recorded.answer.image_size) == ("exact", size)
-    assert recorded.answer.tta_below == crops.get("tta_below", head_metadata().get(
-        "tta_below", default_model.FALLBACK_TTA_BELOW))
     read = recorded.answer.text_crops
-    assert (read.below, read.agree, read.weight) == (crops["below"], crops["agree"], crops["weight"])
+    assert (read.below, read.weight) == (crops["below"], crops["weight"])
+    # The crop rule and the cost gates were chosen on held-out sources instead (research/gates.py): val, which the
+    # head was trained on, overrates its stored copy.
+    assert (read.agree, read.read_below, recorded.answer.tta_below) == (2, 0.99, 0.99)
     assert read.weight > 0 and read.agree > 0
     # The copies' disagreement counts only below the rotate threshold: surer answers were settled by the crops.
     assert recorded.decision.rotate_threshold == recorded.decision.tta_agreement_below == 0.9

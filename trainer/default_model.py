@@ -34,8 +34,8 @@ def head_metadata(path: str = HEAD_WEIGHTS) -> Dict[str, object]:
 # on the held-out corpus (research/quality.py) they lift auto_rotate precision from 98.4% (no turns, 0.8) to 99.9%
 # (turns when unsure) or 100% (every image turned).
 ROTATE_THRESHOLD = 0.9
-# The three turned copies are scored only for images whose stored copy is less sure than the head's `tta_below`
-# (research.train_default chooses it on val); this is the value for a head that does not record one.
+# The lab's turned-copies gate for a head that records no `tta_below` (research/quality.py; score's default uses
+# ANSWER_CHOICES below).
 FALLBACK_TTA_BELOW = 0.95
 # The readers the exported graph fuses (serving.answer). Text lines (PP-OCR's line detector) are no longer read: they
 # ran outside the graph, and on val they moved under half a point over crops and turns (docs/orientation.md).
@@ -44,6 +44,14 @@ READERS = ("text_crops",)
 # text lines had (the lab chose it on val), with the crops' own weight; nothing fitted on the test split it was
 # measured on (docs/performance.md: test pages with an up 98.63% -> 98.92%, photos 79.32% -> 80.09%).
 SECOND_LOOK = {"second_below": 0.5, "second_short": 896}
+# The shipped head was trained on val too, so val overrates its stored copy and cannot choose how far the graph trusts
+# it (research/gates.py; docs/performance.md). Two choices made on data the head never saw:
+# - the cost gates: text crops read only for images whose stored copy is below 0.99 (or nearly blank), turned copies
+#   only for answers still below 0.99 after the crops. 0.99 is a round value inside the plateau where no held-out
+#   answer's degrees move (pages: from 1.0 down to 0.95); it halves a page's network time;
+# - a surer image's crops count when 2 sure crops agree (the head recorded 4, chosen on val): each half of the
+#   held-out sources chose 2 on the other half (two-fold cross-fitting by source).
+ANSWER_CHOICES = {"read_below": 0.99, "tta_below": 0.99, "agree": 2}
 
 
 def init_weights(init: str) -> str:
@@ -59,16 +67,18 @@ def init_weights(init: str) -> str:
 def score_settings(image_size: Optional[int] = None, path: str = HEAD_WEIGHTS) -> Dict[str, object]:
     """How `archive-vision score` scores this model (and heads tuned from it, `train --init default`) unless told
     otherwise: the graph's own letterbox at the model's input size, test-time turns, the 0.9 auto_rotate threshold,
-    and the gates and weights of the text crops its training chose on val (head_metadata), with the second look. Exports
+    the text crops' gate and weight its training chose on val (head_metadata), the second look, and the cost gates
+    and crop rule chosen on held-out sources (ANSWER_CHOICES). Exports
     record it (serving.export's `score_settings`), so a model carries how it is meant to be scored. `path`: another
     head .npz in the shipped format (train --init PATH)."""
     meta = head_metadata(path)
-    return {"origin": "the default orientation model's (research.train_default chose them on its val split)",
+    return {"origin": "the default orientation model's (research.train_default chose them on its val split; the "
+                      "cost gates and the crop rule research.gates on held-out sources)",
             "input_prep": "exact", "size": int(image_size or meta.get("image_size", DEFAULT_IMAGE_SIZE)),
             "tta": True, "rotate_threshold": ROTATE_THRESHOLD,
-            "tta_below": float(meta.get("tta_below", FALLBACK_TTA_BELOW)), "readers": list(READERS),
+            "tta_below": ANSWER_CHOICES["tta_below"], "readers": list(READERS),
             "text_crops": {**{key: value for key, value in (meta.get("text_crops") or {}).items()
-                              if not key.startswith("val_accuracy")}, **SECOND_LOOK}}
+                              if not key.startswith("val_accuracy")}, **SECOND_LOOK, **ANSWER_CHOICES}}
 
 
 def load_head_weights(head, path: str = HEAD_WEIGHTS, calibrated: bool = True) -> None:

@@ -130,6 +130,16 @@ def _true(mask) -> int:
     return int(pc.sum(pc.fill_null(mask, False).cast("int64")).as_py() or 0)
 
 
+def text_crops_section(crops, results: _ResultsCounts) -> Dict[str, object]:
+    """run.json's `text_crops`: for the pages the graph answered, how many had their crops' evidence counted, read and
+    not counted, and not read (sure on the stored copy: at or above the policy's `read_below`)."""
+    if crops is None:
+        return {"enabled": False, "counted": 0, "not_agreed": 0, "not_read": 0}
+    return {"enabled": True, "counted": results.text_crops_counted, "not_agreed": results.text_crops_not_agreed,
+            "not_read": results.with_orientation - results.text_crops_counted - results.text_crops_not_agreed,
+            "read_below": crops.read_below}
+
+
 def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dict[str, int],
               corrected_tool: str, runner: Optional[Dict[str, object]] = None) -> dict:
     """run.json: options, model and its policy, counts per decision/class/error kind, what the graph's readers did,
@@ -190,8 +200,7 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
                 "single_copy": results.with_orientation - tta_images if model.policy.answer.tta else 0,
                 "disagreement_rate": round(results.tta_disagreeing / tta_images, 4) if tta_images else None,
                 "mean_agreement": round(results.tta_sum / tta_images, 4) if tta_images else None},
-        "text_crops": {"enabled": model.policy.answer.text_crops is not None,
-                       "counted": results.text_crops_counted, "not_agreed": results.text_crops_not_agreed},
+        "text_crops": text_crops_section(model.policy.answer.text_crops, results),
         "timings": {"elapsed_seconds": round(elapsed, 3),
                     "pages_per_second": round(results.scored / elapsed, 2) if elapsed > 0 else None,
                     "predict_seconds_total": round(predict_s, 3) if predict_s else None,

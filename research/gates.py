@@ -1,0 +1,263 @@
+"""The whole answer's gates and crop rule, chosen on data the shipped head never saw.
+
+    python -m research.gates --served bench-out/served --corpus CORPUS [--parts bench-out/gates-parts.npz]
+    python -m research.gates --served /tmp/archive-unseen-check/pages/check --no-corpus   # a check set, one row
+
+The shipped head was trained on train and val, so val overrates its stored copy and cannot choose how much the
+graph should trust it. This lab works on the files bench/served.py writes (the held-out split, each file in four turns,
+with truth.csv) or a checkset folder (images/ and truth.csv):
+
+1. every part of the answer for every file, ungated, with the export's own graph pieces (serving.answer): the stored
+   copy's probabilities, the three turned copies', the five text crops', the second look's ten, and the ink;
+2. the answer under any gates, recomputed in numpy from those parts exactly as serving.answer.WholeAnswer computes
+   it (checked against the served rows of bench/served.py's score run when present: the same degrees for all but a
+   handful of answers sitting on a gate, where batch composition moves the float32 probabilities);
+3. a sweep of the cost gates (crops read below `read_below`, turned copies below `tta_below`): accuracy, the bands,
+   and a page's modelled cost from one-core op times (docs/performance.md);
+4. two-fold cross-fitting by source group (a PDF, a photo's source file): the crop rule (`agree`) and the second
+   look's gate are chosen on one half's sources and measured on the other's, both ways.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from trainer import text_crops
+
+KINDS = ("photo", "page", "sparse page")
+PARTS = ("p0", "turned", "crops", "second", "ink")
+# One core, ms (research/gates.py --cost measures them; docs/performance.md): the per-image preparation of a page
+# (decode, reading copy, view, ink, crops cut), MobileNetV2 per image, PP-LCNet per crop, the second look per image.
+COST_MS = {"prep": 21.5, "model": 9.3, "crop": 3.7, "second": 64.0}
+
+
+def read_truth(folder: str) -> List[Dict[str, object]]:
+    """truth.csv rows of bench/served.py (uri, orientation, label, up) or of a checkset (path, orientation, label)."""
+    with open(os.path.join(folder, "truth.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for row in rows:
+        uri = row.get("uri") or os.path.join(folder, "images", row["path"])
+        label = row.get("label", "page")
+        out.append({"uri": uri, "turn": int(row["orientation"]) // 90,
+                    "kind": label if label in KINDS else "page", "up": row.get("up", "True") == "True"})
+    return out
+
+
+def compute_parts(uris: Sequence[str], batch: int = 8) -> Dict[str, np.ndarray]:
+    """Every part of the default model's answer for each file, ungated (the export's graph pieces)."""
+    import tensorflow as tf
+
+    from serving import answer as A
+    from serving.export import crop_net_for, inference_model
+    from serving.policy import policy_from_settings
+    from trainer import default_model
+
+    policy = policy_from_settings(default_model.score_settings(), default_model.DEFAULT_IMAGE_SIZE)
+    model = inference_model(default_model.build_default_orientation_model(), default_model.DEFAULT_IMAGE_SIZE)[0]
+    crop_net = crop_net_for(policy)
+    settings, crops = policy.answer, policy.answer.text_crops
+    size, side = settings.image_size, crops.crop
+
+    def per_image(data):
+        image = A.decode_for_copy(data, crops.copy_short, A._CROP_MAX_LONG, A.view_side(settings))
+        reading = A.reading_copy(image, crops.copy_short)
+        return {"view": A.model_view_of(image, reading, settings), "ink": A.ink_share(reading),
+                "crops": A.crop_batch(reading, crops), "second": A.second_look_batch(data, crops)}
+
+    spec = {"view": tf.TensorSpec([size, size, 3], tf.float32), "ink": tf.TensorSpec([], tf.float32),
+            "crops": tf.TensorSpec([5, side, side, 3], tf.float32),
+            "second": tf.TensorSpec([10, side, side, 3], tf.float32)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
+    def parts(data):
+        prepared = tf.map_fn(per_image, data, fn_output_signature=spec)
+        views, n = prepared["view"], tf.shape(data)[0]
+
+        def orientation(pixels):
+            return tf.cast(model(pixels, training=False)["orientation_probabilities"], tf.float32)
+
+        turned = orientation(tf.concat([tf.image.rot90(views, k) for k in (3, 2, 1)], 0))
+        read = lambda key, count: tf.reshape(crop_net(tf.reshape(prepared[key], [-1, side, side, 3])), [n, count, 4])
+        return (orientation(views), tf.transpose(tf.reshape(turned, [3, n, 4]), [1, 0, 2]), read("crops", 5),
+                read("second", 10), prepared["ink"])
+
+    out: Dict[str, List[np.ndarray]] = {key: [] for key in PARTS}
+    for start in range(0, len(uris), batch):
+        blobs = []
+        for uri in uris[start:start + batch]:
+            with open(uri, "rb") as f:
+                blobs.append(f.read())
+        for key, value in zip(PARTS, parts(tf.constant(blobs))):
+            out[key].append(value.numpy())
+        print(f"\r  parts: {min(start + batch, len(uris))}/{len(uris)} files", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return {key: np.concatenate(value) for key, value in out.items()}
+
+
+def simulate(parts: Dict[str, np.ndarray], *, read_below: float = 1.0, tta_below: float = 1.0, agree: int = 4,
+             below: float = 0.8, sure: float = 0.8, weight: float = 0.7, second_below: float = 0.5,
+             rotate: float = 0.9, ok: float = 0.5, min_agreement: float = 0.75, agreement_below: float = 0.9,
+             sparse_ink_below: float = 0.01) -> Dict[str, np.ndarray]:
+    """The whole answer (serving.answer.WholeAnswer, the default's policy shape) from ungated parts: final
+    probabilities, degrees index, decision, and which steps ran (read, turned, second)."""
+    p0 = parts["p0"].astype(np.float64)
+    ink = parts["ink"]
+    n = len(p0)
+    sparse = ink.astype(np.float64) < sparse_ink_below
+    read = np.ones(n, bool) if read_below >= 1.0 else (p0.max(-1) < read_below) | sparse
+    unsure = p0.max(-1) < below
+    counted = read & (unsure | (text_crops.agreement(parts["crops"], sure) >= max(agree, 1)))
+    evidence = np.where(counted[:, None], text_crops.evidence(parts["crops"], sure), 0.0)
+    so_far = np.where(counted[:, None], text_crops.fuse(p0, evidence, weight), p0)
+    turned = np.ones(n, bool) if tta_below >= 1.0 else so_far.max(-1) < tta_below
+    copies = parts["turned"].astype(np.float64)
+    shifted = np.stack([p0] + [np.roll(copies[:, i], -(i + 1), axis=-1) for i in range(3)])
+    mean = shifted.mean(0)
+    agrees = (shifted.argmax(-1) == mean.argmax(-1)[None]).mean(0)
+    combined = np.where(turned[:, None], mean, p0)
+    agreement = np.where(turned, agrees, -1.0)
+    final = np.where(counted[:, None], text_crops.fuse(combined, evidence, weight), combined)
+    second = final.max(-1) < second_below
+    final = np.where(second[:, None], text_crops.fuse(final, text_crops.evidence(parts["second"], sure), weight),
+                     final)
+    confidence, degrees = final.max(-1), final.argmax(-1)
+    review = confidence < np.where(degrees == 0, ok, rotate)
+    review |= (agreement >= 0) & (agreement < min_agreement) & (confidence < agreement_below)
+    review |= sparse & ~counted
+    decision = np.where(review, "review", np.where(degrees == 0, "ok", "auto_rotate"))
+    return {"final": final, "degrees": degrees, "decision": decision, "read": read, "turned": turned,
+            "second": second}
+
+
+def summary(answer: Dict[str, np.ndarray], truth: List[Dict[str, object]], mask: Optional[np.ndarray] = None
+            ) -> Dict[str, Dict[str, float]]:
+    """Per kind: files, right with an up, the bands (answers, wrong), review share, and the modelled ms a file."""
+    kinds = np.array([t["kind"] for t in truth])
+    turns = np.array([t["turn"] for t in truth])
+    up = np.array([t["up"] for t in truth])
+    right = answer["degrees"] == turns
+    out = {}
+    for kind in KINDS:
+        m = kinds == kind if mask is None else (kinds == kind) & mask
+        if not m.any():
+            continue
+        bands = {band: (int((m & (answer["decision"] == band)).sum()),
+                        int((m & (answer["decision"] == band) & ~right).sum())) for band in ("auto_rotate", "ok")}
+        cost = (COST_MS["prep"] + COST_MS["model"] * (1 + 3 * answer["turned"][m].mean())
+                + 5 * COST_MS["crop"] * answer["read"][m].mean() + COST_MS["second"] * answer["second"][m].mean())
+        out[kind] = {"files": int(m.sum()), "with_up": int((m & up).sum()),
+                     "wrong_with_up": int((m & up & ~right).sum()), "right_with_up": float(right[m & up].mean()),
+                     "auto_rotate": bands["auto_rotate"], "ok": bands["ok"],
+                     "review": float((answer["decision"][m] == "review").mean()), "ms": float(cost)}
+    return out
+
+
+def line(label: str, stats: Dict[str, Dict[str, float]]) -> str:
+    cells = []
+    for kind, s in stats.items():
+        cells.append(f"{kind}: up {s['right_with_up']:.2%} ({s['wrong_with_up']} wrong of {s['with_up']}), "
+                     f"auto_rotate {s['auto_rotate'][0]} ({s['auto_rotate'][1]} wrong), ok {s['ok'][0]} "
+                     f"({s['ok'][1]} wrong), review {s['review']:.1%}, {s['ms']:.0f} ms")
+    return f"{label}\n    " + "\n    ".join(cells)
+
+
+def utility(answer: Dict[str, np.ndarray], truth: List[Dict[str, object]], mask: np.ndarray) -> float:
+    """What the cross-fitting maximises: photos and pages right (with an up), less five per wrong answer in a band
+    that acts (auto_rotate or ok), so accuracy is not bought with confidently wrong answers."""
+    kinds = np.array([t["kind"] for t in truth])
+    right = answer["degrees"] == np.array([t["turn"] for t in truth])
+    up = np.array([t["up"] for t in truth])
+    acting = np.isin(answer["decision"], ("auto_rotate", "ok"))
+    real = mask & (kinds != "sparse page")
+    return float((real & up & right).sum() - 5 * (real & acting & ~right).sum())
+
+
+def groups_of(truth: List[Dict[str, object]], corpus_root: Optional[str]) -> np.ndarray:
+    """The source group of each file (bench/served.py names a file <kind>-<index of the held-out image>-<turn>)."""
+    held_out = None
+    if corpus_root:
+        from research import orientation_corpus as corpus
+
+        held_out = corpus.select(corpus.load_corpus(corpus_root), splits=(corpus.TEST,))
+    out = []
+    for t in truth:
+        name = os.path.basename(str(t["uri"]))
+        index = int(name.split("-")[-2]) if name.count("-") >= 2 else 0
+        out.append(held_out[index].group if held_out is not None and t["kind"] != "sparse page"
+                   else f"{t['kind']}-{index}")
+    return np.array(out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--served", required=True, help="bench/served.py's --out folder, or a checkset folder")
+    parser.add_argument("--corpus", help="the built corpus (source groups for the cross-fitting)")
+    parser.add_argument("--parts", help="npz cache of the parts (computed when missing)")
+    parser.add_argument("--gates", default="1.0/1.0,0.99/0.99,0.99/1.0,1.0/0.99,0.95/0.95,0.9/0.9",
+                        help="read_below/tta_below pairs to sweep")
+    args = parser.parse_args(argv)
+
+    truth = read_truth(args.served)
+    path = args.parts or os.path.join(args.served, "gates-parts.npz")
+    if os.path.exists(path):
+        with np.load(path) as data:
+            parts = {key: data[key] for key in PARTS}
+    else:
+        parts = compute_parts([str(t["uri"]) for t in truth])
+        np.savez(path, **parts)
+    served = os.path.join(args.served, "score", "results.parquet")
+    if os.path.exists(served):
+        import pyarrow.parquet as pq
+
+        rows = {r["uri"]: r for r in pq.read_table(served, columns=["uri", "orientation_degrees"]).to_pylist()}
+        with open(os.path.join(args.served, "score", "run.json")) as f:
+            policy = json.load(f)["policy"]
+        scored = simulate(parts, **_simulated_policy(policy))
+        same = sum(rows[t["uri"]]["orientation_degrees"] // 90 == d for t, d in zip(truth, scored["degrees"])
+                   if t["uri"] in rows)
+        print(f"the simulation of score's policy ({policy['from']}) gives its degrees for {same} of {len(rows)} files")
+
+    print("\nthe cost gates (read_below/tta_below), the crop rule as recorded in the head (agree 4):")
+    for pair in args.gates.split(","):
+        read_below, tta_below = (float(x) for x in pair.split("/"))
+        print(line(f"  {pair}", summary(simulate(parts, read_below=read_below, tta_below=tta_below), truth)))
+    print("\nthe crop rule at gates 0.99/0.99:")
+    for agree in (4, 3, 2, 1):
+        print(line(f"  agree {agree}", summary(simulate(parts, read_below=0.99, tta_below=0.99, agree=agree),
+                                                truth)))
+    if args.corpus:
+        groups = groups_of(truth, args.corpus)
+        fold = np.array([int(hashlib.sha256(g.encode()).hexdigest(), 16) % 2 for g in groups])
+        grid = [{"agree": a, "second_below": s} for a in (1, 2, 3, 4, 5) for s in (0.5, 0.6, 0.7)]
+        print("\ntwo-fold cross-fitting by source group (chosen on one half, measured on the other):")
+        for half in (0, 1):
+            scores = {json.dumps(p): utility(simulate(parts, read_below=0.99, tta_below=0.99, **p), truth,
+                                             fold != half) for p in grid}
+            best = json.loads(max(scores, key=scores.get))
+            measured = fold == half
+            print(line(f"  half {half}: chosen {best}",
+                       summary(simulate(parts, read_below=0.99, tta_below=0.99, **best), truth, measured)))
+            print(line("          as the head recorded (agree 4, second_below 0.5)",
+                       summary(simulate(parts, read_below=0.99, tta_below=0.99), truth, measured)))
+    return 0
+
+
+def _simulated_policy(policy: Dict[str, object]) -> Dict[str, float]:
+    """A run.json's policy (the default's shape) in simulate's terms."""
+    answer, crops, decision = policy["answer"], policy["answer"]["text_crops"], policy["decision_used"]
+    out = {key: crops[key] for key in ("read_below", "agree", "below", "sure", "weight", "second_below")}
+    out.update(tta_below=answer["tta_below"], rotate=decision["rotate_threshold"], ok=decision["ok_threshold"],
+               min_agreement=decision["tta_min_agreement"], agreement_below=decision["tta_agreement_below"],
+               sparse_ink_below=decision["sparse_ink_below"])
+    return out
+
+if __name__ == "__main__":
+    sys.exit(main())
