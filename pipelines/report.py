@@ -675,7 +675,6 @@ def tta_summary(tta: dict) -> str:
 
 def text_crops_summary(section: dict) -> str:
     """run.json's `text_crops` section in words (the run's summary line and report.html)."""
-    unread = (f", not read (sure on the stored copy, p >= {section.get('read_below')}) for {section['not_read']}"
-              if section.get("not_read") else "")
+    unread = f", not read (the graph's gate) for {section['not_read']}" if section.get("not_read") else ""
     return (f"evidence counted for {section.get('counted', 0)} pages, read and not counted (the crops did not "
             f"agree) for {section.get('not_agreed', 0)}{unread}")

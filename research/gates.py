@@ -112,8 +112,11 @@ def simulate(parts: Dict[str, np.ndarray], *, read_below: float = 1.0, tta_below
     ink = parts["ink"]
     n = len(p0)
     sparse = ink.astype(np.float64) < sparse_ink_below
-    read = np.ones(n, bool) if read_below >= 1.0 else (p0.max(-1) < read_below) | sparse
     unsure = p0.max(-1) < below
+    if agree <= 0:
+        read = unsure
+    else:
+        read = np.ones(n, bool) if read_below >= 1.0 else unsure | (p0.max(-1) < read_below) | sparse
     counted = read & (unsure | (text_crops.agreement(parts["crops"], sure) >= max(agree, 1)))
     evidence = np.where(counted[:, None], text_crops.evidence(parts["crops"], sure), 0.0)
     so_far = np.where(counted[:, None], text_crops.fuse(p0, evidence, weight), p0)
@@ -130,7 +133,8 @@ def simulate(parts: Dict[str, np.ndarray], *, read_below: float = 1.0, tta_below
                      final)
     confidence, degrees = final.max(-1), final.argmax(-1)
     review = confidence < np.where(degrees == 0, ok, rotate)
-    review |= (agreement >= 0) & (agreement < min_agreement) & (confidence < agreement_below)
+    disagree = (agreement >= 0) & (agreement < min_agreement)
+    review |= disagree & (confidence < agreement_below) if agreement_below < 1.0 else disagree
     review |= sparse & ~counted
     decision = np.where(review, "review", np.where(degrees == 0, "ok", "auto_rotate"))
     return {"final": final, "degrees": degrees, "decision": decision, "read": read, "turned": turned,
@@ -253,11 +257,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _simulated_policy(policy: Dict[str, object]) -> Dict[str, float]:
     """A run.json's policy (the default's shape) in simulate's terms."""
     answer, crops, decision = policy["answer"], policy["answer"]["text_crops"], policy["decision_used"]
-    out = {key: crops[key] for key in ("read_below", "agree", "below", "sure", "weight", "second_below")}
+    out = {key: crops[key] for key in ("agree", "below", "sure", "weight", "second_below")}
+    out["read_below"] = crops.get("read_below", 1.0)  # an export before format 8 read every image's crops
     out.update(tta_below=answer["tta_below"], rotate=decision["rotate_threshold"], ok=decision["ok_threshold"],
                min_agreement=decision["tta_min_agreement"], agreement_below=decision["tta_agreement_below"],
                sparse_ink_below=decision["sparse_ink_below"])
     return out
+
 
 if __name__ == "__main__":
     sys.exit(main())

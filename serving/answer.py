@@ -310,7 +310,7 @@ class WholeAnswer:
                 read = unsure
             elif crops.read_below < 1.0:
                 sparse = tf.cast(prepared["ink"], tf.float64) < self.policy.decision.sparse_ink_below
-                read = _below(p0, crops.read_below) | sparse
+                read = unsure | _below(p0, crops.read_below) | sparse
             else:
                 read = tf.ones_like(unsure)
             index = tf.cast(tf.reshape(tf.where(read), [-1]), tf.int32)

@@ -42,8 +42,8 @@ class TextCropSettings:
     below: float = 0.8  # crops of images whose stored copy is less sure than this always count
     agree: int = 4  # surer images: their crops count only when at least this many sure crops agree (0: not read)
     # ...and are read only while their stored answer is below this (1: always), or the page is nearly blank
-    # (DecisionPolicy.sparse_ink_below: its answer stands only when the crops settle it). A surer image's crops
-    # almost never move its answer, and they are a fifth of an image's cost (docs/performance.md).
+    # (the recorded DecisionPolicy.sparse_ink_below: its answer stands only when the crops settle it). A surer
+    # image's crops almost never move its answer, and they are a fifth of an image's cost (docs/performance.md).
     read_below: float = 1.0
     sure: float = 0.8  # a crop counts only when its top probability reaches this
     copy_short: int = 448  # short side of the copy the crops are cut from
@@ -145,7 +145,9 @@ def decide(policy: DecisionPolicy, orientation_probabilities, tta_agreement: flo
     if confidence < needed:
         reasons.append(f"orientation {degrees} confidence {confidence:.2f} < {needed:.2f}")
     if ink is not None and 0 <= ink < policy.sparse_ink_below and text_crops != 1:
-        reasons.append(f"nearly blank (ink on {ink:.1%}) and its text crops did not settle it")
+        # Not read: a sure page above the sparse_ink_below its export recorded (the graph reads by that one).
+        how = "were not read" if text_crops is not None and text_crops < 0 else "did not settle it"
+        reasons.append(f"nearly blank (ink on {ink:.1%}) and its text crops {how}")
     if reasons:
         return "review", "; ".join(reasons)
     return ("ok" if degrees == 0 else "auto_rotate"), ""

@@ -376,6 +376,24 @@ def test_with_read_below_a_sure_images_crops_are_read_only_when_it_is_nearly_bla
     assert_decisions_match_python(out, decision)
 
 
+def test_an_unsure_image_reads_and_counts_its_crops_whatever_read_below_says():
+    crops = P.TextCropSettings(weight=0.7, below=0.8, agree=3, sure=0.8, read_below=0.5)
+    images = [(READ_UNSURE, 0), (READ_AGREED, 0)]
+    policy = policy_of(crops=crops)
+    net = StubCropNet(crop_table(CROP_ROWS))
+    out = answer_fn(LookupModel(orientation_table(CROP_IMAGE_ROWS)), policy, net)(
+        [image_bytes(k, t) for k, t in images])
+
+    assert_matches_reference(out, CROP_IMAGE_ROWS, CROP_ROWS, images, policy.answer)
+    assert out[P.TEXT_CROPS].tolist() == [1, -1] and int(net.crops_seen.numpy()) == 5
+
+
+def test_a_policy_recorded_before_read_below_reads_every_images_crops():
+    recorded = json.loads(P.ScorePolicy(answer=P.AnswerSettings(text_crops=P.TextCropSettings(agree=4))).to_json())
+    del recorded["answer"]["text_crops"]["read_below"]  # an export before format 8
+    assert P.ScorePolicy.from_dict(recorded).answer.text_crops.read_below == 1.0
+
+
 def test_crops_and_turns_together_gate_on_the_fused_answer_and_fuse_the_average():
     """An unsure image its crops make sure is not turned; one they leave unsure is, and its final answer is the
     average of the four copies fused with the crops' evidence."""
@@ -625,6 +643,11 @@ def test_the_default_export_decides_under_its_own_policy(default_export):
     assert out[P.ORIENTATION_DEGREES].tolist() == (out[P.ORIENTATION_PROBABILITIES].argmax(-1) * 90).tolist()
     assert set(out[P.TEXT_CROPS].tolist()) <= {-1, 0, 1}
     assert all(a == -1.0 or a in (0.25, 0.5, 0.75, 1.0) for a in out[P.TTA_AGREEMENT].tolist())
+    # Crops are read for the images the stored copy is not sure of (below read_below) and for nearly blank ones.
+    crops = policy.answer.text_crops
+    read = (out[P.IMAGE_ORIENTATION_PROBABILITIES].max(-1).astype(np.float64) < crops.read_below) | (
+        out[P.INK].astype(np.float64) < policy.decision.sparse_ink_below)
+    assert ((out[P.TEXT_CROPS] != -1) == read).all()
     # The page's crops count under every turn, and the page is named right under every turn.
     assert out[P.TEXT_CROPS][3:].tolist() == [1, 1, 1]
     assert out[P.ORIENTATION_DEGREES][3:].tolist() == [0, 90, 180]

@@ -375,7 +375,7 @@ def test_score_reads_the_text_crops_with_the_built_in_model_and_says_so(monkeypa
             assert row["text_crops"] == 1 and row["orientation_degrees"] == int(name.rsplit("_", 1)[1].split(".")[0])
     text = score.format_summary(summary)
     assert f"crops    evidence counted for {section['counted']} pages" in text
-    unread = f"not read (sure on the stored copy, p >= 0.99) for {section['not_read']}"
+    unread = f"not read (the graph's gate) for {section['not_read']}"
     assert (unread in text) == (section["not_read"] > 0) and ("not read" in text) == (section["not_read"] > 0)
 
 

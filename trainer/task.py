@@ -268,7 +268,8 @@ def score_settings(cfg) -> Optional[Dict[str, Any]]:
         from trainer.default_model import score_settings as default_settings
 
         return dict(default_settings(cfg.image_size, init_weights(cfg.init)),
-                    origin="the default orientation model's, which this head was tuned from (its val chose them)")
+                    origin="the default orientation model's, which this head was tuned from (its val chose them; "
+                           "the cost gates and the crop rule research.gates on held-out sources)")
     options = train_input.ingest_options(cfg.data)
     if not options.get("size"):
         return None

@@ -132,7 +132,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[ScoreOptions, List[str]]:
                           help="apply --tta-min-agreement only to answers whose confidence is below this")
     decision.add_argument("--sparse-ink-below", type=float, default=None,
                           help="review a nearly blank page (ink on less than this share of it) unless its text "
-                               "crops settled it (0: off)")
+                               "crops settled it (0: off). The graph reads every page under the export's own value; "
+                               "a sure page above it has its crops unread, so a higher value sends it to review")
     parser.add_argument("--write-corrected", default="", help="write upright copies of auto_rotate images here")
     parser.add_argument("--corrections", default="", metavar="FILE",
                         help="a person's answers to the review queue (the review page's corrections.parquet, e.g. "
