@@ -753,19 +753,24 @@ def test_score_help_lists_the_exit_codes_and_the_limit(capsys):
     assert "3 too many failed inputs" in text and "--max-failed-fraction F" in text and "1.0 turns the check off" in text
 
 
-@pytest.mark.parametrize("preset, seen", [(None, "131072"), ("65536", "65536")])
+@pytest.mark.parametrize("preset, seen", [((None, None), "131072 system system"),
+                                          (("65536", "mimalloc"), "65536 mimalloc mimalloc")])
 def test_beam_commands_make_their_worker_processes_return_freed_memory(preset, seen):
-    """ingest and score call return_freed_memory before the runner starts: the processes they start (the
-    DirectRunner's workers) get glibc's fixed trim threshold, unless the environment already chose one."""
+    """ingest and score call return_freed_memory before the runner starts: they and the processes they start (the
+    DirectRunner's workers) get glibc's fixed trim threshold and Arrow's system allocator, unless the environment
+    already chose them."""
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
-    if preset:
-        env["MALLOC_TRIM_THRESHOLD_"] = preset
-    child = "import os; print(os.environ.get('MALLOC_TRIM_THRESHOLD_'))"
-    code = ("import subprocess, sys; from pipelines.cli import return_freed_memory; return_freed_memory(); "
-            f"print(subprocess.check_output([sys.executable, '-c', {child!r}], text=True).strip())")
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_TRIM_THRESHOLD_", "ARROW_DEFAULT_MEMORY_POOL")}
+    for name, value in zip(("MALLOC_TRIM_THRESHOLD_", "ARROW_DEFAULT_MEMORY_POOL"), preset):
+        if value:
+            env[name] = value
+    child = ("import os, pyarrow; "
+             "print(os.environ.get('MALLOC_TRIM_THRESHOLD_'), pyarrow.default_memory_pool().backend_name)")
+    code = ("import subprocess, sys, pyarrow; from pipelines.cli import return_freed_memory; return_freed_memory(); "
+            f"print(subprocess.check_output([sys.executable, '-c', {child!r}], text=True).strip(), "
+            "pyarrow.default_memory_pool().backend_name)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == seen

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional
+import os
+import tempfile
+from typing import Dict, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa  # noqa: F401 - the tables' type
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
@@ -75,29 +78,75 @@ def _table_batches(output: str, name: str, columns):
             yield pa.Table.from_batches([batch])
 
 
-def _distinct(hashes) -> np.ndarray:
-    return np.unique(np.concatenate(hashes)) if hashes else np.zeros(0, np.int64)
+# Distinct uris are counted in parts of about this many rows each: a table of more rows has its uri hashes split
+# by value into parts spilled to a temporary folder and counted one part at a time, so run.json's counts need the
+# same memory for ten million rows as for one million (8 bytes a row held, against about 60 before).
+ROWS_PER_PART = 1 << 20
+
+
+def _table_rows(output: str, name: str) -> int:
+    """A job table's rows, from its Parquet footer (0 when the file is absent)."""
+    path = FileSystems.join(output, name)
+    if not FileSystems.exists(path):
+        return 0
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return pq.ParquetFile(handle).metadata.num_rows
+
+
+class _HashParts:
+    """64-bit uri hashes, split by value into `count` parts: equal uris land in the same part, so each part's
+    distinct values can be counted (and compared with another table's same part) on their own. One part is kept in
+    memory; more are appended to files under `folder` as they come."""
+
+    def __init__(self, count: int, folder: str, name: str):
+        self.count = count
+        self._held = []
+        self._paths = [os.path.join(folder, f"{name}-{i}.bin") for i in range(count)] if count > 1 else []
+        for path in self._paths:
+            open(path, "wb").close()
+
+    def add(self, hashes: np.ndarray) -> None:
+        if not self._paths:
+            self._held.append(hashes)
+            return
+        part = hashes % self.count
+        order = np.argsort(part, kind="stable")
+        sizes = np.bincount(part, minlength=self.count)
+        for path, chunk in zip(self._paths, np.split(hashes[order], np.cumsum(sizes)[:-1])):
+            if len(chunk):
+                with open(path, "ab") as f:
+                    chunk.tofile(f)
+
+    def distinct(self):
+        """Each part's distinct hashes, one array at a time."""
+        if not self._paths:
+            yield np.unique(np.concatenate(self._held)) if self._held else np.zeros(0, np.int64)
+            return
+        for path in self._paths:
+            hashes = np.fromfile(path, np.int64)
+            os.remove(path)
+            yield np.unique(hashes)
 
 
 class _ResultsCounts:
     """What run.json counts of results.parquet, a batch at a time: rows, distinct uris (as 64-bit hashes: two of ten
-    million colliding is about a 1 in 400,000 chance), counts per decision and class, and the scored rows'
-    test-time-turn and text-crop figures."""
+    million colliding is about a 1 in 400,000 chance; in _HashParts), counts per decision and class, and the scored
+    rows' test-time-turn and text-crop figures."""
 
-    def __init__(self, output: str):
+    def __init__(self, output: str, parts: int, folder: str):
         self.rows = self.scored = self.with_orientation = self.corrected_failed = 0
         self.tta_images = self.tta_disagreeing = self.text_crops_counted = self.text_crops_not_agreed = 0
         self.tta_sum = 0.0
         self.per_decision: Dict[str, int] = {}
         self.per_class: Dict[str, int] = {}
-        uris, reused_uris = [], []
+        self.uris, self.reused_uris = _HashParts(parts, folder, "uris"), _HashParts(parts, folder, "reused")
         for table in _table_batches(output, "results.parquet", SUMMARY_COLUMNS):
             self.rows += table.num_rows
-            uris.append(_uri_hashes(table["uri"]))
+            self.uris.add(_uri_hashes(table["uri"]))
             add_value_counts(self.per_decision, table["decision"])
             add_value_counts(self.per_class, table["class_name"])
             reused = pc.fill_null(table["reused"], False)
-            reused_uris.append(_uri_hashes(table.filter(reused)["uri"]))
+            self.reused_uris.add(_uri_hashes(table.filter(reused)["uri"]))
             scored = table.filter(pc.invert(reused))
             self.scored += scored.num_rows
             self.with_orientation += scored.num_rows - scored["orientation_probabilities"].null_count
@@ -108,21 +157,43 @@ class _ResultsCounts:
             self.text_crops_counted += _true(pc.equal(scored["text_crops"], 1))
             self.text_crops_not_agreed += _true(pc.equal(scored["text_crops"], 0))
             self.corrected_failed += _true(pc.starts_with(pc.fill_null(table["corrected_method"], ""), "failed"))
-        self.uris, self.reused_uris = _distinct(uris), _distinct(reused_uris)
 
 
 class _ErrorCounts:
     """What run.json counts of errors.parquet, a batch at a time: rows, distinct uris (hashes), counts per kind."""
 
-    def __init__(self, output: str):
+    def __init__(self, output: str, parts: int, folder: str):
         self.rows = 0
         self.per_kind: Dict[str, int] = {}
-        uris = []
+        self.uris = _HashParts(parts, folder, "errors")
         for table in _table_batches(output, "errors.parquet", ("uri", "error_type")):
             self.rows += table.num_rows
-            uris.append(_uri_hashes(table["uri"]))
+            self.uris.add(_uri_hashes(table["uri"]))
             add_value_counts(self.per_kind, table["error_type"])
-        self.uris = _distinct(uris)
+
+
+def _input_counts(results: _ResultsCounts, errors: _ErrorCounts) -> Dict[str, int]:
+    """Distinct inputs with a result, reused, failed (errors and no result), and with a result and some failed page,
+    counted part by part."""
+    counts = {"ok": 0, "reused": 0, "failed": 0, "some_failed": 0}
+    for ok, reused, failed in zip(results.uris.distinct(), results.reused_uris.distinct(), errors.uris.distinct()):
+        of_ok = int(np.isin(failed, ok).sum())
+        counts["ok"] += len(ok)
+        counts["reused"] += len(reused)
+        counts["failed"] += len(failed) - of_ok
+        counts["some_failed"] += of_ok
+    return counts
+
+
+def count_tables(output: str) -> Tuple[_ResultsCounts, _ErrorCounts, Dict[str, int]]:
+    """results.parquet's and errors.parquet's counts, and the distinct inputs (_input_counts), with the uri hashes in
+    parts of about ROWS_PER_PART rows (spilled to a temporary folder when there are several)."""
+    rows = max(_table_rows(output, "results.parquet"), _table_rows(output, "errors.parquet"))
+    parts = max(1, -(-rows // ROWS_PER_PART))
+    with tempfile.TemporaryDirectory(prefix="archive-vision-counts-") as folder:
+        results = _ResultsCounts(output, parts, folder)
+        errors = _ErrorCounts(output, parts, folder)
+        return results, errors, _input_counts(results, errors)
 
 
 def _true(mask) -> int:
@@ -147,19 +218,16 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
     import platform
 
     # Counted a batch at a time from the columns run.json needs (a results table of millions of rows is never held
-    # in the launcher, not even as columns): files are told apart by 64-bit hashes of their uris.
-    results = _ResultsCounts(opts.output)
-    errors = _ErrorCounts(opts.output)
-    ok_uris = results.uris
-    error_uris = errors.uris
-    errors_of_ok = np.isin(error_uris, ok_uris)
-    failed_count = len(error_uris) - int(errors_of_ok.sum())
+    # in the launcher, not even as columns): files are told apart by 64-bit hashes of their uris, split into parts
+    # of about ROWS_PER_PART rows (spilled to a temporary folder when there are several).
+    results, errors, inputs_of = count_tables(opts.output)
+    failed_count = inputs_of["failed"]
     per_decision, per_kind = results.per_decision, errors.per_kind
     per_class = {k: v for k, v in results.per_class.items() if k}
-    inputs = metrics.get("inputs", len(ok_uris) + failed_count)
+    inputs = metrics.get("inputs", inputs_of["ok"] + failed_count)
     counts = {
-        "inputs": inputs, "inputs_ok": len(ok_uris), "inputs_failed": failed_count,
-        "inputs_reused": len(results.reused_uris),
+        "inputs": inputs, "inputs_ok": inputs_of["ok"], "inputs_failed": failed_count,
+        "inputs_reused": inputs_of["reused"],
         "results": results.rows, "pages_scored": results.scored,
         "pages_reused": results.rows - results.scored,
         "pages_sent_as_file": metrics.get("pages_sent_as_file", 0),
@@ -181,7 +249,7 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
         # person answered the page since.
         "corrected_written": metrics.get("corrected_written", 0),
         "corrected_failed": results.corrected_failed,
-        "inputs_with_some_failed_page": int(errors_of_ok.sum()),
+        "inputs_with_some_failed_page": inputs_of["some_failed"],
     }
     counts["reconciled"] = counts["inputs"] == counts["inputs_ok"] + counts["inputs_failed"]
     predict_s = metrics.get("predict_ms", 0) / 1000.0
