@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from pipelines.cli import command_parser
+from pipelines.cli import command_parser, return_freed_memory
 from pipelines.pictures import (THUMB_SIZE, _CSS, _jpeg_data_uri, _png_data_uri,  # noqa: F401
                                 confusion_picture, load_page)
 
@@ -649,6 +649,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`archive-vision report`."""
     args = _parse_args(argv)
+    return_freed_memory()  # the tables are read a batch at a time; Arrow's freed buffers go back
     tables = read_run(args.output) if args.truth else None  # every row only for the truth figures
     metrics = truth_metrics(tables[0], read_truth(args.truth)) if args.truth else None
     path = write_report(args.output, truth=args.truth, per_section=args.per_section, metrics=metrics, tables=tables)
@@ -659,10 +660,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for line in truth_label_lines(summary):
             print(f"        {line}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def tta_summary(tta: dict) -> str:
@@ -678,3 +675,7 @@ def text_crops_summary(section: dict) -> str:
     unread = f", not read (the graph's gate) for {section['not_read']}" if section.get("not_read") else ""
     return (f"evidence counted for {section.get('counted', 0)} pages, read and not counted (the crops did not "
             f"agree) for {section.get('not_agreed', 0)}{unread}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
