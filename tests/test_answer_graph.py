@@ -420,7 +420,7 @@ def _gradient(height: int, width: int) -> Image.Image:
 @pytest.mark.parametrize("height, width", [(400, 600), (900, 1300), (150, 100), (3000, 500)])
 def test_crop_batch_cuts_the_crops_trainer_text_crops_cuts(height, width):
     image = _gradient(height, width)
-    graph = A.crop_batch(tf.constant(np.asarray(image)), P.TextCropSettings()).numpy()
+    graph = A.classifier_input(A.crop_batch(tf.constant(np.asarray(image)), P.TextCropSettings())).numpy()
     numpy = text_crops.crops(text_crops.reading_copy(image)).transpose(0, 2, 3, 1)
 
     assert graph.shape == numpy.shape == (5, 224, 224, 3)
