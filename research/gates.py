@@ -85,6 +85,7 @@ def compute_parts(uris: Sequence[str], batch: int = 8) -> Dict[str, np.ndarray]:
             return tf.cast(model(pixels, training=False)["orientation_probabilities"], tf.float32)
 
         turned = orientation(tf.concat([tf.image.rot90(views, k) for k in (3, 2, 1)], 0))
+
         def read(key, count):
             crops_read = A.classifier_input(tf.reshape(prepared[key], [-1, side, side, 3]))
             return tf.reshape(crop_net(crops_read), [n, count, 4])

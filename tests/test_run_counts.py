@@ -69,3 +69,27 @@ def test_a_table_larger_than_a_part_is_counted_in_parts(run_dir, monkeypatch):
     assert set(seen) == {6}  # ceil(510 / 100), the larger table's rows
     assert counts == {"ok": 500, "reused": 167, "failed": 100, "some_failed": 25}
     assert (results.rows, errors.rows) == (510, 225)
+
+
+def test_the_larger_table_sets_the_parts_and_the_spill_folder_goes_away(tmp_path, monkeypatch):
+    """An errors table larger than the results (a night where most files failed) sets the part count, and
+    count_tables leaves nothing in the temporary folder."""
+    errors = [{"uri": f"/archive/failed/scan{i:05d}.jpg", "page": -1, "stage": "read", "error_type": "truncated",
+               "message": "cut short"} for i in range(1000)]
+    pq.write_table(_table(ERRORS_SCHEMA, errors), tmp_path / "errors.parquet", row_group_size=64)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(summary.tempfile, "tempdir", str(temp))
+    monkeypatch.setattr(summary, "ROWS_PER_PART", 100)
+    seen = []
+    original = summary._HashParts.__init__
+
+    def recording(self, count, folder, name):
+        seen.append((count, os.path.dirname(folder) == str(temp)))
+        original(self, count, folder, name)
+
+    monkeypatch.setattr(summary._HashParts, "__init__", recording)
+    results, _, counts = summary.count_tables(str(tmp_path))
+    assert set(seen) == {(10, True)}  # ceil(1,000 / 100) parts, spilled under the temporary folder
+    assert counts == {"ok": 0, "reused": 0, "failed": 1000, "some_failed": 0} and results.rows == 0
+    assert os.listdir(temp) == []
