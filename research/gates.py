@@ -10,8 +10,8 @@ with truth.csv) or a checkset folder (images/ and truth.csv):
 1. every part of the answer for every file, ungated, with the export's own graph pieces (serving.answer): the stored
    copy's probabilities, the three turned copies', the five text crops', the second look's ten, and the ink;
 2. the answer under any gates, recomputed in numpy from those parts exactly as serving.answer.WholeAnswer computes
-   it (checked against the served rows of bench/served.py's score run when present: the same degrees for all but a
-   handful of answers sitting on a gate, where batch composition moves the float32 probabilities);
+   it, in its float types (checked against the served rows of bench/served.py's score run when present: the same
+   degrees and decisions for all 2,224 held-out files; tests/test_gates_lab.py on synthetic tables);
 3. a sweep of the cost gates (crops read below `read_below`, turned copies below `tta_below`): accuracy, the bands,
    and a page's modelled cost from one-core op times (docs/performance.md);
 4. two-fold cross-fitting by source group (a PDF, a photo's source file): the crop rule (`agree`) and the second
@@ -106,36 +106,55 @@ def compute_parts(uris: Sequence[str], batch: int = 8) -> Dict[str, np.ndarray]:
     return {key: np.concatenate(value) for key, value in out.items()}
 
 
+def _evidence(probabilities: np.ndarray, sure: float) -> np.ndarray:
+    """serving.answer.crop_evidence's evidence, in float32 as the graph computes it."""
+    p = probabilities.astype(np.float32)
+    counted = (p.max(-1, keepdims=True) >= np.float32(sure)).astype(np.float32)
+    return (np.log(np.clip(p, np.float32(1e-6), np.float32(1.0))) * counted).sum(-2, dtype=np.float32)
+
+
+def _fuse(probabilities: np.ndarray, evidence: np.ndarray) -> np.ndarray:
+    """serving.answer.fuse: softmax(log p + evidence) in float64, returned as float32."""
+    logits = np.log(np.clip(probabilities.astype(np.float64), 1e-12, 1.0)) + evidence.astype(np.float64)
+    exp = np.exp(logits - logits.max(-1, keepdims=True))
+    return (exp / exp.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def _below(probabilities: np.ndarray, gate: float) -> np.ndarray:
+    """serving.answer._below: the top probability (float32) below `gate`, compared in float64."""
+    return probabilities.max(-1).astype(np.float64) < gate
+
+
 def simulate(parts: Dict[str, np.ndarray], *, read_below: float = 1.0, tta_below: float = 1.0, agree: int = 4,
              below: float = 0.8, sure: float = 0.8, weight: float = 0.7, second_below: float = 0.5,
              rotate: float = 0.9, ok: float = 0.5, min_agreement: float = 0.75, agreement_below: float = 0.9,
              sparse_ink_below: float = 0.01) -> Dict[str, np.ndarray]:
-    """The whole answer (serving.answer.WholeAnswer, the default's policy shape) from ungated parts: final
-    probabilities, degrees index, decision, and which steps ran (read, turned, second)."""
-    p0 = parts["p0"].astype(np.float64)
-    ink = parts["ink"]
+    """The whole answer (serving.answer.WholeAnswer, the default's policy shape) from ungated parts, step by step and
+    in the graph's own float types (a probability of exactly 0.5 sits on the ok threshold): final probabilities,
+    degrees index, decision, and which steps ran (read, turned, second)."""
+    p0 = parts["p0"].astype(np.float32)
     n = len(p0)
-    sparse = ink.astype(np.float64) < sparse_ink_below
-    unsure = p0.max(-1) < below
+    weight32 = np.float32(weight)
+    sparse = parts["ink"].astype(np.float64) < sparse_ink_below
+    unsure = _below(p0, below)
     if agree <= 0:
         read = unsure
     else:
-        read = np.ones(n, bool) if read_below >= 1.0 else unsure | (p0.max(-1) < read_below) | sparse
+        read = np.ones(n, bool) if read_below >= 1.0 else unsure | _below(p0, read_below) | sparse
     counted = read & (unsure | (text_crops.agreement(parts["crops"], sure) >= max(agree, 1)))
-    evidence = np.where(counted[:, None], text_crops.evidence(parts["crops"], sure), 0.0)
-    so_far = np.where(counted[:, None], text_crops.fuse(p0, evidence, weight), p0)
-    turned = np.ones(n, bool) if tta_below >= 1.0 else so_far.max(-1) < tta_below
-    copies = parts["turned"].astype(np.float64)
+    evidence = np.where(counted[:, None], weight32 * _evidence(parts["crops"], sure), np.float32(0.0))
+    so_far = np.where(counted[:, None], _fuse(p0, evidence), p0)
+    turned = np.ones(n, bool) if tta_below >= 1.0 else _below(so_far, tta_below)
+    copies = parts["turned"].astype(np.float32)
     shifted = np.stack([p0] + [np.roll(copies[:, i], -(i + 1), axis=-1) for i in range(3)])
-    mean = shifted.mean(0)
-    agrees = (shifted.argmax(-1) == mean.argmax(-1)[None]).mean(0)
+    mean = shifted.mean(0, dtype=np.float32)
+    agrees = (shifted.argmax(-1) == mean.argmax(-1)[None]).mean(0, dtype=np.float32)
     combined = np.where(turned[:, None], mean, p0)
-    agreement = np.where(turned, agrees, -1.0)
-    final = np.where(counted[:, None], text_crops.fuse(combined, evidence, weight), combined)
-    second = final.max(-1) < second_below
-    final = np.where(second[:, None], text_crops.fuse(final, text_crops.evidence(parts["second"], sure), weight),
-                     final)
-    confidence, degrees = final.max(-1), final.argmax(-1)
+    agreement = np.where(turned, agrees, np.float32(-1.0)).astype(np.float64)
+    final = np.where(counted[:, None], _fuse(combined, evidence), combined)
+    second = _below(final, second_below) if second_below > 0 else np.zeros(n, bool)
+    final = np.where(second[:, None], _fuse(final, weight32 * _evidence(parts["second"], sure)), final)
+    confidence, degrees = final.max(-1).astype(np.float64), final.argmax(-1)
     review = confidence < np.where(degrees == 0, ok, rotate)
     disagree = (agreement >= 0) & (agreement < min_agreement)
     review |= disagree & (confidence < agreement_below) if agreement_below < 1.0 else disagree
@@ -225,13 +244,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if os.path.exists(served):
         import pyarrow.parquet as pq
 
-        rows = {r["uri"]: r for r in pq.read_table(served, columns=["uri", "orientation_degrees"]).to_pylist()}
+        rows = {r["uri"]: r for r in pq.read_table(served, columns=["uri", "orientation_degrees", "decision"])
+                .to_pylist()}
         with open(os.path.join(args.served, "score", "run.json")) as f:
             policy = json.load(f)["policy"]
         scored = simulate(parts, **_simulated_policy(policy))
         same = sum(rows[t["uri"]]["orientation_degrees"] // 90 == d for t, d in zip(truth, scored["degrees"])
                    if t["uri"] in rows)
-        print(f"the simulation of score's policy ({policy['from']}) gives its degrees for {same} of {len(rows)} files")
+        decided = sum(rows[t["uri"]]["decision"] == d for t, d in zip(truth, scored["decision"]) if t["uri"] in rows)
+        print(f"the simulation of score's policy ({policy['from']}) gives its degrees for {same} and its decisions "
+              f"for {decided} of {len(rows)} files")
 
     print("\nthe cost gates (read_below/tta_below), the crop rule as recorded in the head (agree 4):")
     for pair in args.gates.split(","):
