@@ -219,6 +219,12 @@ def ink_share(image, side: int = 224, contrast: float = 48.0):
     return tf.reduce_mean(tf.cast(tf.abs(grey - median) > contrast, tf.float32))
 
 
+def _nearly_blank(ink, decision: P.DecisionPolicy):
+    """[N] bool: the sparse-page rule's nearly blank pages (ink below sparse_ink_below, compared in float64)."""
+    tf = _tf()
+    return tf.cast(ink, tf.float64) < decision.sparse_ink_below
+
+
 def decide(decision: P.DecisionPolicy, probabilities, agreement, class_probabilities=None, ink=None,
            crops_counted=None):
     """[N] strings auto_rotate / ok / review: serving.policy.decide in the graph (comparisons in float64, as Python
@@ -237,7 +243,7 @@ def decide(decision: P.DecisionPolicy, probabilities, agreement, class_probabili
     if class_probabilities is not None and decision.class_threshold > 0:
         review |= tf.cast(tf.reduce_max(class_probabilities, -1), tf.float64) < decision.class_threshold
     if ink is not None and decision.sparse_ink_below > 0:
-        sparse = tf.cast(ink, tf.float64) < decision.sparse_ink_below
+        sparse = _nearly_blank(ink, decision)
         review |= sparse & tf.logical_not(crops_counted) if crops_counted is not None else sparse
     return tf.where(review, "review", tf.where(degrees == 0, "ok", "auto_rotate"))
 
@@ -310,8 +316,7 @@ class WholeAnswer:
             if crops.agree <= 0:
                 read = unsure
             elif crops.read_below < 1.0:
-                sparse = tf.cast(prepared["ink"], tf.float64) < self.policy.decision.sparse_ink_below
-                read = unsure | _below(p0, crops.read_below) | sparse
+                read = unsure | _below(p0, crops.read_below) | _nearly_blank(prepared["ink"], self.policy.decision)
             else:
                 read = tf.ones_like(unsure)
             index = tf.cast(tf.reshape(tf.where(read), [-1]), tf.int32)

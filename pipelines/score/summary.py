@@ -1,6 +1,7 @@
 """What a score run says when it ends: results.csv, run.json's figures, and the lines a person reads."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -190,10 +191,8 @@ def count_tables(output: str) -> Tuple[_ResultsCounts, _ErrorCounts, Dict[str, i
     parts of about ROWS_PER_PART rows (spilled to a temporary folder when there are several)."""
     rows = max(_table_rows(output, "results.parquet"), _table_rows(output, "errors.parquet"))
     parts = max(1, -(-rows // ROWS_PER_PART))
-    if parts == 1:  # held in memory: no folder
-        results, errors = _ResultsCounts(output, 1, ""), _ErrorCounts(output, 1, "")
-        return results, errors, _input_counts(results, errors)
-    with tempfile.TemporaryDirectory(prefix="archive-vision-counts-") as folder:
+    spill = tempfile.TemporaryDirectory(prefix="archive-vision-counts-") if parts > 1 else contextlib.nullcontext("")
+    with spill as folder:  # one part is held in memory: no folder
         results = _ResultsCounts(output, parts, folder)
         errors = _ErrorCounts(output, parts, folder)
         return results, errors, _input_counts(results, errors)
