@@ -11,7 +11,9 @@ watched through /proc (Linux) every 0.2 s:
   score         archive-vision score --input A --model TINY          (the red-corner test model at 32 px, see below)
   re-run        archive-vision score ... --skip-known <score's results.parquet>: the unchanged archive again
 
-and once, at --builtin-images scans: score with the built-in model (no --model), the real per-image cost.
+then the second-largest archive's re-run again, against its results plus the rows of files no longer listed
+(--history-rows in all): the same archive against a longer history. And once, at --builtin-images scans:
+score with the built-in model (no --model), the real per-image cost.
 
 TINY is tests/score_fixtures.make_red_corner_model exported at 32 px: the whole answer graph around a model that
 costs next to nothing, so the figures show how the pipeline grows with the archive rather than MobileNetV2's fixed
@@ -23,7 +25,8 @@ RSS (DirectRunner workers are child processes), the whole tree's peak RSS, and b
 read_bytes) with the archive first evicted from the page cache (posix_fadvise DONTNEED), so they count the archive
 bytes the run really read.
 Targets (issue 26): s/image at every size within 1.2x of the smallest size's; launcher and worker peaks at the
-largest size within 1.3x of the next largest's (a re-run's too: it must not grow with the earlier results).
+largest size within 1.3x of the next largest's (a re-run's too), and a re-run's against the longer history within
+1.3x of the same archive's re-run (it must not grow with the earlier results).
 """
 from __future__ import annotations
 
@@ -267,6 +270,33 @@ def bench_size(work: str, count: int, pictures: List[bytes], model: str) -> List
     return rows
 
 
+def bench_history(work: str, count: int, rows: int, model: str) -> dict:
+    """The `count`-scan archive's unchanged re-run again, against its first run's results plus the rows of files no
+    longer listed (synthetic_results), `rows` in all: does a re-run grow with the earlier results, the archive
+    unchanged?"""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.tables import RESULTS_SCHEMA, ROWS_PER_BATCH
+
+    first = os.path.join(work, f"score-{count}")
+    history = os.path.join(work, f"history-{rows}")
+    synthetic_results(os.path.join(history, "gone"), rows - count)
+    tables = [pq.read_table(os.path.join(folder, "results.parquet")).cast(RESULTS_SCHEMA)
+              for folder in (first, os.path.join(history, "gone"))]
+    pq.write_table(pa.concat_tables(tables), os.path.join(history, "results.parquet"), row_group_size=ROWS_PER_BATCH)
+    shutil.copy(os.path.join(first, "errors.parquet"), history)
+    output = os.path.join(work, f"history-rerun-{count}")
+    shutil.rmtree(output, ignore_errors=True)
+    archive = os.path.join(work, f"archive-{count}")
+    evict_from_page_cache(archive)
+    row = run_watched(["score", "--input", archive, "--model", model, "--output", output, "--skip-known",
+                       os.path.join(history, "results.parquet")], output, count, f"re-run, {rows} known")
+    row["known_rows"] = rows
+    print_row(row)
+    return row
+
+
 def bench_builtin(work: str, count: int, pictures: List[bytes]) -> dict:
     """score with the built-in model: a 4-scan warm-up (the built-in model's first export is cached), then timed."""
     warm = os.path.join(work, "archive-warmup")
@@ -365,6 +395,12 @@ def print_row(row: dict) -> None:
 def check_targets(rows: List[dict], sizes: List[int]) -> List[str]:
     """The issue's targets, one line each."""
     lines = []
+    history = [r for r in rows if "known_rows" in r]
+    for row in history:  # the same archive re-run against more earlier rows
+        same = next(r for r in rows if r["run"] == "score re-run" and r["images"] == row["images"])
+        for what in ("launcher_mb", "worker_mb"):
+            lines.append(f"  score re-run: {what.split('_')[0]} peak with {row['known_rows']} earlier rows / with "
+                         f"{row['images']} = {row[what] / same[what]:.2f}  (target <= 1.3)")
     for job in ("ingest", "score", "score re-run"):
         by_size = {r["images"]: r for r in rows if r["run"] == job}
         if len(by_size) < 2:
@@ -390,6 +426,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--out", default=os.path.join(REPO, "bench-out", "scale"), help="work folder")
     parser.add_argument("--json", default="", help="also write every row here")
     parser.add_argument("--keep", action="store_true", help="keep the archives and outputs")
+    parser.add_argument("--history-rows", type=int, default=100_000,
+                        help="re-run the second-largest archive against this many earlier rows (0: skip)")
     parser.add_argument("--report-rows", default="100000,1000000",
                         help="`archive-vision report` over synthetic results tables of these sizes ('': none)")
     args = parser.parse_args(argv)
@@ -405,6 +443,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         for count in sizes:
             rows += bench_size(args.out, count, pictures, model)
+        history = sizes[-2] if len(sizes) > 1 else sizes[0]
+        if args.history_rows > history and not args.quick:
+            rows.append(bench_history(args.out, history, args.history_rows, model))
         if builtin:
             rows.append(bench_builtin(args.out, builtin, pictures))
         report_rows = [] if args.quick else sorted(int(r) for r in args.report_rows.split(",") if r.strip())

@@ -131,7 +131,8 @@ def test_an_unchanged_archive_is_reused_whole_without_opening_a_file(tmp_path, m
     producers = side_input_producers(graphs[0], "ScoreArchive/")
     assert producers and all("/Progress/" in name for name in producers), producers
     names = {t.unique_name for t in graphs[0].components.transforms.values()}
-    assert {"ScoreArchive/Known/ReadParquet", "ScoreArchive/JoinByListing", "ScoreArchive/JoinByContent"} <= names
+    assert {"ScoreArchive/Known/References", "ScoreArchive/JoinByListing", "ScoreArchive/JoinByContent",
+            "ScoreArchive/ReusedRows/GroupByRowGroup"} <= names
     # The reused rows stream into the results' part files; the listing crosses one shuffle, the join's.
     assert flattens_before_writers(graphs[0], "Results") == set()
     assert not any(name.startswith("ScoreArchive/Distribute") for name in names)
@@ -179,6 +180,29 @@ def test_a_changed_file_is_scored_again_and_a_moved_one_reused(tmp_path, model_b
     assert counts["files_read"] == 2
     assert counts["bytes_read"] == os.path.getsize(changed) + os.path.getsize(os.path.join(archive, "moved_c.png"))
     assert counts["reconciled"] and counts["inputs"] == 3
+
+
+def test_reused_rows_are_read_back_from_the_right_row_of_each_row_group_of_each_table(tmp_path, model_bases,
+                                                                                       first_run):
+    """The joins carry where each earlier row is (file, row group, row); the rows reused are read back from there.
+    Earlier tables in one-row and two-row groups, across two files of a pattern, each led by rows that may not be
+    reused (another model version: they still count in the positions), give back exactly the first run's rows."""
+    archive, known = first_run
+    table = pq.read_table(known).sort_by([("uri", "descending")])
+    stale = table.slice(0, 1).set_column(table.schema.get_field_index("model_version"), "model_version",
+                                         pa.array([99], pa.int64()))
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    pq.write_table(pa.concat_tables([stale, table.slice(0, 2)]), str(earlier / "night1.parquet"), row_group_size=1)
+    pq.write_table(pa.concat_tables([stale, stale, table.slice(2)]), str(earlier / "night2.parquet"),
+                   row_group_size=2)
+
+    summary = run_score(archive, str(tmp_path / "run2"), model_bases[3], str(earlier / "*.parquet"))
+
+    counts = summary["counts"]
+    assert counts["known_rows"] == 3 and counts["inputs_reused_by_listing"] == 3 and counts["files_read"] == 0
+    before, after = rows_by_name(os.path.dirname(known)), rows_by_name(str(tmp_path / "run2"))
+    assert {n: dict(r, reused=False) for n, r in after.items()} == before and all(r["reused"] for r in after.values())
 
 
 def test_results_of_another_model_version_reuse_nothing(tmp_path, model_bases, first_run):

@@ -1,20 +1,27 @@
 """`score --skip-known`: which earlier rows a run reuses, decided by keyed joins inside the pipeline.
 
-    listed files --(uri, fingerprint)--> JoinByListing <-- earlier rows that carry a fingerprint
+    listed files --(uri, fingerprint)--> JoinByListing <-- earlier rows' references that carry a fingerprint
         matched: the earlier rows are copied (reused=True); the file is never opened
-        unmatched --> read and hashed --sha256--> JoinByContent <-- earlier rows by sha256
+        unmatched --> read and hashed --sha256--> JoinByContent <-- earlier rows' references by sha256
             matched: copied too (a touched, moved or copied file whose content was scored)
             unmatched: decoded and scored
+    copied rows: (table file, row group) --> GroupByRowGroup --> each row group read once, its chosen rows copied
 
-The earlier table is read by the workers (ReadFromParquet with only the columns reuse needs; a CSV streamed in
-batches), so nothing in the launcher grows with it: the launcher reads its schema only (inspect_known), to know
-whether it is a results table (rows of this model name and version are reused) or an ingest manifest (its files
-become `skipped` rows). A table written before the fingerprint column joins by sha256 only.
+The joins carry references, not rows: an earlier row crosses them as its key (a 16-byte digest of its uri and
+fingerprint, or its sha256) and one int packing its page and where it is (file, row group, row). Only the rows chosen
+are read again, a row group at a time (FetchKnownRows). The shuffles hold tens of bytes a row instead of a whole row
+(the DirectRunner holds a shuffle in memory, its values decoded; Dataflow's is on disk).
+
+The earlier table is read by the workers, a row group at a time (a CSV streamed in blocks), so nothing in the
+launcher grows with it: the launcher reads its schema only (inspect_known), to know whether it is a results table
+(rows of this model name and version are reused) or an ingest manifest (its files become `skipped` rows). A table
+written before the fingerprint column joins by sha256 only.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, List, Optional, Tuple
+import hashlib
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -47,6 +54,7 @@ class KnownTable:
     kind: str  # RESULTS or MANIFEST
     columns: Tuple[str, ...]
     errors: Tuple[str, ...] = ()  # the errors.parquet beside each results table, where it records fingerprints
+    files: Tuple[str, ...] = ()  # every file `path` matched when the run was built: references name them by index
 
     @property
     def is_csv(self) -> bool:
@@ -80,20 +88,28 @@ def inspect_known(path: str) -> KnownTable:
     errors = tuple(sorted({FileSystems.join(FileSystems.split(m)[0], ERRORS_TABLE) for m in matched})) \
         if kind == RESULTS else ()
     errors = tuple(e for e in errors if FileSystems.exists(e) and set(ERRORS_SCHEMA.names) <= set(_columns_of(e)))
-    return KnownTable(path, kind, tuple(c for c in wanted if c in columns), errors)
+    return KnownTable(path, kind, tuple(c for c in wanted if c in columns), errors, tuple(matched))
 
 
 def known_row(row: dict, table: KnownTable, model: ModelInfo) -> Optional[dict]:
     """An earlier table's row as a results row a file may reuse, or None when it may not be reused (another model
     name or version, not a decision of its own: a `skipped` row was never scored, or a superseded manifest row)."""
-    if table.kind == MANIFEST:
-        return None if row.get("superseded") else _skipped_row(row, int(row.get("page") or 0), model)
-    if row.get("model_name") != model.name or row.get("model_version") is None \
-            or int(row["model_version"]) != model.version or row.get("decision") not in KNOWN_DECISIONS:
+    if not reusable(row, table, model):
         return None
+    if table.kind == MANIFEST:
+        return _skipped_row(row, int(row.get("page") or 0), model)
     out = {name: _csv_value(name, row.get(name)) for name in RESULTS_SCHEMA.names}
     out["fingerprint"] = out["fingerprint"] or ""
     return out
+
+
+def reusable(row: dict, table: KnownTable, model: ModelInfo) -> bool:
+    """Whether an earlier row may be reused: one of this model name and version and a decision of its own (a
+    `skipped` row was never scored), or a manifest row that `ingest --append` has not superseded."""
+    if table.kind == MANIFEST:
+        return not row.get("superseded")
+    return row.get("model_name") == model.name and row.get("model_version") is not None \
+        and int(row["model_version"]) == model.version and row.get("decision") in KNOWN_DECISIONS
 
 
 def _skipped_row(row: dict, page: int, model: ModelInfo) -> dict:
@@ -114,25 +130,46 @@ def _csv_value(name: str, value):
     return value
 
 
-def packed(row: dict) -> tuple:
-    """An earlier row as the tuple of its values in RESULTS_SCHEMA's order: how it crosses the joins' shuffles
-    (Beam's primitive coder writes a tuple without a dict's key names, and the DirectRunner holds a shuffle in its
-    launcher's memory)."""
-    return tuple(row[name] for name in RESULTS_SCHEMA.names)
+# An earlier row as the joins carry it: a reference, one int packing (page, file, row group, row), where the file is
+# its index in KnownTable.files and a CSV table is one group (-1) counted from its first row. An int is the smallest
+# value a shuffle holds (the DirectRunner's holds every value decoded, in memory); ordered as a tuple of its fields.
+_POSITION_BITS, _GROUP_BITS, _FILE_BITS = 40, 32, 24
 
 
-def unpacked(values: tuple) -> dict:
-    return dict(zip(RESULTS_SCHEMA.names, values))
+def pack_ref(page: int, index: int, group: int, position: int) -> int:
+    return (((page << _FILE_BITS | index) << _GROUP_BITS | group + 1) << _POSITION_BITS) | position
 
 
-def reused_rows(entry, known: Iterable[tuple]) -> List[dict]:
-    """The rows a listed file reuses (`known`: earlier rows, packed): one earlier row per page (page order; of
-    several, the one with the smallest earlier uri), carrying this file's uri and fingerprint."""
+def unpack_ref(ref: int) -> Tuple[int, int, int, int]:
+    """(page, file index, row group, row) of a packed reference."""
+    position = ref & ((1 << _POSITION_BITS) - 1)
+    ref >>= _POSITION_BITS
+    group = (ref & ((1 << _GROUP_BITS) - 1)) - 1
+    ref >>= _GROUP_BITS
+    return ref >> _FILE_BITS, ref & ((1 << _FILE_BITS) - 1), group, position
+
+
+def listing_digest(uri: str, fingerprint: str) -> bytes:
+    """The listing join's key: 16 bytes of BLAKE2b over a file's (uri, fingerprint), in place of the pair itself
+    (100-200 bytes a file in the shuffle). Two files would meet by mistake with odds of about 2^-128 a pair."""
+    return hashlib.blake2b(f"{uri}\0{fingerprint}".encode(), digest_size=16).digest()
+
+
+def _known_ref(row: dict, table: KnownTable, index: int, group: int, position: int) -> tuple:
+    """(uri, fingerprint, sha256, reference) of a reusable earlier row: the uri and fingerprint a reused row carries
+    (known_row's: a manifest's source uri)."""
+    uri = (row.get("source_uri") or row.get("uri") or "") if table.kind == MANIFEST else (row.get("uri") or "")
+    return uri, row.get("fingerprint") or "", row["sha256"], pack_ref(int(row.get("page") or 0), index, group,
+                                                                      position)
+
+
+def chosen(refs: Iterable[int]) -> List[int]:
+    """Of the earlier rows a file may reuse, one per page in page order: of several (a --skip-known pattern may hold
+    the same file's rows more than once), the first in the tables."""
     pages = {}
-    for row in sorted(map(unpacked, known), key=lambda r: (r["page"], r["uri"] or "")):
-        pages.setdefault(row["page"], row)
-    return [dict(row, uri=entry.uri, fingerprint=entry.fingerprint, reused=True)
-            for _, row in sorted(pages.items())]
+    for ref in sorted(refs):
+        pages.setdefault(unpack_ref(ref)[0], ref)
+    return list(pages.values())
 
 
 def _csv_types(columns: Iterable[str]) -> dict:
@@ -157,25 +194,56 @@ def _csv_rows(path: str, columns: Tuple[str, ...]) -> Iterable[dict]:
             yield from batch.to_pylist()
 
 
-def _matched_paths(pattern: str) -> List[str]:
-    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+def _row_groups(index: int, table: KnownTable) -> Iterable[Tuple[int, int]]:
+    """(file index, row group) of each row group of one table file; a CSV is one group, -1."""
+    import pyarrow.parquet as pq
+
+    if table.is_csv:
+        yield index, -1
+        return
+    with FileSystems.open(table.files[index]) as handle:
+        for group in range(pq.ParquetFile(handle).num_row_groups):
+            yield index, group
 
 
-class _KnownRowFn(beam.DoFn):
+def _group_rows(table: KnownTable, index: int, group: int, columns: Tuple[str, ...]) -> Iterable[dict]:
+    """The rows (only `columns`) of one row group of a table file, in order; of a CSV (group -1), all of them."""
+    import pyarrow.parquet as pq
+
+    if group < 0:
+        yield from _csv_rows(table.files[index], columns)
+        return
+    with FileSystems.open(table.files[index]) as handle:
+        yield from pq.ParquetFile(handle).read_row_group(group, columns=list(columns)).to_pylist()
+
+
+def _key_columns(table: KnownTable) -> Tuple[str, ...]:
+    """The columns the joins need of an earlier table: the keys and what decides whether a row may be reused."""
+    wanted = {"source_uri", "uri", "page", "sha256", "fingerprint", "superseded"} if table.kind == MANIFEST \
+        else {"uri", "page", "sha256", "fingerprint", "model_name", "model_version", "decision"}
+    return tuple(c for c in table.columns if c in wanted)
+
+
+class _KnownRefsFn(beam.DoFn):
+    """(file index, row group) -> a reference to each of its rows that may be reused (with a sha256)."""
+
     def __init__(self, table: KnownTable, model: ModelInfo):
         self._table = table
         self._model = model
         self._rows = Metrics.counter(COUNTER_NAMESPACE, "known_rows")
 
-    def process(self, row: dict):
-        out = known_row(row, self._table, self._model)
-        if out is not None and out["sha256"]:
-            self._rows.inc()
-            yield out
+    def process(self, group: Tuple[int, int]):
+        index, number = group
+        for position, row in enumerate(_group_rows(self._table, index, number, _key_columns(self._table))):
+            if row.get("sha256") and reusable(row, self._table, self._model):
+                self._rows.inc()
+                yield _known_ref(row, self._table, index, number, position)
 
 
 class ReadKnown(beam.PTransform):
-    """pbegin -> the earlier table's reusable rows (results rows of this model version, or `skipped` rows)."""
+    """pbegin -> a reference (_known_ref) to each reusable row of the earlier table (results rows of this model
+    version, or manifest rows that become `skipped` rows): its key columns only, read a row group at a time by
+    the workers (the row groups are spread over them)."""
 
     def __init__(self, table: KnownTable, model: ModelInfo):
         super().__init__()
@@ -183,22 +251,61 @@ class ReadKnown(beam.PTransform):
         self._model = model
 
     def expand(self, pbegin):
-        table = self._table
-        if table.is_csv:
-            rows = (pbegin
-                    | "Pattern" >> beam.Create([table.path])
-                    | "Match" >> beam.FlatMap(_matched_paths)
-                    | "ReadCsv" >> beam.FlatMap(_csv_rows, table.columns))
-        else:
-            rows = pbegin | "ReadParquet" >> beam.io.ReadFromParquet(table.path, columns=list(table.columns))
-        return rows | "Reusable" >> beam.ParDo(_KnownRowFn(table, self._model))
+        return (pbegin
+                | "Files" >> beam.Create(list(range(len(self._table.files))))
+                | "RowGroups" >> beam.FlatMap(_row_groups, self._table)
+                | "SpreadRowGroups" >> beam.Reshuffle()
+                | "References" >> beam.ParDo(_KnownRefsFn(self._table, self._model)))
+
+
+class _FetchRowsFn(beam.DoFn):
+    """((file index, row group), [(row, uri, fingerprint)]) -> the rows asked for, each as the results row it
+    becomes (known_row), reused=True, carrying the uri and fingerprint of the file that reuses it (none given: its
+    own, as when the listing matched them)."""
+
+    def __init__(self, table: KnownTable, model: ModelInfo):
+        self._table = table
+        self._model = model
+
+    def process(self, element):
+        (index, group), asked = element
+        wanted: Dict[int, List[Tuple[str, str]]] = {}
+        for position, uri, fingerprint in asked:
+            wanted.setdefault(position, []).append((uri, fingerprint))
+        for position, row in enumerate(_group_rows(self._table, index, group, self._table.columns)):
+            if position in wanted:
+                out = known_row(row, self._table, self._model)
+                for uri, fingerprint in wanted[position]:
+                    yield dict(out, reused=True, **({"uri": uri, "fingerprint": fingerprint} if uri else {}))
+
+
+def _by_row_group(request: tuple) -> tuple:
+    ref, uri, fingerprint = request
+    _, index, group, position = unpack_ref(ref)
+    return (index, group), (position, uri, fingerprint)
+
+
+class FetchKnownRows(beam.PTransform):
+    """(reference, uri, fingerprint) requests from the joins -> the earlier rows they name, copied for their files: the
+    requests are grouped by row group, and each row group is read once."""
+
+    def __init__(self, table: KnownTable, model: ModelInfo):
+        super().__init__()
+        self._table = table
+        self._model = model
+
+    def expand(self, requests):
+        return (requests
+                | "ByRowGroup" >> beam.Map(_by_row_group)
+                | "GroupByRowGroup" >> beam.GroupByKey()
+                | "Fetch" >> beam.ParDo(_FetchRowsFn(self._table, self._model)))
 
 
 def _failure_keys(row: dict) -> Iterable[Tuple[Tuple[str, str], tuple]]:
     """An earlier error row keyed by (uri, fingerprint), as a tuple in ERRORS_SCHEMA's order; none unless it can
     stand (the join then matches its fingerprint with the file's now: pipelines.tables.failure_stands)."""
     if failure_stands(row, row["fingerprint"]):
-        yield (row["uri"], row["fingerprint"]), tuple(row[name] for name in ERRORS_SCHEMA.names)
+        yield listing_digest(row["uri"], row["fingerprint"]), tuple(row[name] for name in ERRORS_SCHEMA.names)
 
 
 class ReadKnownFailures(beam.PTransform):
@@ -217,16 +324,18 @@ class ReadKnownFailures(beam.PTransform):
                 | "Defects" >> beam.FlatMap(_failure_keys))
 
 
-def listing_key(row: dict) -> Iterable[Tuple[Tuple[str, str], tuple]]:
-    """An earlier row (packed) keyed by (uri, fingerprint); none for a row without a fingerprint (an older
+def listing_key(known: tuple) -> Iterable[Tuple[bytes, int]]:
+    """An earlier row's reference keyed by its listing_digest; none for a row without a fingerprint (an older
     table's)."""
-    if row["fingerprint"] and row["uri"]:
-        yield (row["uri"], row["fingerprint"]), packed(row)
+    uri, fingerprint, _, ref = known
+    if fingerprint and uri:
+        yield listing_digest(uri, fingerprint), ref
 
 
-def known_content_key(row: dict) -> Tuple[str, tuple]:
-    """An earlier row (packed) keyed by its content's sha256."""
-    return row["sha256"], packed(row)
+def known_content_key(known: tuple) -> Tuple[str, int]:
+    """An earlier row's reference keyed by its content's sha256."""
+    _, _, sha256, ref = known
+    return sha256, ref
 
 
 def content_key(element: dict) -> Tuple[str, dict]:
@@ -234,9 +343,9 @@ def content_key(element: dict) -> Tuple[str, dict]:
     return element["sha256"], element
 
 
-def entry_listing_key(entry: SourceEntry) -> Tuple[Tuple[str, str], tuple]:
-    """A listed file keyed by (uri, fingerprint), as a tuple of its fields (SourceEntry.fields)."""
-    return (entry.uri, entry.fingerprint), entry.fields()
+def entry_listing_key(entry: SourceEntry) -> Tuple[bytes, tuple]:
+    """A listed file keyed by its listing_digest, as a tuple of its fields (SourceEntry.fields)."""
+    return listing_digest(entry.uri, entry.fingerprint), entry.fields()
 
 
 def _failure_order(row: dict) -> tuple:
@@ -244,9 +353,10 @@ def _failure_order(row: dict) -> tuple:
 
 
 class ReuseByListingFn(beam.DoFn):
-    """(uri, fingerprint) -> {entries, known, failed}: a listed file with earlier rows reuses them unread, and one
-    whose earlier failure stands (a defect of its unchanged bytes) keeps its error rows unread (ERRORS; it is still
-    a failed input); the others go on (UNMATCHED) to be read. Earlier rows of files not listed now are dropped."""
+    """(uri, fingerprint) -> {entries, known, failed}: a listed file with earlier rows reuses them unread (a request
+    (reference, uri, fingerprint) for FetchKnownRows per page), and one whose earlier failure stands (a defect of its
+    unchanged bytes) keeps its error rows unread (ERRORS; it is still a failed input); the others go on (UNMATCHED)
+    to be read. Earlier rows of files not listed now are dropped."""
 
     UNMATCHED, ERRORS = "unmatched", "errors"
 
@@ -257,11 +367,12 @@ class ReuseByListingFn(beam.DoFn):
         self._failed_before = Metrics.counter(COUNTER_NAMESPACE, "inputs_failed_before")
 
     def process(self, element):
-        (_, fingerprint), grouped = element
+        _, grouped = element
         entries = [SourceEntry.from_fields(fields) for fields in grouped["entries"]]
-        # no fingerprint: nothing to match by listing
-        known = list(grouped["known"]) if fingerprint else []
-        failed = [dict(zip(ERRORS_SCHEMA.names, values)) for values in grouped["failed"]] if fingerprint else []
+        # Earlier rows and failures are keyed only where they carry a fingerprint; a file listed without one (an
+        # empty fingerprint) matches none of them.
+        known = chosen(grouped["known"])
+        failed = [dict(zip(ERRORS_SCHEMA.names, values)) for values in grouped["failed"]]
         for entry in entries:
             if not (known or failed) or entry.error:
                 yield beam.pvalue.TaggedOutput(self.UNMATCHED, entry)
@@ -270,7 +381,8 @@ class ReuseByListingFn(beam.DoFn):
             if known:
                 self._reused.inc()
                 self._by_listing.inc()
-                yield from reused_rows(entry, known)
+                for ref in known:  # the rows carry this uri and fingerprint already: they are the key
+                    yield ref, "", ""
             else:
                 self._failed_before.inc()
             # One row per failure: several earlier tables (a --skip-known pattern) may each hold the same one.
@@ -280,8 +392,8 @@ class ReuseByListingFn(beam.DoFn):
 
 
 class ReuseByContentFn(beam.DoFn):
-    """sha256 -> {read, known}: a read file whose content has earlier rows reuses them; the others go on
-    (UNMATCHED) to be decoded and scored."""
+    """sha256 -> {read, known}: a read file whose content has earlier rows reuses them (requests, as
+    ReuseByListingFn's); the others go on (UNMATCHED) to be decoded and scored."""
 
     UNMATCHED = "unmatched"
 
@@ -291,11 +403,13 @@ class ReuseByContentFn(beam.DoFn):
 
     def process(self, element):
         _, grouped = element
-        known = list(grouped["known"])
+        known = chosen(grouped["known"])
         for read in grouped["read"]:
             if not known:
                 yield beam.pvalue.TaggedOutput(self.UNMATCHED, read)
                 continue
             self._reused.inc()
             self._by_content.inc()
-            yield from reused_rows(read["entry"], known)
+            entry = read["entry"]
+            for ref in known:
+                yield ref, entry.uri, entry.fingerprint

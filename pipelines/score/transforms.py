@@ -16,8 +16,8 @@ from pipelines.ingest import DistributeEntries
 from pipelines.progress import ShowProgress
 from pipelines.score.answers import draft_side, page_payload, predict_isolating, result_row
 from pipelines.score.corrected import WriteCorrectedFn
-from pipelines.score.known import (KnownTable, ReadKnown, ReadKnownFailures, ReuseByContentFn, ReuseByListingFn,
-                                   content_key, entry_listing_key, known_content_key, listing_key)
+from pipelines.score.known import (FetchKnownRows, KnownTable, ReadKnown, ReadKnownFailures, ReuseByContentFn,
+                                   ReuseByListingFn, content_key, entry_listing_key, known_content_key, listing_key)
 from pipelines.score.options import COUNTER_NAMESPACE, ModelInfo, ScoreOptions, run_policy
 from pipelines.score.review import ApplyCorrections
 from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, error_row, whole_file_failed, write_job_tables
@@ -315,7 +315,8 @@ class ScoreArchive(beam.PTransform):
     writes.
 
     With an earlier table (`known`), two keyed joins decide what is reused before anything is decoded (see
-    pipelines.score.known): listed files by (uri, fingerprint), unread; the rest, once read, by sha256."""
+    pipelines.score.known): listed files by (uri, fingerprint), unread; the rest, once read, by sha256. The joins
+    carry references to the earlier rows; the rows reused are then read again, a row group at a time."""
 
     def __init__(self, options: ScoreOptions, model: ModelInfo, known: Optional[KnownTable] = None):
         super().__init__()
@@ -328,7 +329,7 @@ class ScoreArchive(beam.PTransform):
         listed = (pbegin
                   | "Source" >> beam.Create([opts.input])
                   | "ListArchive" >> beam.FlatMap(sources.list_archive, "none", list(opts.exclude)))
-        reused, known_errors = [], []
+        reuse, known_errors = [], []  # requests for earlier rows, from each join
         known = None
         if self._known is None:
             entries = listed | "Distribute" >> DistributeEntries()
@@ -341,7 +342,7 @@ class ScoreArchive(beam.PTransform):
                 | "JoinByListing" >> beam.CoGroupByKey()
                 | "ReuseByListing" >> beam.ParDo(ReuseByListingFn()).with_outputs(
                     ReuseByListingFn.UNMATCHED, ReuseByListingFn.ERRORS, main="rows"))
-            reused.append(by_listing.rows)
+            reuse.append(by_listing.rows)
             known_errors.append(by_listing[ReuseByListingFn.ERRORS])
             entries = by_listing[ReuseByListingFn.UNMATCHED]
         # The progress line counts the files read (fused with the reading): those reused unread are not work.
@@ -358,8 +359,10 @@ class ScoreArchive(beam.PTransform):
                 | "JoinByContent" >> beam.CoGroupByKey()
                 | "ReuseByContent" >> beam.ParDo(ReuseByContentFn()).with_outputs(
                     ReuseByContentFn.UNMATCHED, main="rows"))
-            reused.append(by_content.rows)
+            reuse.append(by_content.rows)
             fresh = by_content[ReuseByContentFn.UNMATCHED]
+        reused = [tuple(reuse) | "AllReuse" >> beam.Flatten()
+                  | "ReusedRows" >> FetchKnownRows(self._known, self._model)] if reuse else []
         prepared = fresh | "PrepareImages" >> beam.ParDo(
             PrepareImagesFn(opts, draft_side(self._model.policy))).with_outputs(PrepareImagesFn.ERRORS, main="items")
         scored = prepared.items | "Score" >> ScoreImages(self._model, opts)
