@@ -127,9 +127,11 @@ def test_an_unchanged_archive_is_reused_whole_without_opening_a_file(tmp_path, m
     assert {n: {k: v for k, v in r.items() if k not in ignore} for n, r in after.items()} == \
         {n: {k: v for k, v in r.items() if k not in ignore} for n, r in before.items()}
     assert all(r["fingerprint"].startswith("local:") for r in after.values())
-    # The earlier table is read by the pipeline and joined by key: the only side input is the progress line's count.
+    # The earlier table is read by the pipeline and joined by key: the only side inputs are the progress line's count
+    # and the fixed-size filter of the contents read this run, which let no earlier row into the join by content.
     producers = side_input_producers(graphs[0], "ScoreArchive/")
-    assert producers and all("/Progress/" in name for name in producers), producers
+    assert producers and all("/Progress/" in name or "/ContentFilter/" in name for name in producers), producers
+    assert counts["known_rows_by_content"] == 0
     names = {t.unique_name for t in graphs[0].components.transforms.values()}
     assert {"ScoreArchive/Known/References", "ScoreArchive/JoinByListing", "ScoreArchive/JoinByContent",
             "ScoreArchive/ReusedRows/GroupByRowGroup"} <= names
@@ -153,6 +155,7 @@ def test_a_touched_file_is_read_once_reused_by_content_and_then_known_by_its_new
     assert (counts["files_read"], counts["bytes_read"]) == (1, os.path.getsize(touched))
     assert (counts["inputs_reused_by_listing"], counts["inputs_reused_by_content"]) == (2, 1)
     assert counts["pages_scored"] == 0 and counts["reconciled"]
+    assert counts["known_rows_by_content"] == 1  # of the 3 earlier rows, only the read file's content's
     rows = rows_by_name(str(tmp_path / "run2"))
     assert rows["b.png"]["reused"] and rows["b.png"]["orientation_degrees"] == 90
     assert rows["b.png"]["fingerprint"] == sources.local_fingerprint(os.stat(touched))
@@ -203,6 +206,27 @@ def test_reused_rows_are_read_back_from_the_right_row_of_each_row_group_of_each_
     assert counts["known_rows"] == 3 and counts["inputs_reused_by_listing"] == 3 and counts["files_read"] == 0
     before, after = rows_by_name(os.path.dirname(known)), rows_by_name(str(tmp_path / "run2"))
     assert {n: dict(r, reused=False) for n, r in after.items()} == before and all(r["reused"] for r in after.values())
+
+
+def test_the_content_filter_holds_every_content_read_and_lets_few_others_through():
+    import hashlib
+
+    from pipelines.score.known import ContentFilter, may_hold
+
+    def sha(i):
+        return hashlib.sha256(str(i).encode()).hexdigest()
+
+    combine = ContentFilter()
+    halves = [combine.create_accumulator(), combine.create_accumulator()]
+    for i in range(20_000):
+        combine.add_input(halves[i % 2], sha(i))
+    contents = combine.extract_output(combine.merge_accumulators(halves))
+    assert len(contents) == 1 << 20  # 1 MB, however many were read
+    assert all(may_hold(contents, sha(i)) for i in range(20_000))
+    others = sum(may_hold(contents, sha(i)) for i in range(20_000, 120_000))
+    assert others <= 2  # about 1e-8 of them expected
+    nothing = combine.extract_output(combine.merge_accumulators([combine.create_accumulator()]))
+    assert not any(may_hold(nothing, sha(i)) for i in range(1000))
 
 
 def test_results_of_another_model_version_reuse_nothing(tmp_path, model_bases, first_run):

@@ -237,8 +237,10 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
         "per_class": per_class,
         # --skip-known (Beam counters): the earlier rows this model version may reuse, and the inputs that reused
         # them unread (same uri and listing fingerprint) or once read (same sha256); the failed inputs whose earlier
-        # error rows stand, unread (a corrupt, truncated, empty or unknown file, unchanged since).
+        # error rows stand, unread (a corrupt, truncated, empty or unknown file, unchanged since); and the earlier
+        # rows that crossed the join by content (those whose content may be among the files read: ContentFilter).
         "known_rows": metrics.get("known_rows", 0),
+        "known_rows_by_content": metrics.get("known_rows_by_content", 0),
         "inputs_reused_by_listing": metrics.get("inputs_reused_by_listing", 0),
         "inputs_reused_by_content": metrics.get("inputs_reused_by_content", 0),
         "inputs_failed_before": metrics.get("inputs_failed_before", 0),

@@ -16,7 +16,7 @@ from pipelines.ingest import DistributeEntries
 from pipelines.progress import ShowProgress
 from pipelines.score.answers import draft_side, page_payload, predict_isolating, result_row
 from pipelines.score.corrected import WriteCorrectedFn
-from pipelines.score.known import (FetchKnownRows, KnownTable, ReadKnown, ReadKnownFailures, ReuseByContentFn,
+from pipelines.score.known import (ContentFilter, FetchKnownRows, KnownTable, ReadKnown, ReadKnownFailures, ReuseByContentFn,
                                    ReuseByListingFn, content_key, entry_listing_key, known_content_key, listing_key)
 from pipelines.score.options import COUNTER_NAMESPACE, ModelInfo, ScoreOptions, run_policy
 from pipelines.score.review import ApplyCorrections
@@ -315,8 +315,9 @@ class ScoreArchive(beam.PTransform):
     writes.
 
     With an earlier table (`known`), two keyed joins decide what is reused before anything is decoded (see
-    pipelines.score.known): listed files by (uri, fingerprint), unread; the rest, once read, by sha256. The joins
-    carry references to the earlier rows; the rows reused are then read again, a row group at a time."""
+    pipelines.score.known): listed files by (uri, fingerprint), unread; the rest, once read, by sha256 (with only the
+    earlier rows whose content may be among them). The joins carry references to the earlier rows; the rows reused
+    are then read again, a row group at a time."""
 
     def __init__(self, options: ScoreOptions, model: ModelInfo, known: Optional[KnownTable] = None):
         super().__init__()
@@ -353,9 +354,14 @@ class ScoreArchive(beam.PTransform):
                 | "ReadInputs" >> beam.ParDo(ReadInputFn(opts)).with_outputs(ReadInputFn.ERRORS, main="read"))
         fresh = read.read
         if known is not None:
+            # Only the earlier rows whose content may be among the files read cross this join (ContentFilter).
+            contents = (read.read
+                        | "ContentsRead" >> beam.Map(lambda element: element["sha256"])
+                        | "ContentFilter" >> beam.CombineGlobally(ContentFilter()))
+            known_contents = pbegin | "KnownContents" >> ReadKnown(self._known, self._model, contents)
             by_content = (
                 {"read": read.read | "KeyByContent" >> beam.Map(content_key),
-                 "known": known | "KnownByContent" >> beam.Map(known_content_key)}
+                 "known": known_contents | "KnownByContent" >> beam.Map(known_content_key)}
                 | "JoinByContent" >> beam.CoGroupByKey()
                 | "ReuseByContent" >> beam.ParDo(ReuseByContentFn()).with_outputs(
                     ReuseByContentFn.UNMATCHED, main="rows"))
