@@ -128,10 +128,12 @@ def test_an_unchanged_archive_is_reused_whole_without_opening_a_file(tmp_path, m
         {n: {k: v for k, v in r.items() if k not in ignore} for n, r in before.items()}
     assert all(r["fingerprint"].startswith("local:") for r in after.values())
     # The earlier table is read by the pipeline and joined by key: the only side inputs are the progress line's count
-    # and the fixed-size filter of the contents read this run, which let no earlier row into the join by content.
+    # and the fixed-size filters of this run's keys (the listing's; the contents read, none: no earlier row crosses
+    # the join by content).
     producers = side_input_producers(graphs[0], "ScoreArchive/")
-    assert producers and all("/Progress/" in name or "/ContentFilter/" in name for name in producers), producers
-    assert counts["known_rows_by_content"] == 0
+    assert producers and all(name.split("/")[1] in ("Progress", "ListingFilter", "ContentFilter")
+                             for name in producers), producers
+    assert (counts["known_rows_by_listing"], counts["known_rows_by_content"]) == (3, 0)
     names = {t.unique_name for t in graphs[0].components.transforms.values()}
     assert {"ScoreArchive/Known/References", "ScoreArchive/JoinByListing", "ScoreArchive/JoinByContent",
             "ScoreArchive/ReusedRows/GroupByRowGroup"} <= names
@@ -189,7 +191,8 @@ def test_reused_rows_are_read_back_from_the_right_row_of_each_row_group_of_each_
                                                                                        first_run):
     """The joins carry where each earlier row is (file, row group, row); the rows reused are read back from there.
     Earlier tables in one-row and two-row groups, across two files of a pattern, each led by rows that may not be
-    reused (another model version: they still count in the positions), give back exactly the first run's rows."""
+    reused (another model version) or are of files gone (they still count in the positions), give back exactly the
+    first run's rows."""
     archive, known = first_run
     table = pq.read_table(known).sort_by([("uri", "descending")])
     stale = table.slice(0, 1).set_column(table.schema.get_field_index("model_version"), "model_version",
@@ -197,34 +200,40 @@ def test_reused_rows_are_read_back_from_the_right_row_of_each_row_group_of_each_
     earlier = tmp_path / "earlier"
     earlier.mkdir()
     pq.write_table(pa.concat_tables([stale, table.slice(0, 2)]), str(earlier / "night1.parquet"), row_group_size=1)
-    pq.write_table(pa.concat_tables([stale, stale, table.slice(2)]), str(earlier / "night2.parquet"),
+    gone = table.set_column(table.schema.get_field_index("uri"), "uri",
+                            pa.array([f"/gone/{i}.png" for i in range(3)]))  # files no longer listed
+    pq.write_table(pa.concat_tables([stale, gone, stale, table.slice(2)]), str(earlier / "night2.parquet"),
                    row_group_size=2)
 
     summary = run_score(archive, str(tmp_path / "run2"), model_bases[3], str(earlier / "*.parquet"))
 
     counts = summary["counts"]
-    assert counts["known_rows"] == 3 and counts["inputs_reused_by_listing"] == 3 and counts["files_read"] == 0
+    assert counts["inputs_reused_by_listing"] == 3 and counts["files_read"] == 0
+    # The rows of files gone are known, but none of them crosses the join (the listing's KeyFilter).
+    assert (counts["known_rows"], counts["known_rows_by_listing"]) == (6, 3)
     before, after = rows_by_name(os.path.dirname(known)), rows_by_name(str(tmp_path / "run2"))
     assert {n: dict(r, reused=False) for n, r in after.items()} == before and all(r["reused"] for r in after.values())
 
 
-def test_the_content_filter_holds_every_content_read_and_lets_few_others_through():
+def test_the_key_filter_holds_every_key_and_lets_few_others_through():
     import hashlib
 
-    from pipelines.score.known import ContentFilter, may_hold
+    from pipelines.score.known import KeyFilter, may_hold, listing_digest
 
     def sha(i):
         return hashlib.sha256(str(i).encode()).hexdigest()
 
-    combine = ContentFilter()
+    combine = KeyFilter()
     halves = [combine.create_accumulator(), combine.create_accumulator()]
     for i in range(20_000):
         combine.add_input(halves[i % 2], sha(i))
     contents = combine.extract_output(combine.merge_accumulators(halves))
-    assert len(contents) == 1 << 20  # 1 MB, however many were read
+    assert len(contents) == 1 << 20  # 1 MB, however many keys
     assert all(may_hold(contents, sha(i)) for i in range(20_000))
     others = sum(may_hold(contents, sha(i)) for i in range(20_000, 120_000))
     assert others <= 2  # about 1e-8 of them expected
+    one = combine.extract_output(combine.add_input(combine.create_accumulator(), listing_digest("/a/b.png", "l:1")))
+    assert may_hold(one, listing_digest("/a/b.png", "l:1")) and not may_hold(one, listing_digest("/a/b.png", "l:2"))
     nothing = combine.extract_output(combine.merge_accumulators([combine.create_accumulator()]))
     assert not any(may_hold(nothing, sha(i)) for i in range(1000))
 

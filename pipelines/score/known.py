@@ -1,17 +1,18 @@
 """`score --skip-known`: which earlier rows a run reuses, decided by keyed joins inside the pipeline.
 
-    listed files --(uri, fingerprint)--> JoinByListing <-- earlier rows' references that carry a fingerprint
+    listed files --(uri, fingerprint)--> JoinByListing <-- earlier rows of files that may be listed now
         matched: the earlier rows are copied (reused=True); the file is never opened
-        unmatched --> read and hashed --sha256--> JoinByContent <-- earlier rows' references by sha256, of the
-                                                                    contents read (a Bloom filter: ContentFilter)
+        unmatched --> read and hashed --sha256--> JoinByContent <-- earlier rows whose content may have been read
             matched: copied too (a touched, moved or copied file whose content was scored)
             unmatched: decoded and scored
     copied rows: (table file, row group) --> GroupByRowGroup --> each row group read once, its chosen rows copied
 
 The joins carry references, not rows: an earlier row crosses them as its key (a 16-byte digest of its uri and
 fingerprint, or its sha256) and one int packing its page and where it is (file, row group, row). Only the rows chosen
-are read again, a row group at a time (FetchKnownRows). The shuffles hold tens of bytes a row instead of a whole row
-(the DirectRunner holds a shuffle in memory, its values decoded; Dataflow's is on disk).
+are read again, a row group at a time (FetchKnownRows). And only the earlier rows whose key this run may hold cross a
+join at all: a Bloom filter of the run's own keys (KeyFilter: the listing's, then the contents read) filters them as
+they are read. The shuffles so hold tens of bytes for each earlier row of a file listed now, and nothing for the rows
+of files gone (the DirectRunner holds a shuffle in memory, its values decoded; Dataflow's is on disk).
 
 The earlier table is read by the workers, a row group at a time (a CSV streamed in blocks), so nothing in the
 launcher grows with it: the launcher reads its schema only (inspect_known), to know whether it is a results table
@@ -156,12 +157,16 @@ def listing_digest(uri: str, fingerprint: str) -> bytes:
     return hashlib.blake2b(f"{uri}\0{fingerprint}".encode(), digest_size=16).digest()
 
 
-def _known_ref(row: dict, table: KnownTable, index: int, group: int, position: int) -> tuple:
-    """(uri, fingerprint, sha256, reference) of a reusable earlier row: the uri and fingerprint a reused row carries
-    (known_row's: a manifest's source uri)."""
-    uri = (row.get("source_uri") or row.get("uri") or "") if table.kind == MANIFEST else (row.get("uri") or "")
-    return uri, row.get("fingerprint") or "", row["sha256"], pack_ref(int(row.get("page") or 0), index, group,
-                                                                      position)
+LISTING, CONTENT = "listing", "content"  # the two joins
+
+
+def join_key(row: dict, table: KnownTable, join: str):
+    """A reusable earlier row's key in one join: the listing_digest of the uri and fingerprint a reused row carries
+    (known_row's: a manifest's source uri; None without a fingerprint: an older table's), or its sha256."""
+    if join == CONTENT:
+        return row["sha256"]
+    uri = (row.get("source_uri") or row.get("uri")) if table.kind == MANIFEST else row.get("uri")
+    return listing_digest(uri, row["fingerprint"]) if uri and row.get("fingerprint") else None
 
 
 def chosen(refs: Iterable[int]) -> List[int]:
@@ -226,71 +231,79 @@ def _key_columns(table: KnownTable) -> Tuple[str, ...]:
 
 
 class _KnownRefsFn(beam.DoFn):
-    """(file index, row group) -> a reference to each of its rows that may be reused (with a sha256)."""
+    """(file index, row group) -> (join key, reference) of each of its rows that may be reused (with a sha256) and
+    whose key this run may hold (`keys`: a KeyFilter of the keys of this run's side of the join)."""
 
-    def __init__(self, table: KnownTable, model: ModelInfo, counter: str):
+    def __init__(self, table: KnownTable, model: ModelInfo, join: str):
         self._table = table
         self._model = model
-        self._rows = Metrics.counter(COUNTER_NAMESPACE, counter)
+        self._join = join
+        self._known = Metrics.counter(COUNTER_NAMESPACE, "known_rows") if join == LISTING else None
+        self._joined = Metrics.counter(COUNTER_NAMESPACE, f"known_rows_by_{join}")
 
-    def process(self, group: Tuple[int, int], contents: Optional[bytes] = None):
+    def process(self, group: Tuple[int, int], keys: bytes):
         index, number = group
         for position, row in enumerate(_group_rows(self._table, index, number, _key_columns(self._table))):
-            if row.get("sha256") and reusable(row, self._table, self._model) and \
-                    (contents is None or may_hold(contents, row["sha256"])):
-                self._rows.inc()
-                yield _known_ref(row, self._table, index, number, position)
+            if not (row.get("sha256") and reusable(row, self._table, self._model)):
+                continue
+            if self._known:
+                self._known.inc()
+            key = join_key(row, self._table, self._join)
+            if key is not None and may_hold(keys, key):
+                self._joined.inc()
+                yield key, pack_ref(int(row.get("page") or 0), index, number, position)
 
 
 class ReadKnown(beam.PTransform):
-    """pbegin -> a reference (_known_ref) to each reusable row of the earlier table (results rows of this model
-    version, or manifest rows that become `skipped` rows): its key columns only, read a row group at a time by
-    the workers (the row groups are spread over them). With `contents` (a side input: a ContentFilter of the
-    sha256s read this run), only the rows whose content may be among them."""
+    """pbegin -> (join key, reference) of the reusable rows of the earlier table (results rows of this model version,
+    or manifest rows that become `skipped` rows) for one join (LISTING or CONTENT), of those whose key may be among
+    `keys` (a KeyFilter of this run's keys for that join, as a PCollection of one). Key columns only, read a row
+    group at a time by the workers (the row groups are spread over them)."""
 
-    def __init__(self, table: KnownTable, model: ModelInfo, contents=None):
+    def __init__(self, table: KnownTable, model: ModelInfo, join: str, keys):
         super().__init__()
         self._table = table
         self._model = model
-        self._contents = contents
+        self._join = join
+        self._keys = keys
 
     def expand(self, pbegin):
-        groups = (pbegin
-                  | "Files" >> beam.Create(list(range(len(self._table.files))))
-                  | "RowGroups" >> beam.FlatMap(_row_groups, self._table)
-                  | "SpreadRowGroups" >> beam.Reshuffle())
-        counter = "known_rows" if self._contents is None else "known_rows_by_content"
-        refs = _KnownRefsFn(self._table, self._model, counter)
-        if self._contents is None:
-            return groups | "References" >> beam.ParDo(refs)
-        return groups | "References" >> beam.ParDo(refs, beam.pvalue.AsSingleton(self._contents))
+        return (pbegin
+                | "Files" >> beam.Create(list(range(len(self._table.files))))
+                | "RowGroups" >> beam.FlatMap(_row_groups, self._table)
+                | "SpreadRowGroups" >> beam.Reshuffle()
+                | "References" >> beam.ParDo(_KnownRefsFn(self._table, self._model, self._join),
+                                             beam.pvalue.AsSingleton(self._keys)))
 
 
-# A Bloom filter of the contents read in a run: 2^23 bits (1 MB), 4 probes a sha256. Rows whose content it may hold
-# join by content; at 100,000 files read it lets through one unrelated row in about 200,000, at 1,000,000 one in 50.
+# A Bloom filter of one side's join keys: 2^23 bits (1 MB), 4 probes a key. The earlier rows whose key it may hold
+# cross the join. At 100,000 keys it lets through about one unrelated row in 200,000, at 1,000,000 one in 50; at
+# 10,000,000 most of them (a filter that full lets more rows into the join, never fewer: it only stops helping).
+# The runner holds a few copies of it per worker and in the launcher while it is combined (about 10 MB in all for
+# two filters under the DirectRunner; 4 MB ones cost about 30 MB).
 _FILTER_BITS, _PROBES = 1 << 23, 4
 
 
-def _probes(sha256: str) -> List[int]:
-    digest = hashlib.blake2b(sha256.encode(), digest_size=4 * _PROBES).digest()
+def _probes(key) -> List[int]:
+    digest = hashlib.blake2b(key if isinstance(key, bytes) else key.encode(), digest_size=4 * _PROBES).digest()
     return [int.from_bytes(digest[4 * i:4 * i + 4], "little") % _FILTER_BITS for i in range(_PROBES)]
 
 
-def may_hold(contents: bytes, sha256: str) -> bool:
-    """Whether a ContentFilter's output may hold `sha256` (never False for one it holds)."""
-    return all(contents[bit >> 3] >> (bit & 7) & 1 for bit in _probes(sha256))
+def may_hold(keys: bytes, key) -> bool:
+    """Whether a KeyFilter's output may hold `key` (never False for one it holds)."""
+    return all(keys[bit >> 3] >> (bit & 7) & 1 for bit in _probes(key))
 
 
-class ContentFilter(beam.CombineFn):
-    """sha256s -> a Bloom filter of them (bytes), the same size whatever their number: what decides which earlier
-    rows join by content, instead of every earlier row crossing that join's shuffle (on a night that reads no file,
-    none does)."""
+class KeyFilter(beam.CombineFn):
+    """Join keys (str or bytes) -> a Bloom filter of them (bytes), the same size whatever their number: which earlier
+    rows cross a join (a semi-join reduction), instead of every one of them crossing its shuffle. A night that reads
+    no file sends none through the join by content; rows of files no longer listed skip the join by listing."""
 
     def create_accumulator(self):
         return bytearray(_FILTER_BITS // 8)
 
-    def add_input(self, accumulator, sha256):
-        for bit in _probes(sha256):
+    def add_input(self, accumulator, key):
+        for bit in _probes(key):
             accumulator[bit >> 3] |= 1 << (bit & 7)
         return accumulator
 
@@ -371,20 +384,6 @@ class ReadKnownFailures(beam.PTransform):
                 | "Tables" >> beam.Create(list(self._table.errors))
                 | "ReadErrors" >> beam.io.ReadAllFromParquet(columns=list(ERRORS_SCHEMA.names))
                 | "Defects" >> beam.FlatMap(_failure_keys))
-
-
-def listing_key(known: tuple) -> Iterable[Tuple[bytes, int]]:
-    """An earlier row's reference keyed by its listing_digest; none for a row without a fingerprint (an older
-    table's)."""
-    uri, fingerprint, _, ref = known
-    if fingerprint and uri:
-        yield listing_digest(uri, fingerprint), ref
-
-
-def known_content_key(known: tuple) -> Tuple[str, int]:
-    """An earlier row's reference keyed by its content's sha256."""
-    _, _, sha256, ref = known
-    return sha256, ref
 
 
 def content_key(element: dict) -> Tuple[str, dict]:

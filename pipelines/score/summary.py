@@ -238,8 +238,10 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
         # --skip-known (Beam counters): the earlier rows this model version may reuse, and the inputs that reused
         # them unread (same uri and listing fingerprint) or once read (same sha256); the failed inputs whose earlier
         # error rows stand, unread (a corrupt, truncated, empty or unknown file, unchanged since); and the earlier
-        # rows that crossed the join by content (those whose content may be among the files read: ContentFilter).
+        # rows that crossed each join (those of files that may be listed now, and of contents that may be among
+        # the files read: pipelines.score.known.KeyFilter).
         "known_rows": metrics.get("known_rows", 0),
+        "known_rows_by_listing": metrics.get("known_rows_by_listing", 0),
         "known_rows_by_content": metrics.get("known_rows_by_content", 0),
         "inputs_reused_by_listing": metrics.get("inputs_reused_by_listing", 0),
         "inputs_reused_by_content": metrics.get("inputs_reused_by_content", 0),

@@ -16,8 +16,9 @@ from pipelines.ingest import DistributeEntries
 from pipelines.progress import ShowProgress
 from pipelines.score.answers import draft_side, page_payload, predict_isolating, result_row
 from pipelines.score.corrected import WriteCorrectedFn
-from pipelines.score.known import (ContentFilter, FetchKnownRows, KnownTable, ReadKnown, ReadKnownFailures, ReuseByContentFn,
-                                   ReuseByListingFn, content_key, entry_listing_key, known_content_key, listing_key)
+from pipelines.score.known import (CONTENT, LISTING, FetchKnownRows, KeyFilter, KnownTable, ReadKnown,
+                                   ReadKnownFailures, ReuseByContentFn, ReuseByListingFn, content_key,
+                                   entry_listing_key)
 from pipelines.score.options import COUNTER_NAMESPACE, ModelInfo, ScoreOptions, run_policy
 from pipelines.score.review import ApplyCorrections
 from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, error_row, whole_file_failed, write_job_tables
@@ -331,15 +332,17 @@ class ScoreArchive(beam.PTransform):
                   | "Source" >> beam.Create([opts.input])
                   | "ListArchive" >> beam.FlatMap(sources.list_archive, "none", list(opts.exclude)))
         reuse, known_errors = [], []  # requests for earlier rows, from each join
-        known = None
-        if self._known is None:
+        known = self._known
+        if known is None:
             entries = listed | "Distribute" >> DistributeEntries()
         else:  # the join spreads the entries over the workers: no Reshuffle before it
-            known = pbegin | "Known" >> ReadKnown(self._known, self._model)
+            keyed = listed | "KeyByListing" >> beam.Map(entry_listing_key)
+            # Only the earlier rows of files that may be listed now cross this join (KeyFilter).
+            listing = keyed | "ListingKeys" >> beam.Keys() | "ListingFilter" >> beam.CombineGlobally(KeyFilter())
             by_listing = (
-                {"entries": listed | "KeyByListing" >> beam.Map(entry_listing_key),
-                 "known": known | "KnownByListing" >> beam.FlatMap(listing_key),
-                 "failed": pbegin | "KnownFailures" >> ReadKnownFailures(self._known)}
+                {"entries": keyed,
+                 "known": pbegin | "Known" >> ReadKnown(known, self._model, LISTING, listing),
+                 "failed": pbegin | "KnownFailures" >> ReadKnownFailures(known)}
                 | "JoinByListing" >> beam.CoGroupByKey()
                 | "ReuseByListing" >> beam.ParDo(ReuseByListingFn()).with_outputs(
                     ReuseByListingFn.UNMATCHED, ReuseByListingFn.ERRORS, main="rows"))
@@ -354,21 +357,18 @@ class ScoreArchive(beam.PTransform):
                 | "ReadInputs" >> beam.ParDo(ReadInputFn(opts)).with_outputs(ReadInputFn.ERRORS, main="read"))
         fresh = read.read
         if known is not None:
-            # Only the earlier rows whose content may be among the files read cross this join (ContentFilter).
-            contents = (read.read
-                        | "ContentsRead" >> beam.Map(lambda element: element["sha256"])
-                        | "ContentFilter" >> beam.CombineGlobally(ContentFilter()))
-            known_contents = pbegin | "KnownContents" >> ReadKnown(self._known, self._model, contents)
+            # Only the earlier rows whose content may be among the files read cross this join (KeyFilter).
+            keyed = read.read | "KeyByContent" >> beam.Map(content_key)
+            contents = keyed | "ContentKeys" >> beam.Keys() | "ContentFilter" >> beam.CombineGlobally(KeyFilter())
             by_content = (
-                {"read": read.read | "KeyByContent" >> beam.Map(content_key),
-                 "known": known_contents | "KnownByContent" >> beam.Map(known_content_key)}
+                {"read": keyed, "known": pbegin | "KnownContents" >> ReadKnown(known, self._model, CONTENT, contents)}
                 | "JoinByContent" >> beam.CoGroupByKey()
                 | "ReuseByContent" >> beam.ParDo(ReuseByContentFn()).with_outputs(
                     ReuseByContentFn.UNMATCHED, main="rows"))
             reuse.append(by_content.rows)
             fresh = by_content[ReuseByContentFn.UNMATCHED]
         reused = [tuple(reuse) | "AllReuse" >> beam.Flatten()
-                  | "ReusedRows" >> FetchKnownRows(self._known, self._model)] if reuse else []
+                  | "ReusedRows" >> FetchKnownRows(known, self._model)] if reuse else []
         prepared = fresh | "PrepareImages" >> beam.ParDo(
             PrepareImagesFn(opts, draft_side(self._model.policy))).with_outputs(PrepareImagesFn.ERRORS, main="items")
         scored = prepared.items | "Score" >> ScoreImages(self._model, opts)
