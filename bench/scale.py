@@ -426,7 +426,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--out", default=os.path.join(REPO, "bench-out", "scale"), help="work folder")
     parser.add_argument("--json", default="", help="also write every row here")
     parser.add_argument("--keep", action="store_true", help="keep the archives and outputs")
-    parser.add_argument("--history-rows", type=int, default=100_000,
+    parser.add_argument("--history-rows", type=int, default=400_000,
                         help="re-run the second-largest archive against this many earlier rows (0: skip)")
     parser.add_argument("--report-rows", default="100000,1000000",
                         help="`archive-vision report` over synthetic results tables of these sizes ('': none)")

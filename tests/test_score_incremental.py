@@ -238,6 +238,27 @@ def test_the_key_filter_holds_every_key_and_lets_few_others_through():
     assert not any(may_hold(nothing, sha(i)) for i in range(1000))
 
 
+def test_a_known_table_rewritten_during_the_run_stops_it_instead_of_copying_other_rows(tmp_path, first_run):
+    """The references name rows by position: a table rewritten between the joins and the copy (another job's
+    write) would hand a file another file's row, so the run stops and says why."""
+    from pipelines.score.known import KnownTableChanged, _FetchRowsFn, check_unchanged, inspect_known, pack_ref
+
+    _, known = first_run
+    table = inspect_known(known)
+    model = score.ModelInfo("archive_vision", 3)
+    rows = pq.read_table(known)
+    fetch = _FetchRowsFn(table, model)
+    assert [r["sha256"] for r in fetch.process(((0, 0), [(1, 0, "", "")]))] == [rows.column("sha256")[1].as_py()]
+    with pytest.raises(KnownTableChanged, match="not the row this run joined"):
+        list(fetch.process(((0, 0), [(1, 2, "", "")])))  # the reference said page 2
+    pq.write_table(rows.slice(0, 2), known)  # rewritten since the run was built
+    with pytest.raises(KnownTableChanged, match="changed during the run"):
+        check_unchanged(table.files[0])
+    with pytest.raises(KnownTableChanged):
+        list(fetch.process(((0, 0), [(2, 0, "", "")])))
+    assert pack_ref(1, 0, -1, 5) > pack_ref(0, 7, 3, 9)  # references sort by page first
+
+
 def test_results_of_another_model_version_reuse_nothing(tmp_path, model_bases, first_run):
     archive, known = first_run
     summary = run_score(archive, str(tmp_path / "run2"), model_bases[4], known)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Dict, Iterable, List, Optional, Tuple
+import struct
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -48,6 +49,33 @@ MANIFEST_COLUMNS = ("source_uri", "uri", "page", "sha256", "fingerprint", "forma
 LIST_COLUMNS = ("class_probabilities", "orientation_probabilities")  # results.csv writes them as `p0;p1;...`
 
 
+class KnownFile(NamedTuple):
+    """One table file of --skip-known as it was listed when the run was built: the references name rows in it by
+    position, so it must not change until the run ends (check_unchanged)."""
+
+    path: str
+    size: int
+    updated: float  # its last update, in seconds, as Beam's FileSystems.match gives it
+
+    @property
+    def is_csv(self) -> bool:
+        return self.path.lower().endswith(".csv")
+
+
+class KnownTableChanged(RuntimeError):
+    """A --skip-known table changed while the run read it (a job rewrote it): its references name other rows now."""
+
+
+def check_unchanged(file: KnownFile) -> str:
+    """The file's path, once its size and update time are still those it was listed with."""
+    listed = FileSystems.match([file.path])[0].metadata_list
+    now = (listed[0].size_in_bytes, listed[0].last_updated_in_seconds) if listed else None
+    if now != (file.size, file.updated):
+        raise KnownTableChanged(f"--skip-known {file.path} changed during the run (size, updated: "
+                                f"{(file.size, file.updated)} -> {now}); run again once nothing rewrites it")
+    return file.path
+
+
 @dataclasses.dataclass(frozen=True)
 class KnownTable:
     """An earlier table given to --skip-known: where it is, what it is, and the columns a run reads of it."""
@@ -56,11 +84,7 @@ class KnownTable:
     kind: str  # RESULTS or MANIFEST
     columns: Tuple[str, ...]
     errors: Tuple[str, ...] = ()  # the errors.parquet beside each results table, where it records fingerprints
-    files: Tuple[str, ...] = ()  # every file `path` matched when the run was built: references name them by index
-
-    @property
-    def is_csv(self) -> bool:
-        return self.path.lower().endswith(".csv")
+    files: Tuple[KnownFile, ...] = ()  # every file `path` matched when the run was built: references name its index
 
 
 def _columns_of(path: str) -> List[str]:
@@ -76,7 +100,9 @@ def _columns_of(path: str) -> List[str]:
 
 def inspect_known(path: str) -> KnownTable:
     """What --skip-known names (launcher side: schemas only, never rows)."""
-    matched = sorted(m.path for m in FileSystems.match([path])[0].metadata_list)
+    files = sorted(KnownFile(m.path, m.size_in_bytes, m.last_updated_in_seconds)
+                   for m in FileSystems.match([path])[0].metadata_list)
+    matched = [f.path for f in files]
     if not matched:
         raise FileNotFoundError(f"--skip-known {path}: no such file")
     columns = _columns_of(matched[0])
@@ -90,7 +116,7 @@ def inspect_known(path: str) -> KnownTable:
     errors = tuple(sorted({FileSystems.join(FileSystems.split(m)[0], ERRORS_TABLE) for m in matched})) \
         if kind == RESULTS else ()
     errors = tuple(e for e in errors if FileSystems.exists(e) and set(ERRORS_SCHEMA.names) <= set(_columns_of(e)))
-    return KnownTable(path, kind, tuple(c for c in wanted if c in columns), errors, tuple(matched))
+    return KnownTable(path, kind, tuple(c for c in wanted if c in columns), errors, tuple(files))
 
 
 def known_row(row: dict, table: KnownTable, model: ModelInfo) -> Optional[dict]:
@@ -132,23 +158,21 @@ def _csv_value(name: str, value):
     return value
 
 
-# An earlier row as the joins carry it: a reference, one int packing (page, file, row group, row), where the file is
-# its index in KnownTable.files and a CSV table is one group (-1) counted from its first row. An int is the smallest
-# value a shuffle holds (the DirectRunner's holds every value decoded, in memory); ordered as a tuple of its fields.
-_POSITION_BITS, _GROUP_BITS, _FILE_BITS = 40, 32, 24
+# An earlier row as the joins carry it: a reference, 20 bytes packing (page, file, row group + 1, row) big-endian,
+# where the file is its index in KnownTable.files and a CSV table is one group (-1) counted from its first row. Beam
+# writes bytes as they are (an int past 2^63 would be pickled), the DirectRunner's shuffle holds each value decoded,
+# in memory, and references sort as the tuples they pack.
+_REF = struct.Struct(">IIIQ")
 
 
-def pack_ref(page: int, index: int, group: int, position: int) -> int:
-    return (((page << _FILE_BITS | index) << _GROUP_BITS | group + 1) << _POSITION_BITS) | position
+def pack_ref(page: int, index: int, group: int, position: int) -> bytes:
+    return _REF.pack(page, index, group + 1, position)
 
 
-def unpack_ref(ref: int) -> Tuple[int, int, int, int]:
+def unpack_ref(ref: bytes) -> Tuple[int, int, int, int]:
     """(page, file index, row group, row) of a packed reference."""
-    position = ref & ((1 << _POSITION_BITS) - 1)
-    ref >>= _POSITION_BITS
-    group = (ref & ((1 << _GROUP_BITS) - 1)) - 1
-    ref >>= _GROUP_BITS
-    return ref >> _FILE_BITS, ref & ((1 << _FILE_BITS) - 1), group, position
+    page, index, group, position = _REF.unpack(ref)
+    return page, index, group - 1, position
 
 
 def listing_digest(uri: str, fingerprint: str) -> bytes:
@@ -169,12 +193,12 @@ def join_key(row: dict, table: KnownTable, join: str):
     return listing_digest(uri, row["fingerprint"]) if uri and row.get("fingerprint") else None
 
 
-def chosen(refs: Iterable[int]) -> List[int]:
+def chosen(refs: Iterable[bytes]) -> List[bytes]:
     """Of the earlier rows a file may reuse, one per page in page order: of several (a --skip-known pattern may hold
-    the same file's rows more than once), the first in the tables."""
+    the same file's rows more than once), the last in the tables (their paths sorted: of dated folders, the newest)."""
     pages = {}
     for ref in sorted(refs):
-        pages.setdefault(unpack_ref(ref)[0], ref)
+        pages[unpack_ref(ref)[0]] = ref
     return list(pages.values())
 
 
@@ -204,23 +228,42 @@ def _row_groups(index: int, table: KnownTable) -> Iterable[Tuple[int, int]]:
     """(file index, row group) of each row group of one table file; a CSV is one group, -1."""
     import pyarrow.parquet as pq
 
-    if table.is_csv:
+    file = table.files[index]
+    if file.is_csv:
         yield index, -1
         return
-    with FileSystems.open(table.files[index]) as handle:
+    with FileSystems.open(check_unchanged(file)) as handle:
         for group in range(pq.ParquetFile(handle).num_row_groups):
             yield index, group
 
 
-def _group_rows(table: KnownTable, index: int, group: int, columns: Tuple[str, ...]) -> Iterable[dict]:
+def _group_rows(path: str, group: int, columns: Tuple[str, ...]) -> Iterable[dict]:
     """The rows (only `columns`) of one row group of a table file, in order; of a CSV (group -1), all of them."""
     import pyarrow.parquet as pq
 
     if group < 0:
-        yield from _csv_rows(table.files[index], columns)
+        yield from _csv_rows(path, columns)
         return
-    with FileSystems.open(table.files[index]) as handle:
+    with FileSystems.open(path) as handle:
         yield from pq.ParquetFile(handle).read_row_group(group, columns=list(columns)).to_pylist()
+
+
+def _rows_at(path: str, group: int, positions: List[int], columns: Tuple[str, ...]) -> List[dict]:
+    """The rows at `positions` (ascending) of one row group of a table file: of a Parquet row group, only those rows
+    become Python rows; a CSV is read up to the last of them."""
+    import pyarrow.parquet as pq
+
+    if group < 0:
+        wanted, rows = set(positions), []
+        for position, row in enumerate(_csv_rows(path, columns)):
+            if position in wanted:
+                rows.append(row)
+            if position >= positions[-1]:
+                break
+        return rows
+    with FileSystems.open(path) as handle:
+        table = pq.ParquetFile(handle).read_row_group(group, columns=list(columns))
+    return table.take(positions).to_pylist() if positions[-1] < table.num_rows else []
 
 
 def _key_columns(table: KnownTable) -> Tuple[str, ...]:
@@ -243,7 +286,8 @@ class _KnownRefsFn(beam.DoFn):
 
     def process(self, group: Tuple[int, int], keys: bytes):
         index, number = group
-        for position, row in enumerate(_group_rows(self._table, index, number, _key_columns(self._table))):
+        path = check_unchanged(self._table.files[index])
+        for position, row in enumerate(_group_rows(path, number, _key_columns(self._table))):
             if not (row.get("sha256") and reusable(row, self._table, self._model)):
                 continue
             if self._known:
@@ -321,9 +365,9 @@ class KeyFilter(beam.CombineFn):
 
 
 class _FetchRowsFn(beam.DoFn):
-    """((file index, row group), [(row, uri, fingerprint)]) -> the rows asked for, each as the results row it
+    """((file index, row group), [(row, page, uri, fingerprint)]) -> the rows asked for, each as the results row it
     becomes (known_row), reused=True, carrying the uri and fingerprint of the file that reuses it (none given: its
-    own, as when the listing matched them)."""
+    own, as when the listing matched them). A row that is not the one referenced (the table changed) stops the run."""
 
     def __init__(self, table: KnownTable, model: ModelInfo):
         self._table = table
@@ -331,20 +375,27 @@ class _FetchRowsFn(beam.DoFn):
 
     def process(self, element):
         (index, group), asked = element
-        wanted: Dict[int, List[Tuple[str, str]]] = {}
-        for position, uri, fingerprint in asked:
-            wanted.setdefault(position, []).append((uri, fingerprint))
-        for position, row in enumerate(_group_rows(self._table, index, group, self._table.columns)):
-            if position in wanted:
-                out = known_row(row, self._table, self._model)
-                for uri, fingerprint in wanted[position]:
-                    yield dict(out, reused=True, **({"uri": uri, "fingerprint": fingerprint} if uri else {}))
+        wanted: Dict[int, List[Tuple[int, str, str]]] = {}
+        for position, page, uri, fingerprint in asked:
+            wanted.setdefault(position, []).append((page, uri, fingerprint))
+        positions = sorted(wanted)
+        path = check_unchanged(self._table.files[index])
+        rows = _rows_at(path, group, positions, self._table.columns)
+        if len(rows) != len(positions):
+            raise KnownTableChanged(f"--skip-known {path}: row group {group} has no row {positions[-1]} now")
+        for position, row in zip(positions, rows):
+            out = known_row(row, self._table, self._model)
+            for page, uri, fingerprint in wanted[position]:
+                if out is None or out["page"] != page:
+                    raise KnownTableChanged(f"--skip-known {path}: row {position} of row group {group} is not the "
+                                            "row this run joined")
+                yield dict(out, reused=True, **({"uri": uri, "fingerprint": fingerprint} if uri else {}))
 
 
 def _by_row_group(request: tuple) -> tuple:
     ref, uri, fingerprint = request
-    _, index, group, position = unpack_ref(ref)
-    return (index, group), (position, uri, fingerprint)
+    page, index, group, position = unpack_ref(ref)
+    return (index, group), (position, page, uri, fingerprint)
 
 
 class FetchKnownRows(beam.PTransform):
@@ -363,8 +414,8 @@ class FetchKnownRows(beam.PTransform):
                 | "Fetch" >> beam.ParDo(_FetchRowsFn(self._table, self._model)))
 
 
-def _failure_keys(row: dict) -> Iterable[Tuple[Tuple[str, str], tuple]]:
-    """An earlier error row keyed by (uri, fingerprint), as a tuple in ERRORS_SCHEMA's order; none unless it can
+def _failure_keys(row: dict) -> Iterable[Tuple[bytes, tuple]]:
+    """An earlier error row keyed by the listing_digest of its (uri, fingerprint), as a tuple in ERRORS_SCHEMA's order; none unless it can
     stand (the join then matches its fingerprint with the file's now: pipelines.tables.failure_stands)."""
     if failure_stands(row, row["fingerprint"]):
         yield listing_digest(row["uri"], row["fingerprint"]), tuple(row[name] for name in ERRORS_SCHEMA.names)
@@ -372,7 +423,7 @@ def _failure_keys(row: dict) -> Iterable[Tuple[Tuple[str, str], tuple]]:
 
 class ReadKnownFailures(beam.PTransform):
     """pbegin -> the earlier run's failures that stand while their file is unchanged (a corrupt, truncated, empty or
-    unknown file), keyed by (uri, fingerprint): read by the workers from the errors.parquet beside the earlier
+    unknown file), keyed by their listing_digest: read by the workers from the errors.parquet beside the earlier
     results (none when it has no fingerprint column: written before it)."""
 
     def __init__(self, table: KnownTable):
@@ -401,7 +452,7 @@ def _failure_order(row: dict) -> tuple:
 
 
 class ReuseByListingFn(beam.DoFn):
-    """(uri, fingerprint) -> {entries, known, failed}: a listed file with earlier rows reuses them unread (a request
+    """listing_digest -> {entries, known, failed}: a listed file with earlier rows reuses them unread (a request
     (reference, uri, fingerprint) for FetchKnownRows per page), and one whose earlier failure stands (a defect of its
     unchanged bytes) keeps its error rows unread (ERRORS; it is still a failed input); the others go on (UNMATCHED)
     to be read. Earlier rows of files not listed now are dropped."""
