@@ -1,7 +1,8 @@
 """`ingest --append`: add an archive's new and changed files to an existing set of shards, deciding what the set
 already holds from the listing before a byte is read, by keyed joins inside the pipeline.
 
-    listed files --uri--> JoinByUri <-- the set's current manifest rows (ReadFromParquet) and its error rows
+    listed files --uri--> JoinByUri <-- the set's current manifest rows (what decides, and where each row is) and its
+                                        error rows
         same fingerprint, label, split and orientation: its rows stay as they are; the file is never opened
         not listed now: its rows stay (an append never drops what it was not shown), unless it moved (below)
         otherwise (a new uri, another fingerprint, or none) -> read and hashed, carrying its earlier rows:
@@ -9,6 +10,13 @@ already holds from the listing before a byte is read, by keyed joins inside the 
             else: its rows are marked superseded, and the file is decoded into new records, in its earlier split
     new content --sha256--> JoinMoved <-- the rows of the files not listed now
         an earlier uri holding that content that no longer exists (a moved file): its rows are marked superseded
+    every row group of the manifest --(row group)--> RewriteManifest <-- the changes the joins decided, by position
+        the row group read once more, whole, its rows changed where decided: the new manifest's rows
+
+The joins carry the few columns that decide (ReadDeciding), not whole rows: what crosses them is a change to a row
+(a new fingerprint, or superseded), named by its row group and row, and only for the rows that change. An unchanged
+archive's append so shuffles no manifest row at all after the join by uri, and the manifest is rewritten a row group
+at a time.
 
 The content sha256 stays the records' identity (their split is a hash of it); the listing fingerprint only decides
 what need not be read. Content already in the set at a uri that still exists (a copy) becomes records of its own, as
@@ -215,32 +223,85 @@ def entry_agrees(entry: sources.SourceEntry, rows: Sequence[dict], assume_uprigh
     return True
 
 
-class _EarlierRowFn(beam.DoFn):
-    """A manifest row as read -> the row with every column (older manifests lack the fingerprint and superseded
-    columns); rows superseded before leave as SUPERSEDED, untouched by this run."""
+# The columns that decide what becomes of a manifest row (entry_agrees, the joins), as a tuple in this order, then
+# where the row is in the manifest: (row group, row).
+DECIDING = ("source_uri", "sha256", "fingerprint", "label_name", "split", "augment_index", "orientation")
 
-    SUPERSEDED = "superseded"
 
-    def __init__(self):
+def _deciding(row: dict, at: Tuple[int, int]) -> tuple:
+    values = {name: row.get(name, ADDED_COLUMNS.get(name)) for name in DECIDING}
+    values["fingerprint"] = values["fingerprint"] or ""
+    return tuple(values[name] for name in DECIDING) + (at,)
+
+
+def _decided(values: tuple) -> dict:
+    """A deciding tuple as a dict of its columns, with `at` (row group, row)."""
+    return dict(zip(DECIDING + ("at",), values))
+
+
+def _manifest_groups(path: str) -> List[int]:
+    import pyarrow.parquet as pq
+
+    with FileSystems.open(path) as handle:
+        return list(range(pq.ParquetFile(handle).num_row_groups))
+
+
+def _group_table(path: str, group: int, columns: Sequence[str]):
+    import pyarrow.parquet as pq
+
+    with FileSystems.open(path) as handle:
+        return pq.ParquetFile(handle).read_row_group(group, columns=list(columns))
+
+
+class _DecidingRowsFn(beam.DoFn):
+    """A manifest row group -> the deciding tuple of each of its current rows (those superseded before are untouched
+    by this run: RewriteManifest copies them as they are)."""
+
+    def __init__(self, earlier: EarlierRun):
+        self._earlier = earlier
         self._rows = Metrics.counter(COUNTER_NAMESPACE, "known_rows")
 
-    def process(self, row: dict):
-        self._rows.inc()
-        out = {name: row.get(name, ADDED_COLUMNS.get(name)) for name in MANIFEST_SCHEMA.names}
-        out["fingerprint"] = out["fingerprint"] or ""
-        if out["superseded"]:
-            yield beam.pvalue.TaggedOutput(self.SUPERSEDED, out)
-        else:
+    def process(self, group: int):
+        columns = [c for c in DECIDING + ("superseded",) if c in self._earlier.manifest_columns]
+        for position, row in enumerate(_group_table(self._earlier.manifest, group, columns).to_pylist()):
+            self._rows.inc()
+            if not row.get("superseded"):
+                yield _deciding(row, (group, position))
+
+
+def _change(row: dict, **change) -> Tuple[int, Tuple[int, dict]]:
+    """A change the joins decided for one manifest row, keyed by its row group: (group, (row, {column: value}))."""
+    group, position = row["at"]
+    return group, (position, change)
+
+
+class _RewriteGroupFn(beam.DoFn):
+    """(row group, {group, changes}) -> every row of that manifest row group (every column; older manifests gain the
+    columns added since), with the changes the joins decided applied."""
+
+    def __init__(self, earlier: EarlierRun):
+        self._earlier = earlier
+
+    def process(self, element):
+        group, grouped = element
+        changes: Dict[int, dict] = {}
+        for position, change in grouped["changes"]:
+            changes.setdefault(position, {}).update(change)
+        for position, row in enumerate(_group_table(self._earlier.manifest, group,
+                                                    self._earlier.manifest_columns).to_pylist()):
+            out = {name: row.get(name, ADDED_COLUMNS.get(name)) for name in MANIFEST_SCHEMA.names}
+            out["fingerprint"] = out["fingerprint"] or ""
+            out.update(changes.get(position, {}))
             yield out
 
 
 class ReuseByListingFn(beam.DoFn):
-    """uri -> {listed, rows, errors}: a file listed with its rows' fingerprint and labels keeps them unread (main),
-    and so does a file whose earlier failure stands (a defect of its unchanged bytes: its error rows, ERRORS); the
-    others are read (TO_READ, with their rows and error rows); the rows of files not listed go to the moved check
-    (UNLISTED), and their error rows stay (ERRORS)."""
+    """uri -> {listed, rows (deciding tuples), errors}: a file listed with its rows' fingerprint and labels keeps them
+    unread (nothing changes), and so does a file whose earlier failure stands (a defect of its unchanged bytes: its
+    error rows, ERRORS); the others are read (TO_READ, with their rows and error rows); the rows of files not listed
+    go to the moved check (main: (sha256, deciding tuple)), and their error rows stay (ERRORS)."""
 
-    TO_READ, UNLISTED, ERRORS = "to_read", "unlisted", "errors"
+    TO_READ, ERRORS = "to_read", "errors"
 
     def __init__(self, assume_upright: bool):
         self._assume_upright = assume_upright
@@ -253,10 +314,10 @@ class ReuseByListingFn(beam.DoFn):
     def process(self, element):
         _, grouped = element
         listed = [sources.SourceEntry.from_fields(fields) for fields in grouped["listed"]]
-        rows, errors = list(grouped["rows"]), list(grouped["errors"])
+        rows, errors = [_decided(values) for values in grouped["rows"]], list(grouped["errors"])
         if not listed:
-            for row in rows:
-                yield beam.pvalue.TaggedOutput(self.UNLISTED, row)
+            for values in grouped["rows"]:
+                yield _decided(values)["sha256"], values
             for row in errors:
                 yield beam.pvalue.TaggedOutput(self.ERRORS, row)
             return
@@ -267,7 +328,6 @@ class ReuseByListingFn(beam.DoFn):
             self._inputs.inc()  # the reading step counts the others
             self._reused.inc()
             self._by_listing.inc()
-            yield from rows
             for row in errors:
                 yield beam.pvalue.TaggedOutput(self.ERRORS, row)
             return
@@ -283,8 +343,8 @@ class ReuseByListingFn(beam.DoFn):
 
 class ReadAgainstEarlierFn(beam.DoFn):
     """A listed file the listing could not match -> its bytes, compared with its earlier rows by content. The same
-    content and labels: the rows stay with the new fingerprint (main), and so do its earlier error rows. Otherwise
-    the rows are marked superseded (main) and the file goes on to be decoded (FRESH: {entry, data, sha256}, the entry
+    content and labels: the rows stay with the new fingerprint (main: the changes, _change), and so do its earlier
+    error rows. Otherwise the rows are marked superseded (main) and the file goes on to be decoded (FRESH: {entry, data, sha256}, the entry
     carrying its earlier split), its content to the moved check (NEW_CONTENT). A listing or read failure is an error
     row (ERRORS); the file's rows then stay, as nothing is known of its content now."""
 
@@ -313,13 +373,11 @@ class ReadAgainstEarlierFn(beam.DoFn):
         self._inputs.inc()
         if entry.error:
             yield self._failure(entry.uri, "list", entry.error_type, entry.error)
-            yield from rows
             return
         try:
             data = sources.read_input(entry, self._max_file_mb)
         except imaging.ImageError as e:
             yield self._failure(entry.uri, "read", e.kind, str(e))
-            yield from rows
             return
         self._files.inc()
         self._bytes.inc(len(data))
@@ -327,14 +385,14 @@ class ReadAgainstEarlierFn(beam.DoFn):
         if rows and all(row["sha256"] == sha for row in rows) and entry_agrees(entry, rows, self._assume_upright):
             self._reused.inc()
             self._by_content.inc()
-            yield from (dict(row, fingerprint=entry.fingerprint) for row in rows)
+            yield from (_change(row, fingerprint=entry.fingerprint) for row in rows)
             for row in errors:
                 yield beam.pvalue.TaggedOutput(self.ERRORS, row)
             return
         if rows:
             self._changed.inc()
             self._superseded.inc(len(rows))
-        yield from (dict(row, superseded=True) for row in rows)
+        yield from (_change(row, superseded=True) for row in rows)
         split = entry.split or (rows[0]["split"] if rows else "")  # a file keeps its split when its content changes
         yield beam.pvalue.TaggedOutput(self.FRESH, {"entry": dataclasses.replace(entry, split=split), "data": data,
                                                     "sha256": sha})
@@ -343,7 +401,7 @@ class ReadAgainstEarlierFn(beam.DoFn):
 
 class SupersedeMovedFn(beam.DoFn):
     """sha256 -> {unlisted, fresh}: the rows of files not listed now whose content this run ingests at another uri
-    are marked superseded where their uri no longer exists (a moved file, trained once, at its new uri); a copy at a
+    are marked superseded (changes, _change) where their uri no longer exists (a moved file, trained once, at its new uri); a copy at a
     uri that still exists keeps its records. With `drop_removed` (--drop-removed), so are the rows of any file not
     listed whose uri no longer exists (deleted, taken down): the trainer stops reading them."""
 
@@ -355,7 +413,7 @@ class SupersedeMovedFn(beam.DoFn):
 
     def process(self, element):
         _, grouped = element
-        rows = list(grouped["unlisted"])
+        rows = [_decided(values) for values in grouped["unlisted"]]
         moved = bool(list(grouped["fresh"]))
         gone = set()
         if rows and (moved or self._drop_removed):
@@ -364,9 +422,7 @@ class SupersedeMovedFn(beam.DoFn):
         for row in rows:
             if row["source_uri"] in gone:
                 self._superseded.inc()
-                yield dict(row, superseded=True)
-            else:
-                yield row
+                yield _change(row, superseded=True)
 
 
 class JoinEarlier(beam.PTransform):
@@ -382,37 +438,41 @@ class JoinEarlier(beam.PTransform):
 
     def expand(self, entries) -> Dict[str, beam.PCollection]:
         earlier, pipeline = self._earlier, entries.pipeline
-        known = (pipeline
-                 | "ReadManifest" >> beam.io.ReadFromParquet(earlier.manifest, columns=list(earlier.manifest_columns))
-                 | "EarlierRows" >> beam.ParDo(_EarlierRowFn()).with_outputs(_EarlierRowFn.SUPERSEDED, main="current"))
+        groups = (pipeline
+                  | "Manifest" >> beam.Create([earlier.manifest])
+                  | "RowGroups" >> beam.FlatMap(_manifest_groups)
+                  | "SpreadRowGroups" >> beam.Reshuffle())
+        deciding = groups | "ReadDeciding" >> beam.ParDo(_DecidingRowsFn(earlier))
         if earlier.errors_columns:
             errors = pipeline | "ReadErrors" >> beam.io.ReadFromParquet(earlier.errors,
                                                                         columns=list(earlier.errors_columns))
         else:
             errors = pipeline | "NoErrors" >> beam.Create([])
         by_uri = ({"listed": entries | "ListedByUri" >> beam.Map(lambda entry: (entry.uri, entry.fields())),
-                   "rows": known.current | "RowsByUri" >> beam.Map(lambda row: (row["source_uri"], row)),
+                   "rows": deciding | "RowsByUri" >> beam.Map(lambda values: (values[0], values)),
                    "errors": errors | "ErrorsByUri" >> beam.Map(lambda row: (row["uri"], row))}
                   | "JoinByUri" >> beam.CoGroupByKey()
                   | "ReuseByListing" >> beam.ParDo(ReuseByListingFn(self._assume_upright)).with_outputs(
-                      ReuseByListingFn.TO_READ, ReuseByListingFn.UNLISTED, ReuseByListingFn.ERRORS, main="rows"))
+                      ReuseByListingFn.TO_READ, ReuseByListingFn.ERRORS, main="unlisted"))
         # The progress line counts the files read: those kept unread are not work.
         reader = ReadAgainstEarlierFn(self._assume_upright, self._max_file_mb)
         read = (by_uri[ReuseByListingFn.TO_READ]
                 | "Progress" >> ShowProgress("ingest")
                 | "ReadChanged" >> beam.ParDo(reader).with_outputs(
                     ReadAgainstEarlierFn.FRESH, ReadAgainstEarlierFn.NEW_CONTENT, ReadAgainstEarlierFn.ERRORS,
-                    main="rows"))
-        moved = ({"unlisted": by_uri[ReuseByListingFn.UNLISTED] | "UnlistedByContent" >> beam.Map(
-                     lambda row: (row["sha256"], row)),
-                  "fresh": read[ReadAgainstEarlierFn.NEW_CONTENT]}
+                    main="changes"))
+        moved = ({"unlisted": by_uri.unlisted, "fresh": read[ReadAgainstEarlierFn.NEW_CONTENT]}
                  | "JoinMoved" >> beam.CoGroupByKey()
                  | "SupersedeMoved" >> beam.ParDo(SupersedeMovedFn(self._drop_removed)))
-        # Tuples of PCollections, written part by part (pipelines.tables.WriteTable: a Flatten would make the
-        # DirectRunner hold every row in its launcher).
-        rows = (by_uri.rows, read.rows, moved, known[_EarlierRowFn.SUPERSEDED])
+        # Every row group of the manifest is read once more, whole, with the changes the joins decided: the
+        # manifest's rows stream into its part files (a Flatten before the writer would make the DirectRunner hold
+        # every row in its launcher), and only changes cross a shuffle.
+        changes = (read.changes, moved) | "AllChanges" >> beam.Flatten()
+        rows = ({"group": groups | "EveryGroup" >> beam.Map(lambda group: (group, None)), "changes": changes}
+                | "JoinChanges" >> beam.CoGroupByKey()
+                | "RewriteManifest" >> beam.ParDo(_RewriteGroupFn(earlier)))
         kept_errors = (by_uri[ReuseByListingFn.ERRORS], read[ReadAgainstEarlierFn.ERRORS])
-        return {"fresh": read[ReadAgainstEarlierFn.FRESH], "rows": rows, "errors": kept_errors}
+        return {"fresh": read[ReadAgainstEarlierFn.FRESH], "rows": (rows,), "errors": kept_errors}
 
 
 def table_counts(output: str) -> dict:

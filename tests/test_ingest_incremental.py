@@ -101,8 +101,8 @@ def test_an_unchanged_archive_appends_nothing_and_opens_no_file(first_run, monke
     from_join = {name for name in producers if name.startswith("Ingest/JoinEarlier/")}
     assert from_join and all("/Progress/" in name for name in from_join), from_join
     names = {t.unique_name for t in graphs[0].components.transforms.values()}
-    assert {"Ingest/JoinEarlier/ReadManifest", "Ingest/JoinEarlier/JoinByUri",
-            "Ingest/JoinEarlier/JoinMoved"} <= names
+    assert {"Ingest/JoinEarlier/ReadDeciding", "Ingest/JoinEarlier/JoinByUri", "Ingest/JoinEarlier/JoinMoved",
+            "Ingest/JoinEarlier/RewriteManifest"} <= names
     # The kept rows stream into the manifest's part files; the listing crosses one shuffle, the join's.
     assert flattens_before_writers(graphs[0], "Manifest") == set()
     assert not any(name.startswith("Ingest/Distribute") for name in names)
@@ -136,8 +136,16 @@ def test_new_files_go_into_shards_of_their_own_and_the_trainer_reads_every_recor
     assert sum(split_counts(output).values()) == 8
 
 
-def test_a_changed_file_supersedes_its_record_keeps_its_split_and_a_touched_one_is_kept(first_run, monkeypatch):
+@pytest.mark.parametrize("row_group", [None, 2])
+def test_a_changed_file_supersedes_its_record_keeps_its_split_and_a_touched_one_is_kept(first_run, monkeypatch,
+                                                                                        row_group):
+    """The joins name each row by its row group and row, and the manifest is rewritten a row group at a time: also
+    for a manifest in row groups of two rows."""
     archive, paths, output = first_run
+    if row_group:
+        manifest = os.path.join(output, "manifest.parquet")
+        pq.write_table(pq.read_table(manifest), manifest, row_group_size=row_group)  # its footer's tag kept
+        assert pq.ParquetFile(manifest).num_row_groups == 3
     before = {r["source_uri"]: r for r in manifest_rows(output)}
     changed, touched = paths["p0"], paths["d1"]
     old_split = before[changed]["split"]
