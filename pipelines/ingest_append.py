@@ -10,13 +10,14 @@ already holds from the listing before a byte is read, by keyed joins inside the 
             else: its rows are marked superseded, and the file is decoded into new records, in its earlier split
     new content --sha256--> JoinMoved <-- the rows of the files not listed now
         an earlier uri holding that content that no longer exists (a moved file): its rows are marked superseded
-    every row group of the manifest --(row group)--> RewriteManifest <-- the changes the joins decided, by position
-        the row group read once more, whole, its rows changed where decided: the new manifest's rows
+    every span of the manifest's row groups --(first group)--> RewriteManifest <-- the changes the joins decided
+        the span read once more, whole, its rows changed where decided: the new manifest's rows
 
 The joins carry the few columns that decide (ReadDeciding), not whole rows: what crosses them is a change to a row
 (a new fingerprint, or superseded), named by its row group and row, and only for the rows that change. An unchanged
-archive's append so shuffles no manifest row at all after the join by uri, and the manifest is rewritten a row group
-at a time.
+archive's append so shuffles no manifest row at all after the join by uri. The manifest is read a span of row groups
+at a time (pipelines.tables.span_rows), and a manifest rewritten by another job while this one runs stops it
+(TableChanged).
 
 The content sha256 stays the records' identity (their split is a hash of it); the listing fingerprint only decides
 what need not be read. Content already in the set at a uri that still exists (a copy) becomes records of its own, as
@@ -40,7 +41,9 @@ from apache_beam.metrics import Metrics
 
 from pipelines import imaging, schema, sources
 from pipelines.progress import ShowProgress
-from pipelines.tables import ERRORS_SCHEMA, MANIFEST_SCHEMA, error_row, failure_stands, parquet_batches
+from pipelines.tables import (ERRORS_SCHEMA, MANIFEST_SCHEMA, ListedFile, TableChanged,
+                              check_unchanged, error_row, failure_stands, listed_files, parquet_batches,
+                              row_group_spans, span_of, span_rows)
 
 LOG = logging.getLogger("archive_vision.ingest")
 COUNTER_NAMESPACE = "ingest"  # the ingest job's counters (pipelines.ingest)
@@ -75,6 +78,7 @@ class EarlierRun:
     options: Dict[str, object]  # the record options the set was made with (RECORD_OPTIONS)
     manifest_columns: Tuple[str, ...]
     errors_columns: Tuple[str, ...]  # of its errors.parquet (none: there is none; no fingerprint: written before it)
+    manifest_file: Optional[ListedFile] = None  # as listed at launch: the joins name its rows by position
 
     @property
     def manifest(self) -> str:
@@ -157,7 +161,7 @@ def prepare_append(output: str, present: Dict[str, int]) -> Optional[EarlierRun]
     tag_number = max([_tag_number(name) for name in present] + [_tag_number(run_tag)]) + 1
     return EarlierRun(output=output, tag=f"a{tag_number:04d}", classes=classes, pinned=bool(options.get("classes")),
                       options=options, manifest_columns=tuple(c for c in MANIFEST_SCHEMA.names if c in columns),
-                      errors_columns=_errors_columns(output))
+                      errors_columns=_errors_columns(output), manifest_file=listed_files(manifest)[0])
 
 
 def _comparable(value):
@@ -239,60 +243,62 @@ def _decided(values: tuple) -> dict:
     return dict(zip(DECIDING + ("at",), values))
 
 
-def _manifest_groups(path: str) -> List[int]:
-    import pyarrow.parquet as pq
-
-    with FileSystems.open(path) as handle:
-        return list(range(pq.ParquetFile(handle).num_row_groups))
+def _manifest_spans(earlier: EarlierRun) -> List[Tuple[int, int]]:
+    return row_group_spans(check_unchanged(earlier.manifest_file))
 
 
-def _group_table(path: str, group: int, columns: Sequence[str]):
-    import pyarrow.parquet as pq
-
-    with FileSystems.open(path) as handle:
-        return pq.ParquetFile(handle).read_row_group(group, columns=list(columns))
+def _manifest_rows(earlier: EarlierRun, first: int, end: int, columns: Sequence[str]):
+    """(row group, row, the row) of the manifest's row groups first..end-1 (pipelines.tables.span_rows)."""
+    return span_rows(check_unchanged(earlier.manifest_file), first, end, columns)
 
 
 class _DecidingRowsFn(beam.DoFn):
-    """A manifest row group -> the deciding tuple of each of its current rows (those superseded before are untouched
-    by this run: RewriteManifest copies them as they are)."""
+    """A span of manifest row groups (first, end) -> the deciding tuple of each of its current rows (those superseded
+    before are untouched by this run: RewriteManifest copies them as they are)."""
 
     def __init__(self, earlier: EarlierRun):
         self._earlier = earlier
         self._rows = Metrics.counter(COUNTER_NAMESPACE, "known_rows")
 
-    def process(self, group: int):
+    def process(self, span: Tuple[int, int]):
         columns = [c for c in DECIDING + ("superseded",) if c in self._earlier.manifest_columns]
-        for position, row in enumerate(_group_table(self._earlier.manifest, group, columns).to_pylist()):
+        for group, position, row in _manifest_rows(self._earlier, *span, columns):
             self._rows.inc()
             if not row.get("superseded"):
                 yield _deciding(row, (group, position))
 
 
-def _change(row: dict, **change) -> Tuple[int, Tuple[int, dict]]:
-    """A change the joins decided for one manifest row, keyed by its row group: (group, (row, {column: value}))."""
+def _change(row: dict, **change) -> Tuple[int, Tuple[int, int, dict]]:
+    """A change the joins decided for one manifest row, keyed by its span: (span, (row group, row, {column: value}))."""
     group, position = row["at"]
-    return group, (position, change)
+    return span_of(group), (group, position, change)
 
 
-class _RewriteGroupFn(beam.DoFn):
-    """(row group, {group, changes}) -> every row of that manifest row group (every column; older manifests gain the
-    columns added since), with the changes the joins decided applied."""
+class _RewriteSpanFn(beam.DoFn):
+    """(span's first row group, {end, changes}) -> every row of those manifest row groups (every column; older
+    manifests gain the columns added since), with the changes the joins decided applied."""
 
     def __init__(self, earlier: EarlierRun):
         self._earlier = earlier
 
     def process(self, element):
-        group, grouped = element
-        changes: Dict[int, dict] = {}
-        for position, change in grouped["changes"]:
-            changes.setdefault(position, {}).update(change)
-        for position, row in enumerate(_group_table(self._earlier.manifest, group,
-                                                    self._earlier.manifest_columns).to_pylist()):
-            out = {name: row.get(name, ADDED_COLUMNS.get(name)) for name in MANIFEST_SCHEMA.names}
-            out["fingerprint"] = out["fingerprint"] or ""
-            out.update(changes.get(position, {}))
-            yield out
+        first, grouped = element
+        changes: Dict[Tuple[int, int], dict] = {}
+        for group, position, change in grouped["changes"]:
+            changes.setdefault((group, position), {}).update(change)
+        applied = 0
+        for end in grouped["end"]:
+            for group, position, row in _manifest_rows(self._earlier, first, end, self._earlier.manifest_columns):
+                out = {name: row.get(name, ADDED_COLUMNS.get(name)) for name in MANIFEST_SCHEMA.names}
+                out["fingerprint"] = out["fingerprint"] or ""
+                change = changes.get((group, position))
+                if change:
+                    out.update(change)
+                    applied += 1
+                yield out
+        if applied != len(changes):
+            raise TableChanged(f"{self._earlier.manifest}: {len(changes) - applied} of the rows this append changes "
+                               f"are not there now")
 
 
 class ReuseByListingFn(beam.DoFn):
@@ -344,9 +350,9 @@ class ReuseByListingFn(beam.DoFn):
 class ReadAgainstEarlierFn(beam.DoFn):
     """A listed file the listing could not match -> its bytes, compared with its earlier rows by content. The same
     content and labels: the rows stay with the new fingerprint (main: the changes, _change), and so do its earlier
-    error rows. Otherwise the rows are marked superseded (main) and the file goes on to be decoded (FRESH: {entry, data, sha256}, the entry
-    carrying its earlier split), its content to the moved check (NEW_CONTENT). A listing or read failure is an error
-    row (ERRORS); the file's rows then stay, as nothing is known of its content now."""
+    error rows. Otherwise the rows are marked superseded (main) and the file goes on to be decoded (FRESH: {entry,
+    data, sha256}, the entry carrying its earlier split), its content to the moved check (NEW_CONTENT). A listing or
+    read failure is an error row (ERRORS); the file's rows then stay, as nothing is known of its content now."""
 
     FRESH, NEW_CONTENT, ERRORS = "fresh", "new_content", "errors"
 
@@ -401,9 +407,9 @@ class ReadAgainstEarlierFn(beam.DoFn):
 
 class SupersedeMovedFn(beam.DoFn):
     """sha256 -> {unlisted, fresh}: the rows of files not listed now whose content this run ingests at another uri
-    are marked superseded (changes, _change) where their uri no longer exists (a moved file, trained once, at its new uri); a copy at a
-    uri that still exists keeps its records. With `drop_removed` (--drop-removed), so are the rows of any file not
-    listed whose uri no longer exists (deleted, taken down): the trainer stops reading them."""
+    are marked superseded (changes, _change) where their uri no longer exists (a moved file, trained once, at its
+    new uri); a copy at a uri that still exists keeps its records. With `drop_removed` (--drop-removed), so are the
+    rows of any file not listed whose uri no longer exists (deleted, taken down): the trainer stops reading them."""
 
     def __init__(self, drop_removed: bool = False):
         self._drop_removed = drop_removed
@@ -438,11 +444,11 @@ class JoinEarlier(beam.PTransform):
 
     def expand(self, entries) -> Dict[str, beam.PCollection]:
         earlier, pipeline = self._earlier, entries.pipeline
-        groups = (pipeline
-                  | "Manifest" >> beam.Create([earlier.manifest])
-                  | "RowGroups" >> beam.FlatMap(_manifest_groups)
-                  | "SpreadRowGroups" >> beam.Reshuffle())
-        deciding = groups | "ReadDeciding" >> beam.ParDo(_DecidingRowsFn(earlier))
+        spans = (pipeline
+                 | "Manifest" >> beam.Create([earlier])
+                 | "Spans" >> beam.FlatMap(_manifest_spans)
+                 | "SpreadSpans" >> beam.Reshuffle())
+        deciding = spans | "ReadDeciding" >> beam.ParDo(_DecidingRowsFn(earlier))
         if earlier.errors_columns:
             errors = pipeline | "ReadErrors" >> beam.io.ReadFromParquet(earlier.errors,
                                                                         columns=list(earlier.errors_columns))
@@ -464,13 +470,13 @@ class JoinEarlier(beam.PTransform):
         moved = ({"unlisted": by_uri.unlisted, "fresh": read[ReadAgainstEarlierFn.NEW_CONTENT]}
                  | "JoinMoved" >> beam.CoGroupByKey()
                  | "SupersedeMoved" >> beam.ParDo(SupersedeMovedFn(self._drop_removed)))
-        # Every row group of the manifest is read once more, whole, with the changes the joins decided: the
+        # Every span of the manifest is read once more, whole, with the changes the joins decided: the
         # manifest's rows stream into its part files (a Flatten before the writer would make the DirectRunner hold
         # every row in its launcher), and only changes cross a shuffle.
         changes = (read.changes, moved) | "AllChanges" >> beam.Flatten()
-        rows = ({"group": groups | "EveryGroup" >> beam.Map(lambda group: (group, None)), "changes": changes}
+        rows = ({"end": spans, "changes": changes}  # spans: (first, end), keyed by their first row group
                 | "JoinChanges" >> beam.CoGroupByKey()
-                | "RewriteManifest" >> beam.ParDo(_RewriteGroupFn(earlier)))
+                | "RewriteManifest" >> beam.ParDo(_RewriteSpanFn(earlier)))
         kept_errors = (by_uri[ReuseByListingFn.ERRORS], read[ReadAgainstEarlierFn.ERRORS])
         return {"fresh": read[ReadAgainstEarlierFn.FRESH], "rows": (rows,), "errors": kept_errors}
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 import uuid
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import pyarrow as pa
@@ -29,8 +29,8 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 
 # One row per failure. `fingerprint`: the failed file's listing fingerprint when the whole file failed for a defect of
-# its bytes (imaging.CONTENT_DEFECTS; "" otherwise): an incremental run (score --skip-known, ingest --append) keeps such a row
-# for a file listed again with the same fingerprint, unread (tables written before the column keep none).
+# its bytes (imaging.CONTENT_DEFECTS; "" otherwise): an incremental run (score --skip-known, ingest --append) keeps
+# such a row for a file listed again with the same fingerprint, unread (tables written before the column keep none).
 ERRORS_SCHEMA = pa.schema([
     ("uri", pa.string()), ("page", pa.int64()), ("stage", pa.string()), ("error_type", pa.string()),
     ("message", pa.string()), ("sha256", pa.string()), ("fingerprint", pa.string()),
@@ -62,9 +62,9 @@ def failure_stands(row: dict, fingerprint: str) -> bool:
 # that agreed (null: not turned), and the text-crop evidence (1: counted, 0: read and not counted, null: not read).
 # `text_lines` stays for tables written before text lines left score (always null now). `corrected_orientation`: a
 # person's answer (score --corrections; decision `corrected`), -1 for no up / not an image, null where none.
-# `fingerprint` is the file's listing fingerprint (pipelines.sources.SourceEntry) when it was scored or reused: a later --skip-known run reuses
-# the rows of a file listed again at the same uri with the same fingerprint without reading it (tables written
-# before the column, or files listed without one, are matched by sha256, read).
+# `fingerprint` is the file's listing fingerprint (pipelines.sources.SourceEntry) when it was scored or reused: a
+# later --skip-known run reuses the rows of a file listed again at the same uri with the same fingerprint without
+# reading it (tables written before the column, or files listed without one, are matched by sha256, read).
 RESULTS_SCHEMA = pa.schema([
     ("uri", pa.string()), ("page", pa.int64()), ("sha256", pa.string()), ("fingerprint", pa.string()),
     ("format", pa.string()),
@@ -92,6 +92,83 @@ def parquet_batches(handle, batch_size: int = ROWS_PER_BATCH, columns=None, pres
     if present_only and columns is not None:
         columns = [c for c in columns if c in parquet.schema_arrow.names]
     return parquet.iter_batches(batch_size=batch_size, columns=columns)
+
+
+class ListedFile(NamedTuple):
+    """A table file as it was listed when a run was built. Runs that name its rows by position (score --skip-known,
+    ingest --append) read it several times, so it must not change until they end (check_unchanged)."""
+
+    path: str
+    size: int
+    updated: float  # its last update, in seconds, as Beam's FileSystems.match gives it
+
+    @property
+    def is_csv(self) -> bool:
+        return self.path.lower().endswith(".csv")
+
+
+class TableChanged(RuntimeError):
+    """A table changed while a run read it (another job rewrote it): the positions the run holds name other rows."""
+
+
+def listed_files(pattern: str) -> List[ListedFile]:
+    """Every file `pattern` matches, with its size and update time, in path order."""
+    return sorted(ListedFile(m.path, m.size_in_bytes, m.last_updated_in_seconds)
+                  for m in FileSystems.match([pattern])[0].metadata_list)
+
+
+def check_unchanged(file: ListedFile) -> str:
+    """The file's path, once its size and update time are still those it was listed with (else TableChanged)."""
+    listed = FileSystems.match([file.path])[0].metadata_list
+    now = (listed[0].size_in_bytes, listed[0].last_updated_in_seconds) if listed else None
+    if now != (file.size, file.updated):
+        raise TableChanged(f"{file.path} changed during the run (size, updated: {(file.size, file.updated)} -> {now});"
+                           f" run again once nothing rewrites it")
+    return file.path
+
+
+# Row groups one worker reads in one open of a Parquet file, forward: a file on GCS opened for each row group would
+# fetch a 16 MB chunk (Beam's GCS reader) and parse the whole footer (about 2 KB a row group) every time.
+GROUPS_PER_SPAN = 32
+
+
+def row_group_spans(path: str) -> List[Tuple[int, int]]:
+    """(first, end) of each span of GROUPS_PER_SPAN consecutive row groups of a Parquet file (footer read only)."""
+    with FileSystems.open(path) as handle:
+        count = pq.ParquetFile(handle).num_row_groups
+    return [(first, min(first + GROUPS_PER_SPAN, count)) for first in range(0, count, GROUPS_PER_SPAN)]
+
+
+def span_of(group: int) -> int:
+    """The first row group of the span holding `group`."""
+    return group - group % GROUPS_PER_SPAN
+
+
+def span_rows(path: str, first: int, end: int, columns, wanted: Optional[Dict[int, List[int]]] = None
+              ) -> Iterator[Tuple[int, int, dict]]:
+    """(row group, row, the row) of the rows (only `columns`) of row groups first..end-1 of a Parquet file, in order:
+    one open, read forward a batch at a time (a row group of a million rows too). With `wanted` ({row group: rows,
+    ascending}), only those rows, of only those groups, become Python rows."""
+    import bisect
+
+    with FileSystems.open(path) as handle:
+        parquet = pq.ParquetFile(handle, pre_buffer=False)
+        for group in range(first, end):
+            rows = None if wanted is None else wanted.get(group)
+            if wanted is not None and not rows:
+                continue
+            start = 0
+            for batch in parquet.iter_batches(batch_size=ROWS_PER_BATCH, row_groups=[group], columns=list(columns)):
+                if rows is None:
+                    for offset, row in enumerate(batch.to_pylist()):
+                        yield group, start + offset, row
+                else:
+                    taken = rows[bisect.bisect_left(rows, start):bisect.bisect_left(rows, start + batch.num_rows)]
+                    if taken:
+                        for position, row in zip(taken, batch.take(pa.array([p - start for p in taken],
+                                                                            pa.int64())).to_pylist()):
+                            yield group, position, row
+                start += batch.num_rows
 
 
 def add_value_counts(into: Dict[str, int], column) -> None:

@@ -179,6 +179,7 @@ def test_a_changed_file_supersedes_its_record_keeps_its_split_and_a_touched_one_
     again = run_ingest(archive, output, "--append")
     assert opened.paths == [] and again["counts"]["inputs_reused_by_listing"] == 6
     assert again["shard_tag"] == "a0002" and trained_records(output) == trained
+    assert again["counts"]["superseded_records"] == 1  # the row superseded before is rewritten as it was
 
 
 def test_a_moved_file_is_trained_once_and_a_copy_is_a_record_of_its_own(first_run):

@@ -136,7 +136,7 @@ def test_an_unchanged_archive_is_reused_whole_without_opening_a_file(tmp_path, m
     assert (counts["known_rows_by_listing"], counts["known_rows_by_content"]) == (3, 0)
     names = {t.unique_name for t in graphs[0].components.transforms.values()}
     assert {"ScoreArchive/Known/References", "ScoreArchive/JoinByListing", "ScoreArchive/JoinByContent",
-            "ScoreArchive/ReusedRows/GroupByRowGroup"} <= names
+            "ScoreArchive/ReusedRows/GroupBySpan"} <= names
     # The reused rows stream into the results' part files; the listing crosses one shuffle, the join's.
     assert flattens_before_writers(graphs[0], "Results") == set()
     assert not any(name.startswith("ScoreArchive/Distribute") for name in names)
@@ -241,22 +241,46 @@ def test_the_key_filter_holds_every_key_and_lets_few_others_through():
 def test_a_known_table_rewritten_during_the_run_stops_it_instead_of_copying_other_rows(tmp_path, first_run):
     """The references name rows by position: a table rewritten between the joins and the copy (another job's
     write) would hand a file another file's row, so the run stops and says why."""
-    from pipelines.score.known import KnownTableChanged, _FetchRowsFn, check_unchanged, inspect_known, pack_ref
+    from pipelines.score.known import _FetchRowsFn, inspect_known, pack_ref
+    from pipelines.tables import TableChanged, check_unchanged
 
     _, known = first_run
     table = inspect_known(known)
     model = score.ModelInfo("archive_vision", 3)
     rows = pq.read_table(known)
     fetch = _FetchRowsFn(table, model)
-    assert [r["sha256"] for r in fetch.process(((0, 0), [(1, 0, "", "")]))] == [rows.column("sha256")[1].as_py()]
-    with pytest.raises(KnownTableChanged, match="not the row this run joined"):
-        list(fetch.process(((0, 0), [(1, 2, "", "")])))  # the reference said page 2
+    asked = [(0, 1, 0, "", "")]  # (row group, row, page, uri, fingerprint)
+    assert [r["sha256"] for r in fetch.process(((0, 0), asked))] == [rows.column("sha256")[1].as_py()]
+    with pytest.raises(TableChanged, match="not the row this run joined"):
+        list(fetch.process(((0, 0), [(0, 1, 2, "", "")])))  # the reference said page 2
+    with pytest.raises(TableChanged, match="not there now"):
+        list(fetch.process(((0, 0), [(0, 99, 0, "", "")])))
     pq.write_table(rows.slice(0, 2), known)  # rewritten since the run was built
-    with pytest.raises(KnownTableChanged, match="changed during the run"):
+    with pytest.raises(TableChanged, match="changed during the run"):
         check_unchanged(table.files[0])
-    with pytest.raises(KnownTableChanged):
-        list(fetch.process(((0, 0), [(2, 0, "", "")])))
+    with pytest.raises(TableChanged):
+        list(fetch.process(((0, 0), [(0, 2, 0, "", "")])))
     assert pack_ref(1, 0, -1, 5) > pack_ref(0, 7, 3, 9)  # references sort by page first
+
+
+def test_a_table_is_read_in_spans_of_row_groups_each_row_named_by_its_group_and_place(tmp_path):
+    """span_rows: every row once, named (row group, row), across spans of GROUPS_PER_SPAN groups and across the
+    batches of a row group larger than one batch; with `wanted`, exactly those rows."""
+    from pipelines.tables import GROUPS_PER_SPAN, ROWS_PER_BATCH, row_group_spans, span_of, span_rows
+
+    many, big = str(tmp_path / "many.parquet"), str(tmp_path / "big.parquet")
+    rows = 5000
+    table = pa.table({"n": list(range(rows)), "s": [f"row {i}" for i in range(rows)]})
+    pq.write_table(table, many, row_group_size=100)  # 50 row groups: two spans
+    pq.write_table(table, big, row_group_size=rows)  # one row group, three batches
+    spans = row_group_spans(many)
+    assert spans == [(0, GROUPS_PER_SPAN), (GROUPS_PER_SPAN, 50)] and span_of(40) == GROUPS_PER_SPAN
+    read = [(g, p, r["n"]) for first, end in spans for g, p, r in span_rows(many, first, end, ["n"])]
+    assert read == [(i // 100, i % 100, i) for i in range(rows)]
+    assert [(g, p, r["n"]) for g, p, r in span_rows(big, 0, 1, ["n"])] == [(0, i, i) for i in range(rows)]
+    edges = [0, ROWS_PER_BATCH - 1, ROWS_PER_BATCH, rows - 1]
+    assert [(p, r["s"]) for _, p, r in span_rows(big, 0, 1, ["s"], {0: edges})] == [(i, f"row {i}") for i in edges]
+    assert [r["n"] for _, _, r in span_rows(many, 32, 50, ["n"], {40: [7], 33: [0, 99]})] == [3300, 3399, 4007]
 
 
 def test_results_of_another_model_version_reuse_nothing(tmp_path, model_bases, first_run):

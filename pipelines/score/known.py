@@ -5,16 +5,17 @@
         unmatched --> read and hashed --sha256--> JoinByContent <-- earlier rows whose content may have been read
             matched: copied too (a touched, moved or copied file whose content was scored)
             unmatched: decoded and scored
-    copied rows: (table file, row group) --> GroupByRowGroup --> each row group read once, its chosen rows copied
+    copied rows: (table file, span of row groups) --> GroupBySpan --> each span read once, its chosen rows copied
 
 The joins carry references, not rows: an earlier row crosses them as its key (a 16-byte digest of its uri and
-fingerprint, or its sha256) and one int packing its page and where it is (file, row group, row). Only the rows chosen
-are read again, a row group at a time (FetchKnownRows). And only the earlier rows whose key this run may hold cross a
-join at all: a Bloom filter of the run's own keys (KeyFilter: the listing's, then the contents read) filters them as
-they are read. The shuffles so hold tens of bytes for each earlier row of a file listed now, and nothing for the rows
-of files gone (the DirectRunner holds a shuffle in memory, its values decoded; Dataflow's is on disk).
+fingerprint, or its sha256) and 20 bytes naming its page and where it is (file, row group, row). Only the rows chosen
+are read again, a span of row groups at a time (FetchKnownRows). And only the earlier rows whose key this run may
+hold cross a join at all: a Bloom filter of the run's own keys (KeyFilter: the listing's, then the contents read)
+filters them as they are read. The shuffles so hold tens of bytes for each earlier row of a file listed now, and
+nothing for the rows of files gone (the DirectRunner holds a shuffle in memory, its values decoded; Dataflow's is on
+disk). A table file rewritten while the run reads it stops the run (pipelines.tables.TableChanged).
 
-The earlier table is read by the workers, a row group at a time (a CSV streamed in blocks), so nothing in the
+The earlier table is read by the workers, a span of row groups at a time (a CSV streamed in blocks), so nothing in the
 launcher grows with it: the launcher reads its schema only (inspect_known), to know whether it is a results table
 (rows of this model name and version are reused) or an ingest manifest (its files become `skipped` rows). A table
 written before the fingerprint column joins by sha256 only.
@@ -24,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import struct
-from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -32,7 +33,8 @@ from apache_beam.metrics import Metrics
 
 from pipelines.sources import SourceEntry
 from pipelines.score.options import COUNTER_NAMESPACE, SKIPPED, ModelInfo
-from pipelines.tables import ERRORS_SCHEMA, RESULTS_SCHEMA, failure_stands
+from pipelines.tables import (ERRORS_SCHEMA, GROUPS_PER_SPAN, RESULTS_SCHEMA, ListedFile, TableChanged, check_unchanged,
+                              failure_stands, listed_files, row_group_spans, span_of, span_rows)
 from pipelines.score.review import CORRECTED
 from serving.policy import DECISIONS
 
@@ -49,33 +51,6 @@ MANIFEST_COLUMNS = ("source_uri", "uri", "page", "sha256", "fingerprint", "forma
 LIST_COLUMNS = ("class_probabilities", "orientation_probabilities")  # results.csv writes them as `p0;p1;...`
 
 
-class KnownFile(NamedTuple):
-    """One table file of --skip-known as it was listed when the run was built: the references name rows in it by
-    position, so it must not change until the run ends (check_unchanged)."""
-
-    path: str
-    size: int
-    updated: float  # its last update, in seconds, as Beam's FileSystems.match gives it
-
-    @property
-    def is_csv(self) -> bool:
-        return self.path.lower().endswith(".csv")
-
-
-class KnownTableChanged(RuntimeError):
-    """A --skip-known table changed while the run read it (a job rewrote it): its references name other rows now."""
-
-
-def check_unchanged(file: KnownFile) -> str:
-    """The file's path, once its size and update time are still those it was listed with."""
-    listed = FileSystems.match([file.path])[0].metadata_list
-    now = (listed[0].size_in_bytes, listed[0].last_updated_in_seconds) if listed else None
-    if now != (file.size, file.updated):
-        raise KnownTableChanged(f"--skip-known {file.path} changed during the run (size, updated: "
-                                f"{(file.size, file.updated)} -> {now}); run again once nothing rewrites it")
-    return file.path
-
-
 @dataclasses.dataclass(frozen=True)
 class KnownTable:
     """An earlier table given to --skip-known: where it is, what it is, and the columns a run reads of it."""
@@ -84,7 +59,7 @@ class KnownTable:
     kind: str  # RESULTS or MANIFEST
     columns: Tuple[str, ...]
     errors: Tuple[str, ...] = ()  # the errors.parquet beside each results table, where it records fingerprints
-    files: Tuple[KnownFile, ...] = ()  # every file `path` matched when the run was built: references name its index
+    files: Tuple[ListedFile, ...] = ()  # every file `path` matched when the run was built: references name its index
 
 
 def _columns_of(path: str) -> List[str]:
@@ -100,8 +75,7 @@ def _columns_of(path: str) -> List[str]:
 
 def inspect_known(path: str) -> KnownTable:
     """What --skip-known names (launcher side: schemas only, never rows)."""
-    files = sorted(KnownFile(m.path, m.size_in_bytes, m.last_updated_in_seconds)
-                   for m in FileSystems.match([path])[0].metadata_list)
+    files = listed_files(path)
     matched = [f.path for f in files]
     if not matched:
         raise FileNotFoundError(f"--skip-known {path}: no such file")
@@ -224,46 +198,33 @@ def _csv_rows(path: str, columns: Tuple[str, ...]) -> Iterable[dict]:
             yield from batch.to_pylist()
 
 
-def _row_groups(index: int, table: KnownTable) -> Iterable[Tuple[int, int]]:
-    """(file index, row group) of each row group of one table file; a CSV is one group, -1."""
-    import pyarrow.parquet as pq
-
+def _spans(index: int, table: KnownTable) -> Iterable[Tuple[int, int, int]]:
+    """(file index, first row group, end) of each span of a table file's row groups (pipelines.tables.span_rows); a
+    CSV is one span, (index, -1, 0)."""
     file = table.files[index]
     if file.is_csv:
-        yield index, -1
+        yield index, -1, 0
         return
-    with FileSystems.open(check_unchanged(file)) as handle:
-        for group in range(pq.ParquetFile(handle).num_row_groups):
-            yield index, group
+    for first, end in row_group_spans(check_unchanged(file)):
+        yield index, first, end
 
 
-def _group_rows(path: str, group: int, columns: Tuple[str, ...]) -> Iterable[dict]:
-    """The rows (only `columns`) of one row group of a table file, in order; of a CSV (group -1), all of them."""
-    import pyarrow.parquet as pq
-
-    if group < 0:
-        yield from _csv_rows(path, columns)
+def _rows(table: KnownTable, span: Tuple[int, int, int], columns: Tuple[str, ...],
+          wanted: Optional[Dict[int, List[int]]] = None) -> Iterable[Tuple[int, int, dict]]:
+    """(row group, row, the row) of a span's rows, as pipelines.tables.span_rows gives them; a CSV's rows are group
+    -1's, counted from its first row (with `wanted`, read only up to the last row wanted)."""
+    index, first, end = span
+    path = check_unchanged(table.files[index])
+    if first >= 0:
+        yield from span_rows(path, first, end, columns, wanted)
         return
-    with FileSystems.open(path) as handle:
-        yield from pq.ParquetFile(handle).read_row_group(group, columns=list(columns)).to_pylist()
-
-
-def _rows_at(path: str, group: int, positions: List[int], columns: Tuple[str, ...]) -> List[dict]:
-    """The rows at `positions` (ascending) of one row group of a table file: of a Parquet row group, only those rows
-    become Python rows; a CSV is read up to the last of them."""
-    import pyarrow.parquet as pq
-
-    if group < 0:
-        wanted, rows = set(positions), []
-        for position, row in enumerate(_csv_rows(path, columns)):
-            if position in wanted:
-                rows.append(row)
-            if position >= positions[-1]:
-                break
-        return rows
-    with FileSystems.open(path) as handle:
-        table = pq.ParquetFile(handle).read_row_group(group, columns=list(columns))
-    return table.take(positions).to_pylist() if positions[-1] < table.num_rows else []
+    rows = None if wanted is None else set(wanted.get(-1, ()))
+    last = max(rows) if rows else -1
+    for position, row in enumerate(_csv_rows(path, columns)):
+        if rows is None or position in rows:
+            yield -1, position, row
+        if rows is not None and position >= last:
+            return
 
 
 def _key_columns(table: KnownTable) -> Tuple[str, ...]:
@@ -274,8 +235,8 @@ def _key_columns(table: KnownTable) -> Tuple[str, ...]:
 
 
 class _KnownRefsFn(beam.DoFn):
-    """(file index, row group) -> (join key, reference) of each of its rows that may be reused (with a sha256) and
-    whose key this run may hold (`keys`: a KeyFilter of the keys of this run's side of the join)."""
+    """A span of a table file (_spans) -> (join key, reference) of each of its rows that may be reused (with a
+    sha256) and whose key this run may hold (`keys`: a KeyFilter of the keys of this run's side of the join)."""
 
     def __init__(self, table: KnownTable, model: ModelInfo, join: str):
         self._table = table
@@ -284,10 +245,9 @@ class _KnownRefsFn(beam.DoFn):
         self._known = Metrics.counter(COUNTER_NAMESPACE, "known_rows") if join == LISTING else None
         self._joined = Metrics.counter(COUNTER_NAMESPACE, f"known_rows_by_{join}")
 
-    def process(self, group: Tuple[int, int], keys: bytes):
-        index, number = group
-        path = check_unchanged(self._table.files[index])
-        for position, row in enumerate(_group_rows(path, number, _key_columns(self._table))):
+    def process(self, span: Tuple[int, int, int], keys: bytes):
+        index = span[0]
+        for group, position, row in _rows(self._table, span, _key_columns(self._table)):
             if not (row.get("sha256") and reusable(row, self._table, self._model)):
                 continue
             if self._known:
@@ -295,14 +255,14 @@ class _KnownRefsFn(beam.DoFn):
             key = join_key(row, self._table, self._join)
             if key is not None and may_hold(keys, key):
                 self._joined.inc()
-                yield key, pack_ref(int(row.get("page") or 0), index, number, position)
+                yield key, pack_ref(int(row.get("page") or 0), index, group, position)
 
 
 class ReadKnown(beam.PTransform):
     """pbegin -> (join key, reference) of the reusable rows of the earlier table (results rows of this model version,
     or manifest rows that become `skipped` rows) for one join (LISTING or CONTENT), of those whose key may be among
-    `keys` (a KeyFilter of this run's keys for that join, as a PCollection of one). Key columns only, read a row
-    group at a time by the workers (the row groups are spread over them)."""
+    `keys` (a KeyFilter of this run's keys for that join, as a PCollection of one). Key columns only, read by the
+    workers a span of row groups at a time (the spans are spread over them)."""
 
     def __init__(self, table: KnownTable, model: ModelInfo, join: str, keys):
         super().__init__()
@@ -314,8 +274,8 @@ class ReadKnown(beam.PTransform):
     def expand(self, pbegin):
         return (pbegin
                 | "Files" >> beam.Create(list(range(len(self._table.files))))
-                | "RowGroups" >> beam.FlatMap(_row_groups, self._table)
-                | "SpreadRowGroups" >> beam.Reshuffle()
+                | "Spans" >> beam.FlatMap(_spans, self._table)
+                | "SpreadSpans" >> beam.Reshuffle()
                 | "References" >> beam.ParDo(_KnownRefsFn(self._table, self._model, self._join),
                                              beam.pvalue.AsSingleton(self._keys)))
 
@@ -365,8 +325,8 @@ class KeyFilter(beam.CombineFn):
 
 
 class _FetchRowsFn(beam.DoFn):
-    """((file index, row group), [(row, page, uri, fingerprint)]) -> the rows asked for, each as the results row it
-    becomes (known_row), reused=True, carrying the uri and fingerprint of the file that reuses it (none given: its
+    """((file index, span), [(row group, row, page, uri, fingerprint)]) -> the rows asked for, each as the results row
+    it becomes (known_row), reused=True, carrying the uri and fingerprint of the file that reuses it (none given: its
     own, as when the listing matched them). A row that is not the one referenced (the table changed) stops the run."""
 
     def __init__(self, table: KnownTable, model: ModelInfo):
@@ -374,28 +334,32 @@ class _FetchRowsFn(beam.DoFn):
         self._model = model
 
     def process(self, element):
-        (index, group), asked = element
-        wanted: Dict[int, List[Tuple[int, str, str]]] = {}
-        for position, page, uri, fingerprint in asked:
-            wanted.setdefault(position, []).append((page, uri, fingerprint))
-        positions = sorted(wanted)
-        path = check_unchanged(self._table.files[index])
-        rows = _rows_at(path, group, positions, self._table.columns)
-        if len(rows) != len(positions):
-            raise KnownTableChanged(f"--skip-known {path}: row group {group} has no row {positions[-1]} now")
-        for position, row in zip(positions, rows):
+        (index, first), asked = element
+        wanted: Dict[Tuple[int, int], List[Tuple[int, str, str]]] = {}
+        for group, position, page, uri, fingerprint in asked:
+            wanted.setdefault((group, position), []).append((page, uri, fingerprint))
+        by_group: Dict[int, List[int]] = {}
+        for group, position in sorted(wanted):
+            by_group.setdefault(group, []).append(position)
+        span = (index, first, first + GROUPS_PER_SPAN if first >= 0 else 0)
+        found = 0
+        for group, position, row in _rows(self._table, span, self._table.columns, by_group):
+            found += 1
             out = known_row(row, self._table, self._model)
-            for page, uri, fingerprint in wanted[position]:
+            for page, uri, fingerprint in wanted[group, position]:
                 if out is None or out["page"] != page:
-                    raise KnownTableChanged(f"--skip-known {path}: row {position} of row group {group} is not the "
-                                            "row this run joined")
+                    raise TableChanged(f"--skip-known {self._table.files[index].path}: row {position} of row group "
+                                       f"{group} is not the row this run joined")
                 yield dict(out, reused=True, **({"uri": uri, "fingerprint": fingerprint} if uri else {}))
+        if found != len(wanted):
+            raise TableChanged(f"--skip-known {self._table.files[index].path}: {len(wanted) - found} of the rows "
+                               f"this run joined are not there now")
 
 
-def _by_row_group(request: tuple) -> tuple:
+def _by_span(request: tuple) -> tuple:
     ref, uri, fingerprint = request
     page, index, group, position = unpack_ref(ref)
-    return (index, group), (position, page, uri, fingerprint)
+    return (index, span_of(group) if group >= 0 else -1), (group, position, page, uri, fingerprint)
 
 
 class FetchKnownRows(beam.PTransform):
@@ -409,14 +373,15 @@ class FetchKnownRows(beam.PTransform):
 
     def expand(self, requests):
         return (requests
-                | "ByRowGroup" >> beam.Map(_by_row_group)
-                | "GroupByRowGroup" >> beam.GroupByKey()
+                | "BySpan" >> beam.Map(_by_span)
+                | "GroupBySpan" >> beam.GroupByKey()
                 | "Fetch" >> beam.ParDo(_FetchRowsFn(self._table, self._model)))
 
 
 def _failure_keys(row: dict) -> Iterable[Tuple[bytes, tuple]]:
-    """An earlier error row keyed by the listing_digest of its (uri, fingerprint), as a tuple in ERRORS_SCHEMA's order; none unless it can
-    stand (the join then matches its fingerprint with the file's now: pipelines.tables.failure_stands)."""
+    """An earlier error row keyed by the listing_digest of its (uri, fingerprint), as a tuple in ERRORS_SCHEMA's
+    order; none unless it can stand (the join then matches its fingerprint with the file's now:
+    pipelines.tables.failure_stands)."""
     if failure_stands(row, row["fingerprint"]):
         yield listing_digest(row["uri"], row["fingerprint"]), tuple(row[name] for name in ERRORS_SCHEMA.names)
 

@@ -318,7 +318,7 @@ class ScoreArchive(beam.PTransform):
     With an earlier table (`known`), two keyed joins decide what is reused before anything is decoded (see
     pipelines.score.known): listed files by (uri, fingerprint), unread; the rest, once read, by sha256 (with only the
     earlier rows whose content may be among them). The joins carry references to the earlier rows; the rows reused
-    are then read again, a row group at a time."""
+    are then read again, a span of row groups at a time."""
 
     def __init__(self, options: ScoreOptions, model: ModelInfo, known: Optional[KnownTable] = None):
         super().__init__()
