@@ -136,16 +136,20 @@ def test_new_files_go_into_shards_of_their_own_and_the_trainer_reads_every_recor
     assert sum(split_counts(output).values()) == 8
 
 
+def in_row_groups(output: str, rows: int) -> None:
+    """Rewrite the set's manifest in row groups of `rows` rows (its footer's tag kept): the joins name each row by its
+    row group and row, and the manifest is rewritten a span of row groups at a time."""
+    manifest = os.path.join(output, "manifest.parquet")
+    pq.write_table(pq.read_table(manifest), manifest, row_group_size=rows)
+    assert pq.ParquetFile(manifest).num_row_groups == -(-6 // rows)
+
+
 @pytest.mark.parametrize("row_group", [None, 2])
 def test_a_changed_file_supersedes_its_record_keeps_its_split_and_a_touched_one_is_kept(first_run, monkeypatch,
                                                                                         row_group):
-    """The joins name each row by its row group and row, and the manifest is rewritten a row group at a time: also
-    for a manifest in row groups of two rows."""
     archive, paths, output = first_run
     if row_group:
-        manifest = os.path.join(output, "manifest.parquet")
-        pq.write_table(pq.read_table(manifest), manifest, row_group_size=row_group)  # its footer's tag kept
-        assert pq.ParquetFile(manifest).num_row_groups == 3
+        in_row_groups(output, row_group)
     before = {r["source_uri"]: r for r in manifest_rows(output)}
     changed, touched = paths["p0"], paths["d1"]
     old_split = before[changed]["split"]
@@ -182,8 +186,11 @@ def test_a_changed_file_supersedes_its_record_keeps_its_split_and_a_touched_one_
     assert again["counts"]["superseded_records"] == 1  # the row superseded before is rewritten as it was
 
 
-def test_a_moved_file_is_trained_once_and_a_copy_is_a_record_of_its_own(first_run):
+@pytest.mark.parametrize("row_group", [None, 1])
+def test_a_moved_file_is_trained_once_and_a_copy_is_a_record_of_its_own(first_run, row_group):
     archive, paths, output = first_run
+    if row_group:
+        in_row_groups(output, row_group)
     moved_to = os.path.join(archive, "photo", "renamed.png")
     os.rename(paths["p1"], moved_to)
     copied_to = os.path.join(archive, "document", "copy.png")
