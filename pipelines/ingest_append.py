@@ -78,7 +78,7 @@ class EarlierRun:
     options: Dict[str, object]  # the record options the set was made with (RECORD_OPTIONS)
     manifest_columns: Tuple[str, ...]
     errors_columns: Tuple[str, ...]  # of its errors.parquet (none: there is none; no fingerprint: written before it)
-    manifest_file: Optional[ListedFile] = None  # as listed at launch: the joins name its rows by position
+    manifest_file: ListedFile  # as listed at launch: the joins name its rows by position
 
     @property
     def manifest(self) -> str:
@@ -232,10 +232,16 @@ def entry_agrees(entry: sources.SourceEntry, rows: Sequence[dict], assume_uprigh
 DECIDING = ("source_uri", "sha256", "fingerprint", "label_name", "split", "augment_index", "orientation")
 
 
+def _filled(row: dict, names: Sequence[str]) -> dict:
+    """A manifest row's `names` as this run writes them: a manifest written before a column was added reads with
+    its ADDED_COLUMNS value, and no fingerprint is ""."""
+    out = {name: row.get(name, ADDED_COLUMNS.get(name)) for name in names}
+    out["fingerprint"] = out["fingerprint"] or ""
+    return out
+
+
 def _deciding(row: dict, at: Tuple[int, int]) -> tuple:
-    values = {name: row.get(name, ADDED_COLUMNS.get(name)) for name in DECIDING}
-    values["fingerprint"] = values["fingerprint"] or ""
-    return tuple(values[name] for name in DECIDING) + (at,)
+    return tuple(_filled(row, DECIDING).values()) + (at,)
 
 
 def _decided(values: tuple) -> dict:
@@ -289,8 +295,7 @@ class _RewriteSpanFn(beam.DoFn):
         applied = 0
         for end in grouped["end"]:
             for group, position, row in _manifest_rows(self._earlier, first, end, self._earlier.manifest_columns):
-                out = {name: row.get(name, ADDED_COLUMNS.get(name)) for name in MANIFEST_SCHEMA.names}
-                out["fingerprint"] = out["fingerprint"] or ""
+                out = _filled(row, MANIFEST_SCHEMA.names)
                 change = changes.get((group, position))
                 if change:
                     out.update(change)
@@ -322,8 +327,8 @@ class ReuseByListingFn(beam.DoFn):
         listed = [sources.SourceEntry.from_fields(fields) for fields in grouped["listed"]]
         rows, errors = [_decided(values) for values in grouped["rows"]], list(grouped["errors"])
         if not listed:
-            for values in grouped["rows"]:
-                yield _decided(values)["sha256"], values
+            for row, values in zip(rows, grouped["rows"]):
+                yield row["sha256"], values
             for row in errors:
                 yield beam.pvalue.TaggedOutput(self.ERRORS, row)
             return
