@@ -114,9 +114,14 @@ def reusable(row: dict, table: KnownTable, model: ModelInfo) -> bool:
         and int(row["model_version"]) == model.version and row.get("decision") in KNOWN_DECISIONS
 
 
+def _manifest_uri(row: dict) -> str:
+    """The file an ingest manifest row came from (its source uri; a manifest without one: its uri)."""
+    return row.get("source_uri") or row.get("uri") or ""
+
+
 def _skipped_row(row: dict, page: int, model: ModelInfo) -> dict:
     out = {name: None for name in RESULTS_SCHEMA.names}
-    out.update(uri=row.get("source_uri") or row.get("uri") or "", page=page, sha256=row["sha256"],
+    out.update(uri=_manifest_uri(row), page=page, sha256=row["sha256"],
                fingerprint=row.get("fingerprint") or "", format=row.get("format") or "",
                width=row.get("original_width") or -1, height=row.get("original_height") or -1,
                exif_orientation=row.get("exif_orientation") or 0, class_name="", class_id=-1,
@@ -163,7 +168,7 @@ def join_key(row: dict, table: KnownTable, join: str):
     (known_row's: a manifest's source uri; None without a fingerprint: an older table's), or its sha256."""
     if join == CONTENT:
         return row["sha256"]
-    uri = (row.get("source_uri") or row.get("uri")) if table.kind == MANIFEST else row.get("uri")
+    uri = _manifest_uri(row) if table.kind == MANIFEST else row.get("uri")
     return listing_digest(uri, row["fingerprint"]) if uri and row.get("fingerprint") else None
 
 
