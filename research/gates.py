@@ -12,8 +12,9 @@ with truth.csv) or a checkset folder (images/ and truth.csv):
 2. the answer under any gates, recomputed in numpy from those parts exactly as serving.answer.WholeAnswer computes
    it, in its float types (checked against the served rows of bench/served.py's score run when present: the same
    degrees and decisions for all 2,224 held-out files; tests/test_gates_lab.py on synthetic tables);
-3. a sweep of the cost gates (crops read below `read_below`, turned copies below `tta_below`): accuracy, the bands,
-   and a page's modelled cost from one-core op times (docs/performance.md);
+3. a sweep of the cost gates (crops read below `read_below`, turned copies below `tta_below`) and of the crops read
+   first (`first_crops`): accuracy, the bands, and a page's modelled cost from one-core op times
+   (docs/performance.md);
 4. two-fold cross-fitting by source group (a PDF, a photo's source file): the crop rule (`agree`) and the second
    look's gate are chosen on one half's sources and measured on the other's, both ways.
 """
@@ -125,13 +126,22 @@ def _below(probabilities: np.ndarray, gate: float) -> np.ndarray:
     return probabilities.max(-1).astype(np.float64) < gate
 
 
+def _first_crops_settle(p0: np.ndarray, head: np.ndarray, unsure: np.ndarray, sparse: np.ndarray, *, agree: int,
+                        sure: float, weight: np.float32, read_below: float) -> np.ndarray:
+    """serving.answer.WholeAnswer._crop_probabilities' rule: the images whose first crops (`head`) settle them."""
+    counted = unsure | (text_crops.agreement(head, sure) >= max(agree, 1))
+    fused = _fuse(p0, weight * _evidence(head, sure))
+    naming = (head.astype(np.float32).max(-1) >= np.float32(sure)) & (head.argmax(-1) == fused.argmax(-1)[:, None])
+    return counted & naming.all(-1) & ~_below(fused, read_below) & ~sparse
+
+
 def simulate(parts: Dict[str, np.ndarray], *, read_below: float = 1.0, tta_below: float = 1.0, agree: int = 4,
-             below: float = 0.8, sure: float = 0.8, weight: float = 0.7, second_below: float = 0.5,
-             rotate: float = 0.9, ok: float = 0.5, min_agreement: float = 0.75, agreement_below: float = 0.9,
-             sparse_ink_below: float = 0.01) -> Dict[str, np.ndarray]:
+             first_crops: int = 0, below: float = 0.8, sure: float = 0.8, weight: float = 0.7,
+             second_below: float = 0.5, rotate: float = 0.9, ok: float = 0.5, min_agreement: float = 0.75,
+             agreement_below: float = 0.9, sparse_ink_below: float = 0.01) -> Dict[str, np.ndarray]:
     """The whole answer (serving.answer.WholeAnswer, the default's policy shape) from ungated parts, step by step and
     in the graph's own float types (a probability of exactly 0.5 sits on the ok threshold): final probabilities,
-    degrees index, decision, and which steps ran (read, turned, second)."""
+    degrees index, decision, which steps ran (read, turned, second) and how many crops each image read."""
     p0 = parts["p0"].astype(np.float32)
     n = len(p0)
     weight32 = np.float32(weight)
@@ -141,8 +151,16 @@ def simulate(parts: Dict[str, np.ndarray], *, read_below: float = 1.0, tta_below
         read = unsure
     else:
         read = np.ones(n, bool) if read_below >= 1.0 else unsure | _below(p0, read_below) | sparse
-    counted = read & (unsure | (text_crops.agreement(parts["crops"], sure) >= max(agree, 1)))
-    evidence = np.where(counted[:, None], weight32 * _evidence(parts["crops"], sure), np.float32(0.0))
+    crops, total = parts["crops"].astype(np.float32), parts["crops"].shape[1]
+    crops_read = np.where(read, total, 0)
+    if agree > 0 and read_below < 1.0 and 0 < first_crops < total:
+        settled = read & _first_crops_settle(p0, crops[:, :first_crops], unsure, sparse, agree=agree, sure=sure,
+                                             weight=weight32, read_below=read_below)
+        crops = np.where(settled[:, None, None], np.concatenate([crops[:, :first_crops], np.zeros_like(
+            crops[:, first_crops:])], 1), crops)  # a crop not read: zeros, never sure
+        crops_read = np.where(settled, first_crops, crops_read)
+    counted = read & (unsure | (text_crops.agreement(crops, sure) >= max(agree, 1)))
+    evidence = np.where(counted[:, None], weight32 * _evidence(crops, sure), np.float32(0.0))
     so_far = np.where(counted[:, None], _fuse(p0, evidence), p0)
     turned = np.ones(n, bool) if tta_below >= 1.0 else _below(so_far, tta_below)
     copies = parts["turned"].astype(np.float32)
@@ -161,7 +179,7 @@ def simulate(parts: Dict[str, np.ndarray], *, read_below: float = 1.0, tta_below
     review |= sparse & ~counted
     decision = np.where(review, "review", np.where(degrees == 0, "ok", "auto_rotate"))
     return {"final": final, "degrees": degrees, "decision": decision, "read": read, "turned": turned,
-            "second": second}
+            "second": second, "crops_read": crops_read}
 
 
 def summary(answer: Dict[str, np.ndarray], truth: List[Dict[str, object]], mask: Optional[np.ndarray] = None
@@ -179,7 +197,7 @@ def summary(answer: Dict[str, np.ndarray], truth: List[Dict[str, object]], mask:
         bands = {band: (int((m & (answer["decision"] == band)).sum()),
                         int((m & (answer["decision"] == band) & ~right).sum())) for band in ("auto_rotate", "ok")}
         cost = (COST_MS["prep"] + COST_MS["model"] * (1 + 3 * answer["turned"][m].mean())
-                + 5 * COST_MS["crop"] * answer["read"][m].mean() + COST_MS["second"] * answer["second"][m].mean())
+                + COST_MS["crop"] * answer["crops_read"][m].mean() + COST_MS["second"] * answer["second"][m].mean())
         out[kind] = {"files": int(m.sum()), "with_up": int((m & up).sum()),
                      "wrong_with_up": int((m & up & ~right).sum()), "right_with_up": float(right[m & up].mean()),
                      "auto_rotate": bands["auto_rotate"], "ok": bands["ok"],
@@ -263,6 +281,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for agree in (4, 3, 2, 1):
         print(line(f"  agree {agree}", summary(simulate(parts, read_below=0.99, tta_below=0.99, agree=agree),
                                                 truth)))
+    print("\nthe first crops read before the rest (gates 0.99/0.99, agree 2):")
+    for first in (0, 1, 2, 3):
+        print(line(f"  first_crops {first}", summary(simulate(parts, read_below=0.99, tta_below=0.99, agree=2,
+                                                               first_crops=first), truth)))
     if args.corpus:
         groups = groups_of(truth, args.corpus)
         fold = np.array([int(hashlib.sha256(g.encode()).hexdigest(), 16) % 2 for g in groups])
@@ -285,6 +307,7 @@ def _simulated_policy(policy: Dict[str, object]) -> Dict[str, float]:
     answer, crops, decision = policy["answer"], policy["answer"]["text_crops"], policy["decision_used"]
     out = {key: crops[key] for key in ("agree", "below", "sure", "weight", "second_below")}
     out["read_below"] = crops.get("read_below", 1.0)  # an export before format 8 read every image's crops
+    out["first_crops"] = crops.get("first_crops", 0)  # before format 10 all five at once
     out.update(tta_below=answer["tta_below"], rotate=decision["rotate_threshold"], ok=decision["ok_threshold"],
                min_agreement=decision["tta_min_agreement"], agreement_below=decision["tta_agreement_below"],
                sparse_ink_below=decision["sparse_ink_below"])

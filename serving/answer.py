@@ -12,7 +12,8 @@ Serving, `archive-vision serve` and `archive-vision score` (in-process or remote
 3. the text crops (when the policy has them): PaddleClas' text-image orientation classifier, rebuilt in TF from its
    ONNX weights (trainer.onnx_graph), on five 224 px crops of the reading copy; the summed log-probabilities of the
    crops it is sure of are the evidence. Images whose stored answer is unsure always count their crops; surer
-   images only when `agree` sure crops name one turn, and are read only below `read_below` (or nearly blank);
+   images only when `agree` sure crops name one turn, and are read only below `read_below` (or nearly blank). With
+   `first_crops`, the first crops are read first and the rest only for the images they do not settle;
 4. the turned copies (with `tta`): the view turned 90/180/270, for the images whose answer so far is below
    `tta_below`; their answers turned back and averaged with the stored copy's, the share agreeing kept;
 5. the fusion: softmax(log p + weight * evidence), p already calibrated (the head's temperature is folded in);
@@ -313,20 +314,16 @@ class WholeAnswer:
         read_state = -tf.ones([count], tf.int64)
         if crops is not None:
             unsure = _below(p0, crops.below)
+            sparse = _nearly_blank(prepared["ink"], self.policy.decision)
             if crops.agree <= 0:
                 read = unsure
             elif crops.read_below < 1.0:
-                read = unsure | _below(p0, crops.read_below) | _nearly_blank(prepared["ink"], self.policy.decision)
+                read = unsure | _below(p0, crops.read_below) | sparse
             else:
                 read = tf.ones_like(unsure)
             index = tf.cast(tf.reshape(tf.where(read), [-1]), tf.int32)
-            chosen = tf.gather(prepared["crops"], index)
-            flat = classifier_input(tf.reshape(chosen, [-1, crops.crop, crops.crop, 3]))
-            # A batch in which no image needs its crops read skips the classifier (a convolution of an empty batch
-            # fails on some CPU kernels).
-            crop_probs = tf.cond(tf.size(index) > 0, lambda: tf.cast(self.crop_net(flat), tf.float32),
-                                 lambda: tf.zeros([0, 4], tf.float32))
-            crop_probs = tf.reshape(crop_probs, [-1, len(_CROP_CENTRES), 4])
+            crop_probs = self._crop_probabilities(tf.gather(prepared["crops"], index), tf.gather(p0, index),
+                                                  tf.gather(unsure, index), tf.gather(sparse, index), crops)
             sub_evidence, agreeing = crop_evidence(crop_probs, crops.sure)
             sub_counted = tf.gather(unsure, index) | (agreeing >= max(crops.agree, 1))
             evidence = _scatter(index, crops.weight * sub_evidence * tf.cast(sub_counted, tf.float32)[:, None],
@@ -386,14 +383,44 @@ class WholeAnswer:
         def look():
             inputs = tf.map_fn(lambda data: second_look_batch(data, crops), tf.gather(image_bytes, index),
                                fn_output_signature=tf.TensorSpec([looks, crops.crop, crops.crop, 3], tf.float32))
-            probs = tf.cast(self.crop_net(classifier_input(tf.reshape(inputs, [-1, crops.crop, crops.crop, 3]))),
-                            tf.float32)
-            return crop_evidence(tf.reshape(probs, [-1, looks, 4]), crops.sure)[0]
+            return crop_evidence(self._classify(inputs), crops.sure)[0]
 
         evidence = tf.cond(tf.size(index) > 0, look, lambda: tf.zeros([0, 4], tf.float32))
         fused = fuse(tf.gather(final, index), crops.weight * evidence)
         state = _scatter(index, tf.ones_like(index, tf.int64), -tf.ones([tf.shape(final)[0]], tf.int64))
         return _scatter(index, fused, final), state
+
+    def _classify(self, crops):
+        """[N, c, crop, crop, 3] RGB crops in [0, 255] -> the crop classifier's probabilities [N, c, 4]. An empty batch
+        skips the classifier (a convolution of an empty batch fails on some CPU kernels)."""
+        tf = _tf()
+        count, side = tf.shape(crops)[:2], crops.shape[2]
+        flat = classifier_input(tf.reshape(crops, [-1, side, side, 3]))
+        probs = tf.cond(tf.shape(flat)[0] > 0, lambda: tf.cast(self.crop_net(flat), tf.float32),
+                        lambda: tf.zeros([0, 4], tf.float32))
+        return tf.reshape(probs, tf.concat([count, [4]], 0))
+
+    def _crop_probabilities(self, chosen, p0, unsure, sparse, crops: P.TextCropSettings):
+        """[R, 5, 4]: the classifier's probabilities for the crops [R, 5, crop, crop, 3] of the images read. With
+        `first_crops`, those are read first, and the rest only for the images they do not settle: their answer
+        fused with them is below read_below, or not all of them are sure and name it, or the page is nearly blank
+        (its rule wants all five). A crop not read is all zeros, which is never sure: it adds no evidence and no
+        vote, so a settled image's answer is the one its first crops gave."""
+        tf = _tf()
+        total = len(_CROP_CENTRES)
+        first = crops.first_crops if crops.agree > 0 and crops.read_below < 1.0 else 0
+        if not 0 < first < total:
+            return self._classify(chosen)
+        head = self._classify(chosen[:, :first])
+        evidence, agreeing = crop_evidence(head, crops.sure)
+        counted = unsure | (agreeing >= max(crops.agree, 1))
+        fused = fuse(p0, crops.weight * evidence)
+        naming = (tf.reduce_max(head, -1) >= crops.sure) & tf.equal(tf.argmax(head, -1), tf.argmax(fused, -1)[:, None])
+        settled = counted & tf.reduce_all(naming, -1) & ~_below(fused, crops.read_below) & ~sparse
+        rest = tf.cast(tf.reshape(tf.where(~settled), [-1]), tf.int32)
+        tail = self._classify(tf.gather(chosen, rest)[:, first:])
+        probs = tf.concat([head, tf.zeros([tf.shape(head)[0], total - first, 4], tf.float32)], 1)
+        return _scatter(rest, tf.concat([tf.gather(head, rest), tail], 1), probs)
 
     def _class_outputs(self, probs) -> Dict[str, object]:
         tf = _tf()

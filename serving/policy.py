@@ -45,6 +45,10 @@ class TextCropSettings:
     # (the recorded DecisionPolicy.sparse_ink_below: its answer stands only when the crops settle it). A surer
     # image's crops almost never move its answer, and they are a fifth of an image's cost (docs/performance.md).
     read_below: float = 1.0
+    # Crops read first (0: all five at once). The others are read only for the images these leave below read_below,
+    # or that not all of them name (sure, and the turn of the answer they make): a page whose first two crops settle
+    # it costs two crops, not five (docs/performance.md).
+    first_crops: int = 0
     sure: float = 0.8  # a crop counts only when its top probability reaches this
     copy_short: int = 448  # short side of the copy the crops are cut from
     crop: int = 224
@@ -163,6 +167,7 @@ def policy_from_settings(settings: Mapping[str, Any] | None, image_size: int = M
         crop_settings = TextCropSettings(weight=float(crops.get("weight", 0.7)), below=float(crops.get("below", 1.0)),
                                          agree=int(crops.get("agree", 0)), sure=float(crops.get("sure", 0.8)),
                                          read_below=float(crops.get("read_below", 1.0)),
+                                         first_crops=int(crops.get("first_crops", 0)),
                                          copy_short=int(crops.get("copy_short", 448)),
                                          second_below=float(crops.get("second_below", 0.0)),
                                          second_short=int(crops.get("second_short", 896)))

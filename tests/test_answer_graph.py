@@ -87,7 +87,9 @@ class LookupModel:
 
 
 class StubCropNet(tf.Module):
-    """[M, 224, 224, 3] normalised BGR crops (5 per image, in order) -> crop_table[key * 5 + crop index]."""
+    """[M, 224, 224, 3] normalised BGR crops (5 per image, in order) -> crop_table[key * 5 + crop index]. The index is
+    the position in the call mod 5, so a policy that reads the first crops apart (first_crops) needs tables whose
+    five rows are one row (STAGE_CROP_ROWS)."""
 
     def __init__(self, crop_table: np.ndarray):
         super().__init__()
@@ -154,6 +156,14 @@ def reference(rows: dict, crops: dict, key: int, turn: int, answer: P.AnswerSett
         read = settings.read_below >= 1.0 or p0.max() < settings.read_below or sparse
         if unsure or (settings.agree > 0 and read):
             probabilities = np.asarray(crops[key], np.float32)
+            first = settings.first_crops if settings.agree > 0 and settings.read_below < 1.0 else 0
+            if 0 < first < len(probabilities) and not sparse:  # the first crops settle it, or all five are read
+                head = probabilities[:first]
+                fused = text_crops.fuse(p0, text_crops.evidence(head, settings.sure), settings.weight)
+                if ((unsure or text_crops.agreement(head, settings.sure) >= max(settings.agree, 1))
+                        and fused.max() >= settings.read_below and (head.max(-1) >= settings.sure).all()
+                        and (head.argmax(-1) == fused.argmax()).all()):
+                    probabilities = head
             counted = bool(unsure or text_crops.agreement(probabilities, settings.sure) >= max(settings.agree, 1))
             state = int(counted)
             evidence = text_crops.evidence(probabilities, settings.sure)
@@ -388,10 +398,56 @@ def test_an_unsure_image_reads_and_counts_its_crops_whatever_read_below_says():
     assert out[P.TEXT_CROPS].tolist() == [1, -1] and int(net.crops_seen.numpy()) == 5
 
 
+STAGE_SETTLED = 9  # stored copy 0.9 on 90, its crops sure of 90: the first two settle it
+STAGE_AGAINST = 10  # stored copy 0.95 on 0, its crops sure of 90: two leave it at 0.64, so all five are read
+STAGE_VAGUE = 11  # stored copy 0.85 on 0, no crop sure: nothing settles it, all five read, none counted
+STAGE_IMAGE_ROWS = {
+    STAGE_SETTLED: equivariant([0.06, 0.9, 0.02, 0.02]),
+    STAGE_AGAINST: equivariant([0.95, 0.03, 0.01, 0.01]),
+    STAGE_VAGUE: equivariant([0.85, 0.05, 0.05, 0.05]),
+}
+STAGE_CROP_ROWS = {  # one row for all five crops of an image (see StubCropNet)
+    STAGE_SETTLED: [[0.02, 0.9, 0.04, 0.04]] * 5,
+    STAGE_AGAINST: [[0.05, 0.9, 0.03, 0.02]] * 5,
+    STAGE_VAGUE: [[0.5, 0.3, 0.1, 0.1]] * 5,
+}
+
+
+@pytest.mark.parametrize("nearly_blank", [False, True])
+def test_with_first_crops_the_rest_are_read_only_for_the_images_the_first_do_not_settle(nearly_blank):
+    """first_crops 2: an image whose first two crops are sure, name its answer and take it to read_below reads two
+    crops and keeps their evidence; the others read all five and answer as if read at once. A nearly blank page
+    always reads five (its rule wants them)."""
+    images = [(STAGE_SETTLED, 0), (STAGE_AGAINST, 0), (STAGE_VAGUE, 0)]
+    decision = P.DecisionPolicy(sparse_ink_below=0.3 if nearly_blank else 0.01)
+    answers = {}
+    for first in (0, 2):
+        crops = P.TextCropSettings(weight=0.7, below=0.8, agree=2, sure=0.8, read_below=0.99, first_crops=first)
+        policy = policy_of(crops=crops, decision=decision)
+        net = StubCropNet(crop_table(STAGE_CROP_ROWS))
+        out = answer_fn(LookupModel(orientation_table(STAGE_IMAGE_ROWS)), policy, net)(
+            [image_bytes(k, t) for k, t in images])
+        assert_matches_reference(out, STAGE_IMAGE_ROWS, STAGE_CROP_ROWS, images, policy.answer, sparse=nearly_blank)
+        assert_decisions_match_python(out, decision)
+        assert out[P.TEXT_CROPS].tolist() == [1, 1, 0]
+        assert out[P.ORIENTATION_DEGREES].tolist() == [90, 90, 0]
+        answers[first] = (out, int(net.crops_seen.numpy()))
+    (five, seen_five), (staged, seen_staged) = answers[0], answers[2]
+    assert seen_five == 15 and seen_staged == (15 if nearly_blank else 2 * 3 + 3 * 2)
+    np.testing.assert_array_equal(staged[P.ORIENTATION_PROBABILITIES][1:], five[P.ORIENTATION_PROBABILITIES][1:])
+    settled = staged[P.ORIENTATION_PROBABILITIES][0]
+    if nearly_blank:
+        np.testing.assert_array_equal(settled, five[P.ORIENTATION_PROBABILITIES][0])
+    else:  # two crops' evidence, not five: sure enough, but less sure than five
+        assert 0.99 <= settled.max() < five[P.ORIENTATION_PROBABILITIES][0].max()
+
+
 def test_a_policy_recorded_before_read_below_reads_every_images_crops():
     recorded = json.loads(P.ScorePolicy(answer=P.AnswerSettings(text_crops=P.TextCropSettings(agree=4))).to_json())
     del recorded["answer"]["text_crops"]["read_below"]  # an export before format 8
-    assert P.ScorePolicy.from_dict(recorded).answer.text_crops.read_below == 1.0
+    del recorded["answer"]["text_crops"]["first_crops"]  # ... and before format 10: all five crops at once
+    read = P.ScorePolicy.from_dict(recorded).answer.text_crops
+    assert (read.read_below, read.first_crops) == (1.0, 0)
 
 
 def test_crops_and_turns_together_gate_on_the_fused_answer_and_fuse_the_average():

@@ -192,6 +192,7 @@ def test_score_without_a_model_uses_the_built_in_one_with_test_time_turns(monkey
     assert policy["from"] == summary["model"]["source"]
     assert policy["answer"]["tta"] is True and policy["answer"]["text_crops"]["agree"] == 2
     assert policy["answer"]["tta_below"] == policy["answer"]["text_crops"]["read_below"] == 0.99
+    assert policy["answer"]["text_crops"]["first_crops"] == 2  # two crops read before the other three
     assert policy["decision"]["rotate_threshold"] == 0.9 and policy["decision_used"] == policy["decision"]
     assert summary["text_crops"]["enabled"] is True and summary["tta"]["enabled"] is True
     assert summary["counts"]["reconciled"] and summary["counts"]["results"] == 8
