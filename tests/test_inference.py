@@ -125,3 +125,27 @@ def test_a_conv_output_also_used_by_a_raw_keras_op_is_not_folded():
 
     assert count == 0
     assert_same_answers(model, folded, (8, 8, 3), atol=1e-5)
+
+
+def test_torchvision_stride_2_depthwise_pads_fold_into_same_convolutions():
+    """torchvision pads every side of a stride-2 depthwise convolution by half its kernel, which Keras builds as a
+    ZeroPadding2D before a 'valid' convolution: the fold makes each pair one 'SAME' convolution with a kernel one
+    larger (the pad's copy of the feature map saved), answering as before, at even and odd map sizes alike."""
+    from trainer.torchvision_mobilenet import build_mobilenet_v2_torchvision
+
+    for size in (64, 72):  # 72: odd feature maps (9 x 9) reach the last stride-2 convolution
+        model = build_mobilenet_v2_torchvision(weights=None, input_size=size)
+        total = randomise_batch_norms(model)
+        pads = [layer for layer in model.layers if isinstance(layer, keras.layers.ZeroPadding2D)]
+        stride_2 = [layer for layer in model.layers if isinstance(layer, keras.layers.DepthwiseConv2D)
+                    and tuple(layer.strides) == (2, 2)]
+        assert len(pads) == 5 and len(stride_2) == 4  # the stem's pad feeds an ordinary Conv2D: grappler fuses it
+
+        folded, count = fold_batch_norms(model)
+
+        assert count == total + len(stride_2)
+        grown = [layer for layer in folded.layers if isinstance(layer, keras.layers.DepthwiseConv2D)
+                 and tuple(layer.strides) == (2, 2)]
+        assert [(layer.padding, tuple(layer.kernel_size)) for layer in grown] == [("same", (4, 4))] * 4
+        assert sum(isinstance(layer, keras.layers.ZeroPadding2D) for layer in folded.layers) == 1
+        assert_same_answers(model, folded, (size, size, 3))

@@ -9,8 +9,9 @@ fold). In inference BN is the per-channel affine map y = (x - mean) * gamma / sq
 
 gives the same outputs up to float rounding with two fewer passes over every activation map. On the shipped
 MobileNetV2 (52 BNs) this takes the model from about 16 to 11 ms per image on one core (research/quality.py
-prints the ratio). Training never uses the folded model: it shares the unfolded layers' variables and has no
-BN statistics left to update.
+prints the ratio). The pad before each of torchvision's stride-2 depthwise convolutions is folded the same way,
+into a 'SAME' convolution with a kernel one larger (_padded_depthwise). Training never uses the folded model: it
+shares the unfolded layers' variables and has no BN statistics left to update.
 """
 from __future__ import annotations
 
@@ -20,20 +21,20 @@ from typing import Dict, Tuple
 def _passthrough_layer():
     import keras
 
-    class FoldedBatchNorm(keras.layers.Layer):
-        """What is left of a BatchNormalization after its affine map moved into the convolution before it."""
+    class Folded(keras.layers.Layer):
+        """What is left of a layer folded into the convolution next to it: a BatchNormalization whose affine map
+        moved into the convolution before it, a pad the convolution after it now makes itself."""
 
         def call(self, inputs, mask=None, training=None):  # noqa: ARG002 - BN's call signature
             return inputs
 
-    return FoldedBatchNorm
+    return Folded
 
 
-def _foldable_pairs(model) -> Dict[int, Tuple[object, object]]:
-    """{id(conv): (conv, bn)} for each BN fed only by a linear, channels-last conv used once in `model`."""
+def _edges(model):
+    """(edges [(source, consumer)], {id(layer): how many inputs it feeds}, {id(layer) of the model's outputs})."""
     import keras
 
-    convs = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)  # exactly these: a subclass may change the kernel
     if isinstance(model, keras.Sequential):
         edges = list(zip(model.layers, model.layers[1:]))
         consumers = {id(a): 1 for a, _ in edges}
@@ -47,7 +48,21 @@ def _foldable_pairs(model) -> Dict[int, Tuple[object, object]]:
                     source = tensor._keras_history.operation  # noqa: SLF001
                     consumers[id(source)] = consumers.get(id(source), 0) + 1
                     edges.append((source, layer))
-    outputs = {id(t._keras_history.operation) for t in model.outputs}  # noqa: SLF001
+    return edges, consumers, {id(t._keras_history.operation) for t in model.outputs}  # noqa: SLF001
+
+
+def _single(layer, consumers, outputs) -> bool:
+    """`layer` is called once and its output feeds exactly one input (and is not a model output)."""
+    return (len(layer._inbound_nodes) <= 1 and consumers.get(id(layer), 0) == 1  # noqa: SLF001
+            and id(layer) not in outputs)
+
+
+def _foldable_pairs(model) -> Dict[int, Tuple[object, object]]:
+    """{id(conv): (conv, bn)} for each BN fed only by a linear, channels-last conv used once in `model`."""
+    import keras
+
+    convs = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)  # exactly these: a subclass may change the kernel
+    edges, consumers, outputs = _edges(model)
     pairs = {}
     for conv, bn in edges:
         if not (type(conv) in convs and isinstance(bn, keras.layers.BatchNormalization)
@@ -55,11 +70,47 @@ def _foldable_pairs(model) -> Dict[int, Tuple[object, object]]:
             continue
         linear = conv.activation in (None, keras.activations.linear)
         channels_last = conv.data_format == "channels_last" and bn.axis in (-1, 3, [3], [-1])
-        single = (len(conv._inbound_nodes) <= 1 and len(bn._inbound_nodes) <= 1  # noqa: SLF001
-                  and consumers.get(id(conv), 0) == 1 and id(conv) not in outputs)
+        single = _single(conv, consumers, outputs) and len(bn._inbound_nodes) <= 1  # noqa: SLF001
         if linear and channels_last and single:
             pairs[id(conv)] = (conv, bn)
     return pairs
+
+
+def _padded_depthwise(model) -> Dict[int, object]:
+    """{id(conv): its ZeroPadding2D} for each stride-2 'valid' DepthwiseConv2D fed only by a pad of half its odd
+    kernel on every side (torchvision's stride-2 convolutions): the pair is TF's 'SAME' convolution with the kernel
+    grown by a zero row and column at its end (trainer.onnx_graph._grown_same says why), which saves the copy of
+    the feature map the pad makes (grappler fuses a pad into a Conv2D, not into a depthwise convolution)."""
+    import keras
+
+    edges, consumers, outputs = _edges(model)
+    found = {}
+    for pad, conv in edges:
+        if not (type(pad) is keras.layers.ZeroPadding2D and type(conv) is keras.layers.DepthwiseConv2D):
+            continue
+        half = tuple((k - 1) // 2 for k in conv.kernel_size)
+        if (tuple(conv.strides) == (2, 2) and conv.padding == "valid" and tuple(conv.dilation_rate) == (1, 1)
+                and all(k % 2 == 1 for k in conv.kernel_size) and conv.data_format == "channels_last"
+                and pad.data_format == "channels_last"
+                and tuple(map(tuple, pad.padding)) == tuple((h, h) for h in half)
+                and _single(pad, consumers, outputs) and len(conv._inbound_nodes) <= 1):  # noqa: SLF001
+            found[id(conv)] = pad
+    return found
+
+
+def _grown_same(conv, input_shape):
+    """A copy of the stride-2 DepthwiseConv2D `conv` as 'SAME' with its kernel grown by a zero row and column, built
+    for `input_shape` (the unpadded map its pad was fed)."""
+    import keras
+    import numpy as np
+
+    weights = conv.get_weights()
+    weights[0] = np.pad(weights[0], [(0, 1), (0, 1), (0, 0), (0, 0)])
+    config = {**conv.get_config(), "padding": "same", "kernel_size": tuple(k + 1 for k in conv.kernel_size)}
+    grown = conv.__class__.from_config(config)
+    grown.build(input_shape)
+    grown.set_weights(weights)
+    return grown
 
 
 def _folded_conv(conv, bn):
@@ -87,7 +138,8 @@ def _folded_conv(conv, bn):
 
 
 def fold_batch_norms(model):
-    """(model', folded): an inference copy of a functional/Sequential Keras model with conv+BN pairs folded.
+    """(model', folded): an inference copy of a functional/Sequential Keras model with conv+BN pairs folded (and
+    the pads of torchvision's stride-2 depthwise convolutions, _padded_depthwise); `folded` counts both.
 
     Nested functional models are folded too; subclassed models and other layers are shared as they are.
     A model that cannot be cloned (subclassed) comes back unchanged with folded == 0.
@@ -98,14 +150,17 @@ def fold_batch_norms(model):
     if not isinstance(model, keras.Model) or not graph or not model.built:
         return model, 0
     pairs = _foldable_pairs(model)
+    padded = _padded_depthwise(model)
     folded_bns = {id(bn) for _, bn in pairs.values()}
+    folded_pads = {id(pad) for pad in padded.values()}
     passthrough = _passthrough_layer()
-    count = [len(pairs)]
+    count = [len(pairs) + len(padded)]
 
     def clone(layer):
-        if id(layer) in pairs:
-            return _folded_conv(*pairs[id(layer)])
-        if id(layer) in folded_bns:
+        if id(layer) in pairs or id(layer) in padded:
+            conv = _folded_conv(*pairs[id(layer)]) if id(layer) in pairs else layer
+            return _grown_same(conv, padded[id(layer)].input.shape) if id(layer) in padded else conv
+        if id(layer) in folded_bns or id(layer) in folded_pads:
             return passthrough(name=layer.name, dtype=layer.dtype_policy)
         if isinstance(layer, keras.Model):
             inner, n = fold_batch_norms(layer)
@@ -113,7 +168,7 @@ def fold_batch_norms(model):
             return inner
         return layer
 
-    if not pairs and not any(isinstance(layer, keras.Model) for layer in model.layers):
+    if not pairs and not padded and not any(isinstance(layer, keras.Model) for layer in model.layers):
         return model, 0
     folded = keras.models.clone_model(model, clone_function=clone)
     return folded, count[0]

@@ -127,6 +127,17 @@ def _padding(attrs: dict, kernel: Sequence[int], node_name: str):
     return [[0, 0], [top, bottom], [left, right], [0, 0]], "VALID"
 
 
+def _grown_same(attrs: dict, kernel: Sequence[int]) -> bool:
+    """Whether a stride-2 convolution with symmetric pads of half its odd kernel equals TF's 'SAME' convolution with
+    the kernel grown by a zero row and column at its end. SAME at stride 2 pads k - 1 (even size) or k (odd size) in
+    all, the smaller half first; with k + 1 taps that is (k - 1) / 2 before, as ONNX pads, and each window's last
+    row and column meet the zero taps. For a depthwise convolution, which grappler cannot fuse with a pad, this
+    saves the copy of the whole feature map that tf.pad makes (the outputs the same up to summation order)."""
+    pads = tuple(attrs.get("pads", (0, 0, 0, 0)))
+    return (tuple(attrs.get("strides", (1, 1))) == (2, 2) and tuple(attrs.get("dilations", (1, 1))) == (1, 1)
+            and all(k % 2 == 1 for k in kernel) and pads == tuple((k - 1) // 2 for k in kernel) * 2)
+
+
 class _Builder:
     """Turns ONNX nodes into runtime steps. `static` holds values known when building (weights, symbolic shapes,
     as numpy arrays); `rank` holds the ranks of runtime tensors; `alias` maps Identity outputs to their inputs."""
@@ -192,6 +203,8 @@ class _Builder:
             def run(x, kernel=kernel):
                 return tf.nn.conv2d(x, kernel, [1] + strides + [1], padding, dilations=dilations)
         elif w.shape[1] == 1 and w.shape[0] == group:  # depthwise: one filter per input channel
+            if pads is not None and _grown_same(attrs, w.shape[2:]):
+                w, pads, padding = np.pad(w, [(0, 0), (0, 0), (0, 1), (0, 1)]), None, "SAME"
             kernel = self.variable(w.transpose(2, 3, 0, 1), "depthwise_kernel")  # [C, 1, H, W] -> [H, W, C, 1]
 
             def run(x, kernel=kernel):
