@@ -188,6 +188,11 @@ def crop_evidence(probabilities, sure: float):
     return evidence, tf.reduce_max(tf.reduce_sum(top, axis=-2), axis=-1)
 
 
+def _crops_count(unsure, agreeing, crops: P.TextCropSettings):
+    """[N] bool: an image's crops count when its stored answer is unsure, or when `agree` sure crops name one turn."""
+    return unsure | (agreeing >= max(crops.agree, 1))
+
+
 def fuse(probabilities, log_evidence):
     """softmax(log p + evidence) in float64 (as the fitted weights assume), returned as float32."""
     tf = _tf()
@@ -322,10 +327,11 @@ class WholeAnswer:
             else:
                 read = tf.ones_like(unsure)
             index = tf.cast(tf.reshape(tf.where(read), [-1]), tf.int32)
+            sub_unsure = tf.gather(unsure, index)
             crop_probs = self._crop_probabilities(tf.gather(prepared["crops"], index), tf.gather(p0, index),
-                                                  tf.gather(unsure, index), tf.gather(sparse, index), crops)
+                                                  sub_unsure, tf.gather(sparse, index), crops)
             sub_evidence, agreeing = crop_evidence(crop_probs, crops.sure)
-            sub_counted = tf.gather(unsure, index) | (agreeing >= max(crops.agree, 1))
+            sub_counted = _crops_count(sub_unsure, agreeing, crops)
             evidence = _scatter(index, crops.weight * sub_evidence * tf.cast(sub_counted, tf.float32)[:, None],
                                 evidence)
             counted = _scatter(index, sub_counted, counted)
@@ -413,7 +419,7 @@ class WholeAnswer:
             return self._classify(chosen)
         head = self._classify(chosen[:, :first])
         evidence, agreeing = crop_evidence(head, crops.sure)
-        counted = unsure | (agreeing >= max(crops.agree, 1))
+        counted = _crops_count(unsure, agreeing, crops)
         fused = fuse(p0, crops.weight * evidence)
         naming = (tf.reduce_max(head, -1) >= crops.sure) & tf.equal(tf.argmax(head, -1), tf.argmax(fused, -1)[:, None])
         settled = counted & tf.reduce_all(naming, -1) & ~_below(fused, crops.read_below) & ~sparse

@@ -158,8 +158,9 @@ def record_canary_answers(version_dir: str, image_size: int, serving_default=Non
 
 
 def inference_model(model, image_size: int):
-    """(model to serve, BatchNorms folded): `model` with its conv+BN pairs folded, checked on noise and on the
-    warmup images to answer as it does; the model unfolded (and a warning) if it does not."""
+    """(model to serve, BatchNorms folded): `model` with its conv+BN pairs (and stride-2 depthwise pads) folded,
+    checked on noise and on the warmup images to answer as it does; the model unfolded (and a warning) if it does
+    not."""
     import numpy as np
     import tensorflow as tf
 
@@ -167,14 +168,14 @@ def inference_model(model, image_size: int):
     from trainer.preprocessing import preprocess_batch
 
     folded, count = fold_batch_norms(model)
-    if count:
+    if folded is not model:
         noise = tf.constant(np.random.default_rng(0).uniform(0, 255, (2, image_size, image_size, 3)), tf.float32)
         pixels = tf.concat([noise, preprocess_batch(tf.constant(_sample_images(image_size)), image_size)], 0)
         trained, served = model(pixels, training=False), folded(pixels, training=False)
         for key in (trained if isinstance(trained, dict) else {}):
             gap = float(np.max(np.abs(np.asarray(trained[key], np.float32) - np.asarray(served[key], np.float32))))
             if gap > FOLD_TOLERANCE:
-                log.warning("folding %d layers (BatchNorms, pads) changed %s by %.2g; exporting the model unfolded",
+                log.warning("folding %d BatchNorm layers (and pads) changed %s by %.2g; exporting the model unfolded",
                             count, key, gap)
                 return model, 0
     return folded, count

@@ -46,8 +46,10 @@ class TextCropSettings:
     # image's crops almost never move its answer, and they are a fifth of an image's cost (docs/performance.md).
     read_below: float = 1.0
     # Crops read first (0: all five at once). The others are read only for the images these leave below read_below,
-    # or that not all of them name (sure, and the turn of the answer they make): a page whose first two crops settle
-    # it costs two crops, not five (docs/performance.md).
+    # or that not all of them name (sure, and the turn of the answer they make), or nearly blank pages: a page whose
+    # first two crops settle it costs two crops, not five (docs/performance.md). It needs agree > 0 and read_below
+    # < 1 (else all five are read at once); the crops still count only under `agree` (above first_crops: only an
+    # unsure image can stop early).
     first_crops: int = 0
     sure: float = 0.8  # a crop counts only when its top probability reaches this
     copy_short: int = 448  # short side of the copy the crops are cut from
@@ -57,6 +59,10 @@ class TextCropSettings:
     # the same classifier and fused with the same weight. It stands in for the text lines score used to read.
     second_below: float = 0.0
     second_short: int = 896
+
+    def __post_init__(self):
+        if not 0 <= self.first_crops < 5:
+            raise ValueError(f"first_crops must be 0 (all five crops at once) to 4, got {self.first_crops}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -442,6 +442,48 @@ def test_with_first_crops_the_rest_are_read_only_for_the_images_the_first_do_not
         assert 0.99 <= settled.max() < five[P.ORIENTATION_PROBABILITIES][0].max()
 
 
+class PositionCropNet(tf.Module):
+    """Crops whose red level is 10 * (position + 1) and green level 10 * (image + 1) -> table[image, position]: which
+    crop of which image was read, whatever the order of the calls (StubCropNet only knows the call's order)."""
+
+    def __init__(self, table: np.ndarray):
+        super().__init__()
+        self.table = tf.constant(np.asarray(table, np.float32).reshape(-1, 4))
+        self.crops_seen = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def __call__(self, crops):
+        red = (tf.reduce_mean(crops[..., 2], [1, 2]) * 0.229 + 0.485) * 255.0  # BGR order, PaddleClas' mean/std
+        green = (tf.reduce_mean(crops[..., 1], [1, 2]) * 0.224 + 0.456) * 255.0
+        position = tf.cast(tf.round(red / 10.0), tf.int32) - 1
+        image = tf.cast(tf.round(green / 10.0), tf.int32) - 1
+        self.crops_seen.assign_add(tf.cast(tf.shape(crops)[0], tf.int64))
+        return tf.gather(self.table, image * 5 + position)
+
+
+def test_first_crops_reads_the_first_crops_first_and_then_the_rest_of_the_unsettled_images_in_order():
+    """The crops read first are the first ones (the centre, then the top left), and an unsettled image's other
+    three come back in their own places; a settled image's other three are never read (zeros)."""
+    sure_90, sure_180, vague = [0.02, 0.9, 0.04, 0.04], [0.02, 0.04, 0.9, 0.04], [0.4, 0.3, 0.2, 0.1]
+    table = np.array([[sure_90, sure_90, sure_180, sure_180, sure_180],  # settled by its first two (on 90)
+                      [vague, vague, sure_90, sure_90, sure_90]])  # first two unsure: all five read
+    crops = P.TextCropSettings(weight=0.7, below=0.8, agree=2, sure=0.8, read_below=0.99, first_crops=2)
+    net = PositionCropNet(table)
+    whole = A.WholeAnswer(None, policy_of(crops=crops), has_class=False, has_orientation=True, crop_net=net)
+    chosen = np.zeros((2, 5, 8, 8, 3), np.float32)
+    for image in range(2):
+        for position in range(5):
+            chosen[image, position, ..., 0] = 10 * (position + 1)
+            chosen[image, position, ..., 1] = 10 * (image + 1)
+    p0 = tf.constant([[0.06, 0.9, 0.02, 0.02]] * 2)
+
+    probabilities = whole._crop_probabilities(tf.constant(chosen), p0, tf.constant([False, False]),  # noqa: SLF001
+                                              tf.constant([False, False]), crops).numpy()
+
+    np.testing.assert_allclose(probabilities[0], [sure_90, sure_90] + [[0.0] * 4] * 3, atol=1e-6)
+    np.testing.assert_allclose(probabilities[1], table[1], atol=1e-6)
+    assert int(net.crops_seen.numpy()) == 2 + 2 + 3
+
+
 def test_a_policy_recorded_before_read_below_reads_every_images_crops():
     recorded = json.loads(P.ScorePolicy(answer=P.AnswerSettings(text_crops=P.TextCropSettings(agree=4))).to_json())
     del recorded["answer"]["text_crops"]["read_below"]  # an export before format 8

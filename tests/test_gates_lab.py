@@ -57,8 +57,9 @@ def test_the_labs_answer_is_the_graphs(read_below, tta_below, agree, sparse, fir
     assert lab["decision"].tolist() == [d.decode() for d in out[P.DECISION]]
     assert lab["read"].tolist() == (out[P.TEXT_CROPS] != -1).tolist()
     assert lab["turned"].tolist() == (out[P.TTA_AGREEMENT] != -1).tolist()
-    # The cases differ where they should: some images gated out, some counted (the staged tables read every image).
-    if read_below < 1.0 and sparse < 0.25 and not first:
+    # The cases differ where they should: some images gated out, some counted (at read_below 0.99 the staged tables
+    # read every image).
+    if read_below < 0.99 and sparse < 0.25:
         assert 0 < lab["read"].sum() < len(images)
     if tta_below < 1.0:
         assert 0 < lab["turned"].sum() < len(images)

@@ -143,9 +143,26 @@ def test_torchvision_stride_2_depthwise_pads_fold_into_same_convolutions():
 
         folded, count = fold_batch_norms(model)
 
-        assert count == total + len(stride_2)
+        assert count == total  # BatchNorms; the pads fold too, uncounted
         grown = [layer for layer in folded.layers if isinstance(layer, keras.layers.DepthwiseConv2D)
                  and tuple(layer.strides) == (2, 2)]
         assert [(layer.padding, tuple(layer.kernel_size)) for layer in grown] == [("same", (4, 4))] * 4
         assert sum(isinstance(layer, keras.layers.ZeroPadding2D) for layer in folded.layers) == 1
         assert_same_answers(model, folded, (size, size, 3))
+
+
+def test_pads_that_are_not_half_a_stride_2_kernel_or_feed_more_stay():
+    """Only a symmetric pad of half the kernel, feeding one stride-2 'valid' depthwise convolution, folds: a pad
+    before a stride-1 convolution, an asymmetric one (Keras' own MobileNetV2) and a shared one stay as they were."""
+    pixels = keras.Input((17, 17, 4))
+    a = keras.layers.DepthwiseConv2D(3, strides=1)(keras.layers.ZeroPadding2D(1)(pixels))
+    b = keras.layers.DepthwiseConv2D(3, strides=2)(keras.layers.ZeroPadding2D(((0, 1), (0, 1)))(pixels))
+    shared = keras.layers.ZeroPadding2D(1)(pixels)
+    c = keras.layers.DepthwiseConv2D(3, strides=2)(shared)
+    d = keras.layers.DepthwiseConv2D(3, strides=2)(shared)
+    pooled = [keras.layers.GlobalAveragePooling2D()(x) for x in (a, b, c, d)]
+    model = keras.Model(pixels, keras.layers.Concatenate()(pooled))
+
+    folded, count = fold_batch_norms(model)
+
+    assert folded is model and count == 0  # nothing to fold: the model itself

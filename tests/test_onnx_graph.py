@@ -168,18 +168,18 @@ def test_a_synthetic_graph_answers_as_onnxruntime(tmp_path):
     np.testing.assert_allclose(run(_nhwc(nchw)).numpy(), _onnx(file, nchw), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("kernel", [(3, 3), (5, 5), (3, 5)])
 @pytest.mark.parametrize("size", [(16, 16), (17, 15)])
 def test_a_stride_2_depthwise_conv_with_half_kernel_pads_needs_no_pad_op(tmp_path, kernel, size):
     """PP-LCNet's stride-2 depthwise convolutions pad half their kernel on every side: built as 'SAME' with a kernel
     grown by a zero row and column (no tf.pad, which copies the feature map), on even and odd sizes alike."""
-    rng = np.random.default_rng(kernel)
-    half = (kernel - 1) // 2
-    node = helper.make_node("Conv", ["x", "w"], ["y"], group=3, strides=[2, 2], pads=[half] * 4)
+    rng = np.random.default_rng(sum(kernel))
+    half = [(k - 1) // 2 for k in kernel]
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=3, strides=[2, 2], pads=half * 2)  # top, left, ...
     graph = helper.make_graph([node], "depthwise", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
                                                                                   [None, 3, None, None])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [_const(rng, "w", [3, 1, kernel, kernel])])
+                              [_const(rng, "w", [3, 1] + list(kernel))])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
     model.ir_version = 8
     file = str(tmp_path / "depthwise.onnx")
@@ -187,7 +187,7 @@ def test_a_stride_2_depthwise_conv_with_half_kernel_pads_needs_no_pad_op(tmp_pat
     run = tf.function(onnx_graph.from_onnx(file), input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
     assert "Pad" not in {op.type for op in run.get_concrete_function().graph.get_operations()}
     nchw = rng.normal(size=(2, 3) + size).astype(np.float32)
-    expected = _onnx(file, nchw)  # every output position, NHWC
+    expected = _onnx(file, nchw)  # every output position (onnxruntime answers NCHW)
     assert expected.shape[2:] == tuple((n + 1) // 2 for n in size)
     np.testing.assert_allclose(run(_nhwc(nchw)).numpy(), _nhwc(expected), atol=1e-5, rtol=0)
 

@@ -52,8 +52,8 @@ SECOND_LOOK = {"second_below": 0.5, "second_short": 896}
 # - a surer image's crops count when 2 sure crops agree (the head recorded 4, chosen on val): each half of the
 #   held-out sources chose 2 on the other half (two-fold cross-fitting by source);
 # - and a cost rule with nothing to tune: the first two crops are read first, the other three only when those two leave
-#   the answer below read_below or do not both name it. No held-out answer's degrees or decision moves; a page reads
-#   2.1 crops instead of 3.4 on average.
+#   the answer below read_below or do not both name it (sure), and for nearly blank pages. No held-out answer's
+#   degrees or decision moves; a page reads 2.1 crops instead of 3.4 on average (docs/performance.md).
 ANSWER_CHOICES = {"read_below": 0.99, "tta_below": 0.99, "agree": 2, "first_crops": 2}
 
 

@@ -79,7 +79,7 @@ def _foldable_pairs(model) -> Dict[int, Tuple[object, object]]:
 def _padded_depthwise(model) -> Dict[int, object]:
     """{id(conv): its ZeroPadding2D} for each stride-2 'valid' DepthwiseConv2D fed only by a pad of half its odd
     kernel on every side (torchvision's stride-2 convolutions): the pair is TF's 'SAME' convolution with the kernel
-    grown by a zero row and column at its end (trainer.onnx_graph._grown_same says why), which saves the copy of
+    grown by a zero row and column at its end (trainer.onnx_graph._same_when_grown says why), which saves the copy of
     the feature map the pad makes (grappler fuses a pad into a Conv2D, not into a depthwise convolution)."""
     import keras
 
@@ -139,7 +139,8 @@ def _folded_conv(conv, bn):
 
 def fold_batch_norms(model):
     """(model', folded): an inference copy of a functional/Sequential Keras model with conv+BN pairs folded (and
-    the pads of torchvision's stride-2 depthwise convolutions, _padded_depthwise); `folded` counts both.
+    the pads of torchvision's stride-2 depthwise convolutions, _padded_depthwise); `folded` counts the BNs. model'
+    is `model` itself when there was nothing to fold.
 
     Nested functional models are folded too; subclassed models and other layers are shared as they are.
     A model that cannot be cloned (subclassed) comes back unchanged with folded == 0.
@@ -154,7 +155,7 @@ def fold_batch_norms(model):
     folded_bns = {id(bn) for _, bn in pairs.values()}
     folded_pads = {id(pad) for pad in padded.values()}
     passthrough = _passthrough_layer()
-    count = [len(pairs) + len(padded)]
+    count = [len(pairs)]
 
     def clone(layer):
         if id(layer) in pairs or id(layer) in padded:

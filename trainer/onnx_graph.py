@@ -109,8 +109,9 @@ def _padding(attrs: dict, kernel: Sequence[int], node_name: str):
     """(explicit NHWC pads to apply first with tf.pad, or None; the TF padding then, 'SAME' or 'VALID').
 
     'SAME' is used only where it is exact: ONNX SAME_UPPER, or stride 1 with pads of half the dilated kernel on
-    each side. Other pads go through tf.pad, not the ops' explicit padding: TF 2.21's grappler aborts the process
-    in DepthwiseConv2dNative's shape function when that op has explicit paddings."""
+    each side (a depthwise convolution at stride 2 also, with its kernel grown: _same_when_grown, in the caller).
+    Other pads go through tf.pad, not the ops' explicit padding: TF 2.21's grappler aborts the process in
+    DepthwiseConv2dNative's shape function when that op has explicit paddings."""
     auto_pad = attrs.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if auto_pad in ("VALID", "SAME_UPPER"):
@@ -127,7 +128,7 @@ def _padding(attrs: dict, kernel: Sequence[int], node_name: str):
     return [[0, 0], [top, bottom], [left, right], [0, 0]], "VALID"
 
 
-def _grown_same(attrs: dict, kernel: Sequence[int]) -> bool:
+def _same_when_grown(attrs: dict, kernel: Sequence[int]) -> bool:
     """Whether a stride-2 convolution with symmetric pads of half its odd kernel equals TF's 'SAME' convolution with
     the kernel grown by a zero row and column at its end. SAME at stride 2 pads k - 1 (even size) or k (odd size) in
     all, the smaller half first; with k + 1 taps that is (k - 1) / 2 before, as ONNX pads, and each window's last
@@ -203,7 +204,7 @@ class _Builder:
             def run(x, kernel=kernel):
                 return tf.nn.conv2d(x, kernel, [1] + strides + [1], padding, dilations=dilations)
         elif w.shape[1] == 1 and w.shape[0] == group:  # depthwise: one filter per input channel
-            if pads is not None and _grown_same(attrs, w.shape[2:]):
+            if pads is not None and _same_when_grown(attrs, w.shape[2:]):
                 w, pads, padding = np.pad(w, [(0, 0), (0, 0), (0, 1), (0, 1)]), None, "SAME"
             kernel = self.variable(w.transpose(2, 3, 0, 1), "depthwise_kernel")  # [C, 1, H, W] -> [H, W, C, 1]
 
