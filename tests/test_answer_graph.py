@@ -442,6 +442,22 @@ def test_with_first_crops_the_rest_are_read_only_for_the_images_the_first_do_not
         assert 0.99 <= settled.max() < five[P.ORIENTATION_PROBABILITIES][0].max()
 
 
+@pytest.mark.parametrize("images, crops_read", [([(SURE, 0)], 0), ([(STAGE_SETTLED, 0)], 2),
+                                                 ([(STAGE_SETTLED, 0), (SURE, 0)], 2)])
+def test_first_crops_on_a_batch_that_reads_no_crop_or_settles_every_image(images, crops_read):
+    """The classifier's two calls skip an empty batch: no image read (a sure one), or none left after the first
+    crops (every image settled)."""
+    rows = {**GATE_ROWS, **STAGE_IMAGE_ROWS}
+    crops = P.TextCropSettings(weight=0.7, below=0.8, agree=2, sure=0.8, read_below=0.9, first_crops=2)
+    policy = policy_of(crops=crops)
+    net = StubCropNet(crop_table(STAGE_CROP_ROWS))
+    out = answer_fn(LookupModel(orientation_table(rows)), policy, net)([image_bytes(k, t) for k, t in images])
+
+    assert_matches_reference(out, rows, STAGE_CROP_ROWS, images, policy.answer)
+    assert int(net.crops_seen.numpy()) == crops_read
+    assert out[P.TEXT_CROPS].tolist() == [1 if key == STAGE_SETTLED else -1 for key, _ in images]
+
+
 class PositionCropNet(tf.Module):
     """Crops whose red level is 10 * (position + 1) and green level 10 * (image + 1) -> table[image, position]: which
     crop of which image was read, whatever the order of the calls (StubCropNet only knows the call's order)."""
