@@ -126,10 +126,15 @@ def _below(probabilities: np.ndarray, gate: float) -> np.ndarray:
     return probabilities.max(-1).astype(np.float64) < gate
 
 
+def _crops_count(crops: np.ndarray, unsure: np.ndarray, sure: float, agree: int) -> np.ndarray:
+    """serving.answer._crops_count: an image's crops count when it is unsure, or when `agree` sure crops agree."""
+    return unsure | (text_crops.agreement(crops, sure) >= max(agree, 1))
+
+
 def _first_crops_settle(p0: np.ndarray, head: np.ndarray, unsure: np.ndarray, sparse: np.ndarray, *, agree: int,
                         sure: float, weight: np.float32, read_below: float) -> np.ndarray:
     """serving.answer.WholeAnswer._crop_probabilities' rule: the images whose first crops (`head`) settle them."""
-    counted = unsure | (text_crops.agreement(head, sure) >= max(agree, 1))
+    counted = _crops_count(head, unsure, sure, agree)
     fused = _fuse(p0, weight * _evidence(head, sure))
     naming = (head.astype(np.float32).max(-1) >= np.float32(sure)) & (head.argmax(-1) == fused.argmax(-1)[:, None])
     return counted & naming.all(-1) & ~_below(fused, read_below) & ~sparse
@@ -159,7 +164,7 @@ def simulate(parts: Dict[str, np.ndarray], *, read_below: float = 1.0, tta_below
         crops = np.where(settled[:, None, None], np.concatenate([crops[:, :first_crops], np.zeros_like(
             crops[:, first_crops:])], 1), crops)  # a crop not read: zeros, never sure
         crops_read = np.where(settled, first_crops, crops_read)
-    counted = read & (unsure | (text_crops.agreement(crops, sure) >= max(agree, 1)))
+    counted = read & _crops_count(crops, unsure, sure, agree)
     evidence = np.where(counted[:, None], weight32 * _evidence(crops, sure), np.float32(0.0))
     so_far = np.where(counted[:, None], _fuse(p0, evidence), p0)
     turned = np.ones(n, bool) if tta_below >= 1.0 else _below(so_far, tta_below)

@@ -79,20 +79,19 @@ def _foldable_pairs(model) -> Dict[int, Tuple[object, object]]:
 def _padded_depthwise(model) -> Dict[int, object]:
     """{id(conv): its ZeroPadding2D} for each stride-2 'valid' DepthwiseConv2D fed only by a pad of half its odd
     kernel on every side (torchvision's stride-2 convolutions): the pair is TF's 'SAME' convolution with the kernel
-    grown by a zero row and column at its end (trainer.onnx_graph._same_when_grown says why), which saves the copy of
+    grown by a zero row and column at its end (trainer.onnx_graph.same_when_grown says why), which saves the copy of
     the feature map the pad makes (grappler fuses a pad into a Conv2D, not into a depthwise convolution)."""
     import keras
+
+    from trainer.onnx_graph import same_when_grown
 
     edges, consumers, outputs = _edges(model)
     found = {}
     for pad, conv in edges:
         if not (type(pad) is keras.layers.ZeroPadding2D and type(conv) is keras.layers.DepthwiseConv2D):
             continue
-        half = tuple((k - 1) // 2 for k in conv.kernel_size)
-        if (tuple(conv.strides) == (2, 2) and conv.padding == "valid" and tuple(conv.dilation_rate) == (1, 1)
-                and all(k % 2 == 1 for k in conv.kernel_size) and conv.data_format == "channels_last"
-                and pad.data_format == "channels_last"
-                and tuple(map(tuple, pad.padding)) == tuple((h, h) for h in half)
+        if (conv.padding == "valid" and conv.data_format == pad.data_format == "channels_last"
+                and same_when_grown(conv.strides, conv.dilation_rate, conv.kernel_size, pad.padding)
                 and _single(pad, consumers, outputs) and len(conv._inbound_nodes) <= 1):  # noqa: SLF001
             found[id(conv)] = pad
     return found
@@ -101,11 +100,10 @@ def _padded_depthwise(model) -> Dict[int, object]:
 def _grown_same(conv, input_shape):
     """A copy of the stride-2 DepthwiseConv2D `conv` as 'SAME' with its kernel grown by a zero row and column, built
     for `input_shape` (the unpadded map its pad was fed)."""
-    import keras
-    import numpy as np
+    from trainer.onnx_graph import grown_kernel
 
     weights = conv.get_weights()
-    weights[0] = np.pad(weights[0], [(0, 1), (0, 1), (0, 0), (0, 0)])
+    weights[0] = grown_kernel(weights[0], (0, 1))  # Keras kernels are [H, W, in, multiplier]
     config = {**conv.get_config(), "padding": "same", "kernel_size": tuple(k + 1 for k in conv.kernel_size)}
     grown = conv.__class__.from_config(config)
     grown.build(input_shape)

@@ -109,7 +109,7 @@ def _padding(attrs: dict, kernel: Sequence[int], node_name: str):
     """(explicit NHWC pads to apply first with tf.pad, or None; the TF padding then, 'SAME' or 'VALID').
 
     'SAME' is used only where it is exact: ONNX SAME_UPPER, or stride 1 with pads of half the dilated kernel on
-    each side (a depthwise convolution at stride 2 also, with its kernel grown: _same_when_grown, in the caller).
+    each side (a depthwise convolution at stride 2 also, with its kernel grown: same_when_grown, in the caller).
     Other pads go through tf.pad, not the ops' explicit padding: TF 2.21's grappler aborts the process in
     DepthwiseConv2dNative's shape function when that op has explicit paddings."""
     auto_pad = attrs.get("auto_pad", b"NOTSET")
@@ -128,15 +128,23 @@ def _padding(attrs: dict, kernel: Sequence[int], node_name: str):
     return [[0, 0], [top, bottom], [left, right], [0, 0]], "VALID"
 
 
-def _same_when_grown(attrs: dict, kernel: Sequence[int]) -> bool:
-    """Whether a stride-2 convolution with symmetric pads of half its odd kernel equals TF's 'SAME' convolution with
-    the kernel grown by a zero row and column at its end. SAME at stride 2 pads k - 1 (even size) or k (odd size) in
-    all, the smaller half first; with k + 1 taps that is (k - 1) / 2 before, as ONNX pads, and each window's last
-    row and column meet the zero taps. For a depthwise convolution, which grappler cannot fuse with a pad, this
-    saves the copy of the whole feature map that tf.pad makes (the outputs the same up to summation order)."""
-    pads = tuple(attrs.get("pads", (0, 0, 0, 0)))
-    return (tuple(attrs.get("strides", (1, 1))) == (2, 2) and tuple(attrs.get("dilations", (1, 1))) == (1, 1)
-            and all(k % 2 == 1 for k in kernel) and pads == tuple((k - 1) // 2 for k in kernel) * 2)
+def same_when_grown(strides: Sequence[int], dilations: Sequence[int], kernel: Sequence[int],
+                    pads: Sequence[Sequence[int]]) -> bool:
+    """Whether a 2-D convolution padded by `pads` ((before, after) per spatial axis) first equals TF's 'SAME'
+    convolution with the kernel grown by a zero row and column at its end: stride 2, no dilation, an odd kernel k and
+    pads of (k - 1) / 2 on every side. SAME at stride 2 pads k - 1 (even size) or k (odd size) in all, the smaller
+    half first; with k + 1 taps that is (k - 1) / 2 before, and each window's last row and column meet the zero taps.
+    For a depthwise convolution, which grappler cannot fuse with a pad, this saves the copy of the whole feature map
+    the pad makes (the outputs the same up to summation order). Used here and by trainer.inference's fold."""
+    return (tuple(strides) == (2, 2) and tuple(dilations) == (1, 1) and all(k % 2 == 1 for k in kernel)
+            and tuple(map(tuple, pads)) == tuple(((k - 1) // 2, (k - 1) // 2) for k in kernel))
+
+
+def grown_kernel(kernel: np.ndarray, spatial: Tuple[int, int]) -> np.ndarray:
+    """`kernel` with a zero row and column added at the end of its two spatial axes (same_when_grown)."""
+    widths = [(0, 0)] * kernel.ndim
+    widths[spatial[0]] = widths[spatial[1]] = (0, 1)
+    return np.pad(kernel, widths)
 
 
 class _Builder:
@@ -204,8 +212,10 @@ class _Builder:
             def run(x, kernel=kernel):
                 return tf.nn.conv2d(x, kernel, [1] + strides + [1], padding, dilations=dilations)
         elif w.shape[1] == 1 and w.shape[0] == group:  # depthwise: one filter per input channel
-            if pads is not None and _same_when_grown(attrs, w.shape[2:]):
-                w, pads, padding = np.pad(w, [(0, 0), (0, 0), (0, 1), (0, 1)]), None, "SAME"
+            top, left, bottom, right = attrs.get("pads", (0, 0, 0, 0))
+            if pads is not None and same_when_grown(attrs.get("strides", (1, 1)), attrs.get("dilations", (1, 1)),
+                                                    w.shape[2:], ((top, bottom), (left, right))):
+                w, pads, padding = grown_kernel(w, (2, 3)), None, "SAME"
             kernel = self.variable(w.transpose(2, 3, 0, 1), "depthwise_kernel")  # [C, 1, H, W] -> [H, W, C, 1]
 
             def run(x, kernel=kernel):
