@@ -34,8 +34,9 @@ from trainer import text_crops
 
 KINDS = ("photo", "page", "sparse page")
 PARTS = ("p0", "turned", "crops", "second", "ink")
-# One core, ms (research/gates.py --cost measures them; docs/performance.md): the per-image preparation of a page
-# (decode, reading copy, view, ink, crops cut), MobileNetV2 per image, PP-LCNet per crop, the second look per image.
+# One core, ms (`research/gates.py --cost` measures them here; docs/performance.md): the per-image preparation of a
+# page (decode, reading copy, view, ink, crops cut), MobileNetV2 per image, PP-LCNet per crop, the second look per
+# image.
 COST_MS = {"prep": 21.5, "model": 9.3, "crop": 3.7, "second": 64.0}
 
 
@@ -52,18 +53,25 @@ def read_truth(folder: str) -> List[Dict[str, object]]:
     return out
 
 
-def compute_parts(uris: Sequence[str], batch: int = 8) -> Dict[str, np.ndarray]:
-    """Every part of the default model's answer for each file, ungated (the export's graph pieces)."""
-    import tensorflow as tf
-
-    from serving import answer as A
+def _default_pieces(with_model: bool = True):
+    """(the default model's policy, its image model as exported (or None), the crop classifier in TF)."""
     from serving.export import crop_net_for, inference_model
     from serving.policy import policy_from_settings
     from trainer import default_model
 
     policy = policy_from_settings(default_model.score_settings(), default_model.DEFAULT_IMAGE_SIZE)
-    model = inference_model(default_model.build_default_orientation_model(), default_model.DEFAULT_IMAGE_SIZE)[0]
-    crop_net = crop_net_for(policy)
+    model = (inference_model(default_model.build_default_orientation_model(), default_model.DEFAULT_IMAGE_SIZE)[0]
+             if with_model else None)
+    return policy, model, crop_net_for(policy)
+
+
+def compute_parts(uris: Sequence[str], batch: int = 8) -> Dict[str, np.ndarray]:
+    """Every part of the default model's answer for each file, ungated (the export's graph pieces)."""
+    import tensorflow as tf
+
+    from serving import answer as A
+
+    policy, model, crop_net = _default_pieces()
     settings, crops = policy.answer, policy.answer.text_crops
     size, side = settings.image_size, crops.crop
 
@@ -94,17 +102,106 @@ def compute_parts(uris: Sequence[str], batch: int = 8) -> Dict[str, np.ndarray]:
         return (orientation(views), tf.transpose(tf.reshape(turned, [3, n, 4]), [1, 0, 2]), read("crops", 5),
                 read("second", 10), prepared["ink"])
 
-    out: Dict[str, List[np.ndarray]] = {key: [] for key in PARTS}
+    return dict(zip(PARTS, _over_files(parts, uris, batch, "parts")))
+
+
+def _over_files(fn, uris: Sequence[str], batch: int, label: str) -> List[np.ndarray]:
+    """fn's outputs (a tuple of tensors) over the files' bytes in batches, each output concatenated."""
+    import tensorflow as tf
+
+    out: List[List[np.ndarray]] = []
     for start in range(0, len(uris), batch):
         blobs = []
         for uri in uris[start:start + batch]:
             with open(uri, "rb") as f:
                 blobs.append(f.read())
-        for key, value in zip(PARTS, parts(tf.constant(blobs))):
-            out[key].append(value.numpy())
-        print(f"\r  parts: {min(start + batch, len(uris))}/{len(uris)} files", end="", file=sys.stderr, flush=True)
+        values = fn(tf.constant(blobs))
+        out = out or [[] for _ in values]
+        for kept, value in zip(out, values):
+            kept.append(value.numpy())
+        print(f"\r  {label}: {min(start + batch, len(uris))}/{len(uris)} files", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    return {key: np.concatenate(value) for key, value in out.items()}
+    return [np.concatenate(value) for value in out]
+
+
+def compute_crops(uris: Sequence[str], copy_short: int, batch: int = 8) -> np.ndarray:
+    """[N, 5, 4]: the five text crops' probabilities with the reading copy at a short side of `copy_short` and crops
+    of half that side (the same part of the page as the default's 224 px crops of a 448 px copy, in fewer pixels)."""
+    import dataclasses
+
+    import tensorflow as tf
+
+    from serving import answer as A
+
+    policy, _, crop_net = _default_pieces(with_model=False)
+    crops = dataclasses.replace(policy.answer.text_crops, copy_short=copy_short, crop=copy_short // 2)
+
+    def per_image(data):
+        image = A.decode_for_copy(data, copy_short, A._CROP_MAX_LONG)
+        return A.crop_batch(A.reading_copy(image, copy_short), crops)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
+    def read(data):
+        cut = tf.map_fn(per_image, data, fn_output_signature=tf.TensorSpec([5, crops.crop, crops.crop, 3],
+                                                                             tf.float32))
+        flat = A.classifier_input(tf.reshape(cut, [-1, crops.crop, crops.crop, 3]))
+        return (tf.reshape(tf.cast(crop_net(flat), tf.float32), [tf.shape(data)[0], 5, 4]),)
+
+    return _over_files(read, uris, batch, f"crops of a {copy_short} px copy")[0]
+
+
+def measure_costs(uris: Sequence[str], batch: int = 8) -> Dict[str, float]:
+    """COST_MS measured here, on the first core of this process (call it before TensorFlow runs anything: it sets
+    TF's threads): a page's preparation over `uris` (decode, reading copy, view, ink, crops cut), the second look per
+    image over them, and MobileNetV2 per image and PP-LCNet per crop in batches of `batch`."""
+    import time
+
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    from serving import answer as A
+
+    policy, model, crop_net = _default_pieces()
+    settings, crops = policy.answer, policy.answer.text_crops
+    side = crops.crop
+
+    def prepare(data):
+        image = A.decode_for_copy(data, crops.copy_short, A._CROP_MAX_LONG, A.view_side(settings))
+        reading = A.reading_copy(image, crops.copy_short)
+        # Summed, so that nothing the graph makes per image is pruned, and little is added.
+        return (tf.reduce_sum(A.model_view_of(image, reading, settings)) + A.ink_share(reading)
+                + tf.reduce_sum(A.crop_batch(reading, crops)))
+
+    def second(data):
+        looks = A.second_look_batch(data, crops)
+        return tf.reduce_sum(crop_net(A.classifier_input(looks)))
+
+    def per_file(fn):
+        return tf.function(lambda data: tf.map_fn(fn, data, fn_output_signature=tf.float32), autograph=False)
+
+    pixels = tf.random.uniform([batch, settings.image_size, settings.image_size, 3], 0.0, 255.0, seed=1)
+    crop_pixels = tf.random.uniform([batch, side, side, 3], -2.0, 2.0, seed=2)
+    blobs = []
+    for uri in uris:
+        with open(uri, "rb") as f:
+            blobs.append(f.read())
+    batches = [tf.constant(blobs[i:i + batch]) for i in range(0, len(blobs), batch)]
+
+    def ms_each(fn, inputs, count):
+        fn(inputs[0])  # traced off the clock
+        started = time.perf_counter()
+        for value in inputs:
+            fn(value)
+        return 1000 * (time.perf_counter() - started) / count
+
+    run_model = tf.function(lambda x: model(x, training=False), autograph=False)
+    run_crops = tf.function(crop_net, autograph=False)
+    return {"prep": ms_each(per_file(prepare), batches, len(blobs)),
+            "model": ms_each(run_model, [pixels] * 8, 8 * batch),
+            "crop": ms_each(run_crops, [crop_pixels] * 8, 8 * batch),
+            "second": ms_each(per_file(second), batches, len(blobs))}
 
 
 def _evidence(probabilities: np.ndarray, sure: float) -> np.ndarray:
@@ -187,9 +284,37 @@ def simulate(parts: Dict[str, np.ndarray], *, read_below: float = 1.0, tta_below
             "second": second, "crops_read": crops_read}
 
 
-def summary(answer: Dict[str, np.ndarray], truth: List[Dict[str, object]], mask: Optional[np.ndarray] = None
-            ) -> Dict[str, Dict[str, float]]:
-    """Per kind: files, right with an up, the bands (answers, wrong), review share, and the modelled ms a file."""
+def simulate_crops_first(parts: Dict[str, np.ndarray], *, settle_sure: float = 0.9, first_crops: int = 2,
+                         rotate: float = 0.9, ok: float = 0.5, **policy) -> Dict[str, np.ndarray]:
+    """A graph not built (docs/performance.md): the first crops read before the image model. An image that is not
+    nearly blank, and whose first `first_crops` crops are all at least `settle_sure` and name one turn, takes their
+    answer alone (softmax of their weighted evidence; review below the bands' thresholds) and skips the image model,
+    its turned copies and the second look. Every other image is answered as simulate() answers it, the crops it read
+    first included. `model_run` says which images ran the image model."""
+    answer = simulate(parts, first_crops=first_crops, rotate=rotate, ok=ok, **policy)
+    head = parts["crops"][:, :first_crops].astype(np.float32)
+    sparse = parts["ink"].astype(np.float64) < policy.get("sparse_ink_below", 0.01)
+    settled = (~sparse & (head.max(-1) >= np.float32(settle_sure)).all(-1)
+               & (head.argmax(-1) == head[:, :1].argmax(-1)).all(-1))
+    weight = np.float32(policy.get("weight", 0.7))
+    alone = _fuse(np.full(answer["final"].shape, 0.25, np.float32), weight * _evidence(head, policy.get("sure", 0.8)))
+    degrees = alone.argmax(-1)
+    review = alone.max(-1).astype(np.float64) < np.where(degrees == 0, ok, rotate)
+    decision = np.where(review, "review", np.where(degrees == 0, "ok", "auto_rotate"))
+    return {"final": np.where(settled[:, None], alone, answer["final"]),
+            "degrees": np.where(settled, degrees, answer["degrees"]),
+            "decision": np.where(settled, decision, answer["decision"]),
+            "read": answer["read"] | settled, "turned": answer["turned"] & ~settled,
+            "second": answer["second"] & ~settled,
+            "crops_read": np.where(settled, first_crops, np.maximum(answer["crops_read"], first_crops)),
+            "model_run": ~settled}
+
+
+def summary(answer: Dict[str, np.ndarray], truth: List[Dict[str, object]], mask: Optional[np.ndarray] = None,
+            costs: Optional[Dict[str, float]] = None) -> Dict[str, Dict[str, float]]:
+    """Per kind: files, right with an up, the bands (answers, wrong), review share, and the modelled ms a file
+    (`costs`, COST_MS by default)."""
+    costs = costs or COST_MS
     kinds = np.array([t["kind"] for t in truth])
     turns = np.array([t["turn"] for t in truth])
     up = np.array([t["up"] for t in truth])
@@ -201,8 +326,9 @@ def summary(answer: Dict[str, np.ndarray], truth: List[Dict[str, object]], mask:
             continue
         bands = {band: (int((m & (answer["decision"] == band)).sum()),
                         int((m & (answer["decision"] == band) & ~right).sum())) for band in ("auto_rotate", "ok")}
-        cost = (COST_MS["prep"] + COST_MS["model"] * (1 + 3 * answer["turned"][m].mean())
-                + COST_MS["crop"] * answer["crops_read"][m].mean() + COST_MS["second"] * answer["second"][m].mean())
+        model_run = answer.get("model_run", np.ones(len(m), bool))
+        cost = (costs["prep"] + costs["model"] * (model_run[m].mean() + 3 * answer["turned"][m].mean())
+                + costs["crop"] * answer["crops_read"][m].mean() + costs["second"] * answer["second"][m].mean())
         out[kind] = {"files": int(m.sum()), "with_up": int((m & up).sum()),
                      "wrong_with_up": int((m & up & ~right).sum()), "right_with_up": float(right[m & up].mean()),
                      "auto_rotate": bands["auto_rotate"], "ok": bands["ok"],
@@ -253,9 +379,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--parts", help="npz cache of the parts (computed when missing)")
     parser.add_argument("--gates", default="1.0/1.0,0.99/0.99,0.99/1.0,1.0/0.99,0.95/0.95,0.9/0.9",
                         help="read_below/tta_below pairs to sweep")
+    parser.add_argument("--cost", action="store_true",
+                        help="first measure COST_MS on this machine's first core (the upright pages) and model with it")
+    parser.add_argument("--crop-sizes", default="",
+                        help="reading copies' short sides (e.g. 384,320) to read the crops at, beside the 448 of the "
+                             "parts (crops half the side; cached beside the parts)")
     args = parser.parse_args(argv)
 
     truth = read_truth(args.served)
+    costs = dict(COST_MS)
+    if args.cost:
+        pages = [str(t["uri"]) for t in truth if t["kind"] == "page" and t["turn"] == 0][:96]
+        costs = measure_costs(pages)
+        print("one core, ms: " + ", ".join(f"{key} {value:.1f} (COST_MS {COST_MS[key]})"
+                                            for key, value in costs.items()))
     path = args.parts or os.path.join(args.served, "gates-parts.npz")
     if os.path.exists(path):
         with np.load(path) as data:
@@ -281,15 +418,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("\nthe cost gates (read_below/tta_below), the crop rule as recorded in the head (agree 4):")
     for pair in args.gates.split(","):
         read_below, tta_below = (float(x) for x in pair.split("/"))
-        print(line(f"  {pair}", summary(simulate(parts, read_below=read_below, tta_below=tta_below), truth)))
+        print(line(f"  {pair}", summary(simulate(parts, read_below=read_below, tta_below=tta_below), truth,
+                                        costs=costs)))
     print("\nthe crop rule at gates 0.99/0.99:")
     for agree in (4, 3, 2, 1):
         print(line(f"  agree {agree}", summary(simulate(parts, read_below=0.99, tta_below=0.99, agree=agree),
-                                                truth)))
+                                                truth, costs=costs)))
     print("\nthe first crops read before the rest (gates 0.99/0.99, agree 2):")
     for first in (0, 1, 2, 3):
         print(line(f"  first_crops {first}", summary(simulate(parts, read_below=0.99, tta_below=0.99, agree=2,
-                                                               first_crops=first), truth)))
+                                                               first_crops=first), truth, costs=costs)))
     if args.corpus:
         groups = groups_of(truth, args.corpus)
         fold = np.array([int(hashlib.sha256(g.encode()).hexdigest(), 16) % 2 for g in groups])
@@ -301,10 +439,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             best = json.loads(max(scores, key=scores.get))
             measured = fold == half
             print(line(f"  half {half}: chosen {best}",
-                       summary(simulate(parts, read_below=0.99, tta_below=0.99, **best), truth, measured)))
+                       summary(simulate(parts, read_below=0.99, tta_below=0.99, **best), truth, measured, costs)))
             print(line("          as the head recorded (agree 4, second_below 0.5)",
-                       summary(simulate(parts, read_below=0.99, tta_below=0.99), truth, measured)))
+                       summary(simulate(parts, read_below=0.99, tta_below=0.99), truth, measured, costs)))
+    readers(parts, truth, costs, args.crop_sizes, path)
     return 0
+
+
+def readers(parts: Dict[str, np.ndarray], truth: List[Dict[str, object]], costs: Dict[str, float], sizes: str,
+            parts_path: str) -> None:
+    """What a cheaper reading would give (docs/performance.md): the shipped policy and the crops read before the image
+    model (simulate_crops_first), with the crops at the parts' 448 px copy and at each of `sizes` (computed once and
+    cached beside the parts; a crop's modelled cost scales with its pixels)."""
+    shipped = {"read_below": 0.99, "tta_below": 0.99, "agree": 2, "first_crops": 2}
+    base = simulate(parts, **shipped)
+    print("\nthe crops before the image model (settled by two crops both >= 0.9 naming one turn), shipped policy "
+          "otherwise:")
+    native = 448  # the default policy's copy_short, at which compute_parts reads the crops
+    for short in [native] + [int(x) for x in sizes.split(",") if x.strip()]:
+        crops = parts["crops"]
+        if short != native:
+            cache = f"{os.path.splitext(parts_path)[0]}-crops{short}.npy"
+            if not os.path.exists(cache):
+                np.save(cache, compute_crops([str(t["uri"]) for t in truth], short))
+            crops = np.load(cache)
+        sized = dict(parts, crops=crops)
+        scaled = dict(costs, crop=costs["crop"] * (short / native) ** 2)
+        for label, answer in (("shipped", simulate(sized, **shipped)),
+                              ("crops first", simulate_crops_first(sized, **shipped))):
+            moved = int((answer["degrees"] != base["degrees"]).sum())
+            print(line(f"  {short} px copy, {label}: {moved} degrees differ from the shipped graph's",
+                       summary(answer, truth, costs=scaled)))
 
 
 def _simulated_policy(policy: Dict[str, object]) -> Dict[str, float]:

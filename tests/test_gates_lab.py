@@ -67,3 +67,44 @@ def test_the_labs_answer_is_the_graphs(read_below, tta_below, agree, sparse, fir
     assert lab["crops_read"].sum() == int(net.crops_seen.numpy())
     if first and sparse < 0.25:
         assert 0 < (lab["crops_read"] == first).sum() < lab["read"].sum()
+
+
+def _crops_first_parts(first_two: list, ink: float) -> dict:
+    """One image per row of `first_two` (its first two crops' probabilities): an unsure stored copy reading 90, turned
+    copies that agree, the other three crops and the second look uniform."""
+    n = len(first_two)
+    p0 = np.tile(np.array([[0.2, 0.6, 0.1, 0.1]], np.float32), (n, 1))
+    turned = np.stack([[np.roll(p0[0], i + 1) for i in range(3)]] * n).astype(np.float32)
+    crops = np.full((n, 5, 4), 0.25, np.float32)
+    crops[:, :2] = np.array(first_two, np.float32)
+    return {"p0": p0, "turned": turned, "crops": crops, "second": np.full((n, 10, 4), 0.25, np.float32),
+            "ink": np.full(n, ink, np.float32)}
+
+
+def test_crops_first_skips_the_image_model_only_where_two_sure_crops_agree():
+    sure_180 = [0.02, 0.02, 0.94, 0.02]
+    parts = _crops_first_parts([[sure_180, sure_180],  # settled: 180 from the crops alone
+                                [sure_180, [0.02, 0.94, 0.02, 0.02]],  # sure but naming two turns
+                                [sure_180, [0.05, 0.05, 0.85, 0.05]]], ink=0.05)  # one below 0.9
+    policy = dict(read_below=0.99, tta_below=0.99, agree=2, first_crops=2)
+    shipped, first = gates.simulate(parts, **policy), gates.simulate_crops_first(parts, **policy)
+
+    assert first["model_run"].tolist() == [False, True, True]
+    assert first["degrees"][0] == 2 and first["decision"][0] == "auto_rotate" and first["final"][0].max() > 0.9
+    assert not first["turned"][0] and not first["second"][0] and first["crops_read"][0] == 2
+    # The others are the shipped graph's answers, having read at least their first two crops.
+    for key in ("degrees", "decision", "turned"):
+        assert first[key][1:].tolist() == shipped[key][1:].tolist()
+    assert (first["crops_read"][1:] >= 2).all()
+    # The image model skipped is a cheaper modelled page.
+    truth = [{"kind": "page", "turn": 2, "up": True}] * 3
+    assert gates.summary(first, truth)["page"]["ms"] < gates.summary(shipped, truth)["page"]["ms"]
+
+
+def test_crops_first_never_settles_a_nearly_blank_page():
+    sure_180 = [0.02, 0.02, 0.94, 0.02]
+    parts = _crops_first_parts([[sure_180, sure_180]], ink=0.001)
+    first = gates.simulate_crops_first(parts, read_below=0.99, tta_below=0.99, agree=2, first_crops=2)
+    assert first["model_run"].tolist() == [True]
+    assert first["degrees"].tolist() == gates.simulate(parts, read_below=0.99, tta_below=0.99, agree=2,
+                                                        first_crops=2)["degrees"].tolist()
