@@ -1,7 +1,8 @@
 """The whole answer's gates and crop rule, chosen on data the shipped head never saw.
 
     python -m research.gates --served bench-out/served --corpus CORPUS [--parts bench-out/gates-parts.npz]
-    python -m research.gates --served /tmp/archive-unseen-check/pages/check --no-corpus   # a check set, one row
+        [--cost] [--crop-sizes 384,320]
+    python -m research.gates --served /tmp/archive-unseen-check/pages/check   # a check set: no cross-fitting
 
 The shipped head was trained on train and val, so val overrates its stored copy and cannot choose how much the
 graph should trust it. This lab works on the files bench/served.py writes (the held-out split, each file in four turns,
@@ -15,8 +16,10 @@ with truth.csv) or a checkset folder (images/ and truth.csv):
 3. a sweep of the cost gates (crops read below `read_below`, turned copies below `tta_below`) and of the crops read
    first (`first_crops`): accuracy, the bands, and a page's modelled cost from one-core op times
    (docs/performance.md);
-4. two-fold cross-fitting by source group (a PDF, a photo's source file): the crop rule (`agree`) and the second
-   look's gate are chosen on one half's sources and measured on the other's, both ways.
+4. two-fold cross-fitting by source group (a PDF, a photo's source file): the crop rule (`agree`), the second
+   look's gate and the crops' settle_first are chosen on one half's sources and measured on the other's, both ways;
+5. the crops read before the image model (settle_first) against the image model first, also with the crops read
+   from smaller copies (--crop-sizes), and the modelled costs measured on this machine (--cost).
 """
 from __future__ import annotations
 
@@ -284,17 +287,17 @@ def simulate(parts: Dict[str, np.ndarray], *, read_below: float = 1.0, tta_below
             "second": second, "crops_read": crops_read}
 
 
-def simulate_crops_first(parts: Dict[str, np.ndarray], *, settle_sure: float = 0.9, first_crops: int = 2,
+def simulate_crops_first(parts: Dict[str, np.ndarray], *, settle_first: float = 0.9, first_crops: int = 2,
                          rotate: float = 0.9, ok: float = 0.5, **policy) -> Dict[str, np.ndarray]:
-    """A graph not built (docs/performance.md): the first crops read before the image model. An image that is not
-    nearly blank, and whose first `first_crops` crops are all at least `settle_sure` and name one turn, takes their
+    """serving.answer.WholeAnswer._crops_first: the first crops read before the image model. An image that is not
+    nearly blank, and whose first `first_crops` crops are all at least `settle_first` and name one turn, takes their
     answer alone (softmax of their weighted evidence; review below the bands' thresholds) and skips the image model,
     its turned copies and the second look. Every other image is answered as simulate() answers it, the crops it read
     first included. `model_run` says which images ran the image model."""
     answer = simulate(parts, first_crops=first_crops, rotate=rotate, ok=ok, **policy)
     head = parts["crops"][:, :first_crops].astype(np.float32)
     sparse = parts["ink"].astype(np.float64) < policy.get("sparse_ink_below", 0.01)
-    settled = (~sparse & (head.max(-1) >= np.float32(settle_sure)).all(-1)
+    settled = (~sparse & (head.max(-1) >= np.float32(settle_first)).all(-1)
                & (head.argmax(-1) == head[:, :1].argmax(-1)).all(-1))
     weight = np.float32(policy.get("weight", 0.7))
     alone = _fuse(np.full(answer["final"].shape, 0.25, np.float32), weight * _evidence(head, policy.get("sure", 0.8)))
@@ -308,6 +311,13 @@ def simulate_crops_first(parts: Dict[str, np.ndarray], *, settle_sure: float = 0
             "second": answer["second"] & ~settled,
             "crops_read": np.where(settled, first_crops, np.maximum(answer["crops_read"], first_crops)),
             "model_run": ~settled}
+
+
+def simulate_policy(parts: Dict[str, np.ndarray], settle_first: float = 0.0, **policy) -> Dict[str, np.ndarray]:
+    """The answer under a whole policy (_simulated_policy's terms): with settle_first, the crops first."""
+    if settle_first > 0:
+        return simulate_crops_first(parts, settle_first=settle_first, **policy)
+    return simulate(parts, **policy)
 
 
 def summary(answer: Dict[str, np.ndarray], truth: List[Dict[str, object]], mask: Optional[np.ndarray] = None,
@@ -408,7 +418,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 .to_pylist()}
         with open(os.path.join(args.served, "score", "run.json")) as f:
             policy = json.load(f)["policy"]
-        scored = simulate(parts, **_simulated_policy(policy))
+        scored = simulate_policy(parts, **_simulated_policy(policy))
         same = sum(rows[t["uri"]]["orientation_degrees"] // 90 == d for t, d in zip(truth, scored["degrees"])
                    if t["uri"] in rows)
         decided = sum(rows[t["uri"]]["decision"] == d for t, d in zip(truth, scored["decision"]) if t["uri"] in rows)
@@ -442,19 +452,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        summary(simulate(parts, read_below=0.99, tta_below=0.99, **best), truth, measured, costs)))
             print(line("          as the head recorded (agree 4, second_below 0.5)",
                        summary(simulate(parts, read_below=0.99, tta_below=0.99), truth, measured, costs)))
+        print("\nsettle_first: the loosest value of the highest utility on each half of the sources:")
+        from trainer.default_model import ANSWER_CHOICES
+
+        answers = {settle: simulate_policy(parts, **dict(ANSWER_CHOICES, settle_first=settle))
+                   for settle in (0.8, 0.85, 0.9, 0.95)}
+        halves = [{settle: utility(answer, truth, fold == half) for settle, answer in answers.items()}
+                  for half in (0, 1)]
+        best = min(settle for settle in answers if all(h[settle] == max(h.values()) for h in halves))
+        print(f"  utilities by half {halves}: {best}")
+        print(line(f"  settle_first {best}", summary(answers[best], truth, costs=costs)))
     readers(parts, truth, costs, args.crop_sizes, path)
     return 0
 
 
 def readers(parts: Dict[str, np.ndarray], truth: List[Dict[str, object]], costs: Dict[str, float], sizes: str,
             parts_path: str) -> None:
-    """What a cheaper reading would give (docs/performance.md): the shipped policy and the crops read before the image
-    model (simulate_crops_first), with the crops at the parts' 448 px copy and at each of `sizes` (computed once and
-    cached beside the parts; a crop's modelled cost scales with its pixels)."""
-    shipped = {"read_below": 0.99, "tta_below": 0.99, "agree": 2, "first_crops": 2}
-    base = simulate(parts, **shipped)
-    print("\nthe crops before the image model (settled by two crops both >= 0.9 naming one turn), shipped policy "
-          "otherwise:")
+    """The crops before the image model (settle_first, the shipped policy) against the image model first (export
+    format 11), with the crops read at the parts' 448 px copy and at each of `sizes` (cheaper crops of the same part
+    of the page: computed once and cached beside the parts; a crop's modelled cost scales with its pixels)."""
+    from trainer.default_model import ANSWER_CHOICES
+
+    shipped = dict(ANSWER_CHOICES)
+    base = simulate_policy(parts, **shipped)
+    print(f"\nthe crops before the image model (settle_first {shipped['settle_first']}), or the image model first:")
     native = 448  # the default policy's copy_short, at which compute_parts reads the crops
     for short in [native] + [int(x) for x in sizes.split(",") if x.strip()]:
         crops = parts["crops"]
@@ -465,11 +486,12 @@ def readers(parts: Dict[str, np.ndarray], truth: List[Dict[str, object]], costs:
             crops = np.load(cache)
         sized = dict(parts, crops=crops)
         scaled = dict(costs, crop=costs["crop"] * (short / native) ** 2)
-        for label, answer in (("shipped", simulate(sized, **shipped)),
-                              ("crops first", simulate_crops_first(sized, **shipped))):
+        for label, answer in (("the image model first", simulate_policy(sized, **dict(shipped, settle_first=0.0))),
+                              ("the crops first", simulate_policy(sized, **shipped))):
             moved = int((answer["degrees"] != base["degrees"]).sum())
-            print(line(f"  {short} px copy, {label}: {moved} degrees differ from the shipped graph's",
-                       summary(answer, truth, costs=scaled)))
+            decided = int((answer["decision"] != base["decision"]).sum())
+            print(line(f"  {short} px copy, {label}: {moved} degrees and {decided} decisions differ from the "
+                       "shipped policy's", summary(answer, truth, costs=scaled)))
 
 
 def _simulated_policy(policy: Dict[str, object]) -> Dict[str, float]:
@@ -478,6 +500,7 @@ def _simulated_policy(policy: Dict[str, object]) -> Dict[str, float]:
     out = {key: crops[key] for key in ("agree", "below", "sure", "weight", "second_below")}
     out["read_below"] = crops.get("read_below", 1.0)  # an export before format 8 read every image's crops
     out["first_crops"] = crops.get("first_crops", 0)  # before format 10 all five at once
+    out["settle_first"] = crops.get("settle_first", 0.0)  # before format 12 the image model first
     out.update(tta_below=answer["tta_below"], rotate=decision["rotate_threshold"], ok=decision["ok_threshold"],
                min_agreement=decision["tta_min_agreement"], agreement_below=decision["tta_agreement_below"],
                sparse_ink_below=decision["sparse_ink_below"])

@@ -299,6 +299,51 @@ class WholeAnswer:
         if crops is not None:
             spec["crops"] = tf.TensorSpec([len(_CROP_CENTRES), crops.crop, crops.crop, 3], tf.float32)
         prepared = tf.map_fn(per_image, image_bytes, fn_output_signature=spec)
+        settle = crops.settle_first if crops is not None and not self.has_class else 0.0
+        if settle > 0 and self.has_orientation and 0 < self._first_crops(crops) < len(_CROP_CENTRES):
+            return self._crops_first(image_bytes, prepared, crops, settle)
+        return self._answer(image_bytes, prepared)
+
+    def _crops_first(self, image_bytes, prepared, crops: P.TextCropSettings, settle: float) -> Dict[str, object]:
+        """The first crops of every image read before the image model: an image that is not nearly blank and whose
+        first crops are all at least `settle` sure and name one turn takes their answer alone (the fusion of their
+        evidence into no prior: read, counted, not turned, no second look, no image model: its probabilities -1).
+        The other images are answered as _answer answers them (their first crops not read again)."""
+        tf = _tf()
+        first = crops.first_crops
+        head = self._classify(prepared["crops"][:, :first])
+        top = tf.argmax(head, -1)
+        sparse = _nearly_blank(prepared["ink"], self.policy.decision)
+        settled = (~sparse & tf.reduce_all(tf.reduce_max(head, -1) >= settle, -1)
+                   & tf.reduce_all(tf.equal(top, top[:, :1]), -1))
+        count = tf.shape(settled)[0]
+        alone = fuse(tf.fill([count, 4], 0.25), crops.weight * crop_evidence(head, crops.sure)[0])
+        minus = -tf.ones([count], tf.int64)
+        settled_out = {P.ORIENTATION_PROBABILITIES: alone,
+                       P.ORIENTATION_DEGREES: tf.argmax(alone, -1, output_type=tf.int64) * 90,
+                       P.IMAGE_ORIENTATION_PROBABILITIES: -tf.ones([count, 4], tf.float32),
+                       P.TTA_AGREEMENT: -tf.ones([count], tf.float32), P.TEXT_CROPS: tf.ones([count], tf.int64),
+                       P.INK: prepared["ink"],
+                       P.DECISION: decide(self.policy.decision, alone, -tf.ones([count]), None, prepared["ink"],
+                                          tf.ones([count], tf.bool))}
+        if crops.second_below > 0:
+            settled_out[P.SECOND_LOOK] = minus
+        rest = tf.cast(tf.reshape(tf.where(~settled), [-1]), tf.int32)
+        # A batch every image of which settles skips the image model (an empty batch fails some CPU kernels).
+        def unsettled():
+            out = self._answer(tf.gather(image_bytes, rest),
+                               {key: tf.gather(value, rest) for key, value in prepared.items()}, tf.gather(head, rest))
+            return {key: out[key] for key in settled_out}
+
+        answered = tf.cond(tf.size(rest) > 0, unsettled,
+                           lambda: {key: tf.gather(value, rest) for key, value in settled_out.items()})
+        return {key: _scatter(rest, answered[key], value) for key, value in settled_out.items()}
+
+    def _answer(self, image_bytes, prepared, head=None) -> Dict[str, object]:
+        """The answer of the prepared images (`head`: their first crops' probabilities, when already read)."""
+        tf = _tf()
+        settings = self.policy.answer
+        crops = settings.text_crops if self.crop_net is not None else None
         views = prepared["view"]
         count = tf.shape(views)[0]
         stored = self._run(views)
@@ -329,7 +374,8 @@ class WholeAnswer:
             index = tf.cast(tf.reshape(tf.where(read), [-1]), tf.int32)
             sub_unsure = tf.gather(unsure, index)
             crop_probs = self._crop_probabilities(tf.gather(prepared["crops"], index), tf.gather(p0, index),
-                                                  sub_unsure, tf.gather(sparse, index), crops)
+                                                  sub_unsure, tf.gather(sparse, index), crops,
+                                                  None if head is None else tf.gather(head, index))
             sub_evidence, agreeing = crop_evidence(crop_probs, crops.sure)
             sub_counted = _crops_count(sub_unsure, agreeing, crops)
             evidence = _scatter(index, crops.weight * sub_evidence * tf.cast(sub_counted, tf.float32)[:, None],
@@ -406,18 +452,26 @@ class WholeAnswer:
                         lambda: tf.zeros([0, 4], tf.float32))
         return tf.reshape(probs, tf.concat([count, [4]], 0))
 
-    def _crop_probabilities(self, chosen, p0, unsure, sparse, crops: P.TextCropSettings):
+    @staticmethod
+    def _first_crops(crops: P.TextCropSettings) -> int:
+        """The crops read first (0: all five at once): first_crops, which needs the surer images' crop rule (agree)
+        and their read gate (read_below)."""
+        return crops.first_crops if crops.agree > 0 and crops.read_below < 1.0 else 0
+
+    def _crop_probabilities(self, chosen, p0, unsure, sparse, crops: P.TextCropSettings, head=None):
         """[R, 5, 4]: the classifier's probabilities for the crops [R, 5, crop, crop, 3] of the images read. With
         `first_crops`, those are read first, and the rest only for the images they do not settle: their answer
         fused with them is below read_below, or not all of them are sure and name it, or the page is nearly blank
         (its rule wants all five). A crop not read is all zeros, which is never sure: it adds no evidence and no
-        vote, so a settled image's answer is the one its first crops gave."""
+        vote, so a settled image's answer is the one its first crops gave. `head`: the first crops' probabilities,
+        when already read (_crops_first)."""
         tf = _tf()
         total = len(_CROP_CENTRES)
-        first = crops.first_crops if crops.agree > 0 and crops.read_below < 1.0 else 0
+        first = self._first_crops(crops)
         if not 0 < first < total:
             return self._classify(chosen)
-        head = self._classify(chosen[:, :first])
+        if head is None:
+            head = self._classify(chosen[:, :first])
         evidence, agreeing = crop_evidence(head, crops.sure)
         counted = _crops_count(unsure, agreeing, crops)
         fused = fuse(p0, crops.weight * evidence)

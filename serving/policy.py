@@ -51,6 +51,11 @@ class TextCropSettings:
     # < 1 (else all five are read at once); the crops still count only under `agree` (above first_crops: only an
     # unsure image can stop early).
     first_crops: int = 0
+    # With first_crops: the first crops of every image are read before the image model, and an image whose first
+    # crops are all at least this sure and name one turn takes their answer alone, without the image model, its
+    # turned copies or the second look (0: off). Never a nearly blank page, nor a model with a class head (its classes
+    # need the image model).
+    settle_first: float = 0.0
     sure: float = 0.8  # a crop counts only when its top probability reaches this
     copy_short: int = 448  # short side of the copy the crops are cut from
     crop: int = 224
@@ -63,6 +68,11 @@ class TextCropSettings:
     def __post_init__(self):
         if not 0 <= self.first_crops < 5:
             raise ValueError(f"first_crops must be 0 (all five crops at once) to 4, got {self.first_crops}")
+        if not 0.0 <= self.settle_first <= 1.0:
+            raise ValueError(f"settle_first must be between 0 and 1, got {self.settle_first}")
+        if self.settle_first > 0 and not (self.first_crops and self.agree > 0 and self.read_below < 1.0):
+            raise ValueError("settle_first needs first_crops, agree > 0 and read_below < 1 (the first crops read "
+                             "apart)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +184,7 @@ def policy_from_settings(settings: Mapping[str, Any] | None, image_size: int = M
                                          agree=int(crops.get("agree", 0)), sure=float(crops.get("sure", 0.8)),
                                          read_below=float(crops.get("read_below", 1.0)),
                                          first_crops=int(crops.get("first_crops", 0)),
+                                         settle_first=float(crops.get("settle_first", 0.0)),
                                          copy_short=int(crops.get("copy_short", 448)),
                                          second_below=float(crops.get("second_below", 0.0)),
                                          second_short=int(crops.get("second_short", 896)))

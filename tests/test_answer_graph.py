@@ -10,6 +10,7 @@ real default model's export.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -456,6 +457,54 @@ def test_first_crops_on_a_batch_that_reads_no_crop_or_settles_every_image(images
     assert_matches_reference(out, rows, STAGE_CROP_ROWS, images, policy.answer)
     assert int(net.crops_seen.numpy()) == crops_read
     assert out[P.TEXT_CROPS].tolist() == [1 if key == STAGE_SETTLED else -1 for key, _ in images]
+
+
+@pytest.mark.parametrize("images, images_seen, crops_seen", [
+    # VAGUE and SURE are read (below 0.99), settled by nothing (all five crops) and turned: 2 x (1 + 3) model calls
+    ([(STAGE_SETTLED, 0), (STAGE_AGAINST, 1), (STAGE_VAGUE, 0), (SURE, 0)], 8, 4 * 2 + 2 * 3),
+    ([(STAGE_SETTLED, 0), (STAGE_AGAINST, 3)], 0, 2 * 2)])  # every image settled: the image model is never called
+def test_settle_first_answers_from_two_sure_crops_without_the_image_model(images, images_seen, crops_seen):
+    """settle_first: the first two crops of every image are read first; an image whose two are sure (>= 0.85) and
+    name one turn takes their answer and never reaches the image model; the others are answered as without
+    settle_first, their first crops not read twice."""
+    rows = {**GATE_ROWS, **STAGE_IMAGE_ROWS}
+    outs, seen = {}, {}
+    for settle in (0.0, 0.85):
+        crops = P.TextCropSettings(weight=0.7, below=0.8, agree=2, sure=0.8, read_below=0.99, first_crops=2,
+                                   settle_first=settle, second_below=0.5)
+        policy = policy_of(tta=True, tta_below=0.99, crops=crops, decision=P.DecisionPolicy(rotate_threshold=0.9))
+        model, net = LookupModel(orientation_table(rows)), StubCropNet(crop_table(STAGE_CROP_ROWS))
+        outs[settle] = answer_fn(model, policy, net)([image_bytes(k, t) for k, t in images])
+        seen[settle] = int(model.images_seen.numpy()), int(net.crops_seen.numpy())
+        assert_decisions_match_python(outs[settle], policy.decision)
+    first, before = outs[0.85], outs[0.0]
+    settled = np.array([key in (STAGE_SETTLED, STAGE_AGAINST) for key, _ in images])
+    # Settled: the crops' answer alone (both read 90 at 0.9), sure, read and counted, nothing else run.
+    assert first[P.ORIENTATION_DEGREES][settled].tolist() == [90] * settled.sum()
+    assert (first[P.ORIENTATION_PROBABILITIES][settled].max(-1) > 0.95).all()
+    assert first[P.DECISION][settled].tolist() == [b"auto_rotate"] * settled.sum()
+    assert (first[P.IMAGE_ORIENTATION_PROBABILITIES][settled] == -1).all()
+    assert (first[P.TTA_AGREEMENT][settled] == -1).all() and (first[P.SECOND_LOOK][settled] == -1).all()
+    assert (first[P.TEXT_CROPS][settled] == 1).all()
+    # The others: exactly the answer the image model first gives.
+    for key in (P.ORIENTATION_PROBABILITIES, P.IMAGE_ORIENTATION_PROBABILITIES, P.TTA_AGREEMENT, P.TEXT_CROPS,
+                P.SECOND_LOOK, P.DECISION, P.INK):
+        np.testing.assert_array_equal(first[key][~settled], before[key][~settled])
+    looks = 10 * int((first[P.SECOND_LOOK] == 1).sum())  # the second look's crops, for the unsettled alone
+    assert seen[0.85] == (images_seen, crops_seen + looks) and seen[0.0][0] > images_seen
+
+
+def test_settle_first_is_off_for_a_model_with_classes_and_needs_the_first_crops_apart():
+    crops = P.TextCropSettings(weight=0.7, below=0.8, agree=2, sure=0.8, read_below=0.99, first_crops=2,
+                               settle_first=0.85)
+    images = [(STAGE_SETTLED, 0), (STAGE_AGAINST, 0)]
+    model = LookupModel(orientation_table(STAGE_IMAGE_ROWS), class_table=np.full((KEYS * 4, 2), 0.5, np.float32))
+    out = answer_fn(model, policy_of(crops=crops), StubCropNet(crop_table(STAGE_CROP_ROWS)), has_class=True)(
+        [image_bytes(k, t) for k, t in images])
+    assert int(model.images_seen.numpy()) == 2 and (out[P.IMAGE_ORIENTATION_PROBABILITIES] >= 0).all()
+    for bad in (dict(first_crops=0), dict(read_below=1.0), dict(agree=0), dict(settle_first=1.5)):
+        with pytest.raises(ValueError, match="settle_first"):
+            dataclasses.replace(crops, **bad)
 
 
 class PositionCropNet(tf.Module):
