@@ -13,7 +13,10 @@ Serving, `archive-vision serve` and `archive-vision score` (in-process or remote
    ONNX weights (trainer.onnx_graph), on five 224 px crops of the reading copy; the summed log-probabilities of the
    crops it is sure of are the evidence. Images whose stored answer is unsure always count their crops; surer
    images only when `agree` sure crops name one turn, and are read only below `read_below` (or nearly blank). With
-   `first_crops`, the first crops are read first and the rest only for the images they do not settle;
+   `first_crops`, the first crops are read first and the rest only for the images they do not settle; with
+   `settle_first` too, the first crops of every image are read before the image model (step 2), and an image they
+   settle on their own (all at least that sure, naming one turn; not a nearly blank page) takes their answer and
+   skips steps 2, 4 and 6 (its image model's probabilities -1);
 4. the turned copies (with `tta`): the view turned 90/180/270, for the images whose answer so far is below
    `tta_below`; their answers turned back and averaged with the stored copy's, the share agreeing kept;
 5. the fusion: softmax(log p + weight * evidence), p already calibrated (the head's temperature is folded in);
