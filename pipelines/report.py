@@ -666,7 +666,10 @@ def tta_summary(tta: dict) -> str:
     """run.json's `tta` section in words (the run's summary line and report.html)."""
     if not (tta.get("images") or tta.get("single_copy")):  # no orientation output: only classes were averaged
         return "class probabilities averaged over four turns (no orientation output)"
-    sure = f", {tta['single_copy']} sure on one copy (p >= {tta.get('below')})" if tta.get("single_copy") else ""
+    sure = f", {tta['single_copy']} sure on one copy (p >= {tta.get('below')}" if tta.get("single_copy") else ""
+    if sure:  # with settle_first, an image its first text crops settled is answered without the image model
+        settled = f", or settled by their first text crops at {tta['settle_first']}" if tta.get("settle_first") else ""
+        sure += f"{settled})"
     return f"{tta.get('images')} pages in four turns{sure}; disagreement rate among them {tta.get('disagreement_rate')}"
 
 

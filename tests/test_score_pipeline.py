@@ -224,9 +224,18 @@ def test_tta_below_keeps_sure_answers_and_turns_only_the_rest(tmp_path):
             assert row["tta_agreement"] is not None
     assert summary["tta"] | {"disagreement_rate": None, "mean_agreement": None} == {
         "enabled": True, "below": below, "images": len(rows) - len(sure), "single_copy": len(sure),
-        "disagreement_rate": None, "mean_agreement": None}
+        "settle_first": 0.0, "disagreement_rate": None, "mean_agreement": None}
     line = next(line for line in score.format_summary(summary).splitlines() if line.strip().startswith("tta"))
     assert f"{len(rows) - len(sure)} pages in four turns, {len(sure)} sure on one copy (p >= {below})" in line
+
+
+def test_the_tta_line_says_when_the_first_crops_settled_images_without_turns():
+    from pipelines.report import tta_summary
+
+    tta = {"enabled": True, "below": 0.99, "images": 5, "single_copy": 295, "disagreement_rate": 1.0}
+    assert "295 sure on one copy (p >= 0.99);" in tta_summary(tta)
+    line = tta_summary(dict(tta, settle_first=0.9))
+    assert "295 sure on one copy (p >= 0.99, or settled by their first text crops at 0.9);" in line
 
 
 def test_skip_known_skips_exactly_the_already_scored_content(tmp_path, red_corner_export):

@@ -272,6 +272,8 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
         # What the graph did for the pages it answered (its tta_agreement and text_crops outputs).
         "tta": {"enabled": model.policy.answer.tta, "images": tta_images, "below": model.policy.answer.tta_below,
                 "single_copy": results.with_orientation - tta_images if model.policy.answer.tta else 0,
+                "settle_first": (model.policy.answer.text_crops.settle_first
+                                 if model.policy.answer.text_crops is not None else 0.0),
                 "disagreement_rate": round(results.tta_disagreeing / tta_images, 4) if tta_images else None,
                 "mean_agreement": round(results.tta_sum / tta_images, 4) if tta_images else None},
         "text_crops": text_crops_section(model.policy.answer.text_crops, results),
