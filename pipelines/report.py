@@ -666,16 +666,16 @@ def tta_summary(tta: dict) -> str:
     """run.json's `tta` section in words (the run's summary line and report.html)."""
     if not (tta.get("images") or tta.get("single_copy")):  # no orientation output: only classes were averaged
         return "class probabilities averaged over four turns (no orientation output)"
-    sure = f", {tta['single_copy']} sure on one copy (p >= {tta.get('below')}" if tta.get("single_copy") else ""
-    if sure:  # with settle_first, an image its first text crops settled is answered without the image model
-        settled = f", or settled by their first text crops at {tta['settle_first']}" if tta.get("settle_first") else ""
-        sure += f"{settled})"
+    sure = f", {tta['single_copy']} sure on one copy (p >= {tta.get('below')})" if tta.get("single_copy") else ""
+    if sure and tta.get("settle_first"):  # an image its first text crops settled ran on no copy
+        sure = (f", {tta['single_copy']} not turned (sure on one copy at p >= {tta.get('below')}, or settled by "
+                f"their first text crops at >= {tta['settle_first']})")
     return f"{tta.get('images')} pages in four turns{sure}; disagreement rate among them {tta.get('disagreement_rate')}"
 
 
 def text_crops_summary(section: dict) -> str:
     """run.json's `text_crops` section in words (the run's summary line and report.html)."""
-    unread = f", not read (the graph's gate) for {section['not_read']}" if section.get("not_read") else ""
+    unread = f", not used (the graph's gate) for {section['not_read']}" if section.get("not_read") else ""
     return (f"evidence counted for {section.get('counted', 0)} pages, read and not counted (the crops did not "
             f"agree) for {section.get('not_agreed', 0)}{unread}")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -153,10 +154,25 @@ def compute_crops(uris: Sequence[str], copy_short: int, batch: int = 8) -> np.nd
     return _over_files(read, uris, batch, f"crops of a {copy_short} px copy")[0]
 
 
-def measure_costs(uris: Sequence[str], batch: int = 8) -> Dict[str, float]:
-    """COST_MS measured here, on the first core of this process (call it before TensorFlow runs anything: it sets
-    TF's threads): a page's preparation over `uris` (decode, reading copy, view, ink, crops cut), the second look per
-    image over them, and MobileNetV2 per image and PP-LCNet per crop in batches of `batch`."""
+def measure_costs(uris: Sequence[str]) -> Dict[str, float]:
+    """COST_MS measured on this machine's first core, in a child process (TF's threads, once set, stay set): see
+    _measure_costs_here."""
+    import subprocess
+
+    if not uris:
+        raise ValueError("no upright pages to time the costs on")
+    code = ("import json, sys; from research.gates import _measure_costs_here; "
+            "print(json.dumps(_measure_costs_here(json.loads(sys.argv[1]))))")
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(list(uris))], capture_output=True, text=True,
+                            check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _measure_costs_here(uris: Sequence[str], batch: int = 8) -> Dict[str, float]:
+    """On the first core of this process, which it pins (run it where TensorFlow has run nothing yet): a page's
+    preparation over `uris` (decode, reading copy, view, ink, crops cut), the second look per image over them, and
+    MobileNetV2 per image and PP-LCNet per crop in batches of `batch`, in ms."""
     import time
 
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
@@ -240,6 +256,17 @@ def _first_crops_settle(p0: np.ndarray, head: np.ndarray, unsure: np.ndarray, sp
     return counted & naming.all(-1) & ~_below(fused, read_below) & ~sparse
 
 
+def _decide(final: np.ndarray, agreement: np.ndarray, sparse: np.ndarray, counted: np.ndarray, *, rotate: float,
+            ok: float, min_agreement: float, agreement_below: float):
+    """(degrees index, decision): serving.answer.decide on the answers (comparisons in float64)."""
+    confidence, degrees = final.max(-1).astype(np.float64), final.argmax(-1)
+    review = confidence < np.where(degrees == 0, ok, rotate)
+    disagree = (agreement >= 0) & (agreement < min_agreement)
+    review |= disagree & (confidence < agreement_below) if agreement_below < 1.0 else disagree
+    review |= sparse & ~counted
+    return degrees, np.where(review, "review", np.where(degrees == 0, "ok", "auto_rotate"))
+
+
 def simulate(parts: Dict[str, np.ndarray], *, read_below: float = 1.0, tta_below: float = 1.0, agree: int = 4,
              first_crops: int = 0, below: float = 0.8, sure: float = 0.8, weight: float = 0.7,
              second_below: float = 0.5, rotate: float = 0.9, ok: float = 0.5, min_agreement: float = 0.75,
@@ -277,39 +304,44 @@ def simulate(parts: Dict[str, np.ndarray], *, read_below: float = 1.0, tta_below
     final = np.where(counted[:, None], _fuse(combined, evidence), combined)
     second = _below(final, second_below) if second_below > 0 else np.zeros(n, bool)
     final = np.where(second[:, None], _fuse(final, weight32 * _evidence(parts["second"], sure)), final)
-    confidence, degrees = final.max(-1).astype(np.float64), final.argmax(-1)
-    review = confidence < np.where(degrees == 0, ok, rotate)
-    disagree = (agreement >= 0) & (agreement < min_agreement)
-    review |= disagree & (confidence < agreement_below) if agreement_below < 1.0 else disagree
-    review |= sparse & ~counted
-    decision = np.where(review, "review", np.where(degrees == 0, "ok", "auto_rotate"))
+    degrees, decision = _decide(final, agreement, sparse, counted, rotate=rotate, ok=ok, min_agreement=min_agreement,
+                                agreement_below=agreement_below)
     return {"final": final, "degrees": degrees, "decision": decision, "read": read, "turned": turned,
             "second": second, "crops_read": crops_read}
 
 
-def simulate_crops_first(parts: Dict[str, np.ndarray], *, settle_first: float = 0.9, first_crops: int = 2,
-                         rotate: float = 0.9, ok: float = 0.5, **policy) -> Dict[str, np.ndarray]:
+def simulate_crops_first(parts: Dict[str, np.ndarray], *, settle_first: float = 0.9,
+                         **policy) -> Dict[str, np.ndarray]:
     """serving.answer.WholeAnswer._crops_first: the first crops read before the image model. An image that is not
-    nearly blank, and whose first `first_crops` crops are all at least `settle_first` and name one turn, takes their
-    answer alone (softmax of their weighted evidence; review below the bands' thresholds) and skips the image model,
-    its turned copies and the second look. Every other image is answered as simulate() answers it, the crops it read
-    first included. `model_run` says which images ran the image model."""
-    answer = simulate(parts, first_crops=first_crops, rotate=rotate, ok=ok, **policy)
-    head = parts["crops"][:, :first_crops].astype(np.float32)
-    sparse = parts["ink"].astype(np.float64) < policy.get("sparse_ink_below", 0.01)
-    settled = (~sparse & (head.max(-1) >= np.float32(settle_first)).all(-1)
+    nearly blank, and whose first `first_crops` crops are all at least `settle_first` (in float64) and name one
+    turn, takes their answer alone (their weighted evidence fused into no prior; review below the bands'
+    thresholds) and skips the image model, its turned copies and the second look. Every other image is answered as
+    simulate() answers it under `policy` (its defaults for what is not given), the crops it read first included.
+    `model_run` says which images ran the image model."""
+    from serving.policy import TextCropSettings
+
+    settings = {name: value.default for name, value in inspect.signature(simulate).parameters.items()
+                if value.kind is value.KEYWORD_ONLY}
+    settings.update(policy)
+    # The policy's own check: the first crops read apart, able to count alone, and sure enough to be evidence.
+    TextCropSettings(agree=settings["agree"], read_below=settings["read_below"], sure=settings["sure"],
+                     first_crops=settings["first_crops"], settle_first=settle_first)
+    answer = simulate(parts, **settings)
+    head = parts["crops"][:, :settings["first_crops"]].astype(np.float32)
+    sparse = parts["ink"].astype(np.float64) < settings["sparse_ink_below"]
+    settled = (~sparse & (head.max(-1).astype(np.float64) >= settle_first).all(-1)
                & (head.argmax(-1) == head[:, :1].argmax(-1)).all(-1))
-    weight = np.float32(policy.get("weight", 0.7))
-    alone = _fuse(np.full(answer["final"].shape, 0.25, np.float32), weight * _evidence(head, policy.get("sure", 0.8)))
-    degrees = alone.argmax(-1)
-    review = alone.max(-1).astype(np.float64) < np.where(degrees == 0, ok, rotate)
-    decision = np.where(review, "review", np.where(degrees == 0, "ok", "auto_rotate"))
+    alone = _fuse(np.full(answer["final"].shape, 0.25, np.float32),
+                  np.float32(settings["weight"]) * _evidence(head, settings["sure"]))
+    degrees, decision = _decide(alone, np.full(len(alone), -1.0), sparse, np.ones(len(alone), bool),
+                                **{key: settings[key] for key in ("rotate", "ok", "min_agreement", "agreement_below")})
     return {"final": np.where(settled[:, None], alone, answer["final"]),
             "degrees": np.where(settled, degrees, answer["degrees"]),
             "decision": np.where(settled, decision, answer["decision"]),
             "read": answer["read"] | settled, "turned": answer["turned"] & ~settled,
             "second": answer["second"] & ~settled,
-            "crops_read": np.where(settled, first_crops, np.maximum(answer["crops_read"], first_crops)),
+            "crops_read": np.where(settled, settings["first_crops"],
+                                   np.maximum(answer["crops_read"], settings["first_crops"])),
             "model_run": ~settled}
 
 
@@ -452,16 +484,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        summary(simulate(parts, read_below=0.99, tta_below=0.99, **best), truth, measured, costs)))
             print(line("          as the head recorded (agree 4, second_below 0.5)",
                        summary(simulate(parts, read_below=0.99, tta_below=0.99), truth, measured, costs)))
-        print("\nsettle_first: the loosest value of the highest utility on each half of the sources:")
+        print("\nsettle_first by two-fold cross-fitting (each half chooses the loosest value of its highest utility; "
+              "measured on the other half):")
         from trainer.default_model import ANSWER_CHOICES
 
         answers = {settle: simulate_policy(parts, **dict(ANSWER_CHOICES, settle_first=settle))
                    for settle in (0.8, 0.85, 0.9, 0.95)}
-        halves = [{settle: utility(answer, truth, fold == half) for settle, answer in answers.items()}
-                  for half in (0, 1)]
-        best = min(settle for settle in answers if all(h[settle] == max(h.values()) for h in halves))
-        print(f"  utilities by half {halves}: {best}")
-        print(line(f"  settle_first {best}", summary(answers[best], truth, costs=costs)))
+        for half in (0, 1):
+            scores = {settle: utility(answer, truth, fold == half) for settle, answer in answers.items()}
+            best = min(settle for settle, score in scores.items() if score == max(scores.values()))
+            measured = fold != half
+            others = ", ".join(f"{settle}: {utility(answer, truth, measured):.0f}" for settle, answer in answers.items())
+            print(f"  half {half} chooses {best} (its utilities {scores}); on the other half: {others}")
     readers(parts, truth, costs, args.crop_sizes, path)
     return 0
 

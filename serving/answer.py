@@ -303,7 +303,7 @@ class WholeAnswer:
             spec["crops"] = tf.TensorSpec([len(_CROP_CENTRES), crops.crop, crops.crop, 3], tf.float32)
         prepared = tf.map_fn(per_image, image_bytes, fn_output_signature=spec)
         settle = crops.settle_first if crops is not None and not self.has_class else 0.0
-        if settle > 0 and self.has_orientation and 0 < self._first_crops(crops) < len(_CROP_CENTRES):
+        if settle > 0 and self.has_orientation:  # TextCropSettings checked first_crops, agree and read_below
             return self._crops_first(image_bytes, prepared, crops, settle)
         return self._answer(image_bytes, prepared)
 
@@ -317,7 +317,7 @@ class WholeAnswer:
         head = self._classify(prepared["crops"][:, :first])
         top = tf.argmax(head, -1)
         sparse = _nearly_blank(prepared["ink"], self.policy.decision)
-        settled = (~sparse & tf.reduce_all(tf.reduce_max(head, -1) >= settle, -1)
+        settled = (~sparse & tf.reduce_all(tf.cast(tf.reduce_max(head, -1), tf.float64) >= settle, -1)
                    & tf.reduce_all(tf.equal(top, top[:, :1]), -1))
         count = tf.shape(settled)[0]
         alone = fuse(tf.fill([count, 4], 0.25), crops.weight * crop_evidence(head, crops.sure)[0])
@@ -455,12 +455,6 @@ class WholeAnswer:
                         lambda: tf.zeros([0, 4], tf.float32))
         return tf.reshape(probs, tf.concat([count, [4]], 0))
 
-    @staticmethod
-    def _first_crops(crops: P.TextCropSettings) -> int:
-        """The crops read first (0: all five at once): first_crops, which needs the surer images' crop rule (agree)
-        and their read gate (read_below)."""
-        return crops.first_crops if crops.agree > 0 and crops.read_below < 1.0 else 0
-
     def _crop_probabilities(self, chosen, p0, unsure, sparse, crops: P.TextCropSettings, head=None):
         """[R, 5, 4]: the classifier's probabilities for the crops [R, 5, crop, crop, 3] of the images read. With
         `first_crops`, those are read first, and the rest only for the images they do not settle: their answer
@@ -470,7 +464,7 @@ class WholeAnswer:
         when already read (_crops_first)."""
         tf = _tf()
         total = len(_CROP_CENTRES)
-        first = self._first_crops(crops)
+        first = crops.first_crops if crops.agree > 0 and crops.read_below < 1.0 else 0
         if not 0 < first < total:
             return self._classify(chosen)
         if head is None:

@@ -14,7 +14,7 @@ crops, fusion and the decision under the recorded policy, serving.policy):
   `orientation_probabilities` [-1,4] (fused, calibrated), `orientation_degrees` [-1] (= argmax * 90, clockwise turn
   of the input), `image_orientation_probabilities` [-1,4] (the image model alone; -1 where the first text crops
   settled the image without it), `tta_agreement` [-1] (-1: not turned), `text_crops` [-1] (1 counted, 0 read, -1 not
-  read), `decision` [-1] (auto_rotate / ok / review).
+  used), `decision` [-1] (auto_rotate / ok / review).
 - `tf_example`: `examples` DT_STRING [-1] serialized tf.Example (schema `image/encoded`) -> the same outputs.
 - `classify`: `inputs` serialized tf.Example -> `classes`, `scores`, method `tensorflow/serving/classify`
   (class head when present, else the four orientations), for TF Serving's Classify RPC.

@@ -27,7 +27,7 @@ POLICY_OUTPUT = "policy_json"
 ORIENTATION_DEGREES = "orientation_degrees"
 IMAGE_ORIENTATION_PROBABILITIES = "image_orientation_probabilities"  # the image model alone, stored copy
 TTA_AGREEMENT = "tta_agreement"  # share of the four copies agreeing with the answer; -1: turned copies not scored
-TEXT_CROPS = "text_crops"  # 1: crop evidence counted, 0: read but the crops did not agree, -1: not read
+TEXT_CROPS = "text_crops"  # 1: crop evidence counted, 0: read but the crops did not agree, -1: not used (not read)
 SECOND_LOOK = "second_look"  # 1: the second look's crops were read and fused, -1: not read
 INK = "ink"  # share of the image that differs from its background (a nearly blank page: under 1%)
 DECISION = "decision"  # the recorded DecisionPolicy applied in the graph
@@ -52,9 +52,9 @@ class TextCropSettings:
     # unsure image can stop early).
     first_crops: int = 0
     # With first_crops: the first crops of every image are read before the image model, and an image whose first
-    # crops are all at least this sure and name one turn takes their answer alone, without the image model, its
-    # turned copies or the second look (0: off). Never a nearly blank page, nor a model with a class head (its classes
-    # need the image model).
+    # crops are all at least this sure (compared in float64, as the gates) and name one turn takes their answer alone,
+    # without the image model, its turned copies or the second look (0: off). Never a nearly blank page, nor a model
+    # with a class head (its classes need the image model).
     settle_first: float = 0.0
     sure: float = 0.8  # a crop counts only when its top probability reaches this
     copy_short: int = 448  # short side of the copy the crops are cut from
@@ -70,9 +70,11 @@ class TextCropSettings:
             raise ValueError(f"first_crops must be 0 (all five crops at once) to 4, got {self.first_crops}")
         if not 0.0 <= self.settle_first <= 1.0:
             raise ValueError(f"settle_first must be between 0 and 1, got {self.settle_first}")
-        if self.settle_first > 0 and not (self.first_crops and self.agree > 0 and self.read_below < 1.0):
-            raise ValueError("settle_first needs first_crops, agree > 0 and read_below < 1 (the first crops read "
-                             "apart)")
+        if self.settle_first > 0 and not (self.first_crops and 0 < self.agree <= self.first_crops
+                                          and self.read_below < 1.0 and self.settle_first >= self.sure):
+            raise ValueError("settle_first needs first_crops, agree between 1 and first_crops, read_below < 1 (the "
+                             "first crops read apart and able to count on their own) and to be at least `sure` (so "
+                             "that the crops that settle an image are its evidence)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +168,7 @@ def decide(policy: DecisionPolicy, orientation_probabilities, tta_agreement: flo
         reasons.append(f"orientation {degrees} confidence {confidence:.2f} < {needed:.2f}")
     if ink is not None and 0 <= ink < policy.sparse_ink_below and text_crops != 1:
         # Not read: a sure page above the sparse_ink_below its export recorded (the graph reads by that one).
-        how = "were not read" if text_crops is not None and text_crops < 0 else "did not settle it"
+        how = "were not used" if text_crops is not None and text_crops < 0 else "did not settle it"
         reasons.append(f"nearly blank (ink on {ink:.1%}) and its text crops {how}")
     if reasons:
         return "review", "; ".join(reasons)

@@ -502,9 +502,30 @@ def test_settle_first_is_off_for_a_model_with_classes_and_needs_the_first_crops_
     out = answer_fn(model, policy_of(crops=crops), StubCropNet(crop_table(STAGE_CROP_ROWS)), has_class=True)(
         [image_bytes(k, t) for k, t in images])
     assert int(model.images_seen.numpy()) == 2 and (out[P.IMAGE_ORIENTATION_PROBABILITIES] >= 0).all()
-    for bad in (dict(first_crops=0), dict(read_below=1.0), dict(agree=0), dict(settle_first=1.5)):
+    for bad in (dict(first_crops=0), dict(read_below=1.0), dict(agree=0), dict(agree=3), dict(settle_first=1.5),
+                dict(settle_first=0.7)):  # agree above first_crops, or settle_first below sure (0.8): refused
         with pytest.raises(ValueError, match="settle_first"):
             dataclasses.replace(crops, **bad)
+
+
+@pytest.mark.parametrize("crop_top, settle, rotate, settled, decision", [
+    (0.9, 0.9, 0.9, False, None),  # float32 0.9 is below 0.9 in float64, as every gate compares
+    (0.91, 0.9, 0.9, True, b"auto_rotate"),
+    (0.91, 0.9, 0.99, True, b"review")])  # settled, but less sure than the rotate threshold: review
+def test_settle_first_compares_in_float64_and_a_settled_answer_can_go_to_review(crop_top, settle, rotate, settled,
+                                                                                   decision):
+    rest = (1.0 - crop_top) / 3
+    row = [rest, crop_top, rest, rest]
+    crops = P.TextCropSettings(weight=0.7, below=0.8, agree=2, sure=0.8, read_below=0.99, first_crops=2,
+                               settle_first=settle)
+    policy = policy_of(crops=crops, decision=P.DecisionPolicy(rotate_threshold=rotate))
+    model = LookupModel(orientation_table(STAGE_IMAGE_ROWS))
+    out = answer_fn(model, policy, StubCropNet(crop_table({STAGE_VAGUE: [row] * 5})))(
+        [image_bytes(STAGE_VAGUE, 0)])
+    assert int(model.images_seen.numpy()) == (0 if settled else 1)
+    if settled:
+        assert out[P.ORIENTATION_DEGREES].tolist() == [90] and out[P.DECISION].tolist() == [decision]
+        assert_decisions_match_python(out, policy.decision)
 
 
 class PositionCropNet(tf.Module):
@@ -808,7 +829,10 @@ def test_the_default_export_decides_under_its_own_policy(default_export):
     assert all(a == -1.0 or a in (0.25, 0.5, 0.75, 1.0) for a in out[P.TTA_AGREEMENT].tolist())
     # Crops are read for the images the stored copy is not sure of (below read_below) and for nearly blank ones.
     crops = policy.answer.text_crops
-    read = (out[P.IMAGE_ORIENTATION_PROBABILITIES].max(-1).astype(np.float64) < crops.read_below) | (
+    # With settle_first, an image its first crops settled has no image model answer (-1), its crops counted.
+    settled = (out[P.IMAGE_ORIENTATION_PROBABILITIES] == -1).all(-1)
+    assert (out[P.TEXT_CROPS][settled] == 1).all() and (out[P.TTA_AGREEMENT][settled] == -1).all()
+    read = settled | (out[P.IMAGE_ORIENTATION_PROBABILITIES].max(-1).astype(np.float64) < crops.read_below) | (
         out[P.INK].astype(np.float64) < policy.decision.sparse_ink_below)
     assert ((out[P.TEXT_CROPS] != -1) == read).all()
     # The page's crops count under every turn, and the page is named right under every turn.

@@ -348,7 +348,7 @@ def test_score_reads_the_text_crops_with_the_built_in_model_and_says_so(monkeypa
                                                                           turned_images):
     """The built-in model's graph reads the crops of every image its stored copy is not sure of (below 0.99):
     unsure images (below the head's recorded 0.8) always count them, surer ones when 2 sure crops agree; results
-    say per page whether they counted, run.json how many, and how many were not read."""
+    say per page whether they counted, run.json how many, and how many were not used."""
     from apache_beam.testing.test_pipeline import TestPipeline
 
     from pipelines import score
@@ -376,8 +376,8 @@ def test_score_reads_the_text_crops_with_the_built_in_model_and_says_so(monkeypa
             assert row["text_crops"] == 1 and row["orientation_degrees"] == int(name.rsplit("_", 1)[1].split(".")[0])
     text = score.format_summary(summary)
     assert f"crops    evidence counted for {section['counted']} pages" in text
-    unread = f"not read (the graph's gate) for {section['not_read']}"
-    assert (unread in text) == (section["not_read"] > 0) and ("not read" in text) == (section["not_read"] > 0)
+    unread = f"not used (the graph's gate) for {section['not_read']}"
+    assert (unread in text) == (section["not_read"] > 0) and ("not used" in text) == (section["not_read"] > 0)
 
 
 def test_score_answers_each_file_as_the_served_model_answers_its_bytes(monkeypatch, cache_root, tmp_path,

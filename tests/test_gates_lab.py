@@ -114,3 +114,11 @@ def test_crops_first_never_settles_a_nearly_blank_page():
     assert first["model_run"].tolist() == [True]
     assert first["degrees"].tolist() == gates.simulate(parts, read_below=0.99, tta_below=0.99, agree=2,
                                                         first_crops=2)["degrees"].tolist()
+
+
+def test_crops_first_refuses_what_the_policy_refuses():
+    parts = _crops_first_parts([[[0.02, 0.02, 0.94, 0.02]] * 2], ink=0.05)
+    for bad in (dict(first_crops=0), dict(settle_first=0.7), dict(agree=3)):
+        with pytest.raises(ValueError, match="settle_first"):
+            gates.simulate_crops_first(parts, **{**dict(read_below=0.99, tta_below=0.99, agree=2, first_crops=2),
+                                                 **bad})

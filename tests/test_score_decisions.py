@@ -147,7 +147,7 @@ def test_class_only_model_is_ok_unless_its_class_confidence_is_low():
 def test_a_nearly_blank_page_goes_to_review_unless_its_text_crops_settled_it():
     blank = dict(prediction(90, 0.99), ink=0.002, text_crops=-1)  # one short line on a sheet: layout misleads
     decision, reason = decide(blank, policy(sparse_ink_below=0.01))
-    assert (decision, reason) == ("review", "nearly blank (ink on 0.2%) and its text crops were not read")
+    assert (decision, reason) == ("review", "nearly blank (ink on 0.2%) and its text crops were not used")
     read = decide(dict(blank, text_crops=0), policy(sparse_ink_below=0.01))  # read, and they did not agree
     assert read == ("review", "nearly blank (ink on 0.2%) and its text crops did not settle it")
     assert decide(dict(blank, text_crops=1), policy(sparse_ink_below=0.01)) == ("auto_rotate", "")

@@ -205,7 +205,8 @@ def _true(mask) -> int:
 
 def text_crops_section(crops, results: _ResultsCounts) -> Dict[str, object]:
     """run.json's `text_crops`: for the pages the graph answered, how many had their crops' evidence counted, read and
-    not counted, and not read (sure on the stored copy: at or above the policy's `read_below`)."""
+    not counted, and not used (sure on the stored copy: at or above the policy's `read_below`; with settle_first
+    their first crops were read and left out)."""
     if crops is None:
         return {"enabled": False, "counted": 0, "not_agreed": 0, "not_read": 0}
     return {"enabled": True, "counted": results.text_crops_counted, "not_agreed": results.text_crops_not_agreed,
@@ -272,8 +273,9 @@ def summarize(opts: ScoreOptions, model: ModelInfo, elapsed: float, metrics: Dic
         # What the graph did for the pages it answered (its tta_agreement and text_crops outputs).
         "tta": {"enabled": model.policy.answer.tta, "images": tta_images, "below": model.policy.answer.tta_below,
                 "single_copy": results.with_orientation - tta_images if model.policy.answer.tta else 0,
+                # A model with a class head never settles an image without it (serving.answer).
                 "settle_first": (model.policy.answer.text_crops.settle_first
-                                 if model.policy.answer.text_crops is not None else 0.0),
+                                 if model.policy.answer.text_crops is not None and not model.class_names else 0.0),
                 "disagreement_rate": round(results.tta_disagreeing / tta_images, 4) if tta_images else None,
                 "mean_agreement": round(results.tta_sum / tta_images, 4) if tta_images else None},
         "text_crops": text_crops_section(model.policy.answer.text_crops, results),
