@@ -153,7 +153,7 @@ def test_report_review_sheet_shows_each_uncertain_image_with_its_guesses_and_rea
     blank, corners = (figures[uri] for uri in review_run["review"])
     # the blank page is also nearly blank to the graph's ink measure, and this model reads no text crops
     assert ("<i>orientation 0 confidence 0.25 &lt; 0.50; nearly blank (ink on 0.0%) and its text crops were not "
-            "read</i>") in blank
+            "used</i>") in blank
     assert "turn: 0° 0.25, 90° 0.25, 180° 0.25" in blank and "class: photo 0.50, document 0.50" in blank
     assert re.search(r"<i>orientation (0|90|180) confidence 0\.3\d &lt; 0\.[58]0</i>", corners)
     assert "class: photo 0.98, document 0.02" in corners  # three red blocks: surely the red class
