@@ -77,17 +77,12 @@ def compute_parts(uris: Sequence[str], batch: int = 8) -> Dict[str, np.ndarray]:
 
     policy, model, crop_net = _default_pieces()
     settings, crops = policy.answer, policy.answer.text_crops
-    size, side = settings.image_size, crops.crop
+    side = crops.crop
 
     def per_image(data):
-        image = A.decode_for_copy(data, crops.copy_short, A._CROP_MAX_LONG, A.view_side(settings))
-        reading = A.reading_copy(image, crops.copy_short)
-        return {"view": A.model_view_of(image, reading, settings), "ink": A.ink_share(reading),
-                "crops": A.crop_batch(reading, crops), "second": A.second_look_batch(data, crops)}
+        return {**A.prepare_image(data, settings, crops), "second": A.second_look_batch(data, crops)}
 
-    spec = {"view": tf.TensorSpec([size, size, 3], tf.float32), "ink": tf.TensorSpec([], tf.float32),
-            "crops": tf.TensorSpec([5, side, side, 3], tf.float32),
-            "second": tf.TensorSpec([10, side, side, 3], tf.float32)}
+    spec = {**A.prepared_spec(settings, crops), "second": tf.TensorSpec([10, side, side, 3], tf.float32)}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
     def parts(data):
@@ -140,9 +135,8 @@ def compute_crops(uris: Sequence[str], copy_short: int, batch: int = 8) -> np.nd
     policy, _, crop_net = _default_pieces(with_model=False)
     crops = dataclasses.replace(policy.answer.text_crops, copy_short=copy_short, crop=copy_short // 2)
 
-    def per_image(data):
-        image = A.decode_for_copy(data, copy_short, A._CROP_MAX_LONG)
-        return A.crop_batch(A.reading_copy(image, copy_short), crops)
+    def per_image(data):  # as the graph would prepare the image with these crops
+        return A.prepare_image(data, policy.answer, crops)["crops"]
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
     def read(data):
@@ -187,11 +181,8 @@ def _measure_costs_here(uris: Sequence[str], batch: int = 8) -> Dict[str, float]
     side = crops.crop
 
     def prepare(data):
-        image = A.decode_for_copy(data, crops.copy_short, A._CROP_MAX_LONG, A.view_side(settings))
-        reading = A.reading_copy(image, crops.copy_short)
         # Summed, so that nothing the graph makes per image is pruned, and little is added.
-        return (tf.reduce_sum(A.model_view_of(image, reading, settings)) + A.ink_share(reading)
-                + tf.reduce_sum(A.crop_batch(reading, crops)))
+        return tf.add_n([tf.reduce_sum(value) for value in A.prepare_image(data, settings, crops).values()])
 
     def second(data):
         looks = A.second_look_batch(data, crops)

@@ -180,6 +180,28 @@ def second_look_batch(data, crops: P.TextCropSettings):
     return tf.concat([grid, whole], 0)
 
 
+def prepare_image(data, settings: P.AnswerSettings, crops: Optional[P.TextCropSettings]) -> Dict[str, object]:
+    """One encoded image -> {"view", "ink", and with crops "crops"} (prepared_spec): the full-size pixels (or a JPEG's
+    DCT-scaled decode) reduced once to the reading copy, from which the view and the readers start."""
+    short = crops.copy_short if crops is not None else 2 * settings.image_size
+    image = decode_for_copy(data, short, _CROP_MAX_LONG, view_side(settings))
+    reading = reading_copy(image, short)
+    out = {"view": model_view_of(image, reading, settings), "ink": ink_share(reading)}
+    if crops is not None:
+        out["crops"] = crop_batch(reading, crops)
+    return out
+
+
+def prepared_spec(settings: P.AnswerSettings, crops: Optional[P.TextCropSettings]) -> Dict[str, object]:
+    """tf.map_fn's output signature for prepare_image."""
+    tf = _tf()
+    size = settings.image_size
+    spec = {"view": tf.TensorSpec([size, size, 3], tf.float32), "ink": tf.TensorSpec([], tf.float32)}
+    if crops is not None:
+        spec["crops"] = tf.TensorSpec([len(_CROP_CENTRES), crops.crop, crops.crop, 3], tf.float32)
+    return spec
+
+
 def crop_evidence(probabilities, sure: float):
     """(evidence [N, 4], agreeing [N]) from the crops' probabilities [N, crops, 4]: the summed log-probabilities of
     the sure crops, and the most sure crops naming one turn (trainer.text_crops.evidence / agreement)."""
@@ -285,23 +307,8 @@ class WholeAnswer:
 
         settings = self.policy.answer
         crops = settings.text_crops if self.crop_net is not None else None
-        short = crops.copy_short if crops is not None else 2 * settings.image_size
-
-        def per_image(data):
-            image = decode_for_copy(data, short, _CROP_MAX_LONG, view_side(settings))
-            # The full-size pixels (or a JPEG's DCT-scaled decode) are reduced once; the view and the readers
-            # start from that copy.
-            reading = reading_copy(image, short)
-            out = {"view": model_view_of(image, reading, settings), "ink": ink_share(reading)}
-            if crops is not None:
-                out["crops"] = crop_batch(reading, crops)
-            return out
-
-        size = settings.image_size
-        spec = {"view": tf.TensorSpec([size, size, 3], tf.float32), "ink": tf.TensorSpec([], tf.float32)}
-        if crops is not None:
-            spec["crops"] = tf.TensorSpec([len(_CROP_CENTRES), crops.crop, crops.crop, 3], tf.float32)
-        prepared = tf.map_fn(per_image, image_bytes, fn_output_signature=spec)
+        prepared = tf.map_fn(lambda data: prepare_image(data, settings, crops), image_bytes,
+                             fn_output_signature=prepared_spec(settings, crops))
         settle = crops.settle_first if crops is not None and not self.has_class else 0.0
         if settle > 0 and self.has_orientation:  # TextCropSettings checked first_crops, agree and read_below
             return self._crops_first(image_bytes, prepared, crops, settle)
