@@ -18,8 +18,9 @@ with truth.csv) or a checkset folder (images/ and truth.csv):
    (docs/performance.md);
 4. two-fold cross-fitting by source group (a PDF, a photo's source file): the crop rule (`agree`), the second
    look's gate and the crops' settle_first are chosen on one half's sources and measured on the other's, both ways;
-5. the crops read before the image model (settle_first) against the image model first, also with the crops read
-   from smaller copies (--crop-sizes), and the modelled costs measured on this machine (--cost).
+5. the crops read before the image model (settle_first, and a second round: settle_crops) against the image model
+   first, also with the crops read from smaller copies (--crop-sizes), and the modelled costs measured on this
+   machine (--cost).
 """
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def compute_parts(uris: Sequence[str], batch: int = 8) -> Dict[str, np.ndarray]:
         turned = orientation(tf.concat([tf.image.rot90(views, k) for k in (3, 2, 1)], 0))
 
         def read(key, count):
-            crops_read = A.classifier_input(tf.reshape(prepared[key], [-1, side, side, 3]))
+            crops_read = tf.reshape(prepared[key], [-1, side, side, 3])
             return tf.reshape(crop_net(crops_read), [n, count, 4])
 
         return (orientation(views), tf.transpose(tf.reshape(turned, [3, n, 4]), [1, 0, 2]), read("crops", 5),
@@ -142,7 +143,7 @@ def compute_crops(uris: Sequence[str], copy_short: int, batch: int = 8) -> np.nd
     def read(data):
         cut = tf.map_fn(per_image, data, fn_output_signature=tf.TensorSpec([5, crops.crop, crops.crop, 3],
                                                                              tf.float32))
-        flat = A.classifier_input(tf.reshape(cut, [-1, crops.crop, crops.crop, 3]))
+        flat = tf.reshape(cut, [-1, crops.crop, crops.crop, 3])
         return (tf.reshape(tf.cast(crop_net(flat), tf.float32), [tf.shape(data)[0], 5, 4]),)
 
     return _over_files(read, uris, batch, f"crops of a {copy_short} px copy")[0]
@@ -186,7 +187,7 @@ def _measure_costs_here(uris: Sequence[str], batch: int = 8) -> Dict[str, float]
 
     def second(data):
         looks = A.second_look_batch(data, crops)
-        return tf.reduce_sum(crop_net(A.classifier_input(looks)))
+        return tf.reduce_sum(crop_net(looks))
 
     def per_file(fn):
         return tf.function(lambda data: tf.map_fn(fn, data, fn_output_signature=tf.float32), autograph=False)
@@ -301,14 +302,24 @@ def simulate(parts: Dict[str, np.ndarray], *, read_below: float = 1.0, tta_below
             "second": second, "crops_read": crops_read}
 
 
-def simulate_crops_first(parts: Dict[str, np.ndarray], *, settle_first: float = 0.9,
+def _settles(head: np.ndarray, needed: int, settle: float, sure: float) -> np.ndarray:
+    """serving.answer._settles: at least `needed` of the crops read [N, c, 4] are at least `settle` sure (float64) and
+    name one turn, and no crop at least `sure` names another."""
+    confidence, top = head.max(-1).astype(np.float64), head.argmax(-1)
+    votes = np.stack([((confidence >= settle) & (top == turn)).sum(-1) for turn in range(4)], -1)
+    against = ((confidence >= sure) & (top != votes.argmax(-1)[:, None])).any(-1)
+    return (votes.max(-1) >= needed) & ~against
+
+
+def simulate_crops_first(parts: Dict[str, np.ndarray], *, settle_first: float = 0.9, settle_crops: int = 0,
                          **policy) -> Dict[str, np.ndarray]:
     """serving.answer.WholeAnswer._crops_first: the first crops read before the image model. An image that is not
     nearly blank, and whose first `first_crops` crops are all at least `settle_first` (in float64) and name one
     turn, takes their answer alone (their weighted evidence fused into no prior; review below the bands'
-    thresholds) and skips the image model, its turned copies and the second look. Every other image is answered as
-    simulate() answers it under `policy` (its defaults for what is not given), the crops it read first included.
-    `model_run` says which images ran the image model."""
+    thresholds) and skips the image model, its turned copies and the second look. With `settle_crops`, an image
+    they leave open reads the next crops, up to that many, and settles on them alike (_settles). Every other image
+    is answered as simulate() answers it under `policy` (its defaults for what is not given), the crops it read
+    first included. `model_run` says which images ran the image model."""
     from serving.policy import TextCropSettings
 
     settings = {name: value.default for name, value in inspect.signature(simulate).parameters.items()
@@ -316,12 +327,16 @@ def simulate_crops_first(parts: Dict[str, np.ndarray], *, settle_first: float = 
     settings.update(policy)
     # The policy's own check: the first crops read apart, able to count alone, and sure enough to be evidence.
     TextCropSettings(agree=settings["agree"], read_below=settings["read_below"], sure=settings["sure"],
-                     first_crops=settings["first_crops"], settle_first=settle_first)
+                     first_crops=settings["first_crops"], settle_first=settle_first, settle_crops=settle_crops)
     answer = simulate(parts, **settings)
-    head = parts["crops"][:, :settings["first_crops"]].astype(np.float32)
+    first = settings["first_crops"]
+    more = max(settle_crops, first)
+    crops = parts["crops"][:, :more].astype(np.float32)
     sparse = parts["ink"].astype(np.float64) < settings["sparse_ink_below"]
-    settled = (~sparse & (head.max(-1).astype(np.float64) >= settle_first).all(-1)
-               & (head.argmax(-1) == head[:, :1].argmax(-1)).all(-1))
+    settled = ~sparse & _settles(crops[:, :first], first, settle_first, settings["sure"])
+    width = np.where(settled, first, more)  # the crops each image read before the image model
+    settled |= ~sparse & _settles(crops, first, settle_first, settings["sure"])
+    head = np.where(np.arange(more)[None, :, None] < width[:, None, None], crops, np.float32(0.0))
     alone = _fuse(np.full(answer["final"].shape, 0.25, np.float32),
                   np.float32(settings["weight"]) * _evidence(head, settings["sure"]))
     degrees, decision = _decide(alone, np.full(len(alone), -1.0), sparse, np.ones(len(alone), bool),
@@ -331,15 +346,17 @@ def simulate_crops_first(parts: Dict[str, np.ndarray], *, settle_first: float = 
             "decision": np.where(settled, decision, answer["decision"]),
             "read": answer["read"] | settled, "turned": answer["turned"] & ~settled,
             "second": answer["second"] & ~settled,
-            "crops_read": np.where(settled, settings["first_crops"],
-                                   np.maximum(answer["crops_read"], settings["first_crops"])),
+            "crops_read": np.where(settled, width, np.maximum(answer["crops_read"], more)),
             "model_run": ~settled}
 
 
-def simulate_policy(parts: Dict[str, np.ndarray], settle_first: float = 0.0, **policy) -> Dict[str, np.ndarray]:
+def simulate_policy(parts: Dict[str, np.ndarray], settle_first: float = 0.0, settle_crops: int = 0,
+                    **policy) -> Dict[str, np.ndarray]:
     """The answer under a whole policy (_simulated_policy's terms): with settle_first, the crops first."""
     if settle_first > 0:
-        return simulate_crops_first(parts, settle_first=settle_first, **policy)
+        return simulate_crops_first(parts, settle_first=settle_first, settle_crops=settle_crops, **policy)
+    if settle_crops:
+        raise ValueError("settle_crops needs settle_first")
     return simulate(parts, **policy)
 
 
@@ -487,8 +504,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             measured = fold != half
             others = ", ".join(f"{settle}: {utility(answer, truth, measured):.0f}" for settle, answer in answers.items())
             print(f"  half {half} chooses {best} (its utilities {scores}); on the other half: {others}")
+    settle_rounds(parts, truth, costs)
     readers(parts, truth, costs, args.crop_sizes, path)
     return 0
+
+
+def settle_rounds(parts: Dict[str, np.ndarray], truth: List[Dict[str, object]], costs: Dict[str, float]) -> None:
+    """The crops read before the image model for the images the first crops leave open (settle_crops: a second
+    round), against the first crops alone: a cost choice, which should move no answer."""
+    from trainer.default_model import ANSWER_CHOICES
+
+    shipped = dict(ANSWER_CHOICES)
+    base = simulate_policy(parts, **shipped)
+    print(f"\nthe crops read before the image model (first_crops {shipped['first_crops']}, then up to settle_crops):")
+    for more in (0, 3, 4, 5):
+        answer = simulate_policy(parts, **dict(shipped, settle_crops=more))
+        moved = int((answer["degrees"] != base["degrees"]).sum())
+        decided = int((answer["decision"] != base["decision"]).sum())
+        print(line(f"  settle_crops {more}: {int((~answer['model_run']).sum())} of {len(truth)} files skip the image "
+                   f"model; {moved} degrees and {decided} decisions differ from the shipped policy's",
+                   summary(answer, truth, costs=costs)))
 
 
 def readers(parts: Dict[str, np.ndarray], truth: List[Dict[str, object]], costs: Dict[str, float], sizes: str,
@@ -511,7 +546,8 @@ def readers(parts: Dict[str, np.ndarray], truth: List[Dict[str, object]], costs:
             crops = np.load(cache)
         sized = dict(parts, crops=crops)
         scaled = dict(costs, crop=costs["crop"] * (short / native) ** 2)
-        for label, answer in (("the image model first", simulate_policy(sized, **dict(shipped, settle_first=0.0))),
+        for label, answer in (("the image model first", simulate_policy(sized, **dict(shipped, settle_first=0.0,
+                                                                                                settle_crops=0))),
                               ("the crops first", simulate_policy(sized, **shipped))):
             moved = int((answer["degrees"] != base["degrees"]).sum())
             decided = int((answer["decision"] != base["decision"]).sum())
@@ -526,6 +562,7 @@ def _simulated_policy(policy: Dict[str, object]) -> Dict[str, float]:
     out["read_below"] = crops.get("read_below", 1.0)  # an export before format 8 read every image's crops
     out["first_crops"] = crops.get("first_crops", 0)  # before format 10 all five at once
     out["settle_first"] = crops.get("settle_first", 0.0)  # before format 12 the image model first
+    out["settle_crops"] = crops.get("settle_crops", 0)  # before format 13 the first crops alone
     out.update(tta_below=answer["tta_below"], rotate=decision["rotate_threshold"], ok=decision["ok_threshold"],
                min_agreement=decision["tta_min_agreement"], agreement_below=decision["tta_agreement_below"],
                sparse_ink_below=decision["sparse_ink_below"])

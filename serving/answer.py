@@ -135,18 +135,21 @@ def model_view_of(image, copy, settings: P.AnswerSettings):
                    lambda: model_view(copy, settings), lambda: model_view(image, settings))
 
 
-def classifier_input(batch):
-    """RGB pixels [..., 3] in [0, 255] -> the crop classifier's input: BGR (PaddleClas was trained on OpenCV's
-    order), ImageNet-normalised. Applied to the crops that are read, after the gates have gathered them (the
-    elementwise passes over five crops cost about 3 ms an image on one core)."""
-    tf = _tf()
-    return (tf.clip_by_value(tf.reverse(batch, axis=[-1]), 0.0, 255.0) / 255.0 - _MEAN_BGR) / _STD_BGR
+def crop_pixels():
+    """How the crop classifier's ONNX input is made from the crops' RGB pixels in [0, 255]: BGR (PaddleClas was
+    trained on OpenCV's order), ImageNet-normalised. serving.export builds the classifier on the pixels
+    (trainer.onnx_graph folds this into its first convolution: one subtraction instead of five elementwise passes,
+    about 0.6 ms a crop on one core)."""
+    from trainer.onnx_graph import PixelScaling
+
+    return PixelScaling(255.0, tuple(float(x) for x in _MEAN_BGR), tuple(float(x) for x in _STD_BGR),
+                        reverse_channels=True)
 
 
 def crop_batch(image, crops: P.TextCropSettings, copy_short: int = 0, centres=_CROP_CENTRES,
                max_long: int = _CROP_MAX_LONG):
-    """RGB [H, W, 3] -> [len(centres), crop, crop, 3] float32 RGB in [0, 255]: the crops (classifier_input makes them
-    the classifier's inputs) from a copy scaled to a short side of `copy_short` (the settings' by default; long side
+    """RGB [H, W, 3] -> [len(centres), crop, crop, 3] float32 RGB in [0, 255]: the crops (the classifier's pixels,
+    crop_pixels) from a copy scaled to a short side of `copy_short` (the settings' by default; long side
     at most `max_long`), as trainer.text_crops.crops."""
     tf = _tf()
     size = crops.crop
@@ -216,6 +219,19 @@ def crop_evidence(probabilities, sure: float):
 def _crops_count(unsure, agreeing, crops: P.TextCropSettings):
     """[N] bool: an image's crops count when its stored answer is unsure, or when `agree` sure crops name one turn."""
     return unsure | (agreeing >= max(crops.agree, 1))
+
+
+def _settles(head, needed: int, settle: float, sure: float):
+    """[N] bool: at least `needed` of the crops read [N, c, 4] are at least `settle` sure (in float64) and name one
+    turn, and no crop at least `sure` names another (WholeAnswer._crops_first). With `needed` crops read: all of them
+    that sure, naming one turn."""
+    tf = _tf()
+    top = tf.argmax(head, -1)
+    confidence = tf.cast(tf.reduce_max(head, -1), tf.float64)
+    votes = tf.reduce_sum(tf.one_hot(top, 4, dtype=tf.int32) * tf.cast(confidence >= settle, tf.int32)[..., None], 1)
+    turn = tf.argmax(votes, -1)
+    against = tf.reduce_any((confidence >= sure) & tf.not_equal(top, turn[:, None]), -1)
+    return (tf.reduce_max(votes, -1) >= needed) & ~against
 
 
 def fuse(probabilities, log_evidence):
@@ -318,15 +334,22 @@ class WholeAnswer:
         """The first crops of every image read before the image model: an image that is not nearly blank and whose
         first crops are all at least `settle` sure and name one turn takes their answer alone (the fusion of their
         evidence into no prior: read, counted, not turned, no second look, no image model: its probabilities -1).
-        The other images are answered as _answer answers them (their first crops not read again)."""
+        With settle_crops, the images they leave unsettled read the next crops, and settle when first_crops of them
+        are that sure and name one turn and no sure crop names another (_settles). The other images are answered
+        as _answer answers them (the crops read so far not read again)."""
         tf = _tf()
-        first = crops.first_crops
+        first, more = crops.first_crops, max(crops.settle_crops, crops.first_crops)
         head = self._classify(prepared["crops"][:, :first])
-        top = tf.argmax(head, -1)
         sparse = _nearly_blank(prepared["ink"], self.policy.decision)
-        settled = (~sparse & tf.reduce_all(tf.cast(tf.reduce_max(head, -1), tf.float64) >= settle, -1)
-                   & tf.reduce_all(tf.equal(top, top[:, :1]), -1))
+        settled = ~sparse & _settles(head, first, settle, crops.sure)
         count = tf.shape(settled)[0]
+        if more > first:  # the second round: the next crops of the images still open
+            still = tf.cast(tf.reshape(tf.where(~settled), [-1]), tf.int32)
+            next_crops = self._classify(tf.gather(prepared["crops"], still)[:, first:more])
+            wider = tf.concat([tf.gather(head, still), next_crops], 1)
+            settled = _scatter(still, ~tf.gather(sparse, still) & _settles(wider, first, settle, crops.sure), settled)
+            # a crop not read is all zeros: never sure, so no evidence and no vote
+            head = _scatter(still, wider, tf.concat([head, tf.zeros([count, more - first, 4], tf.float32)], 1))
         alone = fuse(tf.fill([count, 4], 0.25), crops.weight * crop_evidence(head, crops.sure)[0])
         minus = -tf.ones([count], tf.int64)
         settled_out = {P.ORIENTATION_PROBABILITIES: alone,
@@ -454,37 +477,41 @@ class WholeAnswer:
 
     def _classify(self, crops):
         """[N, c, crop, crop, 3] RGB crops in [0, 255] -> the crop classifier's probabilities [N, c, 4]. An empty batch
-        skips the classifier (a convolution of an empty batch fails on some CPU kernels)."""
+        skips the classifier (a convolution of an empty batch fails on some CPU kernels). The classifier takes the
+        pixels (crop_pixels): every crop is an area or bilinear reduction of 8-bit pixels, or a letterbox clipped
+        to [0, 255], so no clip is needed."""
         tf = _tf()
         count, side = tf.shape(crops)[:2], crops.shape[2]
-        flat = classifier_input(tf.reshape(crops, [-1, side, side, 3]))
+        flat = tf.reshape(crops, [-1, side, side, 3])
         probs = tf.cond(tf.shape(flat)[0] > 0, lambda: tf.cast(self.crop_net(flat), tf.float32),
                         lambda: tf.zeros([0, 4], tf.float32))
-        return tf.reshape(probs, tf.concat([count, [4]], 0))
+        return tf.ensure_shape(tf.reshape(probs, tf.concat([count, [4]], 0)), [None, crops.shape[1], 4])
 
     def _crop_probabilities(self, chosen, p0, unsure, sparse, crops: P.TextCropSettings, head=None):
         """[R, 5, 4]: the classifier's probabilities for the crops [R, 5, crop, crop, 3] of the images read. With
         `first_crops`, those are read first, and the rest only for the images they do not settle: their answer
         fused with them is below read_below, or not all of them are sure and name it, or the page is nearly blank
         (its rule wants all five). A crop not read is all zeros, which is never sure: it adds no evidence and no
-        vote, so a settled image's answer is the one its first crops gave. `head`: the first crops' probabilities,
-        when already read (_crops_first)."""
+        vote, so a settled image's answer is the one its first crops gave. `head`: the probabilities of the crops
+        already read (_crops_first: the first crops, or more), whose first crops the rule reads."""
         tf = _tf()
         total = len(_CROP_CENTRES)
         first = crops.first_crops if crops.agree > 0 and crops.read_below < 1.0 else 0
         if not 0 < first < total:
             return self._classify(chosen)
+        known = first if head is None else int(head.shape[1])  # the crops already read (_crops_first)
         if head is None:
             head = self._classify(chosen[:, :first])
+        read_before, head = head, head[:, :first]
         evidence, agreeing = crop_evidence(head, crops.sure)
         counted = _crops_count(unsure, agreeing, crops)
         fused = fuse(p0, crops.weight * evidence)
         naming = (tf.reduce_max(head, -1) >= crops.sure) & tf.equal(tf.argmax(head, -1), tf.argmax(fused, -1)[:, None])
         settled = counted & tf.reduce_all(naming, -1) & ~_below(fused, crops.read_below) & ~sparse
         rest = tf.cast(tf.reshape(tf.where(~settled), [-1]), tf.int32)
-        tail = self._classify(tf.gather(chosen, rest)[:, first:])
+        tail = self._classify(tf.gather(chosen, rest)[:, known:])
         probs = tf.concat([head, tf.zeros([tf.shape(head)[0], total - first, 4], tf.float32)], 1)
-        return _scatter(rest, tf.concat([tf.gather(head, rest), tail], 1), probs)
+        return _scatter(rest, tf.concat([tf.gather(read_before, rest), tail], 1), probs)
 
     def _class_outputs(self, probs) -> Dict[str, object]:
         tf = _tf()

@@ -63,9 +63,10 @@ CANARY_FORMAT = 1
 # ink's median without a sort, MobileNetV2's stride-1 pads inside its convolutions; 8: the default's cost gates, text
 # crops and turned copies only for images below 0.99; 9: crops normalised only once read; 10: the default's first two
 # crops read before the other three; 11: stride-2 depthwise convolutions pad inside the convolution; 12: the
-# default's first two crops read before the image model, which the images they settle skip), so a cached export of
-# the default model is redone.
-EXPORT_FORMAT = 12
+# default's first two crops read before the image model, which the images they settle skip; 13: the crop classifier
+# takes the crops' pixels, its normalisation folded into its first convolution, and the default reads a third crop
+# before the image model for the images the first two leave open), so a cached export of the default model is redone.
+EXPORT_FORMAT = 13
 FOLD_TOLERANCE = 1e-3  # largest output difference accepted between the folded and the trained model
 
 
@@ -184,7 +185,8 @@ def inference_model(model, image_size: int):
 
 
 def crop_net_for(policy: ScorePolicy):
-    """The text-crop classifier rebuilt in TF (trainer.onnx_graph) when the policy reads crops, else None."""
+    """The text-crop classifier rebuilt in TF (trainer.onnx_graph) when the policy reads crops, else None: it takes
+    the crops' RGB pixels in [0, 255] (serving.answer.crop_pixels)."""
     if policy.answer.text_crops is None:
         return None
     from trainer import onnx_graph, text_crops
@@ -193,7 +195,9 @@ def crop_net_for(policy: ScorePolicy):
         path = text_crops.model_path()
     except text_crops.TextCropsUnavailable as e:
         raise ExportError(f"the model's policy reads text crops: {e}") from None
-    return onnx_graph.from_onnx(path)
+    from serving.answer import crop_pixels
+
+    return onnx_graph.from_onnx(path, crop_pixels())
 
 
 def _build_module(model, class_names: Optional[List[str]], image_size: int, policy: ScorePolicy):

@@ -56,6 +56,11 @@ class TextCropSettings:
     # without the image model, its turned copies or the second look (0: off). Never a nearly blank page, nor a model
     # with a class head (its classes need the image model).
     settle_first: float = 0.0
+    # With settle_first: the images the first crops leave unsettled (not nearly blank) read the next crops, up to this
+    # many in all, still before the image model, and settle when at least first_crops of their crops are at least
+    # settle_first sure and name one turn and no sure crop names another (0: the first crops only). An image they do
+    # not settle is answered as without them (the crops read are not read again).
+    settle_crops: int = 0
     sure: float = 0.8  # a crop counts only when its top probability reaches this
     copy_short: int = 448  # short side of the copy the crops are cut from
     crop: int = 224
@@ -75,6 +80,9 @@ class TextCropSettings:
             raise ValueError("settle_first needs first_crops, agree between 1 and first_crops, read_below < 1 (the "
                              "first crops read apart and able to count on their own) and to be at least `sure` (so "
                              "that the crops that settle an image are its evidence)")
+        if self.settle_crops and not (self.settle_first > 0 and self.first_crops < self.settle_crops <= 5):
+            raise ValueError(f"settle_crops needs settle_first and must be above first_crops ({self.first_crops}) and "
+                             f"at most 5, got {self.settle_crops}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +195,7 @@ def policy_from_settings(settings: Mapping[str, Any] | None, image_size: int = M
                                          read_below=float(crops.get("read_below", 1.0)),
                                          first_crops=int(crops.get("first_crops", 0)),
                                          settle_first=float(crops.get("settle_first", 0.0)),
+                                         settle_crops=int(crops.get("settle_crops", 0)),
                                          copy_short=int(crops.get("copy_short", 448)),
                                          second_below=float(crops.get("second_below", 0.0)),
                                          second_short=int(crops.get("second_short", 896)))

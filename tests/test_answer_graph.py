@@ -88,7 +88,8 @@ class LookupModel:
 
 
 class StubCropNet(tf.Module):
-    """[M, 224, 224, 3] normalised BGR crops (5 per image, in order) -> crop_table[key * 5 + crop index]. The index is
+    """[M, 224, 224, 3] RGB crops in [0, 255] (5 per image, in order; the classifier takes the pixels,
+    serving.answer.crop_pixels) -> crop_table[key * 5 + crop index]. The index is
     the position in the call mod 5, so a policy that reads the first crops apart (first_crops) needs tables whose
     five rows are one row (STAGE_CROP_ROWS)."""
 
@@ -98,8 +99,8 @@ class StubCropNet(tf.Module):
         self.crops_seen = tf.Variable(0, dtype=tf.int64, trainable=False)
 
     def __call__(self, crops):
-        blue = (tf.reduce_mean(crops[..., 0], [1, 2]) * 0.225 + 0.406) * 255.0  # BGR order, PaddleClas' mean/std
-        green = (tf.reduce_mean(crops[..., 1], [1, 2]) * 0.224 + 0.456) * 255.0
+        blue = tf.reduce_mean(crops[..., 2], [1, 2])
+        green = tf.reduce_mean(crops[..., 1], [1, 2])
         position = tf.range(tf.shape(crops)[0]) % 5
         self.crops_seen.assign_add(tf.cast(tf.shape(crops)[0], tf.int64))
         return tf.gather(self.table, _key(green, blue) * 5 + position)
@@ -538,8 +539,8 @@ class PositionCropNet(tf.Module):
         self.crops_seen = tf.Variable(0, dtype=tf.int64, trainable=False)
 
     def __call__(self, crops):
-        red = (tf.reduce_mean(crops[..., 2], [1, 2]) * 0.229 + 0.485) * 255.0  # BGR order, PaddleClas' mean/std
-        green = (tf.reduce_mean(crops[..., 1], [1, 2]) * 0.224 + 0.456) * 255.0
+        red = tf.reduce_mean(crops[..., 0], [1, 2])  # the classifier takes RGB pixels (serving.answer.crop_pixels)
+        green = tf.reduce_mean(crops[..., 1], [1, 2])
         position = tf.cast(tf.round(red / 10.0), tf.int32) - 1
         image = tf.cast(tf.round(green / 10.0), tf.int32) - 1
         self.crops_seen.assign_add(tf.cast(tf.shape(crops)[0], tf.int64))
@@ -568,6 +569,81 @@ def test_first_crops_reads_the_first_crops_first_and_then_the_rest_of_the_unsett
     np.testing.assert_allclose(probabilities[0], [sure_90, sure_90] + [[0.0] * 4] * 3, atol=1e-6)
     np.testing.assert_allclose(probabilities[1], table[1], atol=1e-6)
     assert int(net.crops_seen.numpy()) == 2 + 2 + 3
+
+
+class ConstantModel(tf.Module):
+    """Answers `probabilities` for every view (so its turned copies agree), counting the images it sees."""
+
+    def __init__(self, probabilities):
+        super().__init__()
+        self.probabilities = tf.constant([probabilities], tf.float32)
+        self.images_seen = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def __call__(self, pixels, training=False):
+        self.images_seen.assign_add(tf.cast(tf.shape(pixels)[0], tf.int64))
+        return {P.ORIENTATION_PROBABILITIES: tf.tile(self.probabilities, [tf.shape(pixels)[0], 1])}
+
+
+SURE_90, SURE_180, VAGUE = [0.02, 0.94, 0.02, 0.02], [0.02, 0.02, 0.94, 0.02], [0.4, 0.3, 0.2, 0.1]
+SURE_BUT_BELOW_SETTLE_180 = [0.05, 0.05, 0.85, 0.05]
+SETTLE_CROPS_TABLE = np.array([  # each image's five crops
+    [SURE_90, SURE_90, VAGUE, VAGUE, VAGUE],  # settled by its first two
+    [SURE_90, VAGUE, SURE_90, VAGUE, VAGUE],  # settled by the third: two of three at 0.94 name 90
+    [SURE_90, VAGUE, SURE_180, SURE_90, VAGUE],  # the third names another turn: open
+    [SURE_90, SURE_BUT_BELOW_SETTLE_180, SURE_90, SURE_90, SURE_90],  # a sure crop (0.85) names 180: open
+    [SURE_90, VAGUE, SURE_90, VAGUE, VAGUE]], np.float32)  # as the second, but nearly blank: never settled
+SETTLE_CROPS_INK = [0.05, 0.05, 0.05, 0.05, 0.001]
+SETTLE_CROPS_P0 = [0.06, 0.9, 0.02, 0.02]
+
+
+def settle_crops_run(settle_crops: int):
+    """(outputs, images the model saw, crops the classifier read) of the five SETTLE_CROPS_TABLE images through
+    _crops_first, with crops that name their image and position (PositionCropNet)."""
+    crops = P.TextCropSettings(weight=0.7, below=0.8, agree=2, sure=0.8, read_below=0.99, first_crops=2,
+                               settle_first=0.9, settle_crops=settle_crops)
+    policy = policy_of(tta=True, tta_below=0.99, crops=crops, decision=P.DecisionPolicy(rotate_threshold=0.9))
+    model, net = ConstantModel(SETTLE_CROPS_P0), PositionCropNet(SETTLE_CROPS_TABLE)
+    count = len(SETTLE_CROPS_TABLE)
+    chosen = np.zeros((count, 5, 8, 8, 3), np.float32)
+    for image in range(count):
+        for position in range(5):
+            chosen[image, position, ..., 0] = 10 * (position + 1)
+            chosen[image, position, ..., 1] = 10 * (image + 1)
+    prepared = {"view": tf.zeros([count, SIZE, SIZE, 3]), "ink": tf.constant(SETTLE_CROPS_INK, tf.float32),
+                "crops": tf.constant(chosen)}
+    whole = A.WholeAnswer(model, policy, has_class=False, has_orientation=True, crop_net=net)
+    out = whole._crops_first(tf.constant([b""] * count), prepared, crops, 0.9)  # noqa: SLF001
+    return ({key: value.numpy() for key, value in out.items()}, int(model.images_seen.numpy()),
+            int(net.crops_seen.numpy()))
+
+
+def test_settle_crops_reads_a_third_crop_before_the_image_model_for_the_images_still_open():
+    """settle_crops 3: an image its first two crops leave open reads its third before the image model, and settles
+    when two of the three are at least settle_first sure and name one turn and no sure crop names another; the
+    others are answered exactly as with the first two alone, their crops not read twice."""
+    out, images_seen, crops_seen = settle_crops_run(3)
+    before, images_before, crops_before = settle_crops_run(0)
+
+    model_run = (out[P.IMAGE_ORIENTATION_PROBABILITIES] >= 0).all(-1)
+    assert model_run.tolist() == [False, False, True, True, True]
+    assert (before[P.IMAGE_ORIENTATION_PROBABILITIES][1:] >= 0).all()  # the first two alone settle the first only
+    assert out[P.ORIENTATION_DEGREES][:2].tolist() == [90, 90] and out[P.TEXT_CROPS][:2].tolist() == [1, 1]
+    # settled by three crops: the evidence of the two sure ones (the third, vague, is no evidence): as the first
+    np.testing.assert_allclose(out[P.ORIENTATION_PROBABILITIES][1], out[P.ORIENTATION_PROBABILITIES][0], atol=1e-7)
+    for key in before:  # the open images: bit for bit the answer without the second round
+        np.testing.assert_array_equal(out[key][2:], before[key][2:])
+    # The model sees the three open images, not the fourth; no crop is read twice: 2 each, the third of the four
+    # left open by the first two, then the rest of the three the first-crops rule leaves open.
+    assert (images_seen, images_before) == (3, 4)
+    assert crops_seen == 2 * 5 + 4 + 2 * 3 and crops_before == 2 * 5 + 3 * 4
+
+
+def test_settle_crops_needs_settle_first_and_more_crops_than_the_first():
+    base = dict(weight=0.7, below=0.8, agree=2, sure=0.8, read_below=0.99, first_crops=2, settle_first=0.9)
+    assert P.TextCropSettings(**base, settle_crops=3).settle_crops == 3
+    for bad in (dict(settle_crops=2), dict(settle_crops=6), dict(settle_first=0.0, settle_crops=3)):
+        with pytest.raises(ValueError, match="settle"):
+            P.TextCropSettings(**{**base, **bad})
 
 
 def test_a_policy_recorded_before_read_below_reads_every_images_crops():
@@ -604,7 +680,7 @@ def _gradient(height: int, width: int) -> Image.Image:
 @pytest.mark.parametrize("height, width", [(400, 600), (900, 1300), (150, 100), (3000, 500)])
 def test_crop_batch_cuts_the_crops_trainer_text_crops_cuts(height, width):
     image = _gradient(height, width)
-    graph = A.classifier_input(A.crop_batch(tf.constant(np.asarray(image)), P.TextCropSettings())).numpy()
+    graph = A.crop_pixels().onnx_input(A.crop_batch(tf.constant(np.asarray(image)), P.TextCropSettings())).numpy()
     numpy = text_crops.crops(text_crops.reading_copy(image)).transpose(0, 2, 3, 1)
 
     assert graph.shape == numpy.shape == (5, 224, 224, 3)

@@ -9,9 +9,10 @@ import pytest
 
 from research import gates
 from serving import policy as P
-from tests.test_answer_graph import (CROP_IMAGE_ROWS, CROP_ROWS, GATE_ROWS, STAGE_CROP_ROWS, STAGE_IMAGE_ROWS,
-                                     LookupModel, StubCropNet, answer_fn, crop_table, image_bytes, orientation_table,
-                                     policy_of)
+from tests.test_answer_graph import (CROP_IMAGE_ROWS, CROP_ROWS, GATE_ROWS, SETTLE_CROPS_INK, SETTLE_CROPS_P0,
+                                     SETTLE_CROPS_TABLE, STAGE_CROP_ROWS, STAGE_IMAGE_ROWS, LookupModel, StubCropNet,
+                                     answer_fn, crop_table, image_bytes, orientation_table, policy_of,
+                                     settle_crops_run)
 
 ROWS = {**GATE_ROWS, **CROP_IMAGE_ROWS}
 # With first_crops the stub's crops must answer one row at every position (StubCropNet): the staged tables.
@@ -122,3 +123,23 @@ def test_crops_first_refuses_what_the_policy_refuses():
         with pytest.raises(ValueError, match="settle_first"):
             gates.simulate_crops_first(parts, **{**dict(read_below=0.99, tta_below=0.99, agree=2, first_crops=2),
                                                  **bad})
+
+
+@pytest.mark.parametrize("settle_crops", [0, 3])
+def test_the_labs_second_round_is_the_graphs(settle_crops):
+    """settle_crops: the lab settles, answers and counts the crops of the images as the graph's _crops_first does
+    (tests/test_answer_graph.py's five images, whose crops name their position)."""
+    out, _, crops_seen = settle_crops_run(settle_crops)
+    count = len(SETTLE_CROPS_TABLE)
+    p0 = np.tile(np.asarray([SETTLE_CROPS_P0], np.float32), (count, 1))
+    parts = {"p0": p0, "turned": np.stack([p0] * 3, 1), "crops": SETTLE_CROPS_TABLE,
+             "second": np.full((count, 10, 4), 0.25, np.float32), "ink": np.asarray(SETTLE_CROPS_INK, np.float32)}
+    lab = gates.simulate_policy(parts, read_below=0.99, tta_below=0.99, agree=2, first_crops=2, settle_first=0.9,
+                                settle_crops=settle_crops, second_below=0.0, rotate=0.9)
+    np.testing.assert_allclose(lab["final"], out[P.ORIENTATION_PROBABILITIES], atol=1e-6)
+    assert lab["decision"].tolist() == [d.decode() for d in out[P.DECISION]]
+    assert lab["model_run"].tolist() == (out[P.IMAGE_ORIENTATION_PROBABILITIES] >= 0).all(-1).tolist()
+    assert lab["turned"].tolist() == (out[P.TTA_AGREEMENT] != -1).tolist()
+    assert lab["crops_read"].sum() == crops_seen
+    with pytest.raises(ValueError, match="settle"):
+        gates.simulate_policy(parts, settle_crops=3)

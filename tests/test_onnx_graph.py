@@ -102,6 +102,54 @@ def test_the_net_survives_a_saved_model_with_standard_ops(net, path, tmp_path):
     assert {"Conv2D", "DepthwiseConv2dNative", "BiasAdd", "MatMul", "Softmax"} <= ops
 
 
+PIXELS = onnx_graph.PixelScaling(255.0, (0.406, 0.456, 0.485), (0.225, 0.224, 0.229), reverse_channels=True)
+
+
+def _graph_ops(fn) -> set:
+    return {op.type for op in fn.get_concrete_function().graph.get_operations()}
+
+
+def test_the_net_on_pixels_answers_as_the_file_on_its_preprocessed_input(path):
+    """serving.export builds the classifier on the crops' RGB pixels: the BGR order and the normalisation are
+    folded into the first convolution (no per-pixel pass but one subtraction), and the answer is the file's on the
+    input PaddleClas' preprocessing makes."""
+    rng = np.random.default_rng(4)
+    # random levels, and black and white only (the ends of the normalised range)
+    pixels = np.concatenate([rng.uniform(0, 255, (2, 224, 224, 3)),
+                             rng.choice([0.0, 255.0], (2, 224, 224, 3))]).astype(np.float32)
+    onnx_input = PIXELS.onnx_input(tf.constant(pixels)).numpy()
+    expected = _onnx(path, np.ascontiguousarray(onnx_input.transpose(0, 3, 1, 2)))
+    run = tf.function(onnx_graph.from_onnx(path, PIXELS), input_signature=[tf.TensorSpec([None, 224, 224, 3],
+                                                                                          tf.float32)])
+    np.testing.assert_allclose(run(pixels).numpy(), expected, atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(run(pixels).numpy().argmax(1), expected.argmax(1))
+    ops = _graph_ops(run)
+    assert not ops & {"ReverseV2", "RealDiv"} and "Sub" in ops
+
+
+@pytest.mark.parametrize("read_by", ["a conv", "a conv and a pool"])
+def test_pixels_are_folded_only_where_convs_alone_read_them(tmp_path, read_by):
+    """A Conv with asymmetric pads, alone or beside a pool of the same input: folded into the Conv in the first case,
+    scaled step by step in the second (a pool of the centred pixels would differ), and the answers are the file's."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], strides=[2, 2], pads=[1, 0, 2, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["g"])]
+    if read_by == "a conv and a pool":
+        nodes += [helper.make_node("GlobalAveragePool", ["x"], ["gx"]),
+                  helper.make_node("Concat", ["g", "gx"], ["cat"], axis=1)]
+    nodes.append(helper.make_node("Reshape", [nodes[-1].output[0], "target"], ["y"]))
+    width = 4 if read_by == "a conv" else 7
+    file = str(tmp_path / "pixels.onnx")
+    onnx.save(_model(nodes, [_const(rng, "w", [4, 3, 3, 3]),
+                             numpy_helper.from_array(np.array([0, width], np.int64), "target")]), file)
+    pixels = rng.uniform(0, 255, (2, 17, 15, 3)).astype(np.float32)
+    onnx_input = np.ascontiguousarray(PIXELS.onnx_input(tf.constant(pixels)).numpy().transpose(0, 3, 1, 2))
+    run = tf.function(onnx_graph.from_onnx(file, PIXELS), input_signature=[tf.TensorSpec([None, 17, 15, 3],
+                                                                                        tf.float32)])
+    np.testing.assert_allclose(run(pixels).numpy(), _onnx(file, onnx_input), atol=1e-5, rtol=1e-5)
+    assert ("ReverseV2" in _graph_ops(run)) is (read_by != "a conv")
+
+
 # -- a small synthetic graph -----------------------------------------------------------------------------------------
 def _const(rng, name: str, shape, positive: bool = False) -> onnx.TensorProto:
     value = rng.uniform(0.5, 1.5, shape) if positive else rng.normal(0.0, 0.5, shape)

@@ -58,8 +58,13 @@ SECOND_LOOK = {"second_below": 0.5, "second_short": 896}
 #   takes their answer without the image model (settle_first). Two-fold cross-fitting by source: one half chose 0.9,
 #   the other (where every value tied) 0.8, which put one more wrong answer into a band on the first half; 0.9 costs
 #   neither half anything (the classifier's crops top out at 0.95). No held-out or unseen answer's degrees or
-#   decision moves; two pages in three skip the image model.
-ANSWER_CHOICES = {"read_below": 0.99, "tta_below": 0.99, "agree": 2, "first_crops": 2, "settle_first": 0.9}
+#   decision moves; two pages in three skip the image model;
+# - and a second round for the images those two leave open: their third crop, still before the image model, and they
+#   settle when two of the three are at least 0.9 sure and name one turn and no sure crop names another
+#   (settle_crops). A cost choice (research/gates.py: the lowest modelled cost of 3, 4 and 5 crops); no held-out
+#   answer's degrees or decision moves.
+ANSWER_CHOICES = {"read_below": 0.99, "tta_below": 0.99, "agree": 2, "first_crops": 2, "settle_first": 0.9,
+                  "settle_crops": 3}
 
 
 def init_weights(init: str) -> str:

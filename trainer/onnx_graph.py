@@ -9,6 +9,11 @@ DepthwiseConv2dNative, BiasAdd, Mean, MatMul, Softmax, ...); `onnx` is needed on
   feature map held NHWC; constants meeting one are moved from NCHW to NHWC, and axis attributes are mapped.
 - Weights become non-trainable tf.Variables held by the module, so a SavedModel keeps them once, for all traces.
 - A BatchNormalization that directly follows a Conv is folded into the Conv's kernel and bias (exact maths).
+- With `pixels` (PixelScaling), the net takes the pixels its caller has (e.g. RGB in [0, 255]) instead of the ONNX
+  input, which is a per-channel scaling of them (e.g. BGR, ImageNet-normalised). When only ordinary Convs read the
+  input, the scaling and the channel order are folded into their kernels, and the net subtracts the mean pixel
+  once: a pad of zeros is then the mean pixel, which is what the ONNX input's zero pad is (exact maths). Else the
+  input is computed as the ONNX file wants it, first.
 - Shape arithmetic (Shape, Slice, Concat feeding Reshape) is done when building, on symbolic dims; the only Reshape
   of a feature map supported is the flatten of a [N, C, 1, 1] map, where NCHW and NHWC orders agree.
 - Anything else (another op type, a grouped but not depthwise Conv, an other Reshape) raises rather than guessing.
@@ -16,7 +21,7 @@ DepthwiseConv2dNative, BiasAdd, Mean, MatMul, Softmax, ...); `onnx` is needed on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -25,6 +30,27 @@ _NHWC_AXIS = (0, 3, 1, 2)  # an NCHW axis -> the same axis in NHWC
 _BINARY = {"Add": tf.add, "Sub": tf.subtract, "Mul": tf.multiply, "Div": tf.divide}
 _BINARY_NP = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
 Step = Tuple[Callable[..., tf.Tensor], Tuple[str, ...], str]
+
+
+@dataclass(frozen=True)
+class PixelScaling:
+    """The ONNX input as a function of the caller's pixels: (pixels, channels reversed when `reverse_channels`,
+    / `scale` - mean) / std, mean and std in the ONNX input's channel order."""
+    scale: float
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    reverse_channels: bool = False
+
+    def order(self) -> np.ndarray:
+        """[C]: the pixel channel that each ONNX input channel is."""
+        count = len(self.mean)
+        return np.arange(count)[::-1].copy() if self.reverse_channels else np.arange(count)
+
+    def onnx_input(self, pixels: tf.Tensor) -> tf.Tensor:
+        """The ONNX input of NHWC pixels, step by step as the file's own preprocessing makes it."""
+        if self.reverse_channels:
+            pixels = tf.reverse(pixels, axis=[-1])
+        return (pixels / self.scale - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
 
 
 @dataclass(frozen=True)
@@ -53,8 +79,9 @@ class OnnxConvNet(tf.Module):
         return values[self._output]
 
 
-def from_onnx(path: str) -> OnnxConvNet:
-    """The TF net of an ONNX CNN file with one float input [N, C, H, W] and one output."""
+def from_onnx(path: str, pixels: Optional[PixelScaling] = None) -> OnnxConvNet:
+    """The TF net of an ONNX CNN file with one float input [N, C, H, W] and one output; with `pixels`, of the pixels
+    the ONNX input is a scaling of (see the module docstring)."""
     import onnx
     from onnx import numpy_helper
 
@@ -65,12 +92,19 @@ def from_onnx(path: str) -> OnnxConvNet:
     inputs = [i.name for i in graph.input if i.name not in static]
     if len(inputs) != 1 or len(graph.output) != 1:
         raise ValueError(f"{path}: expected one input and one output, got {inputs} and {len(graph.output)}")
-    builder = _Builder(static, opset, inputs[0])
     outputs = {o.name for o in graph.output}
     consumers: Dict[str, List] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    net_input = inputs[0] if pixels is None else inputs[0] + ":pixels"
+    builder = _Builder(static, opset, net_input)
+    if pixels is not None:
+        readers = consumers.get(inputs[0], [])
+        if readers and all(n.op_type == "Conv" and _attr(n, "group", 1) == 1 for n in readers):
+            builder.fold_pixels(net_input, inputs[0], pixels)
+        else:
+            builder.step(pixels.onnx_input, (net_input,), inputs[0], 4)
     folded = set()
     for node in graph.node:
         if id(node) in folded:
@@ -94,7 +128,14 @@ def from_onnx(path: str) -> OnnxConvNet:
     output = builder.resolve(graph.output[0].name)
     if output not in builder.rank:
         raise ValueError(f"{path}: the output {output!r} is not computed from the input")
-    return OnnxConvNet(builder.steps, builder.variables, inputs[0], output)
+    return OnnxConvNet(builder.steps, builder.variables, net_input, output)
+
+
+def _attr(node, name: str, default):
+    import onnx
+
+    values = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return values.get(name, default)
 
 
 def _fold_batch_norm(w: np.ndarray, b: np.ndarray, gamma, beta, mean, var, eps: float):
@@ -157,6 +198,19 @@ class _Builder:
         self.alias: Dict[str, str] = {}
         self.steps: List[Step] = []
         self.variables: List[tf.Variable] = []
+        self.pixels: Optional[Tuple[str, PixelScaling]] = None  # (the centred pixels' name, their scaling)
+
+    def fold_pixels(self, pixels_name: str, onnx_input: str, pixels: PixelScaling) -> None:
+        """The Convs that read `onnx_input` read the mean-centred pixels instead, their kernels scaled and their
+        input channels put in the pixels' order (conv()): one subtraction replaces the whole scaling."""
+        order = pixels.order()
+        mean_pixel = np.empty(len(order), np.float64)
+        mean_pixel[order] = np.asarray(pixels.mean, np.float64) * pixels.scale
+        shift = self.variable(mean_pixel, "mean_pixel")
+        centred = onnx_input + ":centred"
+        self.step(lambda x: x - shift, (pixels_name,), centred, 4)
+        self.alias[onnx_input] = centred
+        self.pixels = (centred, pixels)
 
     def resolve(self, name: str) -> str:
         return self.alias.get(name, name)
@@ -202,6 +256,14 @@ class _Builder:
         if bn is not None:
             w, b = _fold_batch_norm(w, b, *(self.const(n, bn) for n in bn.input[1:5]), eps)
             output = bn.output[0]
+        if self.pixels is not None and self.resolve(node.input[0]) == self.pixels[0]:
+            # input channel c of the ONNX file is pixel channel order[c], divided by scale * std[c]
+            scaling = self.pixels[1]
+            per_channel = w.astype(np.float64) / (scaling.scale * np.asarray(scaling.std, np.float64))[None, :, None,
+                                                                                                         None]
+            w = np.empty_like(per_channel)
+            w[:, scaling.order()] = per_channel
+            w = w.astype(np.float32)
         group = attrs.get("group", 1)
         strides = list(attrs.get("strides", (1, 1)))
         dilations = list(attrs.get("dilations", (1, 1)))
