@@ -193,7 +193,7 @@ def _measure_costs_here(uris: Sequence[str], batch: int = 8) -> Dict[str, float]
         return tf.function(lambda data: tf.map_fn(fn, data, fn_output_signature=tf.float32), autograph=False)
 
     pixels = tf.random.uniform([batch, settings.image_size, settings.image_size, 3], 0.0, 255.0, seed=1)
-    crop_pixels = tf.random.uniform([batch, side, side, 3], -2.0, 2.0, seed=2)
+    crop_pixels = tf.random.uniform([batch, side, side, 3], 0.0, 255.0, seed=2)
     blobs = []
     for uri in uris:
         with open(uri, "rb") as f:
@@ -304,10 +304,10 @@ def simulate(parts: Dict[str, np.ndarray], *, read_below: float = 1.0, tta_below
 
 def _settles(head: np.ndarray, needed: int, settle: float, sure: float) -> np.ndarray:
     """serving.answer._settles: at least `needed` of the crops read [N, c, 4] are at least `settle` sure (float64) and
-    name one turn, and no crop at least `sure` names another."""
-    confidence, top = head.max(-1).astype(np.float64), head.argmax(-1)
-    votes = np.stack([((confidence >= settle) & (top == turn)).sum(-1) for turn in range(4)], -1)
-    against = ((confidence >= sure) & (top != votes.argmax(-1)[:, None])).any(-1)
+    name one turn, and no sure crop (at least `sure` in float32, as _evidence) names another."""
+    confidence, top = head.astype(np.float32).max(-1), head.argmax(-1)
+    votes = np.stack([((confidence.astype(np.float64) >= settle) & (top == turn)).sum(-1) for turn in range(4)], -1)
+    against = ((confidence >= np.float32(sure)) & (top != votes.argmax(-1)[:, None])).any(-1)
     return (votes.max(-1) >= needed) & ~against
 
 

@@ -16,7 +16,10 @@ Serving, `archive-vision serve` and `archive-vision score` (in-process or remote
    `first_crops`, the first crops are read first and the rest only for the images they do not settle; with
    `settle_first` too, the first crops of every image are read before the image model (step 2), and an image they
    settle on their own (all at least that sure, naming one turn; not a nearly blank page) takes their answer and
-   skips steps 2, 4 and 6 (its image model's probabilities -1);
+   skips steps 2, 4 and 6 (its image model's probabilities -1); with `settle_crops`, the images they leave open read
+   their next crops before the image model too, and settle when `first_crops` of them are that sure and name one
+   turn and no sure crop names another. The classifier takes the crops' RGB pixels: its BGR order and
+   normalisation are folded into its first convolution (crop_pixels);
 4. the turned copies (with `tta`): the view turned 90/180/270, for the images whose answer so far is below
    `tta_below`; their answers turned back and averaged with the stored copy's, the share agreeing kept;
 5. the fusion: softmax(log p + weight * evidence), p already calibrated (the head's temperature is folded in);
@@ -222,16 +225,25 @@ def _crops_count(unsure, agreeing, crops: P.TextCropSettings):
 
 
 def _settles(head, needed: int, settle: float, sure: float):
-    """[N] bool: at least `needed` of the crops read [N, c, 4] are at least `settle` sure (in float64) and name one
-    turn, and no crop at least `sure` names another (WholeAnswer._crops_first). With `needed` crops read: all of them
-    that sure, naming one turn."""
+    """[N] bool: at least `needed` of the crops read [N, c, 4] are at least `settle` sure (in float64, as the gates)
+    and name one turn, and no sure crop (crop_evidence's: at least `sure` in float32) names another
+    (WholeAnswer._crops_first). With `needed` crops read: all of them that sure, naming one turn."""
     tf = _tf()
     top = tf.argmax(head, -1)
-    confidence = tf.cast(tf.reduce_max(head, -1), tf.float64)
-    votes = tf.reduce_sum(tf.one_hot(top, 4, dtype=tf.int32) * tf.cast(confidence >= settle, tf.int32)[..., None], 1)
+    confidence = tf.reduce_max(head, -1)
+    settling = tf.cast(tf.cast(confidence, tf.float64) >= settle, tf.int32)
+    votes = tf.reduce_sum(tf.one_hot(top, 4, dtype=tf.int32) * settling[..., None], 1)
     turn = tf.argmax(votes, -1)
     against = tf.reduce_any((confidence >= sure) & tf.not_equal(top, turn[:, None]), -1)
     return (tf.reduce_max(votes, -1) >= needed) & ~against
+
+
+def _crops_at(crops, rows, start: int, stop: int):
+    """[len(rows), stop - start, crop, crop, 3]: crops start..stop-1 of the images `rows` of `crops` [N, 5, ...], the
+    only ones copied (a gather of whole images would copy all five, about 3 MB an image)."""
+    tf = _tf()
+    pairs = tf.stack(tf.meshgrid(rows, tf.range(start, stop), indexing="ij"), -1)
+    return tf.ensure_shape(tf.gather_nd(crops, pairs), [None, stop - start] + crops.shape[2:].as_list())
 
 
 def fuse(probabilities, log_evidence):
@@ -345,7 +357,7 @@ class WholeAnswer:
         count = tf.shape(settled)[0]
         if more > first:  # the second round: the next crops of the images still open
             still = tf.cast(tf.reshape(tf.where(~settled), [-1]), tf.int32)
-            next_crops = self._classify(tf.gather(prepared["crops"], still)[:, first:more])
+            next_crops = self._classify(_crops_at(prepared["crops"], still, first, more))
             wider = tf.concat([tf.gather(head, still), next_crops], 1)
             settled = _scatter(still, ~tf.gather(sparse, still) & _settles(wider, first, settle, crops.sure), settled)
             # a crop not read is all zeros: never sure, so no evidence and no vote
@@ -365,15 +377,17 @@ class WholeAnswer:
         # A batch every image of which settles skips the image model (an empty batch fails some CPU kernels).
         def unsettled():
             out = self._answer(tf.gather(image_bytes, rest),
-                               {key: tf.gather(value, rest) for key, value in prepared.items()}, tf.gather(head, rest))
+                               {key: tf.gather(value, rest) for key, value in prepared.items() if key != "crops"},
+                               tf.gather(head, rest), (prepared["crops"], rest))
             return {key: out[key] for key in settled_out}
 
         answered = tf.cond(tf.size(rest) > 0, unsettled,
                            lambda: {key: tf.gather(value, rest) for key, value in settled_out.items()})
         return {key: _scatter(rest, answered[key], value) for key, value in settled_out.items()}
 
-    def _answer(self, image_bytes, prepared, head=None) -> Dict[str, object]:
-        """The answer of the prepared images (`head`: their first crops' probabilities, when already read)."""
+    def _answer(self, image_bytes, prepared, head=None, crop_source=None) -> Dict[str, object]:
+        """The answer of the prepared images (`head`: the probabilities of their crops already read; `crop_source`:
+        (the crops [M, 5, ...] of a larger batch, the row of each image in it), else prepared["crops"])."""
         tf = _tf()
         settings = self.policy.answer
         crops = settings.text_crops if self.crop_net is not None else None
@@ -406,8 +420,14 @@ class WholeAnswer:
                 read = tf.ones_like(unsure)
             index = tf.cast(tf.reshape(tf.where(read), [-1]), tf.int32)
             sub_unsure = tf.gather(unsure, index)
-            crop_probs = self._crop_probabilities(tf.gather(prepared["crops"], index), tf.gather(p0, index),
-                                                  sub_unsure, tf.gather(sparse, index), crops,
+            all_crops, rows = crop_source if crop_source is not None else (prepared["crops"], tf.range(count))
+            read_rows = tf.gather(rows, index)
+
+            def crops_of(subset, start: int, stop: int):  # the crops start..stop-1 of the read images `subset`
+                return _crops_at(all_crops, tf.gather(read_rows, subset), start, stop)
+
+            crop_probs = self._crop_probabilities(crops_of, tf.shape(index)[0], tf.gather(p0, index), sub_unsure,
+                                                  tf.gather(sparse, index), crops,
                                                   None if head is None else tf.gather(head, index))
             sub_evidence, agreeing = crop_evidence(crop_probs, crops.sure)
             sub_counted = _crops_count(sub_unsure, agreeing, crops)
@@ -487,8 +507,9 @@ class WholeAnswer:
                         lambda: tf.zeros([0, 4], tf.float32))
         return tf.ensure_shape(tf.reshape(probs, tf.concat([count, [4]], 0)), [None, crops.shape[1], 4])
 
-    def _crop_probabilities(self, chosen, p0, unsure, sparse, crops: P.TextCropSettings, head=None):
-        """[R, 5, 4]: the classifier's probabilities for the crops [R, 5, crop, crop, 3] of the images read. With
+    def _crop_probabilities(self, crops_of, count, p0, unsure, sparse, crops: P.TextCropSettings, head=None):
+        """[R, 5, 4]: the classifier's probabilities for the crops of the `count` images read (`crops_of(rows,
+        start, stop)`: crops start..stop-1 of those rows, [len(rows), stop - start, crop, crop, 3]). With
         `first_crops`, those are read first, and the rest only for the images they do not settle: their answer
         fused with them is below read_below, or not all of them are sure and name it, or the page is nearly blank
         (its rule wants all five). A crop not read is all zeros, which is never sure: it adds no evidence and no
@@ -498,10 +519,10 @@ class WholeAnswer:
         total = len(_CROP_CENTRES)
         first = crops.first_crops if crops.agree > 0 and crops.read_below < 1.0 else 0
         if not 0 < first < total:
-            return self._classify(chosen)
+            return self._classify(crops_of(tf.range(count), 0, total))
         known = first if head is None else int(head.shape[1])  # the crops already read (_crops_first)
         if head is None:
-            head = self._classify(chosen[:, :first])
+            head = self._classify(crops_of(tf.range(count), 0, first))
         read_before, head = head, head[:, :first]
         evidence, agreeing = crop_evidence(head, crops.sure)
         counted = _crops_count(unsure, agreeing, crops)
@@ -509,7 +530,7 @@ class WholeAnswer:
         naming = (tf.reduce_max(head, -1) >= crops.sure) & tf.equal(tf.argmax(head, -1), tf.argmax(fused, -1)[:, None])
         settled = counted & tf.reduce_all(naming, -1) & ~_below(fused, crops.read_below) & ~sparse
         rest = tf.cast(tf.reshape(tf.where(~settled), [-1]), tf.int32)
-        tail = self._classify(tf.gather(chosen, rest)[:, known:])
+        tail = self._classify(crops_of(rest, known, total))
         probs = tf.concat([head, tf.zeros([tf.shape(head)[0], total - first, 4], tf.float32)], 1)
         return _scatter(rest, tf.concat([tf.gather(read_before, rest), tail], 1), probs)
 

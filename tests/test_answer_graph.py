@@ -563,8 +563,10 @@ def test_first_crops_reads_the_first_crops_first_and_then_the_rest_of_the_unsett
             chosen[image, position, ..., 1] = 10 * (image + 1)
     p0 = tf.constant([[0.06, 0.9, 0.02, 0.02]] * 2)
 
-    probabilities = whole._crop_probabilities(tf.constant(chosen), p0, tf.constant([False, False]),  # noqa: SLF001
-                                              tf.constant([False, False]), crops).numpy()
+    batch = tf.constant(chosen)
+    probabilities = whole._crop_probabilities(  # noqa: SLF001
+        lambda rows, start, stop: A._crops_at(batch, rows, start, stop), 2, p0,  # noqa: SLF001
+        tf.constant([False, False]), tf.constant([False, False]), crops).numpy()
 
     np.testing.assert_allclose(probabilities[0], [sure_90, sure_90] + [[0.0] * 4] * 3, atol=1e-6)
     np.testing.assert_allclose(probabilities[1], table[1], atol=1e-6)
@@ -591,8 +593,11 @@ SETTLE_CROPS_TABLE = np.array([  # each image's five crops
     [SURE_90, VAGUE, SURE_90, VAGUE, VAGUE],  # settled by the third: two of three at 0.94 name 90
     [SURE_90, VAGUE, SURE_180, SURE_90, VAGUE],  # the third names another turn: open
     [SURE_90, SURE_BUT_BELOW_SETTLE_180, SURE_90, SURE_90, SURE_90],  # a sure crop (0.85) names 180: open
-    [SURE_90, VAGUE, SURE_90, VAGUE, VAGUE]], np.float32)  # as the second, but nearly blank: never settled
-SETTLE_CROPS_INK = [0.05, 0.05, 0.05, 0.05, 0.001]
+    [SURE_90, VAGUE, SURE_90, VAGUE, VAGUE],  # as the second, but nearly blank: never settled
+    # open after both rounds (one crop at 0.9 a turn); then its first two settle it with the image model's 90 (the
+    # first-crops rule), and its third, read in the second round, must not count
+    [SURE_90, [0.05, 0.85, 0.05, 0.05], SURE_180, VAGUE, VAGUE]], np.float32)
+SETTLE_CROPS_INK = [0.05, 0.05, 0.05, 0.05, 0.001, 0.05]
 SETTLE_CROPS_P0 = [0.06, 0.9, 0.02, 0.02]
 
 
@@ -612,7 +617,9 @@ def settle_crops_run(settle_crops: int):
     prepared = {"view": tf.zeros([count, SIZE, SIZE, 3]), "ink": tf.constant(SETTLE_CROPS_INK, tf.float32),
                 "crops": tf.constant(chosen)}
     whole = A.WholeAnswer(model, policy, has_class=False, has_orientation=True, crop_net=net)
-    out = whole._crops_first(tf.constant([b""] * count), prepared, crops, 0.9)  # noqa: SLF001
+    run = tf.function(lambda data: whole._crops_first(data, prepared, crops, 0.9),  # noqa: SLF001
+                      input_signature=[tf.TensorSpec([None], tf.string)])  # traced, as the export runs it
+    out = run(tf.constant([b""] * count))
     return ({key: value.numpy() for key, value in out.items()}, int(model.images_seen.numpy()),
             int(net.crops_seen.numpy()))
 
@@ -625,17 +632,18 @@ def test_settle_crops_reads_a_third_crop_before_the_image_model_for_the_images_s
     before, images_before, crops_before = settle_crops_run(0)
 
     model_run = (out[P.IMAGE_ORIENTATION_PROBABILITIES] >= 0).all(-1)
-    assert model_run.tolist() == [False, False, True, True, True]
+    assert model_run.tolist() == [False, False, True, True, True, True]
     assert (before[P.IMAGE_ORIENTATION_PROBABILITIES][1:] >= 0).all()  # the first two alone settle the first only
     assert out[P.ORIENTATION_DEGREES][:2].tolist() == [90, 90] and out[P.TEXT_CROPS][:2].tolist() == [1, 1]
     # settled by three crops: the evidence of the two sure ones (the third, vague, is no evidence): as the first
     np.testing.assert_allclose(out[P.ORIENTATION_PROBABILITIES][1], out[P.ORIENTATION_PROBABILITIES][0], atol=1e-7)
     for key in before:  # the open images: bit for bit the answer without the second round
         np.testing.assert_array_equal(out[key][2:], before[key][2:])
-    # The model sees the three open images, not the fourth; no crop is read twice: 2 each, the third of the four
-    # left open by the first two, then the rest of the three the first-crops rule leaves open.
-    assert (images_seen, images_before) == (3, 4)
-    assert crops_seen == 2 * 5 + 4 + 2 * 3 and crops_before == 2 * 5 + 3 * 4
+    assert out[P.ORIENTATION_DEGREES][5] == 90 and out[P.TEXT_CROPS][5] == 1  # its third crop (180) left out
+    # The model sees the four open images, not the second; no crop is read twice: 2 each, the third of the five
+    # left open by the first two, then the other two of the three the first-crops rule leaves open.
+    assert (images_seen, images_before) == (4, 5)
+    assert crops_seen == 2 * 6 + 5 + 2 * 3 and crops_before == 2 * 6 + 3 * 4
 
 
 def test_settle_crops_needs_settle_first_and_more_crops_than_the_first():

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image, ImageDraw, ImageFont
 from tensorflow.core.protobuf import saved_model_pb2
 
+from serving.answer import crop_pixels
 from trainer import onnx_graph, text_crops
 from trainer.text_lines import onnx_session
 
@@ -102,7 +103,7 @@ def test_the_net_survives_a_saved_model_with_standard_ops(net, path, tmp_path):
     assert {"Conv2D", "DepthwiseConv2dNative", "BiasAdd", "MatMul", "Softmax"} <= ops
 
 
-PIXELS = onnx_graph.PixelScaling(255.0, (0.406, 0.456, 0.485), (0.225, 0.224, 0.229), reverse_channels=True)
+PIXELS = crop_pixels()  # the scaling serving.export builds the classifier with
 
 
 def _graph_ops(fn) -> set:
@@ -206,13 +207,21 @@ def _synthetic(rng) -> onnx.ModelProto:
     return _model(nodes, inits)
 
 
-def test_a_synthetic_graph_answers_as_onnxruntime(tmp_path):
+@pytest.mark.parametrize("on_pixels", [False, True])
+def test_a_synthetic_graph_answers_as_onnxruntime(tmp_path, on_pixels):
+    """Also on pixels: its first Conv (asymmetric pads, a bias, a BN folded in) takes the pixel scaling."""
     rng = np.random.default_rng(1)
     file = str(tmp_path / "synthetic.onnx")
     onnx.save(_synthetic(rng), file)
-    nchw = rng.normal(size=(3, 3, 17, 15)).astype(np.float32)
-    net = onnx_graph.from_onnx(file)
+    net = onnx_graph.from_onnx(file, PIXELS if on_pixels else None)
     run = tf.function(net, input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    if on_pixels:
+        pixels = rng.uniform(0, 255, (3, 17, 15, 3)).astype(np.float32)
+        nchw = np.ascontiguousarray(PIXELS.onnx_input(tf.constant(pixels)).numpy().transpose(0, 3, 1, 2))
+        assert "ReverseV2" not in _graph_ops(run)
+        np.testing.assert_allclose(run(pixels).numpy(), _onnx(file, nchw), atol=1e-5, rtol=1e-5)
+        return
+    nchw = rng.normal(size=(3, 3, 17, 15)).astype(np.float32)
     np.testing.assert_allclose(run(_nhwc(nchw)).numpy(), _onnx(file, nchw), atol=1e-5, rtol=0)
 
 

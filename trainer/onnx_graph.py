@@ -61,8 +61,9 @@ class _Dim:
 
 
 class OnnxConvNet(tf.Module):
-    """The rebuilt net: call it on float32 NHWC images [N, H, W, C] (the ONNX input's values, channels last); it
-    returns the ONNX output (a rank-4 output would come back NHWC)."""
+    """The rebuilt net: call it on float32 NHWC images [N, H, W, C] (the ONNX input's values, channels last, or the
+    pixels they are a scaling of when built with from_onnx's `pixels`); it returns the ONNX output (a rank-4 output
+    would come back NHWC)."""
 
     def __init__(self, steps: Sequence[Step], variables: Sequence[tf.Variable], input_name: str, output_name: str,
                  name: str = "onnx_conv_net"):
@@ -259,6 +260,9 @@ class _Builder:
         if self.pixels is not None and self.resolve(node.input[0]) == self.pixels[0]:
             # input channel c of the ONNX file is pixel channel order[c], divided by scale * std[c]
             scaling = self.pixels[1]
+            if not w.shape[1] == len(scaling.mean) == len(scaling.std):
+                raise ValueError(f"Conv {node.name!r} reads {w.shape[1]} input channels; the pixel scaling has "
+                                 f"{len(scaling.mean)} means and {len(scaling.std)} stds")
             per_channel = w.astype(np.float64) / (scaling.scale * np.asarray(scaling.std, np.float64))[None, :, None,
                                                                                                          None]
             w = np.empty_like(per_channel)
