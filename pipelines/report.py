@@ -667,9 +667,9 @@ def tta_summary(tta: dict) -> str:
     if not (tta.get("images") or tta.get("single_copy")):  # no orientation output: only classes were averaged
         return "class probabilities averaged over four turns (no orientation output)"
     sure = f", {tta['single_copy']} sure on one copy (p >= {tta.get('below')})" if tta.get("single_copy") else ""
-    if sure and tta.get("settle_first"):  # an image its first text crops settled ran on no copy
+    if sure and tta.get("settle_first"):  # an image the crops read before the image model settled ran on no copy
         sure = (f", {tta['single_copy']} not turned (sure on one copy at p >= {tta.get('below')}, or settled by "
-                f"their first text crops at >= {tta['settle_first']})")
+                f"their text crops at >= {tta['settle_first']})")
     return f"{tta.get('images')} pages in four turns{sure}; disagreement rate among them {tta.get('disagreement_rate')}"
 
 

@@ -12,8 +12,8 @@ crops, fusion and the decision under the recorded policy, serving.policy):
 - `serving_default`: `images` DT_STRING [-1] encoded JPEG/PNG/GIF/BMP bytes ->
   `class_probabilities` [-1,N], `class_ids` [-1], `class_names` [-1] (when the model has a class head),
   `orientation_probabilities` [-1,4] (fused, calibrated), `orientation_degrees` [-1] (= argmax * 90, clockwise turn
-  of the input), `image_orientation_probabilities` [-1,4] (the image model alone; -1 where the first text crops
-  settled the image without it), `tta_agreement` [-1] (-1: not turned), `text_crops` [-1] (1 counted, 0 read, -1 not
+  of the input), `image_orientation_probabilities` [-1,4] (the image model alone; -1 where the text crops read
+  before it settled the image), `tta_agreement` [-1] (-1: not turned), `text_crops` [-1] (1 counted, 0 read, -1 not
   used), `decision` [-1] (auto_rotate / ok / review).
 - `tf_example`: `examples` DT_STRING [-1] serialized tf.Example (schema `image/encoded`) -> the same outputs.
 - `classify`: `inputs` serialized tf.Example -> `classes`, `scores`, method `tensorflow/serving/classify`

@@ -235,7 +235,7 @@ def test_the_tta_line_says_when_the_first_crops_settled_images_without_turns():
     tta = {"enabled": True, "below": 0.99, "images": 5, "single_copy": 295, "disagreement_rate": 1.0}
     assert "295 sure on one copy (p >= 0.99);" in tta_summary(tta)
     line = tta_summary(dict(tta, settle_first=0.9))
-    assert "295 not turned (sure on one copy at p >= 0.99, or settled by their first text crops at >= 0.9);" in line
+    assert "295 not turned (sure on one copy at p >= 0.99, or settled by their text crops at >= 0.9);" in line
 
 
 def test_skip_known_skips_exactly_the_already_scored_content(tmp_path, red_corner_export):
