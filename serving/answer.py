@@ -498,8 +498,8 @@ class WholeAnswer:
     def _classify(self, crops):
         """[N, c, crop, crop, 3] RGB crops in [0, 255] -> the crop classifier's probabilities [N, c, 4]. An empty batch
         skips the classifier (a convolution of an empty batch fails on some CPU kernels). The classifier takes the
-        pixels (crop_pixels): every crop is an area or bilinear reduction of 8-bit pixels, or a letterbox clipped
-        to [0, 255], so no clip is needed."""
+        pixels (crop_pixels): every crop is an area or bilinear resampling of 8-bit pixels (weights that are never
+        negative: within [0, 255]), or a letterbox clipped to [0, 255], so no clip is needed."""
         tf = _tf()
         count, side = tf.shape(crops)[:2], crops.shape[2]
         flat = tf.reshape(crops, [-1, side, side, 3])
