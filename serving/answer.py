@@ -260,6 +260,12 @@ def _below(probabilities, gate: float):
     return tf.cast(tf.reduce_max(probabilities, -1), tf.float64) < gate
 
 
+def _rows(mask):
+    """int32 [M]: the indices of the True entries of the bool [N] `mask` (the images a gated step gathers)."""
+    tf = _tf()
+    return tf.cast(tf.reshape(tf.where(mask), [-1]), tf.int32)
+
+
 def _scatter(indices, values, like):
     """`like` with rows `indices` replaced by `values`."""
     tf = _tf()
@@ -356,7 +362,7 @@ class WholeAnswer:
         settled = ~sparse & _settles(head, first, settle, crops.sure)
         count = tf.shape(settled)[0]
         if more > first:  # the second round: the next crops of the images still open
-            still = tf.cast(tf.reshape(tf.where(~settled), [-1]), tf.int32)
+            still = _rows(~settled)
             next_crops = self._classify(_crops_at(prepared["crops"], still, first, more))
             wider = tf.concat([tf.gather(head, still), next_crops], 1)
             settled = _scatter(still, ~tf.gather(sparse, still) & _settles(wider, first, settle, crops.sure), settled)
@@ -373,7 +379,7 @@ class WholeAnswer:
                                           tf.ones([count], tf.bool))}
         if crops.second_below > 0:
             settled_out[P.SECOND_LOOK] = minus
-        rest = tf.cast(tf.reshape(tf.where(~settled), [-1]), tf.int32)
+        rest = _rows(~settled)
         # A batch every image of which settles skips the image model (an empty batch fails some CPU kernels).
         def unsettled():
             out = self._answer(tf.gather(image_bytes, rest),
@@ -418,7 +424,7 @@ class WholeAnswer:
                 read = unsure | _below(p0, crops.read_below) | sparse
             else:
                 read = tf.ones_like(unsure)
-            index = tf.cast(tf.reshape(tf.where(read), [-1]), tf.int32)
+            index = _rows(read)
             sub_unsure = tf.gather(unsure, index)
             all_crops, rows = crop_source if crop_source is not None else (prepared["crops"], tf.range(count))
             read_rows = tf.gather(rows, index)
@@ -440,7 +446,7 @@ class WholeAnswer:
         class_probs = stored.get("c")
         if settings.tta:
             turn = _below(so_far, settings.tta_below) if settings.tta_below < 1.0 else tf.ones([count], tf.bool)
-            index = tf.cast(tf.reshape(tf.where(turn), [-1]), tf.int32)
+            index = _rows(turn)
             sub_views = tf.gather(views, index)
             # Clockwise turns 90/180/270 are counter-clockwise rot90 k = 3/2/1.
             turned_views = tf.concat([tf.image.rot90(sub_views, k) for k in (3, 2, 1)], 0)
@@ -482,7 +488,7 @@ class WholeAnswer:
         bytes of those images alone are decoded again, at twice the reading size."""
         tf = _tf()
         unsure = _below(final, crops.second_below)
-        index = tf.cast(tf.reshape(tf.where(unsure), [-1]), tf.int32)
+        index = _rows(unsure)
         looks = len(_GRID_CENTRES) + 1
 
         def look():
@@ -529,7 +535,7 @@ class WholeAnswer:
         fused = fuse(p0, crops.weight * evidence)
         naming = (tf.reduce_max(head, -1) >= crops.sure) & tf.equal(tf.argmax(head, -1), tf.argmax(fused, -1)[:, None])
         settled = counted & tf.reduce_all(naming, -1) & ~_below(fused, crops.read_below) & ~sparse
-        rest = tf.cast(tf.reshape(tf.where(~settled), [-1]), tf.int32)
+        rest = _rows(~settled)
         tail = self._classify(crops_of(rest, known, total))
         probs = tf.concat([head, tf.zeros([tf.shape(head)[0], total - first, 4], tf.float32)], 1)
         return _scatter(rest, tf.concat([tf.gather(read_before, rest), tail], 1), probs)

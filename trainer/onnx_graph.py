@@ -102,7 +102,7 @@ def from_onnx(path: str, pixels: Optional[PixelScaling] = None) -> OnnxConvNet:
     builder = _Builder(static, opset, net_input)
     if pixels is not None:
         readers = consumers.get(inputs[0], [])
-        if readers and all(n.op_type == "Conv" and _attr(n, "group", 1) == 1 for n in readers):
+        if readers and all(n.op_type == "Conv" and _attrs(n).get("group", 1) == 1 for n in readers):
             builder.fold_pixels(net_input, inputs[0], pixels)
         else:
             builder.step(pixels.onnx_input, (net_input,), inputs[0], 4)
@@ -110,7 +110,7 @@ def from_onnx(path: str, pixels: Optional[PixelScaling] = None) -> OnnxConvNet:
     for node in graph.node:
         if id(node) in folded:
             continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         if node.op_type == "Constant":
             builder.static[node.output[0]] = numpy_helper.to_array(attrs["value"])
             continue
@@ -119,8 +119,7 @@ def from_onnx(path: str, pixels: Optional[PixelScaling] = None) -> OnnxConvNet:
             bn = after[0] if len(after) == 1 and node.output[0] not in outputs else None
             if bn is not None and bn.op_type == "BatchNormalization" and builder.foldable(bn):
                 folded.add(id(bn))
-                bn_attrs = {a.name: onnx.helper.get_attribute_value(a) for a in bn.attribute}
-                builder.conv(node, attrs, bn, bn_attrs.get("epsilon", 1e-5))
+                builder.conv(node, attrs, bn, _attrs(bn).get("epsilon", 1e-5))
                 continue
         handler = getattr(builder, "op_" + node.op_type, None)
         if handler is None:
@@ -132,11 +131,11 @@ def from_onnx(path: str, pixels: Optional[PixelScaling] = None) -> OnnxConvNet:
     return OnnxConvNet(builder.steps, builder.variables, net_input, output)
 
 
-def _attr(node, name: str, default):
+def _attrs(node) -> dict:
+    """An ONNX node's attributes by name, as Python values."""
     import onnx
 
-    values = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    return values.get(name, default)
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _fold_batch_norm(w: np.ndarray, b: np.ndarray, gamma, beta, mean, var, eps: float):
