@@ -133,9 +133,15 @@ def model_view_of(image, copy, settings: P.AnswerSettings):
     step before it blurs the view by a fraction of one of its pixels. Else (a small image, or one the copy barely
     reduces, whose own pixels cost little more) from the decoded pixels, as training made it."""
     tf = _tf()
+    return tf.cond(view_from_copy(image, copy, settings), lambda: model_view(copy, settings),
+                   lambda: model_view(image, settings))
+
+
+def view_from_copy(image, copy, settings: P.AnswerSettings):
+    """bool: model_view_of cuts the view from the reading copy (else from the decoded pixels)."""
+    tf = _tf()
     copy_long, image_long = tf.reduce_max(tf.shape(copy)[:2]), tf.reduce_max(tf.shape(image)[:2])
-    return tf.cond((copy_long >= 2 * view_side(settings)) & (2 * copy_long <= image_long),
-                   lambda: model_view(copy, settings), lambda: model_view(image, settings))
+    return (copy_long >= 2 * view_side(settings)) & (2 * copy_long <= image_long)
 
 
 def crop_pixels():
@@ -155,6 +161,14 @@ def crop_batch(image, crops: P.TextCropSettings, copy_short: int = 0, centres=_C
     crop_pixels) from a copy scaled to a short side of `copy_short` (the settings' by default; long side
     at most `max_long`), as trainer.text_crops.crops."""
     tf = _tf()
+    cuts = crop_cuts(image, crops, copy_short, centres, max_long)
+    return tf.ensure_shape(tf.stack(cuts), [len(centres), crops.crop, crops.crop, 3])
+
+
+def crop_cuts(image, crops: P.TextCropSettings, copy_short: int = 0, centres=_CROP_CENTRES,
+              max_long: int = _CROP_MAX_LONG):
+    """crop_batch's crops, one [crop, crop, 3] tensor each."""
+    tf = _tf()
     size = crops.crop
     copy_short = copy_short or crops.copy_short
     h = tf.cast(tf.shape(image)[0], tf.float32)
@@ -169,8 +183,8 @@ def crop_batch(image, crops: P.TextCropSettings, copy_short: int = 0, centres=_C
     for fy, fx in centres:
         y = tf.clip_by_value(tf.cast(tf.round(fy * tf.cast(new_h, tf.float32) - size / 2), tf.int32), 0, new_h - size)
         x = tf.clip_by_value(tf.cast(tf.round(fx * tf.cast(new_w, tf.float32) - size / 2), tf.int32), 0, new_w - size)
-        out.append(copy[y:y + size, x:x + size, :])
-    return tf.ensure_shape(tf.stack(out), [len(centres), size, size, 3])
+        out.append(tf.ensure_shape(copy[y:y + size, x:x + size, :], [size, size, 3]))
+    return out
 
 
 def second_look_batch(data, crops: P.TextCropSettings):
@@ -196,6 +210,77 @@ def prepare_image(data, settings: P.AnswerSettings, crops: Optional[P.TextCropSe
     if crops is not None:
         out["crops"] = crop_batch(reading, crops)
     return out
+
+
+class StackedCrops:
+    """KeptCopies' interface over prepare_image's outputs for every image (the crops [N, 5, ...] and the views)."""
+
+    def __init__(self, prepared: Dict[str, object]):
+        self.prepared = prepared
+
+    def crops(self, rows, start: int, stop: int):
+        return _crops_at(self.prepared["crops"], rows, start, stop)
+
+    def views(self, rows):
+        return _tf().gather(self.prepared["view"], rows)
+
+
+class KeptCopies:
+    """The reading copies of a batch, kept (by reference, in a TensorArray: never copied) after prepare_first, so that
+    the views and the crops after the first are made only for the images that need them: the crops of the images
+    still open (crops), the views of those the crops did not settle (views). A view that needs the decoded pixels
+    (view_from_copy false: a small image) was made by prepare_first and kept beside them."""
+
+    def __init__(self, copies, early_views, early, settings: P.AnswerSettings, crops: P.TextCropSettings):
+        self.copies, self.early_views, self.early = copies, early_views, early
+        self.settings, self.text_crops = settings, crops
+
+    def crops(self, rows, start: int, stop: int):
+        """[len(rows), stop - start, crop, crop, 3]: crops start..stop-1 of the images `rows` (crop_batch's)."""
+        tf = _tf()
+        size, centres = self.text_crops.crop, _CROP_CENTRES[start:stop]
+        return tf.map_fn(lambda row: crop_batch(self.copies.read(row), self.text_crops, centres=centres), rows,
+                         fn_output_signature=tf.TensorSpec([stop - start, size, size, 3], tf.float32))
+
+    def views(self, rows):
+        """[len(rows), S, S, 3]: the image model's views of the images `rows` (model_view_of's)."""
+        tf = _tf()
+        size = self.settings.image_size
+
+        def view(row):
+            return tf.cond(self.early[row], lambda: tf.ensure_shape(self.early_views.read(row), [size, size, 3]),
+                           lambda: model_view(self.copies.read(row), self.settings))
+
+        return tf.map_fn(view, rows, fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+
+
+def prepare_first(image_bytes, settings: P.AnswerSettings, crops: P.TextCropSettings, first: int):
+    """(ink [N], the first crops [N, first, crop, crop, 3], KeptCopies): what every image needs before the crops
+    settle it, as prepare_image makes it (the same pixels), with the rest left for the images that need it."""
+    tf = _tf()
+    count = tf.shape(image_bytes)[0]
+    short = crops.copy_short
+    kept = [tf.TensorArray(tf.float32, size=count, infer_shape=False, element_shape=tf.TensorShape([None, None, 3]))
+            for _ in range(2)]
+    early = tf.TensorArray(tf.bool, size=count, element_shape=[])
+    inks = tf.TensorArray(tf.float32, size=count, element_shape=[])
+    # crop c of image i at first * i + c: stacked, the batch the classifier reads (no per-image stack first)
+    heads = tf.TensorArray(tf.float32, size=count * first, element_shape=[crops.crop, crops.crop, 3])
+
+    def body(i, copies, early_views, early, inks, heads):
+        image = decode_for_copy(image_bytes[i], short, _CROP_MAX_LONG, view_side(settings))
+        reading = reading_copy(image, short)
+        from_image = ~view_from_copy(image, reading, settings)
+        view = tf.cond(from_image, lambda: model_view(image, settings), lambda: tf.zeros([0, 0, 3], tf.float32))
+        for c, crop in enumerate(crop_cuts(reading, crops, centres=_CROP_CENTRES[:first])):
+            heads = heads.write(first * i + c, crop)
+        return (i + 1, copies.write(i, reading), early_views.write(i, view), early.write(i, from_image),
+                inks.write(i, ink_share(reading)), heads)
+
+    _, copies, early_views, early, inks, heads = tf.while_loop(
+        lambda i, *_: i < count, body, (tf.constant(0), kept[0], kept[1], early, inks, heads))
+    first_crops = tf.reshape(heads.stack(), [count, first, crops.crop, crops.crop, 3])
+    return inks.stack(), first_crops, KeptCopies(copies, early_views, early.stack(), settings, crops)
 
 
 def prepared_spec(settings: P.AnswerSettings, crops: Optional[P.TextCropSettings]) -> Dict[str, object]:
@@ -341,29 +426,33 @@ class WholeAnswer:
 
         settings = self.policy.answer
         crops = settings.text_crops if self.crop_net is not None else None
-        prepared = tf.map_fn(lambda data: prepare_image(data, settings, crops), image_bytes,
-                             fn_output_signature=prepared_spec(settings, crops))
         settle = crops.settle_first if crops is not None and not self.has_class else 0.0
         if settle > 0 and self.has_orientation:  # TextCropSettings checked first_crops, agree and read_below
-            return self._crops_first(image_bytes, prepared, crops, settle)
+            ink, first_crops, kept = prepare_first(image_bytes, settings, crops, crops.first_crops)
+            return self._crops_first(image_bytes, ink, first_crops, kept, crops, settle)
+        prepared = tf.map_fn(lambda data: prepare_image(data, settings, crops), image_bytes,
+                             fn_output_signature=prepared_spec(settings, crops))
         return self._answer(image_bytes, prepared)
 
-    def _crops_first(self, image_bytes, prepared, crops: P.TextCropSettings, settle: float) -> Dict[str, object]:
+    def _crops_first(self, image_bytes, ink, first_crops, kept, crops: P.TextCropSettings,
+                     settle: float) -> Dict[str, object]:
         """The first crops of every image read before the image model: an image that is not nearly blank and whose
         first crops are all at least `settle` sure and name one turn takes their answer alone (the fusion of their
         evidence into no prior: read, counted, not turned, no second look, no image model: its probabilities -1).
         With settle_crops, the images they leave unsettled read the next crops, and settle when first_crops of them
         are that sure and name one turn and no sure crop names another (_settles). The other images are answered
-        as _answer answers them (the crops read so far not read again)."""
+        as _answer answers them (the crops read so far not read again). Only the first crops [N, first, ...] and the
+        ink are made for every image (prepare_first); `kept` (KeptCopies) makes the other crops and the views for
+        the images that need them."""
         tf = _tf()
         first, more = crops.first_crops, max(crops.settle_crops, crops.first_crops)
-        head = self._classify(prepared["crops"][:, :first])
-        sparse = _nearly_blank(prepared["ink"], self.policy.decision)
+        head = self._classify(first_crops)
+        sparse = _nearly_blank(ink, self.policy.decision)
         settled = ~sparse & _settles(head, first, settle, crops.sure)
         count = tf.shape(settled)[0]
         if more > first:  # the second round: the next crops of the images still open
             still = _rows(~settled)
-            next_crops = self._classify(_crops_at(prepared["crops"], still, first, more))
+            next_crops = self._classify(kept.crops(still, first, more))
             wider = tf.concat([tf.gather(head, still), next_crops], 1)
             settled = _scatter(still, ~tf.gather(sparse, still) & _settles(wider, first, settle, crops.sure), settled)
             # a crop not read is all zeros: never sure, so no evidence and no vote
@@ -374,26 +463,27 @@ class WholeAnswer:
                        P.ORIENTATION_DEGREES: tf.argmax(alone, -1, output_type=tf.int64) * 90,
                        P.IMAGE_ORIENTATION_PROBABILITIES: -tf.ones([count, 4], tf.float32),
                        P.TTA_AGREEMENT: -tf.ones([count], tf.float32), P.TEXT_CROPS: tf.ones([count], tf.int64),
-                       P.INK: prepared["ink"],
-                       P.DECISION: decide(self.policy.decision, alone, -tf.ones([count]), None, prepared["ink"],
+                       P.INK: ink,
+                       P.DECISION: decide(self.policy.decision, alone, -tf.ones([count]), None, ink,
                                           tf.ones([count], tf.bool))}
         if crops.second_below > 0:
             settled_out[P.SECOND_LOOK] = minus
         rest = _rows(~settled)
         # A batch every image of which settles skips the image model (an empty batch fails some CPU kernels).
         def unsettled():
-            out = self._answer(tf.gather(image_bytes, rest),
-                               {key: tf.gather(value, rest) for key, value in prepared.items() if key != "crops"},
-                               tf.gather(head, rest), (prepared["crops"], rest))
+            out = self._answer(tf.gather(image_bytes, rest), {"view": kept.views(rest), "ink": tf.gather(ink, rest)},
+                               tf.gather(head, rest), lambda rows, start, stop: kept.crops(tf.gather(rest, rows),
+                                                                                          start, stop))
             return {key: out[key] for key in settled_out}
 
         answered = tf.cond(tf.size(rest) > 0, unsettled,
                            lambda: {key: tf.gather(value, rest) for key, value in settled_out.items()})
         return {key: _scatter(rest, answered[key], value) for key, value in settled_out.items()}
 
-    def _answer(self, image_bytes, prepared, head=None, crop_source=None) -> Dict[str, object]:
-        """The answer of the prepared images (`head`: the probabilities of their crops already read; `crop_source`:
-        (the crops [M, 5, ...] of a larger batch, the row of each image in it), else prepared["crops"])."""
+    def _answer(self, image_bytes, prepared, head=None, cut=None) -> Dict[str, object]:
+        """The answer of the prepared images (`head`: the probabilities of their crops already read; `cut(rows,
+        start, stop)`: crops start..stop-1 of the images `rows` [len(rows), stop - start, crop, crop, 3], else cut
+        from prepared["crops"])."""
         tf = _tf()
         settings = self.policy.answer
         crops = settings.text_crops if self.crop_net is not None else None
@@ -426,11 +516,10 @@ class WholeAnswer:
                 read = tf.ones_like(unsure)
             index = _rows(read)
             sub_unsure = tf.gather(unsure, index)
-            all_crops, rows = crop_source if crop_source is not None else (prepared["crops"], tf.range(count))
-            read_rows = tf.gather(rows, index)
+            cut = cut or StackedCrops(prepared).crops
 
             def crops_of(subset, start: int, stop: int):  # the crops start..stop-1 of the read images `subset`
-                return _crops_at(all_crops, tf.gather(read_rows, subset), start, stop)
+                return cut(tf.gather(index, subset), start, stop)
 
             crop_probs = self._crop_probabilities(crops_of, tf.shape(index)[0], tf.gather(p0, index), sub_unsure,
                                                   tf.gather(sparse, index), crops,

@@ -614,10 +614,10 @@ def settle_crops_run(settle_crops: int):
         for position in range(5):
             chosen[image, position, ..., 0] = 10 * (position + 1)
             chosen[image, position, ..., 1] = 10 * (image + 1)
-    prepared = {"view": tf.zeros([count, SIZE, SIZE, 3]), "ink": tf.constant(SETTLE_CROPS_INK, tf.float32),
-                "crops": tf.constant(chosen)}
+    stacked = A.StackedCrops({"view": tf.zeros([count, SIZE, SIZE, 3]), "crops": tf.constant(chosen)})
     whole = A.WholeAnswer(model, policy, has_class=False, has_orientation=True, crop_net=net)
-    run = tf.function(lambda data: whole._crops_first(data, prepared, crops, 0.9),  # noqa: SLF001
+    ink = tf.constant(SETTLE_CROPS_INK, tf.float32)
+    run = tf.function(lambda data: whole._crops_first(data, ink, chosen[:, :2], stacked, crops, 0.9),  # noqa: SLF001
                       input_signature=[tf.TensorSpec([None], tf.string)])  # traced, as the export runs it
     out = run(tf.constant([b""] * count))
     return ({key: value.numpy() for key, value in out.items()}, int(model.images_seen.numpy()),
@@ -764,6 +764,38 @@ def test_a_small_image_keeps_the_exact_view():
     settings = P.AnswerSettings()
     assert np.array_equal(A.model_view_of(image, A.reading_copy(image, 448), settings).numpy(),
                           A.model_view(image, settings).numpy())
+
+
+def test_the_first_crops_and_the_kept_copies_make_what_prepare_image_makes_bit_for_bit():
+    """prepare_first makes the ink and the first crops of every image, and KeptCopies the views and the other crops
+    of the images asked for, in any order, from reading copies kept by reference: the same pixels as prepare_image
+    (a page whose view is cut from its copy, a small image and a barely reduced one whose views need the decoded
+    pixels, a DCT-scaled JPEG, a landscape strip)."""
+    settings = P.AnswerSettings(text_crops=P.TextCropSettings())
+    crops = settings.text_crops
+    files = [_encoded(_page_scan(1241, 1754), "PNG"), _encoded(_page_scan(300, 420), "PNG"),
+             _encoded(_page_scan(600, 850), "PNG"), _encoded(_page_scan(3000, 2200), "JPEG", quality=90),
+             _encoded(_page_scan(2600, 700), "PNG")]
+    data = tf.constant(files)
+    want = [A.prepare_image(tf.constant(f), settings, crops) for f in files]
+    early = [not bool(A.view_from_copy(image, A.reading_copy(image, 448), settings))
+             for image in (A.decode_for_copy(tf.constant(f), 448, 2048, 224) for f in files)]
+    assert early == [False, True, True, False, True]  # both kinds of view are checked
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int32)])
+    def run(data, rows):
+        ink, first, kept = A.prepare_first(data, settings, crops, 2)
+        return ink, first, kept.views(rows), kept.crops(rows, 2, 5), kept.crops(rows[:0], 2, 3)
+
+    rows = [4, 0, 2, 3, 1]
+    ink, first, views, later, none = (value.numpy() for value in run(data, tf.constant(rows)))
+    assert none.shape == (0, 1, crops.crop, crops.crop, 3)  # no image asked for: no crop cut
+    for i, expected in enumerate(want):
+        assert ink[i] == expected["ink"].numpy()
+        assert np.array_equal(first[i], expected["crops"].numpy()[:2])
+    for at, i in enumerate(rows):
+        assert np.array_equal(views[at], want[i]["view"].numpy())
+        assert np.array_equal(later[at], want[i]["crops"].numpy()[2:])
 
 
 def test_ink_is_measured_against_the_middle_level_and_tells_a_nearly_blank_page_from_a_typed_one():

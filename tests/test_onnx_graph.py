@@ -225,6 +225,37 @@ def test_a_synthetic_graph_answers_as_onnxruntime(tmp_path, on_pixels):
     np.testing.assert_allclose(run(_nhwc(nchw)).numpy(), _onnx(file, nchw), atol=1e-5, rtol=0)
 
 
+def test_pointwise_convs_of_pooled_vectors_are_matrix_products(tmp_path):
+    """A 1 x 1 Conv of a globally pooled map (PP-LCNet's squeeze-excite and its 512 -> 1280 head) is a MatMul, which
+    oneDNN runs about three times faster than its convolution of a 1 x 1 map, answering as onnxruntime; a 1 x 1 Conv
+    of a larger map stays a convolution."""
+    rng = np.random.default_rng(4)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c1", "w2", "b2"], ["c2"]),  # 1 x 1 of the 17 x 15 map: a convolution
+        helper.make_node("GlobalAveragePool", ["c2"], ["g"]),
+        helper.make_node("Conv", ["g", "w3", "b3"], ["c3"]),
+        helper.make_node("HardSwish", ["c3"], ["h"]),
+        helper.make_node("Conv", ["h", "w4"], ["c4"], kernel_shape=[1, 1]),
+        helper.make_node("Shape", ["c4"], ["shape"]),
+        helper.make_node("Slice", ["shape", "zero", "one", "zero"], ["batch"]),
+        helper.make_node("Concat", ["batch", "minus_one"], ["target"], axis=0),
+        helper.make_node("Reshape", ["c4", "target"], ["y"]),
+    ]
+    inits = [_const(rng, "w1", [8, 3, 3, 3]), _const(rng, "w2", [16, 8, 1, 1]), _const(rng, "b2", [16]),
+             _const(rng, "w3", [32, 16, 1, 1]), _const(rng, "b3", [32]), _const(rng, "w4", [5, 32, 1, 1]),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus_one")]
+    file = str(tmp_path / "pooled.onnx")
+    onnx.save(_model(nodes, inits), file)
+    run = tf.function(onnx_graph.from_onnx(file), input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    ops = [op.type for op in run.get_concrete_function().graph.get_operations()]
+    assert ops.count("Conv2D") == 2 and ops.count("MatMul") == 2
+    nchw = rng.normal(size=(3, 3, 17, 15)).astype(np.float32)
+    np.testing.assert_allclose(run(_nhwc(nchw)).numpy(), _onnx(file, nchw), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kernel", [(3, 3), (5, 5), (3, 5)])
 @pytest.mark.parametrize("size", [(16, 16), (17, 15)])
 def test_a_stride_2_depthwise_conv_with_half_kernel_pads_needs_no_pad_op(tmp_path, kernel, size):
