@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
+import numpy as np
+
 
 def _passthrough_layer():
     import keras
@@ -29,6 +31,32 @@ def _passthrough_layer():
             return inputs
 
     return Folded
+
+
+def _per_channel_rescaling(layer) -> bool:
+    """A Rescaling whose scale and offset are per-channel vectors (torchvision's ImageNet mean and std)."""
+    import keras
+
+    return (isinstance(layer, keras.layers.Rescaling) and np.ndim(layer.scale) == 1 and np.ndim(layer.offset) == 1
+            and len(layer.input.shape) == 4)
+
+
+def _row_rescaling(layer):
+    """The same Rescaling (x * scale + offset, bit for bit), with the vectors tiled along each row of the image: TF's
+    broadcast over an innermost axis of 3 is about three times slower (0.45 against 0.14 ms a 224 px image on one
+    core)."""
+    import keras
+    import tensorflow as tf
+
+    scale, offset = np.asarray(layer.scale, np.float32), np.asarray(layer.offset, np.float32)
+
+    class RowRescaling(keras.layers.Layer):
+        def call(self, inputs):
+            shape = tf.shape(inputs)
+            rows = tf.reshape(tf.cast(inputs, tf.float32), [-1, shape[2] * shape[3]])
+            return tf.reshape(rows * tf.tile(scale, shape[2:3]) + tf.tile(offset, shape[2:3]), shape)
+
+    return RowRescaling(name=layer.name, dtype=layer.dtype_policy)
 
 
 def _edges(model):
@@ -114,7 +142,6 @@ def _grown_same(conv, input_shape):
 def _folded_conv(conv, bn):
     """A copy of `conv` with bias, holding conv then bn as one affine map."""
     import keras
-    import numpy as np
 
     kernel = keras.ops.convert_to_numpy(conv.kernel).astype(np.float64)
     out_channels = kernel.shape[2] * kernel.shape[3] if isinstance(conv, keras.layers.DepthwiseConv2D) \
@@ -137,8 +164,8 @@ def _folded_conv(conv, bn):
 
 def fold_batch_norms(model):
     """(model', folded): an inference copy of a functional/Sequential Keras model with conv+BN pairs folded (and
-    the pads of torchvision's stride-2 depthwise convolutions, _padded_depthwise); `folded` counts the BNs. model'
-    is `model` itself when there was nothing to fold.
+    the pads of torchvision's stride-2 depthwise convolutions, _padded_depthwise; a per-channel Rescaling computed
+    row by row, _row_rescaling); `folded` counts the BNs. model' is `model` itself when there was nothing to fold.
 
     Nested functional models are folded too; subclassed models and other layers are shared as they are.
     A model that cannot be cloned (subclassed) comes back unchanged with folded == 0.
@@ -161,6 +188,8 @@ def fold_batch_norms(model):
             return _grown_same(conv, padded[id(layer)].input.shape) if id(layer) in padded else conv
         if id(layer) in folded_bns or id(layer) in folded_pads:
             return passthrough(name=layer.name, dtype=layer.dtype_policy)
+        if _per_channel_rescaling(layer):
+            return _row_rescaling(layer)
         if isinstance(layer, keras.Model):
             inner, n = fold_batch_norms(layer)
             count[0] += n
