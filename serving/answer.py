@@ -30,7 +30,9 @@ Serving, `archive-vision serve` and `archive-vision score` (in-process or remote
    (serving.policy.decide gives the same).
 
 Gated steps run only on the images that need them (gather, compute, scatter back), so a batch of sure pages skips
-the turned copies entirely.
+the turned copies entirely. With the crops read first (`settle_first`), only the ink and the first crops are made for
+every image (prepare_first); the reading copies are kept by reference (KeptCopies), and the later crops and the views
+are cut from them for the images still open.
 """
 from __future__ import annotations
 
