@@ -231,7 +231,8 @@ class KeptCopies:
     """The reading copies of a batch, kept (by reference, in a TensorArray: never copied) after prepare_first, so that
     the views and the crops after the first are made only for the images that need them: the crops of the images
     still open (crops), the views of those the crops did not settle (views). A view that needs the decoded pixels
-    (view_from_copy false: a small image) was made by prepare_first and kept beside them."""
+    (view_from_copy false: a small image, or one the copy barely reduces) was made by prepare_first and kept beside
+    them."""
 
     def __init__(self, copies, early_views, early, settings: P.AnswerSettings, crops: P.TextCropSettings):
         self.copies, self.early_views, self.early = copies, early_views, early
@@ -241,6 +242,8 @@ class KeptCopies:
         """[len(rows), stop - start, crop, crop, 3]: crops start..stop-1 of the images `rows` (crop_batch's)."""
         tf = _tf()
         size, centres = self.text_crops.crop, _CROP_CENTRES[start:stop]
+        if not centres:  # every crop already read (settle_crops 5)
+            return tf.zeros([tf.size(rows), 0, size, size, 3], tf.float32)
         return tf.map_fn(lambda row: crop_batch(self.copies.read(row), self.text_crops, centres=centres), rows,
                          fn_output_signature=tf.TensorSpec([stop - start, size, size, 3], tf.float32))
 

@@ -66,8 +66,9 @@ CANARY_FORMAT = 1
 # default's first two crops read before the image model, which the images they settle skip; 13: the crop classifier
 # takes the crops' pixels, its normalisation folded into its first convolution, and the default reads a third crop
 # before the image model for the images the first two leave open; 14: the crop classifier's 1 x 1 convolutions of
-# pooled vectors as matrix products, and the default's views and later crops made only for the images that need
-# them, from reading copies kept by reference), so a cached export of the default model is redone.
+# pooled vectors as matrix products, the default's views and later crops made only for the images that need
+# them, from reading copies kept by reference, and per-channel elementwise steps computed row by row), so a cached
+# export of the default model is redone.
 EXPORT_FORMAT = 14
 FOLD_TOLERANCE = 1e-3  # largest output difference accepted between the folded and the trained model
 

@@ -775,27 +775,89 @@ def test_the_first_crops_and_the_kept_copies_make_what_prepare_image_makes_bit_f
     crops = settings.text_crops
     files = [_encoded(_page_scan(1241, 1754), "PNG"), _encoded(_page_scan(300, 420), "PNG"),
              _encoded(_page_scan(600, 850), "PNG"), _encoded(_page_scan(3000, 2200), "JPEG", quality=90),
-             _encoded(_page_scan(2600, 700), "PNG")]
+             _encoded(_page_scan(2600, 700), "PNG"), _encoded(_page_scan(150, 100), "PNG")]
     data = tf.constant(files)
     want = [A.prepare_image(tf.constant(f), settings, crops) for f in files]
     early = [not bool(A.view_from_copy(image, A.reading_copy(image, 448), settings))
              for image in (A.decode_for_copy(tf.constant(f), 448, 2048, 224) for f in files)]
-    assert early == [False, True, True, False, True]  # both kinds of view are checked
+    assert early == [False, True, True, False, True, True]  # both kinds of view are checked
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int32)])
     def run(data, rows):
         ink, first, kept = A.prepare_first(data, settings, crops, 2)
         return ink, first, kept.views(rows), kept.crops(rows, 2, 5), kept.crops(rows[:0], 2, 3)
 
-    rows = [4, 0, 2, 3, 1]
+    rows = [4, 0, 5, 2, 3, 1]
     ink, first, views, later, none = (value.numpy() for value in run(data, tf.constant(rows)))
     assert none.shape == (0, 1, crops.crop, crops.crop, 3)  # no image asked for: no crop cut
+    nothing = run(tf.constant([], tf.string), tf.constant([], tf.int32))  # an empty batch
+    assert [value.shape[0] for value in nothing] == [0] * 5
     for i, expected in enumerate(want):
         assert ink[i] == expected["ink"].numpy()
         assert np.array_equal(first[i], expected["crops"].numpy()[:2])
     for at, i in enumerate(rows):
         assert np.array_equal(views[at], want[i]["view"].numpy())
         assert np.array_equal(later[at], want[i]["crops"].numpy()[2:])
+
+
+class PixelNet(tf.Module):
+    """A classifier (or, with `model`, an image model) whose answer follows its input's pixels: the image model the
+    softmax of the four quadrants' mean red levels, sharpened (its turns and views answer differently); the crop
+    classifier upright, the surer the more its crop's red level varies (a crop of text is sure, a margin vague)."""
+
+    def __init__(self, sharpness: float, model: bool = False):
+        super().__init__()
+        self.sharpness, self.model = sharpness, model
+
+    def __call__(self, pixels, training=False):
+        red = pixels[..., 0]
+        if not self.model:
+            spread = tf.math.reduce_std(red, [1, 2])
+            return tf.nn.softmax(tf.stack([self.sharpness * spread] + [tf.zeros_like(spread)] * 3, -1))
+        half_h, half_w = tf.shape(pixels)[1] // 2, tf.shape(pixels)[2] // 2
+        quads = [red[:, :half_h, :half_w], red[:, :half_h, half_w:], red[:, half_h:, half_w:], red[:, half_h:, :half_w]]
+        levels = tf.stack([tf.reduce_mean(q, [1, 2]) for q in quads], -1)
+        logits = self.sharpness * (levels - tf.reduce_mean(levels, -1, keepdims=True)) / 255.0
+        return {P.ORIENTATION_PROBABILITIES: tf.nn.softmax(logits)}
+
+
+@pytest.mark.parametrize("settle_crops", [3, 5])
+def test_the_whole_answer_from_kept_copies_is_the_answer_from_every_image_prepared(settle_crops):
+    """WholeAnswer (prepare_first, the copies kept) answers every output bit for bit as _crops_first over what
+    prepare_image made for every image (StackedCrops), with nets whose answers follow the pixels, on pages of
+    several sizes and formats (some settled by the first crops, some by the second round, some open), including
+    settle_crops 5 (every crop read before the image model) and an empty batch."""
+    crops = P.TextCropSettings(weight=0.7, below=0.8, agree=2, sure=0.8, read_below=0.99, first_crops=2,
+                               settle_first=0.9, settle_crops=settle_crops, second_below=0.5)
+    policy = P.ScorePolicy(answer=P.AnswerSettings(image_size=64, tta=True, tta_below=0.99, text_crops=crops),
+                           decision=P.DecisionPolicy(rotate_threshold=0.9))
+    from archive_vision.sample_archive import render_page, render_sparse_page
+
+    pages = [(render_page(seed=seed).convert("RGB"), size, fmt) for seed, size, fmt in
+             [(1, (1241, 1754), "PNG"), (2, (1754, 1241), "PNG"), (3, (600, 850), "PNG"), (4, (150, 100), "PNG"),
+              (5, (2000, 1500), "JPEG"), (6, (900, 1300), "JPEG"), (7, (1240, 1754), "JPEG"), (8, (700, 2600), "PNG")]]
+    pages.append((render_sparse_page(2).convert("RGB"), (1240, 1754), "PNG"))
+    files = [_encoded(page.resize(size, Image.Resampling.BICUBIC), fmt) for page, size, fmt in pages]
+    whole = A.WholeAnswer(PixelNet(60.0, model=True), policy, has_class=False, has_orientation=True,
+                          crop_net=PixelNet(0.07))
+    kept = tf.function(whole, input_signature=[tf.TensorSpec([None], tf.string)])
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def stacked(data):
+        prepared = tf.map_fn(lambda d: A.prepare_image(d, policy.answer, crops), data,
+                             fn_output_signature=A.prepared_spec(policy.answer, crops))
+        return whole._crops_first(data, prepared["ink"], prepared["crops"][:, :2],  # noqa: SLF001
+                                  A.StackedCrops(prepared), crops, 0.9)
+
+    got, want = kept(tf.constant(files)), stacked(tf.constant(files))
+    assert set(got) == set(want)
+    for key in want:
+        assert np.array_equal(got[key].numpy(), want[key].numpy()), key
+    model_run = (want[P.IMAGE_ORIENTATION_PROBABILITIES].numpy() >= 0).all(-1)
+    assert 0 < model_run.sum() < len(files)  # settled and open images in one batch ...
+    assert (want[P.TTA_AGREEMENT].numpy() >= 0).any() and (want[P.SECOND_LOOK].numpy() == 1).any()  # ... turned, looked at
+    empty = kept(tf.constant([], tf.string))
+    assert all(value.shape[0] == 0 for value in empty.values())
 
 
 def test_ink_is_measured_against_the_middle_level_and_tells_a_nearly_blank_page_from_a_typed_one():

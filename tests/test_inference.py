@@ -182,3 +182,19 @@ def test_torchvisions_per_channel_normalisation_is_computed_row_by_row_bit_for_b
     for shape in ((2, 64, 64, 3), (1, 37, 50, 3)):
         pixels = np.random.default_rng(sum(shape)).uniform(0, 255, shape).astype(np.float32)
         assert np.array_equal(run(pixels).numpy(), before(pixels).numpy())
+
+
+def test_a_rescaling_that_is_not_one_value_per_channel_stays_a_rescaling():
+    """A scalar scale, or a vector that does not match the channels (broadcast by Keras), is left as it was."""
+    pixels = keras.Input((8, 8, 3))
+    x = keras.layers.Rescaling(1 / 255.0, name="scalar")(pixels)
+    x = keras.layers.Rescaling([0.5], offset=[1.0], name="one_value")(x)
+    x = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(x))
+    model = keras.Model(pixels, x)
+    randomise_batch_norms(model, seed=8)
+
+    folded, count = fold_batch_norms(model)
+
+    assert count == 1
+    assert all(isinstance(folded.get_layer(name), keras.layers.Rescaling) for name in ("scalar", "one_value"))
+    assert_same_answers(model, folded, (8, 8, 3), atol=1e-5)
