@@ -825,8 +825,8 @@ class PixelNet(tf.Module):
 def test_the_whole_answer_from_kept_copies_is_the_answer_from_every_image_prepared(settle_crops):
     """WholeAnswer (prepare_first, the copies kept) answers every output bit for bit as _crops_first over what
     prepare_image made for every image (StackedCrops), with nets whose answers follow the pixels, on pages of
-    several sizes and formats (some settled by the first crops, some by the second round, some open), including
-    settle_crops 5 (every crop read before the image model) and an empty batch."""
+    several sizes and formats (some settled by their crops, some open: turned, and looked at a second time),
+    including settle_crops 5 (every crop read before the image model) and an empty batch."""
     crops = P.TextCropSettings(weight=0.7, below=0.8, agree=2, sure=0.8, read_below=0.99, first_crops=2,
                                settle_first=0.9, settle_crops=settle_crops, second_below=0.5)
     policy = P.ScorePolicy(answer=P.AnswerSettings(image_size=64, tta=True, tta_below=0.99, text_crops=crops),
