@@ -202,12 +202,18 @@ def second_look_batch(data, crops: P.TextCropSettings):
     return tf.concat([grid, whole], 0)
 
 
+def decoded_and_copy(data, settings: P.AnswerSettings, short: int):
+    """(the decoded pixels, their reading copy at a short side of `short`) of one encoded image: the decode as far
+    as the copy and the view allow (decode_for_copy), then the one area reduction."""
+    image = decode_for_copy(data, short, _CROP_MAX_LONG, view_side(settings))
+    return image, reading_copy(image, short)
+
+
 def prepare_image(data, settings: P.AnswerSettings, crops: Optional[P.TextCropSettings]) -> Dict[str, object]:
     """One encoded image -> {"view", "ink", and with crops "crops"} (prepared_spec): the full-size pixels (or a JPEG's
     DCT-scaled decode) reduced once to the reading copy, from which the view and the readers start."""
-    short = crops.copy_short if crops is not None else 2 * settings.image_size
-    image = decode_for_copy(data, short, _CROP_MAX_LONG, view_side(settings))
-    reading = reading_copy(image, short)
+    image, reading = decoded_and_copy(data, settings, crops.copy_short if crops is not None
+                                      else 2 * settings.image_size)
     out = {"view": model_view_of(image, reading, settings), "ink": ink_share(reading)}
     if crops is not None:
         out["crops"] = crop_batch(reading, crops)
@@ -264,7 +270,6 @@ def prepare_first(image_bytes, settings: P.AnswerSettings, crops: P.TextCropSett
     settle it, as prepare_image makes it (the same pixels), with the rest left for the images that need it."""
     tf = _tf()
     count = tf.shape(image_bytes)[0]
-    short = crops.copy_short
     kept = [tf.TensorArray(tf.float32, size=count, infer_shape=False, element_shape=tf.TensorShape([None, None, 3]))
             for _ in range(2)]
     early = tf.TensorArray(tf.bool, size=count, element_shape=[])
@@ -273,8 +278,7 @@ def prepare_first(image_bytes, settings: P.AnswerSettings, crops: P.TextCropSett
     heads = tf.TensorArray(tf.float32, size=count * first, element_shape=[crops.crop, crops.crop, 3])
 
     def body(i, copies, early_views, early, inks, heads):
-        image = decode_for_copy(image_bytes[i], short, _CROP_MAX_LONG, view_side(settings))
-        reading = reading_copy(image, short)
+        image, reading = decoded_and_copy(image_bytes[i], settings, crops.copy_short)
         from_image = ~view_from_copy(image, reading, settings)
         view = tf.cond(from_image, lambda: model_view(image, settings), lambda: tf.zeros([0, 0, 3], tf.float32))
         for c, crop in enumerate(crop_cuts(reading, crops, centres=_CROP_CENTRES[:first])):

@@ -15,6 +15,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from serving.answer import crop_pixels
 from trainer import onnx_graph, text_crops
+from trainer.preprocessing import channelwise
 from trainer.text_lines import onnx_session
 
 ATOL = 1e-4
@@ -232,7 +233,7 @@ def test_the_centring_is_the_broadcast_subtraction_bit_for_bit(shape):
     rng = np.random.default_rng(sum(shape))
     x = rng.uniform(0, 255, shape).astype(np.float32)
     mean = rng.uniform(90, 130, shape[-1:]).astype(np.float32)
-    run = tf.function(onnx_graph._minus_per_channel,  # noqa: SLF001
+    run = tf.function(lambda x, mean: channelwise(x, tf.subtract, mean),
                       input_signature=[tf.TensorSpec([None, None, None, None], tf.float32),
                                        tf.TensorSpec([None], tf.float32)])
     assert np.array_equal(run(x, mean).numpy(), x - mean)

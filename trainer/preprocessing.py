@@ -23,6 +23,15 @@ def decode_image_bytes(image_bytes: tf.Tensor) -> tf.Tensor:
     return image
 
 
+def channelwise(images: tf.Tensor, fn, *per_channel: tf.Tensor) -> tf.Tensor:
+    """fn(images, *per_channel) for NHWC images and [C] vectors (an elementwise fn: x - mean, x * scale + offset),
+    bit for bit, computed on rows with each vector tiled along them: TF's broadcast over an innermost axis of 3 is
+    about three times slower (a 224 px image on one core: x - mean 0.29 -> 0.10 ms, x * scale + offset 0.45 -> 0.14)."""
+    shape = tf.shape(images)
+    rows = tf.reshape(images, [-1, shape[2] * shape[3]])
+    return tf.reshape(fn(rows, *(tf.tile(vector, shape[2:3]) for vector in per_channel)), shape)
+
+
 def resize_for_model(image: tf.Tensor, image_size: int = DEFAULT_IMAGE_SIZE) -> tf.Tensor:
     """Letterbox an RGB image (any dtype) to float32 [image_size, image_size, 3] in [0, 255].
 
