@@ -1,6 +1,6 @@
 """The served path on the held-out split: a raw TF Serving client gets score's answer, how right it is, how fast.
 
-    python bench/served.py --corpus /work/corpus/data [--sparse 40] [--peer-images N] [--out bench-out/served]
+    python bench/served.py --corpus CORPUS [--sparse 40] [--peer-images N] [--rounds 3] [--out bench-out/served]
 
 1. Every held-out test image of the corpus (photos split by source file, pages by PDF) is written turned
    0/90/180/270 degrees clockwise as a file (photos as JPEG q95, pages as PNG), with generated nearly blank pages
@@ -13,7 +13,9 @@
    that act: auto_rotate and ok, each with how many of its answers are right.
 5. Speed on one core, in one child process pinned to it: the whole answer (file bytes -> the graph's answer,
    batches of 8) beside docorient and Tesseract OSD on the same images (each decoding the file on the clock): every
-   upright held-out file of each kind unless --peer-images says fewer.
+   upright held-out file of each kind unless --peer-images says fewer. The whole answer and docorient take turns
+   for --rounds rounds (their speeds are the medians; the page ratio is the median of the rounds' ratios, each
+   printed), so that a machine whose speed drifts during the run moves both alike; Tesseract runs once.
 """
 from __future__ import annotations
 
@@ -134,41 +136,50 @@ def accuracy_table(truth: List[dict], answers: Dict[str, dict]) -> List[List[str
 
 
 SPEED_CHILD = r"""
-import json, os, sys, time
+import json, os, statistics, sys, time
 os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 os.environ["OMP_NUM_THREADS"] = "1"
 import tensorflow as tf
 tf.config.threading.set_intra_op_parallelism_threads(1)
 tf.config.threading.set_inter_op_parallelism_threads(1)
-version_dir, paths_json = sys.argv[1], sys.argv[2]
+version_dir, paths_json, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 groups = json.loads(paths_json)
 model = tf.saved_model.load(version_dir)
 answer = model.signatures["serving_default"]
 answer(images=tf.constant([open(groups["page"][0], "rb").read()]))  # traced once, off the clock
-out = {}
-for kind, paths in groups.items():
+
+
+def graph(paths, size=8):
     started = time.perf_counter()
-    for i in range(0, len(paths), 8):
-        answer(images=tf.constant([open(p, "rb").read() for p in paths[i:i + 8]]))
-    out[f"graph {kind}"] = len(paths) / (time.perf_counter() - started)
-# How the graph's throughput depends on the batch (what TF Serving's batching can win): pages, batches of 1 and 32.
-pages = (groups["page"] * 2)[:32]
-for size in (1, 32):
-    started = time.perf_counter()
-    for i in range(0, len(pages), size):
-        answer(images=tf.constant([open(p, "rb").read() for p in pages[i:i + size]]))
-    out[f"graph page batch {size}"] = len(pages) / (time.perf_counter() - started)
+    for i in range(0, len(paths), size):
+        answer(images=tf.constant([open(p, "rb").read() for p in paths[i:i + size]]))
+    return len(paths) / (time.perf_counter() - started)
+
+
 try:
     import docorient
     from PIL import Image
-    for kind, paths in groups.items():
+
+    def peer(paths):
         started = time.perf_counter()
         for p in paths:
             with Image.open(p) as im:
                 docorient.detect_orientation(im.convert("RGB"))
-        out[f"docorient {kind}"] = len(paths) / (time.perf_counter() - started)
+        return len(paths) / (time.perf_counter() - started)
 except ImportError:
-    pass
+    peer = None
+# The whole answer and docorient take turns, kind by kind, `rounds` times: a machine whose speed drifts during the
+# run (another tenant, the clock) moves both alike, and each round's ratio is one measurement of the same thing.
+out = {}
+for _ in range(rounds):
+    for kind, paths in groups.items():
+        out.setdefault(f"graph {kind}", []).append(graph(paths))
+        if peer is not None:
+            out.setdefault(f"docorient {kind}", []).append(peer(paths))
+# How the graph's throughput depends on the batch (what TF Serving's batching can win): pages, batches of 1 and 32.
+pages = (groups["page"] * 2)[:32]
+for size in (1, 32):
+    out[f"graph page batch {size}"] = [graph(pages, size)]
 import shutil, subprocess
 if shutil.which("tesseract"):
     env = dict(os.environ, OMP_THREAD_LIMIT="1")
@@ -176,16 +187,24 @@ if shutil.which("tesseract"):
         started = time.perf_counter()
         for p in paths:
             subprocess.run(["tesseract", p, "-", "--psm", "0"], capture_output=True, env=env, check=False)
-        out[f"tesseract {kind}"] = len(paths) / (time.perf_counter() - started)
+        out[f"tesseract {kind}"] = [len(paths) / (time.perf_counter() - started)]
 print(json.dumps(out))
 """
 
 
-def speeds(version_dir: str, groups: Dict[str, List[str]]) -> Dict[str, float]:
-    """images/s on one core: the whole answer, docorient and Tesseract OSD (when installed) on the same files."""
-    result = subprocess.run([sys.executable, "-c", SPEED_CHILD, version_dir, json.dumps(groups)], cwd=REPO_ROOT,
-                            capture_output=True, text=True, check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+def speeds(version_dir: str, groups: Dict[str, List[str]], rounds: int = 3) -> Dict[str, List[float]]:
+    """images/s on one core, each measurement: the whole answer and docorient (taking turns, `rounds` times), then
+    Tesseract OSD (when installed) once, on the same files."""
+    result = subprocess.run([sys.executable, "-c", SPEED_CHILD, version_dir, json.dumps(groups), str(rounds)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def speed_ratios(measured: Dict[str, List[float]], kind: str = "page") -> List[float]:
+    """The whole answer's images/s over docorient's, round by round (each pair measured one after the other)."""
+    return [graph / peer for graph, peer in zip(measured.get(f"graph {kind}", []),
+                                                 measured.get(f"docorient {kind}", []))]
 
 
 def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -200,6 +219,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--peer-images", type=int, default=0,
                         help="files per kind timed on one core (0: every upright held-out file; the graph's gates make "
                              "its speed depend on the files, so a few are not a fair sample)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds in which the whole answer and docorient take turns on the same files (the "
+                             "speeds are their medians, and the page ratio the median of the rounds' ratios)")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "bench-out", "served"))
     parser.add_argument("--keep", action="store_true", help="reuse the turned files of an earlier run")
     args = parser.parse_args(argv)
@@ -248,25 +270,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     upright = [t for t in truth if t["orientation"] == 0]
     groups = {kind: [t["uri"] for t in upright if t["label"] == kind][:args.peer_images or None]
               for kind in ("page", "photo", SPARSE)}
-    measured = speeds(version_dir, groups)
+    measured = speeds(version_dir, groups, args.rounds)
+    median = {key: float(np.median(values)) for key, values in measured.items()}
     rows = []
     for method in ("graph", "docorient", "tesseract"):
-        cells = [f"{measured[f'{method} {k}']:.2f}" if f"{method} {k}" in measured else "-" for k in groups]
+        cells = [f"{median[f'{method} {k}']:.2f}" if f"{method} {k}" in median else "-" for k in groups]
         rows.append([{"graph": "whole answer (the SavedModel)", "docorient": "docorient 0.4.1",
                       "tesseract": "Tesseract OSD"}[method]] + cells)
-    print("\nimages/s on one core (file bytes -> answer), the same files:")
+    print(f"\nimages/s on one core (file bytes -> answer), the same files (the median of {args.rounds} rounds in "
+          "which the whole answer and docorient take turns; Tesseract once):")
     print(markdown(["method"] + [f"{k}s/s" for k in groups], rows))
-    print(f"whole answer on pages, batches of 1 vs 32: {measured['graph page batch 1']:.2f} vs "
-          f"{measured['graph page batch 32']:.2f} pages/s")
-    if "docorient page" in measured:
-        print(f"whole answer / docorient on pages: {measured['graph page'] / measured['docorient page']:.2f}x")
+    print(f"whole answer on pages, batches of 1 vs 32: {median['graph page batch 1']:.2f} vs "
+          f"{median['graph page batch 32']:.2f} pages/s")
+    ratios = speed_ratios(measured)
+    if ratios:
+        print(f"whole answer / docorient on pages: {np.median(ratios):.2f}x, the median of its rounds ("
+              + ", ".join(f"{g:.2f} / {d:.2f} = {r:.2f}x" for g, d, r in zip(measured["graph page"],
+                                                                         measured["docorient page"], ratios)) + ")")
     for peer, install in (("docorient", "pip install -e '.[bench]'"),
                           ("tesseract", "apt-get install tesseract-ocr tesseract-ocr-osd")):
         if f"{peer} page" not in measured:  # the speed target is a ratio to docorient: say why a row is empty
             print(f"NOTE: {peer} is not installed, so its row is empty ({install})")
     with open(os.path.join(args.out, "served.json"), "w") as f:
         json.dump({"same_degrees": same_degrees, "same_decisions": same_decision, "files": len(served),
-                   "largest_probability_difference": gap, "speeds": measured}, f, indent=1)
+                   "largest_probability_difference": gap, "speeds": median, "rounds": measured,
+                   "page_ratios": ratios}, f, indent=1)
     return 0 if same_degrees == same_decision == len(served) else 1
 
 
