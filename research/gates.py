@@ -39,10 +39,11 @@ from trainer import text_crops
 
 KINDS = ("photo", "page", "sparse page")
 PARTS = ("p0", "turned", "crops", "second", "ink")
-# One core, ms (`research/gates.py --cost` measures them here; docs/performance.md): the per-image preparation of a
-# page (decode, reading copy, view, ink, crops cut), MobileNetV2 per image, PP-LCNet per crop, the second look per
-# image.
-COST_MS = {"prep": 21.5, "model": 9.3, "crop": 3.7, "second": 64.0}
+# One core, ms (`research/gates.py --cost` measures them here; docs/performance.md): what every page's preparation
+# makes (serving.answer.prepare_first: decode, reading copy, ink, the first crops cut, and the view of an image the
+# copy barely reduces), the image model's view cut from the copy (for the images the image model reads),
+# MobileNetV2 per image, PP-LCNet per crop, the second look per image (2026-12-07, an AMD EPYC 2-core machine).
+COST_MS = {"prep": 17.4, "view": 1.3, "model": 4.8, "crop": 2.1, "second": 44.0}
 
 
 def read_truth(folder: str) -> List[Dict[str, object]]:
@@ -166,8 +167,9 @@ def measure_costs(uris: Sequence[str]) -> Dict[str, float]:
 
 def _measure_costs_here(uris: Sequence[str], batch: int = 8) -> Dict[str, float]:
     """On the first core of this process, which it pins (run it where TensorFlow has run nothing yet): a page's
-    preparation over `uris` (decode, reading copy, view, ink, crops cut), the second look per image over them, and
-    MobileNetV2 per image and PP-LCNet per crop in batches of `batch`, in ms."""
+    preparation over `uris` as prepare_first makes it for every image (decode, reading copy, ink, the first crops
+    cut, an early view), the view cut from a reading copy, the second look per image over them, and MobileNetV2 per
+    image and PP-LCNet per crop in batches of `batch`, in ms."""
     import time
 
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
@@ -182,8 +184,12 @@ def _measure_costs_here(uris: Sequence[str], batch: int = 8) -> Dict[str, float]
     side = crops.crop
 
     def prepare(data):
-        # Summed, so that nothing the graph makes per image is pruned, and little is added.
-        return tf.add_n([tf.reduce_sum(value) for value in A.prepare_image(data, settings, crops).values()])
+        # What prepare_first makes for every image, summed, so that nothing is pruned and little is added.
+        image, reading = A.decoded_and_copy(data, settings, crops.copy_short)
+        early = tf.cond(A.view_from_copy(image, reading, settings), lambda: tf.constant(0.0),
+                        lambda: tf.reduce_sum(A.model_view(image, settings)))
+        cuts = A.crop_cuts(reading, crops, centres=A._CROP_CENTRES[:max(crops.first_crops, 1)])
+        return tf.add_n([A.ink_share(reading), early] + [tf.reduce_sum(cut) for cut in cuts])
 
     def second(data):
         looks = A.second_look_batch(data, crops)
@@ -207,9 +213,13 @@ def _measure_costs_here(uris: Sequence[str], batch: int = 8) -> Dict[str, float]
             fn(value)
         return 1000 * (time.perf_counter() - started) / count
 
+    copies = [A.decoded_and_copy(blob, settings, crops.copy_short)[1] for blob in blobs]
+    run_view = tf.function(lambda copy: tf.reduce_sum(A.model_view(copy, settings)), autograph=False,
+                           input_signature=[tf.TensorSpec([None, None, 3], tf.float32)])
     run_model = tf.function(lambda x: model(x, training=False), autograph=False)
     run_crops = tf.function(crop_net, autograph=False)
     return {"prep": ms_each(per_file(prepare), batches, len(blobs)),
+            "view": ms_each(run_view, copies, len(copies)),
             "model": ms_each(run_model, [pixels] * 8, 8 * batch),
             "crop": ms_each(run_crops, [crop_pixels] * 8, 8 * batch),
             "second": ms_each(per_file(second), batches, len(blobs))}
@@ -377,7 +387,8 @@ def summary(answer: Dict[str, np.ndarray], truth: List[Dict[str, object]], mask:
         bands = {band: (int((m & (answer["decision"] == band)).sum()),
                         int((m & (answer["decision"] == band) & ~right).sum())) for band in ("auto_rotate", "ok")}
         model_run = answer.get("model_run", np.ones(len(m), bool))
-        cost = (costs["prep"] + costs["model"] * (model_run[m].mean() + 3 * answer["turned"][m].mean())
+        cost = (costs["prep"] + (costs["view"] + costs["model"]) * model_run[m].mean()
+                + 3 * costs["model"] * answer["turned"][m].mean()
                 + costs["crop"] * answer["crops_read"][m].mean() + costs["second"] * answer["second"][m].mean())
         out[kind] = {"files": int(m.sum()), "with_up": int((m & up).sum()),
                      "wrong_with_up": int((m & up & ~right).sum()), "right_with_up": float(right[m & up].mean()),
