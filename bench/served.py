@@ -136,7 +136,7 @@ def accuracy_table(truth: List[dict], answers: Dict[str, dict]) -> List[List[str
 
 
 SPEED_CHILD = r"""
-import json, os, statistics, sys, time
+import json, os, sys, time
 os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 os.environ["OMP_NUM_THREADS"] = "1"
 import tensorflow as tf
