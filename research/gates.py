@@ -188,7 +188,8 @@ def _measure_costs_here(uris: Sequence[str], batch: int = 8) -> Dict[str, float]
         image, reading = A.decoded_and_copy(data, settings, crops.copy_short)
         early = tf.cond(A.view_from_copy(image, reading, settings), lambda: tf.constant(0.0),
                         lambda: tf.reduce_sum(A.model_view(image, settings)))
-        cuts = A.crop_cuts(reading, crops, centres=A._CROP_CENTRES[:max(crops.first_crops, 1)])
+        # the first crops (all five where they are not read first)
+        cuts = A.crop_cuts(reading, crops, centres=A._CROP_CENTRES[:crops.first_crops or len(A._CROP_CENTRES)])
         return tf.add_n([A.ink_share(reading), early] + [tf.reduce_sum(cut) for cut in cuts])
 
     def second(data):
