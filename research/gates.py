@@ -59,13 +59,20 @@ def read_truth(folder: str) -> List[Dict[str, object]]:
     return out
 
 
-def _default_pieces(with_model: bool = True):
-    """(the default model's policy, its image model as exported (or None), the crop classifier in TF)."""
-    from serving.export import crop_net_for, inference_model
+def _default_policy():
+    """The default model's ScorePolicy (serving.policy), as its export records it."""
     from serving.policy import policy_from_settings
     from trainer import default_model
 
-    policy = policy_from_settings(default_model.score_settings(), default_model.DEFAULT_IMAGE_SIZE)
+    return policy_from_settings(default_model.score_settings(), default_model.DEFAULT_IMAGE_SIZE)
+
+
+def _default_pieces(with_model: bool = True):
+    """(the default model's policy, its image model as exported (or None), the crop classifier in TF)."""
+    from serving.export import crop_net_for, inference_model
+    from trainer import default_model
+
+    policy = _default_policy()
     model = (inference_model(default_model.build_default_orientation_model(), default_model.DEFAULT_IMAGE_SIZE)[0]
              if with_model else None)
     return policy, model, crop_net_for(policy)
@@ -541,14 +548,15 @@ def settle_rounds(parts: Dict[str, np.ndarray], truth: List[Dict[str, object]], 
 def readers(parts: Dict[str, np.ndarray], truth: List[Dict[str, object]], costs: Dict[str, float], sizes: str,
             parts_path: str) -> None:
     """The crops before the image model (settle_first, the shipped policy) against the image model first (export
-    format 11), with the crops read at the parts' 448 px copy and at each of `sizes` (cheaper crops of the same part
-    of the page: computed once and cached beside the parts; a crop's modelled cost scales with its pixels)."""
+    format 11), with the crops read at the parts' copy (the policy's copy_short) and at each of `sizes` (cheaper
+    crops of the same part of the page: computed once and cached beside the parts; a crop's modelled cost scales
+    with its pixels)."""
     from trainer.default_model import ANSWER_CHOICES
 
     shipped = dict(ANSWER_CHOICES)
     base = simulate_policy(parts, **shipped)
     print(f"\nthe crops before the image model (settle_first {shipped['settle_first']}), or the image model first:")
-    native = 448  # the default policy's copy_short, at which compute_parts reads the crops
+    native = _default_policy().answer.text_crops.copy_short  # at which compute_parts reads the crops
     for short in [native] + [int(x) for x in sizes.split(",") if x.strip()]:
         crops = parts["crops"]
         if short != native:
