@@ -174,9 +174,9 @@ def measure_costs(uris: Sequence[str]) -> Dict[str, float]:
 
 def _measure_costs_here(uris: Sequence[str], batch: int = 8) -> Dict[str, float]:
     """On the first core of this process, which it pins (run it where TensorFlow has run nothing yet): a page's
-    preparation over `uris` as prepare_first makes it for every image (decode, reading copy, ink, the first crops
-    cut, an early view), the view cut from a reading copy, the second look per image over them, and MobileNetV2 per
-    image and PP-LCNet per crop in batches of `batch`, in ms."""
+    preparation over `uris` as the graph makes it for every image (prepare_first: decode, reading copy, ink, the
+    first crops cut, an early view), the view cut from a reading copy, the second look per image over them, and
+    MobileNetV2 per image and PP-LCNet per crop in batches of `batch`, in ms."""
     import time
 
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
@@ -191,13 +191,15 @@ def _measure_costs_here(uris: Sequence[str], batch: int = 8) -> Dict[str, float]
     side = crops.crop
 
     def prepare(data):
-        # What prepare_first makes for every image, summed, so that nothing is pruned and little is added.
-        image, reading = A.decoded_and_copy(data, settings, crops.copy_short)
-        early = tf.cond(A.view_from_copy(image, reading, settings), lambda: tf.constant(0.0),
-                        lambda: tf.reduce_sum(A.model_view(image, settings)))
-        # the first crops (all five where they are not read first)
-        cuts = A.crop_cuts(reading, crops, centres=A._CROP_CENTRES[:crops.first_crops or len(A._CROP_CENTRES)])
-        return tf.add_n([A.ink_share(reading), early] + [tf.reduce_sum(cut) for cut in cuts])
+        # What the graph prepares for every image of a batch, with its own pieces, summed so that nothing is pruned:
+        # prepare_first where the crops are read first (the early views read back), else prepare_image.
+        if crops.settle_first > 0:
+            ink, first_crops, kept = A.prepare_first(data, settings, crops, crops.first_crops)
+            early = kept.views(A._rows(kept.early))
+            return tf.add_n([tf.reduce_sum(ink), tf.reduce_sum(first_crops), tf.reduce_sum(early)])
+        prepared = tf.map_fn(lambda one: A.prepare_image(one, settings, crops), data,
+                             fn_output_signature=A.prepared_spec(settings, crops))
+        return tf.add_n([tf.reduce_sum(value) for value in prepared.values()])
 
     def second(data):
         looks = A.second_look_batch(data, crops)
@@ -226,7 +228,7 @@ def _measure_costs_here(uris: Sequence[str], batch: int = 8) -> Dict[str, float]
                            input_signature=[tf.TensorSpec([None, None, 3], tf.float32)])
     run_model = tf.function(lambda x: model(x, training=False), autograph=False)
     run_crops = tf.function(crop_net, autograph=False)
-    return {"prep": ms_each(per_file(prepare), batches, len(blobs)),
+    return {"prep": ms_each(tf.function(prepare, autograph=False), batches, len(blobs)),
             "view": ms_each(run_view, copies, len(copies)),
             "model": ms_each(run_model, [pixels] * 8, 8 * batch),
             "crop": ms_each(run_crops, [crop_pixels] * 8, 8 * batch),
