@@ -15,7 +15,10 @@
    batches of 8) beside docorient and Tesseract OSD on the same images (each decoding the file on the clock): every
    upright held-out file of each kind unless --peer-images says fewer. The whole answer and docorient take turns
    for --rounds rounds (their speeds are the medians; the page ratio is the median of the rounds' ratios, each
-   printed), so that a machine whose speed drifts during the run moves both alike; Tesseract runs once.
+   printed), so that a machine whose speed drifts during the run moves both alike; Tesseract runs once. Each round
+   also times fixed work of the two kinds a page costs (zlib inflating PNG data; the crop classifier in
+   onnxruntime), so that a ratio can be read against the machine it was measured on: the whole answer spends more
+   of a page in convolutions than docorient, so a host with slow or shared vector units lowers the ratio.
 """
 from __future__ import annotations
 
@@ -171,10 +174,46 @@ try:
         docorient.detect_orientation(im.convert("RGB"))
 except ImportError:
     peer = None
+# The machine in each round: the same fixed work of the two kinds a page costs, timed beside the methods. Scalar:
+# zlib inflating pages' PNG data (most of either method's decode). Vector: the crop classifier in onnxruntime on
+# fixed pixels (the whole answer spends most of its network time in such convolutions; docorient runs one small
+# network on a page). A host whose vector units are shared or clocked down slows the whole answer more than
+# docorient, and these two figures say so beside each round's ratio.
+import numpy as np, zlib
+sys.path.insert(0, "bench")
+from served import png_data
+
+streams = [png_data(open(p, "rb").read()) for p in groups["page"][:20]]
+try:
+    import onnxruntime as ort
+    from trainer.text_crops import model_path
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    crop_session = ort.InferenceSession(model_path(), options, providers=["CPUExecutionProvider"])
+    crop_feed = {crop_session.get_inputs()[0].name:
+                 np.random.default_rng(0).normal(size=(8, 3, 224, 224)).astype(np.float32)}
+    crop_session.run(None, crop_feed)
+except Exception:  # the probe is optional: without onnxruntime or the model, only the inflate figure
+    crop_session = None
+
+
+def probe(out):
+    started = time.perf_counter()
+    for stream in streams:
+        zlib.decompress(stream)
+    out.setdefault("probe inflate ms", []).append((time.perf_counter() - started) / max(1, len(streams)) * 1e3)
+    if crop_session is not None:
+        started = time.perf_counter()
+        for _ in range(5):
+            crop_session.run(None, crop_feed)
+        out.setdefault("probe crop ms", []).append((time.perf_counter() - started) / 40 * 1e3)
+
+
 # The whole answer and docorient take turns, kind by kind, `rounds` times: a machine whose speed drifts during the
 # run (another tenant, the clock) moves both alike, and each round's ratio is one measurement of the same thing.
 out = {}
 for _ in range(rounds):
+    probe(out)
     for kind, paths in groups.items():
         out.setdefault(f"graph {kind}", []).append(graph(paths))
         if peer is not None:
@@ -208,6 +247,40 @@ def speed_ratios(measured: Dict[str, List[float]], kind: str = "page") -> List[f
     """The whole answer's images/s over docorient's, round by round (each pair measured one after the other)."""
     return [graph / peer for graph, peer in zip(measured.get(f"graph {kind}", []),
                                                  measured.get(f"docorient {kind}", []))]
+
+
+def png_data(data: bytes) -> bytes:
+    """The zlib stream of a PNG file: its IDAT chunks' data, joined (what the speed child inflates as the machine's
+    scalar probe)."""
+    pos, chunks = 8, []
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos:pos + 4], "big")
+        if data[pos + 4:pos + 8] == b"IDAT":
+            chunks.append(data[pos + 8:pos + 8 + size])
+        pos += 12 + size
+    return b"".join(chunks)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), or the platform's word for it."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def machine_line(machine: Dict[str, object]) -> str:
+    """The machine in each round: the fixed scalar and vector work the speed child timed beside the methods."""
+    parts = []
+    for key, what in (("probe inflate ms", "inflating a page's PNG data (zlib)"),
+                      ("probe crop ms", "a text crop through PP-LCNet (onnxruntime)")):
+        if machine.get(key):
+            parts.append(f"{what} " + ", ".join(f"{value:.1f}" for value in machine[key]) + " ms")
+    return f"the machine ({machine.get('cpu', '?')}), round by round: " + "; ".join(parts or ["not probed"])
 
 
 def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -274,6 +347,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     groups = {kind: [t["uri"] for t in upright if t["label"] == kind][:args.peer_images or None]
               for kind in ("page", "photo", SPARSE)}
     measured = speeds(version_dir, groups, args.rounds)
+    machine = dict(cpu=cpu_model(), **{key: measured.pop(key) for key in list(measured) if key.startswith("probe ")})
     median = {key: float(np.median(values)) for key, values in measured.items()}
     rows = []
     for method in ("graph", "docorient", "tesseract"):
@@ -290,6 +364,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"whole answer / docorient on pages: {np.median(ratios):.2f}x, the median of its rounds ("
               + ", ".join(f"{g:.2f} / {d:.2f} = {r:.2f}x" for g, d, r in zip(measured["graph page"],
                                                                          measured["docorient page"], ratios)) + ")")
+    print(machine_line(machine))
     for peer, install in (("docorient", "pip install -e '.[bench]'"),
                           ("tesseract", "apt-get install tesseract-ocr tesseract-ocr-osd")):
         if f"{peer} page" not in measured:  # the speed target is a ratio to docorient: say why a row is empty
@@ -297,7 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(os.path.join(args.out, "served.json"), "w") as f:
         json.dump({"same_degrees": same_degrees, "same_decisions": same_decision, "files": len(served),
                    "largest_probability_difference": gap, "speeds": median, "rounds": measured,
-                   "page_ratios": ratios}, f, indent=1)
+                   "page_ratios": ratios, "machine": machine}, f, indent=1)
     return 0 if same_degrees == same_decision == len(served) else 1
 
 
