@@ -193,7 +193,7 @@ try:
     crop_feed = {crop_session.get_inputs()[0].name:
                  np.random.default_rng(0).normal(size=(8, 3, 224, 224)).astype(np.float32)}
     crop_session.run(None, crop_feed)
-except Exception:  # the probe is optional: without onnxruntime or the model, only the inflate figure
+except (ImportError, RuntimeError):  # without onnxruntime or the model (TextCropsUnavailable): the inflate alone
     crop_session = None
 
 
