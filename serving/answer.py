@@ -483,7 +483,9 @@ class WholeAnswer:
             out = self._answer(tf.gather(image_bytes, rest), {"view": kept.views(rest), "ink": tf.gather(ink, rest)},
                                tf.gather(head, rest), lambda rows, start, stop: kept.crops(tf.gather(rest, rows),
                                                                                           start, stop))
-            return {key: out[key] for key in settled_out}
+            if set(out) != set(settled_out):  # at trace time: an output the settled images lack would be lost
+                raise ValueError(f"the settled images' outputs {sorted(settled_out)} are not the others' {sorted(out)}")
+            return out
 
         answered = tf.cond(tf.size(rest) > 0, unsettled,
                            lambda: {key: tf.gather(value, rest) for key, value in settled_out.items()})

@@ -495,6 +495,26 @@ def test_settle_first_answers_from_two_sure_crops_without_the_image_model(images
     assert seen[0.85] == (images_seen, crops_seen + looks) and seen[0.0][0] > images_seen
 
 
+def test_settled_images_answer_every_output_the_others_do(monkeypatch):
+    """With settle_first the graph's outputs are the ones it has without; an output that only the images still open
+    would make fails the trace instead of being dropped from the signature."""
+    images = [image_bytes(STAGE_SETTLED, 0), image_bytes(SURE, 0)]
+    outs = {}
+    for settle in (0.0, 0.85):
+        crops = P.TextCropSettings(weight=0.7, below=0.8, agree=2, sure=0.8, read_below=0.99, first_crops=2,
+                                   settle_first=settle, second_below=0.5)
+        policy = policy_of(tta=True, tta_below=0.99, crops=crops)
+        outs[settle] = answer_fn(LookupModel(orientation_table({**GATE_ROWS, **STAGE_IMAGE_ROWS})), policy,
+                                 StubCropNet(crop_table(STAGE_CROP_ROWS)))(images)
+    assert sorted(outs[0.85]) == sorted(outs[0.0])
+    answer = A.WholeAnswer._answer
+    monkeypatch.setattr(A.WholeAnswer, "_answer",
+                        lambda self, *args: {**answer(self, *args), "new_output": args[1]["ink"]})
+    with pytest.raises(ValueError, match="new_output"):
+        answer_fn(LookupModel(orientation_table({**GATE_ROWS, **STAGE_IMAGE_ROWS})), policy,
+                  StubCropNet(crop_table(STAGE_CROP_ROWS)))(images)
+
+
 def test_settle_first_is_off_for_a_model_with_classes_and_needs_the_first_crops_apart():
     crops = P.TextCropSettings(weight=0.7, below=0.8, agree=2, sure=0.8, read_below=0.99, first_crops=2,
                                settle_first=0.85)
