@@ -185,15 +185,12 @@ from served import png_data
 
 streams = [png_data(open(p, "rb").read()) for p in groups["page"][:20]]
 try:
-    import onnxruntime as ort
-    from trainer.text_crops import model_path
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    crop_session = ort.InferenceSession(model_path(), options, providers=["CPUExecutionProvider"])
+    from trainer.text_crops import model_path, onnx_session
+    crop_session = onnx_session(model_path())
     crop_feed = {crop_session.get_inputs()[0].name:
                  np.random.default_rng(0).normal(size=(8, 3, 224, 224)).astype(np.float32)}
     crop_session.run(None, crop_feed)
-except (ImportError, RuntimeError):  # without onnxruntime or the model (TextCropsUnavailable): the inflate alone
+except RuntimeError:  # without onnxruntime or the model (TextLinesUnavailable, TextCropsUnavailable): the inflate alone
     crop_session = None
 
 
